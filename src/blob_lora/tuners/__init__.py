@@ -1,0 +1,1 @@
+"""PEFT tuner extensions; ``blob`` is the Bayesian LoRA tuner."""

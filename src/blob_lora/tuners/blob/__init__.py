@@ -1,0 +1,27 @@
+"""BLoB as a PEFT tuner: ``config`` (settings), ``layer`` (Bayesian LoRA layers), ``noise``
+(the sampled ``A x``), ``kl`` (closed-form KL) and ``model`` (build, sample, save, load)."""
+
+from blob_lora.tuners.blob.config import BlobConfig, last_blocks_pattern
+from blob_lora.tuners.blob.kl import gaussian_kl, kl_divergence
+from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear
+from blob_lora.tuners.blob.model import (
+    blob_layers,
+    get_blob_model,
+    load_blob_model,
+    sampling,
+    std_parameters,
+)
+
+__all__ = [
+    "BlobConfig",
+    "BlobLayerMixin",
+    "BlobLinear",
+    "blob_layers",
+    "gaussian_kl",
+    "get_blob_model",
+    "kl_divergence",
+    "last_blocks_pattern",
+    "load_blob_model",
+    "sampling",
+    "std_parameters",
+]

@@ -1,0 +1,151 @@
+"""The Bayesian settings of a BLoB adapter, kept apart from PEFT's ``LoraConfig``.
+
+They live in their own file (``blob_config.json``) next to PEFT's ``adapter_config.json`` so that
+plain PEFT can still read the folder and load the mean adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from blob_lora.utils.atomic import atomic_write_json
+from blob_lora.utils.errors import CheckpointError, ConfigError
+
+BLOB_CONFIG_NAME = "blob_config.json"
+STD_PARAMS = ("square", "softplus")
+FLIPOUT_MODES = ("token", "sequence", "shared")
+
+
+@dataclass
+class BlobConfig:
+    """Variational settings of BLoB (method doc, sections 1-2).
+
+    Attributes:
+        prior_std: sigma_p of the isotropic Gaussian prior on every element of A.
+        init_std: epsilon of the method doc. With ``std_param="square"`` the free parameter G is
+            drawn from U(eps/sqrt(2), eps), so the initial std G**2 lies in [eps**2/2, eps**2].
+            With ``"softplus"`` rho is initialised so that softplus(rho) covers the same range,
+            keeping the initial posterior identical across parameterisations.
+        std_param: how the free parameter maps to the std: elementwise square or softplus.
+        flipout: how noise is decorrelated within a batch: per ``token`` (the authors'),
+            per ``sequence`` (one coherent weight sample per sequence) or ``shared`` (one sample
+            for the whole batch, folded into the mean matmul).
+        eval_samples: default number of weight samples averaged at prediction (0 = mean weights).
+        bayesian_layers: regular expressions searched in module names; only matching LoRA
+            layers get a std (the rest stay plain LoRA). ``None`` makes every LoRA layer Bayesian.
+    """
+
+    prior_std: float = 0.2
+    init_std: float = 0.05
+    std_param: str = "square"
+    flipout: str = "token"
+    eval_samples: int = 10
+    bayesian_layers: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its allowed range."""
+        for name in ("prior_std", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"BlobConfig.{name} must be a positive number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"BlobConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.std_param == "square" and self.init_std >= 1:
+            raise ConfigError(
+                f"BlobConfig.init_std must be in (0, 1) with std_param='square', got {self.init_std!r}"
+            )
+        if self.std_param not in STD_PARAMS:
+            raise ConfigError(
+                f"BlobConfig.std_param must be one of {STD_PARAMS}, got {self.std_param!r}"
+            )
+        if self.flipout not in FLIPOUT_MODES:
+            raise ConfigError(
+                f"BlobConfig.flipout must be one of {FLIPOUT_MODES}, got {self.flipout!r}"
+            )
+        if (
+            isinstance(self.eval_samples, bool)
+            or not isinstance(self.eval_samples, int)
+            or self.eval_samples < 0
+        ):
+            raise ConfigError(
+                f"BlobConfig.eval_samples must be an integer >= 0, got {self.eval_samples!r}"
+            )
+        if self.bayesian_layers is not None:
+            if isinstance(self.bayesian_layers, str):
+                self.bayesian_layers = [self.bayesian_layers]
+            if not isinstance(self.bayesian_layers, list | tuple) or not all(
+                isinstance(p, str) for p in self.bayesian_layers
+            ):
+                raise ConfigError(
+                    "BlobConfig.bayesian_layers must be None or a list of regular expressions, "
+                    f"got {self.bayesian_layers!r}"
+                )
+            self.bayesian_layers = list(self.bayesian_layers)
+            for pattern in self.bayesian_layers:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"BlobConfig.bayesian_layers: invalid regular expression {pattern!r}: {exc}"
+                    ) from exc
+
+    def is_bayesian(self, module_name: str) -> bool:
+        """Whether the LoRA layer called ``module_name`` gets a learned std."""
+        if self.bayesian_layers is None:
+            return True
+        return any(re.search(p, module_name) for p in self.bayesian_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlobConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown BlobConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        return atomic_write_json(Path(directory) / BLOB_CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> BlobConfig:
+        path = Path(directory) / BLOB_CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} not found: {directory} is not a BLoB adapter folder "
+                "(a plain LoRA adapter can be loaded with peft.PeftModel.from_pretrained)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def last_blocks_pattern(num_layers: int, k: int, include_head: bool = True) -> list[str]:
+    """Patterns for ``bayesian_layers`` that select the last ``k`` transformer blocks (and head).
+
+    Used to make only the top of the network Bayesian, so that prediction can run the
+    deterministic prefix once and reuse it for every weight sample.
+    """
+    if not 0 <= k <= num_layers:
+        raise ConfigError(f"k must be in [0, {num_layers}], got {k}")
+    patterns = [rf"\blayers\.{i}\." for i in range(num_layers - k, num_layers)]
+    if include_head:
+        patterns.append(r"\blm_head$")
+    return patterns

@@ -1,0 +1,145 @@
+"""The sampled layer output has the analytic mean and variance in every noise mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from blob_lora import BlobConfig, get_blob_model, kl_divergence, sampling
+from blob_lora.tuners.blob.kl import gaussian_kl
+from blob_lora.tuners.blob.layer import BlobLinear
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in: int = 6, d_out: int = 5) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def one_layer_model(flipout: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_blob_model(
+        OneLinear(),
+        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
+        BlobConfig(flipout=flipout, init_std=0.5),
+    )
+    layer = model.base_model.model.proj
+    assert isinstance(layer, BlobLinear)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_A["default"].weight.normal_()
+        layer.lora_A_rho["default"].uniform_(0.5, 1.0)
+    return model, layer
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence", "shared", "independent"])
+def test_output_mean_and_variance_match_analytic(mode: str) -> None:
+    model, layer = one_layer_model("token" if mode == "independent" else mode)
+    torch.manual_seed(1)
+    x = torch.randn(6)
+    # Flipout shares one noise magnitude per forward call, so the marginal statistics need many
+    # independent calls: 3000 calls of 4 one-token sequences each.
+    calls, batch = 3000, 4
+    xs = x.expand(batch, 1, 6).contiguous()
+    override = "independent" if mode == "independent" else None
+    with torch.no_grad(), sampling(model, True, mode=override):
+        outs = torch.cat([model(xs).view(batch, -1) for _ in range(calls)])
+        w0 = layer.base_layer.weight
+        b0 = layer.base_layer.bias
+        s = layer.scaling["default"]
+        a_mean = layer.lora_A["default"].weight
+        b = layer.lora_B["default"].weight
+        std = layer.lora_A_std("default")
+        mean = w0 @ x + b0 + s * b @ (a_mean @ x)
+        var = s**2 * (b**2) @ ((std**2) @ (x**2))
+    se_mean = (var / calls).sqrt()
+    assert torch.all((outs.mean(0) - mean).abs() < 5 * se_mean + 1e-5)
+    # Relative standard error of a variance estimate from `calls` independent draws ~ sqrt(2/calls).
+    rel = (outs.var(0) / var - 1).abs()
+    assert torch.all(rel < 5 * (2 / calls) ** 0.5), rel
+
+
+def test_token_mode_differs_between_tokens_sequence_mode_does_not() -> None:
+    x = torch.randn(6).expand(3, 4, 6).contiguous()  # 3 sequences of 4 identical tokens
+    for mode, tokens_equal in (("token", False), ("sequence", True)):
+        model, _ = one_layer_model(mode)
+        with torch.no_grad():
+            out = model(x)
+        seq_equal = torch.allclose(out[0], out[1])
+        assert not seq_equal, f"{mode}: sequences of a batch must get different samples"
+        assert torch.allclose(out[:, :1].expand_as(out), out) == tokens_equal, mode
+
+
+def test_shared_mode_one_sample_per_batch_and_calls_differ() -> None:
+    model, _ = one_layer_model("shared")
+    x = torch.randn(6).expand(3, 2, 6).contiguous()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.allclose(first[0], first[1])
+    assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence", "shared"])
+def test_gradients_reach_mean_b_and_std(mode: str) -> None:
+    model, layer = one_layer_model(mode)
+    out = model(torch.randn(2, 3, 6)).pow(2).sum()
+    out.backward()
+    for p in (
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.lora_A_rho["default"],
+    ):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+
+def test_token_flipout_gradient_matches_autograd_reference() -> None:
+    from blob_lora.tuners.blob.noise import _TokenFlipout, random_signs
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    r = random_signs((2, 3, 6), x.device, torch.int8)
+    t = random_signs((2, 3, 4), x.device, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, d: _TokenFlipout.apply(a, d, r, t), (x, delta))
+
+
+def test_kl_closed_form_matches_monte_carlo() -> None:
+    torch.manual_seed(0)
+    mean = torch.randn(50, dtype=torch.float64) * 0.3
+    std = torch.rand(50, dtype=torch.float64) * 0.3 + 0.05
+    prior = 0.2
+    closed = gaussian_kl(mean, std, prior)
+    q = torch.distributions.Normal(mean, std)
+    p = torch.distributions.Normal(torch.zeros_like(mean), prior)
+    samples = q.sample((200000,))
+    mc = (q.log_prob(samples) - p.log_prob(samples)).sum(-1).mean()
+    ref = torch.distributions.kl_divergence(q, p).sum()
+    assert torch.allclose(closed, ref, rtol=1e-10)
+    assert abs(closed.item() - mc.item()) < 0.01 * closed.item()
+
+
+@pytest.mark.parametrize("std_param", ["square", "softplus"])
+def test_model_kl_sums_layers_and_is_differentiable(std_param: str, tiny_model) -> None:
+    model = get_blob_model(
+        tiny_model,
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"]),
+        BlobConfig(std_param=std_param),
+    )
+    kl = kl_divergence(model)
+    expected = 0.0
+    for module in model.modules():
+        if isinstance(module, BlobLinear):
+            std = module.lora_A_std("default")
+            assert std.min() >= 0.05**2 / 2 - 1e-7 and std.max() <= 0.05**2 + 1e-7
+            expected += gaussian_kl(module.lora_A["default"].weight, std, 0.2).item()
+    assert kl.dim() == 0 and kl.requires_grad
+    assert abs(kl.item() - expected) < 1e-3 * abs(expected)
+    kl.backward()
+    rho = next(p for n, p in model.named_parameters() if "lora_A_rho" in n)
+    assert rho.grad is not None and rho.grad.abs().sum() > 0
