@@ -1,0 +1,404 @@
+"""Tokenised multiple-choice examples, their collation into left-padded batches, and caching.
+
+Truncation works on tokens: the prompt is tokenised whole (so the cue and options get exactly
+the tokens they would get untruncated) and, if it is longer than ``max_length``, tokens lying
+entirely inside the truncatable segments are removed: first from the end of the
+context/passage, then from the start of the question. A ``DataError`` is raised when even the
+prompt with no passage or question left does not fit. This needs a fast tokenizer (offsets).
+
+Tokenised splits are cached in-process (LRU, keyed by tokenizer fingerprint, task, data
+fingerprint, split and max_length) and, with ``cache_dir``, on disk as JSON written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from blob_lora.tasks.examples import MCExample
+from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
+from blob_lora.utils.atomic import atomic_write_text
+from blob_lora.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when prompts or tokenisation change, to invalidate old caches
+LRU_SIZE = 16
+_ENCODE_CHUNK = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer identity and special tokens
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer puts *before* text with ``add_special_tokens=True`` (Llama's BOS).
+
+    Anything it appends after the text (an EOS) is dropped: the last position must be the cue.
+    """
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the tokenizer's full definition (vocab, merges, normaliser, added tokens)."""
+    size = len(tokenizer)
+    try:
+        cached = _FINGERPRINTS.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    h.update(json.dumps(special_prefix(tokenizer)).encode())
+    digest = h.hexdigest()
+    with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced
+        _FINGERPRINTS[tokenizer] = (size, digest)
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding with truncation
+
+
+def _spans(segments: Sequence[Segment]) -> dict[str, tuple[int, int]]:
+    spans, pos = {}, 0
+    for seg in segments:
+        if seg.role is not None:
+            spans[seg.role] = (pos, pos + len(seg.text))
+        pos += len(seg.text)
+    return spans
+
+
+def _truncate(
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: dict[str, tuple[int, int]],
+    excess: int,
+) -> tuple[list[int], int]:
+    """Drop ``excess`` tokens from the truncatable spans; return kept ids and what is left over."""
+    drop: set[int] = set()
+    for role in TRUNCATION_ORDER:
+        if excess <= 0 or role not in spans:
+            continue
+        start, end = spans[role]
+        inside = [i for i, (s, e) in enumerate(offsets) if e > s and s >= start and e <= end]
+        k = min(excess, len(inside))
+        if k:
+            # the context keeps its start, the question keeps its end (next to the options)
+            drop.update(inside[-k:] if role == TRUNCATION_ORDER[0] else inside[:k])
+            excess -= k
+    return [t for i, t in enumerate(ids) if i not in drop], excess
+
+
+def encode_examples(
+    task, examples: Sequence[MCExample], tokenizer, max_length: int
+) -> tuple[list[list[int]], int]:
+    """Token ids of every example's prompt (special prefix included), and how many were cut."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            "MCDataset needs a fast (Rust 'tokenizers') tokenizer: truncation uses its "
+            f"character offsets; got {type(tokenizer).__name__}"
+        )
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ConfigError(f"max_length must be a positive int, got {max_length!r}")
+    prefix = special_prefix(tokenizer)
+    out: list[list[int]] = []
+    n_truncated = 0
+    for lo in range(0, len(examples), _ENCODE_CHUNK):
+        chunk = examples[lo : lo + _ENCODE_CHUNK]
+        segs = [task.prompt_segments(ex) for ex in chunk]
+        texts = ["".join(s.text for s in sg) for sg in segs]
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for ex, sg, ids, offs in zip(
+            chunk, segs, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            ids = list(ids)
+            excess = len(prefix) + len(ids) - max_length
+            if excess > 0:
+                spans = _spans(sg)
+                ids, left = _truncate(ids, [tuple(o) for o in offs], spans, excess)
+                if left > 0:
+                    need = len(prefix) + len(ids) - left
+                    raise DataError(
+                        f"task {task.name!r}, example {ex.id!r}: the prompt needs {need} tokens "
+                        f"even with no passage or question text left (options and the "
+                        f"'Answer:' cue are never cut), more than max_length={max_length}"
+                    )
+                n_truncated += 1
+            out.append(prefix + ids)
+    return out, n_truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# caches
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    input_ids: list[list[int]]
+    labels: list[int]
+    n_options: list[int]
+    example_ids: list[str]
+    n_truncated: int
+
+
+_LRU: OrderedDict[str, _Encoded] = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget every in-process tokenised split (the on-disk cache is left alone)."""
+    _LRU.clear()
+
+
+def _cache_key(task, split: str, tokenizer, max_length: int) -> tuple[str, dict[str, Any]]:
+    parts = {
+        "format": CACHE_FORMAT,
+        "task": task.name,
+        "style": task.style,
+        "letters": list(task.option_letters),
+        "data": task.source_fingerprint(split),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return digest, parts
+
+
+def _disk_path(cache_dir: str | Path, digest: str) -> Path:
+    return Path(cache_dir) / "tokenized" / f"{digest}.json"
+
+
+def _read_disk(path: Path, parts: dict[str, Any]) -> _Encoded | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if obj.get("key") != parts:
+            return None
+        return _Encoded(
+            obj["input_ids"], obj["labels"], obj["n_options"], obj["ids"], obj["n_truncated"]
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt cache: rebuild it
+        log.warning("ignoring unreadable tokenisation cache %s: %s", path, e)
+        return None
+
+
+def _write_disk(path: Path, parts: dict[str, Any], enc: _Encoded) -> None:
+    obj = {
+        "key": parts,
+        "input_ids": enc.input_ids,
+        "labels": enc.labels,
+        "n_options": enc.n_options,
+        "ids": enc.example_ids,
+        "n_truncated": enc.n_truncated,
+    }
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset, collator, sampler
+
+
+class MCDataset(Dataset):
+    """A task split tokenised for scoring: items are ``dict(input_ids, label, n_options)``.
+
+    ``input_ids`` is the (possibly truncated) prompt with the tokenizer's leading special
+    tokens, ending at the answer cue. ``lengths`` gives each item's token count (for
+    bucketing), ``example_ids`` the source ids, ``n_truncated`` how many prompts were cut.
+    ``cache_hit`` says whether this split came from the in-process or on-disk cache.
+    """
+
+    def __init__(
+        self,
+        task,
+        split: str,
+        tokenizer,
+        max_length: int,
+        cache_dir: str | Path | None = None,
+    ):
+        self.task = task
+        self.split = split
+        self.max_length = max_length
+        digest, parts = _cache_key(task, split, tokenizer, max_length)
+        enc = _LRU.get(digest)
+        self.cache_hit = "memory" if enc is not None else None
+        if enc is None and cache_dir is not None:
+            enc = _read_disk(_disk_path(cache_dir, digest), parts)
+            self.cache_hit = "disk" if enc is not None else None
+        if enc is None:
+            examples = task.load(split)
+            ids, n_truncated = encode_examples(task, examples, tokenizer, max_length)
+            enc = _Encoded(
+                ids,
+                [ex.label for ex in examples],
+                [ex.n_options for ex in examples],
+                [ex.id for ex in examples],
+                n_truncated,
+            )
+            if cache_dir is not None:
+                _write_disk(_disk_path(cache_dir, digest), parts, enc)
+        _LRU[digest] = enc
+        _LRU.move_to_end(digest)
+        while len(_LRU) > LRU_SIZE:
+            _LRU.popitem(last=False)
+        self._enc = enc
+
+    def __len__(self) -> int:
+        return len(self._enc.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self._enc
+        return {"input_ids": e.input_ids[i], "label": e.labels[i], "n_options": e.n_options[i]}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self._enc.input_ids]
+
+    @property
+    def example_ids(self) -> list[str]:
+        return list(self._enc.example_ids)
+
+    @property
+    def n_truncated(self) -> int:
+        return self._enc.n_truncated
+
+
+class MCCollator:
+    """Left-pads items into ``input_ids`` (B,T) long, ``attention_mask`` (B,T) long,
+    ``labels`` (B,) long and ``option_mask`` (B,C) bool, C = the task's ``n_options``.
+
+    Left padding puts every prompt's cue at the last position, where logits are read.
+    ``pad_token_id`` is passed in because many causal-LM tokenizers have no pad token
+    (callers use EOS); padded positions are masked out, so its value does not matter.
+    """
+
+    def __init__(self, pad_token_id: int, n_options: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ConfigError("pad_token_id is None: pass the tokenizer's eos_token_id instead")
+        self.pad_token_id = int(pad_token_id)
+        self.n_options = int(n_options)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        b = len(items)
+        t = max(len(it["input_ids"]) for it in items)
+        m = self.pad_to_multiple_of
+        if m:
+            t = -(-t // m) * m
+        input_ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, t), dtype=torch.long)
+        n_opts = torch.tensor([int(it["n_options"]) for it in items], dtype=torch.long)
+        labels = torch.tensor([int(it["label"]) for it in items], dtype=torch.long)
+        if int(n_opts.max()) > self.n_options:
+            raise ValueError(
+                f"an item has {int(n_opts.max())} options, collator has {self.n_options}"
+            )
+        if bool(((labels < 0) | (labels >= n_opts)).any()):
+            raise ValueError("a label is outside its item's options")
+        for i, it in enumerate(items):
+            ids = it["input_ids"]
+            n = len(ids)
+            if n:
+                input_ids[i, t - n :] = torch.as_tensor(ids, dtype=torch.long)
+                attention_mask[i, t - n :] = 1
+        option_mask = torch.arange(self.n_options).unsqueeze(0) < n_opts.unsqueeze(1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "option_mask": option_mask,
+        }
+
+
+class LengthBucketedBatchSampler(Sampler[list[int]]):
+    """Batches of indices with similar lengths, to waste less compute on padding.
+
+    Indices are (optionally) shuffled with ``seed + epoch``, cut into pools of
+    ``batch_size * pool_factor``, each pool sorted by length and cut into batches; with
+    ``shuffle`` the batch order is shuffled too. Every index appears exactly once per epoch
+    unless ``drop_last`` (never use that for evaluation). Call ``set_epoch`` each epoch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        pool_factor: int = 50,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1 or pool_factor < 1:
+            raise ConfigError("batch_size and pool_factor must be positive")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pool_factor = pool_factor
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        pool = self.batch_size * self.pool_factor
+        batches: list[list[int]] = []
+        for lo in range(0, len(order), pool):
+            chunk = sorted(order[lo : lo + pool], key=lambda i: self.lengths[i])
+            batches += [
+                chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)
+            ]
+        if self.drop_last:
+            batches = [bt for bt in batches if len(bt) == self.batch_size]
+        if self.shuffle:
+            rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def length_bucketed_sampler(
+    dataset_or_lengths: MCDataset | Sequence[int], batch_size: int, **kwargs: Any
+) -> LengthBucketedBatchSampler:
+    """A ``LengthBucketedBatchSampler`` for ``DataLoader(ds, batch_sampler=...)``."""
+    lengths = (
+        dataset_or_lengths.lengths
+        if isinstance(dataset_or_lengths, MCDataset)
+        else dataset_or_lengths
+    )
+    return LengthBucketedBatchSampler(lengths, batch_size, **kwargs)

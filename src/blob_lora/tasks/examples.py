@@ -1,0 +1,33 @@
+"""The one record type every task is converted to: a multiple-choice question.
+
+Every source schema (ARC's nested choices, WinoGrande's option1/option2, BoolQ's boolean
+answer, MMLU's A-D columns, a user's JSONL) becomes an ``MCExample`` so prompts, scoring and
+batching are written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_OPTIONS = 2
+MAX_OPTIONS = 26  # one letter A-Z per option
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice question.
+
+    ``choices`` are the option texts in source order; ``label`` is the 0-based index of the
+    correct one. ``context`` is an optional passage shown before the question (BoolQ's
+    passage, or a user's ``context`` field); it is the first thing truncation shortens.
+    """
+
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    label: int
+    context: str | None = None
+
+    @property
+    def n_options(self) -> int:
+        return len(self.choices)

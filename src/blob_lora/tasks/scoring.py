@@ -1,0 +1,71 @@
+"""Scoring by answer tokens: which vocabulary ids stand for the options, and their logits.
+
+The model reads a prompt ending in ``"Answer:"``; its next-token logits at the last position,
+restricted to the option tokens, are the class logits. The option token is the one the
+tokenizer *actually produces* for the letter right after the cue: byte-level BPE (SmolLM2,
+GPT-2) gives ``"ĠA"`` and sentencepiece-style (Llama) gives ``"▁A"``, never the bare ``"A"``
+that ``convert_tokens_to_ids("A")`` would return.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blob_lora.tasks.prompts import ANSWER_CUE
+from blob_lora.utils.errors import ConfigError
+
+# Any text ending in the cue works; this mirrors the last lines of every prompt.
+PROBE_PROMPT = f"Question: Which option is right?\nA) one\nB) two\n{ANSWER_CUE}"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def option_token_ids(tokenizer, task) -> torch.LongTensor:
+    """(C,) ids of ``task.option_letters`` as the tokenizer writes them after ``"Answer:"``.
+
+    Each is found by tokenizing ``probe + " " + letter`` and checking that it equals the
+    probe's tokens plus exactly one more. Raises ``ConfigError`` if a letter is not a single
+    token there, or two letters share a token: such a tokenizer cannot score the task.
+    """
+    base = _encode(tokenizer, PROBE_PROMPT)
+    ids: list[int] = []
+    for letter in task.option_letters:
+        full = _encode(tokenizer, f"{PROBE_PROMPT} {letter}")
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            extra = full[len(base) :] if full[: len(base)] == base else full[-3:]
+            pieces = tokenizer.convert_ids_to_tokens(extra)
+            raise ConfigError(
+                f"task {task.name!r}: option {letter!r} does not map to one token after the "
+                f"answer cue {ANSWER_CUE!r}: {ANSWER_CUE + ' ' + letter!r} ends in tokens "
+                f"{pieces}; this tokenizer cannot score the task by answer tokens"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"task {task.name!r}: options {task.option_letters} share tokens {ids}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def option_logits(
+    last_logits: torch.Tensor, option_token_ids: torch.Tensor, option_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, C) logits of the option tokens; options absent from a question get ``-inf``.
+
+    ``last_logits`` is (B, V) (a (B, 1, V) output of ``logits_to_keep=1`` is accepted too).
+    With ``-inf`` a softmax over the result gives masked options exactly zero probability.
+    Every row must keep at least one option (the collator guarantees two).
+    """
+    if last_logits.dim() == 3:
+        last_logits = last_logits[:, -1, :]
+    if last_logits.dim() != 2:
+        raise ValueError(f"last_logits must be (B, V), got shape {tuple(last_logits.shape)}")
+    ids = option_token_ids.to(device=last_logits.device, dtype=torch.long)
+    selected = last_logits.index_select(-1, ids)
+    if option_mask.shape != selected.shape:
+        raise ValueError(
+            f"option_mask shape {tuple(option_mask.shape)} does not match (B, C) = "
+            f"{tuple(selected.shape)}"
+        )
+    mask = option_mask.to(device=last_logits.device, dtype=torch.bool)
+    return selected.masked_fill(~mask, float("-inf"))

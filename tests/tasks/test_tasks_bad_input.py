@@ -1,0 +1,132 @@
+"""Malformed records give a DataError naming the file, the 1-based line and the problem."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from blob_lora.tasks import get_task
+from blob_lora.utils.errors import DataError
+
+GOOD = {"question": "Q?", "choices": ["a", "b", "c"], "answer": 1}
+
+
+def _byo(tmp_path, bad_line: str, line_no: int = 3):
+    lines = [json.dumps(GOOD)] * (line_no - 1) + [bad_line, json.dumps(GOOD)]
+    (tmp_path / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "validation.jsonl"
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 1', "invalid JSON"),
+        ('["not", "an", "object"]', "expected a JSON object, got list"),
+        ('{"choices": ["a", "b"], "answer": 0}', "missing field 'question'"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}', "label 2 is out of range"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": "C"}', "label 2 is out of range"),
+        ('{"question": "Q?", "choices": ["a"], "answer": 0}', "at least 2 options, got 1"),
+        ('{"question": "Q?", "choices": "a b", "answer": 0}', "'choices' must be list, got str"),
+        ('{"question": "Q?", "choices": ["a", 3], "answer": 0}', "choices[1] must be str"),
+        ('{"question": 7, "choices": ["a", "b"], "answer": 0}', "'question' must be str"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": true}', "'answer' must be int"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": "maybe"}', "neither a 0-based"),
+    ],
+)
+def test_byo_bad_record(tmp_path, bad, problem):
+    path = _byo(tmp_path, bad)
+    with pytest.raises(DataError) as err:
+        get_task(str(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line 3: ")
+    assert problem in msg
+
+
+def test_too_many_options(tmp_path):
+    rec = {"question": "Q?", "choices": [str(i) for i in range(27)], "answer": 0}
+    path = _byo(tmp_path, json.dumps(rec), line_no=1)
+    with pytest.raises(DataError, match=rf"{path}, line 1: has 27 options; at most 26"):
+        get_task(str(tmp_path))
+
+
+def test_bad_utf8_line(tmp_path):
+    path = tmp_path / "validation.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"question": "\xff"}\n')
+    with pytest.raises(DataError, match=rf"{path}, line 2: not valid UTF-8"):
+        get_task(str(tmp_path))
+
+
+def _arc_root(tmp_path, record, gz=False):
+    folder = tmp_path / "arc_easy"
+    folder.mkdir()
+    good = {
+        "id": "ok",
+        "question": {"stem": "s", "choices": [{"text": "x", "label": "A"}] * 2},
+        "answerKey": "A",
+    }
+    text = json.dumps(good) + "\n" + json.dumps(record) + "\n"
+    if gz:
+        path = folder / "validation.jsonl.gz"
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path = folder / "validation.jsonl"
+        path.write_text(text)
+    return path
+
+
+def test_arc_answer_key_not_a_choice(tmp_path):
+    rec = {
+        "id": "bad",
+        "question": {
+            "stem": "s",
+            "choices": [{"text": "x", "label": "1"}, {"text": "y", "label": "2"}],
+        },
+        "answerKey": "C",
+    }
+    path = _arc_root(tmp_path, rec, gz=True)
+    task = get_task("arc_easy", tmp_path)
+    with pytest.raises(DataError) as err:
+        task.load("validation")
+    msg = str(err.value)
+    assert f"{path}, line 2: answerKey 'C' is not one of the choice labels ['1', '2']" in msg
+    assert msg.startswith("task 'arc_easy': ")
+
+
+def test_arc_missing_nested_field(tmp_path):
+    rec = {"id": "bad", "question": {"choices": []}, "answerKey": "A"}
+    path = _arc_root(tmp_path, rec)
+    with pytest.raises(DataError, match=rf"{path}, line 2: missing field 'question.stem'"):
+        get_task("arc_easy", tmp_path).load("eval")
+
+
+def test_winogrande_unlabelled(tmp_path):
+    (tmp_path / "winogrande").mkdir()
+    rec = {"qID": "q", "sentence": "_ x", "option1": "a", "option2": "b", "answer": ""}
+    (tmp_path / "winogrande" / "validation.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match=r"line 1: answer must be '1' or '2', got ''"):
+        get_task("winogrande_s", tmp_path).load("eval")
+
+
+def test_boolq_answer_must_be_bool(tmp_path):
+    (tmp_path / "boolq").mkdir()
+    rec = {"question": "q", "passage": "p", "answer": "yes"}
+    (tmp_path / "boolq" / "validation.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'answer' must be bool, got str"):
+        get_task("boolq", tmp_path).load("eval")
+
+
+def test_missing_split_lists_paths(tmp_path):
+    (tmp_path / "arc_easy").mkdir()
+    with pytest.raises(DataError) as err:
+        get_task("arc_easy", tmp_path).load("eval")
+    msg = str(err.value)
+    assert str(tmp_path / "arc_easy" / "validation.jsonl") in msg
+    assert str(tmp_path / "arc_easy" / "validation.jsonl.gz") in msg
+
+
+def test_byo_without_eval_split(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"no evaluation split; looked for .*validation\.jsonl"):
+        get_task(str(tmp_path))
