@@ -42,12 +42,19 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Any], Any]) -> Path:
     """Call ``writer(binary_file)`` on a temp file, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             writer(f)
             f.flush()

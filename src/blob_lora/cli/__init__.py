@@ -1,0 +1,1 @@
+"""The ``blob-lora`` command line."""

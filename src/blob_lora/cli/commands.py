@@ -1,0 +1,172 @@
+"""The sub-commands ``train``, ``evaluate`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from blob_lora.cli.main import command
+from blob_lora.cli.options import add_train_options, merge_config, read_config_file
+from blob_lora.utils.errors import BlobLoraError
+
+OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="YAML/TOML/JSON file whose keys are these long options; the command line wins",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_train_options(p)
+
+
+@command("train", "fine-tune a model on a task and evaluate it on the task's eval split")(
+    _configure_train
+)
+def run_train(args: argparse.Namespace) -> int:
+    from blob_lora.training.trainer import train
+
+    file_values = read_config_file(args.config) if args.config else {}
+    cfg = merge_config(file_values, vars(args))
+    summary = train(
+        cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
+    )
+    print(f"run folder: {cfg.out}")
+    for task, m in summary["evaluations"].items():
+        print(_metrics_line(task, m))
+    return 0
+
+
+def _metrics_line(task: str, m: dict) -> str:
+    return (
+        f"{task}: acc {m['accuracy']:.3f}  ece {m['ece']:.3f}  nll {m['nll']:.3f}  "
+        f"brier {m['brier']:.3f}  (n={int(m['n_examples'])}, samples={m['eval_samples']})"
+    )
+
+
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by 'blob-lora train'")
+    p.add_argument(
+        "--task",
+        help="task(s) to evaluate, comma-separated; 'ood' = the paper's OOD protocol "
+        f"({', '.join(OOD_TASKS)}); default: the run's own task",
+    )
+    p.add_argument(
+        "--split", default="eval", help="split to evaluate (default: each task's eval split)"
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="weight samples averaged; 0 = mean weights (default: the run's)",
+    )
+    p.add_argument(
+        "--out",
+        help="output folder (default: RUN/eval/<task>); with several tasks one subfolder each",
+    )
+    p.add_argument(
+        "--data-root",
+        help="local dataset folder (default: the run's, then $BLOB_LORA_DATA, then the Hub)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per evaluation batch (default: the run's)",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="weight samples per forward pass (default: all N at once)",
+    )
+    p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("evaluate", "evaluate a trained run on one or more tasks (accuracy, ECE, NLL, Brier)")(
+    _configure_evaluate
+)
+def run_evaluate(args: argparse.Namespace) -> int:
+    from blob_lora.evaluation.evaluate import evaluate_on_task
+    from blob_lora.evaluation.runs import load_run
+    from blob_lora.tasks import get_task
+
+    loaded = load_run(Path(args.run), model=args.model)
+    cfg = loaded.config
+    data_root = args.data_root or cfg.data_root
+    tasks = _task_list(args.task or cfg.task)
+    if args.eval_samples is not None and args.eval_samples < 0:
+        raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    results = {}
+    for name in tasks:
+        task = get_task(name, data_root=data_root)
+        if args.out:
+            out = Path(args.out) if len(tasks) == 1 else Path(args.out) / _safe(name)
+        else:
+            out = Path(args.run) / "eval" / _safe(name)
+        split = args.split
+        if split == "eval" and name == cfg.task and cfg.eval_split:
+            split = cfg.eval_split
+        results[name] = evaluate_on_task(
+            loaded.model,
+            loaded.method,
+            loaded.tokenizer,
+            task,
+            out,
+            split=split,
+            n_samples=args.eval_samples if args.eval_samples is not None else cfg.eval_samples,
+            max_length=cfg.max_length,
+            batch_size=args.batch_size or cfg.eval_batch_size,
+            fold=args.fold,
+            cache_dir=cfg.cache_dir,
+            progress=not args.no_progress,
+        )
+        print(_metrics_line(name, results[name]) + f"  -> {out}")
+    if args.out and len(tasks) > 1:
+        from blob_lora.utils.atomic import atomic_write_json
+
+        atomic_write_json(Path(args.out) / "summary.json", results)
+    return 0
+
+
+def _task_list(text: str) -> list[str]:
+    names: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "ood":
+            names.extend(OOD_TASKS)
+        elif part:
+            names.append(part)
+    return names
+
+
+def _safe(name: str) -> str:
+    return name.replace(":", "__").replace("/", "_")
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    from blob_lora.cli import demo
+
+    demo.configure(p)
+
+
+@command(
+    "demo", "short real BLoB vs LoRA fine-tune of the embedded SmolLM2, in- and out-of-distribution"
+)(_configure_demo)
+def run_demo(args: argparse.Namespace) -> int:
+    from blob_lora.cli import demo
+
+    return demo.run(args)
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2)

@@ -1,0 +1,65 @@
+"""``blob-lora``: train, evaluate and demo (plus predict and compare where installed).
+
+Errors caused by input (bad options, missing files, corrupt checkpoints) are printed as one
+clear line with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from blob_lora.utils.errors import BlobLoraError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register a sub-command: ``configure(parser)`` adds options, ``run(args)`` executes."""
+
+    def wrap(configure):
+        def register(run):
+            COMMANDS[name] = (help_text, configure, run)
+            return run
+
+        return register
+
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from blob_lora.cli import commands  # noqa: F401  (registers the sub-commands)
+
+    parser = argparse.ArgumentParser(
+        prog="blob-lora",
+        description="Fine-tune LLMs with BLoB (Bayesian LoRA) and measure how far to trust them.",
+    )
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, run) in COMMANDS.items():
+        sub = subs.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+        )
+        configure(sub)
+        sub.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args._run(args)
+    except BlobLoraError as exc:
+        print(f"blob-lora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blob-lora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``TrainConfig`` fields as command-line options, with a config file (YAML/TOML) underneath.
+
+Every long option equals a config-file key (dashes or underscores), and the command line
+overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, get_args
+
+import tomllib
+import yaml
+
+from blob_lora.training.config import TrainConfig
+from blob_lora.utils.errors import ConfigError
+
+HELP: dict[str, str] = {
+    "model": "base model: 'smollm2-135m' (embedded, default), a local folder or a Hub name",
+    "task": "task name (winogrande_s, winogrande_m, arc_challenge, arc_easy, openbookqa, boolq, "
+    "mmlu:<subject>) or a folder with your own train.jsonl/validation.jsonl",
+    "method": "blob (default), lora, map, mc-dropout, ensemble, laplace or tfb",
+    "out": "run folder to create (refused if it holds another run, see --overwrite/--resume)",
+    "data_root": "local dataset folder (default: $BLOB_LORA_DATA, else the Hugging Face Hub)",
+    "train_split": "training split, e.g. 'train' or 'validation[:2270]' (slices after a seeded shuffle)",
+    "eval_split": "evaluation split (default: the task's own eval split)",
+    "max_steps": "number of optimiser steps (overrides --epochs)",
+    "epochs": "number of passes over the training split (default 1 when --max-steps is unset)",
+    "batch_size": "examples per process per micro-batch",
+    "eval_batch_size": "examples per evaluation batch (before weight samples are folded in)",
+    "grad_accum": "micro-batches accumulated per optimiser step",
+    "lr": "AdamW learning rate of LoRA's mean A and B (paper: 1e-4)",
+    "kl_lr": "SGD learning rate of the KL step in --optimizer paper (paper: 0.01)",
+    "std_lr": "learning rate of the std parameters in --optimizer single (default: --lr)",
+    "optimizer": "'paper': AdamW on NLL + SGD on the weighted KL (authors'); 'single': one AdamW on NLL + pi*KL",
+    "warmup_ratio": "fraction of steps with linear warmup, followed by linear decay",
+    "weight_decay": "AdamW weight decay (map defaults to 1e-5)",
+    "seed": "random seed (data order, initialisation, weight noise)",
+    "max_length": "maximum prompt length in tokens; passages/questions are shortened, never options or the cue",
+    "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the method's, BLoB 10)",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scaling alpha/r)",
+    "lora_dropout": "LoRA dropout (mc-dropout defaults to 0.1)",
+    "target_modules": "modules that get LoRA: comma-separated name suffixes, or one regular "
+    "expression matched against full module names",
+    "prior_std": "BLoB prior std sigma_p",
+    "init_std": "BLoB epsilon: the initial std lies in [eps^2/2, eps^2]",
+    "std_param": "BLoB std parameterisation: square or softplus",
+    "flipout": "BLoB noise decorrelation: token (authors'), sequence or shared",
+    "bayesian_layers": "regexes (comma-separated) of LoRA layers that get a std; others stay plain LoRA",
+    "kl_schedule": "KL weight schedule: geometric (paper), uniform (1/K) or elbo (1/n)",
+    "kl_rescale": "use the authors' dataset rescaling for the KL cycle length (paper setting)",
+    "kl_gamma": "gamma of the dataset rescaling",
+    "ensemble_size": "number of independently initialised adapters for --method ensemble",
+    "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
+    "log_every": "write a line to train_log.jsonl every N steps",
+    "log_with": "also log to an Accelerate tracker: tensorboard, wandb, mlflow or all",
+    "dtype": "base model dtype: float32, bfloat16 or float16 (adapters stay float32)",
+    "load_in_8bit": "load the base model in 8 bit with bitsandbytes (GPU only)",
+    "load_in_4bit": "load the base model in 4 bit with bitsandbytes (GPU only)",
+    "trust_remote_code": "allow model code from the Hub (off by default)",
+    "bucket_by_length": "batch prompts of similar length together (less padding)",
+    "evaluate": "evaluate on the task's eval split after training",
+    "eval_tasks": "extra tasks to evaluate after training (comma-separated), e.g. the OOD protocol",
+    "cache_dir": "folder for the tokenisation cache",
+}
+
+
+def _kind(f) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a dataclass field."""
+    ann = f.type if not isinstance(f.type, str) else f.type
+    text = str(ann)
+    if "list" in text:
+        return str, True
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ, False
+    args = [a for a in get_args(ann) if a is not type(None)]
+    return (args[0] if args else str), False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        typ, is_list = _kind(f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = HELP.get(f.name, "") + f" (default: {default!r})"
+        if typ is bool:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=_parse_bool,
+                nargs="?",
+                const=True,
+                default=None,
+                metavar="BOOL",
+                help=help_text,
+            )
+        elif is_list:
+            parser.add_argument(flag, dest=f.name, type=_comma_list, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Keys equal the long options (dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: use a .yaml, .yml, .toml or .json file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in config file: {unknown}")
+    merged = dict(file_values)
+    merged.update({k: v for k, v in cli_values.items() if k in known and v is not None})
+    for key in ("target_modules", "eval_tasks", "bayesian_layers"):
+        if isinstance(merged.get(key), str):
+            merged[key] = _comma_list(merged[key])
+    try:
+        return TrainConfig(**merged)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,1 @@
+"""Prediction (averaging weight samples) and evaluation (metrics, per-example files, plots)."""

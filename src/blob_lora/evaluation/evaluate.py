@@ -1,0 +1,146 @@
+"""Evaluate a fine-tuned model on a task: averaged predictive, metrics, per-example rows, plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from blob_lora.metrics import (
+    classification_metrics,
+    decompose_uncertainty,
+    per_example_records,
+    reliability_diagram,
+)
+from blob_lora.tasks import MCCollator, MCDataset, Task, option_token_ids
+from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+RELIABILITY_FILE = "reliability.png"
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: torch.nn.Module,
+    method: Any,
+    dataset: MCDataset,
+    collator: MCCollator,
+    option_ids: torch.Tensor,
+    n_samples: int,
+    batch_size: int = 8,
+    fold: int | None = None,
+    accelerator: Any = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample_probs (S,N,C), labels (N,), indices (N,)) over the whole dataset, nothing dropped.
+
+    Under several processes each one scores its shard and ``gather_for_metrics`` removes the
+    duplicates that even sharding pads in, so every example counts exactly once.
+    """
+    from tqdm.auto import tqdm
+
+    indexed = _Indexed(dataset)
+    loader = DataLoader(
+        indexed, batch_size=batch_size, shuffle=False, collate_fn=_IndexedCollate(collator)
+    )
+    device = next(model.parameters()).device
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+    all_probs, all_labels, all_idx = [], [], []
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        idx = batch.pop("index")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        probs = method.predict_samples(model, batch, option_ids, n_samples, fold=fold)
+        probs = probs.transpose(0, 1).contiguous()  # (B, S, C) so gathering splits on examples
+        labels = batch["labels"]
+        if accelerator is not None:
+            probs, labels, idx = accelerator.gather_for_metrics((probs, labels, idx.to(device)))
+        all_probs.append(probs.float().cpu())
+        all_labels.append(labels.cpu())
+        all_idx.append(idx.cpu())
+    probs = torch.cat(all_probs).transpose(0, 1)
+    labels, idx = torch.cat(all_labels), torch.cat(all_idx)
+    order = torch.argsort(idx)
+    return probs[:, order], labels[order], idx[order]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, base: MCDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.base[i], "index": i}
+
+
+class _IndexedCollate:
+    def __init__(self, collator: MCCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch
+
+
+def evaluate_on_task(
+    model: torch.nn.Module,
+    method: Any,
+    tokenizer: Any,
+    task: Task,
+    out_dir: Path,
+    *,
+    split: str = "eval",
+    n_samples: int | None = None,
+    max_length: int = 300,
+    batch_size: int = 8,
+    fold: int | None = None,
+    accelerator: Any = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png."""
+    start = time.perf_counter()
+    n = method.eval_samples(model, n_samples)
+    dataset = MCDataset(task, split, tokenizer, max_length, cache_dir=cache_dir)
+    collator = MCCollator(tokenizer.pad_token_id, task.n_options)
+    option_ids = option_token_ids(tokenizer, task)
+    sample_probs, labels, _ = predict_dataset(
+        model, method, dataset, collator, option_ids, n, batch_size, fold, accelerator, progress
+    )
+    probs = sample_probs.mean(0)
+    metrics: dict[str, Any] = classification_metrics(probs, labels)
+    if len(labels) != len(dataset):
+        raise RuntimeError(f"evaluation scored {len(labels)} of {len(dataset)} examples")
+    uncertainty = decompose_uncertainty(sample_probs)
+    metrics.update(
+        {
+            "task": task.name,
+            "split": split if split not in ("eval", "train") else getattr(task, f"{split}_split"),
+            "method": method.name,
+            "eval_samples": n,
+            "n_truncated": dataset.n_truncated,
+            "mean_total_uncertainty": float(uncertainty["total"].mean()),
+            "mean_epistemic_uncertainty": float(uncertainty["epistemic"].mean()),
+            "eval_seconds": round(time.perf_counter() - start, 3),
+            **(extra or {}),
+        }
+    )
+    if accelerator is None or accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = per_example_records(
+            probs, labels, ids=dataset.example_ids, sample_probs=sample_probs if n > 1 else None
+        )
+        atomic_write_text(out_dir / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        title = f"{method.name} on {task.name} (N={n})"
+        reliability_diagram(probs, labels, out_dir / RELIABILITY_FILE, title=title)
+        atomic_write_json(out_dir / METRICS_FILE, metrics)
+    return metrics

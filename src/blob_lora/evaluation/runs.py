@@ -1,0 +1,58 @@
+"""Re-open a finished run folder: its settings, base model, method and trained adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blob_lora.methods import get_method
+from blob_lora.methods.base import Method
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
+from blob_lora.utils.errors import CheckpointError
+
+
+@dataclass
+class LoadedRun:
+    config: TrainConfig
+    method: Method
+    model: Any
+    tokenizer: Any
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a blob-lora run folder ({RUN_CONFIG} missing)")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+
+
+def load_run(
+    run_dir: Path, model: str | None = None, base_model: Any = None, tokenizer: Any = None
+) -> LoadedRun:
+    """Base model from the run's ``--model`` (or ``model``), adapter from ``RUN/adapter``."""
+    from blob_lora.models import load_model_and_tokenizer
+
+    cfg = read_run_config(run_dir)
+    adapter = run_dir / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise CheckpointError(
+            f"{run_dir} has no trained adapter yet ({ADAPTER_DIR}/ missing): resume the run with "
+            "'blob-lora train --resume' first"
+        )
+    method = get_method(cfg.method)
+    if base_model is None:
+        base_model, tokenizer = load_model_and_tokenizer(
+            model or cfg.model,
+            dtype=cfg.dtype,
+            load_in_8bit=cfg.load_in_8bit,
+            load_in_4bit=cfg.load_in_4bit,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    peft_model = method.load(base_model, adapter)
+    return LoadedRun(cfg, method, peft_model, tokenizer)

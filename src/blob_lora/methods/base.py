@@ -1,0 +1,101 @@
+"""What a fine-tuning method adds to the shared harness.
+
+The harness (tasks, training loop, checkpoints, metrics) is the same for every method; a method
+only says how to wrap the base model, whether a KL term enters the loss, and how to draw
+predictive samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+from blob_lora.evaluation.forward import answer_logits, repeat_batch
+
+REGEX_CHARS = set("*()|[]\\")
+
+
+def target_modules_arg(targets: list[str]) -> list[str] | str:
+    """PEFT's form: a list of name suffixes, or one regular expression (full match)."""
+    if len(targets) == 1 and REGEX_CHARS & set(targets[0]):
+        return targets[0]
+    return list(targets)
+
+
+class Method:
+    """Plain LoRA (maximum likelihood); other methods override what differs."""
+
+    name = "lora"
+    has_kl = False
+    samples_by_default = 0  # N when the user does not ask for a number
+
+    def lora_config(self, cfg: Any) -> LoraConfig:
+        return LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=self.lora_dropout(cfg),
+            target_modules=target_modules_arg(cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+    def lora_dropout(self, cfg: Any) -> float:
+        return cfg.lora_dropout
+
+    def weight_decay(self, cfg: Any) -> float:
+        return cfg.weight_decay
+
+    def build(self, base: nn.Module, cfg: Any) -> PeftModel:
+        from peft import get_peft_model
+
+        return get_peft_model(base, self.lora_config(cfg))
+
+    def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
+        from blob_lora.methods.io import load_plain_adapter
+
+        return load_plain_adapter(base, adapter_dir)
+
+    def kl(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def eval_samples(self, model: nn.Module, requested: int | None) -> int:
+        return self.samples_by_default if requested is None else requested
+
+    @contextmanager
+    def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
+        """Put the model in the state that draws one predictive sample per sequence."""
+        yield
+
+    @torch.no_grad()
+    def predict_samples(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        option_ids: torch.Tensor,
+        n_samples: int,
+        fold: int | None = None,
+    ) -> torch.Tensor:
+        """(S, B, C) option probabilities; S = max(1, n_samples).
+
+        With ``fold`` > 1 that many samples share one forward (sample index folded into the
+        batch), which is much faster than a loop where memory allows.
+        """
+        model.eval()
+        n = max(1, n_samples)
+        if n_samples == 0:
+            return torch.softmax(answer_logits(model, batch, option_ids), -1).unsqueeze(0)
+        fold = max(1, min(fold or n, n))
+        chunks = []
+        with self.sampling_mode(model, n_samples):
+            done = 0
+            while done < n:
+                k = min(fold, n - done)
+                logits = answer_logits(model, repeat_batch(batch, k), option_ids)
+                chunks.append(torch.softmax(logits, -1).view(k, -1, logits.shape[-1]))
+                done += k
+        return torch.cat(chunks)

@@ -1,0 +1,36 @@
+"""Loading saved adapters with the checks every method needs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from peft import PeftModel
+from torch import nn
+
+from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
+from blob_lora.utils.errors import CheckpointError
+
+
+def load_plain_adapter(
+    base: nn.Module, adapter_dir: Path, adapter_name: str = "default"
+) -> PeftModel:
+    """``PeftModel.from_pretrained`` with shape/key checks and safetensors only."""
+    adapter_dir = Path(adapter_dir)
+    state = _read_adapter_weights(adapter_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise CheckpointError(
+                f"adapter in {adapter_dir} does not fit this model: {exc}"
+            ) from exc
+    expected = _adapter_state_shapes(model, adapter_name)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"adapter in {adapter_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}"
+        )
+    model.eval()
+    return model

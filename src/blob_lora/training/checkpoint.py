@@ -1,0 +1,211 @@
+"""Training-state checkpoints that are never half-written and never unpickled.
+
+A checkpoint is a folder ``checkpoints/step-XXXXXXXX`` holding:
+
+* ``trainable.safetensors``: every trainable tensor by parameter name;
+* ``optim.safetensors`` + ``optim.json``: optimiser/scheduler states split into tensors and
+  plain JSON (so loading runs no pickle);
+* ``rng.safetensors`` + ``state.json``: RNG states of every process and the loop position;
+* ``manifest.json``: SHA-256 of each file, written last.
+
+The folder is built under a temporary name and renamed into place, then ``checkpoints/latest``
+is atomically pointed at it. A folder without a matching manifest is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from blob_lora.utils.atomic import atomic_directory, atomic_write_text
+from blob_lora.utils.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested state dict by references, collecting them in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "root"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [_key_to_json(k), _split_tensors(v, f"{prefix}.{k}" if prefix else str(k), tensors)]
+                for k, v in obj.items()
+            ]
+        }
+    if isinstance(obj, list | tuple):
+        items = [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, float | int | str | bool) or obj is None:
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix!r}")
+
+
+def _key_to_json(key: Any) -> Any:
+    if isinstance(key, int | str):
+        return key
+    raise TypeError(f"unsupported state-dict key {key!r}")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_join_tensors(v, tensors) for v in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_rng_to_json(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(
+    checkpoint_root: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    loop_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a complete checkpoint for ``step`` and point ``latest`` at it."""
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = checkpoint_root / name
+    with atomic_directory(final) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+            tmp / "trainable.safetensors",
+        )
+        for stem, obj in (("optim", optim_state), ("rng", rng_states)):
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = _split_tensors(obj, "", tensors)
+            save_file(tensors, tmp / f"{stem}.safetensors")
+            (tmp / f"{stem}.json").write_text(json.dumps(skeleton))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=2))
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
+    atomic_write_text(checkpoint_root / LATEST, name + "\n")
+    _prune(checkpoint_root, keep=keep, protect=name)
+    return final
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check the manifest and every digest; raise ``CheckpointError`` on any mismatch."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST}: incomplete checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
+    for fname, digest in manifest.get("files", {}).items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {fname}")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} does not match its checksum (corrupt)")
+    return manifest
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The newest *verified* checkpoint, or ``None`` when there is none."""
+    pointer = checkpoint_root / LATEST
+    candidates: list[Path] = []
+    if pointer.is_file():
+        candidates.append(checkpoint_root / pointer.read_text().strip())
+    candidates += sorted((p for p in checkpoint_root.glob("step-*") if p.is_dir()), reverse=True)
+    errors = []
+    for cand in candidates:
+        try:
+            verify_checkpoint(cand)
+            return cand
+        except CheckpointError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError("no intact checkpoint found: " + "; ".join(errors))
+    return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    verify_checkpoint(path)
+    try:
+        out: dict[str, Any] = {"trainable": load_file(str(path / "trainable.safetensors"))}
+        for stem in ("optim", "rng"):
+            tensors = load_file(str(path / f"{stem}.safetensors"))
+            skeleton = json.loads((path / f"{stem}.json").read_text())
+            out[stem] = _join_tensors(skeleton, tensors)
+        out["state"] = json.loads((path / "state.json").read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
+    return out

@@ -1,0 +1,150 @@
+"""All settings of a training run; the CLI's long options map one-to-one onto these fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from blob_lora.training.kl_schedule import KL_SCHEDULES
+from blob_lora.training.optim import OPTIMIZER_MODES
+from blob_lora.tuners.blob.config import FLIPOUT_MODES, STD_PARAMS
+from blob_lora.utils.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Defaults follow the paper (method doc, section 6) except where CPU cost rules it out."""
+
+    model: str = "smollm2-135m"
+    task: str = "winogrande_s"
+    method: str = "blob"
+    out: str = "runs/run"
+    data_root: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    max_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    kl_lr: float = 0.01
+    std_lr: float | None = None
+    optimizer: str = "paper"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    seed: int = 1
+    max_length: int = 300
+    eval_samples: int | None = None
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
+    prior_std: float = 0.2
+    init_std: float = 0.05
+    std_param: str = "square"
+    flipout: str = "token"
+    bayesian_layers: list[str] | None = None
+    kl_schedule: str = "geometric"
+    kl_rescale: bool = True
+    kl_gamma: float = 8.0
+    ensemble_size: int = 3
+    checkpoint_every: int = 0
+    log_every: int = 1
+    log_with: str | None = None
+    dtype: str = "float32"
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    bucket_by_length: bool = False
+    evaluate: bool = True
+    eval_tasks: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            lo = 0 if allow_zero else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}"
+                )
+
+        def positive_float(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < 0 or (v == 0 and not allow_zero):
+                rng = ">= 0" if allow_zero else "> 0"
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number {rng}, got {v!r}"
+                )
+
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
+            positive_int(name)
+        positive_int("max_steps", allow_none=True)
+        positive_int("eval_samples", allow_none=True, allow_zero=True)
+        positive_int("checkpoint_every", allow_zero=True)
+        positive_int("log_every")
+        positive_int("ensemble_size")
+        positive_int("seed", allow_zero=True)
+        if self.max_length < 16:
+            raise ConfigError(f"--max-length must be >= 16, got {self.max_length!r}")
+        for name in ("lr", "kl_lr", "lora_alpha", "prior_std", "init_std", "kl_gamma"):
+            positive_float(name)
+        positive_float("std_lr", allow_none=True)
+        positive_float("epochs", allow_none=True)
+        positive_float("weight_decay", allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        choices = {
+            "optimizer": OPTIMIZER_MODES,
+            "kl_schedule": KL_SCHEDULES,
+            "std_param": STD_PARAMS,
+            "flipout": FLIPOUT_MODES,
+            "dtype": ("float32", "bfloat16", "float16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.log_with not in (None, "tensorboard", "wandb", "mlflow", "all"):
+            raise ConfigError(
+                f"--log-with must be tensorboard, wandb, mlflow or all, got {self.log_with!r}"
+            )
+        if not self.target_modules:
+            raise ConfigError("--target-modules must name at least one module")
+        from blob_lora.methods import get_method
+
+        get_method(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    # Settings that may differ between an interrupted run and its resumption.
+    RESUMABLE_CHANGES = (
+        "out",
+        "log_with",
+        "evaluate",
+        "eval_tasks",
+        "eval_batch_size",
+        "checkpoint_every",
+    )

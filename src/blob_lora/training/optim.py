@@ -1,0 +1,142 @@
+"""Optimisation of BLoB's mean, ``B`` and std (method doc, section 3).
+
+Two modes, both on one backward pass of the NLL per micro-batch:
+
+* ``paper``: AdamW steps the mean and ``B`` on the NLL gradient; then plain SGD at ``kl_lr``
+  steps every trainable tensor on the gradient of ``pi * KL`` (closed form, no activations), and
+  the std parameters on NLL + KL (they are in no other optimiser). This is the authors' update,
+  without their second backward through the network.
+* ``single``: one AdamW on ``NLL + pi * KL`` with two parameter groups (mean/``B`` at ``lr``,
+  std at ``std_lr``).
+
+Both use linear warmup followed by linear decay to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from blob_lora.utils.errors import ConfigError
+
+OPTIMIZER_MODES = ("paper", "single")
+
+
+def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = total_steps - step
+        return max(0.0, remaining / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(mean and ``B`` and every other trainable tensor, std parameters)."""
+    point, std = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (std if "lora_A_rho" in name else point).append(param)
+    return point, std
+
+
+@dataclass
+class Updater:
+    """Owns the optimisers and schedulers and applies one update per optimiser step."""
+
+    mode: str
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[LambdaLR]
+    point_params: list[nn.Parameter]
+    std_params: list[nn.Parameter]
+
+    def step(self, kl_fn: Callable[[], torch.Tensor] | None, pi: float) -> torch.Tensor | None:
+        """Apply the update after the NLL gradients of one optimiser step are accumulated.
+
+        In ``single`` mode the caller has already added ``pi * KL`` to the loss, so ``kl_fn``
+        is only used in ``paper`` mode.
+        """
+        kl = None
+        if self.mode == "single" or kl_fn is None:
+            for opt in self.optimizers:
+                opt.step()
+        else:
+            adamw, sgd = self.optimizers
+            adamw.step()
+            for p in self.point_params:
+                p.grad = None  # SGD sees only the KL gradient on mean and B ...
+            kl = kl_fn()
+            # autograd.grad, not backward: no DDP gradient hooks fire for this closed-form term
+            # (it is identical on every process and needs no all-reduce).
+            params = self.point_params + self.std_params
+            grads = torch.autograd.grad(pi * kl, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g  # std: NLL + KL
+            sgd.step()
+            kl = kl.detach()
+        for sched in self.schedulers:
+            sched.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return kl
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ConfigError("checkpoint was written with a different optimizer mode")
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        for sched, sd in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(sd)
+
+
+def build_updater(
+    model: nn.Module,
+    *,
+    mode: str,
+    bayesian: bool,
+    lr: float,
+    total_steps: int,
+    warmup_ratio: float = 0.06,
+    weight_decay: float = 0.0,
+    kl_lr: float = 0.01,
+    std_lr: float | None = None,
+    adam_eps: float = 1e-6,
+) -> Updater:
+    if mode not in OPTIMIZER_MODES:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZER_MODES}, got {mode!r}")
+    point, std = split_parameters(model)
+    if not point:
+        raise ConfigError("the model has no trainable parameters")
+    warmup = int(round(warmup_ratio * total_steps))
+    factor = linear_warmup_decay(total_steps, warmup)
+    if not bayesian or not std:
+        opt = torch.optim.AdamW(point + std, lr=lr, eps=adam_eps, weight_decay=weight_decay)
+        return Updater("single", [opt], [LambdaLR(opt, factor)], point, std)
+    if mode == "single":
+        opt = torch.optim.AdamW(
+            [
+                {"params": point, "lr": lr},
+                {"params": std, "lr": std_lr if std_lr is not None else lr},
+            ],
+            eps=adam_eps,
+            weight_decay=weight_decay,
+        )
+        return Updater("single", [opt], [LambdaLR(opt, factor)], point, std)
+    adamw = torch.optim.AdamW(point, lr=lr, eps=adam_eps, weight_decay=weight_decay)
+    sgd = torch.optim.SGD(point + std, lr=kl_lr)
+    return Updater(
+        "paper", [adamw, sgd], [LambdaLR(adamw, factor), LambdaLR(sgd, factor)], point, std
+    )

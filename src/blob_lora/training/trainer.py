@@ -1,0 +1,386 @@
+"""The training loop on ``accelerate.Accelerator``: one CPU, one GPU or many processes.
+
+Loss per optimiser step: mean NLL over the (global) batch + pi_i * KL. Under DDP every process
+holds the same adapter, so the KL and its weight are identical everywhere while the NLL
+gradient is averaged across processes: 2 processes at batch b optimise the same objective as
+1 process at batch 2b.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from blob_lora.evaluation.forward import answer_logits
+from blob_lora.methods import get_method
+from blob_lora.models import load_model_and_tokenizer
+from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+from blob_lora.tasks.dataset import length_bucketed_sampler
+from blob_lora.training import checkpoint as ckpt
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.kl_schedule import make_schedule
+from blob_lora.training.optim import build_updater
+from blob_lora.training.run_dir import (
+    ADAPTER_DIR,
+    CHECKPOINTS,
+    EVAL_DIR,
+    RUN_CONFIG,
+    TRAIN_LOG,
+    prepare_run_dir,
+)
+from blob_lora.training.sampler import EpochShuffleSampler
+from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from blob_lora.utils.errors import BlobLoraError
+
+SUMMARY = "summary.json"
+
+
+class TrainingDiverged(BlobLoraError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(BlobLoraError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+
+@dataclass
+class _Signals:
+    received: int | None = None
+
+    def __enter__(self) -> _Signals:
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.received is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def build_model(cfg: TrainConfig):
+    base, tokenizer = load_model_and_tokenizer(
+        cfg.model,
+        dtype=cfg.dtype,
+        load_in_8bit=cfg.load_in_8bit,
+        load_in_4bit=cfg.load_in_4bit,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return base, tokenizer
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    base_model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.task`` into ``cfg.out``; return the run summary.
+
+    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.out)
+    accelerator = Accelerator(log_with=cfg.log_with, project_dir=str(out))
+    resuming = False
+    if accelerator.is_main_process:
+        resuming = prepare_run_dir(out, cfg.to_dict(), overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
+    resuming = resume and (out / RUN_CONFIG).is_file() and _has_checkpoint(out)
+    method = get_method(cfg.method)
+
+    if base_model is None:
+        base_model, tokenizer = build_model(cfg)
+    task = get_task(cfg.task, data_root=cfg.data_root)
+    if task.train_split is None and cfg.train_split is None:
+        raise BlobLoraError(f"task {task.name} has no training split; pass --train-split")
+    train_split = cfg.train_split or "train"
+    dataset = MCDataset(task, train_split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
+    option_ids = option_token_ids(tokenizer, task).to(accelerator.device)
+
+    set_seed(cfg.seed)  # identical adapter initialisation on every process
+    model = method.build(base_model, cfg)
+    set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
+
+    collator = MCCollator(tokenizer.pad_token_id, task.n_options)
+    if cfg.bucket_by_length:
+        batch_sampler = length_bucketed_sampler(dataset.lengths, cfg.batch_size, seed=cfg.seed)
+        loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collator)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator
+        )
+    loader = accelerator.prepare_data_loader(loader)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
+    if cfg.max_steps is not None:
+        total_steps = cfg.max_steps
+    else:
+        total_steps = max(1, int(round((cfg.epochs or 1.0) * steps_per_epoch)))
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    schedule = make_schedule(
+        cfg.kl_schedule, len(dataset), steps_per_epoch, global_batch, cfg.kl_rescale, cfg.kl_gamma
+    )
+    updater = build_updater(
+        model,
+        mode=cfg.optimizer,
+        bayesian=method.has_kl,
+        lr=cfg.lr,
+        total_steps=total_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=method.weight_decay(cfg),
+        kl_lr=cfg.kl_lr,
+        std_lr=cfg.std_lr,
+    )
+    model = accelerator.prepare_model(model)
+    updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
+    unwrapped = accelerator.unwrap_model(model)
+
+    step, epoch, micro_done = 0, 0, 0
+    ckpt_root = out / CHECKPOINTS
+    if resuming:
+        step, epoch, micro_done = _restore(ckpt_root, unwrapped, updater, accelerator)
+    if cfg.log_with:
+        accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
+
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    log_path = out / TRAIN_LOG
+    if accelerator.is_main_process:
+        _truncate_log(log_path, step)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"train {cfg.method}",
+        disable=not (progress and accelerator.is_local_main_process),
+    )
+
+    def save(current_step: int, current_epoch: int, current_micro: int) -> None:
+        states = _gather_rng(accelerator)
+        if accelerator.is_main_process:
+            ckpt.save_checkpoint(
+                ckpt_root,
+                current_step,
+                trainable,
+                updater.state_dict(),
+                states,
+                {
+                    "epoch": current_epoch,
+                    "micro_in_epoch": current_micro,
+                    "world_size": accelerator.num_processes,
+                },
+            )
+        accelerator.wait_for_everyone()
+
+    model.train()
+    start = time.perf_counter()
+    window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
+    with _Signals() as signals:
+        while step < total_steps:
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, micro_done) if micro_done else loader
+            micro = micro_done
+            for batch in batches:
+                micro += 1
+                boundary = micro % cfg.grad_accum == 0 or micro == micro_per_epoch
+                pi = schedule.weight(step + 1) if method.has_kl else 0.0
+                sync = nullcontext() if boundary else accelerator.no_sync(model)
+                with sync:
+                    logits = answer_logits(model, batch, option_ids)
+                    nll = F.cross_entropy(logits, batch["labels"])
+                    loss = nll
+                    kl_value = None
+                    if method.has_kl and updater.mode == "single":
+                        kl_value = method.kl(unwrapped)
+                        loss = loss + pi * kl_value
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at step {step + 1}; the last good checkpoint "
+                            f"is kept in {ckpt_root} (lower --lr or check the data)"
+                        )
+                    accelerator.backward(loss / cfg.grad_accum)
+                window["nll"] += nll.item()
+                window["micro"] += 1
+                window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
+                window["n"] += len(batch["labels"])
+                if not boundary:
+                    continue
+                kl_fn = (lambda: method.kl(unwrapped)) if method.has_kl else None
+                used_kl = updater.step(kl_fn, pi)
+                if kl_value is None:
+                    kl_value = used_kl
+                step += 1
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "nll": window["nll"] / window["micro"],
+                    "acc": window["correct"] / max(1.0, window["n"]),
+                    "kl": float(kl_value) if kl_value is not None else None,
+                    "pi": pi,
+                    "lr": updater.optimizers[0].param_groups[0]["lr"],
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+                window = dict.fromkeys(window, 0.0)
+                bar.update(1)
+                bar.set_postfix(
+                    nll=f"{record['nll']:.3f}",
+                    kl=f"{record['kl']:.1f}" if record["kl"] is not None else "-",
+                    pi=f"{pi:.2e}",
+                    acc=f"{record['acc']:.2f}",
+                )
+                if accelerator.is_main_process and step % cfg.log_every == 0:
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                if cfg.log_with:
+                    accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+                at_epoch_end = micro == micro_per_epoch
+                position = (epoch + 1, 0) if at_epoch_end else (epoch, micro)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    save(step, *position)
+                if signals.received is not None:
+                    save(step, *position)
+                    raise TrainingInterrupted(
+                        f"stopped by signal {signals.received} after step {step}; checkpoint "
+                        f"saved, continue with --resume"
+                    )
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+                micro_done = 0
+                continue
+            epoch, micro_done = (epoch + 1, 0) if micro == micro_per_epoch else (epoch, micro)
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    save(step, epoch, micro_done)
+    if accelerator.is_main_process:
+        with atomic_directory(out / ADAPTER_DIR) as tmp:
+            unwrapped.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {
+        "method": cfg.method,
+        "task": task.name,
+        "train_split": train_split,
+        "n_train": len(dataset),
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "kl_cycle": schedule.cycle if method.has_kl else None,
+        "world_size": accelerator.num_processes,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": round(train_seconds / max(1, step), 4),
+        "evaluations": {},
+    }
+    if cfg.evaluate:
+        from blob_lora.evaluation.evaluate import evaluate_on_task
+
+        for name in [cfg.task, *cfg.eval_tasks]:
+            eval_task = task if name == cfg.task else get_task(name, data_root=cfg.data_root)
+            split = cfg.eval_split if (name == cfg.task and cfg.eval_split) else "eval"
+            metrics = evaluate_on_task(
+                unwrapped,
+                method,
+                tokenizer,
+                eval_task,
+                out / EVAL_DIR / _safe(name),
+                split=split,
+                n_samples=cfg.eval_samples,
+                max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size,
+                accelerator=accelerator,
+                cache_dir=cfg.cache_dir,
+                progress=progress,
+            )
+            summary["evaluations"][name] = metrics
+    if accelerator.is_main_process:
+        atomic_write_json(out / SUMMARY, summary)
+    if cfg.log_with:
+        accelerator.end_training()
+    return summary
+
+
+def _safe(name: str) -> str:
+    return name.replace(":", "__").replace("/", "_")
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).glob("step-*"))
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        k: (v if isinstance(v, int | float | str | bool) else str(v))
+        for k, v in cfg.to_dict().items()
+    }
+
+
+def _gather_rng(accelerator) -> list[dict[str, Any]]:
+    from accelerate.utils import gather_object
+
+    state = ckpt.rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    return gather_object([state])
+
+
+def _restore(root: Path, unwrapped, updater, accelerator) -> tuple[int, int, int]:
+    path = ckpt.latest_checkpoint(root)
+    if path is None:
+        return 0, 0, 0
+    state = ckpt.load_checkpoint(path)
+    params = dict(unwrapped.named_parameters())
+    missing = [k for k in state["trainable"] if k not in params]
+    if missing:
+        raise BlobLoraError(f"checkpoint {path} does not fit this model (e.g. {missing[:2]})")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            if params[name].shape != value.shape:
+                raise BlobLoraError(
+                    f"checkpoint {path}: {name} has shape {tuple(value.shape)}, model {tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)
+    updater.load_state_dict(state["optim"])
+    rngs = state["rng"]
+    rank = accelerator.process_index
+    if rank < len(rngs) and state["state"].get("world_size") == accelerator.num_processes:
+        ckpt.set_rng_state(rngs[rank])
+    else:  # other world size: deterministic fresh streams
+        torch.manual_seed(int(state["state"]["step"]) * 1000 + rank)
+    loop = state["state"]
+    return int(loop["step"]), int(loop["epoch"]), int(loop["micro_in_epoch"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
