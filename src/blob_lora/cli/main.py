@@ -29,7 +29,13 @@ def command(name: str, help_text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from blob_lora.cli import commands  # noqa: F401  (registers the sub-commands)
+    import importlib
+    import pkgutil
+
+    from blob_lora.cli import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
 
     parser = argparse.ArgumentParser(
         prog="blob-lora",

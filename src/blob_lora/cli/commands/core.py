@@ -1,4 +1,4 @@
-"""The sub-commands ``train``, ``evaluate`` and ``demo``."""
+"""The core sub-commands: ``train``, ``evaluate`` and ``demo``."""
 
 from __future__ import annotations
 

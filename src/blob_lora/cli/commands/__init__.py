@@ -1,0 +1,4 @@
+"""Sub-commands: each module here registers its commands with ``blob_lora.cli.main.command``.
+
+Modules are discovered at start-up, so adding a command means adding a module.
+"""
