@@ -99,6 +99,10 @@ def train(
 
     ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
     """
+    composite = getattr(get_method(cfg.method), "train_run", None)
+    if composite is not None:  # ensemble, laplace, tfb: sub-runs of this loop (methods/composite.py)
+        kwargs = {"base_model": base_model, "tokenizer": tokenizer}
+        return composite(cfg, overwrite=overwrite, resume=resume, progress=progress, **kwargs)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
