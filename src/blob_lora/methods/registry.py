@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from blob_lora.methods.base import Method
 from blob_lora.methods.blob import BlobMethod
+from blob_lora.methods.ensemble import EnsembleMethod
+from blob_lora.methods.laplace_method import LaplaceMethod
 from blob_lora.methods.lora import LoraMethod, MapMethod, MCDropoutMethod
 from blob_lora.utils.errors import ConfigError
 
-METHODS: dict[str, Method] = {
-    m.name: m for m in (BlobMethod(), LoraMethod(), MapMethod(), MCDropoutMethod())
-}
+_BUILTIN: tuple[Method, ...] = (
+    BlobMethod(),
+    LoraMethod(),
+    MapMethod(),
+    MCDropoutMethod(),
+    EnsembleMethod(),
+)
+# Laplace-LoRA needs the KFAC posterior package (blob_lora.methods.laplace).
+_OPTIONAL: tuple[Method, ...] = (
+    (LaplaceMethod(),) if importlib.util.find_spec("blob_lora.methods.laplace") else ()
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in (*_BUILTIN, *_OPTIONAL)}
 
 
 def get_method(name: str) -> Method:

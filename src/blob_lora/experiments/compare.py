@@ -1,0 +1,442 @@
+"""``blob-lora compare``: train/evaluate methods × tasks × seeds, then tabulate and plot.
+
+Output layout (``DIR`` = ``--out``, the file's ``out`` key, or ``experiments/out/<name>``)::
+
+    DIR/runs/<task>/<method>/seed<s>/   ordinary run folders ('blob-lora evaluate --run' works)
+    DIR/results_id.md, results_id.csv   in-distribution table (tasks)
+    DIR/results_ood.md, results_ood.csv OOD table (train_task's runs on eval_tasks), if any
+    DIR/reliability_<task>.png          reliability curves of every method, per ID task
+    DIR/reliability_ood_<task>.png      the same per OOD evaluation task
+    DIR/compare.json                    the spec, every run's status, train_seconds and
+                                        per-evaluation metrics incl. eval_seconds, table numbers
+
+Task names become folder/file names with ``:`` → ``__`` (``mmlu__college_physics``).
+
+A run is *finished* when ``RUN/summary.json`` exists and holds every evaluation the
+experiment needs (own task; OOD tasks for the OOD training task; the ``eval_samples = 0``
+evaluation for ``blob-mean``) on the expected split. Re-running skips finished runs,
+evaluates the missing evaluations of trained runs without retraining (written into
+``RUN/eval/<task>/`` or ``RUN/eval_mean/<task>/`` and merged into ``summary.json``), resumes
+interrupted ones from their checkpoint and trains the rest. A finished run whose
+``run_config.json`` differs from what the file now asks for is refused (delete it or restore
+the setting), so tables never silently mix settings.
+
+Reliability diagrams pool the predictions of all finished seeds of a method (every seed's
+examples in one set of 15 bins), which is steadier than one seed on small evaluation sets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blob_lora.experiments.spec import Column, CompareSpec
+from blob_lora.experiments.tables import (
+    build_table,
+    render_csv,
+    render_markdown,
+    table_json,
+)
+from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+from blob_lora.utils.errors import BlobLoraError, ConfigError
+
+RUNS_DIR = "runs"
+SUMMARY = "summary.json"
+RUN_CONFIG = "run_config.json"
+PREDICTIONS = "predictions.jsonl"
+# Settings that do not change what a finished run learned or how it was scored.
+IGNORED_DIFFERENCES = {
+    "out",
+    "data_root",
+    "cache_dir",
+    "log_with",
+    "log_every",
+    "checkpoint_every",
+    "eval_batch_size",
+    "evaluate",
+    "eval_tasks",
+}
+
+
+def safe_name(name: str) -> str:
+    return name.replace(":", "__").replace("/", "_")
+
+
+@dataclass
+class Evaluation:
+    column: Column
+    task: str
+    split: str | None  # None: the task's default eval split
+
+
+@dataclass
+class PlannedRun:
+    task: str
+    method: str
+    seed: int
+    dir: Path
+    settings: dict[str, Any]
+    evaluations: list[Evaluation]
+    status: str = "train"  # done | evaluate | resume | train | failed
+    missing: list[Evaluation] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}/{self.method}/seed{self.seed}"
+
+
+def run_dir(spec: CompareSpec, task: str, method: str, seed: int) -> Path:
+    return spec.out / RUNS_DIR / safe_name(task) / method / f"seed{seed}"
+
+
+def plan(spec: CompareSpec) -> list[PlannedRun]:
+    """Every run the experiment needs, with the evaluations each must end up with."""
+    runs = []
+    columns = spec.columns
+    for task in spec.train_tasks:
+        for method in spec.train_methods:
+            cols = [c for c in columns if c.train_method == method]
+            for seed in spec.seeds:
+                d = run_dir(spec, task, method, seed)
+                evals = [
+                    Evaluation(c, t, spec.eval_split(t, own=(t == task)))
+                    for c in cols
+                    for t in spec.eval_tasks_of(task)
+                ]
+                settings = spec.run_settings(task, method, seed, d)
+                runs.append(PlannedRun(task, method, seed, d, settings, evals))
+    for r in runs:
+        _set_status(r)
+    return runs
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _expected_split(ev: Evaluation, data_root: str | None) -> str:
+    if ev.split is not None:
+        return ev.split
+    from blob_lora.tasks import get_task
+
+    return str(get_task(ev.task, data_root=data_root).eval_split)
+
+
+def _has(summary: dict[str, Any], ev: Evaluation, data_root: str | None) -> bool:
+    m = (summary.get(ev.column.key) or {}).get(ev.task)
+    if not isinstance(m, dict) or "accuracy" not in m:
+        return False
+    if ev.column.eval_samples is not None and m.get("eval_samples") != ev.column.eval_samples:
+        return False
+    return str(m.get("split")) == _expected_split(ev, data_root)
+
+
+def _set_status(r: PlannedRun) -> None:
+    summary = _read_json(r.dir / SUMMARY)
+    data_root = r.settings.get("data_root")
+    if summary is not None:
+        r.missing = [ev for ev in r.evaluations if not _has(summary, ev, data_root)]
+        r.status = "evaluate" if r.missing else "done"
+    else:
+        r.missing = list(r.evaluations)
+        r.status = "resume" if (r.dir / RUN_CONFIG).is_file() else "train"
+
+
+def config_differences(r: PlannedRun) -> list[str]:
+    """Settings of an existing run folder that differ from what the experiment asks for."""
+    from blob_lora.training.config import TrainConfig
+
+    previous = _read_json(r.dir / RUN_CONFIG)
+    if previous is None:
+        return []
+    wanted = TrainConfig.from_dict(r.settings).to_dict()
+    return [
+        f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"
+        for k in sorted(set(previous) | set(wanted))
+        if k not in IGNORED_DIFFERENCES and previous.get(k) != wanted.get(k)
+    ]
+
+
+# ------------------------------------------------------------------------------ executing
+
+
+def _train(r: PlannedRun, progress: bool) -> None:
+    from blob_lora.training.config import TrainConfig
+    from blob_lora.training.trainer import train
+
+    cfg = TrainConfig.from_dict(r.settings)
+    train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress)
+
+
+def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
+    """Evaluate the run's missing evaluations and merge them into its summary.json."""
+    from blob_lora.evaluation.evaluate import evaluate_on_task
+    from blob_lora.evaluation.runs import load_run
+    from blob_lora.tasks import get_task
+
+    summary = _read_json(r.dir / SUMMARY) or {}
+    data_root = r.settings.get("data_root")
+    missing = [ev for ev in r.evaluations if not _has(summary, ev, data_root)]
+    if not missing:
+        return
+    loaded = load_run(r.dir)
+    cfg = loaded.config
+    for ev in missing:
+        task = get_task(ev.task, data_root=data_root or cfg.data_root)
+        n = ev.column.eval_samples if ev.column.eval_samples is not None else cfg.eval_samples
+        metrics = evaluate_on_task(
+            loaded.model,
+            loaded.method,
+            loaded.tokenizer,
+            task,
+            r.dir / ev.column.subdir / safe_name(ev.task),
+            split=ev.split or "eval",
+            n_samples=n,
+            max_length=cfg.max_length,
+            batch_size=cfg.eval_batch_size,
+            cache_dir=cfg.cache_dir,
+            progress=progress,
+        )
+        summary.setdefault(ev.column.key, {})[ev.task] = metrics
+        atomic_write_json(r.dir / SUMMARY, summary)
+
+
+def run_compare(
+    spec: CompareSpec,
+    *,
+    collect_only: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Bring every run to finished (unless ``collect_only``/``dry_run``), then write outputs.
+
+    Returns the compare.json content (also on a dry run, where nothing is written). A run
+    that fails with a user-level error (e.g. diverged) is reported and skipped; the others
+    go on, and ``result["failed"]`` lists the failures.
+    """
+    runs = plan(spec)
+    if not collect_only:
+        stale = [(r, config_differences(r)) for r in runs if r.dir.exists()]
+        stale = [(r, d) for r, d in stale if d]
+        if stale:
+            lines = [f"  {r.dir}: " + ", ".join(d) for r, d in stale]
+            raise ConfigError(
+                "these run folders were made with other settings than the experiment file now "
+                "asks for; delete them or restore the settings:\n" + "\n".join(lines)
+            )
+    todo = [r for r in runs if r.status != "done"]
+    echo(
+        f"compare {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
+        f"{sum(r.status in ('train', 'resume') for r in runs)} to train, "
+        f"{sum(r.status == 'evaluate' for r in runs)} to evaluate -> {spec.out}"
+    )
+    if dry_run or collect_only:
+        for r in runs:
+            extra = ""
+            if r.status != "done":
+                extra = " (" + ", ".join(f"{e.column.name}@{e.task}" for e in r.missing) + ")"
+            verb = r.status if not collect_only or r.status == "done" else "unfinished"
+            echo(f"  {verb:<10} {r.label}{extra}")
+    if dry_run:
+        return collect(spec, runs)
+    result: dict[str, Any] = {}
+    if not collect_only:
+        for i, r in enumerate(todo, start=1):
+            echo(f"[{i}/{len(todo)}] {r.status} {r.label}")
+            start = time.perf_counter()
+            try:
+                if r.status in ("train", "resume"):
+                    _train(r, progress)
+                _evaluate_missing(r, progress)
+            except BlobLoraError as exc:
+                r.status, r.error = "failed", str(exc)
+                echo(f"  failed: {exc}")
+                continue
+            _set_status(r)
+            echo(f"  {r.status} in {time.perf_counter() - start:.1f} s")
+            result = write_outputs(spec, runs, plots=False)
+    result = write_outputs(spec, runs, plots=True)
+    return result
+
+
+# ------------------------------------------------------------------------------ collecting
+
+
+def _metrics(r: PlannedRun, column: Column, task: str) -> dict[str, Any] | None:
+    summary = _read_json(r.dir / SUMMARY)
+    if summary is None:
+        return None
+    ev = next((e for e in r.evaluations if e.column == column and e.task == task), None)
+    if ev is None or not _has(summary, ev, r.settings.get("data_root")):
+        return None
+    return summary[column.key][task]
+
+
+def _table_values(
+    spec: CompareSpec, runs: list[PlannedRun], train_task_of: Callable[[str], str], tasks: list[str]
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    from blob_lora.experiments.tables import METRICS
+
+    index = {(r.task, r.method, r.seed): r for r in runs}
+    values: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in METRICS}
+    for task in tasks:
+        for column in spec.columns:
+            for seed in spec.seeds:
+                r = index.get((train_task_of(task), column.train_method, seed))
+                m = None if r is None else _metrics(r, column, task)
+                if m is None:
+                    continue
+                for metric in METRICS:
+                    values[metric.key].setdefault(task, {}).setdefault(column.name, []).append(
+                        float(m[metric.key])
+                    )
+    return values
+
+
+def collect(spec: CompareSpec, runs: list[PlannedRun]) -> dict[str, Any]:
+    """compare.json content: spec, per-run status/timings/metrics, table numbers."""
+    run_rows = []
+    for r in runs:
+        summary = _read_json(r.dir / SUMMARY) or {}
+        evaluations: dict[str, Any] = {}
+        for ev in r.evaluations:
+            m = _metrics(r, ev.column, ev.task)
+            if m is not None:
+                evaluations.setdefault(ev.column.name, {})[ev.task] = m
+        run_rows.append(
+            {
+                "task": r.task,
+                "method": r.method,
+                "seed": r.seed,
+                "dir": str(r.dir.relative_to(spec.out)),
+                "status": r.status,
+                "error": r.error,
+                "train_seconds": summary.get("train_seconds"),
+                "eval_seconds": {
+                    col: {t: m.get("eval_seconds") for t, m in by_task.items()}
+                    for col, by_task in evaluations.items()
+                },
+                "evaluations": evaluations,
+            }
+        )
+    names = [c.name for c in spec.columns]
+    result: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "runs": run_rows,
+        "failed": [f"{r.label}: {r.error}" for r in runs if r.error],
+    }
+    id_table = build_table(
+        _table_values(spec, runs, lambda t: t, spec.tasks), names, spec.tasks, len(spec.seeds)
+    )
+    result["id"] = {"tasks": spec.tasks, "table": id_table}
+    if spec.ood:
+        ood_tasks = spec.eval_tasks_of(spec.ood.train_task)
+        train_task = spec.ood.train_task
+        ood_table = build_table(
+            _table_values(spec, runs, lambda t: train_task, ood_tasks),
+            names,
+            ood_tasks,
+            len(spec.seeds),
+        )
+        result["ood"] = {"tasks": ood_tasks, "table": ood_table}
+    return result
+
+
+def _note(spec: CompareSpec, setting: str) -> str:
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    text = (
+        f"Mean ± sample std over seeds {seeds}; **bold** = best in the column (highest ACC, "
+        "lowest ECE, NLL, Brier, compared as printed). ACC and ECE in %. `(n/N)`: only n of "
+        "the N seeds finished; `–`: none."
+    )
+    if setting == "ood" and spec.ood:
+        text += (
+            f" All runs trained on {spec.ood.train_task} (first column: in-distribution) and "
+            "evaluated without further training on the other tasks."
+        )
+    return text
+
+
+def write_outputs(spec: CompareSpec, runs: list[PlannedRun], plots: bool = True) -> dict[str, Any]:
+    """Write the tables, compare.json and (``plots``) the reliability diagrams."""
+    result = collect(spec, runs)
+    names = [c.name for c in spec.columns]
+    out = spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [("id", "in-distribution")] + ([("ood", "out-of-distribution")] if spec.ood else [])
+    for setting, title in settings:
+        tasks, table = result[setting]["tasks"], result[setting]["table"]
+        labels = {}
+        if setting == "ood" and spec.ood:
+            labels = {spec.ood.train_task: f"{spec.ood.train_task} (ID)"}
+        md = render_markdown(
+            f"{spec.name}: {title}", _note(spec, setting), table, names, tasks, labels
+        )
+        atomic_write_text(out / f"results_{setting}.md", md)
+        atomic_write_text(out / f"results_{setting}.csv", render_csv(setting, table, names, tasks))
+    if plots:
+        result["plots"] = _reliability_plots(spec, runs)
+    serial = dict(result)
+    for setting, _ in settings:
+        serial[setting] = {
+            "tasks": result[setting]["tasks"],
+            "table": table_json(result[setting]["table"]),
+        }
+    atomic_write_json(out / "compare.json", serial)
+    return serial
+
+
+def _pooled_predictions(
+    spec: CompareSpec, runs: list[PlannedRun], column: Column, train_task: str, task: str
+) -> tuple[list[list[float]], list[int]] | None:
+    probs: list[list[float]] = []
+    labels: list[int] = []
+    for r in runs:
+        if r.task != train_task or r.method != column.train_method:
+            continue
+        if _metrics(r, column, task) is None:
+            continue
+        path = r.dir / column.subdir / safe_name(task) / PREDICTIONS
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, json.JSONDecodeError):
+            continue
+        probs += [row["probs"] for row in rows]
+        labels += [int(row["label"]) for row in rows]
+    return (probs, labels) if labels else None
+
+
+def _reliability_plots(spec: CompareSpec, runs: list[PlannedRun]) -> list[str]:
+    from blob_lora.metrics import reliability_diagram_multi
+
+    jobs = [(t, t, f"reliability_{safe_name(t)}.png", "ID") for t in spec.tasks]
+    if spec.ood:
+        jobs += [
+            (spec.ood.train_task, t, f"reliability_ood_{safe_name(t)}.png", "OOD")
+            for t in spec.ood.eval_tasks
+            if t != spec.ood.train_task
+        ]
+    written = []
+    for train_task, task, filename, kind in jobs:
+        curves = {}
+        for column in spec.columns:
+            pooled = _pooled_predictions(spec, runs, column, train_task, task)
+            if pooled is not None:
+                curves[column.name] = pooled
+        if not curves:
+            continue
+        title = f"{task} ({kind}, seeds pooled)"
+        if kind == "OOD":
+            title = f"{task} (trained on {train_task}, seeds pooled)"
+        reliability_diagram_multi(curves, spec.out / filename, title=title)
+        written.append(filename)
+    return written

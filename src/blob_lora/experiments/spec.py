@@ -1,0 +1,287 @@
+"""The ``blob-lora compare`` experiment file: methods × tasks × seeds, plus the OOD protocol.
+
+YAML schema (every key but ``methods`` optional; unknown keys are refused)::
+
+    name: wgs_small                    # default: the file name without extension
+    out: experiments/out/wgs_small     # default: experiments/out/<name>; --out wins
+    methods: [lora, map, mc-dropout, ensemble, laplace, blob, blob-mean]
+    tasks: [winogrande_s, arc_challenge]          # in-distribution: train + eval on each
+    seeds: [1, 2, 3]                              # default [1, 2, 3]
+    ood:                                          # train on train_task, evaluate elsewhere
+      train_task: openbookqa
+      eval_tasks: [arc_challenge, arc_easy, mmlu:college_chemistry, mmlu:college_physics]
+    train: {max_steps: 300, lr: 1.0e-3, ...}      # TrainConfig keys shared by every run
+    method_options: {blob: {kl_gamma: 8}, map: {weight_decay: 1.0e-5}}
+    task_options: {boolq: {train_split: "validation[:2270]", eval_split: "validation[2270:]"}}
+    eval_split_overrides: {arc_easy: "validation[:100]"}   # wherever that task is evaluated
+
+``blob-mean`` is not a training method: it is the ``blob`` runs evaluated once more with
+``eval_samples = 0`` (mean weights). ``task``, ``method``, ``seed`` and ``out`` are set per run
+and may not appear in ``train``/``method_options``/``task_options``. Precedence of settings,
+lowest first: TrainConfig defaults, ``train``, ``method_options[method]``,
+``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``.
+
+Evaluation split of a task T (own task or OOD): ``eval_split_overrides[T]``, else
+``task_options[T].eval_split``, else ``train.eval_split`` for a run's own task, else T's
+default eval split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from blob_lora.utils.errors import ConfigError
+
+MEAN_SUFFIX = "-mean"
+PER_RUN_KEYS = ("task", "method", "seed", "out")
+TOP_KEYS = {
+    "name",
+    "out",
+    "methods",
+    "tasks",
+    "seeds",
+    "ood",
+    "train",
+    "method_options",
+    "task_options",
+    "eval_split_overrides",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One row of the tables: a training method and how its runs are evaluated.
+
+    ``key``/``subdir`` say where its evaluations live: ``RUN/summary.json[key][task]`` and
+    ``RUN/<subdir>/<task>/``. Ordinary methods use the trainer's own (``evaluations``,
+    ``eval``); ``blob-mean`` uses ``evaluations_mean`` and ``eval_mean``.
+    """
+
+    name: str
+    train_method: str
+    eval_samples: int | None = None
+    key: str = "evaluations"
+    subdir: str = "eval"
+
+
+def column_for(name: str) -> Column:
+    from blob_lora.methods import METHODS
+
+    if name in METHODS:
+        return Column(name, name)
+    if name == "blob" + MEAN_SUFFIX:
+        return Column(name, "blob", eval_samples=0, key="evaluations_mean", subdir="eval_mean")
+    raise ConfigError(
+        f"compare: unknown method {name!r}; known: {sorted(METHODS)} and 'blob{MEAN_SUFFIX}'"
+    )
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    train_task: str
+    eval_tasks: list[str]
+
+
+@dataclass
+class CompareSpec:
+    name: str
+    out: Path
+    methods: list[str]
+    tasks: list[str]
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ood: OodSpec | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_split_overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[Column]:
+        return [column_for(m) for m in self.methods]
+
+    @property
+    def train_methods(self) -> list[str]:
+        """Methods that need runs, in first-use order (``blob-mean`` needs ``blob``)."""
+        seen: list[str] = []
+        for c in self.columns:
+            if c.train_method not in seen:
+                seen.append(c.train_method)
+        return seen
+
+    @property
+    def train_tasks(self) -> list[str]:
+        tasks = list(self.tasks)
+        if self.ood and self.ood.train_task not in tasks:
+            tasks.append(self.ood.train_task)
+        return tasks
+
+    def eval_split(self, task: str, own: bool) -> str | None:
+        """Split to evaluate ``task`` on (None: the task's default); see the module doc."""
+        if task in self.eval_split_overrides:
+            return self.eval_split_overrides[task]
+        split = self.task_options.get(task, {}).get("eval_split")
+        if split is None and own:
+            split = self.train.get("eval_split")
+        return split
+
+    def eval_tasks_of(self, task: str) -> list[str]:
+        """Tasks a run trained on ``task`` is evaluated on: itself, plus OOD tasks if any."""
+        tasks = [task]
+        if self.ood and task == self.ood.train_task:
+            tasks += [t for t in self.ood.eval_tasks if t != task]
+        return tasks
+
+    def run_settings(self, task: str, method: str, seed: int, out: Path) -> dict[str, Any]:
+        """TrainConfig keys of one run (see the module doc for precedence)."""
+        settings = dict(self.train)
+        settings.update(self.method_options.get(method, {}))
+        settings.update(self.task_options.get(task, {}))
+        split = self.eval_split(task, own=True)
+        if split is not None:
+            settings["eval_split"] = split
+        settings.update(task=task, method=method, seed=seed, out=str(out))
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "out": str(self.out),
+            "methods": self.methods,
+            "tasks": self.tasks,
+            "seeds": self.seeds,
+            "ood": None
+            if self.ood is None
+            else {"train_task": self.ood.train_task, "eval_tasks": self.ood.eval_tasks},
+            "train": self.train,
+            "method_options": self.method_options,
+            "task_options": self.task_options,
+            "eval_split_overrides": self.eval_split_overrides,
+        }
+
+
+def _normalise_keys(d: Any, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"compare: {where} must be a mapping, got {type(d).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def _train_keys(d: Any, where: str) -> dict[str, Any]:
+    from blob_lora.training.config import TrainConfig
+
+    d = _normalise_keys(d, where)
+    known = {f.name for f in fields(TrainConfig)}
+    fixed = sorted(set(d) & set(PER_RUN_KEYS))
+    if fixed:
+        raise ConfigError(f"compare: {where} may not set {fixed} (set per run by compare)")
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"compare: unknown settings in {where}: {unknown}")
+    for key in ("target_modules", "eval_tasks", "bayesian_layers"):
+        if isinstance(d.get(key), str):
+            d[key] = [p.strip() for p in d[key].split(",") if p.strip()]
+    return d
+
+
+def _str_list(value: Any, where: str, allow_empty: bool = False) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"compare: {where} must be a list of names, got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"compare: {where} must not be empty")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"compare: {where} lists a name twice: {value}")
+    return list(value)
+
+
+def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = None) -> CompareSpec:
+    """Validate a parsed experiment file; ``out`` (the ``--out`` option) wins over its key."""
+    if not isinstance(data, dict):
+        raise ConfigError("compare: the experiment file must hold a mapping")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"compare: unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
+    if "methods" not in data:
+        raise ConfigError("compare: the experiment file needs 'methods'")
+    name = str(data.get("name") or name)
+    methods = _str_list(data["methods"], "methods")
+    for m in methods:
+        column_for(m)
+    ood = None
+    if data.get("ood") is not None:
+        o = _normalise_keys(data["ood"], "ood")
+        extra = sorted(set(o) - {"train_task", "eval_tasks"})
+        if extra or "train_task" not in o:
+            raise ConfigError("compare: ood needs train_task and eval_tasks (and nothing else)")
+        ood = OodSpec(str(o["train_task"]), _str_list(o.get("eval_tasks", []), "ood.eval_tasks"))
+    tasks = _str_list(data.get("tasks", []), "tasks", allow_empty=ood is not None)
+    seeds = data.get("seeds", [1, 2, 3])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"compare: seeds must be distinct integers >= 0, got {seeds!r}")
+    train = _train_keys(data.get("train"), "train")
+    method_options = {
+        str(m): _train_keys(v, f"method_options.{m}")
+        for m, v in (data.get("method_options") or {}).items()
+    }
+    train_methods = {column_for(m).train_method for m in methods}
+    stray = sorted(set(method_options) - train_methods)
+    if stray:
+        raise ConfigError(
+            f"compare: method_options for {stray}, which no listed method trains "
+            f"(methods that train: {sorted(train_methods)})"
+        )
+    task_options = {
+        str(t): _train_keys(v, f"task_options.{t}")
+        for t, v in (data.get("task_options") or {}).items()
+    }
+    overrides = data.get("eval_split_overrides") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+        raise ConfigError("compare: eval_split_overrides must map task names to split strings")
+    out_path = Path(out) if out else Path(data.get("out") or Path("experiments") / "out" / name)
+    spec = CompareSpec(
+        name=name,
+        out=out_path,
+        methods=methods,
+        tasks=tasks,
+        seeds=list(seeds),
+        ood=ood,
+        train=train,
+        method_options=method_options,
+        task_options=task_options,
+        eval_split_overrides={str(k): v for k, v in overrides.items()},
+    )
+    _check_settings(spec)
+    return spec
+
+
+def _check_settings(spec: CompareSpec) -> None:
+    """Build every run's TrainConfig once, so a bad value fails before hours of training."""
+    from blob_lora.training.config import TrainConfig
+
+    for task in spec.train_tasks:
+        for method in spec.train_methods:
+            TrainConfig.from_dict(spec.run_settings(task, method, spec.seeds[0], Path("x")))
+
+
+def load_spec(path: str | Path, out: str | Path | None = None) -> CompareSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
+    return spec_from_dict(data or {}, name=path.stem, out=out)

@@ -1,0 +1,199 @@
+"""Deep ensemble of LoRA adapters (paper baseline: 3 adapters).
+
+Training: ``--ensemble-size`` K plain LoRA runs (method ``lora``, so ``--weight-decay`` and
+``--lora-dropout`` apply as given), each with the full training budget, into
+``RUN/members/<k>/``. Member k uses seed ``1000 * seed + k``: a different adapter
+initialisation *and* a different data order per member, and no member is shared between the
+ensembles of different ``--seed`` values (``seed + k`` would make seed 1's second member seed
+2's first), so mean ± std over seeds stays a spread over independent ensembles.
+
+Assembly: the members' adapters are copied to ``RUN/adapter/member-<k>/`` (PEFT folders) and
+loaded into one ``PeftModel`` as adapters ``m0`` .. ``m<K-1>`` over a single base model.
+
+Prediction: one forward per member; the "samples" of the predictive are the K members'
+probabilities, so the predictive is their average and the uncertainty decomposition's
+epistemic part is the members' disagreement. ``--eval-samples n`` uses the first
+``min(n, K)`` members; unset or 0 means all of them (a mean-weights pass has no meaning here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from blob_lora.evaluation.forward import answer_logits
+from blob_lora.methods.base import Method
+from blob_lora.methods.composite import (
+    claim_run_dir,
+    evaluate_run,
+    link_tree,
+    load_base,
+    train_sub_run,
+    write_summary,
+)
+from blob_lora.utils.errors import CheckpointError
+
+MEMBERS_DIR = "members"
+MEMBER_PREFIX = "member-"
+MEMBER_METHOD = "lora"
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Seed of ensemble member ``k`` of the run with ``--seed seed`` (see module doc)."""
+    return 1000 * seed + k
+
+
+def adapter_name(k: int) -> str:
+    return f"m{k}"
+
+
+def member_dirs(adapter_dir: Path) -> list[Path]:
+    """``adapter_dir/member-0 .. member-{K-1}``, checked to be contiguous."""
+    adapter_dir = Path(adapter_dir)
+    found = sorted(
+        (int(p.name[len(MEMBER_PREFIX) :]), p)
+        for p in adapter_dir.glob(f"{MEMBER_PREFIX}*")
+        if p.is_dir() and p.name[len(MEMBER_PREFIX) :].isdigit()
+    )
+    if not found:
+        raise CheckpointError(f"{adapter_dir} holds no ensemble members ({MEMBER_PREFIX}<k>/)")
+    if [k for k, _ in found] != list(range(len(found))):
+        raise CheckpointError(
+            f"{adapter_dir}: ensemble members are not numbered 0..K-1: {[k for k, _ in found]}"
+        )
+    return [p for _, p in found]
+
+
+def ensemble_members(model: nn.Module) -> list[str]:
+    names = getattr(model, "ensemble_adapters", None)
+    if not names:
+        raise RuntimeError("not an ensemble model (load it with EnsembleMethod.load)")
+    return list(names)
+
+
+class EnsembleMethod(Method):
+    """K independently initialised LoRA adapters; predictive = mean of their probabilities."""
+
+    name = "ensemble"
+    samples_by_default = 0  # 0 / unset: all members
+
+    def train_run(
+        self,
+        cfg: Any,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        progress: bool = True,
+        base_model: Any = None,
+        tokenizer: Any = None,
+    ) -> dict[str, Any]:
+        """Train the members into ``RUN/members/<k>/``, assemble ``RUN/adapter``, evaluate."""
+        from blob_lora.training.run_dir import ADAPTER_DIR
+        from blob_lora.utils.atomic import atomic_directory
+
+        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
+        out = Path(cfg.out)
+        members = []
+        for k in range(cfg.ensemble_size):
+            members.append(
+                train_sub_run(
+                    cfg,
+                    out / MEMBERS_DIR / str(k),
+                    progress=progress,
+                    base_model=base_model,
+                    tokenizer=tokenizer,
+                    method=MEMBER_METHOD,
+                    seed=member_seed(cfg.seed, k),
+                )
+            )
+        if state.is_main_process:
+            with atomic_directory(out / ADAPTER_DIR) as tmp:
+                for k in range(cfg.ensemble_size):
+                    src = out / MEMBERS_DIR / str(k) / ADAPTER_DIR
+                    link_tree(src, tmp / f"{MEMBER_PREFIX}{k}")
+        state.wait_for_everyone()
+
+        base, tokenizer = load_base(cfg, base_model, tokenizer)
+        model = self.load(base, out / ADAPTER_DIR)
+        train_seconds = sum(m["train_seconds"] for m in members)
+        first = members[0]
+        summary: dict[str, Any] = {
+            "method": self.name,
+            "task": first["task"],
+            "train_split": first["train_split"],
+            "n_train": first["n_train"],
+            "steps": first["steps"],
+            "steps_per_epoch": first["steps_per_epoch"],
+            "kl_cycle": None,
+            "world_size": first["world_size"],
+            "train_seconds": round(train_seconds, 3),
+            "seconds_per_step": round(train_seconds / max(1, sum(m["steps"] for m in members)), 4),
+            "ensemble_size": cfg.ensemble_size,
+            "members": [
+                {
+                    "index": k,
+                    "seed": member_seed(cfg.seed, k),
+                    "run": f"{MEMBERS_DIR}/{k}",
+                    "steps": m["steps"],
+                    "train_seconds": m["train_seconds"],
+                }
+                for k, m in enumerate(members)
+            ],
+            "evaluations": {},
+        }
+        summary["evaluations"] = evaluate_run(model, self, tokenizer, cfg, progress=progress)
+        return write_summary(cfg, summary)
+
+    def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
+        """All members as adapters ``m0..`` of one ``PeftModel``, each checked like a run's."""
+        from blob_lora.methods.io import load_plain_adapter
+        from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
+
+        dirs = member_dirs(adapter_dir)
+        model = load_plain_adapter(base, dirs[0], adapter_name=adapter_name(0))
+        for k, path in enumerate(dirs[1:], start=1):
+            name = adapter_name(k)
+            state = _read_adapter_weights(path)
+            try:
+                model.load_adapter(str(path), adapter_name=name)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise CheckpointError(f"ensemble member {path} does not fit: {exc}") from exc
+            missing = sorted(set(_adapter_state_shapes(model, name)) - set(state))
+            if missing:
+                raise CheckpointError(f"ensemble member {path} lacks tensors, e.g. {missing[:3]}")
+        model.set_adapter(adapter_name(0))
+        model.ensemble_adapters = [adapter_name(k) for k in range(len(dirs))]
+        model.eval()
+        return model
+
+    def eval_samples(self, model: nn.Module, requested: int | None) -> int:
+        k = len(ensemble_members(model))
+        return k if not requested else min(requested, k)
+
+    @torch.no_grad()
+    def predict_samples(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        option_ids: torch.Tensor,
+        n_samples: int,
+        fold: int | None = None,
+    ) -> torch.Tensor:
+        """(K', B, C): each member's option probabilities (K' = ``eval_samples``)."""
+        names = ensemble_members(model)
+        use = names if not n_samples else names[: min(n_samples, len(names))]
+        peft = model if hasattr(model, "set_adapter") else model.module
+        previous = peft.active_adapter
+        model.eval()
+        probs = []
+        try:
+            for name in use:
+                peft.set_adapter(name)
+                probs.append(torch.softmax(answer_logits(model, batch, option_ids), -1))
+        finally:
+            peft.set_adapter(previous)
+        return torch.stack(probs)

@@ -1,0 +1,206 @@
+"""Laplace-LoRA in the shared harness (paper baseline): MAP training, then a post-hoc posterior.
+
+Training: an ordinary ``map`` run (LoRA + weight decay, 1e-5 unless ``--weight-decay`` says
+otherwise) into ``RUN/map/``. Then, on the same training split, a KFAC Laplace approximation
+over every LoRA weight (:class:`blob_lora.methods.laplace.LaplaceLoRA`: exact GGN of the
+option softmax, prior precision by maximising the Laplace evidence over a log grid) is fitted
+on the main process.
+
+Run folder: ``RUN/adapter/`` = the MAP adapter (PEFT files) + ``laplace_state.safetensors``
+(Kronecker factors and scalars) + ``laplace.json`` (prior precision, fit time, readable).
+
+Prediction: the linearised (GLM) predictive. With N > 0 samples (default 10) the "samples"
+are softmaxes of N logit vectors drawn from its Gaussian, so the predictive is their mean and
+the uncertainty decomposition works as for BLoB; N = 0 gives the closed-form probit
+approximation as a single "sample".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from blob_lora.evaluation.forward import answer_logits
+from blob_lora.methods.base import Method
+from blob_lora.methods.composite import (
+    claim_run_dir,
+    evaluate_run,
+    link_tree,
+    load_base,
+    to_device,
+    train_sub_run,
+    write_summary,
+)
+from blob_lora.utils.errors import CheckpointError
+
+MAP_DIR = "map"
+STATE_FILE = "laplace_state.safetensors"
+INFO_FILE = "laplace.json"
+
+
+def _posterior(model: nn.Module) -> Any:
+    la = getattr(model, "laplace_posterior", None)
+    if la is None:
+        raise RuntimeError("not a Laplace-LoRA model (load it with LaplaceMethod.load)")
+    return la
+
+
+def _make_lora_trainable(model: nn.Module) -> None:
+    """KFAC needs gradients to flow to exactly the LoRA weights (a loaded adapter is frozen)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def _option_logits_fn(option_ids: torch.Tensor):
+    def logits_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return answer_logits(model, batch, option_ids)
+
+    return logits_fn
+
+
+class LaplaceMethod(Method):
+    """MAP LoRA + KFAC Laplace posterior over the LoRA weights, GLM predictive."""
+
+    name = "laplace"
+    samples_by_default = 10
+
+    def weight_decay(self, cfg: Any) -> float:
+        return cfg.weight_decay if cfg.weight_decay > 0 else 1e-5
+
+    def train_run(
+        self,
+        cfg: Any,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        progress: bool = True,
+        base_model: Any = None,
+        tokenizer: Any = None,
+    ) -> dict[str, Any]:
+        from blob_lora.methods.io import load_plain_adapter
+        from blob_lora.training.run_dir import ADAPTER_DIR
+        from blob_lora.utils.atomic import atomic_directory, atomic_write_json
+
+        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
+        out = Path(cfg.out)
+        map_summary = train_sub_run(
+            cfg,
+            out / MAP_DIR,
+            progress=progress,
+            base_model=base_model,
+            tokenizer=tokenizer,
+            method="map",
+        )
+        base, tokenizer = load_base(cfg, base_model, tokenizer)
+        fit_info: dict[str, Any] = {}
+        if state.is_main_process:
+            model = load_plain_adapter(base, out / MAP_DIR / ADAPTER_DIR)
+            to_device(model, state.device)
+            la, fit_info = fit_laplace(model, tokenizer, cfg, progress=progress)
+            with atomic_directory(out / ADAPTER_DIR) as tmp:
+                link_tree(out / MAP_DIR / ADAPTER_DIR, tmp)
+                from safetensors.torch import save_file
+
+                save_file(la.state_dict(), str(tmp / STATE_FILE))
+                atomic_write_json(tmp / INFO_FILE, fit_info)
+            model.laplace_posterior = la
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            model = self.load(base, out / ADAPTER_DIR)
+            fit_info = json.loads((out / ADAPTER_DIR / INFO_FILE).read_text(encoding="utf-8"))
+
+        train_seconds = map_summary["train_seconds"] + fit_info["fit_seconds"]
+        summary = {
+            **{k: v for k, v in map_summary.items() if k != "evaluations"},
+            "method": self.name,
+            "train_seconds": round(train_seconds, 3),
+            "map_train_seconds": map_summary["train_seconds"],
+            "laplace": fit_info,
+            "evaluations": evaluate_run(model, self, tokenizer, cfg, progress=progress),
+        }
+        return write_summary(cfg, summary)
+
+    def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from blob_lora.methods.io import load_plain_adapter
+        from blob_lora.methods.laplace import LaplaceLoRA
+
+        adapter_dir = Path(adapter_dir)
+        path = adapter_dir / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: not a Laplace-LoRA run")
+        model = load_plain_adapter(base, adapter_dir)
+        _make_lora_trainable(model)
+        la = LaplaceLoRA(model, logits_fn=None)  # the option ids are set per task
+        try:
+            la.load_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
+        model.laplace_posterior = la
+        model.eval()
+        return model
+
+    def predict_samples(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        option_ids: torch.Tensor,
+        n_samples: int,
+        fold: int | None = None,
+    ) -> torch.Tensor:
+        """(S, B, C) probabilities from the linearised predictive (S = 1 for the probit)."""
+        la = _posterior(model)
+        la.logits_fn = _option_logits_fn(option_ids)
+        if n_samples == 0:
+            return la.predictive(batch, 0).detach().unsqueeze(0)
+        return la.predictive_samples(batch, n_samples).detach()
+
+
+def fit_laplace(
+    model: nn.Module, tokenizer: Any, cfg: Any, *, progress: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """Fit the KFAC posterior on ``cfg``'s training split; return it and a readable record."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from blob_lora.methods.laplace import LaplaceLoRA
+    from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+
+    start = time.perf_counter()
+    task = get_task(cfg.task, data_root=cfg.data_root)
+    split = cfg.train_split or "train"
+    dataset = MCDataset(task, split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        collate_fn=MCCollator(tokenizer.pad_token_id, task.n_options),
+    )
+    device = next(model.parameters()).device
+    option_ids = option_token_ids(tokenizer, task).to(device)
+    _make_lora_trainable(model)
+    la = LaplaceLoRA(model, _option_logits_fn(option_ids))
+    batches = (
+        {k: v.to(device) for k, v in b.items()}
+        for b in tqdm(loader, desc="laplace fit", disable=not progress, leave=False)
+    )
+    la.fit(batches)
+    prior_precision = la.optimize_prior_precision()
+    info = {
+        "prior_precision": prior_precision,
+        "n_data": la.n_data,
+        "n_params": la.n_params,
+        "log_marginal_likelihood": la.log_marginal_likelihood(),
+        "fit_split": split,
+        "fit_seconds": round(time.perf_counter() - start, 3),
+    }
+    model.eval()
+    return la, info

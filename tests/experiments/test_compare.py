@@ -1,0 +1,289 @@
+"""``blob-lora compare``: the experiment file, the tables rendered from run folders, and
+re-runs that skip finished runs and add missing evaluations without retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from blob_lora.cli.main import main
+from blob_lora.experiments import load_spec, plan, run_compare, spec_from_dict
+from blob_lora.training.config import TrainConfig
+from blob_lora.utils.errors import ConfigError
+from tests.experiments.tiny import tiny_model_folder
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ fabricated run folders
+
+
+def fabricate(spec, task, method, seed, evaluations, key="evaluations", subdir="eval"):
+    """A finished run folder as the trainer leaves it, with the given metrics per eval task."""
+    d = spec.out / "runs" / task.replace(":", "__") / method / f"seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig.from_dict(spec.run_settings(task, method, seed, d))
+    (d / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    summary_path = d / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.setdefault("train_seconds", 10.0 * seed)
+    for eval_task, (acc, ece, nll, brier) in evaluations.items():
+        split = spec.eval_split(eval_task, own=eval_task == task)
+        summary.setdefault(key, {})[eval_task] = {
+            "accuracy": acc,
+            "ece": ece,
+            "nll": nll,
+            "brier": brier,
+            "split": split,
+            "eval_samples": 0 if key == "evaluations_mean" else 10,
+            "eval_seconds": 1.5,
+        }
+        pred_dir = d / subdir / eval_task.replace(":", "__")
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {"label": i % 2, "probs": [acc, 1 - acc] if i % 2 == 0 else [1 - acc, acc]}
+            for i in range(4)
+        ]
+        (pred_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary_path.write_text(json.dumps(summary))
+    return d
+
+
+@pytest.fixture
+def two_method_spec(tmp_path):
+    return spec_from_dict(
+        {
+            "methods": ["lora", "blob"],
+            "tasks": ["arc_easy"],
+            "seeds": [1, 2],
+            "ood": {"train_task": "arc_easy", "eval_tasks": ["mmlu:college_physics"]},
+            "train": {"max_steps": 5},
+            "eval_split_overrides": {
+                "arc_easy": "validation[:4]",
+                "mmlu:college_physics": "test[:4]",
+            },
+        },
+        name="fab",
+        out=tmp_path / "out",
+    )
+
+
+def test_tables_from_fabricated_runs(two_method_spec):
+    spec = two_method_spec
+    # lora: acc .5/.7 -> 60.00 ± 14.14; blob: .65/.75 -> 70.00 ± 7.07 (best)
+    fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.20, 1.2, 0.60)})
+    fabricate(spec, "arc_easy", "lora", 2, {"arc_easy": (0.7, 0.30, 1.0, 0.40)})
+    fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.65, 0.05, 0.8, 0.45)})
+    fabricate(spec, "arc_easy", "blob", 2, {"arc_easy": (0.75, 0.07, 0.9, 0.55)})
+    # OOD: only lora seed 1 evaluated there
+    fabricate(spec, "arc_easy", "lora", 1, {"mmlu:college_physics": (0.25, 0.4, 2.0, 0.9)})
+
+    result = run_compare(spec, collect_only=True, echo=lambda s: None)
+    md = (spec.out / "results_id.md").read_text()
+    assert "| method | arc_easy |" in md
+    assert "| lora | 60.00 ± 14.14 |" in md
+    assert "| blob | **70.00 ± 7.07** |" in md
+    assert "| lora | 25.00 ± 7.07 |" in md  # ECE in %
+    assert "| blob | **6.00 ± 1.41** |" in md
+    assert "| lora | 1.100 ± 0.141 |" in md  # NLL
+    assert "| blob | **0.850 ± 0.071** |" in md
+    # Brier ties at 0.500 as printed: both bold
+    assert "| lora | **0.500 ± 0.141** |" in md and "| blob | **0.500 ± 0.071** |" in md
+
+    ood = (spec.out / "results_ood.md").read_text()
+    assert "| method | arc_easy (ID) | mmlu:college_physics |" in ood
+    assert "| lora | 60.00 ± 14.14 | **25.00 ± 0.00** (1/2) |" in ood
+    assert "| blob | **70.00 ± 7.07** | – |" in ood
+
+    rows = (spec.out / "results_id.csv").read_text().splitlines()
+    assert rows[0] == "setting,metric,task,method,mean,std,n,best,cell"
+    assert "id,accuracy,arc_easy,blob,70,7.07107,2,1,**70.00 ± 7.07**" in rows
+
+    saved = json.loads((spec.out / "compare.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    cell = saved["id"]["table"]["accuracy"]["arc_easy"]["lora"]
+    assert cell["values"] == pytest.approx([50.0, 70.0]) and cell["n"] == 2
+    by_dir = {r["dir"]: r for r in saved["runs"]}
+    lora1 = by_dir["runs/arc_easy/lora/seed1"]
+    assert lora1["train_seconds"] == 10.0 and lora1["status"] == "done"
+    assert lora1["eval_seconds"]["lora"] == {"arc_easy": 1.5, "mmlu:college_physics": 1.5}
+    assert by_dir["runs/arc_easy/blob/seed1"]["status"] == "evaluate"  # OOD eval missing
+    assert (spec.out / "reliability_arc_easy.png").stat().st_size > 1000
+    assert (spec.out / "reliability_ood_mmlu__college_physics.png").is_file()
+    assert saved["plots"] == [
+        "reliability_arc_easy.png",
+        "reliability_ood_mmlu__college_physics.png",
+    ]
+
+
+def test_blob_mean_reads_the_blob_runs_mean_evaluations(tmp_path):
+    spec = spec_from_dict(
+        {
+            "methods": ["blob", "blob-mean"],
+            "tasks": ["arc_easy"],
+            "seeds": [1],
+            "eval_split_overrides": {"arc_easy": "validation[:4]"},
+        },
+        name="m",
+        out=tmp_path / "o",
+    )
+    runs = plan(spec)
+    assert [(r.method, r.seed) for r in runs] == [("blob", 1)]  # no extra training
+    assert [(e.column.name, e.task) for e in runs[0].evaluations] == [
+        ("blob", "arc_easy"),
+        ("blob-mean", "arc_easy"),
+    ]
+    fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.6, 0.1, 1.0, 0.5)})
+    assert plan(spec)[0].status == "evaluate"  # the N = 0 evaluation is still missing
+    fabricate(
+        spec,
+        "arc_easy",
+        "blob",
+        1,
+        {"arc_easy": (0.5, 0.2, 1.1, 0.6)},
+        "evaluations_mean",
+        "eval_mean",
+    )
+    assert plan(spec)[0].status == "done"
+    run_compare(spec, collect_only=True, echo=lambda s: None)
+    md = (spec.out / "results_id.md").read_text()
+    assert "| blob | **60.00 ± 0.00** |" in md and "| blob-mean | 50.00 ± 0.00 |" in md
+
+
+def test_a_changed_eval_split_counts_as_missing(two_method_spec):
+    spec = two_method_spec
+    fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    spec.eval_split_overrides["arc_easy"] = "validation[:8]"
+    r = next(r for r in plan(spec) if r.method == "lora" and r.seed == 1)
+    assert [e.task for e in r.missing] == ["arc_easy", "mmlu:college_physics"]
+
+
+# ------------------------------------------------------------------ the experiment file
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"methods": ["lora", "bogus"], "tasks": ["arc_easy"]}, "unknown method 'bogus'"),
+        ({"methods": ["lora"], "tasks": ["arc_easy"], "train": {"seed": 3}}, "may not set"),
+        ({"methods": ["lora"], "tasks": ["arc_easy"], "train": {"lrr": 1}}, "unknown settings"),
+        ({"methods": ["lora"], "tasks": ["a"], "method_options": {"blob": {}}}, "no listed method"),
+        ({"methods": ["lora"], "tasks": ["arc_easy"], "seeds": [1, 1]}, "seeds"),
+        ({"methods": ["lora"], "tasks": ["arc_easy"], "train": {"lr": -1}}, "--lr"),
+        ({"methods": ["lora"], "tasks": ["arc_easy"], "extra": 1}, "unknown keys"),
+        ({"tasks": ["arc_easy"]}, "needs 'methods'"),
+    ],
+)
+def test_bad_experiment_files_are_refused(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_from_dict(data, name="x", out=tmp_path)
+
+
+def test_spec_precedence_and_defaults(tmp_path):
+    path = tmp_path / "paper.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "methods": ["map", "blob"],
+                "tasks": ["boolq", "arc_easy"],
+                "train": {"lr": 0.001, "max_steps": 10, "eval_split": "validation[:50]"},
+                "method_options": {"blob": {"lr": 0.002}},
+                "task_options": {
+                    "boolq": {"train_split": "validation[:2270]", "eval_split": "validation[2270:]"}
+                },
+            }
+        )
+    )
+    spec = load_spec(path)
+    assert spec.name == "paper" and spec.out == Path("experiments/out/paper")
+    assert spec.seeds == [1, 2, 3]
+    assert load_spec(path, out=tmp_path / "o").out == tmp_path / "o"
+    s = spec.run_settings("boolq", "blob", 2, Path("d"))
+    assert s["lr"] == 0.002 and s["seed"] == 2 and s["method"] == "blob"
+    assert s["train_split"] == "validation[:2270]" and s["eval_split"] == "validation[2270:]"
+    assert spec.run_settings("arc_easy", "map", 1, Path("d"))["eval_split"] == "validation[:50]"
+    assert len(plan(spec)) == 2 * 2 * 3
+
+
+# ------------------------------------------------------------------ end to end on a tiny model
+
+
+def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_root, monkeypatch):
+    model_dir = tiny_model_folder(tmp_path / "model")
+    exp = {
+        "methods": ["lora", "blob", "blob-mean"],
+        "tasks": ["winogrande_s"],
+        "seeds": [1],
+        "train": {
+            "model": str(model_dir),
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_length": 256,
+            "lr": 0.01,
+            "target_modules": ["q_proj", "v_proj"],
+            "train_split": "train_s[:8]",
+            "eval_samples": 2,
+        },
+        "eval_split_overrides": {"winogrande_s": "validation[:6]", "arc_easy": "validation[:4]"},
+    }
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    args += ["--data-root", str(data_root)]
+
+    assert main([*args, "--dry-run"]) == 0
+    assert not out.exists()  # a dry run writes nothing
+
+    assert main(args) == 0
+    for m in ("lora", "blob"):
+        assert (out / "runs" / "winogrande_s" / m / "seed1" / "summary.json").is_file()
+    blob_summary = json.loads((out / "runs/winogrande_s/blob/seed1/summary.json").read_text())
+    assert blob_summary["evaluations_mean"]["winogrande_s"]["eval_samples"] == 0
+    assert blob_summary["evaluations"]["winogrande_s"]["eval_samples"] == 2
+    md = (out / "results_id.md").read_text()
+    assert "| blob-mean | " in md and "| –" not in md
+    assert (out / "reliability_winogrande_s.png").is_file()
+
+    # Re-run: nothing is trained or evaluated again.
+    import blob_lora.evaluation.evaluate as evaluate_mod
+    import blob_lora.training.trainer as trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    stamp = (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns
+    real_eval = evaluate_mod.evaluate_on_task
+    evaluated = []
+
+    def counting_eval(*a, **k):
+        evaluated.append(a[4].name)
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_on_task", counting_eval)
+    assert main(args) == 0
+    assert evaluated == []
+    assert (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns == stamp
+
+    # Adding the OOD protocol evaluates the existing runs on the new task, no training.
+    exp["ood"] = {"train_task": "winogrande_s", "eval_tasks": ["arc_easy"]}
+    config.write_text(yaml.safe_dump(exp))
+    assert main(args) == 0
+    assert sorted(evaluated) == ["arc_easy"] * 3  # lora, blob, blob-mean
+    ood = (out / "results_ood.md").read_text()
+    assert "| method | winogrande_s (ID) | arc_easy |" in ood and "| –" not in ood
+    saved = json.loads((out / "compare.json").read_text())
+    assert all(r["status"] == "done" for r in saved["runs"])
+    lora = next(r for r in saved["runs"] if r["method"] == "lora")
+    assert lora["train_seconds"] > 0 and lora["eval_seconds"]["lora"]["arc_easy"] > 0
+
+    # A finished run made with other settings is refused instead of mixed into the tables.
+    exp["train"]["lr"] = 0.02
+    config.write_text(yaml.safe_dump(exp))
+    assert main(args) == 2
+    assert main([*args, "--collect-only"]) == 0  # collecting still works

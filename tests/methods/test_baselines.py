@@ -1,0 +1,256 @@
+"""The paper's baselines in the shared harness, on a tiny random Llama and real data slices:
+every method trains and evaluates; MC-dropout really samples; the ensemble really averages K
+different adapters; Laplace-LoRA stores and reloads its posterior; the CLI trains and
+evaluates an ensemble run folder."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blob_lora.evaluation.runs import load_run
+from blob_lora.methods.io import load_plain_adapter
+from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.trainer import train
+from tests.experiments.tiny import tiny_base, tiny_model_folder, tiny_tokenizer
+
+torch.set_num_threads(1)
+HAS_LAPLACE = importlib.util.find_spec("blob_lora.methods.laplace") is not None
+TASK = "winogrande_s"
+TRAIN_SPLIT = "train_s[:8]"
+EVAL_SPLIT = "validation[:6]"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pristine(tok):
+    return tiny_base(tok)
+
+
+def make_cfg(tmp_path: Path, data_root: Path, method: str, **kw) -> TrainConfig:
+    settings = dict(
+        model="unused",
+        task=TASK,
+        method=method,
+        out=str(tmp_path / method),
+        data_root=str(data_root),
+        train_split=TRAIN_SPLIT,
+        eval_split=EVAL_SPLIT,
+        max_steps=3,
+        batch_size=4,
+        eval_batch_size=6,
+        max_length=256,
+        lr=1e-2,
+        target_modules=["q_proj", "v_proj"],
+        eval_samples=4,
+        ensemble_size=2,
+    )
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def run(cfg: TrainConfig, pristine, tok) -> dict:
+    return train(cfg, progress=False, base_model=copy.deepcopy(pristine), tokenizer=tok)
+
+
+def eval_batch(tok, data_root: Path):
+    task = get_task(TASK, data_root=str(data_root))
+    ds = MCDataset(task, EVAL_SPLIT, tok, 256)
+    batch = MCCollator(tok.pad_token_id, task.n_options)([ds[i] for i in range(len(ds))])
+    return batch, option_token_ids(tok, task)
+
+
+def read_probs(path: Path) -> torch.Tensor:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return torch.tensor([r["probs"] for r in rows], dtype=torch.float64)
+
+
+METHODS = ["lora", "map", "mc-dropout", "ensemble", "blob"] + (["laplace"] if HAS_LAPLACE else [])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_evaluates(method, tmp_path, data_root, pristine, tok):
+    cfg = make_cfg(tmp_path, data_root, method)
+    summary = run(cfg, pristine, tok)
+    m = summary["evaluations"][TASK]
+    assert summary["method"] == method and m["method"] == method
+    assert m["n_examples"] == 6.0 and m["split"] == EVAL_SPLIT
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["nll"] > 0 and 0 <= m["brier"] <= 2
+    expected_samples = {"lora": 4, "map": 4, "mc-dropout": 4, "ensemble": 2, "blob": 4}
+    assert m["eval_samples"] == expected_samples.get(method, 4)
+    out = Path(cfg.out)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["evaluations"][TASK]["accuracy"] == m["accuracy"]
+    assert (out / "eval" / TASK / "predictions.jsonl").is_file()
+    assert json.loads((out / "run_config.json").read_text())["method"] == method
+    if method in ("mc-dropout", "ensemble", "blob", "laplace"):
+        assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
+
+
+def test_mc_dropout_samples_differ_at_prediction(tmp_path, data_root, pristine, tok):
+    cfg = make_cfg(tmp_path, data_root, "mc-dropout")
+    run(cfg, pristine, tok)
+    loaded = load_run(Path(cfg.out), base_model=copy.deepcopy(pristine), tokenizer=tok)
+    assert loaded.model.peft_config["default"].lora_dropout == 0.1
+    batch, option_ids = eval_batch(tok, data_root)
+    samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 4)
+    assert samples.shape == (4, 6, 2)
+    assert (samples[0] - samples[1]).abs().max() > 1e-4  # dropout active at prediction
+    mean1 = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)
+    mean2 = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)
+    assert torch.equal(mean1, mean2)  # N = 0: dropout off, deterministic
+    assert not any(m.training for n, m in loaded.model.named_modules() if "lora_dropout" in n)
+
+
+def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok):
+    cfg = make_cfg(tmp_path, data_root, "ensemble", ensemble_size=3)
+    summary = run(cfg, pristine, tok)
+    out = Path(cfg.out)
+    assert [m["seed"] for m in summary["members"]] == [1000, 1001, 1002]
+    assert summary["train_seconds"] == pytest.approx(
+        sum(m["train_seconds"] for m in summary["members"]), abs=2e-3
+    )
+    for k in range(3):
+        assert (out / "members" / str(k) / "summary.json").is_file()
+        assert (out / "adapter" / f"member-{k}" / "adapter_model.safetensors").is_file()
+
+    # each member on its own, as a plain LoRA model
+    batch, option_ids = eval_batch(tok, data_root)
+    from blob_lora.evaluation.forward import answer_logits
+
+    member_probs, member_a = [], []
+    for k in range(3):
+        model = load_plain_adapter(copy.deepcopy(pristine), out / "adapter" / f"member-{k}")
+        with torch.no_grad():
+            member_probs.append(torch.softmax(answer_logits(model, batch, option_ids), -1))
+        member_a.append(
+            torch.cat([p.flatten() for n, p in model.named_parameters() if "lora_A" in n])
+        )
+    assert (member_a[0] - member_a[1]).abs().max() > 1e-3  # independent initialisations
+    assert (member_a[1] - member_a[2]).abs().max() > 1e-3
+    assert (member_probs[0] - member_probs[1]).abs().max() > 1e-5
+    expected = torch.stack(member_probs).mean(0).double()
+
+    loaded = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)
+    assert samples.shape == (3, 6, 2)
+    torch.testing.assert_close(samples.double(), torch.stack(member_probs).double())
+    written = read_probs(out / "eval" / TASK / "predictions.jsonl")
+    torch.testing.assert_close(written, expected, atol=1e-5, rtol=0)
+    # --eval-samples 2: the first two members only
+    assert loaded.method.eval_samples(loaded.model, 2) == 2
+    two = loaded.method.predict_samples(loaded.model, batch, option_ids, 2)
+    torch.testing.assert_close(two.double(), torch.stack(member_probs[:2]).double())
+
+
+def test_ensemble_resume_reuses_finished_members(tmp_path, data_root, pristine, tok, monkeypatch):
+    cfg = make_cfg(tmp_path, data_root, "ensemble")
+    run(cfg, pristine, tok)
+    out = Path(cfg.out)
+    first = (out / "members" / "0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    (out / "summary.json").unlink()  # as if interrupted after the members
+    import blob_lora.training.trainer as trainer
+
+    real_train = trainer.train
+    calls = []
+
+    def counting(c, **kw):
+        calls.append(c.method)
+        return real_train(c, **kw)
+
+    monkeypatch.setattr(trainer, "train", counting)
+    summary = train(
+        cfg, resume=True, progress=False, base_model=copy.deepcopy(pristine), tokenizer=tok
+    )
+    assert calls == []  # both members were finished: not trained again
+    assert (out / "members" / "0" / "adapter" / "adapter_model.safetensors").read_bytes() == first
+    assert summary["evaluations"][TASK]["eval_samples"] == 2
+
+
+@pytest.mark.skipif(not HAS_LAPLACE, reason="blob_lora.methods.laplace not installed")
+def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
+    cfg = make_cfg(tmp_path, data_root, "laplace")
+    summary = run(cfg, pristine, tok)
+    out = Path(cfg.out)
+    info = summary["laplace"]
+    assert info["n_data"] == 8 and info["prior_precision"] > 0
+    assert (out / "adapter" / "laplace_state.safetensors").is_file()
+    assert json.loads((out / "map" / "run_config.json").read_text())["method"] == "map"
+    assert summary["train_seconds"] >= summary["map_train_seconds"]
+
+    batch, option_ids = eval_batch(tok, data_root)
+    a = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    b = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    assert a.model.laplace_posterior.prior_precision == info["prior_precision"]
+    probit_a = a.method.predict_samples(a.model, batch, option_ids, 0)
+    probit_b = b.method.predict_samples(b.model, batch, option_ids, 0)
+    assert probit_a.shape == (1, 6, 2)
+    torch.testing.assert_close(probit_a, probit_b)
+    torch.manual_seed(0)
+    samples = a.method.predict_samples(a.model, batch, option_ids, 200)
+    assert samples.shape == (200, 6, 2)
+    assert samples.std(0).max() > 1e-4  # a real posterior spread
+    # the MC predictive approaches the probit approximation of the same Gaussian
+    assert (samples.mean(0) - probit_a[0]).abs().max() < 0.05
+    # the MAP mean is the linearisation point: the predictive mean logits are the MAP's
+    mean_logits, _ = a.model.laplace_posterior.predictive_logit_moments(batch)
+    plain = load_plain_adapter(copy.deepcopy(pristine), out / "map" / "adapter")
+    from blob_lora.evaluation.forward import answer_logits
+
+    with torch.no_grad():
+        torch.testing.assert_close(mean_logits, answer_logits(plain, batch, option_ids))
+
+
+def test_cli_trains_and_evaluates_an_ensemble(tmp_path, data_root, capsys):
+    from blob_lora.cli.main import main
+
+    model_dir = tiny_model_folder(tmp_path / "model")
+    run_dir = tmp_path / "ens"
+    common = ["--data-root", str(data_root), "--no-progress"]
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--task",
+            TASK,
+            "--method",
+            "ensemble",
+            "--ensemble-size",
+            "2",
+            "--out",
+            str(run_dir),
+            "--train-split",
+            TRAIN_SPLIT,
+            "--eval-split",
+            EVAL_SPLIT,
+            "--max-steps",
+            "2",
+            "--max-length",
+            "256",
+            "--lr",
+            "0.01",
+            "--target-modules",
+            "q_proj,v_proj",
+            *common,
+        ]
+    )
+    assert rc == 0
+    trained = json.loads((run_dir / "summary.json").read_text())["evaluations"][TASK]
+    rc = main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "again"), *common])
+    assert rc == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["method"] == "ensemble" and again["eval_samples"] == 2
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6)
+    assert "samples=2" in capsys.readouterr().out
