@@ -44,3 +44,21 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"dataset root {root} not found")
     return root.resolve()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from blob_lora.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A local model folder (tiny random Llama + SmolLM2's tokenizer) usable as ``--model``."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(seed=0, vocab_size=len(smollm2_tokenizer))
+    model.config.pad_token_id = smollm2_tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

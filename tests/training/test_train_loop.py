@@ -1,0 +1,224 @@
+"""The training loop on a tiny model with a few real records: learning, resuming, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blob_lora.cli.main import main
+from blob_lora.training import TrainConfig
+from blob_lora.training import checkpoint as ckpt
+from blob_lora.training.trainer import train
+from blob_lora.utils.errors import BlobLoraError
+
+
+def tiny_cfg(tmp_path, data_root, tiny_model_dir, **kw) -> TrainConfig:
+    base = dict(
+        model=str(tiny_model_dir),
+        task="arc_easy",
+        data_root=str(data_root),
+        train_split="train[:24]",
+        eval_split="validation[:10]",
+        out=str(tmp_path / "run"),
+        batch_size=4,
+        eval_batch_size=5,
+        max_steps=8,
+        lr=2e-2,
+        max_length=96,
+        eval_samples=3,
+        target_modules=["q_proj", "v_proj", "lm_head"],
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "blob"])
+def test_loss_falls_and_run_folder_is_complete(tmp_path, data_root, tiny_model_dir, method) -> None:
+    cfg = tiny_cfg(
+        tmp_path,
+        data_root,
+        tiny_model_dir,
+        method=method,
+        max_steps=24,
+        epochs=None,
+        kl_schedule="uniform",
+    )
+    summary = train(cfg, progress=False)
+    log = _log(tmp_path / "run")
+    assert [r["step"] for r in log] == list(range(1, 25))
+    first = sum(r["nll"] for r in log[:6]) / 6
+    last = sum(r["nll"] for r in log[-6:]) / 6
+    assert last < first - 0.05, (first, last)
+    m = summary["evaluations"]["arc_easy"]
+    assert m["n_examples"] == 10 and 0 <= m["ece"] <= 1
+    assert m["eval_samples"] == (3 if method == "blob" else 3)
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "eval" / "arc_easy" / "metrics.json").is_file()
+    assert (run / "eval" / "arc_easy" / "reliability.png").is_file()
+    preds = (run / "eval" / "arc_easy" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 10
+    if method == "blob":
+        assert all(r["kl"] > 0 for r in log)
+        assert all(abs(r["pi"] - 1 / summary["kl_cycle"]) < 1e-12 for r in log)
+
+
+def test_resume_after_interruption_equals_uninterrupted(
+    tmp_path, data_root, tiny_model_dir, monkeypatch
+) -> None:
+    kw = dict(method="blob", max_steps=7, checkpoint_every=3, evaluate=False, batch_size=4)
+    full = train(tiny_cfg(tmp_path / "a", data_root, tiny_model_dir, **kw), progress=False)
+    assert full["steps"] == 7
+
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated kill right after the step-3 checkpoint")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    cfg_b = tiny_cfg(tmp_path / "b", data_root, tiny_model_dir, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_b, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    with pytest.raises(BlobLoraError, match="--resume"):
+        train(cfg_b, progress=False)
+    resumed = train(cfg_b, resume=True, progress=False)
+    assert resumed["steps"] == 7
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in _log(tmp_path / "b" / "run")] == list(range(1, 8))
+
+
+def test_resume_refuses_changed_settings(tmp_path, data_root, tiny_model_dir) -> None:
+    cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, method="lora", max_steps=2, evaluate=False)
+    train(cfg, progress=False)
+    changed = tiny_cfg(
+        tmp_path, data_root, tiny_model_dir, method="lora", max_steps=2, lr=0.5, evaluate=False
+    )
+    with pytest.raises(BlobLoraError, match="lr"):
+        train(changed, resume=True, progress=False)
+
+
+def test_cli_train_then_evaluate(tmp_path, data_root, tiny_model_dir, capsys) -> None:
+    run = tmp_path / "run"
+    config = tmp_path / "cfg.yaml"
+    config.write_text("max-steps: 2\nbatch_size: 4\nlr: 0.01\neval-samples: 2\n")
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "arc_easy",
+            "--method",
+            "blob",
+            "--max-steps",
+            "3",
+            "--seed",
+            "2",
+            "--max-length",
+            "96",
+            "--train-split",
+            "train[:12]",
+            "--eval-split",
+            "validation[:6]",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(run),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["max_steps"] == 3 and saved["batch_size"] == 4 and saved["eval_samples"] == 2
+    out_dir = tmp_path / "ev"
+    rc = main(
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--task",
+            "arc_easy",
+            "--split",
+            "validation[:7]",
+            "--eval-samples",
+            "0",
+            "--out",
+            str(out_dir),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert {"accuracy", "ece", "nll", "brier", "n_examples"} <= metrics.keys()
+    assert metrics["n_examples"] == 7 and metrics["eval_samples"] == 0
+    assert len((out_dir / "predictions.jsonl").read_text().splitlines()) == 7
+    # A second train into the same folder is refused with a clear message (exit 2).
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "arc_easy",
+            "--out",
+            str(run),
+            "--data-root",
+            str(data_root),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert rc == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--method", "bayes"], "unknown method"),
+        (["--flipout", "layer"], "--flipout"),
+        (["--task", "nope"], "nope"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(
+    tmp_path, data_root, tiny_model_dir, capsys, args, needle
+) -> None:
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "arc_easy",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-root",
+            str(data_root),
+            "--max-steps",
+            "1",
+            "--no-progress",
+            *args,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Traceback" not in err
