@@ -3,7 +3,17 @@
 Loss per optimiser step: mean NLL over the (global) batch + pi_i * KL. Under DDP every process
 holds the same adapter, so the KL and its weight are identical everywhere while the NLL
 gradient is averaged across processes: 2 processes at batch b optimise the same objective as
-1 process at batch 2b.
+1 process at batch 2b (Accelerate hands process k the k-th of every ``world`` consecutive
+batches of the seeded order, so the global batches hold the same examples too). The KL cycle
+is computed from the global batch, and the KL gradient is taken with ``autograd.grad`` so that
+no DDP all-reduce averages a term that is already identical on every process.
+
+Every decision that must be collective is made collectively: the stop on SIGINT/SIGTERM, a
+non-finite loss, and the success of each checkpoint write (written by the main process only).
+Checkpoints record the data position in examples, so a run may be resumed on another number
+of processes with the same global batch (``--batch-size``/``--grad-accum`` adjusted). FSDP and
+DeepSpeed are refused: the adapter is small, is replicated on every process, and the KL and
+the checkpoints are computed on the full adapter.
 """
 
 from __future__ import annotations
@@ -11,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,13 +47,13 @@ from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     CHECKPOINTS,
     EVAL_DIR,
-    RUN_CONFIG,
     TRAIN_LOG,
+    check_run_dir,
     prepare_run_dir,
 )
 from blob_lora.training.sampler import EpochShuffleSampler
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from blob_lora.utils.errors import BlobLoraError
+from blob_lora.utils.errors import BlobLoraError, CheckpointError, ConfigError
 
 SUMMARY = "summary.json"
 
@@ -100,7 +112,8 @@ def train(
     ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
     """
     composite = getattr(get_method(cfg.method), "train_run", None)
-    if composite is not None:  # ensemble, laplace, tfb: sub-runs of this loop (methods/composite.py)
+    # ensemble, laplace, tfb: sub-runs of this loop (methods/composite.py)
+    if composite is not None:
         kwargs = {"base_model": base_model, "tokenizer": tokenizer}
         return composite(cfg, overwrite=overwrite, resume=resume, progress=progress, **kwargs)
     from accelerate import Accelerator
@@ -108,11 +121,10 @@ def train(
 
     out = Path(cfg.out)
     accelerator = Accelerator(log_with=cfg.log_with, project_dir=str(out))
-    resuming = False
-    if accelerator.is_main_process:
-        resuming = prepare_run_dir(out, cfg.to_dict(), overwrite=overwrite, resume=resume)
-    accelerator.wait_for_everyone()
-    resuming = resume and (out / RUN_CONFIG).is_file() and _has_checkpoint(out)
+    _check_launch(accelerator)
+    # Refuse a wrong --out before the slow loads; create the folder only after them.
+    config = cfg.to_dict()
+    _on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))
     method = get_method(cfg.method)
 
     if base_model is None:
@@ -123,19 +135,35 @@ def train(
     train_split = cfg.train_split or "train"
     dataset = MCDataset(task, train_split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
     option_ids = option_token_ids(tokenizer, task).to(accelerator.device)
+    resuming = _on_main(
+        accelerator,
+        lambda: (
+            prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
+            and _has_checkpoint(out)
+        ),
+    )
 
     set_seed(cfg.seed)  # identical adapter initialisation on every process
     model = method.build(base_model, cfg)
     set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
 
     collator = MCCollator(tokenizer.pad_token_id, task.n_options)
+    # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
+    # from the global RNG instead would shift the weight-noise stream after a resume.
+    loader_rng = torch.Generator().manual_seed(cfg.seed)
     if cfg.bucket_by_length:
         batch_sampler = length_bucketed_sampler(dataset.lengths, cfg.batch_size, seed=cfg.seed)
-        loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collator)
+        loader = DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
+        )
     else:
         sampler = EpochShuffleSampler(len(dataset), cfg.seed)
         loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+            generator=loader_rng,
         )
     loader = accelerator.prepare_data_loader(loader)
     micro_per_epoch = len(loader)
@@ -165,8 +193,14 @@ def train(
 
     step, epoch, micro_done = 0, 0, 0
     ckpt_root = out / CHECKPOINTS
+    layout = {
+        "world_size": accelerator.num_processes,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "global_batch": global_batch,
+    }
     if resuming:
-        step, epoch, micro_done = _restore(ckpt_root, unwrapped, updater, accelerator)
+        step, epoch, micro_done = _restore(ckpt_root, unwrapped, updater, accelerator, layout)
     if cfg.log_with:
         accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
 
@@ -185,20 +219,19 @@ def train(
 
     def save(current_step: int, current_epoch: int, current_micro: int) -> None:
         states = _gather_rng(accelerator)
-        if accelerator.is_main_process:
-            ckpt.save_checkpoint(
-                ckpt_root,
-                current_step,
-                trainable,
-                updater.state_dict(),
-                states,
-                {
-                    "epoch": current_epoch,
-                    "micro_in_epoch": current_micro,
-                    "world_size": accelerator.num_processes,
-                },
-            )
-        accelerator.wait_for_everyone()
+        loop_state = {
+            "epoch": current_epoch,
+            "micro_in_epoch": current_micro,
+            # world-size independent position: examples of this epoch already consumed
+            "examples_in_epoch": current_micro * cfg.batch_size * accelerator.num_processes,
+            **layout,
+        }
+        _on_main(
+            accelerator,
+            lambda: ckpt.save_checkpoint(
+                ckpt_root, current_step, trainable, updater.state_dict(), states, loop_state
+            ),
+        )
 
     model.train()
     start = time.perf_counter()
@@ -221,9 +254,10 @@ def train(
                     if method.has_kl and updater.mode == "single":
                         kl_value = method.kl(unwrapped)
                         loss = loss + pi * kl_value
-                    if not torch.isfinite(loss):
+                    if not _all_true(accelerator, bool(torch.isfinite(loss))):
                         raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {step + 1}; the last good checkpoint "
+                            f"loss became {loss.item()} at step {step + 1} (on at least one "
+                            "process); the last good checkpoint "
                             f"is kept in {ckpt_root} (lower --lr or check the data)"
                         )
                     accelerator.backward(loss / cfg.grad_accum)
@@ -238,11 +272,13 @@ def train(
                 if kl_value is None:
                     kl_value = used_kl
                 step += 1
+                # totals over every process: the logged NLL is the mean over the global batch
+                totals, stop = _reduce_window(accelerator, window, signals.received is not None)
                 record = {
                     "step": step,
                     "epoch": epoch,
-                    "nll": window["nll"] / window["micro"],
-                    "acc": window["correct"] / max(1.0, window["n"]),
+                    "nll": totals["nll"] / totals["micro"],
+                    "acc": totals["correct"] / max(1.0, totals["n"]),
                     "kl": float(kl_value) if kl_value is not None else None,
                     "pi": pi,
                     "lr": updater.optimizers[0].param_groups[0]["lr"],
@@ -265,11 +301,12 @@ def train(
                 position = (epoch + 1, 0) if at_epoch_end else (epoch, micro)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     save(step, *position)
-                if signals.received is not None:
+                if stop:  # decided together: every process saves the same step
                     save(step, *position)
+                    what = f"signal {signals.received}" if signals.received else "a signal"
                     raise TrainingInterrupted(
-                        f"stopped by signal {signals.received} after step {step}; checkpoint "
-                        f"saved, continue with --resume"
+                        f"stopped by {what} after step {step}; checkpoint saved in "
+                        f"{ckpt_root}, continue with --resume"
                     )
                 if step >= total_steps:
                     break
@@ -281,10 +318,18 @@ def train(
     bar.close()
     train_seconds = time.perf_counter() - start
     save(step, epoch, micro_done)
-    if accelerator.is_main_process:
-        with atomic_directory(out / ADAPTER_DIR) as tmp:
-            unwrapped.save_pretrained(tmp)
-    accelerator.wait_for_everyone()
+
+    def save_adapter() -> None:
+        try:
+            with atomic_directory(out / ADAPTER_DIR) as tmp:
+                unwrapped.save_pretrained(tmp)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write the adapter to {out / ADAPTER_DIR} ({exc}); the final "
+                f"checkpoint in {ckpt_root} is intact: free space, then run again with --resume"
+            ) from exc
+
+    _on_main(accelerator, save_adapter)
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": task.name,
@@ -319,8 +364,14 @@ def train(
                 progress=progress,
             )
             summary["evaluations"][name] = metrics
-    if accelerator.is_main_process:
-        atomic_write_json(out / SUMMARY, summary)
+
+    def write_summary() -> None:
+        try:
+            atomic_write_json(out / SUMMARY, summary)
+        except OSError as exc:
+            raise BlobLoraError(f"could not write {out / SUMMARY}: {exc}") from exc
+
+    _on_main(accelerator, write_summary)
     if cfg.log_with:
         accelerator.end_training()
     return summary
@@ -328,6 +379,90 @@ def train(
 
 def _safe(name: str) -> str:
     return name.replace(":", "__").replace("/", "_")
+
+
+def _check_launch(accelerator) -> None:
+    """Refuse launches that would silently train wrong: N independent copies, or sharded
+    parameters that the KL and the checkpoints do not handle."""
+    from accelerate.utils import DistributedType
+
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        launched = 1
+    if launched != accelerator.num_processes:
+        raise BlobLoraError(
+            f"started as one of {launched} processes (WORLD_SIZE={launched}) but Accelerate runs "
+            f"{accelerator.num_processes}: each would train alone into the same folder. On a "
+            "machine without GPUs set ACCELERATE_USE_CPU=1 (e.g. 'ACCELERATE_USE_CPU=1 "
+            "accelerate launch --multi_gpu --num_processes N -m blob_lora.cli.main train ...')"
+        )
+    refused = {
+        DistributedType.FSDP: "FSDP",
+        DistributedType.DEEPSPEED: "DeepSpeed",
+        DistributedType.MEGATRON_LM: "Megatron-LM",
+    }
+    if accelerator.distributed_type in refused:
+        raise ConfigError(
+            f"{refused[accelerator.distributed_type]} is not supported: blob-lora replicates the "
+            "(small) adapter on every process and computes the KL and checkpoints on all of it. "
+            "Launch with plain multi-GPU/multi-CPU data parallelism (accelerate launch "
+            "--multi_gpu); to save memory use --dtype bfloat16 or --load-in-4bit"
+        )
+
+
+def _on_main(accelerator, fn):
+    """Run ``fn`` on the main process and hand its result, or its error, to every process.
+
+    Without this a failure on the main process (a refused --out, a full disk) would leave the
+    other processes waiting at the next collective forever.
+    """
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            payload = [("ok", fn())]
+        except BlobLoraError as exc:
+            error = exc
+            payload = [("error", exc)]
+        except Exception as exc:
+            error = exc
+            payload = [("error", RuntimeError(f"the main process failed: {exc!r}"))]
+    broadcast_object_list(payload)
+    kind, value = payload[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise value
+    return value
+
+
+def _all_true(accelerator, flag: bool) -> bool:
+    """``flag`` on every process (one tiny all-reduce; free on a single process)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum").item()) == 0.0
+
+
+def _reduce_window(
+    accelerator, window: dict[str, float], stop: bool
+) -> tuple[dict[str, float], bool]:
+    """Sum the logging window over processes, and whether any process wants to stop."""
+    if accelerator.num_processes == 1:
+        return dict(window), stop
+    keys = ("nll", "micro", "correct", "n")
+    t = torch.tensor(
+        [window[k] for k in keys] + [1.0 if stop else 0.0],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
+    t = accelerator.reduce(t, reduction="sum").tolist()
+    return dict(zip(keys, t[:4], strict=True)), t[4] > 0
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -350,31 +485,62 @@ def _gather_rng(accelerator) -> list[dict[str, Any]]:
     return gather_object([state])
 
 
-def _restore(root: Path, unwrapped, updater, accelerator) -> tuple[int, int, int]:
+def _restore(
+    root: Path, unwrapped, updater, accelerator, layout: dict[str, int]
+) -> tuple[int, int, int]:
     path = ckpt.latest_checkpoint(root)
     if path is None:
         return 0, 0, 0
     state = ckpt.load_checkpoint(path)
-    params = dict(unwrapped.named_parameters())
-    missing = [k for k in state["trainable"] if k not in params]
-    if missing:
-        raise BlobLoraError(f"checkpoint {path} does not fit this model (e.g. {missing[:2]})")
+    params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (another base model or adapter "
+            f"layout?): {len(unexpected)} saved tensors have no place, e.g. {unexpected[:2]}; "
+            f"{len(missing)} trainable tensors are not saved, e.g. {missing[:2]}"
+        )
+    for name, value in saved.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model (made for another base model?): "
+                f"{name} has shape {tuple(value.shape)} there, {tuple(params[name].shape)} here"
+            )
+    loop = state["state"]
+    saved_global = loop.get("global_batch")
+    if saved_global is not None and int(saved_global) != layout["global_batch"]:
+        raise ConfigError(
+            f"cannot resume from {path}: it was trained with a global batch of {saved_global} "
+            f"(batch_size {loop.get('batch_size')} x grad_accum {loop.get('grad_accum')} x "
+            f"{loop.get('world_size')} processes), this launch has {layout['global_batch']} "
+            f"({layout['batch_size']} x {layout['grad_accum']} x {layout['world_size']}); "
+            "choose --batch-size/--grad-accum to match"
+        )
     with torch.no_grad():
-        for name, value in state["trainable"].items():
-            if params[name].shape != value.shape:
-                raise BlobLoraError(
-                    f"checkpoint {path}: {name} has shape {tuple(value.shape)}, model {tuple(params[name].shape)}"
-                )
+        for name, value in saved.items():
             params[name].copy_(value)
     updater.load_state_dict(state["optim"])
     rngs = state["rng"]
     rank = accelerator.process_index
-    if rank < len(rngs) and state["state"].get("world_size") == accelerator.num_processes:
+    same_world = loop.get("world_size") == accelerator.num_processes
+    if same_world and rank < len(rngs):
         ckpt.set_rng_state(rngs[rank])
     else:  # other world size: deterministic fresh streams
-        torch.manual_seed(int(state["state"]["step"]) * 1000 + rank)
-    loop = state["state"]
-    return int(loop["step"]), int(loop["epoch"]), int(loop["micro_in_epoch"])
+        torch.manual_seed(int(loop["step"]) * 1000 + rank)
+    micro = int(loop["micro_in_epoch"])
+    if "examples_in_epoch" in loop:  # position in examples: valid for any batch layout
+        per_micro = layout["batch_size"] * layout["world_size"]
+        examples = int(loop["examples_in_epoch"])
+        if examples % per_micro:
+            raise ConfigError(
+                f"cannot resume from {path}: {examples} examples of the epoch were consumed, "
+                f"not a whole number of batches of {per_micro}"
+            )
+        micro = examples // per_micro
+    accelerator.print(f"resuming from {path} (step {loop['step']})", file=sys.stderr)
+    return int(loop["step"]), int(loop["epoch"]), micro
 
 
 def _truncate_log(path: Path, step: int) -> None:
