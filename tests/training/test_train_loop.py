@@ -79,7 +79,7 @@ def test_resume_after_interruption_equals_uninterrupted(
     real_save = ckpt.save_checkpoint
 
     def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated kill right after the step-3 checkpoint")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
