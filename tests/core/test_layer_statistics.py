@@ -99,14 +99,18 @@ def test_gradients_reach_mean_b_and_std(mode: str) -> None:
 
 
 def test_token_flipout_gradient_matches_autograd_reference() -> None:
-    from blob_lora.tuners.blob.noise import _TokenFlipout, random_signs
+    from blob_lora.tuners.blob.noise import _signs_from_seed, _TokenFlipout, random_signs
 
     torch.manual_seed(3)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    r = random_signs((2, 3, 6), x.device, torch.int8)
     t = random_signs((2, 3, 4), x.device, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, d: _TokenFlipout.apply(a, d, r, t), (x, delta))
+    assert torch.autograd.gradcheck(lambda a, d: _TokenFlipout.apply(a, d, 1234, t), (x, delta))
+    # The regenerated signs are the forward's: compare with the explicit expression.
+    r = _signs_from_seed(1234, (2, 3, 6), x.device).to(torch.float64)
+    ref = torch.nn.functional.linear(x * r, delta) * t
+    assert torch.equal(_TokenFlipout.apply(x, delta, 1234, t), ref)
+    assert set(r.unique().tolist()) == {-1.0, 1.0}
 
 
 def test_kl_closed_form_matches_monte_carlo() -> None:
