@@ -75,7 +75,8 @@ def read_probs(path: Path) -> torch.Tensor:
     return torch.tensor([r["probs"] for r in rows], dtype=torch.float64)
 
 
-METHODS = ["lora", "map", "mc-dropout", "ensemble", "blob"] + (["laplace"] if HAS_LAPLACE else [])
+METHODS = ["lora", "map", "mc-dropout", "ensemble", "blob", "tfb"]
+METHODS += ["laplace"] if HAS_LAPLACE else []
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -93,7 +94,7 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, pristine, tok)
     assert saved["evaluations"][TASK]["accuracy"] == m["accuracy"]
     assert (out / "eval" / TASK / "predictions.jsonl").is_file()
     assert json.loads((out / "run_config.json").read_text())["method"] == method
-    if method in ("mc-dropout", "ensemble", "blob", "laplace"):
+    if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
 
 
@@ -209,6 +210,45 @@ def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
 
     with torch.no_grad():
         torch.testing.assert_close(mean_logits, answer_logits(plain, batch, option_ids))
+
+
+def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():
+    from blob_lora.methods.tfb import rotate, std_param_for
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g)
+    a2, b2, d = rotate(a, b)
+    torch.testing.assert_close(b2 @ a2, b @ a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b2.T @ b2, torch.diag(d * d).float(), atol=1e-4, rtol=1e-4)
+    rho = std_param_for(0.01, d, 16)
+    std = (rho * rho).double()
+    # B' diag(std) has orthogonal columns of norm sigma: the weight noise B' dA' is isotropic
+    torch.testing.assert_close(std[:, 0] * d, torch.full((4,), 0.01, dtype=torch.float64))
+    dead = std_param_for(0.01, torch.tensor([2.0, 0.0]), 3)
+    assert dead[1].abs().max() == 0 and dead[0].abs().min() > 0
+
+
+def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, pristine, tok):
+    cfg = make_cfg(tmp_path, data_root, "tfb", max_steps=4)
+    summary = run(cfg, pristine, tok)
+    out = Path(cfg.out)
+    info = summary["tfb"]
+    assert info["sigma"] > 0 and info["anchor_size"] == 8
+    worst = max(t["nll"] for t in info["trace"] if t["sigma"] <= info["sigma"])
+    assert worst <= info["anchor_nll_mean_model"] * 1.003 + 1e-9
+    assert any(t["nll"] > info["anchor_nll_mean_model"] * 1.003 for t in info["trace"])
+
+    batch, option_ids = eval_batch(tok, data_root)
+    from blob_lora.evaluation.forward import answer_logits
+
+    lora = load_plain_adapter(copy.deepcopy(pristine), out / "lora" / "adapter")
+    with torch.no_grad():
+        expected = torch.softmax(answer_logits(lora, batch, option_ids), -1)
+    loaded = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    mean = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)[0]
+    torch.testing.assert_close(mean, expected, atol=1e-5, rtol=0)
+    samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 3)
+    assert (samples[0] - samples[1]).abs().max() > 1e-6
 
 
 def test_cli_trains_and_evaluates_an_ensemble(tmp_path, data_root, capsys):

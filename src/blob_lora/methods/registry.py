@@ -9,6 +9,7 @@ from blob_lora.methods.blob import BlobMethod
 from blob_lora.methods.ensemble import EnsembleMethod
 from blob_lora.methods.laplace_method import LaplaceMethod
 from blob_lora.methods.lora import LoraMethod, MapMethod, MCDropoutMethod
+from blob_lora.methods.tfb import TfbMethod
 from blob_lora.utils.errors import ConfigError
 
 _BUILTIN: tuple[Method, ...] = (
@@ -17,6 +18,7 @@ _BUILTIN: tuple[Method, ...] = (
     MapMethod(),
     MCDropoutMethod(),
     EnsembleMethod(),
+    TfbMethod(),
 )
 # Laplace-LoRA needs the KFAC posterior package (blob_lora.methods.laplace).
 _OPTIONAL: tuple[Method, ...] = (

@@ -1,0 +1,295 @@
+"""TFB, training-free Bayesianisation of a trained LoRA adapter, predicted like BLoB.
+
+Why here: it turns any trained LoRA adapter into a BLoB-style low-rank Gaussian without
+further training, so it is the cheapest Bayesian baseline to compare BLoB against.
+
+1. Training: an ordinary ``lora`` run into ``RUN/lora/``.
+2. Rotation, per LoRA layer: the SVD ``B = U diag(d) Vᵀ`` gives ``B' = U diag(d)`` and
+   ``A' = Vᵀ A``, so ``B' A' = B A`` (the mean model is unchanged).
+3. Posterior: ``A'_ij ~ N(A'_ij, (σ / d_i)²)``. Then ``B' ΔA' = U E`` with ``E`` iid ``N(0, σ²)``:
+   a low-rank *isotropic* Gaussian on the weight update, one σ for the whole adapter. Rows
+   with ``d_i ≈ 0`` (``B'`` column zero) get no noise: it could not reach the output anyway.
+4. σ: the largest value whose predictive NLL on an *anchor set* rises by at most
+   ``NLL_TOLERANCE`` (0.3 %, relative) over the mean model's. The anchor set is
+   ``ANCHOR_SIZE`` (128) examples of the training split drawn with ``random.Random(0)``
+   (all of it if smaller). The NLL of a σ is estimated with ``SEARCH_SAMPLES`` (4) weight
+   samples and the same random numbers for every σ (common random numbers: the search sees
+   a smooth curve, not sampling noise). Search: ×4 steps from 1e-3 up (or ÷4 down) until the
+   bound is crossed, then ``BISECTION_STEPS`` (6) geometric bisections; σ = 0 (the mean model)
+   if even 1e-7 violates it, at most ``MAX_SIGMA`` if nothing does.
+5. Storage and prediction: a BLoB adapter (``std_param`` square, ``G = sqrt(σ / d_i)``) in
+   ``RUN/adapter/`` plus ``tfb.json`` (σ, the search trace); predicted exactly as ``blob``
+   (``--eval-samples``, default 10; 0 = the mean model = the trained LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blob_lora.methods.blob import BlobMethod
+from blob_lora.methods.composite import (
+    claim_run_dir,
+    evaluate_run,
+    load_base,
+    to_device,
+    train_sub_run,
+    write_summary,
+)
+from blob_lora.utils.errors import CheckpointError
+
+LORA_DIR = "lora"
+INFO_FILE = "tfb.json"
+ANCHOR_SIZE = 128
+ANCHOR_SEED = 0
+SEARCH_SAMPLES = 4
+SEARCH_SEED = 1234
+NLL_TOLERANCE = 0.003
+START_SIGMA = 1e-3
+MIN_SIGMA = 1e-7
+MAX_SIGMA = 10.0
+BISECTION_STEPS = 6
+
+
+def rotate(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A', B', d)`` with ``B' = U diag(d)``, ``A' = Vᵀ A`` from the SVD ``B = U diag(d) Vᵀ``."""
+    u, d, vh = torch.linalg.svd(b.double(), full_matrices=False)
+    return (vh @ a.double()).to(a.dtype), (u * d).to(b.dtype), d
+
+
+def std_param_for(sigma: float, d: torch.Tensor, cols: int) -> torch.Tensor:
+    """``G`` (r × cols) with ``G² = σ / d_i`` per row; 0 where ``d_i`` is numerically zero."""
+    live = d > d.max().clamp_min(1e-30) * 1e-6
+    std = torch.where(live, sigma / d.clamp_min(1e-30), torch.zeros_like(d))
+    return std.sqrt()[:, None].expand(-1, cols).contiguous()
+
+
+def load_rotated(model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Put the rotated weights of a saved LoRA adapter into a BLoB model; return ``d`` per
+    layer."""
+    from blob_lora.tuners.blob import blob_layers
+    from blob_lora.tuners.blob.model import _read_adapter_weights
+
+    state = _read_adapter_weights(adapter_dir)
+    singular: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in blob_layers(model):
+            key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            if key_a not in state or key_b not in state:
+                raise CheckpointError(f"{adapter_dir} has no LoRA weights for {name}")
+            a_new, b_new, d = rotate(state[key_a], state[key_b])
+            weight_a, weight_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            if weight_a.shape != a_new.shape or weight_b.shape != b_new.shape:
+                raise CheckpointError(f"{adapter_dir}: {name} does not fit this model")
+            weight_a.copy_(a_new)
+            weight_b.copy_(b_new)
+            singular[name] = d
+    return singular
+
+
+def set_sigma(model: nn.Module, singular: dict[str, torch.Tensor], sigma: float) -> None:
+    from blob_lora.tuners.blob import blob_layers
+
+    with torch.no_grad():
+        for name, layer in blob_layers(model):
+            if "default" not in layer.lora_A_rho:
+                continue
+            rho = layer.lora_A_rho["default"]
+            rho.copy_(std_param_for(sigma, singular[name].to(rho.device), rho.shape[1]))
+
+
+class TfbMethod(BlobMethod):
+    """A trained LoRA adapter made Bayesian after training (see the module doc)."""
+
+    name = "tfb"
+    has_kl = False
+
+    @torch.no_grad()
+    def predict_samples(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        option_ids: torch.Tensor,
+        n_samples: int,
+        fold: int | None = None,
+    ) -> torch.Tensor:
+        """As ``blob``; N = 0 switches sampling off explicitly (BLoB layers sample by
+        default), so the mean model is exactly the trained LoRA."""
+        from blob_lora.tuners.blob import sampling
+
+        if n_samples == 0:
+            with sampling(model, False):
+                return super().predict_samples(model, batch, option_ids, 0, fold)
+        return super().predict_samples(model, batch, option_ids, n_samples, fold)
+
+    def train_run(
+        self,
+        cfg: Any,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        progress: bool = True,
+        base_model: Any = None,
+        tokenizer: Any = None,
+    ) -> dict[str, Any]:
+        from blob_lora.training.run_dir import ADAPTER_DIR
+        from blob_lora.tuners.blob import BlobConfig, get_blob_model
+        from blob_lora.utils.atomic import atomic_directory, atomic_write_json
+
+        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
+        out = Path(cfg.out)
+        lora_summary = train_sub_run(
+            cfg,
+            out / LORA_DIR,
+            progress=progress,
+            base_model=base_model,
+            tokenizer=tokenizer,
+            method="lora",
+        )
+        base, tokenizer = load_base(cfg, base_model, tokenizer)
+        if state.is_main_process:
+            blob_config = BlobConfig(
+                prior_std=cfg.prior_std,
+                init_std=cfg.init_std,
+                std_param="square",
+                flipout=cfg.flipout,
+                eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
+            )
+            model = get_blob_model(base, self.lora_config(cfg), blob_config)
+            to_device(model, state.device)
+            singular = load_rotated(model, out / LORA_DIR / ADAPTER_DIR)
+            info = search_sigma(model, singular, tokenizer, cfg, progress=progress)
+            set_sigma(model, singular, info["sigma"])
+            model.eval()
+            with atomic_directory(out / ADAPTER_DIR) as tmp:
+                model.save_pretrained(tmp)
+                atomic_write_json(tmp / INFO_FILE, info)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            import json
+
+            model = self.load(base, out / ADAPTER_DIR)
+            info = json.loads((out / ADAPTER_DIR / INFO_FILE).read_text(encoding="utf-8"))
+        train_seconds = lora_summary["train_seconds"] + info["search_seconds"]
+        summary = {
+            **{k: v for k, v in lora_summary.items() if k != "evaluations"},
+            "method": self.name,
+            "train_seconds": round(train_seconds, 3),
+            "lora_train_seconds": lora_summary["train_seconds"],
+            "tfb": info,
+            "evaluations": evaluate_run(model, self, tokenizer, cfg, progress=progress),
+        }
+        return write_summary(cfg, summary)
+
+
+def anchor_indices(n: int, size: int = ANCHOR_SIZE, seed: int = ANCHOR_SEED) -> list[int]:
+    """The anchor examples: ``size`` of the ``n`` training examples, fixed by ``seed``."""
+    if n <= size:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), size))
+
+
+@torch.no_grad()
+def anchor_nll(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], option_ids: torch.Tensor, n: int
+) -> float:
+    """NLL of the N-sample predictive on the anchor batches, with fixed random numbers."""
+    from blob_lora.tuners.blob import sampling
+
+    method = BlobMethod()
+    torch.manual_seed(SEARCH_SEED)
+    total, count = 0.0, 0
+    for batch in batches:
+        if n == 0:  # the mean model: sampling off explicitly
+            with sampling(model, False):
+                probs = method.predict_samples(model, batch, option_ids, 0).mean(0)
+        else:
+            probs = method.predict_samples(model, batch, option_ids, n).mean(0)
+        p = probs.gather(1, batch["labels"][:, None]).clamp_min(1e-12)
+        total += float(-p.log().sum())
+        count += len(batch["labels"])
+    return total / max(1, count)
+
+
+def search_sigma(
+    model: nn.Module,
+    singular: dict[str, torch.Tensor],
+    tokenizer: Any,
+    cfg: Any,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The largest σ whose anchor NLL is within ``NLL_TOLERANCE`` of the mean model's."""
+    from torch.utils.data import Subset
+
+    from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+
+    start = time.perf_counter()
+    task = get_task(cfg.task, data_root=cfg.data_root)
+    split = cfg.train_split or "train"
+    dataset = MCDataset(task, split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
+    anchor = Subset(dataset, anchor_indices(len(dataset)))
+    collate = MCCollator(tokenizer.pad_token_id, task.n_options)
+    device = next(model.parameters()).device
+    size = cfg.eval_batch_size
+    batches = [
+        {
+            k: v.to(device)
+            for k, v in collate([anchor[j] for j in range(i, min(i + size, len(anchor)))]).items()
+        }
+        for i in range(0, len(anchor), size)
+    ]
+    option_ids = option_token_ids(tokenizer, task).to(device)
+    base_nll = anchor_nll(model, batches, option_ids, 0)
+    bound = base_nll * (1.0 + NLL_TOLERANCE)
+    trace: list[dict[str, float]] = []
+
+    def ok(sigma: float) -> bool:
+        set_sigma(model, singular, sigma)
+        nll = anchor_nll(model, batches, option_ids, SEARCH_SAMPLES)
+        trace.append({"sigma": sigma, "nll": nll})
+        if progress:
+            print(f"tfb: sigma {sigma:.3e} anchor nll {nll:.5f} (bound {bound:.5f})")
+        return nll <= bound
+
+    good, bad = 0.0, None
+    sigma = START_SIGMA
+    if ok(sigma):
+        good = sigma
+        while sigma < MAX_SIGMA:
+            sigma *= 4.0
+            if not ok(sigma):
+                bad = sigma
+                break
+            good = sigma
+    else:
+        bad = sigma
+        while sigma > MIN_SIGMA:
+            sigma /= 4.0
+            if ok(sigma):
+                good = sigma
+                break
+            bad = sigma
+    if good > 0 and bad is not None:
+        for _ in range(BISECTION_STEPS):
+            mid = math.sqrt(good * bad)
+            if ok(mid):
+                good = mid
+            else:
+                bad = mid
+    return {
+        "sigma": good,
+        "anchor_size": len(anchor),
+        "anchor_split": split,
+        "anchor_nll_mean_model": base_nll,
+        "nll_tolerance": NLL_TOLERANCE,
+        "search_samples": SEARCH_SAMPLES,
+        "trace": trace,
+        "search_seconds": round(time.perf_counter() - start, 3),
+    }
