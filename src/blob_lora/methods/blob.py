@@ -14,6 +14,7 @@ from torch import nn
 from blob_lora.methods.base import Method
 from blob_lora.tuners.blob import (
     BlobConfig,
+    blob_layers,
     get_blob_model,
     kl_divergence,
     load_blob_model,
@@ -36,6 +37,7 @@ class BlobMethod(Method):
     name = "blob"
     has_kl = True
     samples_by_default = 10
+    iid_samples = True
 
     def build(self, base: nn.Module, cfg: Any) -> PeftModel:
         return get_blob_model(base, self.lora_config(cfg), blob_config_from(cfg))
@@ -60,3 +62,27 @@ class BlobMethod(Method):
         # E_q[p(y | x, A)], also when several samples of one example share a batch.
         with sampling(model, n_samples > 0, mode="independent"):
             yield
+
+    @torch.no_grad()
+    def predict_samples(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        option_ids: torch.Tensor,
+        n_samples: int,
+        fold: int | None = None,
+    ) -> torch.Tensor:
+        if n_samples == 0:
+            # BLoB-Mean: A = M. BLoB layers sample by default (training), so the mean pass
+            # must switch sampling off explicitly, or N = 0 would be one random sample.
+            with sampling(model, False):
+                return super().predict_samples(model, batch, option_ids, 0, fold)
+        return super().predict_samples(model, batch, option_ids, n_samples, fold)
+
+    def stochastic_modules(self, model: nn.Module) -> list[str]:
+        # Only layers with a std sample weights; the others (bayesian_layers) are plain LoRA.
+        return [
+            name
+            for name, layer in blob_layers(model)
+            if any(a in layer.lora_A_rho for a in layer.active_adapters)
+        ]
