@@ -34,6 +34,10 @@ class Method:
     name = "lora"
     has_kl = False
     samples_by_default = 0  # N when the user does not ask for a number
+    #: Whether every call of ``predict_samples`` draws fresh, independent samples, so that they
+    #: may be drawn a few at a time (early-stopped prediction). False for a fixed sample set
+    #: such as an ensemble's members.
+    iid_samples = False
 
     def lora_config(self, cfg: Any) -> LoraConfig:
         return LoraConfig(
@@ -70,6 +74,14 @@ class Method:
     def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
         """Put the model in the state that draws one predictive sample per sequence."""
         yield
+
+    def stochastic_modules(self, model: nn.Module) -> list[str] | None:
+        """Qualified names of the modules whose forward is random under ``sampling_mode``.
+
+        Prediction may then run everything before the first of them once and reuse it for all
+        samples (``blob_lora.prediction``). ``None`` means unknown: the whole forward is random.
+        """
+        return None
 
     @torch.no_grad()
     def predict_samples(
