@@ -1,0 +1,111 @@
+"""``blob-lora predict``: answers and their uncertainty for your own questions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from blob_lora.cli.main import command
+from blob_lora.utils.errors import BlobLoraError
+
+MODE_HELP = (
+    "how the N-sample predictive is computed: fold (all N samples in one batched forward; "
+    "default), prefix (the deterministic blocks below the first Bayesian one run once and are "
+    "reused by every sample), early (samples in small groups until the answer's probability and "
+    "entropy settle), prefix-early (both), mean (N = 0: one pass with the mean weights)"
+)
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    from blob_lora.prediction.fast import MODES, EarlyStop
+
+    rule = EarlyStop()
+    p.add_argument("--run", required=True, help="run folder written by 'blob-lora train'")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="JSONL questions: {question, choices, [context], [id], [answer]} per line",
+    )
+    p.add_argument("--out", required=True, help="JSONL file to write, one row per question")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="weight samples N averaged; 0 = mean weights (default: the run's, BLoB 10)",
+    )
+    p.add_argument("--mode", choices=MODES, default="fold", help=MODE_HELP)
+    p.add_argument(
+        "--fold", type=int, default=None, help="samples per forward pass (default: all N at once)"
+    )
+    p.add_argument(
+        "--early-tol",
+        type=float,
+        default=rule.tol,
+        help="early modes: stop when the standard errors of the top probability and of the "
+        f"entropy are both below this (default {rule.tol})",
+    )
+    p.add_argument(
+        "--early-min",
+        type=int,
+        default=rule.min_samples,
+        help=f"early modes: samples in the first group (default {rule.min_samples})",
+    )
+    p.add_argument(
+        "--early-group",
+        type=int,
+        default=rule.group_size,
+        help=f"early modes: samples per later group (default {rule.group_size})",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="questions per batch (run's)")
+    p.add_argument("--max-length", type=int, default=None, help="max prompt tokens (run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weight samples (default 0)")
+    p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("predict", "answer your own questions (JSONL) with confidence and uncertainty")(_configure)
+def run_predict(args: argparse.Namespace) -> int:
+    from blob_lora.prediction import EarlyStop, Predictor, read_questions
+
+    if args.eval_samples is not None and args.eval_samples < 0:
+        raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    questions = read_questions(args.input)  # before the (slow) model load: fail fast
+    out = Path(args.out)
+    if out.is_dir():
+        raise BlobLoraError(f"--out {out} is a folder; give a file name")
+    early = EarlyStop(args.early_tol, args.early_min, args.early_group)
+    early.validate()
+    if args.fold is not None and args.fold < 1:
+        raise BlobLoraError(f"--fold must be >= 1, got {args.fold}")
+    kwargs = {
+        "mode": args.mode,
+        "fold": args.fold,
+        "early": early,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+    for key, value in (
+        ("n_samples", args.eval_samples),
+        ("batch_size", args.batch_size),
+        ("max_length", args.max_length),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    predictor = Predictor.from_run(args.run, model=args.model, **kwargs)
+    rows = predictor.predict(questions)
+    from blob_lora.utils.atomic import atomic_write_text
+
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    s = predictor.last_summary
+    assert s is not None
+    line = (
+        f"{s.n_examples} questions -> {out}  (mode {s.mode}, N={s.eval_samples}, "
+        f"mean samples used {s.mean_samples_used:.2f}, {s.seconds:.1f} s)"
+    )
+    if s.accuracy is not None:
+        line += f"  accuracy on the {s.n_labelled} labelled: {s.accuracy:.3f}"
+    print(line)
+    if s.note:
+        print(f"note: {s.note}")
+    return 0

@@ -1,0 +1,27 @@
+"""Prediction you can act on: answers with a calibrated predictive and its uncertainty split.
+
+* :func:`predict` / :class:`Predictor` (``api``): questions in, one row per question out
+  (predictive over the options, answer, confidence, total / aleatoric / epistemic uncertainty).
+* ``fast``: cheaper predictive modes (``fold``, ``prefix``, ``early``, ``prefix-early``,
+  ``mean``), each measured in ``bench/predictive.py``.
+* ``reports``: selective prediction (AURC, accuracy at 80/90/95 % coverage) and OOD detection
+  (AUROC/AUPR per uncertainty score) from prediction rows.
+"""
+
+from blob_lora.prediction.api import PredictionSummary, Predictor, predict
+from blob_lora.prediction.fast import MODES, EarlyStop
+from blob_lora.prediction.inputs import parse_questions, read_questions
+from blob_lora.prediction.reports import ood_detection, selective_metrics, uncertainty_scores
+
+__all__ = [
+    "MODES",
+    "EarlyStop",
+    "PredictionSummary",
+    "Predictor",
+    "ood_detection",
+    "parse_questions",
+    "predict",
+    "read_questions",
+    "selective_metrics",
+    "uncertainty_scores",
+]

@@ -1,0 +1,253 @@
+"""Predict with a fine-tuned model: an answer per question, and how far to trust it.
+
+Typical use::
+
+    from blob_lora.prediction import Predictor, predict
+
+    rows = predict(model, tokenizer, [{"question": "2+2?", "choices": ["3", "4"]}])
+    rows[0]["answer"], rows[0]["confidence"], rows[0]["epistemic"]
+
+    predictor = Predictor.from_run("runs/demo/blob", mode="prefix-early")
+    predictor.predict_file("questions.jsonl", "predictions.jsonl")
+
+Each row holds the predictive distribution over the question's own options (``probs``), the
+chosen option (``pred`` index, ``answer`` letter, ``answer_text``), its ``confidence`` and the
+uncertainty in nats: ``total`` (entropy of the averaged predictive), ``aleatoric`` (mean entropy
+of the samples) and ``epistemic`` (their difference, the mutual information between answer and
+weights). Methods or settings without samples (plain LoRA, N = 0) report ``total`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blob_lora.prediction.fast import MODES, EarlyStop, ResolvedMode, predict_batch, resolve_mode
+from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
+from blob_lora.tasks import MCCollator, MCExample, encode_examples, option_token_ids
+from blob_lora.utils.atomic import atomic_write_text
+from blob_lora.utils.errors import ConfigError
+
+
+@dataclass
+class PredictionSummary:
+    """What a prediction run did: the mode actually used, samples, time, accuracy if labelled."""
+
+    n_examples: int
+    mode: str
+    eval_samples: int
+    mean_samples_used: float
+    seconds: float
+    n_truncated: int
+    n_labelled: int = 0
+    accuracy: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+def _resolve_method(method: Any, model: nn.Module) -> Any:
+    from blob_lora.methods import get_method
+
+    if method is None:
+        inner = getattr(model, "module", model)
+        if getattr(inner, "blob_configs", None):
+            return get_method("blob")
+        if getattr(inner, "ensemble_adapters", None):
+            return get_method("ensemble")
+        return get_method("lora")
+    return get_method(method) if isinstance(method, str) else method
+
+
+class Predictor:
+    """A model, its tokenizer and method, and how to compute the predictive.
+
+    Args:
+        model: the fine-tuned model (a ``PeftModel``; BLoB, LoRA, MC-dropout, ...).
+        tokenizer: its (fast) tokenizer.
+        method: a ``Method`` or its name; ``None`` infers BLoB / ensemble / plain LoRA.
+        n_samples: weight samples N (``None``: the method's default, BLoB 10; 0: mean weights).
+        mode: ``fold`` (default), ``prefix``, ``early``, ``prefix-early`` or ``mean`` (see
+            ``blob_lora.prediction.fast``); a mode the method cannot run falls back, with a
+            warning, and the summary's ``mode`` says what ran.
+        fold: samples per forward pass (default: all N at once).
+        batch_size: questions per batch (before samples are folded in).
+        max_length: prompt tokens; passages and questions are shortened, never the options.
+        early: the stopping rule of the early modes.
+        seed: seeds torch's generator before predicting, for reproducible samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        method: Any = None,
+        *,
+        n_samples: int | None = None,
+        mode: str = "fold",
+        fold: int | None = None,
+        batch_size: int = 8,
+        max_length: int = 300,
+        early: EarlyStop | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 0):
+            raise ConfigError(f"n_samples must be an integer >= 0, got {n_samples!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if fold is not None and (not isinstance(fold, int) or fold < 1):
+            raise ConfigError(f"fold must be a positive integer, got {fold!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = _resolve_method(method, model)
+        self.n_samples = self.method.eval_samples(model, 0 if mode == "mean" else n_samples)
+        self.mode = mode
+        self.fold = fold
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.early = early or EarlyStop()
+        self.early.validate()
+        self.seed = seed
+        self.progress = progress
+        self.last_summary: PredictionSummary | None = None
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike[str], model: str | None = None, **kwargs: Any):
+        """Load a run folder written by ``blob-lora train`` (base model + adapter + method).
+
+        ``n_samples``, ``batch_size`` and ``max_length`` default to the run's settings.
+        """
+        from blob_lora.evaluation.runs import load_run
+
+        loaded = load_run(Path(run_dir), model=model)
+        cfg = loaded.config
+        kwargs.setdefault("n_samples", cfg.eval_samples)
+        kwargs.setdefault("batch_size", cfg.eval_batch_size)
+        kwargs.setdefault("max_length", cfg.max_length)
+        return cls(loaded.model, loaded.tokenizer, loaded.method, **kwargs)
+
+    # -----------------------------------------------------------------------------------------
+
+    def predict(self, questions: Iterable[dict[str, Any] | MCExample] | Questions) -> list[dict]:
+        """One row per question, in input order (see the module docstring for the keys)."""
+        parsed = questions if isinstance(questions, Questions) else parse_questions(questions)
+        return self._run(parsed)
+
+    def predict_file(
+        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+    ) -> PredictionSummary:
+        """Read BYO JSONL questions, write one JSON row per question atomically."""
+        rows = self._run(read_questions(input_path))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        atomic_write_text(output_path, text)
+        assert self.last_summary is not None
+        return self.last_summary
+
+    # -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _run(self, q: Questions) -> list[dict]:
+        start = time.perf_counter()
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        task, examples = q.task, q.examples
+        ids, n_truncated = encode_examples(task, examples, self.tokenizer, self.max_length)
+        option_ids = option_token_ids(self.tokenizer, task)
+        pad = self.tokenizer.pad_token_id
+        collator = MCCollator(
+            pad if pad is not None else self.tokenizer.eos_token_id, task.n_options
+        )
+        resolved = resolve_mode(self.method, self.model, self.mode, self.n_samples)
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(examples)), key=lambda i: len(ids[i]))  # less padding
+        rows: list[dict | None] = [None] * len(examples)
+        from tqdm.auto import tqdm
+
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for chunk in tqdm(batches, desc="predict", disable=not self.progress, leave=False):
+            items = [
+                {
+                    "input_ids": ids[i],
+                    "label": examples[i].label,
+                    "n_options": examples[i].n_options,
+                }
+                for i in chunk
+            ]
+            batch = {k: v.to(device) for k, v in collator(items).items()}
+            res = predict_batch(
+                self.method, self.model, batch, option_ids, resolved, self.fold, self.early
+            )
+            for j, i in enumerate(chunk):
+                rows[i] = _row(examples[i], q.labels[i], task.option_letters, res, j)
+        out = [r for r in rows if r is not None]
+        self.last_summary = _summary(out, resolved, self.n_samples, n_truncated, start)
+        return out
+
+
+def _row(ex: MCExample, label: int | None, letters: tuple[str, ...], res: Any, j: int) -> dict:
+    k = ex.n_options
+    probs = res.probs[j, :k]
+    pred = int(probs.argmax())
+    row: dict[str, Any] = {
+        "id": ex.id,
+        "probs": [float(p) for p in probs],
+        "pred": pred,
+        "answer": letters[pred],
+        "answer_text": ex.choices[pred],
+        "confidence": float(probs[pred]),
+        "total": float(res.total[j]),
+        "aleatoric": None if res.aleatoric is None else float(res.aleatoric[j]),
+        "epistemic": None if res.epistemic is None else float(res.epistemic[j]),
+        "n_samples": int(res.n_used[j]),
+    }
+    if label is not None:
+        row["label"] = label
+        row["correct"] = pred == label
+    return row
+
+
+def _summary(
+    rows: list[dict], resolved: ResolvedMode, n: int, n_truncated: int, start: float
+) -> PredictionSummary:
+    labelled = [r for r in rows if "label" in r]
+    return PredictionSummary(
+        n_examples=len(rows),
+        mode=resolved.mode,
+        eval_samples=n,
+        mean_samples_used=sum(r["n_samples"] for r in rows) / max(1, len(rows)),
+        seconds=round(time.perf_counter() - start, 3),
+        n_truncated=n_truncated,
+        n_labelled=len(labelled),
+        accuracy=sum(r["correct"] for r in labelled) / len(labelled) if labelled else None,
+        note=resolved.note,
+    )
+
+
+def predict(
+    model: nn.Module,
+    tokenizer: Any,
+    questions: Iterable[dict[str, Any] | MCExample],
+    method: Any = None,
+    **kwargs: Any,
+) -> list[dict]:
+    """Predict ``questions`` (BYO records: question, choices, optional context/id/answer).
+
+    Keyword arguments are those of :class:`Predictor` (``n_samples``, ``mode``, ``fold``,
+    ``batch_size``, ``max_length``, ``early``, ``seed``).
+    """
+    return Predictor(model, tokenizer, method, **kwargs).predict(questions)

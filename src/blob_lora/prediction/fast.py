@@ -1,0 +1,577 @@
+"""Cheaper ways to compute the Bayesian predictive, each a measured option (``bench/predictive.py``).
+
+The predictive of a sampling method is the average of ``N`` per-sample softmaxes. Modes:
+
+* ``fold``: all ``N`` samples in one forward, the sample index folded into the batch (the
+  method's own ``predict_samples``; the reference every other mode is compared with).
+* ``prefix``: when only the top of the network is random (BLoB with ``bayesian_layers``, e.g.
+  ``last_blocks_pattern``: the last blocks and the head), the deterministic blocks below the
+  first random one run once per batch; their output is repeated ``N`` times and only the
+  remaining blocks, the norm and the head run on the folded batch. With the same seed it draws
+  the same noise in the same order as ``fold`` and so gives the same probabilities.
+* ``early``: samples are drawn in small groups; an example stops as soon as the Monte-Carlo
+  standard errors (jackknife) of its predictive's top-class probability and entropy are both
+  within ``tol``. Never more than ``N`` samples; identical samples stop after the first group.
+* ``prefix-early``: both.
+* ``mean``: one deterministic pass with the mean weights (N = 0), the cheap end.
+
+The suffix is run through the model's *own* forward (so masks, rotary embeddings and the head
+are exactly the model's): the prefix blocks are swapped for pass-through modules and the last of
+them returns the cached, repeated hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blob_lora.evaluation.forward import answer_logits, repeat_batch
+from blob_lora.metrics import entropy
+from blob_lora.utils.errors import ConfigError
+
+MODES = ("fold", "prefix", "early", "prefix-early", "mean")
+HEAD_NAMES = ("lm_head", "score")  # modules that may follow the blocks and still be random
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """When to stop drawing samples for an example (modes ``early`` and ``prefix-early``).
+
+    Attributes:
+        tol: stop once the jackknife standard errors of the top-class probability and of the
+            predictive entropy (nats) are both at most ``tol``.
+        min_samples: size of the first group (at least 2: one sample has no spread).
+        group_size: samples drawn per later group.
+    """
+
+    tol: float = 0.01
+    min_samples: int = 3
+    group_size: int = 2
+
+    def validate(self) -> None:
+        if not (isinstance(self.tol, int | float) and math.isfinite(self.tol) and self.tol >= 0):
+            raise ConfigError(f"early-stopping tol must be a finite number >= 0, got {self.tol!r}")
+        if isinstance(self.min_samples, bool) or not isinstance(self.min_samples, int):
+            raise ConfigError(
+                f"early-stopping min_samples must be an int, got {self.min_samples!r}"
+            )
+        if self.min_samples < 2:
+            raise ConfigError(f"early-stopping min_samples must be >= 2, got {self.min_samples}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise ConfigError(f"early-stopping group_size must be an int, got {self.group_size!r}")
+        if self.group_size < 1:
+            raise ConfigError(f"early-stopping group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass
+class BatchPredictive:
+    """The predictive of one batch.
+
+    ``probs`` (B, C) is the averaged predictive, ``n_used`` (B,) the samples behind each row
+    (0 = mean weights). ``total`` is the entropy of ``probs``; ``aleatoric`` (mean entropy of
+    the samples) and ``epistemic`` (mutual information) need at least two samples and are
+    ``None`` otherwise. ``sample_probs`` (S, B, C) is kept when every row used S >= 1 samples.
+    """
+
+    probs: Tensor
+    n_used: Tensor
+    total: Tensor
+    aleatoric: Tensor | None
+    epistemic: Tensor | None
+    sample_probs: Tensor | None
+
+
+# ---------------------------------------------------------------------------------------------
+# which modules are random, and where the deterministic prefix ends
+
+
+def stochastic_module_names(method: Any, model: nn.Module) -> list[str] | None:
+    """Modules whose forward is random under ``method.sampling_mode``; ``None`` if unknown."""
+    fn = getattr(method, "stochastic_modules", None)
+    names = fn(model) if fn is not None else None
+    if names is None and getattr(method, "name", None) == "mc-dropout":
+        names = _lora_dropout_layers(model)
+    return names
+
+
+def _lora_dropout_layers(model: nn.Module) -> list[str]:
+    """LoRA layers with a real dropout (``lora_dropout.<adapter>`` is an ``nn.Dropout``)."""
+    out = []
+    for name, module in model.named_modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict) and any(
+            isinstance(d, nn.Dropout) and d.p > 0 for d in drop.values()
+        ):
+            out.append(name)
+    return out
+
+
+def draws_iid_samples(method: Any) -> bool:
+    """Whether samples may be drawn a few at a time (fresh independent draws per call)."""
+    return bool(getattr(method, "iid_samples", False)) or getattr(method, "name", None) == (
+        "mc-dropout"
+    )
+
+
+@dataclass
+class PrefixPlan:
+    """Blocks ``layers[:start]`` are deterministic and run once; ``start`` >= 1."""
+
+    layers: nn.ModuleList = field(repr=False)
+    start: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def _block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)(layers|h)$", name)
+    }
+
+
+def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
+    """Where the deterministic prefix ends, or ``(None, reason)`` when it cannot be reused."""
+    names = stochastic_module_names(method, model)
+    if names is None:
+        return (
+            None,
+            f"method {getattr(method, 'name', method)!r} does not say which layers are random",
+        )
+    if not names:
+        return None, "no layer is random"
+    lists = _block_lists(model)
+    if len(lists) != 1:
+        return None, f"expected one list of transformer blocks, found {sorted(lists) or 'none'}"
+    list_name, layers = next(iter(lists.items()))
+    pattern = re.compile(rf"^{re.escape(list_name)}\.(\d+)(\.|$)")
+    first = len(layers)
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            first = min(first, int(m.group(1)))
+        elif name.rsplit(".", 1)[-1] not in HEAD_NAMES:
+            return None, f"random module {name!r} is neither inside a block nor the output head"
+    if first == 0:
+        return None, "the first block is already random: there is no deterministic prefix"
+    return PrefixPlan(layers, first), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# capturing the prefix output and injecting it back
+
+
+class _PrefixDone(Exception):
+    """Raised by the capture hook to skip the rest of the forward."""
+
+
+def capture_prefix(model: nn.Module, plan: PrefixPlan, batch: dict[str, Tensor]) -> Any:
+    """The output of block ``start - 1`` for ``batch`` (the rest of the forward is skipped)."""
+    holder: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        holder["out"] = output
+        raise _PrefixDone
+
+    handle = plan.layers[plan.start - 1].register_forward_hook(hook)
+    try:
+        answer_logits(model, batch, torch.zeros(1, dtype=torch.long))
+    except _PrefixDone:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in holder:
+        raise RuntimeError("the prefix capture hook never ran: the model skipped its blocks")
+    return holder["out"]
+
+
+def _hidden(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(output: Any, hidden: Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def select_and_repeat(output: Any, rows: Tensor | None, times: int) -> Any:
+    """Rows ``rows`` of a captured block output, repeated ``times`` (sample-major order)."""
+    hidden = _hidden(output)
+    if rows is not None:
+        hidden = hidden.index_select(0, rows.to(hidden.device))
+    if times > 1:
+        hidden = hidden.repeat(times, *([1] * (hidden.dim() - 1)))
+    return _with_hidden(output, hidden)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a prefix block: returns its input unchanged (in the block's output form)."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class _Inject(nn.Module):
+    """Stands in for the last prefix block: returns the cached output."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def injected_prefix(plan: PrefixPlan, output: Any) -> Iterator[None]:
+    """Replace blocks ``[:start]`` so that a forward starts from ``output`` at block ``start``."""
+    saved = [plan.layers[i] for i in range(plan.start)]
+    as_tuple = isinstance(output, tuple)
+    try:
+        for i in range(plan.start - 1):
+            plan.layers[i] = _PassThrough(as_tuple)
+        plan.layers[plan.start - 1] = _Inject(output)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            plan.layers[i] = block
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing samples
+
+
+def _subset(batch: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
+    if rows is None:
+        return batch
+    return {k: v.index_select(0, rows.to(v.device)) for k, v in batch.items()}
+
+
+Draw = Callable[[Tensor | None, int], Tensor]
+"""``draw(rows, m)`` -> (m, len(rows), C) option probabilities of ``m`` fresh samples."""
+
+
+def fold_draw(method: Any, model: nn.Module, batch: dict[str, Tensor], option_ids: Tensor, fold):
+    def draw(rows: Tensor | None, m: int) -> Tensor:
+        return method.predict_samples(model, _subset(batch, rows), option_ids, m, fold=fold)
+
+    return draw
+
+
+def prefix_draw(
+    method: Any,
+    model: nn.Module,
+    plan: PrefixPlan,
+    batch: dict[str, Tensor],
+    option_ids: Tensor,
+    n_samples: int,
+    fold: int | None,
+) -> Draw:
+    """Run the prefix once now; each ``draw`` runs only the random suffix on folded copies."""
+    cached = capture_prefix(model, plan, batch)
+
+    def draw(rows: Tensor | None, m: int) -> Tensor:
+        sub = _subset(batch, rows)
+        chunk = max(1, min(fold or m, m))
+        out, done = [], 0
+        with method.sampling_mode(model, n_samples):
+            while done < m:
+                k = min(chunk, m - done)
+                with injected_prefix(plan, select_and_repeat(cached, rows, k)):
+                    logits = answer_logits(model, repeat_batch(sub, k), option_ids)
+                out.append(torch.softmax(logits, -1).view(k, -1, logits.shape[-1]))
+                done += k
+        return torch.cat(out)
+
+    return draw
+
+
+# ---------------------------------------------------------------------------------------------
+# early stopping
+
+
+def mc_standard_errors(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Jackknife standard errors of the predictive's top-class probability and entropy.
+
+    ``samples`` is (n, B, C) with n >= 2. For the top-class probability (a mean) this is the
+    usual ``std / sqrt(n)``; for the entropy of the mean it is the leave-one-out jackknife.
+    Identical samples give exactly 0.
+    """
+    n = samples.shape[0]
+    if n < 2:
+        raise ValueError("standard errors need at least two samples")
+    s = samples.to(torch.float64)
+    mean = s.mean(0)
+    top = mean.argmax(-1)
+    x = s.gather(-1, top.view(1, -1, 1).expand(n, -1, 1)).squeeze(-1)
+    se_top = x.std(0, unbiased=True) / math.sqrt(n)
+    loo = ((n * mean - s) / (n - 1)).clamp_min(0.0)
+    h = entropy(loo)
+    se_h = torch.sqrt((n - 1) / n * (h - h.mean(0)).square().sum(0))
+    return se_top, se_h
+
+
+def early_stopped_samples(
+    draw: Draw, batch_size: int, n_max: int, n_classes: int, rule: EarlyStop
+) -> tuple[Tensor, Tensor]:
+    """(buffer (n_max, B, C), n_used (B,)): draw in groups until each row's estimate settles.
+
+    Rows still drawing always hold the same number of samples, so each group is one call of
+    ``draw`` on the rows left; ``buffer[:n_used[b], b]`` are row ``b``'s samples.
+    """
+    rule.validate()
+    buf = torch.zeros(n_max, batch_size, n_classes, dtype=torch.float64)
+    n_used = torch.zeros(batch_size, dtype=torch.long)
+    active = torch.arange(batch_size)
+    n = 0
+    while active.numel() and n < n_max:
+        m = min(rule.min_samples if n == 0 else rule.group_size, n_max - n)
+        rows = None if active.numel() == batch_size else active
+        probs = draw(rows, m).detach().to("cpu", torch.float64)
+        buf[n : n + m, active] = probs
+        n += m
+        n_used[active] = n
+        if n >= n_max or n < 2:
+            continue
+        se_top, se_h = mc_standard_errors(buf[:n, active])
+        active = active[(se_top > rule.tol) | (se_h > rule.tol)]
+    return buf, n_used
+
+
+def ragged_decomposition(buf: Tensor, n_used: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, total, aleatoric, epistemic) when row ``b`` holds ``n_used[b]`` samples of ``buf``.
+
+    Same conventions as ``metrics.decompose_uncertainty`` (epistemic clamped at 0, total raised
+    to aleatoric), computed over each row's own samples.
+    """
+    n = n_used.to(torch.float64).clamp_min(1)
+    mask = (torch.arange(buf.shape[0]).unsqueeze(1) < n_used.unsqueeze(0)).to(torch.float64)
+    mean = (buf * mask.unsqueeze(-1)).sum(0) / n.unsqueeze(-1)
+    total = entropy(mean)
+    aleatoric = (entropy(buf) * mask).sum(0) / n
+    epistemic = (total - aleatoric).clamp_min(0.0)
+    return mean, torch.maximum(total, aleatoric), aleatoric, epistemic
+
+
+# ---------------------------------------------------------------------------------------------
+# one batch
+
+
+@dataclass
+class ResolvedMode:
+    """The mode actually run (after fallbacks) and what it needs."""
+
+    mode: str
+    n_samples: int
+    plan: PrefixPlan | None = None
+    note: str = ""
+
+
+def resolve_mode(method: Any, model: nn.Module, mode: str, n_samples: int) -> ResolvedMode:
+    """Check ``mode`` against the method and model; fall back (with a warning) where it cannot run.
+
+    ``prefix`` needs a method that names its random layers and a deterministic prefix;
+    ``early`` needs independent draws per call (not an ensemble's fixed members) and N >= 2.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown predictive mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "mean" or n_samples == 0:
+        return ResolvedMode("mean", 0)
+    wants_prefix = mode in ("prefix", "prefix-early")
+    wants_early = mode in ("early", "prefix-early")
+    notes = []
+    plan = None
+    if wants_prefix:
+        plan, reason = plan_prefix(method, model)
+        if plan is None:
+            notes.append(f"no prefix reuse ({reason})")
+    if wants_early and (n_samples < 2 or not draws_iid_samples(method)):
+        why = "N < 2" if n_samples < 2 else f"method {method.name!r} has a fixed sample set"
+        notes.append(f"no early stopping ({why})")
+        wants_early = False
+    name = {(True, True): "prefix-early", (True, False): "prefix", (False, True): "early"}.get(
+        (plan is not None, wants_early), "fold"
+    )
+    note = "; ".join(notes)
+    if note:
+        warnings.warn(f"predictive mode {mode!r} runs as {name!r}: {note}", stacklevel=2)
+    return ResolvedMode(name, n_samples, plan, note)
+
+
+@torch.no_grad()
+def predict_batch(
+    method: Any,
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    option_ids: Tensor,
+    resolved: ResolvedMode,
+    fold: int | None = None,
+    early: EarlyStop | None = None,
+) -> BatchPredictive:
+    """The predictive of ``batch`` under ``resolved`` (see :func:`resolve_mode`)."""
+    model.eval()
+    n = resolved.n_samples
+    if resolved.mode == "mean":
+        probs = method.predict_samples(model, batch, option_ids, 0, fold=fold)
+        # one mean-weights pass; a method whose "N = 0" means all of a fixed set (an
+        # ensemble's members) returns several rows, which are then ordinary samples
+        return _from_samples(probs.to("cpu", torch.float64), mean_weights=probs.shape[0] == 1)
+    if resolved.plan is not None:
+        draw = prefix_draw(method, model, resolved.plan, batch, option_ids, n, fold)
+    else:
+        draw = fold_draw(method, model, batch, option_ids, fold)
+    if resolved.mode in ("early", "prefix-early"):
+        rule = early or EarlyStop()
+        c = int(option_ids.numel())
+        buf, n_used = early_stopped_samples(draw, batch["input_ids"].shape[0], n, c, rule)
+        mean, total, aleatoric, epistemic = ragged_decomposition(buf, n_used)
+        same = bool((n_used == n_used[0]).all())
+        return BatchPredictive(
+            mean, n_used, total, aleatoric, epistemic, buf[: int(n_used[0])] if same else None
+        )
+    return _from_samples(draw(None, n).to("cpu", torch.float64))
+
+
+def _from_samples(sample_probs: Tensor, mean_weights: bool = False) -> BatchPredictive:
+    s, b, _ = sample_probs.shape
+    n_used = torch.full((b,), 0 if mean_weights else s, dtype=torch.long)
+    if s >= 2:
+        mean, total, aleatoric, epistemic = ragged_decomposition(
+            sample_probs, torch.full((b,), s, dtype=torch.long)
+        )
+        return BatchPredictive(mean, n_used, total, aleatoric, epistemic, sample_probs)
+    mean = sample_probs[0]
+    return BatchPredictive(mean, n_used, entropy(mean), None, None, sample_probs)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole dataset (used by evaluation)
+
+
+@dataclass
+class DatasetPredictive:
+    """Per-example predictive of a dataset, in dataset order (see ``BatchPredictive``)."""
+
+    probs: Tensor
+    labels: Tensor
+    n_used: Tensor
+    total: Tensor
+    aleatoric: Tensor | None
+    epistemic: Tensor | None
+    sample_probs: Tensor | None
+    mode: str
+
+    def uncertainty(self) -> dict[str, Tensor]:
+        out = {"total": self.total}
+        if self.aleatoric is not None and self.epistemic is not None:
+            out.update(aleatoric=self.aleatoric, epistemic=self.epistemic)
+        return out
+
+
+@torch.no_grad()
+def predict_dataset_fast(
+    model: nn.Module,
+    method: Any,
+    dataset: Any,
+    collator: Any,
+    option_ids: Tensor,
+    n_samples: int,
+    batch_size: int = 8,
+    mode: str = "fold",
+    fold: int | None = None,
+    early: EarlyStop | None = None,
+    accelerator: Any = None,
+    progress: bool = False,
+) -> DatasetPredictive:
+    """Like ``evaluation.evaluate.predict_dataset`` but in any mode of :data:`MODES`."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    resolved = resolve_mode(method, model, mode, n_samples)
+    items = _IndexedItems(dataset)
+    loader = DataLoader(
+        items, batch_size=batch_size, shuffle=False, collate_fn=items.collate(collator)
+    )
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+    device = next(model.parameters()).device
+    parts: dict[str, list[Tensor]] = {}
+    samples: list[Tensor] | None = []
+    for batch in tqdm(loader, desc=f"predict ({resolved.mode})", disable=not progress, leave=False):
+        idx = batch.pop("index")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        res = predict_batch(method, model, batch, option_ids, resolved, fold, early)
+        cols = {
+            "probs": res.probs,
+            "labels": batch["labels"].cpu(),
+            "n_used": res.n_used,
+            "total": res.total,
+            "index": idx.cpu(),
+        }
+        if res.aleatoric is not None and res.epistemic is not None:
+            cols.update(aleatoric=res.aleatoric, epistemic=res.epistemic)
+        if res.sample_probs is not None and samples is not None:
+            cols["samples"] = res.sample_probs.transpose(0, 1).contiguous()  # (B, S, C)
+        else:
+            samples = None
+        if accelerator is not None:
+            cols = accelerator.gather_for_metrics({k: v.to(device) for k, v in cols.items()})
+        if samples is not None:
+            samples.append(cols.pop("samples").cpu())
+        for k, v in cols.items():
+            parts.setdefault(k, []).append(v.cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    order = torch.argsort(cat["index"])
+    get = {k: v[order] for k, v in cat.items()}
+    sample_probs = None
+    if samples and len({t.shape[1] for t in samples}) == 1:
+        sample_probs = torch.cat(samples)[order].transpose(0, 1).contiguous()
+    return DatasetPredictive(
+        probs=get["probs"],
+        labels=get["labels"],
+        n_used=get["n_used"],
+        total=get["total"],
+        aleatoric=get.get("aleatoric"),
+        epistemic=get.get("epistemic"),
+        sample_probs=sample_probs,
+        mode=resolved.mode,
+    )
+
+
+class _IndexedItems(torch.utils.data.Dataset):
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.base[i], "index": i}
+
+    @staticmethod
+    def collate(collator: Any) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
+        return _IndexedCollate(collator)
+
+
+class _IndexedCollate:
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch

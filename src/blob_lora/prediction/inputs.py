@@ -1,0 +1,107 @@
+"""Questions to predict on: bring-your-own JSONL records whose ``answer`` may be missing.
+
+The record schema is the one of a BYO task folder (``question``, ``choices``, optional
+``context`` and ``id``), parsed by the task layer's own ``parse_generic`` so prompts and
+checks are identical to training; only ``answer`` becomes optional. The result is an
+in-memory ``Task`` (its source holds the examples) plus the labels that were given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blob_lora.tasks import MCExample, Task
+from blob_lora.tasks.prompts import STYLE_MC
+from blob_lora.tasks.sources import LETTERS, parse_generic, parse_rows, read_jsonl_examples
+from blob_lora.tasks.splits import SplitSpec
+from blob_lora.utils.errors import DataError
+
+INPUT_SPLIT = "input"
+
+
+@dataclass
+class Questions:
+    """Parsed questions: ``task`` (letters A.. up to the largest option count), ``examples``
+    in input order, and ``labels[i]`` (the given answer's index, or ``None``)."""
+
+    task: Task
+    examples: list[MCExample]
+    labels: list[int | None]
+
+
+class _LabelOptional:
+    """``parse_generic`` with ``answer`` optional; remembers which records had one."""
+
+    def __init__(self) -> None:
+        self.labelled: list[bool] = []
+
+    def __call__(self, rec: dict[str, Any], fallback_id: str) -> MCExample:
+        has = rec.get("answer") is not None
+        ex = parse_generic(rec if has else {**rec, "answer": 0}, fallback_id)
+        self.labelled.append(has)
+        return ex
+
+
+class InMemorySource:
+    """A task source whose only split (``input``) is a list of examples held in memory."""
+
+    def __init__(self, examples: list[MCExample]) -> None:
+        self.examples = list(examples)
+        digest = hashlib.sha256()
+        for ex in self.examples:
+            digest.update(json.dumps([ex.id, ex.question, ex.choices, ex.context]).encode())
+        self._digest = digest.hexdigest()
+
+    def read(self, spec: SplitSpec) -> list[MCExample]:
+        if spec.name != INPUT_SPLIT:
+            raise DataError(f"in-memory questions have only the split {INPUT_SPLIT!r}")
+        return list(self.examples)
+
+    def fingerprint(self, spec: SplitSpec) -> str:
+        return f"memory:{self._digest}"
+
+
+def questions_task(examples: list[MCExample], name: str = "predict") -> Task:
+    """A multiple-choice ``Task`` over ``examples`` (letters A.. for the largest option count)."""
+    if not examples:
+        raise DataError("no questions to predict")
+    n = max(ex.n_options for ex in examples)
+    return Task(name, n, LETTERS[:n], None, INPUT_SPLIT, STYLE_MC, InMemorySource(examples))
+
+
+def parse_questions(
+    questions: Iterable[dict[str, Any] | MCExample], where: str = "questions"
+) -> Questions:
+    """Records (dicts in the BYO schema, or ``MCExample``) to :class:`Questions`.
+
+    Records without an ``id`` get their 1-based position; errors name that position.
+    """
+    items = list(questions)
+    if all(isinstance(q, MCExample) for q in items):
+        return Questions(questions_task(items), items, [ex.label for ex in items])
+    if any(isinstance(q, MCExample) for q in items):
+        raise DataError(f"{where}: mix of MCExample objects and records; pass one kind")
+    parser = _LabelOptional()
+    examples = parse_rows(enumerate(items, 1), parser, where, "", "record")
+    labels = [ex.label if has else None for ex, has in zip(examples, parser.labelled, strict=True)]
+    return Questions(questions_task(examples), examples, labels)
+
+
+def read_questions(path: str | os.PathLike[str]) -> Questions:
+    """Questions from a JSONL file (``.jsonl`` or ``.jsonl.gz``); records without ``id`` are
+    named by line number, and every error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"input file {path} not found")
+    parser = _LabelOptional()
+    examples = read_jsonl_examples(path, parser, "line-")
+    if not examples:
+        raise DataError(f"{path} holds no questions")
+    labels = [ex.label if has else None for ex, has in zip(examples, parser.labelled, strict=True)]
+    return Questions(questions_task(examples, name=path.stem), examples, labels)

@@ -1,0 +1,121 @@
+"""The prediction API and ``blob-lora predict``: rows, decomposition identities, files, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from peft import get_peft_model
+
+from blob_lora.cli.main import main
+from blob_lora.prediction import EarlyStop, Predictor, predict, read_questions
+from blob_lora.utils.errors import DataError
+from tests.conftest import tiny_llama
+from tests.prediction.conftest import TARGETS, blob_model
+
+
+def entropy(p: list[float]) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+@pytest.mark.parametrize("mode", ["fold", "prefix", "early", "prefix-early"])
+def test_rows_and_decomposition_identities(tokenizer, records, mode):
+    rows = predict(
+        blob_model(), tokenizer, records, n_samples=6, mode=mode, seed=0, max_length=64,
+        early=EarlyStop(tol=0.0, min_samples=2, group_size=2),
+    )  # fmt: skip
+    assert [r["id"] for r in rows] == ["q1", "2", "q3", "7"]
+    for rec, row in zip(records, rows, strict=True):
+        k = len(rec["choices"])
+        assert len(row["probs"]) == k and math.isclose(sum(row["probs"]), 1.0, abs_tol=1e-6)
+        assert row["pred"] == max(range(k), key=lambda i: row["probs"][i])
+        assert row["answer"] == "ABCD"[row["pred"]]
+        assert row["answer_text"] == rec["choices"][row["pred"]]
+        assert row["confidence"] == row["probs"][row["pred"]]
+        assert row["n_samples"] == 6
+        # total = entropy of the averaged predictive = aleatoric + epistemic, parts >= 0
+        assert math.isclose(row["total"], entropy(row["probs"]), abs_tol=1e-9)
+        assert math.isclose(row["total"], row["aleatoric"] + row["epistemic"], abs_tol=1e-12)
+        assert row["aleatoric"] >= 0 and row["epistemic"] > 1e-4
+        assert row["total"] <= math.log(k) + 1e-9
+    labelled = {r["id"]: r for r in rows if "label" in r}
+    assert set(labelled) == {"q1", "2"} and labelled["2"]["label"] == 0
+    assert labelled["q1"]["correct"] == (labelled["q1"]["pred"] == 0)
+
+
+def test_prefix_mode_rows_equal_fold_rows_with_same_seed(tokenizer, records):
+    model = blob_model(bayesian_blocks=1)
+    fold = predict(model, tokenizer, records, n_samples=5, seed=3, max_length=64)
+    prefix = predict(model, tokenizer, records, n_samples=5, seed=3, mode="prefix", max_length=64)
+    for a, b in zip(fold, prefix, strict=True):
+        assert a["pred"] == b["pred"]
+        for key in ("total", "aleatoric", "epistemic", "confidence"):
+            assert math.isclose(a[key], b[key], abs_tol=1e-6)
+
+
+def test_methods_without_samples_report_total_only(tokenizer, records):
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = get_peft_model(tiny_llama(0), cfg).eval()
+    predictor = Predictor(lora, tokenizer, max_length=64)  # method inferred: plain LoRA
+    rows = predictor.predict(records)
+    assert predictor.method.name == "lora" and predictor.last_summary.mode == "mean"
+    for row in rows:
+        assert row["aleatoric"] is None and row["epistemic"] is None and row["n_samples"] == 0
+        assert math.isclose(row["total"], entropy(row["probs"]), abs_tol=1e-9)
+    # BLoB with N = 0 (mean weights) is deterministic and equally reports total only
+    model = blob_model()
+    a = predict(model, tokenizer, records, n_samples=0, seed=1, max_length=64)
+    b = predict(model, tokenizer, records, mode="mean", seed=2, max_length=64)
+    assert [r["probs"] for r in a] == [r["probs"] for r in b]
+    assert all(r["epistemic"] is None for r in a)
+
+
+def test_bad_records_name_the_record(tokenizer):
+    with pytest.raises(DataError, match="record 2: missing field 'choices'"):
+        predict(
+            blob_model(), tokenizer, [{"question": "a", "choices": ["x", "y"]}, {"question": "b"}]
+        )
+    with pytest.raises(DataError, match="no questions"):
+        predict(blob_model(), tokenizer, [])
+
+
+def test_read_questions_from_jsonl(tmp_path, records):
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    q = read_questions(path)
+    assert [ex.id for ex in q.examples] == ["q1", "line-2", "q3", "7"]
+    assert q.labels == [0, 0, None, None] and q.task.n_options == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 1: needs at least 2 options"):
+        read_questions(bad)
+
+
+def test_cli_predict_writes_rows_atomically(run_dir, tmp_path, records, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "out" / "pred.jsonl"
+    argv = ["predict", "--run", str(run_dir), "--input", str(inp), "--out", str(out)]
+    assert main([*argv, "--mode", "prefix-early", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "line-2", "q3", "7"]
+    assert all(2 <= r["n_samples"] <= 4 and r["epistemic"] is not None for r in rows)
+    printed = capsys.readouterr().out
+    assert "4 questions" in printed and "mode prefix-early, N=4" in printed
+    assert "accuracy on the 2 labelled" in printed
+    assert not list(out.parent.glob(".*"))  # no temporary files left behind
+    # same seed, fold mode, N from the command line: reproducible, same answers as prefix
+    assert main([*argv, "--mode", "mean", "--no-progress"]) == 0
+    mean_rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["n_samples"] == 0 and r["epistemic"] is None for r in mean_rows)
+
+
+def test_cli_predict_input_errors(run_dir, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    code = main(["predict", "--run", str(run_dir), "--input", str(tmp_path / "no.jsonl"),
+                 "--out", str(out)])  # fmt: skip
+    assert code == 2 and "input file" in capsys.readouterr().err
+    assert not out.exists()
