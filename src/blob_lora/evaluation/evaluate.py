@@ -106,21 +106,60 @@ def evaluate_on_task(
     cache_dir: str | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
+    predictive: str = "fold",
+    early: Any = None,
+    ood_against: Any = None,
 ) -> dict[str, Any]:
-    """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png."""
+    """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
+    and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
+
+    ``predictive`` picks how the N-sample predictive is computed (``blob_lora.prediction.fast``:
+    ``fold`` default, ``prefix``, ``early``, ``prefix-early``, ``mean``; ``early`` is its
+    ``EarlyStop`` rule). ``ood_against`` (the in-distribution evaluation folder, its
+    predictions.jsonl, or its rows) treats this split as OOD and adds ood.json + ood_roc.png.
+    """
+    from blob_lora.prediction import reports
+
     start = time.perf_counter()
+    # read the ID reference first: a wrong path fails before the (long) evaluation
+    id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     dataset = MCDataset(task, split, tokenizer, max_length, cache_dir=cache_dir)
     collator = MCCollator(tokenizer.pad_token_id, task.n_options)
     option_ids = option_token_ids(tokenizer, task)
-    sample_probs, labels, _ = predict_dataset(
-        model, method, dataset, collator, option_ids, n, batch_size, fold, accelerator, progress
-    )
-    probs = sample_probs.mean(0)
+    mean_used = None
+    if predictive == "fold":
+        sample_probs, labels, _ = predict_dataset(
+            model, method, dataset, collator, option_ids, n, batch_size, fold, accelerator, progress
+        )
+        probs = sample_probs.mean(0)
+        uncertainty = decompose_uncertainty(sample_probs)
+    else:
+        from blob_lora.prediction.fast import predict_dataset_fast
+
+        fast = predict_dataset_fast(
+            model,
+            method,
+            dataset,
+            collator,
+            option_ids,
+            n,
+            batch_size,
+            predictive,
+            fold,
+            early,
+            accelerator,
+            progress,
+        )
+        sample_probs, labels, probs = fast.sample_probs, fast.labels, fast.probs
+        uncertainty = fast.uncertainty()
+        mean_used = float(fast.n_used.double().mean())
     metrics: dict[str, Any] = classification_metrics(probs, labels)
     if len(labels) != len(dataset):
         raise RuntimeError(f"evaluation scored {len(labels)} of {len(dataset)} examples")
-    uncertainty = decompose_uncertainty(sample_probs)
+    metrics.update(reports.selective_metrics(probs.max(-1).values, probs.argmax(-1) == labels))
+    if mean_used is not None:
+        metrics.update(predictive=predictive, mean_samples_used=mean_used)
     metrics.update(
         {
             "task": task.name,
@@ -129,18 +168,40 @@ def evaluate_on_task(
             "eval_samples": n,
             "n_truncated": dataset.n_truncated,
             "mean_total_uncertainty": float(uncertainty["total"].mean()),
-            "mean_epistemic_uncertainty": float(uncertainty["epistemic"].mean()),
+            "mean_epistemic_uncertainty": float(uncertainty["epistemic"].mean())
+            if "epistemic" in uncertainty
+            else 0.0,
             "eval_seconds": round(time.perf_counter() - start, 3),
             **(extra or {}),
         }
     )
     if accelerator is None or accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        samples_ok = n > 1 and sample_probs is not None and sample_probs.shape[0] > 1
         rows = per_example_records(
-            probs, labels, ids=dataset.example_ids, sample_probs=sample_probs if n > 1 else None
+            probs,
+            labels,
+            ids=dataset.example_ids,
+            sample_probs=sample_probs if samples_ok else None,
         )
+        if not samples_ok and "epistemic" in uncertainty:  # early stopping: ragged samples
+            for i, row in enumerate(rows):
+                row.update({k: float(v[i]) for k, v in uncertainty.items()})
         atomic_write_text(out_dir / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         title = f"{method.name} on {task.name} (N={n})"
         reliability_diagram(probs, labels, out_dir / RELIABILITY_FILE, title=title)
+        epistemic = uncertainty.get("epistemic") if n > 1 else None
+        reports.risk_coverage_figure(
+            probs, labels, out_dir / reports.RISK_COVERAGE_FILE, epistemic, title=title
+        )
+        if id_rows is not None:
+            ood = reports.ood_detection(
+                id_rows,
+                rows,
+                out_dir,
+                title=f"{title}: OOD vs ID",
+                id_name=ood_against if isinstance(ood_against, str | Path) else None,
+            )
+            metrics.update(reports.flat_ood_metrics(ood))
         atomic_write_json(out_dir / METRICS_FILE, metrics)
     return metrics

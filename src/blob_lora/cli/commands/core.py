@@ -89,6 +89,12 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
         help="weight samples per forward pass (default: all N at once)",
     )
     p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
+    p.add_argument(
+        "--ood-reference",
+        metavar="ID_EVAL_DIR",
+        help="in-distribution evaluation folder (or its predictions.jsonl): score the evaluated "
+        "task(s) as OOD against it (AUROC/AUPR per uncertainty score, ood.json, ood_roc.png)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -129,6 +135,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             fold=args.fold,
             cache_dir=cfg.cache_dir,
             progress=not args.no_progress,
+            ood_against=args.ood_reference,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out}")
     if args.out and len(tasks) > 1:
