@@ -9,14 +9,19 @@ A checkpoint is a folder ``checkpoints/step-XXXXXXXX`` holding:
 * ``manifest.json``: SHA-256 of each file, written last.
 
 The folder is built under a temporary name and renamed into place, then ``checkpoints/latest``
-is atomically pointed at it. A folder without a matching manifest is never loaded.
+is atomically pointed at it. A folder without a matching manifest is never loaded: resuming
+falls back to the newest intact checkpoint (with a warning naming the skipped one), or fails
+with ``CheckpointError`` when none is intact. A write that fails (full disk, unwritable folder)
+raises ``CheckpointError`` and leaves the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,9 @@ from blob_lora.utils.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+_NAME = re.compile(r"^step-\d{8,}$")
+
+log = logging.getLogger(__name__)
 
 
 def _sha256(path: Path) -> str:
@@ -131,31 +139,73 @@ def save_checkpoint(
     loop_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` and point ``latest`` at it."""
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    """Write a complete checkpoint for ``step`` and point ``latest`` at it.
+
+    Raises ``CheckpointError`` when the disk refuses the write; the checkpoints written
+    before stay complete and ``latest`` keeps pointing at the newest of them.
+    """
     name = f"step-{step:08d}"
     final = checkpoint_root / name
-    with atomic_directory(final) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-            tmp / "trainable.safetensors",
-        )
-        for stem, obj in (("optim", optim_state), ("rng", rng_states)):
-            tensors: dict[str, torch.Tensor] = {}
-            skeleton = _split_tensors(obj, "", tensors)
-            save_file(tensors, tmp / f"{stem}.safetensors")
-            (tmp / f"{stem}.json").write_text(json.dumps(skeleton))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=2))
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
-    atomic_write_text(checkpoint_root / LATEST, name + "\n")
+    try:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(checkpoint_root)
+        with atomic_directory(final) as tmp:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                tmp / "trainable.safetensors",
+            )
+            for stem, obj in (("optim", optim_state), ("rng", rng_states)):
+                tensors: dict[str, torch.Tensor] = {}
+                skeleton = _split_tensors(obj, "", tensors)
+                save_file(tensors, tmp / f"{stem}.safetensors")
+                (tmp / f"{stem}.json").write_text(json.dumps(skeleton))
+            (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=2))
+            manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
+        atomic_write_text(checkpoint_root / LATEST, name + "\n")
+    except (OSError, SafetensorError) as exc:
+        previous = _pointer_target(checkpoint_root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier one"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({_reason(exc)}); {kept}. Free disk space or "
+            "fix the folder's permissions, then continue with --resume"
+        ) from exc
     _prune(checkpoint_root, keep=keep, protect=name)
     return final
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete ``.step-*`` leftovers of writes that a kill interrupted (never a real checkpoint)."""
+    for stale in root.glob(".step-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pointer_target(root: Path) -> Path | None:
+    """The folder ``latest`` names, if the pointer is readable and names a checkpoint folder."""
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root / name if _NAME.match(name) else None
+
+
 def _prune(root: Path, keep: int, protect: str) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
+    """Keep the ``keep`` newest checkpoints up to ``protect``; folders of later steps are
+    damaged leftovers that a resume skipped, so they go too."""
+    current = int(protect[5:])
+    steps = sorted(
+        (p for p in root.glob("step-*") if p.is_dir() and _NAME.match(p.name)),
+        key=lambda p: int(p.name[5:]),
+    )
+    older = [p for p in steps if int(p.name[5:]) <= current]
+    for old in [p for p in steps if int(p.name[5:]) > current] + older[:-keep]:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -166,32 +216,58 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST}: incomplete checkpoint")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
-    for fname, digest in manifest.get("files", {}).items():
-        f = path / fname
-        if not f.is_file():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    required = {"trainable.safetensors", "optim.safetensors", "optim.json", "rng.safetensors"}
+    required |= {"rng.json", "state.json"}
+    if not isinstance(files, dict) or not required <= set(files):
+        raise CheckpointError(f"{manifest_path} is corrupt: it does not list every file")
+    for fname, digest in files.items():
+        f = path / str(fname)
+        if "/" in str(fname) or not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {fname}")
-        if _sha256(f) != digest:
+        try:
+            actual = _sha256(f)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint file {f} is unreadable: {exc}") from exc
+        if actual != digest:
             raise CheckpointError(f"checkpoint file {f} does not match its checksum (corrupt)")
     return manifest
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
-    """The newest *verified* checkpoint, or ``None`` when there is none."""
-    pointer = checkpoint_root / LATEST
+    """The newest *verified* checkpoint, or ``None`` when there is none.
+
+    ``latest`` is tried first, then every ``step-*`` folder from the newest down; a folder that
+    fails verification (killed mid-write, truncated, edited) is skipped with a warning. Raises
+    ``CheckpointError`` when checkpoints exist but none is intact.
+    """
     candidates: list[Path] = []
-    if pointer.is_file():
-        candidates.append(checkpoint_root / pointer.read_text().strip())
-    candidates += sorted((p for p in checkpoint_root.glob("step-*") if p.is_dir()), reverse=True)
-    errors = []
+    pointed = _pointer_target(checkpoint_root)
+    if pointed is not None:
+        candidates.append(pointed)
+    if checkpoint_root.is_dir():
+        folders = (p for p in checkpoint_root.glob("step-*") if p.is_dir() and _NAME.match(p.name))
+        candidates += sorted(folders, key=lambda p: int(p.name[5:]), reverse=True)
+    errors: list[str] = []
+    seen: set[Path] = set()
     for cand in candidates:
+        if cand in seen:
+            continue
+        seen.add(cand)
         try:
             verify_checkpoint(cand)
-            return cand
         except CheckpointError as exc:
             errors.append(str(exc))
+            continue
+        newest = max(seen, key=lambda p: int(p.name[5:]))
+        if errors and int(cand.name[5:]) < int(newest.name[5:]):
+            log.warning(
+                "skipping damaged checkpoint(s): %s; resuming from %s", "; ".join(errors), cand
+            )
+        return cand
     if errors:
         raise CheckpointError("no intact checkpoint found: " + "; ".join(errors))
     return None
@@ -206,6 +282,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             skeleton = json.loads((path / f"{stem}.json").read_text())
             out[stem] = _join_tensors(skeleton, tensors)
         out["state"] = json.loads((path / "state.json").read_text())
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
     return out

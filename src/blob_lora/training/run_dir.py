@@ -1,4 +1,9 @@
-"""The run folder: what lives where, and refusing to clobber a different run."""
+"""The run folder: what lives where, and refusing to clobber a different run.
+
+Checking and creating are separate steps so that the trainer can refuse a wrong ``--out``
+before the (slow) model load, and create the folder only once the model and the data have
+been read: a run that fails on bad input leaves no half-made run folder behind.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,17 @@ CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_DIR = "eval"
 
+# Settings that may change on --resume as long as the global batch (batch_size * grad_accum *
+# number of processes) stays the same; the trainer checks that against the checkpoint.
+BATCH_LAYOUT = ("batch_size", "grad_accum")
 
-def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -> bool:
-    """Create or reuse ``out``; return True when an earlier run is to be resumed.
+
+def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -> bool:
+    """Refuse an unusable ``out`` without touching it; return True when a run is to be resumed.
 
     A folder holding another run is refused unless ``--overwrite`` (start afresh) or
-    ``--resume`` with identical training settings.
+    ``--resume`` with identical training settings (``batch_size``/``grad_accum`` may differ:
+    the trainer then requires the same global batch).
     """
     from blob_lora.training.config import TrainConfig
 
@@ -31,13 +41,16 @@ def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: 
     if cfg_path.is_file():
         if resume:
             try:
-                previous = json.loads(cfg_path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
+                previous = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise BlobLoraError(f"{cfg_path} is corrupt: {exc}") from exc
+            if not isinstance(previous, dict):
+                raise BlobLoraError(f"{cfg_path} is corrupt: not a JSON object")
+            allowed = (*TrainConfig.RESUMABLE_CHANGES, *BATCH_LAYOUT)
             changed = sorted(
                 k
                 for k in set(previous) | set(config)
-                if k not in TrainConfig.RESUMABLE_CHANGES and previous.get(k) != config.get(k)
+                if k not in allowed and previous.get(k) != config.get(k)
             )
             if changed:
                 raise ConfigError(
@@ -49,14 +62,30 @@ def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: 
             raise BlobLoraError(
                 f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
             )
-        shutil.rmtree(out)
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BlobLoraError(
             f"{out} is not empty and holds no blob-lora run; choose another --out or pass --overwrite"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -> bool:
+    """Check ``out`` (see ``check_run_dir``), then create it; return True when resuming."""
+    resuming = check_run_dir(out, config, overwrite, resume)
+    if resuming:
+        _check_writable(out)
+        return True
+    if overwrite and (out / RUN_CONFIG).is_file():  # only ever delete a blob-lora run
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BlobLoraError(f"cannot create the run folder {out}: {exc}") from exc
     _check_writable(out)
-    atomic_write_json(cfg_path, config)
+    try:
+        atomic_write_json(out / RUN_CONFIG, config)
+    except OSError as exc:
+        raise BlobLoraError(f"cannot write {out / RUN_CONFIG}: {exc}") from exc
     return False
 
 

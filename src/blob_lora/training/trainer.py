@@ -135,16 +135,17 @@ def train(
     train_split = cfg.train_split or "train"
     dataset = MCDataset(task, train_split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
     option_ids = option_token_ids(tokenizer, task).to(accelerator.device)
-    resuming = _on_main(
-        accelerator,
-        lambda: (
-            prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
-            and _has_checkpoint(out)
-        ),
-    )
 
     set_seed(cfg.seed)  # identical adapter initialisation on every process
-    model = method.build(base_model, cfg)
+    try:
+        model = method.build(base_model, cfg)
+    except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
+        if isinstance(exc, BlobLoraError):
+            raise
+        raise ConfigError(
+            f"cannot put a {cfg.method} adapter on {cfg.model}: {exc} "
+            f"(--target-modules {','.join(cfg.target_modules)})"
+        ) from exc
     set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
 
     collator = MCCollator(tokenizer.pad_token_id, task.n_options)
@@ -191,6 +192,14 @@ def train(
     updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
     unwrapped = accelerator.unwrap_model(model)
 
+    # Everything that reads user input has run: only now is the run folder created.
+    resuming = _on_main(
+        accelerator,
+        lambda: (
+            prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
+            and _has_checkpoint(out)
+        ),
+    )
     step, epoch, micro_done = 0, 0, 0
     ckpt_root = out / CHECKPOINTS
     layout = {
