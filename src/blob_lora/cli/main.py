@@ -68,4 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m blob_lora.cli.main`` (e.g. ``accelerate launch -m``): commands register
+    # with the importable module, not with this ``__main__`` copy of it.
+    from blob_lora.cli.main import main as _main
+
+    sys.exit(_main())

@@ -125,20 +125,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"--config {path}: use a .yaml, .yml, .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from exc
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
         else:
-            raise ConfigError(f"--config {path}: use a .yaml, .yml, .toml or .json file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+            data = json.loads(text)
+    # ValueError: JSON integers beyond Python's digit limit; RecursionError: absurd nesting
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError(f"--config {path} is not valid: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a mapping of option: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"--config {path}: option names must be strings, got {bad[:3]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

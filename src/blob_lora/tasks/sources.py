@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,10 @@ def make_example(
     rid: str, question: str, choices: list[str], label: int, context: str | None = None
 ) -> MCExample:
     """Build an MCExample after the checks every schema shares (option count, label range)."""
+    for what, text in (("id", rid), ("question", question), ("context", context or "")):
+        _check_text(what, text)
+    for i, c in enumerate(choices):
+        _check_text(f"choices[{i}]", c)
     n = len(choices)
     if n < MIN_OPTIONS:
         raise RecordProblem(f"needs at least {MIN_OPTIONS} options, got {n}")
@@ -77,6 +82,18 @@ def make_example(
     if not 0 <= label < n:
         raise RecordProblem(f"label {label} is out of range for {n} options (0..{n - 1})")
     return MCExample(rid, question, tuple(choices), label, context)
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that no tokenizer accepts: JSON can carry lone UTF-16 surrogates
+    (``"\\ud800"``), which are not Unicode characters and cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordProblem(
+            f"{what} holds an invalid character {text[e.start]!r} at position {e.start} "
+            "(a lone UTF-16 surrogate escape)"
+        ) from None
 
 
 def _labelled_choices(texts: list[Any], labels: list[Any], key: Any, where: str) -> tuple:
@@ -244,7 +261,8 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    # utf-8-sig on the first line: editors on Windows start files with a BOM
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason})") from e
                 if not line.strip():
@@ -255,7 +273,9 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
                     raise DataError(
                         f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
                     ) from e
-    except (OSError, EOFError) as e:  # unreadable file, truncated gzip
+                except (ValueError, RecursionError) as e:  # 5000-digit numbers, deep nesting
+                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:  # unreadable file, truncated or corrupt gzip
         raise DataError(f"{path}: cannot read ({e})") from e
     _FILE_CACHE[key] = rows
     while len(_FILE_CACHE) > _FILE_CACHE_SIZE:

@@ -11,6 +11,9 @@ from blob_lora.training.optim import OPTIMIZER_MODES
 from blob_lora.tuners.blob.config import FLIPOUT_MODES, STD_PARAMS
 from blob_lora.utils.errors import ConfigError
 
+MAX_SEED = 2**31 - 1
+MAX_EPOCHS = 1e6
+
 
 @dataclass
 class TrainConfig:
@@ -66,15 +69,54 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+        def flag(name: str) -> str:
+            return f"--{name.replace('_', '-')}"
+
+        def positive_int(
+            name: str, allow_none: bool = False, allow_zero: bool = False, lo: int | None = None
+        ) -> None:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            lo = 0 if allow_zero else 1
+            lo = lo if lo is not None else 0 if allow_zero else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{flag(name)} must be an integer >= {lo}, got {v!r}")
+
+        # Types first: a config file can hold any YAML/TOML/JSON value, and a wrong type must
+        # be refused here rather than fail deep inside a library later.
+        for name in ("model", "task", "method", "out", "optimizer", "kl_schedule", "std_param"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(
-                    f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}"
+                    f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}"
                 )
+        for name in ("data_root", "train_split", "eval_split", "cache_dir", "log_with"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"{flag(name)} must be a string, got {v!r}")
+        for name in (
+            "kl_rescale",
+            "load_in_8bit",
+            "load_in_4bit",
+            "trust_remote_code",
+            "bucket_by_length",
+            "evaluate",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{flag(name)} must be true or false, got {getattr(self, name)!r}"
+                )
+        for name in ("target_modules", "eval_tasks", "bayesian_layers"):
+            v = getattr(self, name)
+            if v is None and name == "bayesian_layers":
+                continue
+            if not isinstance(v, list | tuple) or not all(
+                isinstance(x, str) and x.strip() for x in v
+            ):
+                raise ConfigError(
+                    f"{flag(name)} must be a list of non-empty strings "
+                    f"(comma-separated on the command line), got {v!r}"
+                )
+            setattr(self, name, list(v))  # as run_config.json stores it (resume compares)
 
         def positive_float(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
             v = getattr(self, name)
@@ -95,17 +137,20 @@ class TrainConfig:
         positive_int("log_every")
         positive_int("ensemble_size")
         positive_int("seed", allow_zero=True)
-        if self.max_length < 16:
-            raise ConfigError(f"--max-length must be >= 16, got {self.max_length!r}")
+        if self.seed > MAX_SEED:  # numpy seeds stop at 2**32 - 1 (and each process adds its rank)
+            raise ConfigError(f"--seed must be <= {MAX_SEED}, got {self.seed!r}")
+        positive_int("max_length", lo=16)
         for name in ("lr", "kl_lr", "lora_alpha", "prior_std", "init_std", "kl_gamma"):
             positive_float(name)
         positive_float("std_lr", allow_none=True)
         positive_float("epochs", allow_none=True)
+        if self.epochs is not None and self.epochs > MAX_EPOCHS:
+            raise ConfigError(f"--epochs must be <= {MAX_EPOCHS:g}, got {self.epochs!r}")
         positive_float("weight_decay", allow_zero=True)
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("warmup_ratio", "lora_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+                raise ConfigError(f"{flag(name)} must be a number in [0, 1), got {v!r}")
         choices = {
             "optimizer": OPTIMIZER_MODES,
             "kl_schedule": KL_SCHEDULES,

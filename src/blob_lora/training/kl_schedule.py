@@ -20,7 +20,13 @@ KL_SCHEDULES = ("geometric", "uniform", "elbo")
 
 def rescaled_cycle_length(n_train: int, global_batch: int, gamma: float = 8.0) -> int:
     """The authors' "dataset rescaling" cycle: grows sub-linearly with the dataset size."""
-    return max(1, int(100 * n_train ** (math.pi / gamma) / global_batch))
+    try:
+        return max(1, int(100 * n_train ** (math.pi / gamma) / global_batch))
+    except OverflowError:  # a tiny --kl-gamma: n^(pi/gamma) exceeds every float
+        raise ConfigError(
+            f"--kl-gamma {gamma!r} is too small: the KL cycle length overflows "
+            f"(100 * {n_train}^(pi/gamma) / {global_batch}); the paper uses 8"
+        ) from None
 
 
 @dataclass(frozen=True)
