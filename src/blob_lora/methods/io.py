@@ -23,8 +23,14 @@ def load_plain_adapter(
         try:
             model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name)
         except (RuntimeError, ValueError, OSError) as exc:
+            # torch lists one "size mismatch for <name>: ..." line per tensor: keep one line
+            lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+            sizes = [x for x in lines if x.startswith("size mismatch")]
+            detail = "; ".join(sizes[:3]) if sizes else " ".join(lines)
+            if sizes:
+                detail = f"made for another base model? {len(sizes)} tensors differ: {detail}"
             raise CheckpointError(
-                f"adapter in {adapter_dir} does not fit this model: {exc}"
+                f"adapter in {adapter_dir} does not fit this model ({detail})"
             ) from exc
     expected = _adapter_state_shapes(model, adapter_name)
     missing = sorted(set(expected) - set(state))

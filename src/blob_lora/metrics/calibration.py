@@ -40,7 +40,12 @@ def classification_metrics(probs: Any, labels: Any) -> dict[str, float]:
     # clamp so a float-rounding 1.0000001 can never trigger that silently.
     p_tm = p.clamp(0.0, 1.0)
 
-    ece_metric = MulticlassCalibrationError(num_classes=c, n_bins=N_BINS, norm="l1")
+    # sync_on_compute=False: callers pass complete (already gathered) arrays; under
+    # torch.distributed torchmetrics would otherwise all-gather them again, and hang when
+    # only the main process computes (reliability diagram).
+    ece_metric = MulticlassCalibrationError(
+        num_classes=c, n_bins=N_BINS, norm="l1", sync_on_compute=False
+    )
     ece_metric.update(p_tm, y)
     ece = float(ece_metric.compute())
 

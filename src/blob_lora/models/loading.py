@@ -108,10 +108,24 @@ def load_model_and_tokenizer(
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:
+        pickled = Path(location).is_dir() and any(Path(location).glob("*.bin"))
+        hint = (
+            " The folder holds pickled *.bin weights: blob-lora loads safetensors only "
+            "(convert them with safetensors' save_file on a trusted machine)."
+            if pickled
+            else ""
+        )
         raise BlobLoraError(
-            f"could not load model {name_or_path!r}: {exc}. Known embedded models: "
+            f"could not load model {name_or_path!r}: {exc}.{hint} Known embedded models: "
             f"{sorted(EMBEDDED_MODELS)}; otherwise pass a local folder (safetensors) or a Hub "
             "name (needs network)."
+        ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) and "custom code" not in str(exc):
+            raise
+        raise BlobLoraError(
+            f"model {name_or_path!r} ships its own Python code, which blob-lora does not run "
+            "unless you pass --trust-remote-code (read that code first)"
         ) from exc
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
