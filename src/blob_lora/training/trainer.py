@@ -331,7 +331,7 @@ def train(
     def save_adapter() -> None:
         try:
             with atomic_directory(out / ADAPTER_DIR) as tmp:
-                unwrapped.save_pretrained(tmp)
+                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write the adapter to {out / ADAPTER_DIR} ({exc}); the final "
