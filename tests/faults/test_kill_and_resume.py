@@ -1,0 +1,105 @@
+"""A ``blob-lora train`` process killed with SIGKILL at a random step resumes to exactly the
+adapter of an uninterrupted run (bitwise, on CPU: the checkpoint holds the weights, the
+optimiser and scheduler states, the data position and every RNG state of the BLoB noise)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from blob_lora.cli.main import main
+from blob_lora.training import checkpoint as ckpt
+from tests.faults.tiny_run import (
+    adapter,
+    base_args,
+    cli_command,
+    cli_env,
+    one_thread,
+    train_log,
+)
+
+STEPS = 40
+
+
+def _args(assets, out, *extra):
+    return base_args(
+        assets,
+        out,
+        "--method", "blob", "--batch-size", "3", "--max-steps", str(STEPS),
+        "--checkpoint-every", "1", "--evaluate", "false", *extra,
+    )  # fmt: skip
+
+
+def _latest_step(run) -> int:
+    try:
+        return int((run / "checkpoints" / "latest").read_text().strip()[5:])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def full(assets, tmp_path_factory):
+    """The uninterrupted run."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    with one_thread():  # the CLI subprocesses run on one thread too: same float results
+        assert main(_args(assets, run)) == 0
+    return run
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(assets, full, tmp_path) -> None:
+    reference = adapter(full)
+
+    kill_after = random.Random().randint(1, STEPS // 2)  # the checkpoint we wait for
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli_command() + _args(assets, run),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while _latest_step(run) < kill_after and proc.poll() is None:
+            assert time.monotonic() < deadline, "the training subprocess made no progress"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)  # may land in the middle of the next checkpoint write
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
+    assert not (run / "adapter").exists()
+    killed_at = _latest_step(run)
+    assert kill_after <= killed_at < STEPS
+    assert ckpt.latest_checkpoint(run / "checkpoints") is not None
+
+    with one_thread():
+        assert main([*_args(assets, run), "--resume"]) == 0
+    resumed = adapter(run)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), (name, kill_after, killed_at)
+    assert [r["step"] for r in train_log(run)] == list(range(1, STEPS + 1))
+    full_log = train_log(full)
+    assert [r["nll"] for r in train_log(run)] == [r["nll"] for r in full_log]
+    # no temporary checkpoint folders are left behind by the write the kill interrupted
+    assert not list((run / "checkpoints").glob(".step-*"))
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(assets, tmp_path) -> None:
+    with one_thread():
+        assert main(_args(assets, tmp_path / "full")) == 0
+        run = tmp_path / "early"
+        shutil.copytree(tmp_path / "full", run)
+        for name in ("checkpoints", "adapter"):
+            shutil.rmtree(run / name)
+        assert main([*_args(assets, run), "--resume"]) == 0
+    for name, value in adapter(tmp_path / "full").items():
+        assert torch.equal(adapter(run)[name], value), name

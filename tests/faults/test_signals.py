@@ -1,0 +1,81 @@
+"""SIGTERM/SIGINT stop a ``blob-lora train`` process after the current step with a checkpoint,
+one clear line and exit status 2; ``--resume`` then ends on the uninterrupted adapter."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from blob_lora.cli.main import main
+from blob_lora.training import checkpoint as ckpt
+from tests.faults.tiny_run import adapter, base_args, cli_command, cli_env, one_thread, train_log
+
+STEPS = 60
+
+
+def _args(assets, out, *extra):
+    return base_args(
+        assets,
+        out,
+        "--method", "blob", "--batch-size", "3", "--max-steps", str(STEPS),
+        "--evaluate", "false", *extra,
+    )  # fmt: skip
+
+
+def _interrupt(assets, run, sig) -> tuple[int, str]:
+    proc = subprocess.Popen(
+        cli_command() + _args(assets, run),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = run / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline, "the training subprocess made no progress"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_completes_the_run(assets, tmp_path) -> None:
+    run = tmp_path / "run"
+    rc, err = _interrupt(assets, run, signal.SIGTERM)
+    assert rc == 2, err[-2000:]
+    last = train_log(run)[-1]["step"]
+    assert 2 <= last < STEPS
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"blob-lora train: error: stopped by signal {int(signal.SIGTERM)} ")
+    assert f"after step {last}; checkpoint saved" in line and "--resume" in line
+    saved = ckpt.latest_checkpoint(run / "checkpoints")
+    assert saved.name == f"step-{last:08d}"
+    assert ckpt.load_checkpoint(saved)["state"]["step"] == last
+    assert not (run / "adapter").exists()
+
+    with one_thread():
+        assert main([*_args(assets, run), "--resume"]) == 0
+        assert main(_args(assets, tmp_path / "full")) == 0
+    for name, value in adapter(tmp_path / "full").items():
+        assert torch.equal(adapter(run)[name], value), name
+    assert [r["step"] for r in train_log(run)] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT])
+def test_sigint_saves_a_checkpoint_too(assets, tmp_path, sig) -> None:
+    run = tmp_path / "run"
+    rc, err = _interrupt(assets, run, sig)
+    assert rc == 2, err[-2000:]
+    last = train_log(run)[-1]["step"]
+    assert f"stopped by signal {int(sig)} after step {last}" in err
+    assert ckpt.latest_checkpoint(run / "checkpoints").name == f"step-{last:08d}"
+    assert "Traceback" not in err
