@@ -205,3 +205,49 @@ def evaluate_on_task(
             metrics.update(reports.flat_ood_metrics(ood))
         atomic_write_json(out_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def task_dir_name(name: str) -> str:
+    """A task name as a folder name (``mmlu:college_physics`` -> ``mmlu__college_physics``)."""
+    return name.replace(":", "__").replace("/", "_")
+
+
+def evaluate_run_tasks(
+    model: torch.nn.Module,
+    method: Any,
+    tokenizer: Any,
+    cfg: Any,
+    *,
+    accelerator: Any = None,
+    progress: bool = False,
+    loaded_task: Task | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a run on its own task and ``cfg.eval_tasks`` into ``RUN/eval/<task>/``.
+
+    Shared by plain and composite runs so every method is scored the same way.
+    """
+    from blob_lora.tasks import get_task
+
+    results: dict[str, dict[str, Any]] = {}
+    for name in [cfg.task, *cfg.eval_tasks]:
+        own = name == cfg.task
+        task = (
+            loaded_task
+            if own and loaded_task is not None
+            else get_task(name, data_root=cfg.data_root)
+        )
+        results[name] = evaluate_on_task(
+            model,
+            method,
+            tokenizer,
+            task,
+            Path(cfg.out) / "eval" / task_dir_name(name),
+            split=cfg.eval_split if (own and cfg.eval_split) else "eval",
+            n_samples=cfg.eval_samples,
+            max_length=cfg.max_length,
+            batch_size=cfg.eval_batch_size,
+            accelerator=accelerator,
+            cache_dir=cfg.cache_dir,
+            progress=progress,
+        )
+    return results

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blob_lora.evaluation.evaluate import task_dir_name
 from blob_lora.experiments.spec import Column, CompareSpec
 from blob_lora.experiments.tables import (
     build_table,
@@ -63,7 +64,7 @@ IGNORED_DIFFERENCES = {
 
 
 def safe_name(name: str) -> str:
-    return name.replace(":", "__").replace("/", "_")
+    return task_dir_name(name)
 
 
 @dataclass

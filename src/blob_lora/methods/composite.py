@@ -24,16 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from blob_lora.training.run_dir import EVAL_DIR, RUN_CONFIG, prepare_run_dir
+from blob_lora.training.run_dir import RUN_CONFIG, prepare_run_dir
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
 
 SUMMARY = "summary.json"
-
-
-def safe_name(name: str) -> str:
-    """A task name as a folder name (``mmlu:college_physics`` -> ``mmlu__college_physics``)."""
-    return name.replace(":", "__").replace("/", "_")
 
 
 def claim_run_dir(cfg: Any, *, overwrite: bool, resume: bool) -> Any:
@@ -127,31 +122,13 @@ def evaluate_run(
         return {}
     from accelerate import Accelerator
 
-    from blob_lora.evaluation.evaluate import evaluate_on_task
-    from blob_lora.tasks import get_task
+    from blob_lora.evaluation.evaluate import evaluate_run_tasks
 
     accelerator = Accelerator()
     to_device(model, accelerator.device)
-    out = Path(cfg.out)
-    results: dict[str, Any] = {}
-    for name in [cfg.task, *cfg.eval_tasks]:
-        task = get_task(name, data_root=cfg.data_root)
-        split = cfg.eval_split if (name == cfg.task and cfg.eval_split) else "eval"
-        results[name] = evaluate_on_task(
-            model,
-            method,
-            tokenizer,
-            task,
-            out / EVAL_DIR / safe_name(name),
-            split=split,
-            n_samples=cfg.eval_samples,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
-            accelerator=accelerator,
-            cache_dir=cfg.cache_dir,
-            progress=progress,
-        )
-    return results
+    return evaluate_run_tasks(
+        model, method, tokenizer, cfg, accelerator=accelerator, progress=progress
+    )
 
 
 def write_summary(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,6 @@ from blob_lora.training.optim import build_updater
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     CHECKPOINTS,
-    EVAL_DIR,
     TRAIN_LOG,
     check_run_dir,
     prepare_run_dir,
@@ -353,26 +352,17 @@ def train(
         "evaluations": {},
     }
     if cfg.evaluate:
-        from blob_lora.evaluation.evaluate import evaluate_on_task
+        from blob_lora.evaluation.evaluate import evaluate_run_tasks
 
-        for name in [cfg.task, *cfg.eval_tasks]:
-            eval_task = task if name == cfg.task else get_task(name, data_root=cfg.data_root)
-            split = cfg.eval_split if (name == cfg.task and cfg.eval_split) else "eval"
-            metrics = evaluate_on_task(
-                unwrapped,
-                method,
-                tokenizer,
-                eval_task,
-                out / EVAL_DIR / _safe(name),
-                split=split,
-                n_samples=cfg.eval_samples,
-                max_length=cfg.max_length,
-                batch_size=cfg.eval_batch_size,
-                accelerator=accelerator,
-                cache_dir=cfg.cache_dir,
-                progress=progress,
-            )
-            summary["evaluations"][name] = metrics
+        summary["evaluations"] = evaluate_run_tasks(
+            unwrapped,
+            method,
+            tokenizer,
+            cfg,
+            accelerator=accelerator,
+            progress=progress,
+            loaded_task=task,
+        )
 
     def write_summary() -> None:
         try:
@@ -384,10 +374,6 @@ def train(
     if cfg.log_with:
         accelerator.end_training()
     return summary
-
-
-def _safe(name: str) -> str:
-    return name.replace(":", "__").replace("/", "_")
 
 
 def _check_launch(accelerator) -> None:

@@ -157,7 +157,9 @@ def _task_list(text: str) -> list[str]:
 
 
 def _safe(name: str) -> str:
-    return name.replace(":", "__").replace("/", "_")
+    from blob_lora.evaluation.evaluate import task_dir_name
+
+    return task_dir_name(name)
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
