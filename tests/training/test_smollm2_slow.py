@@ -50,8 +50,10 @@ def test_smollm2_blob_train_and_evaluate(tmp_path, data_root) -> None:
     assert rc == 0
     metrics = json.loads((run / "eval" / "openbookqa" / "metrics.json").read_text())
     assert metrics["n_examples"] == 24
-    # The real model answers far above chance only if prompts, answer tokens and scoring are right.
-    assert metrics["accuracy"] > 0.3
+    # Zero-shot SmolLM2-135M is over-confident and near chance here (OBQA validation[:64]:
+    # ACC .30, ECE .38, NLL 2.05, measured); a few BLoB steps must already pull the NLL down.
+    assert metrics["nll"] < 1.9
+    assert metrics["ece"] < 0.3
     rc = main(
         [
             "evaluate",
