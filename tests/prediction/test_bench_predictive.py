@@ -47,7 +47,7 @@ def test_cpu_setting_on_a_tiny_run(bench, run_dir, data_root, tmp_path):
     report = bench.main(
         ["--run", str(run_dir), "--task", "winogrande_s", "--eval-split", "validation[:5]",
          "--data-root", str(data_root), "--batch-size", "3", "--n", "4", "--threads", "1",
-         "--modes", "mean", "fold:4", "prefix:4", "prefix-early:4@1.0", "--out", str(out)]
+         "--modes", "mean", "fold:4", "fold:4~", "prefix:4", "prefix-early:4@1.0", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text())["rows"] == report["rows"]
     rows = {r["name"]: r for r in report["rows"]}
@@ -58,6 +58,8 @@ def test_cpu_setting_on_a_tiny_run(bench, run_dir, data_root, tmp_path):
     assert prefix["d_ece"] == pytest.approx(0.0, abs=1e-6)
     assert "meets_full_target" in fold and fold["d_nll"] == 0
     assert rows["prefix-early N<=4 tol=1"]["mean_samples_used"] == 3  # stops after the min group
+    other = rows["fold N=4, other noise"]  # same mode, other noise: the Monte-Carlo floor
+    assert other["other"] and other["d_nll"] != 0 and "meets_full_target" not in other
     assert rows["mean (N=0)"]["mean_epistemic"] is None
     assert rows["lora (1 pass)"]["x_lora"] == pytest.approx(1.0)
     # mean weights = plain LoRA: same predictive

@@ -152,3 +152,29 @@ def test_evaluate_with_fast_modes(data_root, tokenizer, tmp_path):
     assert results["prefix-early"]["mean_samples_used"] == 2  # tol 1: stop after the first group
     rows = [json.loads(x) for x in (tmp_path / "prefix-early" / "predictions.jsonl").open()]
     assert len(rows) == 5 and all(r["epistemic"] >= 0 and "aleatoric" in r for r in rows)
+
+
+def test_cli_evaluate_ood_reference(run_dir, data_root, tmp_path, capsys):
+    from blob_lora.cli.main import main
+
+    base = ["evaluate", "--run", str(run_dir), "--data-root", str(data_root), "--no-progress"]
+    id_dir, ood_dir = tmp_path / "id", tmp_path / "ood"
+    assert (
+        main([*base, "--task", "winogrande_s", "--split", "validation[:4]", "--out", str(id_dir)])
+        == 0
+    )
+    code = main(
+        [*base, "--task", "winogrande_s", "--split", "validation[4:8]", "--out", str(ood_dir),
+         "--ood-reference", str(id_dir)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((ood_dir / "ood.json").read_text())
+    assert report["n_id"] == report["n_ood"] == 4
+    assert set(report["scores"]) == {"total", "epistemic", "1-confidence"}
+    metrics = json.loads((ood_dir / "metrics.json").read_text())
+    assert metrics["ood_auroc_epistemic"] == report["scores"]["epistemic"]["auroc"]
+    assert {"aurc", "acc_at_80", "acc_at_90", "acc_at_95"} <= set(metrics)
+    assert (ood_dir / "ood_roc.png").is_file() and (id_dir / "risk_coverage.png").is_file()
+    bad = main([*base, "--task", "winogrande_s", "--split", "validation[:2]", "--out",
+                str(tmp_path / "x"), "--ood-reference", str(tmp_path / "nothing")])  # fmt: skip
+    assert bad == 2 and "expected an evaluation folder" in capsys.readouterr().err
