@@ -5,7 +5,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export BLOB_LORA_DATA ?= $(abspath ../shared/data)
+# The offline datasets next to the checkout, when present; otherwise the Hugging Face Hub.
+ifeq ($(origin BLOB_LORA_DATA), undefined)
+  ifneq ($(wildcard ../shared/data),)
+    export BLOB_LORA_DATA := $(abspath ../shared/data)
+  endif
+endif
 
 .PHONY: install demo test test-all lint
 
