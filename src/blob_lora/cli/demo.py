@@ -29,17 +29,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--train-split",
-        default="train[:96]",
-        help="training examples (seeded slice; default train[:96])",
+        default="train[:64]",
+        help="training examples (seeded slice; default train[:64])",
     )
     p.add_argument(
         "--eval-size",
         type=int,
-        default=100,
-        help="examples per evaluation set (seeded slice; default 100)",
+        default=80,
+        help="examples per evaluation set (seeded slice; default 80)",
     )
     p.add_argument(
-        "--epochs", type=float, default=4, help="passes over the training examples (default 4)"
+        "--epochs",
+        type=float,
+        default=8,
+        help="passes over the training examples (default 8: 64 steps, one full cycle of the "
+        "paper's rescaled KL schedule at 64 examples)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
