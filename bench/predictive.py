@@ -38,6 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
@@ -49,6 +50,7 @@ from common import (  # noqa: E402
 
 ensure_src_on_path()
 
+from blob_lora.cli.demo import DEMO_TARGETS  # noqa: E402
 from blob_lora.evaluation.forward import answer_logits  # noqa: E402
 from blob_lora.prediction.fast import (  # noqa: E402
     EarlyStop,
@@ -59,16 +61,6 @@ from blob_lora.tuners.blob import sampling  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
-DEMO_TARGETS = r".*\.layers\.(2[2-9])\.self_attn\.(q_proj|v_proj)|.*lm_head"
-LLAMA2_7B_SHAPE = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-}
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,

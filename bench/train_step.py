@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
@@ -60,15 +61,6 @@ TARGETS = ["q_proj", "v_proj", "lm_head"]
 ADAMW = {"lr": 1e-4, "eps": 1e-6, "weight_decay": 0.0}
 KL_SGD_LR = 0.01
 
-LLAMA2_7B_SHAPE = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-}
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
