@@ -172,3 +172,23 @@ def test_corrupt_or_missing_checkpoint_is_refused(tmp_path) -> None:
     (tmp_path / "blob_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="blob_config.json"):
         load_blob_model(tiny_llama(0), tmp_path)
+
+
+def test_blob_method_n0_is_the_mean_model() -> None:
+    """BLoB-Mean (N = 0) through the harness equals the mean-weights forward exactly."""
+    from blob_lora.evaluation.forward import answer_logits
+    from blob_lora.methods import get_method
+
+    model = trained_blob()
+    batch = {
+        "input_ids": IDS,
+        "attention_mask": torch.ones_like(IDS),
+        "option_mask": torch.ones(3, 4, dtype=torch.bool),
+    }
+    option_ids = torch.tensor([5, 6, 7, 8])
+    got = get_method("blob").predict_samples(model, batch, option_ids, 0)
+    with torch.no_grad(), sampling(model, False):
+        expected = torch.softmax(answer_logits(model, batch, option_ids), -1)
+    assert got.shape == (1, 3, 4)
+    assert torch.equal(got[0], expected)
+    assert all(layer.blob_sampling for layer in model.modules() if isinstance(layer, BlobLinear))

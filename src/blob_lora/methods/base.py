@@ -71,6 +71,11 @@ class Method:
         return self.samples_by_default if requested is None else requested
 
     @contextmanager
+    def mean_mode(self, model: nn.Module) -> Iterator[None]:
+        """Put the model in its deterministic (N = 0) state; plain LoRA already is."""
+        yield
+
+    @contextmanager
     def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
         """Put the model in the state that draws one predictive sample per sequence."""
         yield
@@ -100,7 +105,8 @@ class Method:
         model.eval()
         n = max(1, n_samples)
         if n_samples == 0:
-            return torch.softmax(answer_logits(model, batch, option_ids), -1).unsqueeze(0)
+            with self.mean_mode(model):
+                return torch.softmax(answer_logits(model, batch, option_ids), -1).unsqueeze(0)
         fold = max(1, min(fold or n, n))
         chunks = []
         with self.sampling_mode(model, n_samples):

@@ -63,21 +63,12 @@ class BlobMethod(Method):
         with sampling(model, n_samples > 0, mode="independent"):
             yield
 
-    @torch.no_grad()
-    def predict_samples(
-        self,
-        model: nn.Module,
-        batch: dict[str, torch.Tensor],
-        option_ids: torch.Tensor,
-        n_samples: int,
-        fold: int | None = None,
-    ) -> torch.Tensor:
-        if n_samples == 0:
-            # BLoB-Mean: A = M. BLoB layers sample by default (training), so the mean pass
-            # must switch sampling off explicitly, or N = 0 would be one random sample.
-            with sampling(model, False):
-                return super().predict_samples(model, batch, option_ids, 0, fold)
-        return super().predict_samples(model, batch, option_ids, n_samples, fold)
+    @contextmanager
+    def mean_mode(self, model: nn.Module) -> Iterator[None]:
+        # BLoB-Mean: A = M. BLoB layers sample by default (training), so the mean pass must
+        # switch sampling off explicitly, or N = 0 would be one random sample.
+        with sampling(model, False):
+            yield
 
     def stochastic_modules(self, model: nn.Module) -> list[str]:
         # Only layers with a std sample weights; the others (bayesian_layers) are plain LoRA.

@@ -110,24 +110,6 @@ class TfbMethod(BlobMethod):
     name = "tfb"
     has_kl = False
 
-    @torch.no_grad()
-    def predict_samples(
-        self,
-        model: nn.Module,
-        batch: dict[str, torch.Tensor],
-        option_ids: torch.Tensor,
-        n_samples: int,
-        fold: int | None = None,
-    ) -> torch.Tensor:
-        """As ``blob``; N = 0 switches sampling off explicitly (BLoB layers sample by
-        default), so the mean model is exactly the trained LoRA."""
-        from blob_lora.tuners.blob import sampling
-
-        if n_samples == 0:
-            with sampling(model, False):
-                return super().predict_samples(model, batch, option_ids, 0, fold)
-        return super().predict_samples(model, batch, option_ids, n_samples, fold)
-
     def train_run(
         self,
         cfg: Any,
