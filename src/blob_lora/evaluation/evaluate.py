@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from blob_lora.metrics import (
     reliability_diagram,
 )
 from blob_lora.tasks import MCCollator, MCDataset, Task, option_token_ids
+from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -36,26 +38,37 @@ def predict_dataset(
     fold: int | None = None,
     accelerator: Any = None,
     progress: bool = False,
+    prefix_cache: bool = False,
+    cache_dir: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample_probs (S,N,C), labels (N,), indices (N,)) over the whole dataset, nothing dropped.
 
     Under several processes each one scores its shard and ``gather_for_metrics`` removes the
-    duplicates that even sharding pads in, so every example counts exactly once.
+    duplicates that even sharding pads in, so every example counts exactly once. With
+    ``prefix_cache`` (one process, a method that allows it) the frozen blocks below the
+    adapters run once per example, shared through ``cache_dir`` with other runs on the split.
     """
     from tqdm.auto import tqdm
 
-    indexed = _Indexed(dataset)
+    from blob_lora.models.prefix_cache import PrefixFeatureCache
+
+    indexed = IndexedDataset(dataset)
     loader = DataLoader(
-        indexed, batch_size=batch_size, shuffle=False, collate_fn=_IndexedCollate(collator)
+        indexed, batch_size=batch_size, shuffle=False, collate_fn=IndexedCollator(collator)
     )
     device = next(model.parameters()).device
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
     all_probs, all_labels, all_idx = [], [], []
+    cache = None
+    single = accelerator is None or accelerator.num_processes == 1
+    if prefix_cache and single and getattr(method, "prefix_cacheable", True):
+        cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         idx = batch.pop("index")
         batch = {k: v.to(device) for k, v in batch.items()}
-        probs = method.predict_samples(model, batch, option_ids, n_samples, fold=fold)
+        with cache.injected(model, batch, idx) if cache is not None else nullcontext():
+            probs = method.predict_samples(model, batch, option_ids, n_samples, fold=fold)
         probs = probs.transpose(0, 1).contiguous()  # (B, S, C) so gathering splits on examples
         labels = batch["labels"]
         if accelerator is not None:
@@ -63,31 +76,12 @@ def predict_dataset(
         all_probs.append(probs.float().cpu())
         all_labels.append(labels.cpu())
         all_idx.append(idx.cpu())
+    if cache is not None:
+        cache.save()
     probs = torch.cat(all_probs).transpose(0, 1)
     labels, idx = torch.cat(all_labels), torch.cat(all_idx)
     order = torch.argsort(idx)
     return probs[:, order], labels[order], idx[order]
-
-
-class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, base: MCDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.base[i], "index": i}
-
-
-class _IndexedCollate:
-    def __init__(self, collator: MCCollator) -> None:
-        self.collator = collator
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
-        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
-        return batch
 
 
 def evaluate_on_task(
@@ -109,6 +103,7 @@ def evaluate_on_task(
     predictive: str = "fold",
     early: Any = None,
     ood_against: Any = None,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -117,6 +112,8 @@ def evaluate_on_task(
     ``fold`` default, ``prefix``, ``early``, ``prefix-early``, ``mean``; ``early`` is its
     ``EarlyStop`` rule). ``ood_against`` (the in-distribution evaluation folder, its
     predictions.jsonl, or its rows) treats this split as OOD and adds ood.json + ood_roc.png.
+    ``prefix_cache`` (``fold`` mode) reuses the frozen blocks' output per example
+    (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper.
     """
     from blob_lora.prediction import reports
 
@@ -130,7 +127,18 @@ def evaluate_on_task(
     mean_used = None
     if predictive == "fold":
         sample_probs, labels, _ = predict_dataset(
-            model, method, dataset, collator, option_ids, n, batch_size, fold, accelerator, progress
+            model,
+            method,
+            dataset,
+            collator,
+            option_ids,
+            n,
+            batch_size,
+            fold,
+            accelerator,
+            progress,
+            prefix_cache=prefix_cache,
+            cache_dir=cache_dir,
         )
         probs = sample_probs.mean(0)
         uncertainty = decompose_uncertainty(sample_probs)
@@ -249,5 +257,6 @@ def evaluate_run_tasks(
             accelerator=accelerator,
             cache_dir=cfg.cache_dir,
             progress=progress,
+            prefix_cache=cfg.prefix_cache,
         )
     return results

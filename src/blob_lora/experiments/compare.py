@@ -54,6 +54,7 @@ IGNORED_DIFFERENCES = {
     "out",
     "data_root",
     "cache_dir",
+    "prefix_cache",
     "log_with",
     "log_every",
     "checkpoint_every",
@@ -205,6 +206,7 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             batch_size=cfg.eval_batch_size,
             cache_dir=cfg.cache_dir,
             progress=progress,
+            prefix_cache=cfg.prefix_cache,
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)

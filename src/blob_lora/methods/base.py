@@ -38,6 +38,10 @@ class Method:
     #: may be drawn a few at a time (early-stopped prediction). False for a fixed sample set
     #: such as an ensemble's members.
     iid_samples = False
+    #: Whether evaluation may start forwards at the first adapted block from cached hidden
+    #: states (``blob_lora.models.prefix_cache``); True for methods whose predictive is a plain
+    #: forward of the adapted model, however many samples it folds into the batch.
+    prefix_cacheable = True
 
     def lora_config(self, cfg: Any) -> LoraConfig:
         return LoraConfig(

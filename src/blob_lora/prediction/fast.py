@@ -15,9 +15,7 @@ The predictive of a sampling method is the average of ``N`` per-sample softmaxes
 * ``prefix-early``: both.
 * ``mean``: one deterministic pass with the mean weights (N = 0), the cheap end.
 
-The suffix is run through the model's *own* forward (so masks, rotary embeddings and the head
-are exactly the model's): the prefix blocks are swapped for pass-through modules and the last of
-them returns the cached, repeated hidden states.
+The suffix is run through the model's *own* forward (``blob_lora.models.prefix``).
 """
 
 from __future__ import annotations
@@ -25,9 +23,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +32,13 @@ from torch import Tensor, nn
 
 from blob_lora.evaluation.forward import answer_logits, repeat_batch
 from blob_lora.metrics import entropy
+from blob_lora.models.prefix import (
+    PrefixPlan,
+    block_lists,
+    capture_prefix,
+    injected_prefix,
+    select_and_repeat,
+)
 from blob_lora.utils.errors import ConfigError
 
 MODES = ("fold", "prefix", "early", "prefix-early", "mean")
@@ -121,26 +125,6 @@ def draws_iid_samples(method: Any) -> bool:
     )
 
 
-@dataclass
-class PrefixPlan:
-    """Blocks ``layers[:start]`` are deterministic and run once; ``start`` >= 1."""
-
-    layers: nn.ModuleList = field(repr=False)
-    start: int
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-
-def _block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)(layers|h)$", name)
-    }
-
-
 def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
     """Where the deterministic prefix ends, or ``(None, reason)`` when it cannot be reused."""
     names = stochastic_module_names(method, model)
@@ -151,7 +135,7 @@ def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
         )
     if not names:
         return None, "no layer is random"
-    lists = _block_lists(model)
+    lists = block_lists(model)
     if len(lists) != 1:
         return None, f"expected one list of transformer blocks, found {sorted(lists) or 'none'}"
     list_name, layers = next(iter(lists.items()))
@@ -166,89 +150,6 @@ def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
     if first == 0:
         return None, "the first block is already random: there is no deterministic prefix"
     return PrefixPlan(layers, first), ""
-
-
-# ---------------------------------------------------------------------------------------------
-# capturing the prefix output and injecting it back
-
-
-class _PrefixDone(Exception):
-    """Raised by the capture hook to skip the rest of the forward."""
-
-
-def capture_prefix(model: nn.Module, plan: PrefixPlan, batch: dict[str, Tensor]) -> Any:
-    """The output of block ``start - 1`` for ``batch`` (the rest of the forward is skipped)."""
-    holder: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        holder["out"] = output
-        raise _PrefixDone
-
-    handle = plan.layers[plan.start - 1].register_forward_hook(hook)
-    try:
-        answer_logits(model, batch, torch.zeros(1, dtype=torch.long))
-    except _PrefixDone:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in holder:
-        raise RuntimeError("the prefix capture hook never ran: the model skipped its blocks")
-    return holder["out"]
-
-
-def _hidden(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden(output: Any, hidden: Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def select_and_repeat(output: Any, rows: Tensor | None, times: int) -> Any:
-    """Rows ``rows`` of a captured block output, repeated ``times`` (sample-major order)."""
-    hidden = _hidden(output)
-    if rows is not None:
-        hidden = hidden.index_select(0, rows.to(hidden.device))
-    if times > 1:
-        hidden = hidden.repeat(times, *([1] * (hidden.dim() - 1)))
-    return _with_hidden(output, hidden)
-
-
-class _PassThrough(nn.Module):
-    """Stands in for a prefix block: returns its input unchanged (in the block's output form)."""
-
-    def __init__(self, as_tuple: bool) -> None:
-        super().__init__()
-        self.as_tuple = as_tuple
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return (hidden_states,) if self.as_tuple else hidden_states
-
-
-class _Inject(nn.Module):
-    """Stands in for the last prefix block: returns the cached output."""
-
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output
-
-
-@contextmanager
-def injected_prefix(plan: PrefixPlan, output: Any) -> Iterator[None]:
-    """Replace blocks ``[:start]`` so that a forward starts from ``output`` at block ``start``."""
-    saved = [plan.layers[i] for i in range(plan.start)]
-    as_tuple = isinstance(output, tuple)
-    try:
-        for i in range(plan.start - 1):
-            plan.layers[i] = _PassThrough(as_tuple)
-        plan.layers[plan.start - 1] = _Inject(output)
-        yield
-    finally:
-        for i, block in enumerate(saved):
-            plan.layers[i] = block
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,6 +245,8 @@ class MCDataset(Dataset):
         self.split = split
         self.max_length = max_length
         digest, parts = _cache_key(task, split, tokenizer, max_length)
+        #: identifies the tokenised content (task data, split, tokenizer, max_length)
+        self.digest = digest
         enc = _LRU.get(digest)
         self.cache_hit = "memory" if enc is not None else None
         if enc is None and cache_dir is not None:
@@ -402,3 +404,29 @@ def length_bucketed_sampler(
         else dataset_or_lengths
     )
     return LengthBucketedBatchSampler(lengths, batch_size, **kwargs)
+
+
+class IndexedDataset(Dataset):
+    """An ``MCDataset`` whose items also carry their position (``index``): evaluation puts
+    predictions back in order with it, and the prefix cache looks examples up by it."""
+
+    def __init__(self, base: MCDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.base[i], "index": i}
+
+
+class IndexedCollator:
+    """``MCCollator`` plus an ``index`` (B,) long tensor of the items' dataset positions."""
+
+    def __init__(self, collator: MCCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch

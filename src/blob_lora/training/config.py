@@ -64,6 +64,7 @@ class TrainConfig:
     evaluate: bool = True
     eval_tasks: list[str] = field(default_factory=list)
     cache_dir: str | None = None
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

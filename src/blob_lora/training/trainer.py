@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader
 from blob_lora.evaluation.forward import answer_logits
 from blob_lora.methods import get_method
 from blob_lora.models import load_model_and_tokenizer
+from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
-from blob_lora.tasks.dataset import length_bucketed_sampler
+from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.kl_schedule import make_schedule
@@ -147,19 +148,21 @@ def train(
         ) from exc
     set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
 
-    collator = MCCollator(tokenizer.pad_token_id, task.n_options)
+    # Items carry their dataset index so the prefix cache can look their features up.
+    collator = IndexedCollator(MCCollator(tokenizer.pad_token_id, task.n_options))
+    indexed = IndexedDataset(dataset)
     # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
     # from the global RNG instead would shift the weight-noise stream after a resume.
     loader_rng = torch.Generator().manual_seed(cfg.seed)
     if cfg.bucket_by_length:
         batch_sampler = length_bucketed_sampler(dataset.lengths, cfg.batch_size, seed=cfg.seed)
         loader = DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
+            indexed, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
         )
     else:
         sampler = EpochShuffleSampler(len(dataset), cfg.seed)
         loader = DataLoader(
-            dataset,
+            indexed,
             batch_size=cfg.batch_size,
             sampler=sampler,
             collate_fn=collator,
@@ -242,6 +245,11 @@ def train(
         )
 
     model.train()
+    # Frozen blocks below the first adapter run once per example, not once per epoch (one
+    # process only: each process would need the features of its own shard).
+    prefix = None
+    if cfg.prefix_cache and accelerator.num_processes == 1:
+        prefix = PrefixFeatureCache.for_dataset(unwrapped, dataset, cfg.cache_dir)
     start = time.perf_counter()
     window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
     with _Signals() as signals:
@@ -254,8 +262,10 @@ def train(
                 boundary = micro % cfg.grad_accum == 0 or micro == micro_per_epoch
                 pi = schedule.weight(step + 1) if method.has_kl else 0.0
                 sync = nullcontext() if boundary else accelerator.no_sync(model)
+                index = batch.pop("index")
                 with sync:
-                    logits = answer_logits(model, batch, option_ids)
+                    with prefix.injected(unwrapped, batch, index) if prefix else nullcontext():
+                        logits = answer_logits(model, batch, option_ids)
                     nll = F.cross_entropy(logits, batch["labels"])
                     loss = nll
                     kl_value = None
@@ -325,6 +335,8 @@ def train(
             epoch, micro_done = (epoch + 1, 0) if micro == micro_per_epoch else (epoch, micro)
     bar.close()
     train_seconds = time.perf_counter() - start
+    if prefix is not None:
+        _on_main(accelerator, prefix.save)
     save(step, epoch, micro_done)
 
     def save_adapter() -> None:
@@ -349,6 +361,8 @@ def train(
         "world_size": accelerator.num_processes,
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(1, step), 4),
+        # blocks whose output was computed once per example and reused (0: none)
+        "prefix_cached_blocks": prefix.start if prefix is not None else 0,
         "evaluations": {},
     }
     if cfg.evaluate:

@@ -1,0 +1,183 @@
+"""The frozen-prefix cache: where the prefix ends, and that using it changes nothing but time."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from blob_lora.evaluation.evaluate import predict_dataset
+from blob_lora.methods import get_method
+from blob_lora.models.prefix_cache import (
+    PrefixFeatureCache,
+    frozen_prefix_length,
+    prefix_fingerprint,
+)
+from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+from blob_lora.training import TrainConfig
+from blob_lora.training.trainer import train
+from tests.conftest import tiny_llama
+
+TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"
+
+
+def lora(model, targets=TOP_BLOCK, **kw):
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
+
+
+def test_prefix_ends_at_the_first_adapted_block() -> None:
+    assert frozen_prefix_length(lora(tiny_llama())) == 1
+    # adapters in block 0: nothing is frozen before them
+    assert frozen_prefix_length(lora(tiny_llama(), ["q_proj", "v_proj", "lm_head"])) == 0
+    # LoRA dropout counts as randomness inside its block, not before it
+    assert frozen_prefix_length(lora(tiny_llama(), lora_dropout=0.1)) == 1
+    # a trainable embedding runs before every block
+    model = lora(tiny_llama())
+    model.get_input_embeddings().weight.requires_grad_(True)
+    assert frozen_prefix_length(model) == 0
+    # a loaded, frozen adapter is still found by its parameter names
+    model = lora(tiny_llama())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert frozen_prefix_length(model) == 1
+    # a plain model has no adapter at all: every block would be "frozen", which says nothing
+    assert frozen_prefix_length(tiny_llama()) == 0
+
+
+def test_base_model_dropout_disables_the_cache_while_training() -> None:
+    model = lora(tiny_llama())
+    model.config.attention_dropout = 0.1
+    model.train()
+    assert frozen_prefix_length(model) == 0
+    model.eval()
+    assert frozen_prefix_length(model) == 1
+
+
+def test_fingerprint_changes_with_prefix_weights_only() -> None:
+    a, b = lora(tiny_llama(seed=0)), lora(tiny_llama(seed=0))
+    assert prefix_fingerprint(a, 1) == prefix_fingerprint(b, 1)
+    with torch.no_grad():  # the suffix (block 1) does not determine the prefix output
+        b.base_model.model.model.layers[1].mlp.up_proj.weight.add_(1.0)
+    assert prefix_fingerprint(a, 1) == prefix_fingerprint(b, 1)
+    with torch.no_grad():
+        b.base_model.model.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+    assert prefix_fingerprint(a, 1) != prefix_fingerprint(b, 1)
+
+
+@pytest.fixture
+def arc(data_root, smollm2_tokenizer):
+    task = get_task("arc_easy", data_root=str(data_root))
+    dataset = MCDataset(task, "validation[:11]", smollm2_tokenizer, 96)
+    collator = MCCollator(smollm2_tokenizer.pad_token_id, task.n_options)
+    return dataset, collator, option_token_ids(smollm2_tokenizer, task)
+
+
+def _model(method_name: str, vocab: int):
+    method = get_method(method_name)
+    cfg = TrainConfig(target_modules=[TOP_BLOCK], lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = method.build(tiny_llama(vocab_size=vocab), cfg)
+    with torch.no_grad():  # non-zero B and a visible std so samples and adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    return method, model.eval()
+
+
+@pytest.mark.parametrize(("method_name", "n"), [("lora", 0), ("blob", 4), ("mc-dropout", 3)])
+def test_cached_evaluation_equals_the_full_forward(
+    arc, smollm2_tokenizer, tmp_path, method_name, n
+) -> None:
+    dataset, collator, option_ids = arc
+    method, model = _model(method_name, len(smollm2_tokenizer))
+    args = (model, method, dataset, collator, option_ids, n, 4)
+    torch.manual_seed(5)
+    full, labels, _ = predict_dataset(*args, fold=2, prefix_cache=False)
+    torch.manual_seed(5)  # same noise: the prefix draws no random numbers
+    cached, labels2, _ = predict_dataset(*args, fold=2, prefix_cache=True, cache_dir=tmp_path)
+    assert full.shape == cached.shape == (max(1, n), 11, 5)  # ARC: up to 5 options
+    assert torch.equal(labels, labels2)
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
+    if n > 1:  # the samples really differ, so the comparison covers the folded noise path
+        assert (full[0] - full[1]).abs().max() > 1e-3
+    # the features went to disk, one entry per example, and a second run reads them back
+    (path,) = (tmp_path / "prefix").glob("*.safetensors")
+    assert len(load_file(str(path))) == 11
+    again = PrefixFeatureCache.for_dataset(model, dataset, tmp_path)
+    assert again is not None and len(again.features) == 11 and again.start == 1
+
+
+def test_damaged_or_foreign_disk_cache_is_rebuilt(arc, smollm2_tokenizer, tmp_path) -> None:
+    dataset, collator, option_ids = arc
+    method, model = _model("lora", len(smollm2_tokenizer))
+    ref, _, _ = predict_dataset(model, method, dataset, collator, option_ids, 0, 4)
+    cache = PrefixFeatureCache.for_dataset(model, dataset, tmp_path)
+    cache.path.parent.mkdir(parents=True)
+    cache.path.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable prefix cache"):
+        got, _, _ = predict_dataset(
+            model,
+            method,
+            dataset,
+            collator,
+            option_ids,
+            0,
+            4,
+            prefix_cache=True,
+            cache_dir=tmp_path,
+        )
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert len(load_file(str(cache.path))) == 11  # rewritten whole
+    # other prefix weights -> another key: the file above is not used for them
+    _, other = _model("lora", len(smollm2_tokenizer))
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = PrefixFeatureCache.for_dataset(other, dataset, tmp_path)
+    assert fresh.key != cache.key and not fresh.features
+
+
+def test_memory_limit_turns_the_cache_off(arc, smollm2_tokenizer) -> None:
+    dataset, _, _ = arc
+    _, model = _model("lora", len(smollm2_tokenizer))
+    assert PrefixFeatureCache.for_dataset(model, dataset, limit_bytes=10**9) is not None
+    assert PrefixFeatureCache.for_dataset(model, dataset, limit_bytes=100) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "blob"])
+def test_training_with_the_cache_learns_the_same_adapter(
+    tmp_path, data_root, tiny_model_dir, method
+) -> None:
+    def run(name: str, prefix_cache: bool) -> dict:
+        cfg = TrainConfig(
+            model=str(tiny_model_dir),
+            task="arc_easy",
+            method=method,
+            data_root=str(data_root),
+            train_split="train[:12]",
+            out=str(tmp_path / name),
+            batch_size=4,
+            max_steps=6,
+            lr=2e-2,
+            max_length=96,
+            target_modules=[TOP_BLOCK],
+            evaluate=False,
+            prefix_cache=prefix_cache,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        return train(cfg, progress=False)
+
+    plain, cached = run("plain", False), run("cached", True)
+    assert plain["prefix_cached_blocks"] == 0 and cached["prefix_cached_blocks"] == 1
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) >= 5
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    # and the adapter moved: six steps at lr 2e-2 are not a no-op
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    assert len(list((tmp_path / "cache" / "prefix").glob("*.safetensors"))) == 1
