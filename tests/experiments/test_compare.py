@@ -154,6 +154,24 @@ def test_blob_mean_reads_the_blob_runs_mean_evaluations(tmp_path):
     assert "| blob | **60.00 ± 0.00** |" in md and "| blob-mean | 50.00 ± 0.00 |" in md
 
 
+def test_runs_are_planned_seed_first_then_method_then_task(tmp_path):
+    spec = spec_from_dict(
+        {"methods": ["lora", "blob", "blob-mean"], "tasks": ["arc_easy", "boolq"], "seeds": [2, 1]},
+        name="m",
+        out=tmp_path / "o",
+    )
+    assert [(r.seed, r.method, r.task) for r in plan(spec)] == [
+        (2, "lora", "arc_easy"),
+        (2, "lora", "boolq"),
+        (2, "blob", "arc_easy"),
+        (2, "blob", "boolq"),
+        (1, "lora", "arc_easy"),
+        (1, "lora", "boolq"),
+        (1, "blob", "arc_easy"),
+        (1, "blob", "boolq"),
+    ]
+
+
 def test_a_changed_eval_split_counts_as_missing(two_method_spec):
     spec = two_method_spec
     fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})

@@ -97,13 +97,18 @@ def run_dir(spec: CompareSpec, task: str, method: str, seed: int) -> Path:
 
 
 def plan(spec: CompareSpec) -> list[PlannedRun]:
-    """Every run the experiment needs, with the evaluations each must end up with."""
+    """Every run the experiment needs, with the evaluations each must end up with.
+
+    Ordered seed, then method (as listed in the spec), then task: an experiment stopped part
+    way has whole single-seed comparisons of its first methods across every task, rather than
+    every method on its first task only.
+    """
     runs = []
     columns = spec.columns
-    for task in spec.train_tasks:
+    for seed in spec.seeds:
         for method in spec.train_methods:
             cols = [c for c in columns if c.train_method == method]
-            for seed in spec.seeds:
+            for task in spec.train_tasks:
                 d = run_dir(spec, task, method, seed)
                 evals = [
                     Evaluation(c, t, spec.eval_split(t, own=(t == task)))
