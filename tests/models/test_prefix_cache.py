@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -181,3 +182,16 @@ def test_training_with_the_cache_learns_the_same_adapter(
     # and the adapter moved: six steps at lr 2e-2 are not a no-op
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
     assert len(list((tmp_path / "cache" / "prefix").glob("*.safetensors"))) == 1
+
+
+def test_a_run_resumes_with_the_cache_switched(tmp_path) -> None:
+    from blob_lora.training.run_dir import RUN_CONFIG, check_run_dir
+    from blob_lora.utils.errors import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RUN_CONFIG).write_text(json.dumps(TrainConfig(prefix_cache=False).to_dict()))
+    now = TrainConfig(prefix_cache=True, cache_dir=str(tmp_path / "c")).to_dict()
+    assert check_run_dir(out, now, overwrite=False, resume=True) is True
+    with pytest.raises(ConfigError, match=r"lr \(0.0001 -> 0.001\)"):
+        check_run_dir(out, {**now, "lr": 1e-3}, overwrite=False, resume=True)

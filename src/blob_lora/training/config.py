@@ -193,4 +193,7 @@ class TrainConfig:
         "eval_tasks",
         "eval_batch_size",
         "checkpoint_every",
+        # caches change where inputs come from, not what is learned (up to float rounding)
+        "cache_dir",
+        "prefix_cache",
     )
