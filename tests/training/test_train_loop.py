@@ -89,8 +89,19 @@ def test_resume_after_interruption_equals_uninterrupted(
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     with pytest.raises(BlobLoraError, match="--resume"):
         train(cfg_b, progress=False)
+    real_load = ckpt.load_checkpoint
+
+    def load_after_an_hour(path):  # as if the first sitting had trained for an hour
+        state = real_load(path)
+        assert state["state"]["train_seconds"] > 0
+        state["state"]["train_seconds"] = 3600.0
+        return state
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", load_after_an_hour)
     resumed = train(cfg_b, resume=True, progress=False)
     assert resumed["steps"] == 7
+    # the summary counts both sittings, not only the time after the resume
+    assert 3600 < resumed["train_seconds"] < 3600 + 600
 
     from safetensors.torch import load_file
 

@@ -203,6 +203,7 @@ def train(
         ),
     )
     step, epoch, micro_done = 0, 0, 0
+    seconds_before = 0.0  # training time of earlier sittings of a resumed run
     ckpt_root = out / CHECKPOINTS
     layout = {
         "world_size": accelerator.num_processes,
@@ -211,7 +212,9 @@ def train(
         "global_batch": global_batch,
     }
     if resuming:
-        step, epoch, micro_done = _restore(ckpt_root, unwrapped, updater, accelerator, layout)
+        step, epoch, micro_done, seconds_before = _restore(
+            ckpt_root, unwrapped, updater, accelerator, layout
+        )
     if cfg.log_with:
         accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
 
@@ -235,6 +238,8 @@ def train(
             "micro_in_epoch": current_micro,
             # world-size independent position: examples of this epoch already consumed
             "examples_in_epoch": current_micro * cfg.batch_size * accelerator.num_processes,
+            # summed over sittings, so a resumed run reports its whole training cost
+            "train_seconds": seconds_before + time.perf_counter() - start,
             **layout,
         }
         _on_main(
@@ -334,7 +339,7 @@ def train(
                 continue
             epoch, micro_done = (epoch + 1, 0) if micro == micro_per_epoch else (epoch, micro)
     bar.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = seconds_before + time.perf_counter() - start
     if prefix is not None:
         _on_main(accelerator, prefix.save)
     save(step, epoch, micro_done)
@@ -496,10 +501,11 @@ def _gather_rng(accelerator) -> list[dict[str, Any]]:
 
 def _restore(
     root: Path, unwrapped, updater, accelerator, layout: dict[str, int]
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, float]:
+    """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far)."""
     path = ckpt.latest_checkpoint(root)
     if path is None:
-        return 0, 0, 0
+        return 0, 0, 0, 0.0
     state = ckpt.load_checkpoint(path)
     params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     saved = state["trainable"]
@@ -549,7 +555,8 @@ def _restore(
             )
         micro = examples // per_micro
     accelerator.print(f"resuming from {path} (step {loop['step']})", file=sys.stderr)
-    return int(loop["step"]), int(loop["epoch"]), micro
+    seconds = float(loop.get("train_seconds", 0.0))
+    return int(loop["step"]), int(loop["epoch"]), micro, seconds
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -1,0 +1,158 @@
+"""Ablations of BLoB's training choices on held-out TRAINING examples (issue 6: never tune on
+evaluation sets).
+
+Each variant is ``pilot_validation.yaml`` (OBQA, 80 training examples x 20 epochs, evaluated
+on ``train[80:380]``) with one BLoB setting changed; plain LoRA comes from the pilot itself, so
+every row is compared with the same baseline on the same 300 examples. Resumable like any
+``blob-lora compare`` run; prints a Markdown table and writes ``<out>/ablations.json`` and
+``<out>/ablations.md``.
+
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=/work/shared/data .venv/bin/python experiments/ablate.py
+    ... experiments/ablate.py --only paper kl-uniform      # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blob_lora.experiments import run_compare, spec_from_dict
+from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+
+HERE = Path(__file__).resolve().parent
+PILOT = HERE / "pilot_validation.yaml"
+
+#: variant -> BLoB settings changed from the pilot's paper-faithful configuration (whose own
+#: BLoB run is the first row)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "kl-uniform": {"kl_schedule": "uniform"},  # pi = 1/K every step, same K
+    "kl-no-rescale": {"kl_rescale": False},  # K = steps per epoch: ~7x stronger KL here
+    "single-optimizer": {"optimizer": "single"},  # one AdamW on NLL + pi*KL, std included
+    "init-std-0.2": {"init_std": 0.2},  # std starts in [0.02, 0.04] instead of ~0.002
+    "flipout-sequence": {"flipout": "sequence"},  # one noise sample per sequence
+}
+
+
+def _metrics(run: Path, key: str, task: str) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (summary.get(key) or {}).get(task)
+
+
+def _final_std(run: Path) -> float | None:
+    """Mean posterior std of A over every Bayesian layer of the saved adapter."""
+    from safetensors.torch import load_file
+
+    from blob_lora.tuners.blob.layer import std_from_param
+
+    adapter = run / "adapter"
+    try:
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        config = json.loads((adapter / "blob_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, ValueError):
+        return None
+    std_param = config.get("std_param", "square")
+    rhos = [v for k, v in tensors.items() if k.endswith("lora_A_rho")]
+    if not rhos:
+        return None
+    return float(sum(std_from_param(r, std_param).mean() for r in rhos) / len(rhos))
+
+
+def _last_train_acc(run: Path, last: int = 20) -> float | None:
+    try:
+        rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = rows[-last:]
+    return sum(r["acc"] for r in rows) / len(rows) if rows else None
+
+
+def _row(name: str, changed: dict[str, Any], run: Path, task: str) -> dict[str, Any]:
+    return {
+        "variant": name,
+        "changed": changed,
+        "N10": _metrics(run, "evaluations", task),
+        "mean": _metrics(run, "evaluations_mean", task),
+        "std": _final_std(run),
+        "train_acc": _last_train_acc(run),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
+    p.add_argument("--out", type=Path, default=Path("experiments/out/ablations"))
+    p.add_argument("--collect-only", action="store_true", help="tabulate finished runs only")
+    args = p.parse_args(argv)
+
+    pilot = yaml.safe_load(PILOT.read_text(encoding="utf-8"))
+    task = pilot["tasks"][0]
+    pilot_spec = spec_from_dict(copy.deepcopy(pilot), name="pilot_validation")
+    if not args.collect_only:  # the LoRA baseline (and the paper-faithful BLoB) of the pilot
+        run_compare(pilot_spec)
+    lora_run = pilot_spec.out / "runs" / task / "lora" / "seed1"
+    rows = [
+        {
+            "variant": "lora (baseline)",
+            "changed": {},
+            "N10": _metrics(lora_run, "evaluations", task),
+            "mean": None,
+            "std": None,
+            "train_acc": _last_train_acc(lora_run),
+        },
+        _row("paper", {}, pilot_spec.out / "runs" / task / "blob" / "seed1", task),
+    ]
+    for name in args.only or list(VARIANTS):
+        data = copy.deepcopy(pilot)
+        data["methods"] = ["blob", "blob-mean"]
+        options = data.setdefault("method_options", {}).setdefault("blob", {})
+        options.update(VARIANTS[name])
+        data["out"] = str(args.out / name)
+        data["name"] = f"ablation-{name}"
+        spec = spec_from_dict(data, name=f"ablation-{name}")
+        if not args.collect_only:
+            run_compare(spec, progress=True)
+        rows.append(_row(name, VARIANTS[name], spec.out / "runs" / task / "blob" / "seed1", task))
+    table = render(rows, task, pilot["eval_split_overrides"][task])
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "ablations.json", {"task": task, "rows": rows})
+    atomic_write_text(args.out / "ablations.md", table + "\n")
+    print(table)
+    return {"rows": rows}
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "–"
+    return f"{100 * m['accuracy']:.1f} / {100 * m['ece']:.1f} / {m['nll']:.3f}"
+
+
+def render(rows: list[dict[str, Any]], task: str, split: str) -> str:
+    lines = [
+        f"Ablations on {task} {split} (held-out training examples), seed 1. "
+        "ACC % / ECE % / NLL; std = mean posterior std of A after training; "
+        "train acc = mean over the last 20 steps.",
+        "",
+        "| variant | changed | N = 10 | mean (N = 0) | std | train acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        changed = ", ".join(f"{k}={v}" for k, v in r["changed"].items()) or "–"
+        std = "–" if r["std"] is None else f"{r['std']:.4f}"
+        acc = "–" if r["train_acc"] is None else f"{r['train_acc']:.2f}"
+        lines.append(
+            f"| {r['variant']} | {changed} | {_cell(r['N10'])} | {_cell(r['mean'])} | {std} | {acc} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Copy an experiment's results of record from ``experiments/out/`` (git-ignored) into the
+repository, with their provenance.
+
+Copies the tables (Markdown, CSV), ``compare.json`` (every run's metrics and its train/eval
+seconds), the combined reliability diagrams, and per run its settings, training log, summary,
+and per evaluation ``metrics.json`` and gzipped ``predictions.jsonl``; writes PROVENANCE.md with
+the command, git revision, date, machine and a seconds-per-run table. Re-running replaces the
+destination, so a table grown over several sittings is published the same way each time.
+
+    .venv/bin/python experiments/publish.py experiments/paper_tables.yaml results/paper_tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from blob_lora.experiments import load_spec
+from blob_lora.utils.atomic import atomic_write_bytes, atomic_write_text
+
+TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
+RUN_FILES = ("run_config.json", "summary.json", "train_log.jsonl")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def copy_run(run: Path, dest: Path) -> None:
+    for name in RUN_FILES:
+        if (run / name).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run / name, dest / name)
+    for metrics in sorted(run.glob("eval*/*/metrics.json")):
+        target = dest / metrics.parent.relative_to(run)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(metrics, target / "metrics.json")
+        preds = metrics.parent / "predictions.jsonl"
+        if preds.is_file():
+            atomic_write_bytes(target / "predictions.jsonl.gz", gzip.compress(preds.read_bytes()))
+
+
+def seconds_table(compare: dict[str, Any]) -> str:
+    lines = ["| run | status | train s | evaluations: seconds |", "|---|---|---|---|"]
+    for r in compare.get("runs", []):
+        evals = "; ".join(
+            f"{col}@{task} {s:.0f}"
+            for col, per_task in (r.get("eval_seconds") or {}).items()
+            for task, s in per_task.items()
+        )
+        train = r.get("train_seconds")
+        train_s = f"{train:.0f}" if isinstance(train, int | float) else "–"
+        lines.append(f"| {r['dir']} | {r['status']} | {train_s} | {evals or '–'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", type=Path, help="the experiment file that was run")
+    p.add_argument("dest", type=Path, help="destination folder in the repository")
+    args = p.parse_args(argv)
+    spec = load_spec(args.config)
+    if not (spec.out / "compare.json").is_file():
+        raise SystemExit(f"{spec.out}/compare.json not found: run blob-lora compare first")
+    if args.dest.exists():
+        shutil.rmtree(args.dest)
+    args.dest.mkdir(parents=True)
+    for name in TOP_FILES:
+        if (spec.out / name).is_file():
+            shutil.copy2(spec.out / name, args.dest / name)
+    for png in sorted(spec.out.glob("reliability_*.png")):
+        shutil.copy2(png, args.dest / png.name)
+    compare = json.loads((spec.out / "compare.json").read_text(encoding="utf-8"))
+    for r in compare.get("runs", []):
+        run = spec.out / r["dir"]
+        if run.is_dir():
+            copy_run(run, args.dest / r["dir"])
+    done = sum(r["status"] == "done" for r in compare.get("runs", []))
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
+    text = f"""# Provenance of {args.dest}
+
+* Command (repository root):
+  `OMP_NUM_THREADS=2 BLOB_LORA_DATA=/work/shared/data .venv/bin/blob-lora compare --config {args.config}`
+  (resumable: the same command continues an unfinished table), then
+  `.venv/bin/python experiments/publish.py {args.config} {args.dest}`.
+* Git revision of the code: `{_git("rev-parse", "HEAD")}`{dirty}.
+* Published: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")};
+  runs finished: {done} of {len(compare.get("runs", []))}.
+* Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), no GPU, Python {platform.python_version()}.
+* Data: `$BLOB_LORA_DATA` (offline copies of the datasets, see its README.md and verify.py).
+
+## Seconds per run (wall clock, as recorded in summary.json / metrics.json)
+
+{seconds_table(compare)}
+"""
+    atomic_write_text(args.dest / "PROVENANCE.md", text)
+    print(f"published {done} finished runs of {spec.name} to {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
