@@ -302,7 +302,9 @@ def train(
                     "epoch": epoch,
                     "nll": totals["nll"] / totals["micro"],
                     "acc": totals["correct"] / max(1.0, totals["n"]),
-                    "kl": float(kl_value) if kl_value is not None else None,
+                    "kl": float(torch.as_tensor(kl_value).detach())
+                    if kl_value is not None
+                    else None,
                     "pi": pi,
                     "lr": updater.optimizers[0].param_groups[0]["lr"],
                     "seconds": round(time.perf_counter() - start, 3),
