@@ -16,8 +16,6 @@ import argparse
 import datetime as dt
 import gzip
 import json
-import os
-import platform
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -40,14 +38,20 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _machine() -> str:
+    """The machine line, from the same helper the benchmarks record (bench/common.py)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from common import machine_info
+
+    m = machine_info(torch.device("cpu"))
+    return (
+        f"{m['cpu_count']} CPU cores ({m['cpu_model']}), no GPU used; Python {m['python']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}"
+    )
 
 
 def copy_run(run: Path, dest: Path) -> None:
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 * Git revision of the code: `{_git("rev-parse", "HEAD")}`{dirty}.
 * Published: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")};
   runs finished: {done} of {len(compare.get("runs", []))}.
-* Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), no GPU, Python {platform.python_version()}.
+* Machine: {_machine()}.
 * Data: `$BLOB_LORA_DATA` (offline copies of the datasets, see its README.md and verify.py).
 
 ## Seconds per run (wall clock, as recorded in summary.json / metrics.json)

@@ -403,9 +403,13 @@ def predict_dataset_fast(
     from tqdm.auto import tqdm
 
     resolved = resolve_mode(method, model, mode, n_samples)
-    items = _IndexedItems(dataset)
+    from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
+
     loader = DataLoader(
-        items, batch_size=batch_size, shuffle=False, collate_fn=items.collate(collator)
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=IndexedCollator(collator),
     )
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
@@ -451,28 +455,3 @@ def predict_dataset_fast(
         sample_probs=sample_probs,
         mode=resolved.mode,
     )
-
-
-class _IndexedItems(torch.utils.data.Dataset):
-    def __init__(self, base: Any) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.base[i], "index": i}
-
-    @staticmethod
-    def collate(collator: Any) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
-        return _IndexedCollate(collator)
-
-
-class _IndexedCollate:
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
-        batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
-        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
-        return batch
