@@ -305,3 +305,25 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     config.write_text(yaml.safe_dump(exp))
     assert main(args) == 2
     assert main([*args, "--collect-only"]) == 0  # collecting still works
+
+
+def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):
+    """SIGINT/SIGTERM during one run must not be reported as a failure and skipped."""
+    from blob_lora.experiments import compare
+    from blob_lora.training.trainer import TrainingInterrupted
+
+    spec = spec_from_dict(
+        {"methods": ["lora", "blob"], "tasks": ["arc_easy"], "seeds": [1]},
+        name="m",
+        out=tmp_path / "o",
+    )
+    started = []
+
+    def interrupted(r, progress):
+        started.append(r.method)
+        raise TrainingInterrupted("stopped by signal 15 after step 3")
+
+    monkeypatch.setattr(compare, "_train", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        run_compare(spec, progress=False, echo=lambda _: None)
+    assert started == ["lora"]  # blob was never started

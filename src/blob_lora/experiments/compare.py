@@ -266,6 +266,10 @@ def run_compare(
                     _train(r, progress)
                 _evaluate_missing(r, progress)
             except BlobLoraError as exc:
+                from blob_lora.training.trainer import TrainingInterrupted
+
+                if isinstance(exc, TrainingInterrupted):
+                    raise  # a signal stops the whole experiment; its checkpoint is saved
                 r.status, r.error = "failed", str(exc)
                 echo(f"  failed: {exc}")
                 continue
