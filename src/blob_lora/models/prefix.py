@@ -45,6 +45,12 @@ def block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
     }
 
 
+def block_index(name: str, list_name: str) -> int | None:
+    """The block a qualified module/parameter name lies in (``None``: outside the blocks)."""
+    m = re.match(rf"^{re.escape(list_name)}\.(\d+)(\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
 class _PrefixDone(Exception):
     """Raised by the capture hook to skip the rest of the forward."""
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from blob_lora.models.prefix import (
     PrefixPlan,
+    block_index,
     block_lists,
     capture_prefix,
     hidden_of,
@@ -57,14 +58,13 @@ def frozen_prefix_length(model: nn.Module) -> int:
     list_name, layers = next(iter(lists.items()))
     if model.training and _base_dropout(model):
         return 0
-    pattern = re.compile(rf"^{re.escape(list_name)}\.(\d+)(\.|$)")
     first = len(layers)
 
     def place(name: str) -> bool:
         nonlocal first
-        m = pattern.match(name)
-        if m:
-            first = min(first, int(m.group(1)))
+        index = block_index(name, list_name)
+        if index is not None:
+            first = min(first, index)
             return True
         return bool(_AFTER_BLOCKS.search(name))
 

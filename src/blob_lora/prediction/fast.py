@@ -21,7 +21,6 @@ The suffix is run through the model's *own* forward (``blob_lora.models.prefix``
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from blob_lora.evaluation.forward import answer_logits, repeat_batch
 from blob_lora.metrics import entropy
 from blob_lora.models.prefix import (
     PrefixPlan,
+    block_index,
     block_lists,
     capture_prefix,
     injected_prefix,
@@ -139,12 +139,11 @@ def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
     if len(lists) != 1:
         return None, f"expected one list of transformer blocks, found {sorted(lists) or 'none'}"
     list_name, layers = next(iter(lists.items()))
-    pattern = re.compile(rf"^{re.escape(list_name)}\.(\d+)(\.|$)")
     first = len(layers)
     for name in names:
-        m = pattern.match(name)
-        if m:
-            first = min(first, int(m.group(1)))
+        index = block_index(name, list_name)
+        if index is not None:
+            first = min(first, index)
         elif name.rsplit(".", 1)[-1] not in HEAD_NAMES:
             return None, f"random module {name!r} is neither inside a block nor the output head"
     if first == 0:
