@@ -4,7 +4,8 @@ repository, with their provenance.
 Copies the tables (Markdown, CSV), ``compare.json`` (every run's metrics and its train/eval
 seconds), the combined reliability diagrams, and per run its settings, training log, summary,
 and per evaluation ``metrics.json`` and gzipped ``predictions.jsonl``; writes PROVENANCE.md with
-the command, git revision, date, machine and a seconds-per-run table. Re-running replaces the
+the command, git revision, date, machine and a seconds-per-run table, and CRITERION.md: issue
+6's reproduction criterion (BLoB vs `lora` and `map`) checked on the runs finished so far. Re-running replaces the
 destination, so a table grown over several sittings is published the same way each time.
 
     .venv/bin/python experiments/publish.py experiments/paper_tables.yaml results/paper_tables
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from blob_lora.experiments import load_spec
+from blob_lora.experiments import criterion, load_spec
 from blob_lora.utils.atomic import atomic_write_bytes, atomic_write_text
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
@@ -122,7 +123,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 {seconds_table(compare)}
 """
     atomic_write_text(args.dest / "PROVENANCE.md", text)
-    print(f"published {done} finished runs of {spec.name} to {args.dest}")
+    verdict = criterion.check(compare)
+    atomic_write_text(args.dest / "CRITERION.md", criterion.render_markdown(verdict))
+    print(
+        f"published {done} finished runs of {spec.name} to {args.dest}; "
+        f"criterion: {verdict.outcome} ({verdict.passed} pass, {verdict.pending} pending)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""The reproduction criterion (issue 6) read from a compare.json: seeds matched, pending kept apart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blob_lora.experiments import criterion
+
+
+def _run(
+    task: str, method: str, seed: int, **columns: tuple[float, float, float]
+) -> dict[str, Any]:
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "evaluations": {
+            col.replace("_", "-"): {task: {"accuracy": a, "ece": e, "nll": n}}
+            for col, (a, e, n) in columns.items()
+        },
+    }
+
+
+def _compare(runs: list[dict[str, Any]], tasks: list[str], seeds: list[int]) -> dict[str, Any]:
+    return {"spec": {"tasks": tasks, "seeds": seeds}, "id": {"tasks": tasks}, "runs": runs}
+
+
+def test_pass_fail_and_pending_per_task() -> None:
+    runs = [
+        # t1: BLoB better calibrated than both, accuracy 1 point lower: pass
+        _run("t1", "lora", 1, lora=(0.60, 0.20, 0.9)),
+        _run("t1", "map", 1, map=(0.61, 0.18, 0.8)),
+        _run("t1", "blob", 1, blob=(0.60, 0.05, 0.7), blob_mean=(0.60, 0.30, 1.0)),
+        # t2: calibrated but 2.5 points less accurate than map: fail, with the reason
+        _run("t2", "lora", 1, lora=(0.50, 0.20, 0.9)),
+        _run("t2", "map", 1, map=(0.525, 0.20, 0.9)),
+        _run("t2", "blob", 1, blob=(0.50, 0.10, 0.8)),
+        # t3: map not run yet: pending (not a failure)
+        _run("t3", "lora", 1, lora=(0.50, 0.20, 0.9)),
+        _run("t3", "blob", 1, blob=(0.50, 0.10, 0.8)),
+        # t4: NLL higher than lora: fail
+        _run("t4", "lora", 1, lora=(0.50, 0.20, 0.9)),
+        _run("t4", "map", 1, map=(0.50, 0.20, 0.9)),
+        _run("t4", "blob", 1, blob=(0.50, 0.10, 0.95)),
+    ]
+    v = criterion.check(_compare(runs, ["t1", "t2", "t3", "t4"], [1]), needed=2)
+    status = {t.task: t.status for t in v.tasks}
+    assert status == {"t1": "pass", "t2": "fail", "t3": "pending", "t4": "fail"}
+    reasons = {t.task: t.reasons for t in v.tasks}
+    assert reasons["t2"] == ["vs map: ACC 50.00 < 52.50 − 2"]
+    assert reasons["t4"] == ["vs lora: NLL 0.950 ≥ 0.900", "vs map: NLL 0.950 ≥ 0.900"]
+    assert (v.passed, v.pending) == (1, 1)
+    assert v.outcome == "undecided"  # t3's map is missing
+    md = criterion.render_markdown(v)
+    assert (
+        "| t3 | pending | lora: 50.00/10.00/0.800 vs 50.00/20.00/0.900 (seeds 1); map: not run |"
+        in md
+    )
+    # another candidate column of the same runs (BLoB-mean) is judged on its own numbers
+    assert (
+        criterion.check(_compare(runs, ["t1"], [1]), candidate="blob-mean").tasks[0].status
+        == "fail"
+    )
+
+
+def test_exactly_two_points_lower_passes_and_just_over_fails() -> None:
+    def verdict(blob_acc: float) -> str:
+        runs = [
+            _run("t", "lora", 1, lora=(0.25, 0.40, 2.0)),
+            _run("t", "map", 1, map=(0.20, 0.40, 2.0)),
+            _run("t", "blob", 1, blob=(blob_acc, 0.30, 1.5)),
+        ]
+        return criterion.check(_compare(runs, ["t"], [1]), needed=1).tasks[0].status
+
+    assert verdict(0.23) == "pass"
+    # 6 of 299 questions: 2.007 points, the margin our ARC-C seed-1 run missed by
+    assert verdict(0.25 - 6 / 299) == "fail"
+
+
+def test_only_seeds_both_methods_finished_are_averaged() -> None:
+    runs = [
+        _run("t", "lora", 1, lora=(0.50, 0.20, 0.90)),
+        _run("t", "lora", 2, lora=(0.50, 0.02, 0.50)),  # BLoB has no seed 2 yet: must be ignored
+        _run("t", "map", 1, map=(0.50, 0.20, 0.90)),
+        _run("t", "blob", 1, blob=(0.50, 0.10, 0.80)),
+    ]
+    v = criterion.check(_compare(runs, ["t"], [1, 2]), needed=1)
+    lora = v.tasks[0].comparisons[0]
+    assert lora.seeds == (1,) and lora.ece == (10.0, 20.0)
+    assert v.tasks[0].status == "pass"
+    assert v.outcome == "undecided"  # seed 2 of the experiment is missing
+    runs += [
+        _run("t", "map", 2, map=(0.50, 0.20, 0.90)),
+        _run("t", "blob", 2, blob=(0.50, 0.06, 0.55)),
+    ]
+    v = criterion.check(_compare(runs, ["t"], [1, 2]), needed=1)
+    lora = v.tasks[0].comparisons[0]
+    assert lora.seeds == (1, 2)
+    assert lora.ece == (8.0, 11.0) and abs(lora.nll[0] - 0.675) < 1e-12
+    assert v.complete and v.outcome == "reproduced"
+
+
+def test_out_of_distribution_evaluations_are_not_in_distribution_results() -> None:
+    run = _run("obqa", "blob", 1, blob=(0.3, 0.1, 1.0))
+    run["evaluations"]["blob"]["arc"] = {"accuracy": 0.9, "ece": 0.0, "nll": 0.1}
+    assert set(criterion.per_seed_metrics({"runs": [run]})) == {("blob", "obqa", 1)}
