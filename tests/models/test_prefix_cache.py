@@ -111,6 +111,41 @@ def test_cached_evaluation_equals_the_full_forward(
     assert again is not None and len(again.features) == 11 and again.start == 1
 
 
+@pytest.mark.parametrize("n", [0, 3])
+def test_cached_laplace_predictive_equals_the_full_forward(
+    arc, smollm2_tokenizer, tmp_path, n
+) -> None:
+    """Laplace's GLM predictive differentiates through its forward; the backward stops at the
+    first adapted block, so a prefix read from the cache must give the same Jacobian."""
+    from torch.utils.data import DataLoader
+
+    from blob_lora.methods.laplace import LaplaceLoRA
+    from blob_lora.methods.laplace_method import _make_lora_trainable, _option_logits_fn
+
+    dataset, collator, option_ids = arc
+    _, model = _model("lora", len(smollm2_tokenizer))
+    _make_lora_trainable(model)
+    la = LaplaceLoRA(model, _option_logits_fn(option_ids))
+    la.fit(iter(DataLoader(dataset, batch_size=4, collate_fn=collator)))
+    la.optimize_prior_precision()
+    model.laplace_posterior = la
+    method = get_method("laplace")
+    assert method.prefix_cacheable
+    args = (model, method, dataset, collator, option_ids, n, 4)
+    torch.manual_seed(5)
+    full, _, _ = predict_dataset(*args, prefix_cache=False)
+    torch.manual_seed(5)
+    cached, _, _ = predict_dataset(*args, prefix_cache=True, cache_dir=tmp_path)
+    assert full.shape == cached.shape == (max(1, n), 11, 5)
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
+    # the posterior's variance really moved the predictive away from softmax(mean logits)
+    mean_only, _, _ = predict_dataset(
+        model, get_method("lora"), dataset, collator, option_ids, 0, 4
+    )
+    assert (full.mean(0) - mean_only[0]).abs().max() > 1e-3
+    assert len(list((tmp_path / "prefix").glob("*.safetensors"))) == 1
+
+
 def test_damaged_or_foreign_disk_cache_is_rebuilt(arc, smollm2_tokenizer, tmp_path) -> None:
     dataset, collator, option_ids = arc
     method, model = _model("lora", len(smollm2_tokenizer))

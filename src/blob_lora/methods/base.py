@@ -39,8 +39,10 @@ class Method:
     #: such as an ensemble's members.
     iid_samples = False
     #: Whether evaluation may start forwards at the first adapted block from cached hidden
-    #: states (``blob_lora.models.prefix_cache``); True for methods whose predictive is a plain
-    #: forward of the adapted model, however many samples it folds into the batch.
+    #: states (``blob_lora.models.prefix_cache``); True for every method whose predictive
+    #: reads (or differentiates, as Laplace's GLM does) the adapted blocks only, however many
+    #: samples it folds into the batch. A method that needs the frozen blocks' own forward
+    #: (e.g. gradients to the input embeddings) must set it False.
     prefix_cacheable = True
 
     def lora_config(self, cfg: Any) -> LoraConfig:

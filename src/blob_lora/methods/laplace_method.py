@@ -74,8 +74,8 @@ class LaplaceMethod(Method):
     """MAP LoRA + KFAC Laplace posterior over the LoRA weights, GLM predictive."""
 
     name = "laplace"
-    # its GLM predictive differentiates through its own forward passes: keep the full model
-    prefix_cacheable = False
+    # Its GLM predictive differentiates through its forward, but only down to the first adapted
+    # block's LoRA outputs: a cached frozen prefix leaves the Jacobian unchanged (tested).
     samples_by_default = 100
 
     def weight_decay(self, cfg: Any) -> float:
