@@ -172,6 +172,32 @@ def test_runs_are_planned_seed_first_then_method_then_task(tmp_path):
     ]
 
 
+def test_run_first_methods_finish_every_seed_before_the_others(tmp_path):
+    spec = spec_from_dict(
+        {
+            "methods": ["lora", "blob", "blob-mean", "map", "ensemble"],
+            "tasks": ["arc_easy"],
+            "seeds": [1, 2],
+            "run_first": ["blob-mean", "map"],  # a column stands for the method that trains it
+        },
+        name="m",
+        out=tmp_path / "o",
+    )
+    assert [(r.seed, r.method) for r in plan(spec)] == [
+        (1, "blob"),
+        (1, "map"),
+        (2, "blob"),
+        (2, "map"),
+        (1, "lora"),
+        (1, "ensemble"),
+        (2, "lora"),
+        (2, "ensemble"),
+    ]
+    assert spec.to_dict()["run_first"] == ["blob-mean", "map"]
+    with pytest.raises(ConfigError, match=r"run_first names \['laplace'\]"):
+        spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"], "run_first": ["laplace"]}, "m")
+
+
 def test_a_changed_eval_split_counts_as_missing(two_method_spec):
     spec = two_method_spec
     fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})

@@ -99,24 +99,24 @@ def run_dir(spec: CompareSpec, task: str, method: str, seed: int) -> Path:
 def plan(spec: CompareSpec) -> list[PlannedRun]:
     """Every run the experiment needs, with the evaluations each must end up with.
 
-    Ordered seed, then method (as listed in the spec), then task: an experiment stopped part
-    way has whole single-seed comparisons of its first methods across every task, rather than
-    every method on its first task only.
+    Ordered seed, then method (as listed in the spec), then task, with the spec's ``run_first``
+    methods done for every seed before the rest: an experiment stopped part way has whole
+    comparisons of its first methods across every task, rather than every method on its first
+    task only.
     """
     runs = []
     columns = spec.columns
-    for seed in spec.seeds:
-        for method in spec.train_methods:
-            cols = [c for c in columns if c.train_method == method]
-            for task in spec.train_tasks:
-                d = run_dir(spec, task, method, seed)
-                evals = [
-                    Evaluation(c, t, spec.eval_split(t, own=(t == task)))
-                    for c in cols
-                    for t in spec.eval_tasks_of(task)
-                ]
-                settings = spec.run_settings(task, method, seed, d)
-                runs.append(PlannedRun(task, method, seed, d, settings, evals))
+    for seed, method in spec.run_order:
+        cols = [c for c in columns if c.train_method == method]
+        for task in spec.train_tasks:
+            d = run_dir(spec, task, method, seed)
+            evals = [
+                Evaluation(c, t, spec.eval_split(t, own=(t == task)))
+                for c in cols
+                for t in spec.eval_tasks_of(task)
+            ]
+            settings = spec.run_settings(task, method, seed, d)
+            runs.append(PlannedRun(task, method, seed, d, settings, evals))
     for r in runs:
         _set_status(r)
     return runs

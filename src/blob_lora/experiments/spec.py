@@ -7,6 +7,7 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
     methods: [lora, map, mc-dropout, ensemble, laplace, blob, blob-mean]
     tasks: [winogrande_s, arc_challenge]          # in-distribution: train + eval on each
     seeds: [1, 2, 3]                              # default [1, 2, 3]
+    run_first: [lora, blob, map]                  # these methods' runs, every seed, go first
     ood:                                          # train on train_task, evaluate elsewhere
       train_task: openbookqa
       eval_tasks: [arc_challenge, arc_easy, mmlu:college_chemistry, mmlu:college_physics]
@@ -20,6 +21,10 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
 and may not appear in ``train``/``method_options``/``task_options``. Precedence of settings,
 lowest first: TrainConfig defaults, ``train``, ``method_options[method]``,
 ``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``.
+
+Order of runs: seed, then method (as listed), then task; methods named in ``run_first`` run
+for every seed before the others start (the comparison a table exists for is then complete
+first, rather than every baseline on one seed).
 
 Evaluation split of a task T (own task or OOD): ``eval_split_overrides[T]``, else
 ``task_options[T].eval_split``, else ``train.eval_split`` for a run's own task, else T's
@@ -47,6 +52,7 @@ TOP_KEYS = {
     "method_options",
     "task_options",
     "eval_split_overrides",
+    "run_first",
 }
 
 
@@ -96,6 +102,7 @@ class CompareSpec:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_split_overrides: dict[str, str] = field(default_factory=dict)
+    run_first: list[str] = field(default_factory=list)
 
     @property
     def columns(self) -> list[Column]:
@@ -109,6 +116,16 @@ class CompareSpec:
             if c.train_method not in seen:
                 seen.append(c.train_method)
         return seen
+
+    @property
+    def run_order(self) -> list[tuple[int, str]]:
+        """(seed, training method) pairs in the order their runs go (see the module doc)."""
+        first = {column_for(m).train_method for m in self.run_first}
+        groups = [
+            [m for m in self.train_methods if m in first],
+            [m for m in self.train_methods if m not in first],
+        ]
+        return [(seed, m) for group in groups for seed in self.seeds for m in group]
 
     @property
     def train_tasks(self) -> list[str]:
@@ -158,6 +175,7 @@ class CompareSpec:
             "method_options": self.method_options,
             "task_options": self.task_options,
             "eval_split_overrides": self.eval_split_overrides,
+            "run_first": self.run_first,
         }
 
 
@@ -248,6 +266,10 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
     overrides = data.get("eval_split_overrides") or {}
     if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
         raise ConfigError("compare: eval_split_overrides must map task names to split strings")
+    run_first = _str_list(data.get("run_first", []), "run_first", allow_empty=True)
+    stray = sorted(set(run_first) - set(methods))
+    if stray:
+        raise ConfigError(f"compare: run_first names {stray}, which are not in methods {methods}")
     out_path = Path(out) if out else Path(data.get("out") or Path("experiments") / "out" / name)
     spec = CompareSpec(
         name=name,
@@ -260,6 +282,7 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         method_options=method_options,
         task_options=task_options,
         eval_split_overrides={str(k): v for k, v in overrides.items()},
+        run_first=run_first,
     )
     _check_settings(spec)
     return spec
