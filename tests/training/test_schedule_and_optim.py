@@ -117,7 +117,45 @@ def test_lora_method_gets_plain_adamw() -> None:
 
     model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"]))
     upd = build_updater(
-        model, mode="paper", bayesian=False, lr=1e-3, total_steps=5, weight_decay=1e-5
+        model, mode="paper", bayesian=False, lr=1e-3, total_steps=5, weight_decay=1e-2
     )
     assert len(upd.optimizers) == 1 and isinstance(upd.optimizers[0], torch.optim.AdamW)
-    assert upd.optimizers[0].param_groups[0]["weight_decay"] == 1e-5
+    assert upd.optimizers[0].param_groups[0]["weight_decay"] == 1e-2
+    with pytest.warns(
+        UserWarning, match="no-op"
+    ):  # the paper's MAP strength, as the trainer sees it
+        build_updater(
+            model, mode="paper", bayesian=False, lr=1e-3, total_steps=5, weight_decay=1e-5
+        )
+
+
+def _adamw_steps(weight_decay: float, lr: float) -> torch.Tensor:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 16))
+    opt = torch.optim.AdamW([w], lr=lr, eps=1e-6, weight_decay=weight_decay)
+    for step in range(5):
+        opt.zero_grad()
+        (w.sin() * (step + 1)).sum().backward()
+        opt.step()
+    return w.detach()
+
+
+def test_tiny_weight_decay_is_a_bitwise_no_op_and_warns() -> None:
+    """The paper's MAP (wd 1e-5) at lr 1e-3: AdamW's factor 1 - 1e-8 is 1.0 in fp32."""
+    import warnings
+
+    from blob_lora.training.optim import warn_if_decay_rounds_away
+
+    assert torch.equal(_adamw_steps(1e-5, 1e-3), _adamw_steps(0.0, 1e-3))
+    assert not torch.equal(_adamw_steps(1e-2, 1e-3), _adamw_steps(0.0, 1e-3))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.warns(UserWarning, match=r"weight decay 1e-05 at peak lr 0.001 is a no-op"):
+        warn_if_decay_rounds_away(params, 1e-3, 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_decay_rounds_away(params, 1e-3, 1e-2)  # 1e-5 > 2^-24: it acts
+        warn_if_decay_rounds_away(params, 1e-3, 0.0)
+        # fp64 keeps a 1 - 1e-8 factor: only the dtypes of the weights present count
+        warn_if_decay_rounds_away(
+            [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], 1e-3, 1e-5
+        )

@@ -14,7 +14,8 @@ Both use linear warmup followed by linear decay to zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,30 @@ class Updater:
             sched.load_state_dict(sd)
 
 
+def warn_if_decay_rounds_away(
+    params: Sequence[nn.Parameter], lr: float, weight_decay: float
+) -> None:
+    """Warn when AdamW's decoupled decay cannot change a weight at all.
+
+    AdamW multiplies each weight by ``1 - lr * weight_decay``, cast to the weight's dtype. Below
+    half the dtype's epsilon (2^-24 in fp32) that factor *is* 1.0, so the run is bitwise plain
+    LoRA: the paper's MAP baseline (wd 1e-5 at lr 1e-4, or our 1e-3) is such a case. Users who
+    want a prior that acts need ``lr * weight_decay`` above the threshold.
+    """
+    if weight_decay <= 0:
+        return
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    inert = sorted(str(d) for d in dtypes if lr * weight_decay < torch.finfo(d).eps / 2)
+    if inert:
+        warnings.warn(
+            f"weight decay {weight_decay:g} at peak lr {lr:g} is a no-op for {', '.join(inert)} "
+            f"weights: AdamW's factor 1 - {lr * weight_decay:.1e} rounds to 1.0, so training "
+            "is identical to weight decay 0",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def build_updater(
     model: nn.Module,
     *,
@@ -120,6 +145,7 @@ def build_updater(
     point, std = split_parameters(model)
     if not point:
         raise ConfigError("the model has no trainable parameters")
+    warn_if_decay_rounds_away(point + std, lr, weight_decay)
     warmup = int(round(warmup_ratio * total_steps))
     factor = linear_warmup_decay(total_steps, warmup)
     if not bayesian or not std:
