@@ -66,6 +66,13 @@ def test_fingerprint_changes_with_prefix_weights_only() -> None:
     with torch.no_grad():
         b.base_model.model.model.layers[0].mlp.up_proj.weight.mul_(1.01)
     assert prefix_fingerprint(a, 1) != prefix_fingerprint(b, 1)
+    # the wrapper does not matter: BLoB and MC-dropout runs on one base share LoRA's features
+    cfg = TrainConfig(target_modules=[TOP_BLOCK], lora_dropout=0.0)
+    wrapped = {
+        m: get_method(m).build(tiny_llama(seed=0), cfg) for m in ("lora", "blob", "mc-dropout")
+    }
+    assert type(wrapped["blob"]) is not type(wrapped["lora"])
+    assert {prefix_fingerprint(w, 1) for w in wrapped.values()} == {prefix_fingerprint(a, 1)}
 
 
 @pytest.fixture

@@ -160,3 +160,29 @@ def test_datasets_and_tasks_pickle_for_worker_processes(data_root, smollm2_token
         clone = pickle.loads(pickle.dumps(ds))
         assert clone[0] == ds[0] and len(clone) == len(ds)
         assert clone.task.load(split)[0] == ds.task.load(split)[0]
+
+
+def test_data_fingerprint_follows_content_not_path_or_timestamps(tmp_path):
+    """Shared data folders are re-synced with fresh mtimes: caches must still be found."""
+    import os
+    import shutil
+
+    for name in ("a", "b"):
+        (tmp_path / name / "arc_easy").mkdir(parents=True)
+    src = tmp_path / "a" / "arc_easy" / "validation.jsonl"
+    rows = [
+        {"id": f"q{i}", "question": f"Question {i}?", "choices": ["x", "y", "z"], "label": 1}
+        for i in range(3)
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    copy = tmp_path / "b" / "arc_easy" / "validation.jsonl"
+    shutil.copyfile(src, copy)
+    os.utime(copy, ns=(10**18, 10**18))  # another timestamp, another folder, same bytes
+
+    def fp(root):
+        return get_task("arc_easy", str(root)).source_fingerprint("validation")
+
+    assert fp(tmp_path / "a") == fp(tmp_path / "b")
+    copy.write_text(copy.read_text().replace("Question 2", "Question 9"))
+    os.utime(copy, ns=(10**18, 10**18))  # same size and mtime as before the edit
+    assert fp(tmp_path / "a") != fp(tmp_path / "b")

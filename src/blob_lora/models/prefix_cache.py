@@ -99,7 +99,9 @@ def prefix_fingerprint(model: nn.Module, start: int) -> str:
     gigabytes on large models.
     """
     plan = prefix_plan(model, start)
-    h = hashlib.sha256(f"{type(model).__name__}:{start}".encode())
+    # The architecture, not the wrapper: a LoRA and a BLoB model on one base share features.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hashlib.sha256(f"{type(base).__name__}:{start}".encode())
     tensors: list[tuple[str, Tensor]] = []
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None:

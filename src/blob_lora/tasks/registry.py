@@ -126,7 +126,7 @@ class Task:
         return apply_split_slice(examples, spec)
 
     def source_fingerprint(self, split: str) -> str:
-        """Identifies the data behind ``split`` (file path, size, mtime / Hub id) for caches."""
+        """Identifies the data behind ``split`` (file name and content digest / Hub id) for caches."""
         spec = self.resolve_split(split)
         try:
             return f"{self.source.fingerprint(spec)}|{spec}"

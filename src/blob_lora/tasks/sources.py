@@ -10,6 +10,7 @@ every ``DataError`` points at the offending line.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import zlib
@@ -349,8 +350,29 @@ class LocalSource:
 
     def fingerprint(self, spec: SplitSpec) -> str:
         path = self.find(spec.name)
-        st = path.stat()
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return f"file:{path.name}:{file_digest(path)}"
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a data file's bytes: what caches of its tokenised rows and features key on.
+
+    Content, not (path, size, mtime): a copy of the same data elsewhere, or the same files
+    re-synced with fresh timestamps (as shared folders are at every session here), must find
+    the caches again, and rebuilding prefix features costs a full forward per example. Each
+    file is read once per process (the digest is remembered per path, size, mtime and ctime;
+    ctime moves on every write, even one that puts the old mtime back).
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _FILE_DIGESTS.get(key)
+    if digest is None:
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        _FILE_DIGESTS[key] = digest
+    return digest
 
 
 class HubSource:
