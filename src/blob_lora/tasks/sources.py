@@ -244,15 +244,18 @@ def parse_generic(rec: dict[str, Any], fallback_id: str) -> MCExample:
 # ---------------------------------------------------------------------------------------------
 # reading JSONL files
 
-_FILE_CACHE: OrderedDict[tuple[str, int, int], list[tuple[int, Any]]] = OrderedDict()
+_FILE_CACHE: OrderedDict[tuple[str, int, int, int], list[tuple[int, Any]]] = OrderedDict()
 _FILE_CACHE_SIZE = 8
+
+
+JSON_WHITESPACE = " \t\r\n"  # RFC 8259; str.strip() would also drop \x1c-\x1f, \x85, ...
 
 
 def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, decoded JSON value) for every non-blank line; cached per file version so
     the 57 MMLU subjects share one parse of each file."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _FILE_CACHE:
         _FILE_CACHE.move_to_end(key)
         return _FILE_CACHE[key]
@@ -266,8 +269,8 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason})") from e
-                if not line.strip():
-                    continue
+                if not line.strip(JSON_WHITESPACE):
+                    continue  # blank; a line of other "spaces" (\x1c, \x85) is bad JSON
                 try:
                     rows.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
