@@ -248,14 +248,19 @@ _FILE_CACHE: OrderedDict[tuple[str, int, int, int], list[tuple[int, Any]]] = Ord
 _FILE_CACHE_SIZE = 8
 
 
+def _file_version(path: Path) -> tuple[str, int, int, int]:
+    """Path, size, mtime and ctime: ctime moves on every write, even one that restores mtime."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 JSON_WHITESPACE = " \t\r\n"  # RFC 8259; str.strip() would also drop \x1c-\x1f, \x85, ...
 
 
 def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, decoded JSON value) for every non-blank line; cached per file version so
     the 57 MMLU subjects share one parse of each file."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _file_version(path)
     if key in _FILE_CACHE:
         _FILE_CACHE.move_to_end(key)
         return _FILE_CACHE[key]
@@ -365,11 +370,9 @@ def file_digest(path: Path) -> str:
     Content, not (path, size, mtime): a copy of the same data elsewhere, or the same files
     re-synced with fresh timestamps (as shared folders are at every session here), must find
     the caches again, and rebuilding prefix features costs a full forward per example. Each
-    file is read once per process (the digest is remembered per path, size, mtime and ctime;
-    ctime moves on every write, even one that puts the old mtime back).
+    file is read once per process (the digest is remembered per ``_file_version``).
     """
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _file_version(path)
     digest = _FILE_DIGESTS.get(key)
     if digest is None:
         with path.open("rb") as f:
