@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blob_lora.experiments.tables import mean_std
+
 PASS, FAIL, PENDING = "pass", "fail", "pending"
 
 
@@ -37,13 +39,6 @@ class Comparison:
     @property
     def ran(self) -> bool:
         return bool(self.seeds)
-
-    def holds(self, max_accuracy_drop: float) -> bool:
-        return (
-            self.ece[0] < self.ece[1]
-            and self.nll[0] < self.nll[1]
-            and self.accuracy[0] >= self.accuracy[1] - max_accuracy_drop
-        )
 
     def reasons(self, max_accuracy_drop: float) -> list[str]:
         out = []
@@ -108,10 +103,6 @@ def per_seed_metrics(compare: dict[str, Any]) -> dict[tuple[str, str, int], dict
     return out
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def compare_on_task(
     metrics: dict[tuple[str, str, int], dict[str, float]],
     candidate: str,
@@ -128,8 +119,8 @@ def compare_on_task(
 
     def pair(key: str, scale: float) -> tuple[float, float]:
         return (
-            scale * _mean([metrics[(candidate, task, s)][key] for s in seeds]),
-            scale * _mean([metrics[(baseline, task, s)][key] for s in seeds]),
+            scale * mean_std([metrics[(candidate, task, s)][key] for s in seeds])[0],
+            scale * mean_std([metrics[(baseline, task, s)][key] for s in seeds])[0],
         )
 
     return Comparison(
