@@ -66,7 +66,9 @@ def copy_run(run: Path, dest: Path) -> None:
         shutil.copy2(metrics, target / "metrics.json")
         preds = metrics.parent / "predictions.jsonl"
         if preds.is_file():
-            atomic_write_bytes(target / "predictions.jsonl.gz", gzip.compress(preds.read_bytes(), mtime=0))
+            atomic_write_bytes(
+                target / "predictions.jsonl.gz", gzip.compress(preds.read_bytes(), mtime=0)
+            )
 
 
 def seconds_table(compare: dict[str, Any]) -> str:
