@@ -1,0 +1,36 @@
+"""experiments/publish.py copies finished runs into git; re-publishing unchanged runs must not
+rewrite their files, or every sitting commits ~60 spurious binary changes."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _publish_module():
+    spec = importlib.util.spec_from_file_location("publish", ROOT / "experiments" / "publish.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_republishing_a_run_is_byte_identical(tmp_path: Path) -> None:
+    publish = _publish_module()
+    run = tmp_path / "run"
+    (run / "eval" / "boolq").mkdir(parents=True)
+    (run / "eval" / "boolq" / "metrics.json").write_text('{"acc": 0.5}')
+    rows = b'{"id": "a", "probs": [0.2, 0.8]}\n'
+    (run / "eval" / "boolq" / "predictions.jsonl").write_bytes(rows)
+
+    gz = tmp_path / "out" / "eval" / "boolq" / "predictions.jsonl.gz"
+    publish.copy_run(run, tmp_path / "out")
+    first = gz.read_bytes()
+    time.sleep(1.1)  # gzip headers carry whole seconds
+    publish.copy_run(run, tmp_path / "out")
+
+    assert gz.read_bytes() == first
+    assert gzip.decompress(first) == rows
