@@ -5,10 +5,14 @@ Copies the tables (Markdown, CSV), ``compare.json`` (every run's metrics and its
 seconds), the combined reliability diagrams, and per run its settings, training log, summary,
 and per evaluation ``metrics.json`` and gzipped ``predictions.jsonl``; writes PROVENANCE.md with
 the command, git revision, date, machine and a seconds-per-run table, and CRITERION.md: issue
-6's reproduction criterion (BLoB vs `lora` and `map`) checked on the runs finished so far. Re-running replaces the
-destination, so a table grown over several sittings is published the same way each time.
+6's reproduction criterion (BLoB vs `lora` and `map`) checked on the runs finished so far;
+and SUMMARY.md: one compact table (mean ACC / ECE / NLL over the seeds finished, per task and
+method) with optional reference columns, the table results/README.md quotes. Re-running
+replaces the destination, so a table grown over several sittings is published the same way
+each time.
 
-    .venv/bin/python experiments/publish.py experiments/paper_tables.yaml results/paper_tables
+    .venv/bin/python experiments/publish.py experiments/paper_tables.yaml results/paper_tables \
+        --reference experiments/paper_reference.yaml
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from blob_lora.experiments import criterion, load_spec
+from blob_lora.experiments.summary import render_summary
 from blob_lora.utils.atomic import atomic_write_bytes, atomic_write_text
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
@@ -85,12 +90,31 @@ def seconds_table(compare: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _read_reference(path: Path) -> dict[str, dict[str, str]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"{path}: cannot read reference figures: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise SystemExit(f"{path}: expected {{column title: {{task: cell text}}}}")
+    return data
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", type=Path, help="the experiment file that was run")
     p.add_argument("dest", type=Path, help="destination folder in the repository")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="YAML {column title: {task or ood:<task>: cell text}} of figures to quote beside "
+        "ours in SUMMARY.md (experiments/paper_reference.yaml: the paper's)",
+    )
     args = p.parse_args(argv)
     spec = load_spec(args.config)
+    reference = _read_reference(args.reference) if args.reference else None
     if not (spec.out / "compare.json").is_file():
         raise SystemExit(f"{spec.out}/compare.json not found: run blob-lora compare first")
     if args.dest.exists():
@@ -106,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run = spec.out / r["dir"]
         if run.is_dir():
             copy_run(run, args.dest / r["dir"])
+    ref_flag = f" --reference {args.reference}" if args.reference else ""
     done = sum(r["status"] == "done" for r in compare.get("runs", []))
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
     text = f"""# Provenance of {args.dest}
@@ -113,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 * Command (repository root):
   `OMP_NUM_THREADS=2 BLOB_LORA_DATA=/work/shared/data .venv/bin/blob-lora compare --config {args.config}`
   (resumable: the same command continues an unfinished table), then
-  `.venv/bin/python experiments/publish.py {args.config} {args.dest}`.
+  `.venv/bin/python experiments/publish.py {args.config} {args.dest}{ref_flag}`.
 * Git revision of the code: `{_git("rev-parse", "HEAD")}`{dirty}.
 * Published: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")};
   runs finished: {done} of {len(compare.get("runs", []))}.
@@ -125,6 +150,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 {seconds_table(compare)}
 """
     atomic_write_text(args.dest / "PROVENANCE.md", text)
+    ref_note = f" (reference columns: `{args.reference}`)" if reference else ""
+    summary = (
+        f"# {spec.name}: summary\n\nMean ACC % / ECE % / NLL over the seeds finished "
+        f"(`(n/N)`: only n of the N seeds; `–`: none yet){ref_note}. Mean ± std, Brier and the "
+        "best cells: `results_id.md`, `results_ood.md`.\n\n"
+        + render_summary(compare, reference=reference)
+    )
+    atomic_write_text(args.dest / "SUMMARY.md", summary)
     verdict = criterion.check(compare)
     atomic_write_text(args.dest / "CRITERION.md", criterion.render_markdown(verdict))
     print(

@@ -1,0 +1,75 @@
+"""One compact table of a comparison, next to reference figures: what a README quotes.
+
+The full tables (``tables.py``) give one block per metric with mean ± std, which is right for
+a record but too wide to read against the paper's "ACC / ECE / NLL" cells. This renders one
+row per task (in-distribution, then the out-of-distribution evaluations of the OOD training
+task), one column per method with the *mean over the seeds finished*, and optional reference
+columns (e.g. the paper's LLaMA-2-7B figures). Generating it, rather than copying numbers into
+a README by hand, keeps the quoted table in step with ``compare.json`` as seeds are added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from blob_lora.experiments.tables import MISSING
+
+# (metric key in compare.json's tables, decimals) of the "ACC / ECE / NLL" cell.
+CELL_METRICS = (("accuracy", 1), ("ece", 1), ("nll", 3))
+
+
+def _cell(table: Mapping[str, Any], task: str, method: str, n_seeds: int) -> str:
+    parts = []
+    n = 0
+    for key, decimals in CELL_METRICS:
+        entry = table.get(key, {}).get(task, {}).get(method)
+        if not entry or entry.get("mean") is None:
+            return MISSING
+        parts.append(f"{entry['mean']:.{decimals}f}")
+        n = entry["n"]
+    text = " / ".join(parts)
+    return text if n >= n_seeds else f"{text} ({n}/{n_seeds})"
+
+
+def summary_rows(compare: Mapping[str, Any]) -> list[tuple[str, str, str, Mapping[str, Any]]]:
+    """``(row key, label, task, table)`` per row: ID tasks, then the OOD evaluations.
+
+    The key is the task for in-distribution rows and ``ood:<task>`` for out-of-distribution
+    ones (the same task is in both, with different numbers); OOD rows skip the training task.
+    """
+    rows = []
+    if "id" in compare:
+        rows += [(t, t, t, compare["id"]["table"]) for t in compare["id"]["tasks"]]
+    ood = compare.get("ood")
+    if ood:
+        train_task = compare["spec"]["ood"]["train_task"]
+        rows += [
+            (f"ood:{t}", f"{t} (OOD from {train_task})", t, ood["table"])
+            for t in ood["tasks"]
+            if t != train_task
+        ]
+    return rows
+
+
+def render_summary(
+    compare: Mapping[str, Any],
+    methods: Sequence[str] | None = None,
+    reference: Mapping[str, Mapping[str, str]] | None = None,
+) -> str:
+    """Markdown table: rows = tasks, cells = mean ACC % / ECE % / NLL over the seeds finished.
+
+    ``reference`` maps a column title to ``{row key: cell text}`` (row keys: the task, or
+    ``ood:<task>``, see :func:`summary_rows`); rows it lacks show ``–``.
+    A method cell with fewer seeds than the experiment lists carries ``(n/N)``.
+    """
+    methods = list(methods or compare["spec"]["methods"])
+    reference = reference or {}
+    n_seeds = len(compare["spec"]["seeds"])
+    header = ["task", *methods, *reference]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, label, task, table in summary_rows(compare):
+        cells = [_cell(table, task, m, n_seeds) for m in methods]
+        cells += [str(ref.get(key, MISSING)) for ref in reference.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""The compact summary table quoted in results/README.md: means over finished seeds, OOD rows
+kept apart from the same task's in-distribution row, reference columns matched by row key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blob_lora.experiments.summary import render_summary
+from blob_lora.experiments.tables import build_table, table_json
+
+
+def _table(values: dict[str, dict[str, dict[str, list[float]]]], tasks, methods) -> dict:
+    return table_json(build_table(values, methods, tasks, n_seeds=2))
+
+
+def _compare() -> dict[str, Any]:
+    methods = ["lora", "blob"]
+    id_values = {
+        "accuracy": {"obqa": {"lora": [0.30, 0.28], "blob": [0.29]}, "arc": {"lora": [0.25, 0.27]}},
+        "ece": {"obqa": {"lora": [0.20, 0.30], "blob": [0.10]}, "arc": {"lora": [0.40, 0.42]}},
+        "nll": {"obqa": {"lora": [1.5, 1.7], "blob": [1.2]}, "arc": {"lora": [2.0, 2.2]}},
+    }
+    ood_values = {
+        "accuracy": {"arc": {"lora": [0.5, 0.7], "blob": [0.6, 0.6]}},
+        "ece": {"arc": {"lora": [0.1, 0.1], "blob": [0.05, 0.07]}},
+        "nll": {"arc": {"lora": [1.0, 1.0], "blob": [0.9, 0.8]}},
+    }
+    return {
+        "spec": {"methods": methods, "seeds": [1, 2], "ood": {"train_task": "obqa"}},
+        "id": {"tasks": ["obqa", "arc"], "table": _table(id_values, ["obqa", "arc"], methods)},
+        "ood": {"tasks": ["obqa", "arc"], "table": _table(ood_values, ["obqa", "arc"], methods)},
+    }
+
+
+def test_rows_cells_and_reference_columns() -> None:
+    reference = {"paper": {"obqa": "81.6 / 15.3 / 1.04", "arc": "67.7 / 30.6 / 3.07"}}
+    lines = render_summary(_compare(), reference=reference).splitlines()
+    assert lines[0] == "| task | lora | blob | paper |"
+    assert lines[2:] == [
+        # means over both seeds; blob has one of two seeds finished
+        "| obqa | 29.0 / 25.0 / 1.600 | 29.0 / 10.0 / 1.200 (1/2) | 81.6 / 15.3 / 1.04 |",
+        "| arc | 26.0 / 41.0 / 2.100 | – | 67.7 / 30.6 / 3.07 |",
+        # the OOD row of arc carries the OOD numbers and no (in-distribution) reference figure
+        "| arc (OOD from obqa) | 60.0 / 10.0 / 1.000 | 60.0 / 6.0 / 0.850 | – |",
+    ]
+
+
+def test_method_subset_in_given_order() -> None:
+    lines = render_summary(_compare(), methods=["blob"]).splitlines()
+    assert lines[0] == "| task | blob |"
+    assert lines[-1] == "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 |"
