@@ -76,6 +76,12 @@ def copy_run(run: Path, dest: Path) -> None:
             )
 
 
+def finished_runs(compare: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs to copy: only finished ones, so the record never holds a half-trained folder that
+    the next sitting will overwrite (its progress is in ``experiments/out/``, not in git)."""
+    return [r for r in compare.get("runs", []) if r["status"] == "done"]
+
+
 def seconds_table(compare: dict[str, Any]) -> str:
     lines = ["| run | status | train s | evaluations: seconds |", "|---|---|---|---|"]
     for r in compare.get("runs", []):
@@ -126,10 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for png in sorted(spec.out.glob("reliability_*.png")):
         shutil.copy2(png, args.dest / png.name)
     compare = json.loads((spec.out / "compare.json").read_text(encoding="utf-8"))
-    for r in compare.get("runs", []):
-        run = spec.out / r["dir"]
-        if run.is_dir():
-            copy_run(run, args.dest / r["dir"])
+    for r in finished_runs(compare):
+        if (spec.out / r["dir"]).is_dir():
+            copy_run(spec.out / r["dir"], args.dest / r["dir"])
     ref_flag = f" --reference {args.reference}" if args.reference else ""
     done = sum(r["status"] == "done" for r in compare.get("runs", []))
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""

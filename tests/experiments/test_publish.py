@@ -50,3 +50,15 @@ def test_reference_figures_are_read_or_refused_with_the_path(tmp_path: Path) -> 
         publish._read_reference(bad)
     with pytest.raises(SystemExit, match="missing.yaml: cannot read"):
         publish._read_reference(tmp_path / "missing.yaml")
+
+
+def test_only_finished_runs_are_published() -> None:
+    publish = _publish_module()
+    compare = {
+        "runs": [
+            {"dir": "runs/a/lora/seed1", "status": "done"},
+            {"dir": "runs/a/ensemble/seed1", "status": "train"},
+            {"dir": "runs/b/blob/seed1", "status": "failed"},
+        ]
+    }
+    assert [r["dir"] for r in publish.finished_runs(compare)] == ["runs/a/lora/seed1"]
