@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (spec.out / r["dir"]).is_dir():
             copy_run(spec.out / r["dir"], args.dest / r["dir"])
     ref_flag = f" --reference {args.reference}" if args.reference else ""
-    done = sum(r["status"] == "done" for r in compare.get("runs", []))
+    done = len(finished_runs(compare))
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
     text = f"""# Provenance of {args.dest}
 
