@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from blob_lora.experiments import criterion, load_spec
-from blob_lora.experiments.summary import render_summary
+from blob_lora.experiments.summary import read_reference, render_summary
 from blob_lora.utils.atomic import atomic_write_bytes, atomic_write_text
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
@@ -96,18 +96,6 @@ def seconds_table(compare: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _read_reference(path: Path) -> dict[str, dict[str, str]]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"{path}: cannot read reference figures: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise SystemExit(f"{path}: expected {{column title: {{task: cell text}}}}")
-    return data
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", type=Path, help="the experiment file that was run")
@@ -120,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     spec = load_spec(args.config)
-    reference = _read_reference(args.reference) if args.reference else None
+    reference = read_reference(args.reference) if args.reference else None
     if not (spec.out / "compare.json").is_file():
         raise SystemExit(f"{spec.out}/compare.json not found: run blob-lora compare first")
     if args.dest.exists():

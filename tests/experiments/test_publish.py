@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from blob_lora.experiments.summary import read_reference
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,17 +41,16 @@ def test_republishing_a_run_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_reference_figures_are_read_or_refused_with_the_path(tmp_path: Path) -> None:
-    publish = _publish_module()
-    shipped = publish._read_reference(ROOT / "experiments" / "paper_reference.yaml")
+    shipped = read_reference(ROOT / "experiments" / "paper_reference.yaml")
     assert shipped["paper BLoB (LLaMA-2-7B)"]["boolq"] == "86.6 / 1.5 / 0.31"
     assert len(shipped["paper MAP (LLaMA-2-7B)"]) == 6
 
     bad = tmp_path / "ref.yaml"
     bad.write_text("- just a list\n")
     with pytest.raises(SystemExit, match="ref.yaml: expected"):
-        publish._read_reference(bad)
+        read_reference(bad)
     with pytest.raises(SystemExit, match="missing.yaml: cannot read"):
-        publish._read_reference(tmp_path / "missing.yaml")
+        read_reference(tmp_path / "missing.yaml")
 
 
 def test_only_finished_runs_are_published() -> None:

@@ -49,3 +49,16 @@ def test_method_subset_in_given_order() -> None:
     lines = render_summary(_compare(), methods=["blob"]).splitlines()
     assert lines[0] == "| task | blob |"
     assert lines[-1] == "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 |"
+
+
+def test_command_prints_the_table_the_readmes_quote(tmp_path, capsys) -> None:
+    import json
+
+    from blob_lora.experiments.summary import main
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(_compare()))
+    main([str(path), "--methods", "blob"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 |"
+    )

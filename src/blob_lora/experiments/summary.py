@@ -10,7 +10,10 @@ a README by hand, keeps the quoted table in step with ``compare.json`` as seeds 
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from blob_lora.experiments.tables import MISSING
@@ -73,3 +76,32 @@ def render_summary(
         cells += [str(ref.get(key, MISSING)) for ref in reference.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def read_reference(path: Path) -> dict[str, dict[str, str]]:
+    """Reference columns from YAML ``{column title: {row key: cell text}}``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"{path}: cannot read reference figures: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise SystemExit(f"{path}: expected {{column title: {{task: cell text}}}}")
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the table for a ``compare.json``: how the READMEs' quoted tables are made."""
+    p = argparse.ArgumentParser(description="Compact ACC / ECE / NLL table of a compare.json")
+    p.add_argument("compare", type=Path, help="compare.json of a finished or partial table")
+    p.add_argument("--methods", nargs="+", help="columns, in order (default: every method)")
+    p.add_argument("--reference", type=Path, help="YAML of reference columns")
+    args = p.parse_args(argv)
+    compare = json.loads(args.compare.read_text(encoding="utf-8"))
+    reference = read_reference(args.reference) if args.reference else None
+    print(render_summary(compare, args.methods, reference), end="")
+
+
+if __name__ == "__main__":
+    main()
