@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blob_lora.experiments.summary import render_summary
+from blob_lora.experiments.summary import render_summary, restrict_seeds
 from blob_lora.experiments.tables import build_table, table_json
 
 
@@ -62,3 +62,39 @@ def test_command_prints_the_table_the_readmes_quote(tmp_path, capsys) -> None:
     assert capsys.readouterr().out.splitlines()[-1] == (
         "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 |"
     )
+
+
+def _run(task: str, method: str, seed: int, evals: dict[str, tuple[float, float, float]]) -> dict:
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "evaluations": {
+            method: {
+                t: {"accuracy": a, "ece": e, "nll": n, "brier": 0.5}
+                for t, (a, e, n) in evals.items()
+            }
+        },
+    }
+
+
+def test_seed_restriction_compares_baselines_on_the_same_seeds() -> None:
+    # lora finished seeds 1 and 2, blob only seed 1: restricted to seed 1, both are full cells
+    # with seed 1's numbers, and OOD rows take the OOD training task's runs only.
+    compare = _compare()
+    compare["runs"] = [
+        _run("obqa", "lora", 1, {"obqa": (0.30, 0.20, 1.5), "arc": (0.5, 0.1, 1.0)}),
+        _run("obqa", "lora", 2, {"obqa": (0.28, 0.30, 1.7), "arc": (0.7, 0.1, 1.0)}),
+        _run("obqa", "blob", 1, {"obqa": (0.29, 0.10, 1.2), "arc": (0.6, 0.05, 0.9)}),
+        _run("arc", "lora", 1, {"arc": (0.25, 0.40, 2.0)}),
+        _run("arc", "lora", 2, {"arc": (0.27, 0.42, 2.2)}),
+    ]
+    lines = render_summary(restrict_seeds(compare, [1])).splitlines()
+    assert lines[2:] == [
+        "| obqa | 30.0 / 20.0 / 1.500 | 29.0 / 10.0 / 1.200 |",
+        "| arc | 25.0 / 40.0 / 2.000 | – |",
+        "| arc (OOD from obqa) | 50.0 / 10.0 / 1.000 | 60.0 / 5.0 / 0.900 |",
+    ]
+    # all seeds: the same means as the tables compare.json was written with
+    both = render_summary(restrict_seeds(compare, [1, 2])).splitlines()
+    assert both[2] == "| obqa | 29.0 / 25.0 / 1.600 | 29.0 / 10.0 / 1.200 (1/2) |"

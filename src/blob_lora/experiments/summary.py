@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blob_lora.experiments.tables import MISSING
+from blob_lora.experiments.tables import METRICS, MISSING, build_table, table_json
 
 # (metric key in compare.json's tables, decimals) of the "ACC / ECE / NLL" cell.
 CELL_METRICS = (("accuracy", 1), ("ece", 1), ("nll", 3))
@@ -53,6 +53,40 @@ def summary_rows(compare: Mapping[str, Any]) -> list[tuple[str, str, str, Mappin
             if t != train_task
         ]
     return rows
+
+
+def restrict_seeds(compare: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """``compare`` with its tables rebuilt from the runs of ``seeds`` only.
+
+    Baselines that have finished fewer seeds than the others must be compared on the same
+    seeds (seed-to-seed spread is several ECE points); the per-run metrics in ``runs`` hold
+    everything needed, so this needs no run folder.
+    """
+    keep = set(seeds)
+    spec = compare["spec"]
+    methods = list(spec["methods"])
+    out: dict[str, Any] = {**compare, "spec": {**spec, "seeds": sorted(keep)}}
+    settings = {"id": lambda run_task, task: run_task == task}
+    if compare.get("ood"):
+        train_task = spec["ood"]["train_task"]
+        settings["ood"] = lambda run_task, task: run_task == train_task
+    for setting, trained_for in settings.items():
+        tasks = compare[setting]["tasks"]
+        values: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in METRICS}
+        for run in sorted(compare["runs"], key=lambda r: r["seed"]):
+            if run["seed"] not in keep:
+                continue
+            for column, by_task in run["evaluations"].items():
+                for task, metrics in by_task.items():
+                    if task not in tasks or not trained_for(run["task"], task):
+                        continue
+                    for metric in METRICS:
+                        values[metric.key].setdefault(task, {}).setdefault(column, []).append(
+                            float(metrics[metric.key])
+                        )
+        table = build_table(values, methods, tasks, len(keep))
+        out[setting] = {"tasks": tasks, "table": table_json(table)}
+    return out
 
 
 def render_summary(
@@ -97,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("compare", type=Path, help="compare.json of a finished or partial table")
     p.add_argument("--methods", nargs="+", help="columns, in order (default: every method)")
     p.add_argument("--reference", type=Path, help="YAML of reference columns")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: all finished)")
     args = p.parse_args(argv)
     compare = json.loads(args.compare.read_text(encoding="utf-8"))
+    if args.seeds:
+        compare = restrict_seeds(compare, args.seeds)
     reference = read_reference(args.reference) if args.reference else None
     print(render_summary(compare, args.methods, reference), end="")
 
