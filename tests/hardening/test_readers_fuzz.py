@@ -139,8 +139,12 @@ def test_paper_schema_files(tokenizer, task_name) -> None:
             root = Path(tmp) / "data"
             (root / folder_name).mkdir(parents=True)
             text = "".join(json.dumps(r, ensure_ascii=a) + "\n" for r, a in rows)
-            (root / folder_name / "validation.jsonl").write_text(text)
-            (root / folder_name / "test.jsonl").write_text(text)  # MMLU's eval split
+            # ensure_ascii=False can emit lone surrogates: write them as the invalid UTF-8 a
+            # broken file would hold, so the reader's error path is what gets tested.
+            for split in ("validation", "test"):  # test: MMLU's eval split
+                (root / folder_name / f"{split}.jsonl").write_text(
+                    text, encoding="utf-8", errors="surrogatepass"
+                )
             try:
                 task = get_task(task_name, data_root=root)
                 examples = task.load("eval")
