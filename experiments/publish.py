@@ -120,11 +120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for png in sorted(spec.out.glob("reliability_*.png")):
         shutil.copy2(png, args.dest / png.name)
     compare = json.loads((spec.out / "compare.json").read_text(encoding="utf-8"))
-    for r in finished_runs(compare):
+    finished = finished_runs(compare)
+    for r in finished:
         if (spec.out / r["dir"]).is_dir():
             copy_run(spec.out / r["dir"], args.dest / r["dir"])
     ref_flag = f" --reference {args.reference}" if args.reference else ""
-    done = len(finished_runs(compare))
+    done = len(finished)
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
     text = f"""# Provenance of {args.dest}
 
