@@ -18,7 +18,7 @@ from blob_lora.methods.io import load_plain_adapter
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.trainer import train
-from tests.experiments.tiny import tiny_base, tiny_model_folder, tiny_tokenizer
+from tests.comparison.tiny import tiny_base, tiny_model_folder, tiny_tokenizer
 
 torch.set_num_threads(1)
 HAS_LAPLACE = importlib.util.find_spec("blob_lora.methods.laplace") is not None

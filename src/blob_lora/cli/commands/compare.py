@@ -12,7 +12,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
         "--config",
         required=True,
         help="experiment YAML: methods, tasks, seeds, optional ood, train, method_options, "
-        "task_options, eval_split_overrides (see blob_lora.experiments.spec)",
+        "task_options, eval_split_overrides (see blob_lora.comparison.spec)",
     )
     p.add_argument(
         "--out", help="output folder (default: the file's 'out' key, else experiments/out/NAME)"
@@ -39,7 +39,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     "mean ± std tables (Markdown, CSV) and reliability diagrams; re-runs skip finished runs",
 )(_configure)
 def run(args: argparse.Namespace) -> int:
-    from blob_lora.experiments import load_spec, run_compare
+    from blob_lora.comparison import load_spec, run_compare
 
     spec = load_spec(args.config, out=args.out)
     if args.data_root:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from blob_lora.experiments import criterion
+import criterion
 
 
 def _run(

@@ -1,4 +1,4 @@
-"""Copy an experiment's results of record from ``experiments/out/`` (git-ignored) into the
+"""Copy an experiment's results of record from ``paper/out/`` (git-ignored) into the
 repository, with their provenance.
 
 Copies the tables (Markdown, CSV), ``compare.json`` (every run's metrics and its train/eval
@@ -11,8 +11,8 @@ method) with optional reference columns, the table results/README.md quotes. Re-
 replaces the destination, so a table grown over several sittings is published the same way
 each time.
 
-    .venv/bin/python experiments/publish.py experiments/paper_tables.yaml results/paper_tables \
-        --reference experiments/paper_reference.yaml
+    .venv/bin/python paper/publish.py paper/paper_tables.yaml results/paper_tables \
+        --reference paper/paper_reference.yaml
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from blob_lora.experiments import criterion, load_spec
-from blob_lora.experiments.summary import read_reference, render_summary
+import criterion  # paper/criterion.py: a sibling, on sys.path when run as paper/publish.py
+from blob_lora.comparison import load_spec
 from blob_lora.utils.atomic import atomic_write_bytes, atomic_write_text
+from summary import read_reference, render_summary
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
 RUN_FILES = ("run_config.json", "summary.json", "train_log.jsonl")
@@ -78,7 +79,7 @@ def copy_run(run: Path, dest: Path) -> None:
 
 def finished_runs(compare: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs to copy: only finished ones, so the record never holds a half-trained folder that
-    the next sitting will overwrite (its progress is in ``experiments/out/``, not in git)."""
+    the next sitting will overwrite (its progress is in ``paper/out/``, not in git)."""
     return [r for r in compare.get("runs", []) if r["status"] == "done"]
 
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--reference",
         type=Path,
         help="YAML {column title: {task or ood:<task>: cell text}} of figures to quote beside "
-        "ours in SUMMARY.md (experiments/paper_reference.yaml: the paper's)",
+        "ours in SUMMARY.md (paper/paper_reference.yaml: the paper's)",
     )
     args = p.parse_args(argv)
     spec = load_spec(args.config)
@@ -130,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = f"""# Provenance of {args.dest}
 
 * Command (repository root):
-  `OMP_NUM_THREADS=2 BLOB_LORA_DATA=/work/shared/data .venv/bin/blob-lora compare --config {args.config}`
+  `OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/blob-lora compare --config {args.config}`
   (resumable: the same command continues an unfinished table), then
-  `.venv/bin/python experiments/publish.py {args.config} {args.dest}{ref_flag}`.
+  `.venv/bin/python paper/publish.py {args.config} {args.dest}{ref_flag}`.
 * Git revision of the code: `{_git("rev-parse", "HEAD")}`{dirty}.
 * Published: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")};
   runs finished: {done} of {len(compare.get("runs", []))}.

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blob_lora.evaluation.evaluate import task_dir_name
-from blob_lora.experiments.spec import Column, CompareSpec
-from blob_lora.experiments.tables import (
+from blob_lora.comparison.spec import Column, CompareSpec
+from blob_lora.comparison.tables import (
     build_table,
     render_csv,
     render_markdown,
     table_json,
 )
+from blob_lora.evaluation.evaluate import task_dir_name
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
@@ -296,7 +296,7 @@ def _metrics(r: PlannedRun, column: Column, task: str) -> dict[str, Any] | None:
 def _table_values(
     spec: CompareSpec, runs: list[PlannedRun], train_task_of: Callable[[str], str], tasks: list[str]
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
-    from blob_lora.experiments.tables import METRICS
+    from blob_lora.comparison.tables import METRICS
 
     index = {(r.task, r.method, r.seed): r for r in runs}
     values: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in METRICS}

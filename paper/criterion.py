@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from blob_lora.experiments.tables import mean_std
+from blob_lora.comparison.tables import mean_std
 
 PASS, FAIL, PENDING = "pass", "fail", "pending"
 

@@ -1,11 +1,15 @@
 """One compact table of a comparison, next to reference figures: what a README quotes.
 
-The full tables (``tables.py``) give one block per metric with mean ± std, which is right for
-a record but too wide to read against the paper's "ACC / ECE / NLL" cells. This renders one
-row per task (in-distribution, then the out-of-distribution evaluations of the OOD training
-task), one column per method with the *mean over the seeds finished*, and optional reference
-columns (e.g. the paper's LLaMA-2-7B figures). Generating it, rather than copying numbers into
-a README by hand, keeps the quoted table in step with ``compare.json`` as seeds are added.
+The full tables (``blob_lora.comparison.tables``) give one block per metric with mean ± std,
+which is right for a record but too wide to read against the paper's "ACC / ECE / NLL" cells.
+This renders one row per task (in-distribution, then the out-of-distribution evaluations of the
+OOD training task), one column per method with the *mean over the seeds finished*, and optional
+reference columns (e.g. the paper's LLaMA-2-7B figures). Generating it, rather than copying
+numbers into a README by hand, keeps the quoted table in step with ``compare.json`` as seeds
+are added.
+
+    .venv/bin/python paper/summary.py results/paper_tables/compare.json --methods lora blob \
+        --reference paper/paper_reference.yaml
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blob_lora.experiments.tables import METRICS, MISSING, build_table, table_json
+from blob_lora.comparison.tables import METRICS, MISSING, build_table, table_json
 
 # (metric key in compare.json's tables, decimals) of the "ACC / ECE / NLL" cell.
 CELL_METRICS = (("accuracy", 1), ("ece", 1), ("nll", 3))

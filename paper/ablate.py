@@ -7,8 +7,8 @@ every row is compared with the same baseline on the same 300 examples. Resumable
 ``blob-lora compare`` run; prints a Markdown table and writes ``<out>/ablations.json`` and
 ``<out>/ablations.md``.
 
-    OMP_NUM_THREADS=2 BLOB_LORA_DATA=/work/shared/data .venv/bin/python experiments/ablate.py
-    ... experiments/ablate.py --only paper kl-uniform      # a subset
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python paper/ablate.py
+    ... paper/ablate.py --only paper kl-uniform      # a subset
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from blob_lora.experiments import run_compare, spec_from_dict
+from blob_lora.comparison import run_compare, spec_from_dict
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -89,7 +89,7 @@ def _row(name: str, changed: dict[str, Any], run: Path, task: str) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
-    p.add_argument("--out", type=Path, default=Path("experiments/out/ablations"))
+    p.add_argument("--out", type=Path, default=Path("paper/out/ablations"))
     p.add_argument("--collect-only", action="store_true", help="tabulate finished runs only")
     args = p.parse_args(argv)
 

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from blob_lora.cli.main import main
-from blob_lora.experiments import load_spec, plan, run_compare, spec_from_dict
+from blob_lora.comparison import load_spec, plan, run_compare, spec_from_dict
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
-from tests.experiments.tiny import tiny_model_folder
+from tests.comparison.tiny import tiny_model_folder
 
 torch.set_num_threads(1)
 
@@ -335,7 +335,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
 
 def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):
     """SIGINT/SIGTERM during one run must not be reported as a failure and skipped."""
-    from blob_lora.experiments import compare
+    from blob_lora.comparison import compare
     from blob_lora.training.trainer import TrainingInterrupted
 
     spec = spec_from_dict(

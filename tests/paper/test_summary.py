@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from blob_lora.experiments.summary import render_summary, restrict_seeds
-from blob_lora.experiments.tables import build_table, table_json
+from blob_lora.comparison.tables import build_table, table_json
+from summary import render_summary, restrict_seeds
 
 
 def _table(values: dict[str, dict[str, dict[str, list[float]]]], tasks, methods) -> dict:
@@ -54,7 +54,7 @@ def test_method_subset_in_given_order() -> None:
 def test_command_prints_the_table_the_readmes_quote(tmp_path, capsys) -> None:
     import json
 
-    from blob_lora.experiments.summary import main
+    from summary import main
 
     path = tmp_path / "compare.json"
     path.write_text(json.dumps(_compare()))

@@ -1,4 +1,4 @@
-"""experiments/publish.py copies finished runs into git; re-publishing unchanged runs must not
+"""paper/publish.py copies finished runs into git; re-publishing unchanged runs must not
 rewrite their files, or every sitting commits ~60 spurious binary changes."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from blob_lora.experiments.summary import read_reference
+from summary import read_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _publish_module():
-    spec = importlib.util.spec_from_file_location("publish", ROOT / "experiments" / "publish.py")
+    spec = importlib.util.spec_from_file_location("publish", ROOT / "paper" / "publish.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,7 +41,7 @@ def test_republishing_a_run_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_reference_figures_are_read_or_refused_with_the_path(tmp_path: Path) -> None:
-    shipped = read_reference(ROOT / "experiments" / "paper_reference.yaml")
+    shipped = read_reference(ROOT / "paper" / "paper_reference.yaml")
     assert shipped["paper BLoB (LLaMA-2-7B)"]["boolq"] == "86.6 / 1.5 / 0.31"
     assert len(shipped["paper MAP (LLaMA-2-7B)"]) == 6
 
