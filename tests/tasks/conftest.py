@@ -14,9 +14,10 @@ from blob_lora.tasks import clear_cache
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """$BLOB_LORA_DATA if set (CI: ../shared/data), else /work/shared/data beside the repo."""
+    """$BLOB_LORA_DATA if set, else ../shared/data relative to the repository root."""
     env = os.environ.get("BLOB_LORA_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]
+    root = Path(env) if env else repo.parent / "shared" / "data"
     root = root.resolve()
     if not (root / "arc_challenge").is_dir():
         pytest.skip(f"shared data folder not found at {root}")
