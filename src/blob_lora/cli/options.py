@@ -15,6 +15,7 @@ from typing import Any, get_args
 import tomllib
 import yaml
 
+from blob_lora.tasks.scoring import LENGTH_NORMS, SCORING_MODES, Scoring
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
 
@@ -40,6 +41,10 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay (map defaults to 1e-5)",
     "seed": "random seed (data order, initialisation, weight noise)",
     "max_length": "maximum prompt length in tokens; passages/questions are shortened, never options or the cue",
+    "scoring": "how options are scored: letter (the paper's: the answer letter after a prompt "
+    "listing the options) or cloze (each option's log-likelihood as the answer's continuation)",
+    "length_norm": "cloze only: divide an option's log-likelihood by its token or char count "
+    "(lm-evaluation-harness acc_norm = char); none (default) keeps the model's own probability",
     "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the method's, BLoB 10)",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scaling alpha/r)",
@@ -167,3 +172,23 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Tra
         return TrainConfig(**merged)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def add_scoring_override(parser: argparse.ArgumentParser) -> None:
+    """``--scoring`` / ``--length-norm`` for commands that re-open a run (default: the run's)."""
+    parser.add_argument(
+        "--scoring", choices=SCORING_MODES, default=None, help=HELP["scoring"] + " (run's)"
+    )
+    parser.add_argument(
+        "--length-norm", choices=LENGTH_NORMS, default=None, help=HELP["length_norm"] + " (run's)"
+    )
+
+
+def scoring_override(args: argparse.Namespace, cfg: TrainConfig) -> Scoring:
+    """The run's scoring, with the command line's ``--scoring`` / ``--length-norm`` on top.
+
+    Switching the mode drops the run's length normalisation unless it is given again.
+    """
+    mode = args.scoring or cfg.scoring
+    norm = args.length_norm or (cfg.length_norm if mode == cfg.scoring else "none")
+    return Scoring(mode, norm)

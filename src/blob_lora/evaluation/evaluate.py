@@ -17,8 +17,9 @@ from blob_lora.metrics import (
     per_example_records,
     reliability_diagram,
 )
-from blob_lora.tasks import MCCollator, MCDataset, Task, option_token_ids
+from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
+from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -32,7 +33,7 @@ def predict_dataset(
     method: Any,
     dataset: MCDataset,
     collator: MCCollator,
-    option_ids: torch.Tensor,
+    option_ids: torch.Tensor | None,
     n_samples: int,
     batch_size: int = 8,
     fold: int | None = None,
@@ -104,6 +105,7 @@ def evaluate_on_task(
     early: Any = None,
     ood_against: Any = None,
     prefix_cache: bool = True,
+    scoring: Scoring = LETTER,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -113,7 +115,8 @@ def evaluate_on_task(
     ``EarlyStop`` rule). ``ood_against`` (the in-distribution evaluation folder, its
     predictions.jsonl, or its rows) treats this split as OOD and adds ood.json + ood_roc.png.
     ``prefix_cache`` (``fold`` mode) reuses the frozen blocks' output per example
-    (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper.
+    (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper. ``scoring`` says
+    how option scores are read (letter or cloze, ``blob_lora.tasks.scoring.Scoring``).
     """
     from blob_lora.prediction import reports
 
@@ -121,9 +124,8 @@ def evaluate_on_task(
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
-    dataset = MCDataset(task, split, tokenizer, max_length, cache_dir=cache_dir)
-    collator = MCCollator(tokenizer.pad_token_id, task.n_options)
-    option_ids = option_token_ids(tokenizer, task)
+    inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
+    dataset, collator, option_ids = inputs.dataset, inputs.collator, inputs.option_ids
     mean_used = None
     if predictive == "fold":
         sample_probs, labels, _ = predict_dataset(
@@ -174,6 +176,7 @@ def evaluate_on_task(
             "split": split if split not in ("eval", "train") else getattr(task, f"{split}_split"),
             "method": method.name,
             "eval_samples": n,
+            "scoring": scoring.describe(),
             "n_truncated": dataset.n_truncated,
             "mean_total_uncertainty": float(uncertainty["total"].mean()),
             "mean_epistemic_uncertainty": float(uncertainty["epistemic"].mean())
@@ -258,5 +261,6 @@ def evaluate_run_tasks(
             cache_dir=cfg.cache_dir,
             progress=progress,
             prefix_cache=cfg.prefix_cache,
+            scoring=cfg.scoring_spec,
         )
     return results

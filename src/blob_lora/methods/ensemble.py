@@ -179,7 +179,7 @@ class EnsembleMethod(Method):
         self,
         model: nn.Module,
         batch: dict[str, torch.Tensor],
-        option_ids: torch.Tensor,
+        option_ids: torch.Tensor | None,
         n_samples: int,
         fold: int | None = None,
     ) -> torch.Tensor:

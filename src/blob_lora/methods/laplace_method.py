@@ -63,7 +63,7 @@ def _make_lora_trainable(model: nn.Module) -> None:
         p.requires_grad_("lora_" in name)
 
 
-def _option_logits_fn(option_ids: torch.Tensor):
+def _option_logits_fn(option_ids: torch.Tensor | None):
     def logits_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_logits(model, batch, option_ids)
 
@@ -160,7 +160,7 @@ class LaplaceMethod(Method):
         self,
         model: nn.Module,
         batch: dict[str, torch.Tensor],
-        option_ids: torch.Tensor,
+        option_ids: torch.Tensor | None,
         n_samples: int,
         fold: int | None = None,
     ) -> torch.Tensor:
@@ -180,20 +180,25 @@ def fit_laplace(
     from tqdm.auto import tqdm
 
     from blob_lora.methods.laplace import LaplaceLoRA
-    from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+    from blob_lora.tasks import get_task, task_inputs
 
     start = time.perf_counter()
     task = get_task(cfg.task, data_root=cfg.data_root)
     split = cfg.train_split or "train"
-    dataset = MCDataset(task, split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        collate_fn=MCCollator(tokenizer.pad_token_id, task.n_options),
-    )
     device = next(model.parameters()).device
-    option_ids = option_token_ids(tokenizer, task).to(device)
+    inputs = task_inputs(
+        task,
+        split,
+        tokenizer,
+        cfg.max_length,
+        scoring=cfg.scoring_spec,
+        cache_dir=cfg.cache_dir,
+        device=device,
+    )
+    loader = DataLoader(
+        inputs.dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=inputs.collator
+    )
+    option_ids = inputs.option_ids
     _make_lora_trainable(model)
     la = LaplaceLoRA(model, _option_logits_fn(option_ids))
     batches = (

@@ -179,7 +179,10 @@ def anchor_indices(n: int, size: int = ANCHOR_SIZE, seed: int = ANCHOR_SEED) -> 
 
 @torch.no_grad()
 def anchor_nll(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], option_ids: torch.Tensor, n: int
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    option_ids: torch.Tensor | None,
+    n: int,
 ) -> float:
     """NLL of the N-sample predictive on the anchor batches, with fixed random numbers."""
     from blob_lora.tuners.blob import sampling
@@ -210,15 +213,23 @@ def search_sigma(
     """The largest σ whose anchor NLL is within ``NLL_TOLERANCE`` of the mean model's."""
     from torch.utils.data import Subset
 
-    from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+    from blob_lora.tasks import get_task, task_inputs
 
     start = time.perf_counter()
     task = get_task(cfg.task, data_root=cfg.data_root)
     split = cfg.train_split or "train"
-    dataset = MCDataset(task, split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
-    anchor = Subset(dataset, anchor_indices(len(dataset)))
-    collate = MCCollator(tokenizer.pad_token_id, task.n_options)
     device = next(model.parameters()).device
+    inputs = task_inputs(
+        task,
+        split,
+        tokenizer,
+        cfg.max_length,
+        scoring=cfg.scoring_spec,
+        cache_dir=cfg.cache_dir,
+        device=device,
+    )
+    anchor = Subset(inputs.dataset, anchor_indices(len(inputs.dataset)))
+    collate = inputs.collator
     size = cfg.eval_batch_size
     batches = [
         {
@@ -227,7 +238,7 @@ def search_sigma(
         }
         for i in range(0, len(anchor), size)
     ]
-    option_ids = option_token_ids(tokenizer, task).to(device)
+    option_ids = inputs.option_ids
     base_nll = anchor_nll(model, batches, option_ids, 0)
     bound = base_nll * (1.0 + NLL_TOLERANCE)
     trace: list[dict[str, float]] = []

@@ -32,7 +32,9 @@ from torch import nn
 
 from blob_lora.prediction.fast import MODES, EarlyStop, ResolvedMode, predict_batch, resolve_mode
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
-from blob_lora.tasks import MCCollator, MCExample, encode_examples, option_token_ids
+from blob_lora.tasks import MCCollator, MCExample, Scoring, scoring_option_ids
+from blob_lora.tasks.dataset import encode_split
+from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
 
@@ -87,6 +89,7 @@ class Predictor:
         max_length: prompt tokens; passages and questions are shortened, never the options.
         early: the stopping rule of the early modes.
         seed: seeds torch's generator before predicting, for reproducible samples.
+        scoring: how option scores are read (letter or cloze); ``from_run`` uses the run's.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Predictor:
         early: EarlyStop | None = None,
         seed: int | None = None,
         progress: bool = False,
+        scoring: Scoring = LETTER,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -124,6 +128,7 @@ class Predictor:
         self.early.validate()
         self.seed = seed
         self.progress = progress
+        self.scoring = scoring
         self.last_summary: PredictionSummary | None = None
 
     @classmethod
@@ -139,6 +144,7 @@ class Predictor:
         kwargs.setdefault("n_samples", cfg.eval_samples)
         kwargs.setdefault("batch_size", cfg.eval_batch_size)
         kwargs.setdefault("max_length", cfg.max_length)
+        kwargs.setdefault("scoring", cfg.scoring_spec)
         return cls(loaded.model, loaded.tokenizer, loaded.method, **kwargs)
 
     # -----------------------------------------------------------------------------------------
@@ -166,8 +172,9 @@ class Predictor:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         task, examples = q.task, q.examples
-        ids, n_truncated = encode_examples(task, examples, self.tokenizer, self.max_length)
-        option_ids = option_token_ids(self.tokenizer, task)
+        enc = encode_split(task, examples, self.tokenizer, self.max_length, self.scoring)
+        ids, n_truncated = enc.input_ids, enc.n_truncated
+        option_ids = scoring_option_ids(self.tokenizer, task, self.scoring)
         pad = self.tokenizer.pad_token_id
         collator = MCCollator(
             pad if pad is not None else self.tokenizer.eos_token_id, task.n_options
@@ -185,6 +192,7 @@ class Predictor:
                     "input_ids": ids[i],
                     "label": examples[i].label,
                     "n_options": examples[i].n_options,
+                    **(enc.cloze[i] if enc.cloze is not None else {}),
                 }
                 for i in chunk
             ]

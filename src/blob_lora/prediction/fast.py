@@ -165,7 +165,9 @@ Draw = Callable[[Tensor | None, int], Tensor]
 """``draw(rows, m)`` -> (m, len(rows), C) option probabilities of ``m`` fresh samples."""
 
 
-def fold_draw(method: Any, model: nn.Module, batch: dict[str, Tensor], option_ids: Tensor, fold):
+def fold_draw(
+    method: Any, model: nn.Module, batch: dict[str, Tensor], option_ids: Tensor | None, fold
+):
     def draw(rows: Tensor | None, m: int) -> Tensor:
         return method.predict_samples(model, _subset(batch, rows), option_ids, m, fold=fold)
 
@@ -177,7 +179,7 @@ def prefix_draw(
     model: nn.Module,
     plan: PrefixPlan,
     batch: dict[str, Tensor],
-    option_ids: Tensor,
+    option_ids: Tensor | None,
     n_samples: int,
     fold: int | None,
 ) -> Draw:
@@ -317,7 +319,7 @@ def predict_batch(
     method: Any,
     model: nn.Module,
     batch: dict[str, Tensor],
-    option_ids: Tensor,
+    option_ids: Tensor | None,
     resolved: ResolvedMode,
     fold: int | None = None,
     early: EarlyStop | None = None,
@@ -336,7 +338,7 @@ def predict_batch(
         draw = fold_draw(method, model, batch, option_ids, fold)
     if resolved.mode in ("early", "prefix-early"):
         rule = early or EarlyStop()
-        c = int(option_ids.numel())
+        c = int(batch["option_mask"].shape[-1])
         buf, n_used = early_stopped_samples(draw, batch["input_ids"].shape[0], n, c, rule)
         mean, total, aleatoric, epistemic = ragged_decomposition(buf, n_used)
         same = bool((n_used == n_used[0]).all())
@@ -388,7 +390,7 @@ def predict_dataset_fast(
     method: Any,
     dataset: Any,
     collator: Any,
-    option_ids: Tensor,
+    option_ids: Tensor | None,
     n_samples: int,
     batch_size: int = 8,
     mode: str = "fold",

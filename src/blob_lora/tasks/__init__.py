@@ -15,19 +15,31 @@ from blob_lora.tasks.dataset import (
     LengthBucketedBatchSampler,
     MCCollator,
     MCDataset,
+    TaskInputs,
     clear_cache,
     encode_examples,
     length_bucketed_sampler,
+    task_inputs,
     tokenizer_fingerprint,
 )
 from blob_lora.tasks.examples import MAX_OPTIONS, MIN_OPTIONS, MCExample
 from blob_lora.tasks.prompts import ANSWER_CUE
 from blob_lora.tasks.registry import MMLU_SUBJECTS, Task, get_task, list_tasks
-from blob_lora.tasks.scoring import option_logits, option_token_ids
+from blob_lora.tasks.scoring import (
+    LENGTH_NORMS,
+    SCORING_MODES,
+    Scoring,
+    option_logits,
+    option_token_ids,
+    scoring_option_ids,
+)
 from blob_lora.tasks.splits import SPLIT_SEED, SplitSpec, parse_split
 
 __all__ = [
     "ANSWER_CUE",
+    "LENGTH_NORMS",
+    "SCORING_MODES",
+    "Scoring",
     "MAX_OPTIONS",
     "MIN_OPTIONS",
     "MMLU_SUBJECTS",
@@ -38,6 +50,7 @@ __all__ = [
     "MCExample",
     "SplitSpec",
     "Task",
+    "TaskInputs",
     "clear_cache",
     "encode_examples",
     "get_task",
@@ -46,5 +59,7 @@ __all__ = [
     "option_logits",
     "option_token_ids",
     "parse_split",
+    "scoring_option_ids",
+    "task_inputs",
     "tokenizer_fingerprint",
 ]

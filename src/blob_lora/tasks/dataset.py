@@ -27,14 +27,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from blob_lora.tasks.cloze import cloze_prompt, option_text, scored_chars
 from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
+from blob_lora.tasks.scoring import LETTER, Scoring, scoring_option_ids
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when prompts or tokenisation change, to invalidate old caches
+CLOZE_FORMAT = 1  # the same for cloze prompts and packing
 LRU_SIZE = 16
 _ENCODE_CHUNK = 512
 
@@ -115,10 +118,7 @@ def _truncate(
     return [t for i, t in enumerate(ids) if i not in drop], excess
 
 
-def encode_examples(
-    task, examples: Sequence[MCExample], tokenizer, max_length: int
-) -> tuple[list[list[int]], int]:
-    """Token ids of every example's prompt (special prefix included), and how many were cut."""
+def _check_encoding_args(tokenizer, max_length: int) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
             "MCDataset needs a fast (Rust 'tokenizers') tokenizer: truncation uses its "
@@ -126,6 +126,13 @@ def encode_examples(
         )
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ConfigError(f"max_length must be a positive int, got {max_length!r}")
+
+
+def encode_examples(
+    task, examples: Sequence[MCExample], tokenizer, max_length: int
+) -> tuple[list[list[int]], int]:
+    """Token ids of every example's prompt (special prefix included), and how many were cut."""
+    _check_encoding_args(tokenizer, max_length)
     prefix = special_prefix(tokenizer)
     out: list[list[int]] = []
     n_truncated = 0
@@ -154,6 +161,105 @@ def encode_examples(
     return out, n_truncated
 
 
+CLOZE_FIELDS = ("branch", "position", "target_option", "prev_offset", "divisor")
+"""Per-item fields of a cloze-scored example besides ``input_ids`` (see ``encode_cloze_examples``)."""
+
+
+def _option_tokens(tokenizer, shared_text: str, shared_ids: list[int], text: str, context: str):
+    """Token ids of one option's text after the shared prompt, and which of them are scored.
+
+    Tokenised as part of ``shared + option`` (lm-evaluation-harness's way, so a tokenizer that
+    merges across the boundary or adds a word-initial marker gets the tokens it would really
+    produce); if the shared prompt's tokens are then not a prefix, the option is tokenised on
+    its own. A token is scored when it ends after the option's unscored ``context``.
+    """
+    enc = tokenizer(shared_text + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    n = len(shared_ids)
+    if ids[:n] == shared_ids:
+        ids, offs = ids[n:], [(a - len(shared_text), b - len(shared_text)) for a, b in offs[n:]]
+    else:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    scored = [e > len(context) or (e <= s and s >= len(context)) for s, e in offs]
+    return ids, scored
+
+
+def encode_cloze_examples(
+    task, examples: Sequence[MCExample], tokenizer, max_length: int, length_norm: str = "none"
+) -> tuple[list[dict[str, list]], int]:
+    """Every example as one packed cloze sequence (``blob_lora.tasks.cloze``), and how many
+    were cut.
+
+    An item holds, per token: ``input_ids``; ``branch`` (0: the special prefix and the shared
+    prompt, ``k + 1``: option ``k``); ``position`` (its position id: an option's positions
+    continue from the prompt's end); ``target_option`` (the option whose score this token's
+    log-probability adds to, -1 if none); ``prev_offset`` (how many places back the token that
+    predicts it stands: 1 inside an option, up to the prompt's last token for an option's first
+    token); and per option ``divisor`` (1, its scored tokens or its scored characters, as
+    ``length_norm`` says). Only the shared prompt's passage/question is ever truncated.
+    """
+    _check_encoding_args(tokenizer, max_length)
+    prefix = special_prefix(tokenizer)
+    items: list[dict[str, list]] = []
+    n_truncated = 0
+    for ex in examples:
+        prompt = cloze_prompt(ex, task.style)
+        shared_text = "".join(seg.text for seg in prompt.shared)
+        enc = tokenizer(shared_text, add_special_tokens=False, return_offsets_mapping=True)
+        shared_ids = list(enc["input_ids"])
+        options = [
+            _option_tokens(tokenizer, shared_text, shared_ids, option_text(o), o.context)
+            for o in prompt.options
+        ]
+        for k, (_, scored) in enumerate(options):
+            if not any(scored):
+                raise DataError(
+                    f"task {task.name!r}, example {ex.id!r}: option {k} has no text to score"
+                )
+        excess = len(prefix) + len(shared_ids) + sum(len(ids) for ids, _ in options) - max_length
+        if excess > 0:
+            offsets = [tuple(o) for o in enc["offset_mapping"]]
+            shared_ids, left = _truncate(shared_ids, offsets, _spans(prompt.shared), excess)
+            if left > 0:
+                raise DataError(
+                    f"task {task.name!r}, example {ex.id!r}: the cloze sequence needs "
+                    f"{max_length + left} tokens even with no passage or question text left "
+                    f"(the options are never cut), more than max_length={max_length}"
+                )
+            n_truncated += 1
+        head = prefix + shared_ids
+        item: dict[str, list] = {
+            "input_ids": list(head),
+            "branch": [0] * len(head),
+            "position": list(range(len(head))),
+            "target_option": [-1] * len(head),
+            "prev_offset": [0] * len(head),
+        }
+        for k, (ids, scored) in enumerate(options):
+            for j, (tok, is_scored) in enumerate(zip(ids, scored, strict=True)):
+                if is_scored and j == 0 and not head:
+                    raise DataError(
+                        f"task {task.name!r}, example {ex.id!r}: option {k} starts with a "
+                        "scored token but nothing precedes it to predict it"
+                    )
+                item["input_ids"].append(tok)
+                item["branch"].append(k + 1)
+                item["position"].append(len(head) + j)
+                item["target_option"].append(k if is_scored else -1)
+                # the token before it in its own option, or the prompt's last token
+                back = 1 if j > 0 else len(item["input_ids"]) - len(head)
+                item["prev_offset"].append(back if is_scored else 0)
+        if length_norm == "token":
+            item["divisor"] = [float(sum(scored)) for _, scored in options]
+        elif length_norm == "char":
+            item["divisor"] = [float(c) for c in scored_chars(prompt.options)]
+        else:
+            item["divisor"] = [1.0] * len(options)
+        items.append(item)
+    return items, n_truncated
+
+
 # ---------------------------------------------------------------------------------------------
 # caches
 
@@ -165,6 +271,8 @@ class _Encoded:
     n_options: list[int]
     example_ids: list[str]
     n_truncated: int
+    #: cloze scoring: per item, the ``CLOZE_FIELDS`` lists; ``None`` under letter scoring
+    cloze: list[dict[str, list]] | None = None
 
 
 _LRU: OrderedDict[str, _Encoded] = OrderedDict()
@@ -175,8 +283,10 @@ def clear_cache() -> None:
     _LRU.clear()
 
 
-def _cache_key(task, split: str, tokenizer, max_length: int) -> tuple[str, dict[str, Any]]:
-    parts = {
+def _cache_key(
+    task, split: str, tokenizer, max_length: int, scoring: Scoring = LETTER
+) -> tuple[str, dict[str, Any]]:
+    parts: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "task": task.name,
         "style": task.style,
@@ -185,6 +295,8 @@ def _cache_key(task, split: str, tokenizer, max_length: int) -> tuple[str, dict[
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": max_length,
     }
+    if scoring.is_cloze:  # letter keys stay as they were, so existing caches stay valid
+        parts["scoring"] = [scoring.mode, scoring.length_norm, CLOZE_FORMAT]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return digest, parts
 
@@ -199,7 +311,12 @@ def _read_disk(path: Path, parts: dict[str, Any]) -> _Encoded | None:
         if obj.get("key") != parts:
             return None
         return _Encoded(
-            obj["input_ids"], obj["labels"], obj["n_options"], obj["ids"], obj["n_truncated"]
+            obj["input_ids"],
+            obj["labels"],
+            obj["n_options"],
+            obj["ids"],
+            obj["n_truncated"],
+            obj.get("cloze"),
         )
     except FileNotFoundError:
         return None
@@ -217,11 +334,36 @@ def _write_disk(path: Path, parts: dict[str, Any], enc: _Encoded) -> None:
         "ids": enc.example_ids,
         "n_truncated": enc.n_truncated,
     }
+    if enc.cloze is not None:
+        obj["cloze"] = enc.cloze
     atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 # ---------------------------------------------------------------------------------------------
 # dataset, collator, sampler
+
+
+def encode_split(
+    task, examples: Sequence[MCExample], tokenizer, max_length: int, scoring: Scoring = LETTER
+) -> _Encoded:
+    """Tokenise ``examples`` for ``scoring`` (one item per example in either mode)."""
+    cloze = None
+    if scoring.is_cloze:
+        items, n_truncated = encode_cloze_examples(
+            task, examples, tokenizer, max_length, scoring.length_norm
+        )
+        ids = [it.pop("input_ids") for it in items]
+        cloze = items
+    else:
+        ids, n_truncated = encode_examples(task, examples, tokenizer, max_length)
+    return _Encoded(
+        ids,
+        [ex.label for ex in examples],
+        [ex.n_options for ex in examples],
+        [ex.id for ex in examples],
+        n_truncated,
+        cloze,
+    )
 
 
 class MCDataset(Dataset):
@@ -231,6 +373,8 @@ class MCDataset(Dataset):
     tokens, ending at the answer cue. ``lengths`` gives each item's token count (for
     bucketing), ``example_ids`` the source ids, ``n_truncated`` how many prompts were cut.
     ``cache_hit`` says whether this split came from the in-process or on-disk cache.
+    Under cloze ``scoring`` an item is the packed sequence of the question and all its options
+    and also carries the ``CLOZE_FIELDS`` (see ``encode_cloze_examples``).
     """
 
     def __init__(
@@ -240,11 +384,13 @@ class MCDataset(Dataset):
         tokenizer,
         max_length: int,
         cache_dir: str | Path | None = None,
+        scoring: Scoring = LETTER,
     ):
         self.task = task
         self.split = split
         self.max_length = max_length
-        digest, parts = _cache_key(task, split, tokenizer, max_length)
+        self.scoring = scoring
+        digest, parts = _cache_key(task, split, tokenizer, max_length, scoring)
         #: identifies the tokenised content (task data, split, tokenizer, max_length)
         self.digest = digest
         enc = _LRU.get(digest)
@@ -253,15 +399,7 @@ class MCDataset(Dataset):
             enc = _read_disk(_disk_path(cache_dir, digest), parts)
             self.cache_hit = "disk" if enc is not None else None
         if enc is None:
-            examples = task.load(split)
-            ids, n_truncated = encode_examples(task, examples, tokenizer, max_length)
-            enc = _Encoded(
-                ids,
-                [ex.label for ex in examples],
-                [ex.n_options for ex in examples],
-                [ex.id for ex in examples],
-                n_truncated,
-            )
+            enc = encode_split(task, task.load(split), tokenizer, max_length, scoring)
             if cache_dir is not None:
                 _write_disk(_disk_path(cache_dir, digest), parts, enc)
         _LRU[digest] = enc
@@ -275,7 +413,10 @@ class MCDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         e = self._enc
-        return {"input_ids": e.input_ids[i], "label": e.labels[i], "n_options": e.n_options[i]}
+        item = {"input_ids": e.input_ids[i], "label": e.labels[i], "n_options": e.n_options[i]}
+        if e.cloze is not None:
+            item.update(e.cloze[i])
+        return item
 
     @property
     def lengths(self) -> list[int]:
@@ -290,6 +431,15 @@ class MCDataset(Dataset):
         return self._enc.n_truncated
 
 
+# cloze item field -> (batch key, padding value)
+_CLOZE_PADDING = {
+    "position": ("position_ids", 0),
+    "branch": ("branch", -1),
+    "target_option": ("target_option", -1),
+    "prev_offset": ("prev_offset", 0),
+}
+
+
 class MCCollator:
     """Left-pads items into ``input_ids`` (B,T) long, ``attention_mask`` (B,T) long,
     ``labels`` (B,) long and ``option_mask`` (B,C) bool, C = the task's ``n_options``.
@@ -297,6 +447,10 @@ class MCCollator:
     Left padding puts every prompt's cue at the last position, where logits are read.
     ``pad_token_id`` is passed in because many causal-LM tokenizers have no pad token
     (callers use EOS); padded positions are masked out, so its value does not matter.
+
+    Cloze-scored items (they carry ``branch``) also give ``position_ids``, ``branch`` (-1 on
+    padding), ``target_option`` (-1 on padding), ``prev_offset`` (B,T) long and ``divisor``
+    (B,C) float (1 for absent options), read by ``blob_lora.evaluation.forward``.
     """
 
     def __init__(self, pad_token_id: int, n_options: int, pad_to_multiple_of: int | None = None):
@@ -331,12 +485,30 @@ class MCCollator:
                 input_ids[i, t - n :] = torch.as_tensor(ids, dtype=torch.long)
                 attention_mask[i, t - n :] = 1
         option_mask = torch.arange(self.n_options).unsqueeze(0) < n_opts.unsqueeze(1)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "option_mask": option_mask,
         }
+        if "branch" in items[0]:
+            batch.update(self._cloze_fields(items, t))
+        return batch
+
+    def _cloze_fields(self, items: Sequence[dict[str, Any]], t: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for field_name, (key, pad) in _CLOZE_PADDING.items():
+            col = torch.full((len(items), t), pad, dtype=torch.long)
+            for i, it in enumerate(items):
+                values = it[field_name]
+                if values:
+                    col[i, t - len(values) :] = torch.as_tensor(values, dtype=torch.long)
+            out[key] = col
+        divisor = torch.ones((len(items), self.n_options), dtype=torch.float32)
+        for i, it in enumerate(items):
+            divisor[i, : len(it["divisor"])] = torch.as_tensor(it["divisor"], dtype=torch.float32)
+        out["divisor"] = divisor
+        return out
 
 
 class LengthBucketedBatchSampler(Sampler[list[int]]):
@@ -430,3 +602,31 @@ class IndexedCollator:
         batch = self.collator([{k: v for k, v in it.items() if k != "index"} for it in items])
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """What a loop over a task split needs: the dataset, its collator and, for letter
+    scoring, the answer-token ids (``None`` under cloze scoring)."""
+
+    dataset: MCDataset
+    collator: MCCollator
+    option_ids: torch.Tensor | None
+
+
+def task_inputs(
+    task,
+    split: str,
+    tokenizer,
+    max_length: int,
+    *,
+    scoring: Scoring = LETTER,
+    cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> TaskInputs:
+    """Tokenise ``task``'s ``split`` for ``scoring`` and build its collator and option ids."""
+    dataset = MCDataset(task, split, tokenizer, max_length, cache_dir=cache_dir, scoring=scoring)
+    option_ids = scoring_option_ids(tokenizer, task, scoring)
+    if option_ids is not None and device is not None:
+        option_ids = option_ids.to(device)
+    return TaskInputs(dataset, MCCollator(tokenizer.pad_token_id, task.n_options), option_ids)

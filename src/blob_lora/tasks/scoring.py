@@ -9,6 +9,8 @@ that ``convert_tokens_to_ids("A")`` would return.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from blob_lora.tasks.prompts import ANSWER_CUE
@@ -69,3 +71,52 @@ def option_logits(
         )
     mask = option_mask.to(device=last_logits.device, dtype=torch.bool)
     return selected.masked_fill(~mask, float("-inf"))
+
+
+SCORING_MODES = ("letter", "cloze")
+LENGTH_NORMS = ("none", "token", "char")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How an option's class score is read from the model: a task setting, not a method's.
+
+    ``mode``: ``letter`` (the paper's: the next-token logit of the option's letter after a
+    prompt that lists the options) or ``cloze`` (the log-likelihood of the option's own text
+    as a continuation, ``blob_lora.tasks.cloze``). ``length_norm`` (cloze only) divides that
+    log-likelihood by the option's scored ``token`` count or ``char`` count; the default
+    ``none`` keeps the plain sum, the model's own log-probability of the option, so the softmax
+    over options is the model's conditional distribution over them (normalising is a zero-shot
+    ranking heuristic that changes the predictive's temperature per option).
+    """
+
+    mode: str = "letter"
+    length_norm: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCORING_MODES:
+            raise ConfigError(f"--scoring must be one of {SCORING_MODES}, got {self.mode!r}")
+        if self.length_norm not in LENGTH_NORMS:
+            raise ConfigError(
+                f"--length-norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}"
+            )
+        if self.mode == "letter" and self.length_norm != "none":
+            raise ConfigError(
+                f"--length-norm {self.length_norm} applies to --scoring cloze only "
+                "(letter scoring reads one token per option)"
+            )
+
+    @property
+    def is_cloze(self) -> bool:
+        return self.mode == "cloze"
+
+    def describe(self) -> str:
+        return self.mode if self.length_norm == "none" else f"{self.mode} ({self.length_norm})"
+
+
+LETTER = Scoring()
+
+
+def scoring_option_ids(tokenizer, task, scoring: Scoring = LETTER) -> torch.LongTensor | None:
+    """The answer-token ids letter scoring reads; ``None`` under cloze scoring (not needed)."""
+    return None if scoring.is_cloze else option_token_ids(tokenizer, task)

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from blob_lora.tasks.scoring import Scoring
 from blob_lora.training.kl_schedule import KL_SCHEDULES
 from blob_lora.training.optim import OPTIMIZER_MODES
 from blob_lora.tuners.blob.config import FLIPOUT_MODES, STD_PARAMS
@@ -39,6 +40,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 1
     max_length: int = 300
+    scoring: str = "letter"
+    length_norm: str = "none"
     eval_samples: int | None = None
     lora_r: int = 8
     lora_alpha: float = 16
@@ -170,9 +173,15 @@ class TrainConfig:
             )
         if not self.target_modules:
             raise ConfigError("--target-modules must name at least one module")
+        Scoring(self.scoring, self.length_norm)  # refuses a bad --scoring / --length-norm
         from blob_lora.methods import get_method
 
         get_method(self.method)
+
+    @property
+    def scoring_spec(self) -> Scoring:
+        """How option scores are read (letter or cloze), for datasets and evaluation."""
+        return Scoring(self.scoring, self.length_norm)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,7 +38,7 @@ from blob_lora.evaluation.forward import answer_logits
 from blob_lora.methods import get_method
 from blob_lora.models import load_model_and_tokenizer
 from blob_lora.models.prefix_cache import PrefixFeatureCache
-from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
+from blob_lora.tasks import get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
@@ -133,8 +133,16 @@ def train(
     if task.train_split is None and cfg.train_split is None:
         raise BlobLoraError(f"task {task.name} has no training split; pass --train-split")
     train_split = cfg.train_split or "train"
-    dataset = MCDataset(task, train_split, tokenizer, cfg.max_length, cache_dir=cfg.cache_dir)
-    option_ids = option_token_ids(tokenizer, task).to(accelerator.device)
+    inputs = task_inputs(
+        task,
+        train_split,
+        tokenizer,
+        cfg.max_length,
+        scoring=cfg.scoring_spec,
+        cache_dir=cfg.cache_dir,
+        device=accelerator.device,
+    )
+    dataset, option_ids = inputs.dataset, inputs.option_ids
 
     set_seed(cfg.seed)  # identical adapter initialisation on every process
     try:
@@ -149,7 +157,7 @@ def train(
     set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
 
     # Items carry their dataset index so the prefix cache can look their features up.
-    collator = IndexedCollator(MCCollator(tokenizer.pad_token_id, task.n_options))
+    collator = IndexedCollator(inputs.collator)
     indexed = IndexedDataset(dataset)
     # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
     # from the global RNG instead would shift the weight-noise stream after a resume.

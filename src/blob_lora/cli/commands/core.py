@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from blob_lora.cli.main import command
-from blob_lora.cli.options import add_train_options, merge_config, read_config_file
+from blob_lora.cli.options import (
+    add_scoring_override,
+    add_train_options,
+    merge_config,
+    read_config_file,
+    scoring_override,
+)
 from blob_lora.utils.errors import BlobLoraError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
@@ -95,6 +101,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
         help="in-distribution evaluation folder (or its predictions.jsonl): score the evaluated "
         "task(s) as OOD against it (AUROC/AUPR per uncertainty score, ood.json, ood_roc.png)",
     )
+    add_scoring_override(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -108,6 +115,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     loaded = load_run(Path(args.run), model=args.model)
     cfg = loaded.config
+    scoring = scoring_override(args, cfg)
     data_root = args.data_root or cfg.data_root
     tasks = _task_list(args.task or cfg.task)
     if args.eval_samples is not None and args.eval_samples < 0:
@@ -136,6 +144,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             cache_dir=cfg.cache_dir,
             progress=not args.no_progress,
             ood_against=args.ood_reference,
+            scoring=scoring,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out}")
     if args.out and len(tasks) > 1:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from blob_lora.cli.main import command
+from blob_lora.cli.options import add_scoring_override, scoring_override
 from blob_lora.utils.errors import BlobLoraError
 
 MODE_HELP = (
@@ -61,6 +62,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="max prompt tokens (run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weight samples (default 0)")
     p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
+    add_scoring_override(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,6 +94,10 @@ def run_predict(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             kwargs[key] = value
+    if args.scoring or args.length_norm:
+        from blob_lora.evaluation.runs import read_run_config
+
+        kwargs["scoring"] = scoring_override(args, read_run_config(Path(args.run)))
     predictor = Predictor.from_run(args.run, model=args.model, **kwargs)
     rows = predictor.predict(questions)
     from blob_lora.utils.atomic import atomic_write_text

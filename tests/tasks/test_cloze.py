@@ -1,0 +1,213 @@
+"""Choice-likelihood (cloze) scoring: packed sequences score every option exactly as a separate
+``prompt + option`` sequence would, WinoGrande's partial scoring, one weight sample per question."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blob_lora.evaluation.forward import answer_logits
+from blob_lora.tasks import MCExample, Scoring
+from blob_lora.tasks.dataset import (
+    MCCollator,
+    encode_cloze_examples,
+    encode_split,
+    special_prefix,
+)
+from blob_lora.tasks.prompts import prompt_segments
+from blob_lora.utils.errors import ConfigError, DataError
+from tests.comparison.tiny import tiny_base, tiny_tokenizer
+
+MC = SimpleNamespace(name="mc", style="mc")
+WG = SimpleNamespace(name="wg", style="winogrande")
+BOOLQ = SimpleNamespace(name="bq", style="boolq")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _batch(task, examples, tok, n_options, length_norm="none", max_length=600):
+    items, _ = encode_cloze_examples(task, examples, tok, max_length, length_norm)
+    for it, ex in zip(items, examples, strict=True):
+        it.update(label=ex.label, n_options=ex.n_options)
+    return MCCollator(tok.pad_token_id, n_options)(items)
+
+
+def _continuation_logprob(model, tok, prompt: str, continuation: str) -> tuple[float, int]:
+    """By hand: sum of log p(token) over the tokens ``prompt + continuation`` adds to
+    ``prompt``, from one unpadded forward of the whole text; and how many tokens that is."""
+    pre = special_prefix(tok)
+    p = pre + tok(prompt, add_special_tokens=False)["input_ids"]
+    f = pre + tok(prompt + continuation, add_special_tokens=False)["input_ids"]
+    assert f[: len(p)] == p
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([f])).logits[0].double(), -1)
+    return sum(float(logp[i - 1, f[i]]) for i in range(len(p), len(f))), len(f) - len(p)
+
+
+EXAMPLES = [
+    MCExample("a", "What is red?", ("apple", "sky", "grass"), 0),
+    MCExample("b", "Which is cold?", ("ice", "fire here", "sun", "lava"), 0, context="Heat."),
+]
+PROMPTS = ["Question: What is red?\nAnswer:", "Context: Heat.\nQuestion: Which is cold?\nAnswer:"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cloze_scores_equal_per_option_log_likelihood_by_hand(tok, attn) -> None:
+    model = tiny_base(tok, seed=3)
+    model.config._attn_implementation = attn
+    batch = _batch(MC, EXAMPLES, tok, 4)
+    with torch.no_grad():
+        scores = answer_logits(model, batch, None)
+    for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
+        for k, choice in enumerate(ex.choices):
+            want, _ = _continuation_logprob(model, tok, prompt, " " + choice)
+            assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
+    assert scores[0, 3].item() == float("-inf")  # question a has 3 options
+
+
+@pytest.mark.parametrize("norm", ["token", "char"])
+def test_length_normalisation_divides_by_scored_tokens_or_chars(tok, norm) -> None:
+    model = tiny_base(tok, seed=3)
+    batch = _batch(MC, EXAMPLES[:1], tok, 3, length_norm=norm)
+    with torch.no_grad():
+        scores = answer_logits(model, batch, None)
+    for k, choice in enumerate(EXAMPLES[0].choices):
+        total, n_tokens = _continuation_logprob(model, tok, PROMPTS[0], " " + choice)
+        divisor = n_tokens if norm == "token" else len(" " + choice)
+        assert scores[0, k].item() == pytest.approx(total / divisor, abs=2e-5)
+
+
+def test_winogrande_partial_scoring_scores_the_words_after_the_blank(tok) -> None:
+    ex = MCExample("w", "The cup fell because _ was heavy.", ("the cup", "the table"), 0)
+    model = tiny_base(tok, seed=4)
+    batch = _batch(WG, [ex], tok, 2)
+    with torch.no_grad():
+        scores = answer_logits(model, batch, None)
+    for k, option in enumerate(ex.choices):
+        want, _ = _continuation_logprob(model, tok, f"The cup fell because {option}", " was heavy.")
+        assert scores[0, k].item() == pytest.approx(want, abs=2e-4)
+    # the scored tokens spell " was heavy." once per option; the options' words are read only
+    items, _ = encode_cloze_examples(WG, [ex], tok, 600)
+    item = items[0]
+    for k in range(2):
+        scored = [
+            t for t, o in zip(item["input_ids"], item["target_option"], strict=True) if o == k
+        ]
+        assert tok.decode(scored).strip() == "was heavy."
+
+
+def test_winogrande_needs_one_blank(tok) -> None:
+    ex = MCExample("w", "No blank here.", ("a", "b"), 0)
+    with pytest.raises(DataError, match="exactly one blank"):
+        encode_cloze_examples(WG, [ex], tok, 600)
+
+
+def test_boolq_scores_yes_and_no_after_the_passage(tok) -> None:
+    ex = MCExample("q", "is it cold", ("True", "False"), 1, context="Ice is cold.")
+    model = tiny_base(tok, seed=5)
+    batch = _batch(BOOLQ, [ex], tok, 2)
+    with torch.no_grad():
+        scores = answer_logits(model, batch, None)
+    prompt = "Passage: Ice is cold.\nQuestion: is it cold?\nAnswer:"
+    for k, word in enumerate([" yes", " no"]):
+        want, _ = _continuation_logprob(model, tok, prompt, word)
+        assert scores[0, k].item() == pytest.approx(want, abs=2e-4)
+
+
+def test_truncation_cuts_the_shared_question_never_the_options(tok) -> None:
+    long_q = "word " * 60
+    ex = MCExample("t", long_q, ("short", "other"), 0)
+    full, _ = encode_cloze_examples(MC, [ex], tok, 2000)
+    items, n_cut = encode_cloze_examples(MC, [ex], tok, 200)
+    assert n_cut == 1 and len(items[0]["input_ids"]) <= 200 < len(full[0]["input_ids"])
+    # the options' tokens (branch > 0) are kept whole
+    assert [t for t, b in zip(items[0]["input_ids"], items[0]["branch"], strict=True) if b] == [
+        t for t, b in zip(full[0]["input_ids"], full[0]["branch"], strict=True) if b
+    ]
+    with pytest.raises(DataError, match="options are never cut"):
+        encode_cloze_examples(MC, [ex], tok, 12)
+
+
+def test_scoring_settings_are_checked() -> None:
+    assert Scoring("cloze", "char").describe() == "cloze (char)"
+    with pytest.raises(ConfigError, match="--scoring"):
+        Scoring("words")
+    with pytest.raises(ConfigError, match="--length-norm"):
+        Scoring("cloze", "bytes")
+    with pytest.raises(ConfigError, match="cloze only"):
+        Scoring("letter", "token")
+
+
+def test_letter_encoding_is_unchanged_by_the_cloze_path(tok) -> None:
+    letters = ("A", "B", "C", "D")
+    task = SimpleNamespace(
+        name="mc", style="mc", prompt_segments=lambda ex: prompt_segments(ex, "mc", letters)
+    )
+    enc = encode_split(task, EXAMPLES, tok, 600)
+    assert enc.cloze is None
+    assert tok.decode(enc.input_ids[0]).endswith("C) grass\nAnswer:")
+
+
+# ---------------------------------------------------------------------------------------------
+# one weight sample (or dropout mask) per question, shared by all of its options
+
+
+def _sampling_scores(method_name: str, model, batch) -> torch.Tensor:
+    from blob_lora.methods import get_method
+
+    method = get_method(method_name)
+    torch.manual_seed(0)
+    with torch.no_grad(), method.sampling_mode(model, 1):
+        return answer_logits(model, batch, None)
+
+
+def _peft(method_name: str, tok):
+    from peft import LoraConfig
+
+    from blob_lora.tuners.blob import BlobConfig, get_blob_model
+
+    base = tiny_base(tok, seed=6)
+    targets = ["q_proj", "v_proj", "lm_head"]
+    if method_name == "blob":
+        model = get_blob_model(
+            base,
+            LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+            BlobConfig(init_std=0.9, prior_std=1.0),
+        )
+    else:
+        from peft import get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.5)
+        cfg.init_lora_weights = False
+        model = get_peft_model(base, cfg)
+    return model.eval()
+
+
+def test_blob_draws_one_weight_sample_per_question(tok) -> None:
+    # Two options with the same text: scored by one weight sample they get the same score to
+    # float rounding; a sample per option (or per token) would set them apart. The same
+    # question twice in a batch gets two independent samples.
+    model = _peft("blob", tok)
+    ex = MCExample("s", "Which one?", ("blue sky", "blue sky", "red"), 0)
+    batch = _batch(MC, [ex, ex], tok, 3)
+    scores = _sampling_scores("blob", model, batch)
+    torch.testing.assert_close(scores[:, 0], scores[:, 1], atol=1e-5, rtol=0)
+    assert (scores[0] - scores[1]).abs().max() > 1e-3  # independent across questions
+    assert (scores[0, 0] - scores[0, 2]).abs() > 1e-3
+
+
+def test_mc_dropout_shares_the_prompt_pass_across_options(tok) -> None:
+    # Single-token options are all predicted from the prompt's last position, computed once
+    # per question under one dropout mask: equal texts get exactly equal scores.
+    model = _peft("mc-dropout", tok)
+    ex = MCExample("d", "Which one?", ("True", "True", "False"), 0)
+    batch = _batch(MC, [ex, ex], tok, 3)
+    assert (batch["branch"] > 0).sum() == 6  # one token per option
+    scores = _sampling_scores("mc-dropout", model, batch)
+    torch.testing.assert_close(scores[:, 0], scores[:, 1], atol=1e-6, rtol=0)
+    assert (scores[0] - scores[1]).abs().max() > 1e-4  # a fresh mask per question
