@@ -10,6 +10,11 @@ Two modes, both on one backward pass of the NLL per micro-batch:
   std at ``std_lr``).
 
 Both use linear warmup followed by linear decay to zero.
+
+Under fp16 mixed precision (a ``GradScaler``, e.g. the one Accelerate attaches to the optimisers
+it prepares) the NLL gradients carry the loss scale; ``Updater`` enters the KL gradient of the
+``paper`` mode at the same scale (see ``Updater._paper_step_scaled``). ``single`` mode needs
+nothing: ``pi * KL`` is part of the scaled loss.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,13 +55,28 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 @dataclass
 class Updater:
-    """Owns the optimisers and schedulers and applies one update per optimiser step."""
+    """Owns the optimisers and schedulers and applies one update per optimiser step.
+
+    ``scaler``: the fp16 ``GradScaler`` whose scale the accumulated gradients carry. Left
+    ``None``, the one Accelerate attached to the prepared optimisers (``AcceleratedOptimizer.
+    scaler``) is used; without either (fp32, bf16) the update is the plain one.
+    """
 
     mode: str
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[LambdaLR]
     point_params: list[nn.Parameter]
     std_params: list[nn.Parameter]
+    scaler: Any = None
+
+    def grad_scaler(self) -> Any:
+        """The enabled ``GradScaler`` the gradients are scaled by, or ``None``."""
+        scaler = self.scaler
+        if scaler is None:
+            scaler = getattr(self.optimizers[0], "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler
 
     def step(self, kl_fn: Callable[[], torch.Tensor] | None, pi: float) -> torch.Tensor | None:
         """Apply the update after the NLL gradients of one optimiser step are accumulated.
@@ -67,6 +88,8 @@ class Updater:
         if self.mode == "single" or kl_fn is None:
             for opt in self.optimizers:
                 opt.step()
+        elif (scaler := self.grad_scaler()) is not None:
+            kl = self._paper_step_scaled(scaler, kl_fn, pi)
         else:
             adamw, sgd = self.optimizers
             adamw.step()
@@ -88,6 +111,53 @@ class Updater:
             opt.zero_grad(set_to_none=True)
         return kl
 
+    def _paper_step_scaled(
+        self, scaler: Any, kl_fn: Callable[[], torch.Tensor], pi: float
+    ) -> torch.Tensor:
+        """The ``paper`` update when the accumulated gradients carry an fp16 loss scale ``S``.
+
+        ``scaler.scale(loss).backward()`` (``accelerator.backward``) left ``S * grad(NLL)`` in
+        every ``.grad``; the KL gradient comes from ``autograd.grad`` and is unscaled. Added as
+        it is, the unscaling in the optimiser step would divide it by ``S`` too (by 65536 at
+        the default scale: no KL, and the std, stepped only by that SGD, barely moves). So the
+        KL gradient is entered *scaled*, ``S * grad(pi * KL)``, and both optimisers are driven
+        by the scaler the way PyTorch prescribes for several optimisers in one iteration:
+
+        1. ``scaler.step(adamw)``: unscales the mean/``B`` gradients, skips AdamW if they hold
+           an inf/NaN;
+        2. the mean/``B`` gradients are replaced by ``S * grad(pi * KL)``, the std gradients
+           (``S * grad(NLL)``) get ``S * grad(pi * KL)`` added;
+        3. ``scaler.step(sgd)``: unscales by the same ``S`` (the scale cannot change before
+           ``update``), skips the SGD if a std NLL gradient overflowed;
+        4. ``scaler.update()`` once: the scale backs off if either step was skipped, and counts
+           one good iteration otherwise.
+
+        Each optimiser decides on its own gradients (PyTorch's multi-optimiser semantics): an
+        overflow in the mean/``B`` gradients skips AdamW, while the finite std NLL gradients
+        and the KL still take their SGD step. The inner optimisers are stepped directly, not
+        through ``AcceleratedOptimizer.step``, because that calls ``scaler.update()`` after each
+        optimiser: between the two steps the scale could change under gradients still scaled
+        by the old one, and the growth counter would advance twice per iteration (their
+        ``step_was_skipped`` is therefore not maintained; the training loop does not read it).
+        With a power-of-two scale (GradScaler's default and every value it moves to) multiplying
+        and dividing the KL gradient by ``S`` adds no rounding.
+        """
+        adamw, sgd = self.optimizers
+        scale = scaler.get_scale()  # the S of this iteration's gradients (update() comes last)
+        _scaler_step(scaler, adamw)
+        for p in self.point_params:
+            p.grad = None  # SGD sees only the KL gradient on mean and B ...
+        kl = kl_fn()
+        params = self.point_params + self.std_params
+        grads = torch.autograd.grad(pi * kl, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                g = g * scale
+                p.grad = g if p.grad is None else p.grad + g  # std: S * (NLL + KL)
+        _scaler_step(scaler, sgd)
+        scaler.update()
+        return kl.detach()
+
     def state_dict(self) -> dict:
         return {
             "optimizers": [o.state_dict() for o in self.optimizers],
@@ -101,6 +171,17 @@ class Updater:
             opt.load_state_dict(sd)
         for sched, sd in zip(self.schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(sd)
+
+
+def _scaler_step(scaler: Any, opt: torch.optim.Optimizer) -> None:
+    """``scaler.step`` on the torch optimiser inside Accelerate's wrapper(s), if it has work.
+
+    (GradScaler refuses an optimiser none of whose parameters has a gradient.)
+    """
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+        scaler.step(opt)
 
 
 def warn_if_decay_rounds_away(
