@@ -73,6 +73,10 @@ HELP: dict[str, str] = {
     "evaluate": "evaluate on the task's eval split after training",
     "eval_tasks": "extra tasks to evaluate after training (comma-separated), e.g. the OOD protocol",
     "cache_dir": "folder for the tokenisation cache",
+    "curve_every": "every N steps score --curve-split and append to RUN/curve.jsonl (0: off)",
+    "curve_split": "held-out TRAINING examples for the learning curve, e.g. 'train[:500]' "
+    "with --train-split 'train[500:]' (never the evaluation split)",
+    "curve_samples": "weight samples for the curve (default: --eval-samples / the method's)",
 }
 
 

@@ -41,13 +41,16 @@ def predict_dataset(
     progress: bool = False,
     prefix_cache: bool = False,
     cache_dir: str | None = None,
+    feature_cache: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample_probs (S,N,C), labels (N,), indices (N,)) over the whole dataset, nothing dropped.
 
     Under several processes each one scores its shard and ``gather_for_metrics`` removes the
     duplicates that even sharding pads in, so every example counts exactly once. With
     ``prefix_cache`` (one process, a method that allows it) the frozen blocks below the
-    adapters run once per example, shared through ``cache_dir`` with other runs on the split.
+    adapters run once per example, shared through ``cache_dir`` with other runs on the split;
+    a caller that scores the same split repeatedly passes its own ``feature_cache`` (a
+    ``PrefixFeatureCache`` for this dataset) to keep the features between calls.
     """
     from tqdm.auto import tqdm
 
@@ -61,9 +64,9 @@ def predict_dataset(
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
     all_probs, all_labels, all_idx = [], [], []
-    cache = None
+    cache = feature_cache
     single = accelerator is None or accelerator.num_processes == 1
-    if prefix_cache and single and getattr(method, "prefix_cacheable", True):
+    if cache is None and prefix_cache and single and getattr(method, "prefix_cacheable", True):
         cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         idx = batch.pop("index")

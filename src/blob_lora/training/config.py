@@ -68,6 +68,9 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=list)
     cache_dir: str | None = None
     prefix_cache: bool = True
+    curve_every: int = 0
+    curve_split: str | None = None
+    curve_samples: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,7 +96,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}"
                 )
-        for name in ("data_root", "train_split", "eval_split", "cache_dir", "log_with"):
+        for name in (
+            "data_root",
+            "train_split",
+            "eval_split",
+            "cache_dir",
+            "log_with",
+            "curve_split",
+        ):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"{flag(name)} must be a string, got {v!r}")
@@ -138,6 +148,13 @@ class TrainConfig:
         positive_int("max_steps", allow_none=True)
         positive_int("eval_samples", allow_none=True, allow_zero=True)
         positive_int("checkpoint_every", allow_zero=True)
+        positive_int("curve_every", allow_zero=True)
+        positive_int("curve_samples", allow_none=True, allow_zero=True)
+        if self.curve_every and not self.curve_split:
+            raise ConfigError(
+                "--curve-every needs --curve-split: a held-out part of the training data, "
+                "e.g. --train-split 'train[500:]' --curve-split 'train[:500]'"
+            )
         positive_int("log_every")
         positive_int("ensemble_size")
         positive_int("seed", allow_zero=True)
@@ -205,4 +222,8 @@ class TrainConfig:
         # caches change where inputs come from, not what is learned (up to float rounding)
         "cache_dir",
         "prefix_cache",
+        # the curve is scored under a forked RNG: it does not change what is learned
+        "curve_every",
+        "curve_split",
+        "curve_samples",
     )

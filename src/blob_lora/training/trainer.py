@@ -210,6 +210,7 @@ def train(
             and _has_checkpoint(out)
         ),
     )
+    curve = _held_out_curve(cfg, unwrapped, method, task, tokenizer, accelerator, out)
     step, epoch, micro_done = 0, 0, 0
     seconds_before = 0.0  # training time of earlier sittings of a resumed run
     ckpt_root = out / CHECKPOINTS
@@ -230,6 +231,8 @@ def train(
     log_path = out / TRAIN_LOG
     if accelerator.is_main_process:
         _truncate_log(log_path, step)
+        if curve is not None:
+            _truncate_log(curve.path, step)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -332,6 +335,8 @@ def train(
                     accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
                 at_epoch_end = micro == micro_per_epoch
                 position = (epoch + 1, 0) if at_epoch_end else (epoch, micro)
+                if curve is not None and (step % cfg.curve_every == 0 or step >= total_steps):
+                    curve.record(unwrapped, step, epoch)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     save(step, *position)
                 if stop:  # decided together: every process saves the same step
@@ -403,6 +408,36 @@ def train(
     if cfg.log_with:
         accelerator.end_training()
     return summary
+
+
+def _held_out_curve(cfg, model, method, task, tokenizer, accelerator, out: Path):
+    """The learning-curve scorer of ``--curve-every`` (one process only), or ``None``."""
+    if not cfg.curve_every:
+        return None
+    if accelerator.num_processes > 1:
+        raise ConfigError("--curve-every runs on one process only; drop it under accelerate launch")
+    from blob_lora.evaluation.curve import CURVE_FILE, HeldOutCurve
+
+    inputs = task_inputs(
+        task,
+        cfg.curve_split,
+        tokenizer,
+        cfg.max_length,
+        scoring=cfg.scoring_spec,
+        cache_dir=cfg.cache_dir,
+        device=accelerator.device,
+    )
+    requested = cfg.curve_samples if cfg.curve_samples is not None else cfg.eval_samples
+    n = method.eval_samples(model, requested)
+    return HeldOutCurve(
+        model,
+        method,
+        inputs,
+        n,
+        cfg.eval_batch_size,
+        out / CURVE_FILE,
+        prefix_cache=cfg.prefix_cache,
+    )
 
 
 def _check_launch(accelerator) -> None:
