@@ -19,6 +19,15 @@ from tests.conftest import tiny_llama
 PI = 0.25
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two intra-op threads on a busy 2-core machine make this tiny model 100x slower.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def accelerator():
     from accelerate import Accelerator
