@@ -353,3 +353,43 @@ def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):
     with pytest.raises(TrainingInterrupted):
         run_compare(spec, progress=False, echo=lambda _: None)
     assert started == ["lora"]  # blob was never started
+
+
+def test_missing_evaluations_use_the_runs_scoring(tmp_path, monkeypatch):
+    """An evaluation compare adds later (OOD, blob-mean) scores a cloze run with cloze."""
+    from types import SimpleNamespace
+
+    import blob_lora.evaluation.evaluate as evaluate_mod
+    import blob_lora.evaluation.runs as runs_mod
+    from blob_lora.comparison.compare import _evaluate_missing
+    from blob_lora.tasks import Scoring
+
+    spec = spec_from_dict(
+        {
+            "methods": ["lora"],
+            "tasks": ["arc_easy"],
+            "seeds": [1],
+            "ood": {"train_task": "arc_easy", "eval_tasks": ["openbookqa"]},
+            "train": {"max_steps": 5, "scoring": "cloze", "length_norm": "char"},
+        },
+        name="cl",
+        out=tmp_path / "out",
+    )
+    fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    (run,) = plan(spec)
+    cfg = TrainConfig.from_dict(json.loads((run.dir / "run_config.json").read_text()))
+    monkeypatch.setattr(
+        runs_mod,
+        "load_run",
+        lambda d: SimpleNamespace(config=cfg, **dict.fromkeys(("model", "method", "tokenizer"))),
+    )
+    seen = []
+
+    def fake_eval(*a, **k):
+        seen.append((a[3].name, k["scoring"]))
+        return {"accuracy": 0.5, "split": "validation"}
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_on_task", fake_eval)
+    _evaluate_missing(run, progress=False)
+    assert "openbookqa" in {name for name, _ in seen}
+    assert {scoring for _, scoring in seen} == {Scoring("cloze", "char")}

@@ -212,6 +212,7 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             cache_dir=cfg.cache_dir,
             progress=progress,
             prefix_cache=cfg.prefix_cache,
+            scoring=cfg.scoring_spec,
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)
