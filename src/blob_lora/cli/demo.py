@@ -54,6 +54,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="BLoB weight samples at evaluation (default 10)",
     )
     p.add_argument("--max-length", type=int, default=192, help="max prompt tokens (default 192)")
+    p.add_argument(
+        "--scoring",
+        choices=("letter", "cloze"),
+        default="cloze",
+        help="how options are scored (default cloze: each option's log-likelihood, where the "
+        "small model learns; letter: the paper's answer letter, where it stays at chance)",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument(
         "--out",
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             max_length=args.max_length,
+            scoring=args.scoring,
             eval_samples=args.eval_samples if method == "blob" else None,
             target_modules=[DEMO_TARGETS],
             eval_tasks=[],
@@ -184,6 +192,7 @@ def _evaluate_both(cfg, model_base, tokenizer, args, eval_split, probs_for_plot,
             max_length=cfg.max_length,
             batch_size=cfg.eval_batch_size,
             progress=not args.no_progress,
+            scoring=cfg.scoring_spec,
         )
         out[task_name] = metrics
         rows = [
