@@ -243,7 +243,7 @@ def test_spec_precedence_and_defaults(tmp_path):
         )
     )
     spec = load_spec(path)
-    assert spec.name == "paper" and spec.out == Path("experiments/out/paper")
+    assert spec.name == "paper" and spec.out == Path("runs/compare/paper")
     assert spec.seeds == [1, 2, 3]
     assert load_spec(path, out=tmp_path / "o").out == tmp_path / "o"
     s = spec.run_settings("boolq", "blob", 2, Path("d"))

@@ -1,6 +1,6 @@
 """``blob-lora compare``: train/evaluate methods × tasks × seeds, then tabulate and plot.
 
-Output layout (``DIR`` = ``--out``, the file's ``out`` key, or ``experiments/out/<name>``)::
+Output layout (``DIR`` = ``--out``, the file's ``out`` key, or ``runs/compare/<name>``)::
 
     DIR/runs/<task>/<method>/seed<s>/   ordinary run folders ('blob-lora evaluate --run' works)
     DIR/results_id.md, results_id.csv   in-distribution table (tasks)

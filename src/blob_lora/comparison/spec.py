@@ -3,7 +3,7 @@
 YAML schema (every key but ``methods`` optional; unknown keys are refused)::
 
     name: wgs_small                    # default: the file name without extension
-    out: experiments/out/wgs_small     # default: experiments/out/<name>; --out wins
+    out: experiments/out/wgs_small     # default: runs/compare/<name>; --out wins
     methods: [lora, map, mc-dropout, ensemble, laplace, blob, blob-mean]
     tasks: [winogrande_s, arc_challenge]          # in-distribution: train + eval on each
     seeds: [1, 2, 3]                              # default [1, 2, 3]
@@ -270,7 +270,7 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
     stray = sorted(set(run_first) - set(methods))
     if stray:
         raise ConfigError(f"compare: run_first names {stray}, which are not in methods {methods}")
-    out_path = Path(out) if out else Path(data.get("out") or Path("experiments") / "out" / name)
+    out_path = Path(out) if out else Path(data.get("out") or Path("runs") / "compare" / name)
     spec = CompareSpec(
         name=name,
         out=out_path,

@@ -15,7 +15,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
         "task_options, eval_split_overrides (see blob_lora.comparison.spec)",
     )
     p.add_argument(
-        "--out", help="output folder (default: the file's 'out' key, else experiments/out/NAME)"
+        "--out", help="output folder (default: the file's 'out' key, else runs/compare/NAME)"
     )
     p.add_argument(
         "--collect-only",
