@@ -51,7 +51,7 @@ from common import (  # noqa: E402
 ensure_src_on_path()
 
 from blob_lora.cli.demo import DEMO_TARGETS  # noqa: E402
-from blob_lora.evaluation.forward import answer_logits  # noqa: E402
+from blob_lora.models.forward import answer_logits  # noqa: E402
 from blob_lora.prediction.fast import (  # noqa: E402
     EarlyStop,
     predict_batch,

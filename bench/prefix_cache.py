@@ -32,9 +32,9 @@ from common import REPO, ensure_src_on_path, machine_info, summary, timed  # noq
 ensure_src_on_path()
 
 from blob_lora.cli.demo import DEMO_TARGETS  # noqa: E402
-from blob_lora.evaluation.forward import answer_logits  # noqa: E402
 from blob_lora.methods import get_method  # noqa: E402
 from blob_lora.models import load_model_and_tokenizer  # noqa: E402
+from blob_lora.models.forward import answer_logits  # noqa: E402
 from blob_lora.models.prefix_cache import PrefixFeatureCache  # noqa: E402
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids  # noqa: E402
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset  # noqa: E402

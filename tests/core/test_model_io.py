@@ -176,8 +176,8 @@ def test_corrupt_or_missing_checkpoint_is_refused(tmp_path) -> None:
 
 def test_blob_method_n0_is_the_mean_model() -> None:
     """BLoB-Mean (N = 0) through the harness equals the mean-weights forward exactly."""
-    from blob_lora.evaluation.forward import answer_logits
     from blob_lora.methods import get_method
+    from blob_lora.models.forward import answer_logits
 
     model = trained_blob()
     batch = {

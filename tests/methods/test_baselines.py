@@ -127,7 +127,7 @@ def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok)
 
     # each member on its own, as a plain LoRA model
     batch, option_ids = eval_batch(tok, data_root)
-    from blob_lora.evaluation.forward import answer_logits
+    from blob_lora.models.forward import answer_logits
 
     member_probs, member_a = [], []
     for k in range(3):
@@ -206,7 +206,7 @@ def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
     # the MAP mean is the linearisation point: the predictive mean logits are the MAP's
     mean_logits, _ = a.model.laplace_posterior.predictive_logit_moments(batch)
     plain = load_plain_adapter(copy.deepcopy(pristine), out / "map" / "adapter")
-    from blob_lora.evaluation.forward import answer_logits
+    from blob_lora.models.forward import answer_logits
 
     with torch.no_grad():
         torch.testing.assert_close(mean_logits, answer_logits(plain, batch, option_ids))
@@ -239,7 +239,7 @@ def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, pristine, tok):
     assert any(t["nll"] > info["anchor_nll_mean_model"] * 1.003 for t in info["trace"])
 
     batch, option_ids = eval_batch(tok, data_root)
-    from blob_lora.evaluation.forward import answer_logits
+    from blob_lora.models.forward import answer_logits
 
     lora = load_plain_adapter(copy.deepcopy(pristine), out / "lora" / "adapter")
     with torch.no_grad():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from blob_lora.evaluation.forward import answer_logits
+from blob_lora.models.forward import answer_logits
 from blob_lora.tasks import MCExample, Scoring
 from blob_lora.tasks.dataset import (
     MCCollator,

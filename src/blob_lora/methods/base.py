@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
-from blob_lora.evaluation.forward import answer_logits, repeat_batch
+from blob_lora.models.forward import answer_logits, repeat_batch
 
 REGEX_CHARS = set("*()|[]\\")
 

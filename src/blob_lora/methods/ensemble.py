@@ -25,7 +25,6 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.evaluation.forward import answer_logits
 from blob_lora.methods.base import Method
 from blob_lora.methods.composite import (
     claim_run_dir,
@@ -35,6 +34,7 @@ from blob_lora.methods.composite import (
     train_sub_run,
     write_summary,
 )
+from blob_lora.models.forward import answer_logits
 from blob_lora.utils.errors import CheckpointError
 
 MEMBERS_DIR = "members"

@@ -32,7 +32,6 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.evaluation.forward import answer_logits
 from blob_lora.methods.base import Method
 from blob_lora.methods.composite import (
     claim_run_dir,
@@ -43,6 +42,7 @@ from blob_lora.methods.composite import (
     train_sub_run,
     write_summary,
 )
+from blob_lora.models.forward import answer_logits
 from blob_lora.utils.errors import CheckpointError
 
 MAP_DIR = "map"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blob_lora.evaluation.forward import answer_logits
+from blob_lora.models.forward import answer_logits
 
 
 @dataclass

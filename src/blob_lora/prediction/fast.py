@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from blob_lora.evaluation.forward import answer_logits, repeat_batch
 from blob_lora.metrics import entropy
+from blob_lora.models.forward import answer_logits, repeat_batch
 from blob_lora.models.prefix import (
     PrefixPlan,
     block_index,

@@ -20,7 +20,7 @@ make the comparison one of option frequency).
 **One sequence per question.** The shared prompt and every option's continuation are packed
 into one sequence: ``[prompt][option 1][option 2]...``. Each option's tokens attend to the
 prompt and to their own option only (a 4-D attention mask built by
-``blob_lora.evaluation.forward``), and their positions continue from the prompt's end, so
+``blob_lora.models.forward``), and their positions continue from the prompt's end, so
 every option is scored exactly as if it were a separate sequence ``prompt + option``. Packing
 (1) runs the shared prompt once per question, not once per option; (2) makes a Bayesian weight
 sample or a dropout mask, drawn per sequence, *one draw shared by all options of a question*

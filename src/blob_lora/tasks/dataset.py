@@ -450,7 +450,7 @@ class MCCollator:
 
     Cloze-scored items (they carry ``branch``) also give ``position_ids``, ``branch`` (-1 on
     padding), ``target_option`` (-1 on padding), ``prev_offset`` (B,T) long and ``divisor``
-    (B,C) float (1 for absent options), read by ``blob_lora.evaluation.forward``.
+    (B,C) float (1 for absent options), read by ``blob_lora.models.forward``.
     """
 
     def __init__(self, pad_token_id: int, n_options: int, pad_to_multiple_of: int | None = None):

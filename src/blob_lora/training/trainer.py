@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from blob_lora.evaluation.forward import answer_logits
 from blob_lora.methods import get_method
 from blob_lora.models import load_model_and_tokenizer
+from blob_lora.models.forward import answer_logits
 from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.tasks import get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
