@@ -153,8 +153,8 @@ def quick_run(out: Path, data_root: str | None, task: str) -> Path:
     (``init_std`` 0.3: std in [0.045, 0.09]) and the comparison of modes means something.
     """
     from blob_lora.models import load_model_and_tokenizer
+    from blob_lora.pipeline import train
     from blob_lora.training.config import TrainConfig
-    from blob_lora.training.trainer import train
 
     print(f"no --run given: training a quick BLoB adapter into {out} ...", flush=True)
     base, tok = load_model_and_tokenizer("smollm2-135m")
@@ -206,7 +206,7 @@ def quality(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
-    from blob_lora.evaluation.runs import load_run
+    from blob_lora.training.saved_run import load_run
 
     threads = int(os.environ.get("OMP_NUM_THREADS") or args.threads or 2)
     torch.set_num_threads(threads)

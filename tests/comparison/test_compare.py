@@ -294,22 +294,21 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert (out / "reliability_winogrande_s.png").is_file()
 
     # Re-run: nothing is trained or evaluated again.
-    import blob_lora.evaluation.evaluate as evaluate_mod
-    import blob_lora.training.trainer as trainer
+    from blob_lora.comparison import compare as compare_mod
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(trainer, "train", no_training)
+    monkeypatch.setattr(compare_mod, "train", no_training)
     stamp = (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns
-    real_eval = evaluate_mod.evaluate_on_task
+    real_eval = compare_mod.evaluate_on_task
     evaluated = []
 
     def counting_eval(*a, **k):
         evaluated.append(a[4].name)
         return real_eval(*a, **k)
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_on_task", counting_eval)
+    monkeypatch.setattr(compare_mod, "evaluate_on_task", counting_eval)
     assert main(args) == 0
     assert evaluated == []
     assert (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns == stamp
@@ -359,8 +358,7 @@ def test_missing_evaluations_use_the_runs_scoring(tmp_path, monkeypatch):
     """An evaluation compare adds later (OOD, blob-mean) scores a cloze run with cloze."""
     from types import SimpleNamespace
 
-    import blob_lora.evaluation.evaluate as evaluate_mod
-    import blob_lora.evaluation.runs as runs_mod
+    from blob_lora.comparison import compare as compare_mod
     from blob_lora.comparison.compare import _evaluate_missing
     from blob_lora.tasks import Scoring
 
@@ -379,7 +377,7 @@ def test_missing_evaluations_use_the_runs_scoring(tmp_path, monkeypatch):
     (run,) = plan(spec)
     cfg = TrainConfig.from_dict(json.loads((run.dir / "run_config.json").read_text()))
     monkeypatch.setattr(
-        runs_mod,
+        compare_mod,
         "load_run",
         lambda d: SimpleNamespace(config=cfg, **dict.fromkeys(("model", "method", "tokenizer"))),
     )
@@ -389,7 +387,7 @@ def test_missing_evaluations_use_the_runs_scoring(tmp_path, monkeypatch):
         seen.append((a[3].name, k["scoring"]))
         return {"accuracy": 0.5, "split": "validation"}
 
-    monkeypatch.setattr(evaluate_mod, "evaluate_on_task", fake_eval)
+    monkeypatch.setattr(compare_mod, "evaluate_on_task", fake_eval)
     _evaluate_missing(run, progress=False)
     assert "openbookqa" in {name for name, _ in seen}
     assert {scoring for _, scoring in seen} == {Scoring("cloze", "char")}

@@ -66,7 +66,7 @@ def _step(report: dict, name: str, fn) -> None:
 
 
 def run_all(model: str, task: str, out: Path) -> None:
-    from blob_lora.training.trainer import train
+    from blob_lora.pipeline import train
 
     report: dict = {
         "torch": torch.__version__,
@@ -134,11 +134,11 @@ if __name__ == "__main__":
         out.mkdir(parents=True, exist_ok=True)
         run_all(model, task, out)
     elif mode == "resume":
-        from blob_lora.training.trainer import train
+        from blob_lora.pipeline import train
 
         train(_cfg(model, task, out), resume=True, progress=False)
     elif mode == "fsdp":
-        from blob_lora.training.trainer import train
+        from blob_lora.pipeline import train
         from blob_lora.utils.errors import BlobLoraError
 
         try:

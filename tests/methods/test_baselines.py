@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from blob_lora.evaluation.runs import load_run
 from blob_lora.methods.io import load_plain_adapter
+from blob_lora.pipeline import train
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training.config import TrainConfig
-from blob_lora.training.trainer import train
+from blob_lora.training.saved_run import load_run
 from tests.comparison.tiny import tiny_base, tiny_model_folder, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -160,16 +160,16 @@ def test_ensemble_resume_reuses_finished_members(tmp_path, data_root, pristine, 
     out = Path(cfg.out)
     first = (out / "members" / "0" / "adapter" / "adapter_model.safetensors").read_bytes()
     (out / "summary.json").unlink()  # as if interrupted after the members
-    import blob_lora.training.trainer as trainer
+    import blob_lora.pipeline.composite as composite
 
-    real_train = trainer.train
+    real_train = composite.train_plain
     calls = []
 
-    def counting(c, **kw):
+    def counting(c, method, **kw):
         calls.append(c.method)
-        return real_train(c, **kw)
+        return real_train(c, method, **kw)
 
-    monkeypatch.setattr(trainer, "train", counting)
+    monkeypatch.setattr(composite, "train_plain", counting)
     summary = train(
         cfg, resume=True, progress=False, base_model=copy.deepcopy(pristine), tokenizer=tok
     )

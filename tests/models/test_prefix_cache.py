@@ -17,9 +17,9 @@ from blob_lora.models.prefix_cache import (
     frozen_prefix_length,
     prefix_fingerprint,
 )
+from blob_lora.pipeline import train
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training import TrainConfig
-from blob_lora.training.trainer import train
 from tests.conftest import tiny_llama
 
 TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"

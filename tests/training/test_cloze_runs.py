@@ -11,11 +11,11 @@ import torch
 from blob_lora.cli.main import main
 from blob_lora.evaluation.evaluate import predict_dataset
 from blob_lora.methods import get_method
+from blob_lora.pipeline import train
 from blob_lora.prediction import Predictor
 from blob_lora.tasks import Scoring, get_task, task_inputs
 from blob_lora.training import TrainConfig
 from blob_lora.training.run_dir import RUN_CONFIG, check_run_dir
-from blob_lora.training.trainer import train
 from tests.conftest import tiny_llama
 from tests.training.test_train_loop import tiny_cfg
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blob_lora.pipeline import train
 from blob_lora.training import TrainConfig
-from blob_lora.training.trainer import train
 from blob_lora.utils.errors import ConfigError
 from tests.training.test_train_loop import tiny_cfg
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from blob_lora.cli.main import main
+from blob_lora.pipeline import train
 from blob_lora.training import TrainConfig
 from blob_lora.training import checkpoint as ckpt
-from blob_lora.training.trainer import train
 from blob_lora.utils.errors import BlobLoraError
 
 

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from blob_lora.metrics import reliability_diagram_multi
     from blob_lora.models import load_model_and_tokenizer
     from blob_lora.models.loading import default_threads
+    from blob_lora.pipeline import train
     from blob_lora.training.config import TrainConfig
-    from blob_lora.training.trainer import train
     from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
     _check_data(args.task, args.data_root)
@@ -172,8 +172,8 @@ def _evaluate_both(cfg, model_base, tokenizer, args, eval_split, probs_for_plot,
     import torch
 
     from blob_lora.evaluation.evaluate import evaluate_on_task
-    from blob_lora.evaluation.runs import load_run
     from blob_lora.tasks import get_task
+    from blob_lora.training.saved_run import load_run
 
     # Re-open the saved run, as a user would: this also checks the saved adapter.
     loaded = load_run(Path(cfg.out), base_model=model_base, tokenizer=tokenizer)

@@ -36,12 +36,19 @@ from typing import Any
 
 from blob_lora.comparison.spec import Column, CompareSpec
 from blob_lora.comparison.tables import (
+    METRICS,
     build_table,
     render_csv,
     render_markdown,
     table_json,
 )
-from blob_lora.evaluation.evaluate import task_dir_name
+from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.metrics import reliability_diagram_multi
+from blob_lora.pipeline import train
+from blob_lora.tasks import get_task
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.saved_run import load_run
+from blob_lora.training.trainer import TrainingInterrupted
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
@@ -132,8 +139,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _expected_split(ev: Evaluation, data_root: str | None) -> str:
     if ev.split is not None:
         return ev.split
-    from blob_lora.tasks import get_task
-
     return str(get_task(ev.task, data_root=data_root).eval_split)
 
 
@@ -159,8 +164,6 @@ def _set_status(r: PlannedRun) -> None:
 
 def config_differences(r: PlannedRun) -> list[str]:
     """Settings of an existing run folder that differ from what the experiment asks for."""
-    from blob_lora.training.config import TrainConfig
-
     previous = _read_json(r.dir / RUN_CONFIG)
     if previous is None:
         return []
@@ -176,19 +179,12 @@ def config_differences(r: PlannedRun) -> list[str]:
 
 
 def _train(r: PlannedRun, progress: bool) -> None:
-    from blob_lora.training.config import TrainConfig
-    from blob_lora.training.trainer import train
-
     cfg = TrainConfig.from_dict(r.settings)
     train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress)
 
 
 def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
     """Evaluate the run's missing evaluations and merge them into its summary.json."""
-    from blob_lora.evaluation.evaluate import evaluate_on_task
-    from blob_lora.evaluation.runs import load_run
-    from blob_lora.tasks import get_task
-
     summary = _read_json(r.dir / SUMMARY) or {}
     data_root = r.settings.get("data_root")
     missing = [ev for ev in r.evaluations if not _has(summary, ev, data_root)]
@@ -267,8 +263,6 @@ def run_compare(
                     _train(r, progress)
                 _evaluate_missing(r, progress)
             except BlobLoraError as exc:
-                from blob_lora.training.trainer import TrainingInterrupted
-
                 if isinstance(exc, TrainingInterrupted):
                     raise  # a signal stops the whole experiment; its checkpoint is saved
                 r.status, r.error = "failed", str(exc)
@@ -297,8 +291,6 @@ def _metrics(r: PlannedRun, column: Column, task: str) -> dict[str, Any] | None:
 def _table_values(
     spec: CompareSpec, runs: list[PlannedRun], train_task_of: Callable[[str], str], tasks: list[str]
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
-    from blob_lora.comparison.tables import METRICS
-
     index = {(r.task, r.method, r.seed): r for r in runs}
     values: dict[str, dict[str, dict[str, list[float]]]] = {m.key: {} for m in METRICS}
     for task in tasks:
@@ -429,8 +421,6 @@ def _pooled_predictions(
 
 
 def _reliability_plots(spec: CompareSpec, runs: list[PlannedRun]) -> list[str]:
-    from blob_lora.metrics import reliability_diagram_multi
-
     jobs = [(t, t, f"reliability_{safe_name(t)}.png", "ID") for t in spec.tasks]
     if spec.ood:
         jobs += [

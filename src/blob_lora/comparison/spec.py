@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blob_lora.methods import METHODS
+from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
 
 MEAN_SUFFIX = "-mean"
@@ -73,8 +75,6 @@ class Column:
 
 
 def column_for(name: str) -> Column:
-    from blob_lora.methods import METHODS
-
     if name in METHODS:
         return Column(name, name)
     if name == "blob" + MEAN_SUFFIX:
@@ -188,8 +188,6 @@ def _normalise_keys(d: Any, where: str) -> dict[str, Any]:
 
 
 def _train_keys(d: Any, where: str) -> dict[str, Any]:
-    from blob_lora.training.config import TrainConfig
-
     d = _normalise_keys(d, where)
     known = {f.name for f in fields(TrainConfig)}
     fixed = sorted(set(d) & set(PER_RUN_KEYS))
@@ -290,8 +288,6 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
 
 def _check_settings(spec: CompareSpec) -> None:
     """Build every run's TrainConfig once, so a bad value fails before hours of training."""
-    from blob_lora.training.config import TrainConfig
-
     for task in spec.train_tasks:
         for method in spec.train_methods:
             TrainConfig.from_dict(spec.run_settings(task, method, spec.seeds[0], Path("x")))

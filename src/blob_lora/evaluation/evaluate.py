@@ -17,6 +17,9 @@ from blob_lora.metrics import (
     per_example_records,
     reliability_diagram,
 )
+from blob_lora.models.prefix_cache import PrefixFeatureCache
+from blob_lora.prediction import reports
+from blob_lora.prediction.fast import predict_dataset_fast
 from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.tasks.scoring import LETTER
@@ -53,8 +56,6 @@ def predict_dataset(
     ``PrefixFeatureCache`` for this dataset) to keep the features between calls.
     """
     from tqdm.auto import tqdm
-
-    from blob_lora.models.prefix_cache import PrefixFeatureCache
 
     indexed = IndexedDataset(dataset)
     loader = DataLoader(
@@ -121,8 +122,6 @@ def evaluate_on_task(
     (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper. ``scoring`` says
     how option scores are read (letter or cloze, ``blob_lora.tasks.scoring.Scoring``).
     """
-    from blob_lora.prediction import reports
-
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
@@ -148,8 +147,6 @@ def evaluate_on_task(
         probs = sample_probs.mean(0)
         uncertainty = decompose_uncertainty(sample_probs)
     else:
-        from blob_lora.prediction.fast import predict_dataset_fast
-
         fast = predict_dataset_fast(
             model,
             method,
@@ -224,46 +221,3 @@ def evaluate_on_task(
 def task_dir_name(name: str) -> str:
     """A task name as a folder name (``mmlu:college_physics`` -> ``mmlu__college_physics``)."""
     return name.replace(":", "__").replace("/", "_")
-
-
-def evaluate_run_tasks(
-    model: torch.nn.Module,
-    method: Any,
-    tokenizer: Any,
-    cfg: Any,
-    *,
-    accelerator: Any = None,
-    progress: bool = False,
-    loaded_task: Task | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Evaluate a run on its own task and ``cfg.eval_tasks`` into ``RUN/eval/<task>/``.
-
-    Shared by plain and composite runs so every method is scored the same way.
-    """
-    from blob_lora.tasks import get_task
-
-    results: dict[str, dict[str, Any]] = {}
-    for name in [cfg.task, *cfg.eval_tasks]:
-        own = name == cfg.task
-        task = (
-            loaded_task
-            if own and loaded_task is not None
-            else get_task(name, data_root=cfg.data_root)
-        )
-        results[name] = evaluate_on_task(
-            model,
-            method,
-            tokenizer,
-            task,
-            Path(cfg.out) / "eval" / task_dir_name(name),
-            split=cfg.eval_split if (own and cfg.eval_split) else "eval",
-            n_samples=cfg.eval_samples,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
-            accelerator=accelerator,
-            cache_dir=cfg.cache_dir,
-            progress=progress,
-            prefix_cache=cfg.prefix_cache,
-            scoring=cfg.scoring_spec,
-        )
-    return results

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits, repeat_batch
 
 REGEX_CHARS = set("*()|[]\\")
@@ -61,13 +62,9 @@ class Method:
         return cfg.weight_decay
 
     def build(self, base: nn.Module, cfg: Any) -> PeftModel:
-        from peft import get_peft_model
-
         return get_peft_model(base, self.lora_config(cfg))
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
-        from blob_lora.methods.io import load_plain_adapter
-
         return load_plain_adapter(base, adapter_dir)
 
     def kl(self, model: nn.Module) -> torch.Tensor | None:

@@ -25,16 +25,10 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import Method
-from blob_lora.methods.composite import (
-    claim_run_dir,
-    evaluate_run,
-    link_tree,
-    load_base,
-    train_sub_run,
-    write_summary,
-)
+from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, link_tree
+from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
+from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
 from blob_lora.utils.errors import CheckpointError
 
 MEMBERS_DIR = "members"
@@ -75,53 +69,35 @@ def ensemble_members(model: nn.Module) -> list[str]:
     return list(names)
 
 
-class EnsembleMethod(Method):
+class EnsembleMethod(CompositeMethod):
     """K independently initialised LoRA adapters; predictive = mean of their probabilities."""
 
     name = "ensemble"
     samples_by_default = 0  # 0 / unset: all members
 
-    def train_run(
-        self,
-        cfg: Any,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        progress: bool = True,
-        base_model: Any = None,
-        tokenizer: Any = None,
-    ) -> dict[str, Any]:
-        """Train the members into ``RUN/members/<k>/``, assemble ``RUN/adapter``, evaluate."""
-        from blob_lora.training.run_dir import ADAPTER_DIR
-        from blob_lora.utils.atomic import atomic_directory
-
-        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
-        out = Path(cfg.out)
-        members = []
-        for k in range(cfg.ensemble_size):
-            members.append(
-                train_sub_run(
-                    cfg,
-                    out / MEMBERS_DIR / str(k),
-                    progress=progress,
-                    base_model=base_model,
-                    tokenizer=tokenizer,
-                    method=MEMBER_METHOD,
-                    seed=member_seed(cfg.seed, k),
-                )
+    def sub_runs(self, cfg: Any) -> list[SubRun]:
+        """K plain runs into ``RUN/members/<k>/``, each with its own seed (see module doc)."""
+        return [
+            SubRun(
+                f"{MEMBERS_DIR}/{k}", {"method": MEMBER_METHOD, "seed": member_seed(cfg.seed, k)}
             )
-        if state.is_main_process:
-            with atomic_directory(out / ADAPTER_DIR) as tmp:
-                for k in range(cfg.ensemble_size):
-                    src = out / MEMBERS_DIR / str(k) / ADAPTER_DIR
-                    link_tree(src, tmp / f"{MEMBER_PREFIX}{k}")
-        state.wait_for_everyone()
+            for k in range(cfg.ensemble_size)
+        ]
 
-        base, tokenizer = load_base(cfg, base_model, tokenizer)
-        model = self.load(base, out / ADAPTER_DIR)
+    def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
+        """Link the members' adapters into ``RUN/adapter/member-<k>/``; every process then
+        loads them with :meth:`load`."""
+        for k, src in enumerate(assembly.sub_adapters):
+            link_tree(src, assembly.adapter_dir / f"{MEMBER_PREFIX}{k}")
+        return None, {}
+
+    def summarize(
+        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        members = sub_summaries
         train_seconds = sum(m["train_seconds"] for m in members)
         first = members[0]
-        summary: dict[str, Any] = {
+        return {
             "method": self.name,
             "task": first["task"],
             "train_split": first["train_split"],
@@ -143,16 +119,10 @@ class EnsembleMethod(Method):
                 }
                 for k, m in enumerate(members)
             ],
-            "evaluations": {},
         }
-        summary["evaluations"] = evaluate_run(model, self, tokenizer, cfg, progress=progress)
-        return write_summary(cfg, summary)
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         """All members as adapters ``m0..`` of one ``PeftModel``, each checked like a run's."""
-        from blob_lora.methods.io import load_plain_adapter
-        from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
-
         dirs = member_dirs(adapter_dir)
         model = load_plain_adapter(base, dirs[0], adapter_name=adapter_name(0))
         for k, path in enumerate(dirs[1:], start=1):

@@ -30,19 +30,18 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from blob_lora.methods.base import Method
-from blob_lora.methods.composite import (
-    claim_run_dir,
-    evaluate_run,
-    link_tree,
-    load_base,
-    to_device,
-    train_sub_run,
-    write_summary,
-)
+from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, link_tree
+from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
+from blob_lora.models.loading import to_device
+from blob_lora.tasks import get_task, task_inputs
+from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
 
 MAP_DIR = "map"
@@ -70,7 +69,7 @@ def _option_logits_fn(option_ids: torch.Tensor | None):
     return logits_fn
 
 
-class LaplaceMethod(Method):
+class LaplaceMethod(CompositeMethod):
     """MAP LoRA + KFAC Laplace posterior over the LoRA weights, GLM predictive."""
 
     name = "laplace"
@@ -81,65 +80,42 @@ class LaplaceMethod(Method):
     def weight_decay(self, cfg: Any) -> float:
         return cfg.weight_decay if cfg.weight_decay > 0 else 1e-5
 
-    def train_run(
-        self,
-        cfg: Any,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        progress: bool = True,
-        base_model: Any = None,
-        tokenizer: Any = None,
-    ) -> dict[str, Any]:
-        from blob_lora.methods.io import load_plain_adapter
-        from blob_lora.training.run_dir import ADAPTER_DIR
-        from blob_lora.utils.atomic import atomic_directory, atomic_write_json
+    def sub_runs(self, cfg: Any) -> list[SubRun]:
+        """One MAP run into ``RUN/map/``."""
+        return [SubRun(MAP_DIR, {"method": "map"})]
 
-        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
-        out = Path(cfg.out)
-        map_summary = train_sub_run(
-            cfg,
-            out / MAP_DIR,
-            progress=progress,
-            base_model=base_model,
-            tokenizer=tokenizer,
-            method="map",
+    def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
+        """Fit the KFAC posterior to the MAP adapter; store the adapter and the posterior."""
+        (map_adapter,) = assembly.sub_adapters
+        model = load_plain_adapter(assembly.base, map_adapter)
+        to_device(model, assembly.device)
+        la, fit_info = fit_laplace(
+            model, assembly.tokenizer, assembly.cfg, progress=assembly.progress
         )
-        base, tokenizer = load_base(cfg, base_model, tokenizer)
-        fit_info: dict[str, Any] = {}
-        if state.is_main_process:
-            model = load_plain_adapter(base, out / MAP_DIR / ADAPTER_DIR)
-            to_device(model, state.device)
-            la, fit_info = fit_laplace(model, tokenizer, cfg, progress=progress)
-            with atomic_directory(out / ADAPTER_DIR) as tmp:
-                link_tree(out / MAP_DIR / ADAPTER_DIR, tmp)
-                from safetensors.torch import save_file
+        link_tree(map_adapter, assembly.adapter_dir)
+        save_file(la.state_dict(), str(assembly.adapter_dir / STATE_FILE))
+        atomic_write_json(assembly.adapter_dir / INFO_FILE, fit_info)
+        model.laplace_posterior = la
+        return model, fit_info
 
-                save_file(la.state_dict(), str(tmp / STATE_FILE))
-                atomic_write_json(tmp / INFO_FILE, fit_info)
-            model.laplace_posterior = la
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            model = self.load(base, out / ADAPTER_DIR)
-            fit_info = json.loads((out / ADAPTER_DIR / INFO_FILE).read_text(encoding="utf-8"))
+    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
+        return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
 
-        train_seconds = map_summary["train_seconds"] + fit_info["fit_seconds"]
-        summary = {
+    def summarize(
+        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        (map_summary,) = sub_summaries
+        train_seconds = map_summary["train_seconds"] + record["fit_seconds"]
+        return {
             **{k: v for k, v in map_summary.items() if k != "evaluations"},
             "method": self.name,
             "train_seconds": round(train_seconds, 3),
             "map_train_seconds": map_summary["train_seconds"],
-            "laplace": fit_info,
-            "evaluations": evaluate_run(model, self, tokenizer, cfg, progress=progress),
+            "laplace": record,
         }
-        return write_summary(cfg, summary)
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from blob_lora.methods.io import load_plain_adapter
-        from blob_lora.methods.laplace import LaplaceLoRA
+        from blob_lora.methods.laplace import LaplaceLoRA  # optional: see methods.registry
 
         adapter_dir = Path(adapter_dir)
         path = adapter_dir / STATE_FILE
@@ -176,11 +152,7 @@ def fit_laplace(
     model: nn.Module, tokenizer: Any, cfg: Any, *, progress: bool = False
 ) -> tuple[Any, dict[str, Any]]:
     """Fit the KFAC posterior on ``cfg``'s training split; return it and a readable record."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from blob_lora.methods.laplace import LaplaceLoRA
-    from blob_lora.tasks import get_task, task_inputs
+    from blob_lora.methods.laplace import LaplaceLoRA  # optional: see methods.registry
 
     start = time.perf_counter()
     task = get_task(cfg.task, data_root=cfg.data_root)

@@ -24,6 +24,7 @@ further training, so it is the cheapest Bayesian baseline to compare BLoB agains
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -32,16 +33,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from blob_lora.methods.blob import BlobMethod
-from blob_lora.methods.composite import (
-    claim_run_dir,
-    evaluate_run,
-    load_base,
-    to_device,
-    train_sub_run,
-    write_summary,
-)
+from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun
+from blob_lora.models.loading import to_device
+from blob_lora.tasks import get_task, task_inputs
+from blob_lora.tuners.blob import BlobConfig, blob_layers, get_blob_model, sampling
+from blob_lora.tuners.blob.model import _read_adapter_weights
+from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
 
 LORA_DIR = "lora"
@@ -73,9 +73,6 @@ def std_param_for(sigma: float, d: torch.Tensor, cols: int) -> torch.Tensor:
 def load_rotated(model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Put the rotated weights of a saved LoRA adapter into a BLoB model; return ``d`` per
     layer."""
-    from blob_lora.tuners.blob import blob_layers
-    from blob_lora.tuners.blob.model import _read_adapter_weights
-
     state = _read_adapter_weights(adapter_dir)
     singular: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -94,8 +91,6 @@ def load_rotated(model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]
 
 
 def set_sigma(model: nn.Module, singular: dict[str, torch.Tensor], sigma: float) -> None:
-    from blob_lora.tuners.blob import blob_layers
-
     with torch.no_grad():
         for name, layer in blob_layers(model):
             if "default" not in layer.lora_A_rho:
@@ -104,70 +99,52 @@ def set_sigma(model: nn.Module, singular: dict[str, torch.Tensor], sigma: float)
             rho.copy_(std_param_for(sigma, singular[name].to(rho.device), rho.shape[1]))
 
 
-class TfbMethod(BlobMethod):
+class TfbMethod(BlobMethod, CompositeMethod):
     """A trained LoRA adapter made Bayesian after training (see the module doc)."""
 
     name = "tfb"
     has_kl = False
 
-    def train_run(
-        self,
-        cfg: Any,
-        *,
-        overwrite: bool = False,
-        resume: bool = False,
-        progress: bool = True,
-        base_model: Any = None,
-        tokenizer: Any = None,
-    ) -> dict[str, Any]:
-        from blob_lora.training.run_dir import ADAPTER_DIR
-        from blob_lora.tuners.blob import BlobConfig, get_blob_model
-        from blob_lora.utils.atomic import atomic_directory, atomic_write_json
+    def sub_runs(self, cfg: Any) -> list[SubRun]:
+        """One plain LoRA run into ``RUN/lora/``."""
+        return [SubRun(LORA_DIR, {"method": "lora"})]
 
-        state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
-        out = Path(cfg.out)
-        lora_summary = train_sub_run(
-            cfg,
-            out / LORA_DIR,
-            progress=progress,
-            base_model=base_model,
-            tokenizer=tokenizer,
-            method="lora",
+    def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
+        """Rotate the LoRA adapter into a BLoB one, search σ, store the adapter and σ."""
+        cfg = assembly.cfg
+        (lora_adapter,) = assembly.sub_adapters
+        blob_config = BlobConfig(
+            prior_std=cfg.prior_std,
+            init_std=cfg.init_std,
+            std_param="square",
+            flipout=cfg.flipout,
+            eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
         )
-        base, tokenizer = load_base(cfg, base_model, tokenizer)
-        if state.is_main_process:
-            blob_config = BlobConfig(
-                prior_std=cfg.prior_std,
-                init_std=cfg.init_std,
-                std_param="square",
-                flipout=cfg.flipout,
-                eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
-            )
-            model = get_blob_model(base, self.lora_config(cfg), blob_config)
-            to_device(model, state.device)
-            singular = load_rotated(model, out / LORA_DIR / ADAPTER_DIR)
-            info = search_sigma(model, singular, tokenizer, cfg, progress=progress)
-            set_sigma(model, singular, info["sigma"])
-            model.eval()
-            with atomic_directory(out / ADAPTER_DIR) as tmp:
-                model.save_pretrained(tmp)
-                atomic_write_json(tmp / INFO_FILE, info)
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            import json
+        model = get_blob_model(assembly.base, self.lora_config(cfg), blob_config)
+        to_device(model, assembly.device)
+        singular = load_rotated(model, lora_adapter)
+        info = search_sigma(model, singular, assembly.tokenizer, cfg, progress=assembly.progress)
+        set_sigma(model, singular, info["sigma"])
+        model.eval()
+        model.save_pretrained(assembly.adapter_dir)
+        atomic_write_json(assembly.adapter_dir / INFO_FILE, info)
+        return model, info
 
-            model = self.load(base, out / ADAPTER_DIR)
-            info = json.loads((out / ADAPTER_DIR / INFO_FILE).read_text(encoding="utf-8"))
-        train_seconds = lora_summary["train_seconds"] + info["search_seconds"]
-        summary = {
+    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
+        return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
+
+    def summarize(
+        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        (lora_summary,) = sub_summaries
+        train_seconds = lora_summary["train_seconds"] + record["search_seconds"]
+        return {
             **{k: v for k, v in lora_summary.items() if k != "evaluations"},
             "method": self.name,
             "train_seconds": round(train_seconds, 3),
             "lora_train_seconds": lora_summary["train_seconds"],
-            "tfb": info,
-            "evaluations": evaluate_run(model, self, tokenizer, cfg, progress=progress),
+            "tfb": record,
         }
-        return write_summary(cfg, summary)
 
 
 def anchor_indices(n: int, size: int = ANCHOR_SIZE, seed: int = ANCHOR_SEED) -> list[int]:
@@ -185,8 +162,6 @@ def anchor_nll(
     n: int,
 ) -> float:
     """NLL of the N-sample predictive on the anchor batches, with fixed random numbers."""
-    from blob_lora.tuners.blob import sampling
-
     method = BlobMethod()
     torch.manual_seed(SEARCH_SEED)
     total, count = 0.0, 0
@@ -211,10 +186,6 @@ def search_sigma(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The largest σ whose anchor NLL is within ``NLL_TOLERANCE`` of the mean model's."""
-    from torch.utils.data import Subset
-
-    from blob_lora.tasks import get_task, task_inputs
-
     start = time.perf_counter()
     task = get_task(cfg.task, data_root=cfg.data_root)
     split = cfg.train_split or "train"

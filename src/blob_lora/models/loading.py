@@ -133,6 +133,16 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def to_device(model: Any, device: Any) -> Any:
+    """Move a (non-quantised) model to ``device``; quantised models are already placed
+    (bitsandbytes puts them at load time and refuses ``.to``)."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(
+        model, "is_loaded_in_8bit", False
+    ):
+        model.to(device)
+    return model
+
+
 def _bnb_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dtype):
     if load_in_8bit and load_in_4bit:
         raise BlobLoraError("--load-in-8bit and --load-in-4bit are mutually exclusive")

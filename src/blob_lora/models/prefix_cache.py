@@ -35,6 +35,7 @@ from blob_lora.models.prefix import (
     hidden_of,
     injected_prefix,
 )
+from blob_lora.utils.atomic import atomic_write_bytes
 
 #: Largest cache (all examples' hidden states) built without being asked: it lives in RAM.
 AUTO_LIMIT_BYTES = 2 * 1024**3
@@ -188,8 +189,6 @@ class PrefixFeatureCache:
         if self.path is None or not self._dirty or not self.features:
             return
         from safetensors.torch import save
-
-        from blob_lora.utils.atomic import atomic_write_bytes
 
         meta = {"key": self.key, "as_tuple": json.dumps(bool(self.as_tuple))}
         tensors = {str(k): v.contiguous() for k, v in self.features.items()}

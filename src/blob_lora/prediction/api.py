@@ -30,11 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from blob_lora.methods import get_method
 from blob_lora.prediction.fast import MODES, EarlyStop, ResolvedMode, predict_batch, resolve_mode
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
 from blob_lora.tasks import MCCollator, MCExample, Scoring, scoring_option_ids
 from blob_lora.tasks.dataset import encode_split
 from blob_lora.tasks.scoring import LETTER
+from blob_lora.training.saved_run import load_run
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
 
@@ -61,8 +63,6 @@ class PredictionSummary:
 
 
 def _resolve_method(method: Any, model: nn.Module) -> Any:
-    from blob_lora.methods import get_method
-
     if method is None:
         inner = getattr(model, "module", model)
         if getattr(inner, "blob_configs", None):
@@ -137,8 +137,6 @@ class Predictor:
 
         ``n_samples``, ``batch_size`` and ``max_length`` default to the run's settings.
         """
-        from blob_lora.evaluation.runs import load_run
-
         loaded = load_run(Path(run_dir), model=model)
         cfg = loaded.config
         kwargs.setdefault("n_samples", cfg.eval_samples)

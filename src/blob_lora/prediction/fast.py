@@ -39,6 +39,7 @@ from blob_lora.models.prefix import (
     injected_prefix,
     select_and_repeat,
 )
+from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.utils.errors import ConfigError
 
 MODES = ("fold", "prefix", "early", "prefix-early", "mean")
@@ -404,8 +405,6 @@ def predict_dataset_fast(
     from tqdm.auto import tqdm
 
     resolved = resolve_mode(method, model, mode, n_samples)
-    from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
-
     loader = DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,

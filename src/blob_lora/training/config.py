@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from blob_lora.methods import get_method
 from blob_lora.tasks.scoring import Scoring
 from blob_lora.training.kl_schedule import KL_SCHEDULES
 from blob_lora.training.optim import OPTIMIZER_MODES
@@ -191,8 +192,6 @@ class TrainConfig:
         if not self.target_modules:
             raise ConfigError("--target-modules must name at least one module")
         Scoring(self.scoring, self.length_norm)  # refuses a bad --scoring / --length-norm
-        from blob_lora.methods import get_method
-
         get_method(self.method)
 
     @property

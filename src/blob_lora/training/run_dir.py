@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from blob_lora.training.config import TrainConfig
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
@@ -20,6 +21,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_DIR = "eval"
+SUMMARY = "summary.json"  # written last: a run (or a composite's sub-run) with it is finished
 
 # Settings that may change on --resume as long as the global batch (batch_size * grad_accum *
 # number of processes) stays the same; the trainer checks that against the checkpoint.
@@ -33,8 +35,6 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
     ``--resume`` with identical training settings (``batch_size``/``grad_accum`` may differ:
     the trainer then requires the same global batch).
     """
-    from blob_lora.training.config import TrainConfig
-
     cfg_path = out / RUN_CONFIG
     if out.exists() and not out.is_dir():
         raise BlobLoraError(f"--out {out} exists and is not a folder")

@@ -14,6 +14,9 @@ Checkpoints record the data position in examples, so a run may be resumed on ano
 of processes with the same global batch (``--batch-size``/``--grad-accum`` adjusted). FSDP and
 DeepSpeed are refused: the adapter is small, is replicated on every process, and the KL and
 the checkpoints are computed on the full adapter.
+
+This is the loop only: which method to train, evaluating the result and writing
+``summary.json`` belong to ``blob_lora.pipeline``, which calls :func:`run_training`.
 """
 
 from __future__ import annotations
@@ -21,28 +24,36 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
-from blob_lora.methods import get_method
+from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.prefix_cache import PrefixFeatureCache
-from blob_lora.tasks import get_task, task_inputs
+from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
-from blob_lora.training.kl_schedule import make_schedule
+from blob_lora.training.distributed import (
+    all_true,
+    check_launch,
+    gather_rng,
+    on_main,
+    reduce_window,
+)
+from blob_lora.training.kl_schedule import KLSchedule, make_schedule
 from blob_lora.training.optim import build_updater
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
@@ -52,10 +63,8 @@ from blob_lora.training.run_dir import (
     prepare_run_dir,
 )
 from blob_lora.training.sampler import EpochShuffleSampler
-from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from blob_lora.utils.atomic import atomic_directory, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, CheckpointError, ConfigError
-
-SUMMARY = "summary.json"
 
 
 class TrainingDiverged(BlobLoraError):
@@ -64,6 +73,47 @@ class TrainingDiverged(BlobLoraError):
 
 class TrainingInterrupted(BlobLoraError):
     """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+
+class LearningCurve(Protocol):
+    """Scores the model on held-out data during training (``--curve-every``).
+
+    The pipeline builds it (``blob_lora.evaluation.curve``), so the loop itself evaluates
+    nothing; the loop only calls ``record`` and trims ``path`` on resume.
+    """
+
+    path: Path
+
+    def record(self, model: nn.Module, step: int, epoch: int) -> Any: ...
+
+
+#: ``(cfg, model, method, task, tokenizer, accelerator, out) -> LearningCurve | None``, called
+#: once the model is prepared and the run folder exists.
+CurveFactory = Callable[
+    [TrainConfig, nn.Module, Method, Task, Any, Any, Path], LearningCurve | None
+]
+
+
+@dataclass
+class TrainedRun:
+    """What the loop hands the pipeline: the run's summary so far and what evaluation needs."""
+
+    summary: dict[str, Any]
+    model: nn.Module  # the trained PeftModel, unwrapped from any DDP wrapper
+    tokenizer: Any
+    task: Task
+    accelerator: Any
+
+
+@dataclass
+class _StepPlan:
+    """How many micro-batches and optimiser steps the run takes, and its KL schedule."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    schedule: KLSchedule
 
 
 @dataclass
@@ -87,7 +137,8 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer that ``cfg`` names (``--model``, dtype, quantisation)."""
     base, tokenizer = load_model_and_tokenizer(
         cfg.model,
         dtype=cfg.dtype,
@@ -98,37 +149,93 @@ def build_model(cfg: TrainConfig):
     return base, tokenizer
 
 
-def train(
+def run_training(
     cfg: TrainConfig,
+    method: Method,
     *,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
     base_model: Any = None,
     tokenizer: Any = None,
-) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.task`` into ``cfg.out``; return the run summary.
+    curve: CurveFactory | None = None,
+) -> TrainedRun:
+    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
 
-    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
+    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``;
+    ``curve`` builds the held-out scorer of ``--curve-every``. Nothing is evaluated and no
+    ``summary.json`` is written: that is the pipeline's (``blob_lora.pipeline.train``).
     """
-    composite = getattr(get_method(cfg.method), "train_run", None)
-    # ensemble, laplace, tfb: sub-runs of this loop (methods/composite.py)
-    if composite is not None:
-        kwargs = {"base_model": base_model, "tokenizer": tokenizer}
-        return composite(cfg, overwrite=overwrite, resume=resume, progress=progress, **kwargs)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
+    if cfg.curve_every and curve is None:
+        raise ConfigError("--curve-every needs the held-out scorer of blob_lora.pipeline.train")
     out = Path(cfg.out)
     accelerator = Accelerator(log_with=cfg.log_with, project_dir=str(out))
-    _check_launch(accelerator)
+    check_launch(accelerator)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
-    _on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))
-    method = get_method(cfg.method)
+    on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))
 
     if base_model is None:
         base_model, tokenizer = build_model(cfg)
+    task, train_split, inputs = _training_inputs(cfg, tokenizer, accelerator)
+    model = _build_adapter(cfg, method, base_model, accelerator)
+    loader = _training_loader(cfg, inputs, accelerator)
+    plan = _plan_steps(cfg, loader, len(inputs.dataset), accelerator)
+    updater = build_updater(
+        model,
+        mode=cfg.optimizer,
+        bayesian=method.has_kl,
+        lr=cfg.lr,
+        total_steps=plan.total_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=method.weight_decay(cfg),
+        kl_lr=cfg.kl_lr,
+        std_lr=cfg.std_lr,
+    )
+    model = accelerator.prepare_model(model)
+    updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
+    unwrapped = accelerator.unwrap_model(model)
+
+    # Everything that reads user input has run: only now is the run folder created.
+    resuming = on_main(
+        accelerator,
+        lambda: (
+            prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
+            and _has_checkpoint(out)
+        ),
+    )
+    held_out = curve(cfg, unwrapped, method, task, tokenizer, accelerator, out) if curve else None
+    loop = _Loop(
+        cfg, method, accelerator, model, updater, loader, inputs.option_ids, plan, held_out
+    )
+    loop.start(resuming, inputs.dataset, progress)
+    loop.run()
+    train_seconds = loop.finish()
+    _save_adapter(accelerator, unwrapped, out)
+    summary: dict[str, Any] = {
+        "method": cfg.method,
+        "task": task.name,
+        "train_split": train_split,
+        "n_train": len(inputs.dataset),
+        "steps": loop.step,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "kl_cycle": plan.schedule.cycle if method.has_kl else None,
+        "world_size": accelerator.num_processes,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
+        # blocks whose output was computed once per example and reused (0: none)
+        "prefix_cached_blocks": loop.prefix.start if loop.prefix is not None else 0,
+        "evaluations": {},
+    }
+    return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)
+
+
+def _training_inputs(
+    cfg: TrainConfig, tokenizer: Any, accelerator: Any
+) -> tuple[Task, str, TaskInputs]:
+    """The task, the training split's name and its tokenised dataset."""
     task = get_task(cfg.task, data_root=cfg.data_root)
     if task.train_split is None and cfg.train_split is None:
         raise BlobLoraError(f"task {task.name} has no training split; pass --train-split")
@@ -142,7 +249,15 @@ def train(
         cache_dir=cfg.cache_dir,
         device=accelerator.device,
     )
-    dataset, option_ids = inputs.dataset, inputs.option_ids
+    return task, train_split, inputs
+
+
+def _build_adapter(
+    cfg: TrainConfig, method: Method, base_model: nn.Module, accelerator: Any
+) -> nn.Module:
+    """The method's adapter on the base model, initialised identically on every process; the
+    global RNG is then reseeded per process so that weight noise is independent."""
+    from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # identical adapter initialisation on every process
     try:
@@ -155,7 +270,12 @@ def train(
             f"(--target-modules {','.join(cfg.target_modules)})"
         ) from exc
     set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
+    return model
 
+
+def _training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Any) -> Any:
+    """The seeded, resumable data order, sharded over processes by Accelerate."""
+    dataset = inputs.dataset
     # Items carry their dataset index so the prefix cache can look their features up.
     collator = IndexedCollator(inputs.collator)
     indexed = IndexedDataset(dataset)
@@ -176,7 +296,12 @@ def train(
             collate_fn=collator,
             generator=loader_rng,
         )
-    loader = accelerator.prepare_data_loader(loader)
+    return accelerator.prepare_data_loader(loader)
+
+
+def _plan_steps(cfg: TrainConfig, loader: Any, n_train: int, accelerator: Any) -> _StepPlan:
+    """Steps per epoch and in total (``--max-steps`` or ``--epochs``), and the KL schedule
+    computed from the global batch."""
     micro_per_epoch = len(loader)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
     if cfg.max_steps is not None:
@@ -185,343 +310,244 @@ def train(
         total_steps = max(1, int(round((cfg.epochs or 1.0) * steps_per_epoch)))
     global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     schedule = make_schedule(
-        cfg.kl_schedule, len(dataset), steps_per_epoch, global_batch, cfg.kl_rescale, cfg.kl_gamma
+        cfg.kl_schedule, n_train, steps_per_epoch, global_batch, cfg.kl_rescale, cfg.kl_gamma
     )
-    updater = build_updater(
-        model,
-        mode=cfg.optimizer,
-        bayesian=method.has_kl,
-        lr=cfg.lr,
-        total_steps=total_steps,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=method.weight_decay(cfg),
-        kl_lr=cfg.kl_lr,
-        std_lr=cfg.std_lr,
-    )
-    model = accelerator.prepare_model(model)
-    updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
-    unwrapped = accelerator.unwrap_model(model)
+    return _StepPlan(micro_per_epoch, steps_per_epoch, total_steps, global_batch, schedule)
 
-    # Everything that reads user input has run: only now is the run folder created.
-    resuming = _on_main(
-        accelerator,
-        lambda: (
-            prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
-            and _has_checkpoint(out)
-        ),
-    )
-    curve = _held_out_curve(cfg, unwrapped, method, task, tokenizer, accelerator, out)
-    step, epoch, micro_done = 0, 0, 0
-    seconds_before = 0.0  # training time of earlier sittings of a resumed run
-    ckpt_root = out / CHECKPOINTS
-    layout = {
-        "world_size": accelerator.num_processes,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "global_batch": global_batch,
-    }
-    if resuming:
-        step, epoch, micro_done, seconds_before = _restore(
-            ckpt_root, unwrapped, updater, accelerator, layout
-        )
-    if cfg.log_with:
-        accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
 
-    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-    log_path = out / TRAIN_LOG
-    if accelerator.is_main_process:
-        _truncate_log(log_path, step)
-        if curve is not None:
-            _truncate_log(curve.path, step)
-    from tqdm.auto import tqdm
+class _Loop:
+    """The optimiser-step loop of one run: its position, logging window and checkpoints.
 
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"train {cfg.method}",
-        disable=not (progress and accelerator.is_local_main_process),
-    )
+    Why a class: the position (step, epoch, micro-batch), the resumed training time and the
+    logging window are shared by the step, the checkpoint writer and the final save.
+    """
 
-    def save(current_step: int, current_epoch: int, current_micro: int) -> None:
-        states = _gather_rng(accelerator)
-        loop_state = {
-            "epoch": current_epoch,
-            "micro_in_epoch": current_micro,
-            # world-size independent position: examples of this epoch already consumed
-            "examples_in_epoch": current_micro * cfg.batch_size * accelerator.num_processes,
-            # summed over sittings, so a resumed run reports its whole training cost
-            "train_seconds": seconds_before + time.perf_counter() - start,
-            **layout,
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        method: Method,
+        accelerator: Any,
+        model: nn.Module,
+        updater: Any,
+        loader: Any,
+        option_ids: torch.Tensor | None,
+        plan: _StepPlan,
+        curve: LearningCurve | None,
+    ) -> None:
+        self.cfg, self.method, self.accelerator = cfg, method, accelerator
+        self.model, self.unwrapped = model, accelerator.unwrap_model(model)
+        self.updater, self.loader, self.option_ids = updater, loader, option_ids
+        self.plan, self.curve = plan, curve
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / CHECKPOINTS
+        self.log_path = self.out / TRAIN_LOG
+        self.step, self.epoch, self.micro_done = 0, 0, 0
+        self.seconds_before = 0.0  # training time of earlier sittings of a resumed run
+        self.layout = {
+            "world_size": accelerator.num_processes,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "global_batch": plan.global_batch,
         }
-        _on_main(
+        self.prefix: PrefixFeatureCache | None = None
+        self.window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
+
+    def start(self, resuming: bool, dataset: Any, progress: bool) -> None:
+        """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if resuming:
+            self.step, self.epoch, self.micro_done, self.seconds_before = _restore(
+                self.ckpt_root, self.unwrapped, self.updater, accelerator, self.layout
+            )
+        if cfg.log_with:
+            accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
+        self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        if accelerator.is_main_process:
+            _truncate_log(self.log_path, self.step)
+            if self.curve is not None:
+                _truncate_log(self.curve.path, self.step)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=self.plan.total_steps,
+            initial=self.step,
+            desc=f"train {cfg.method}",
+            disable=not (progress and accelerator.is_local_main_process),
+        )
+        self.model.train()
+        # Frozen blocks below the first adapter run once per example, not once per epoch (one
+        # process only: each process would need the features of its own shard).
+        if cfg.prefix_cache and accelerator.num_processes == 1:
+            self.prefix = PrefixFeatureCache.for_dataset(self.unwrapped, dataset, cfg.cache_dir)
+        self.started = time.perf_counter()
+
+    def save(self, step: int, epoch: int, micro: int) -> None:
+        """Checkpoint the adapter, optimiser, RNG streams and data position (main process)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        states = gather_rng(accelerator)
+        loop_state = {
+            "epoch": epoch,
+            "micro_in_epoch": micro,
+            # world-size independent position: examples of this epoch already consumed
+            "examples_in_epoch": micro * cfg.batch_size * accelerator.num_processes,
+            # summed over sittings, so a resumed run reports its whole training cost
+            "train_seconds": self.seconds_before + time.perf_counter() - self.started,
+            **self.layout,
+        }
+        on_main(
             accelerator,
             lambda: ckpt.save_checkpoint(
-                ckpt_root, current_step, trainable, updater.state_dict(), states, loop_state
+                self.ckpt_root,
+                step,
+                self.trainable,
+                self.updater.state_dict(),
+                states,
+                loop_state,
             ),
         )
 
-    model.train()
-    # Frozen blocks below the first adapter run once per example, not once per epoch (one
-    # process only: each process would need the features of its own shard).
-    prefix = None
-    if cfg.prefix_cache and accelerator.num_processes == 1:
-        prefix = PrefixFeatureCache.for_dataset(unwrapped, dataset, cfg.cache_dir)
-    start = time.perf_counter()
-    window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
-    with _Signals() as signals:
-        while step < total_steps:
-            loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, micro_done) if micro_done else loader
-            micro = micro_done
-            for batch in batches:
-                micro += 1
-                boundary = micro % cfg.grad_accum == 0 or micro == micro_per_epoch
-                pi = schedule.weight(step + 1) if method.has_kl else 0.0
-                sync = nullcontext() if boundary else accelerator.no_sync(model)
-                index = batch.pop("index")
-                with sync:
-                    with prefix.injected(unwrapped, batch, index) if prefix else nullcontext():
-                        logits = answer_logits(model, batch, option_ids)
-                    nll = F.cross_entropy(logits, batch["labels"])
-                    loss = nll
-                    kl_value = None
-                    if method.has_kl and updater.mode == "single":
-                        kl_value = method.kl(unwrapped)
-                        loss = loss + pi * kl_value
-                    if not _all_true(accelerator, bool(torch.isfinite(loss))):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {step + 1} (on at least one "
-                            "process); the last good checkpoint "
-                            f"is kept in {ckpt_root} (lower --lr or check the data)"
-                        )
-                    accelerator.backward(loss / cfg.grad_accum)
-                window["nll"] += nll.item()
-                window["micro"] += 1
-                window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
-                window["n"] += len(batch["labels"])
-                if not boundary:
-                    continue
-                kl_fn = (lambda: method.kl(unwrapped)) if method.has_kl else None
-                used_kl = updater.step(kl_fn, pi)
-                if kl_value is None:
-                    kl_value = used_kl
-                step += 1
-                # totals over every process: the logged NLL is the mean over the global batch
-                totals, stop = _reduce_window(accelerator, window, signals.received is not None)
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "nll": totals["nll"] / totals["micro"],
-                    "acc": totals["correct"] / max(1.0, totals["n"]),
-                    "kl": float(torch.as_tensor(kl_value).detach())
-                    if kl_value is not None
-                    else None,
-                    "pi": pi,
-                    "lr": updater.optimizers[0].param_groups[0]["lr"],
-                    "seconds": round(time.perf_counter() - start, 3),
-                }
-                window = dict.fromkeys(window, 0.0)
-                bar.update(1)
-                bar.set_postfix(
-                    nll=f"{record['nll']:.3f}",
-                    kl=f"{record['kl']:.1f}" if record["kl"] is not None else "-",
-                    pi=f"{pi:.2e}",
-                    acc=f"{record['acc']:.2f}",
+    def run(self) -> None:
+        """Optimiser steps until ``total_steps``, epoch after epoch, from the restored position."""
+        accelerator, total_steps = self.accelerator, self.plan.total_steps
+        with _Signals() as signals:
+            while self.step < total_steps:
+                self.loader.set_epoch(self.epoch)
+                micro_done = self.micro_done
+                batches = (
+                    accelerator.skip_first_batches(self.loader, micro_done)
+                    if micro_done
+                    else self.loader
                 )
-                if accelerator.is_main_process and step % cfg.log_every == 0:
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                if cfg.log_with:
-                    accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
-                at_epoch_end = micro == micro_per_epoch
-                position = (epoch + 1, 0) if at_epoch_end else (epoch, micro)
-                if curve is not None and (step % cfg.curve_every == 0 or step >= total_steps):
-                    curve.record(unwrapped, step, epoch)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    save(step, *position)
-                if stop:  # decided together: every process saves the same step
-                    save(step, *position)
-                    what = f"signal {signals.received}" if signals.received else "a signal"
-                    raise TrainingInterrupted(
-                        f"stopped by {what} after step {step}; checkpoint saved in "
-                        f"{ckpt_root}, continue with --resume"
-                    )
-                if step >= total_steps:
-                    break
-            else:
-                epoch += 1
-                micro_done = 0
-                continue
-            epoch, micro_done = (epoch + 1, 0) if micro == micro_per_epoch else (epoch, micro)
-    bar.close()
-    train_seconds = seconds_before + time.perf_counter() - start
-    if prefix is not None:
-        _on_main(accelerator, prefix.save)
-    save(step, epoch, micro_done)
+                micro = micro_done
+                for batch in batches:
+                    micro += 1
+                    if self._micro_step(batch, micro, signals):
+                        break
+                else:
+                    self.epoch += 1
+                    self.micro_done = 0
+                    continue
+                at_epoch_end = micro == self.plan.micro_per_epoch
+                self.epoch, self.micro_done = (
+                    (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
+                )
 
-    def save_adapter() -> None:
+    def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: _Signals) -> bool:
+        """Forward and backward one micro-batch, and step the optimiser at a boundary; True
+        once the last step is done."""
+        cfg, accelerator, method = self.cfg, self.accelerator, self.method
+        boundary = micro % cfg.grad_accum == 0 or micro == self.plan.micro_per_epoch
+        pi = self.plan.schedule.weight(self.step + 1) if method.has_kl else 0.0
+        sync = nullcontext() if boundary else accelerator.no_sync(self.model)
+        index = batch.pop("index")
+        with sync:
+            prefix = self.prefix
+            with prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext():
+                logits = answer_logits(self.model, batch, self.option_ids)
+            nll = F.cross_entropy(logits, batch["labels"])
+            loss = nll
+            kl_value = None
+            if method.has_kl and self.updater.mode == "single":
+                kl_value = method.kl(self.unwrapped)
+                loss = loss + pi * kl_value
+            if not all_true(accelerator, bool(torch.isfinite(loss))):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {self.step + 1} (on at least one "
+                    "process); the last good checkpoint "
+                    f"is kept in {self.ckpt_root} (lower --lr or check the data)"
+                )
+            accelerator.backward(loss / cfg.grad_accum)
+        self.window["nll"] += nll.item()
+        self.window["micro"] += 1
+        self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
+        self.window["n"] += len(batch["labels"])
+        if not boundary:
+            return False
+        self._optimizer_step(kl_value, pi, micro, signals)
+        return self.step >= self.plan.total_steps
+
+    def _optimizer_step(
+        self, kl_value: torch.Tensor | None, pi: float, micro: int, signals: _Signals
+    ) -> None:
+        """One optimiser step: update, log, record the curve, checkpoint, stop on a signal."""
+        cfg, method, unwrapped = self.cfg, self.method, self.unwrapped
+        kl_fn = (lambda: method.kl(unwrapped)) if method.has_kl else None
+        used_kl = self.updater.step(kl_fn, pi)
+        if kl_value is None:
+            kl_value = used_kl
+        self.step += 1
+        step = self.step
+        # totals over every process: the logged NLL is the mean over the global batch
+        totals, stop = reduce_window(self.accelerator, self.window, signals.received is not None)
+        record = {
+            "step": step,
+            "epoch": self.epoch,
+            "nll": totals["nll"] / totals["micro"],
+            "acc": totals["correct"] / max(1.0, totals["n"]),
+            "kl": float(torch.as_tensor(kl_value).detach()) if kl_value is not None else None,
+            "pi": pi,
+            "lr": self.updater.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        self.window = dict.fromkeys(self.window, 0.0)
+        self._report(record)
+        at_epoch_end = micro == self.plan.micro_per_epoch
+        position = (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
+        total_steps = self.plan.total_steps
+        if self.curve is not None and (step % cfg.curve_every == 0 or step >= total_steps):
+            self.curve.record(unwrapped, step, self.epoch)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+            self.save(step, *position)
+        if stop:  # decided together: every process saves the same step
+            self.save(step, *position)
+            what = f"signal {signals.received}" if signals.received else "a signal"
+            raise TrainingInterrupted(
+                f"stopped by {what} after step {step}; checkpoint saved in "
+                f"{self.ckpt_root}, continue with --resume"
+            )
+
+    def _report(self, record: dict[str, Any]) -> None:
+        """Show a step on the progress bar, append it to the train log and the trackers."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.bar.update(1)
+        self.bar.set_postfix(
+            nll=f"{record['nll']:.3f}",
+            kl=f"{record['kl']:.1f}" if record["kl"] is not None else "-",
+            pi=f"{record['pi']:.2e}",
+            acc=f"{record['acc']:.2f}",
+        )
+        if accelerator.is_main_process and record["step"] % cfg.log_every == 0:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if cfg.log_with:
+            accelerator.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+    def finish(self) -> float:
+        """Close the bar, keep the prefix features and write the final checkpoint; return the
+        training seconds of all sittings."""
+        self.bar.close()
+        train_seconds = self.seconds_before + time.perf_counter() - self.started
+        if self.prefix is not None:
+            on_main(self.accelerator, self.prefix.save)
+        self.save(self.step, self.epoch, self.micro_done)
+        return train_seconds
+
+
+def _save_adapter(accelerator: Any, model: nn.Module, out: Path) -> None:
+    """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept)."""
+
+    def save() -> None:
         try:
             with atomic_directory(out / ADAPTER_DIR) as tmp:
-                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
+                model.save_pretrained(tmp, save_embedding_layers=False)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write the adapter to {out / ADAPTER_DIR} ({exc}); the final "
-                f"checkpoint in {ckpt_root} is intact: free space, then run again with --resume"
+                f"checkpoint in {out / CHECKPOINTS} is intact: free space, then run again with "
+                "--resume"
             ) from exc
 
-    _on_main(accelerator, save_adapter)
-    summary: dict[str, Any] = {
-        "method": cfg.method,
-        "task": task.name,
-        "train_split": train_split,
-        "n_train": len(dataset),
-        "steps": step,
-        "steps_per_epoch": steps_per_epoch,
-        "kl_cycle": schedule.cycle if method.has_kl else None,
-        "world_size": accelerator.num_processes,
-        "train_seconds": round(train_seconds, 3),
-        "seconds_per_step": round(train_seconds / max(1, step), 4),
-        # blocks whose output was computed once per example and reused (0: none)
-        "prefix_cached_blocks": prefix.start if prefix is not None else 0,
-        "evaluations": {},
-    }
-    if cfg.evaluate:
-        from blob_lora.evaluation.evaluate import evaluate_run_tasks
-
-        summary["evaluations"] = evaluate_run_tasks(
-            unwrapped,
-            method,
-            tokenizer,
-            cfg,
-            accelerator=accelerator,
-            progress=progress,
-            loaded_task=task,
-        )
-
-    def write_summary() -> None:
-        try:
-            atomic_write_json(out / SUMMARY, summary)
-        except OSError as exc:
-            raise BlobLoraError(f"could not write {out / SUMMARY}: {exc}") from exc
-
-    _on_main(accelerator, write_summary)
-    if cfg.log_with:
-        accelerator.end_training()
-    return summary
-
-
-def _held_out_curve(cfg, model, method, task, tokenizer, accelerator, out: Path):
-    """The learning-curve scorer of ``--curve-every`` (one process only), or ``None``."""
-    if not cfg.curve_every:
-        return None
-    if accelerator.num_processes > 1:
-        raise ConfigError("--curve-every runs on one process only; drop it under accelerate launch")
-    from blob_lora.evaluation.curve import CURVE_FILE, HeldOutCurve
-
-    inputs = task_inputs(
-        task,
-        cfg.curve_split,
-        tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
-        device=accelerator.device,
-    )
-    requested = cfg.curve_samples if cfg.curve_samples is not None else cfg.eval_samples
-    n = method.eval_samples(model, requested)
-    return HeldOutCurve(
-        model,
-        method,
-        inputs,
-        n,
-        cfg.eval_batch_size,
-        out / CURVE_FILE,
-        prefix_cache=cfg.prefix_cache,
-    )
-
-
-def _check_launch(accelerator) -> None:
-    """Refuse launches that would silently train wrong: N independent copies, or sharded
-    parameters that the KL and the checkpoints do not handle."""
-    from accelerate.utils import DistributedType
-
-    try:
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        launched = 1
-    if launched != accelerator.num_processes:
-        raise BlobLoraError(
-            f"started as one of {launched} processes (WORLD_SIZE={launched}) but Accelerate runs "
-            f"{accelerator.num_processes}: each would train alone into the same folder. On a "
-            "machine without GPUs set ACCELERATE_USE_CPU=1 (e.g. 'ACCELERATE_USE_CPU=1 "
-            "accelerate launch --multi_gpu --num_processes N -m blob_lora.cli.main train ...')"
-        )
-    refused = {
-        DistributedType.FSDP: "FSDP",
-        DistributedType.DEEPSPEED: "DeepSpeed",
-        DistributedType.MEGATRON_LM: "Megatron-LM",
-    }
-    if accelerator.distributed_type in refused:
-        raise ConfigError(
-            f"{refused[accelerator.distributed_type]} is not supported: blob-lora replicates the "
-            "(small) adapter on every process and computes the KL and checkpoints on all of it. "
-            "Launch with plain multi-GPU/multi-CPU data parallelism (accelerate launch "
-            "--multi_gpu); to save memory use --dtype bfloat16 or --load-in-4bit"
-        )
-
-
-def _on_main(accelerator, fn):
-    """Run ``fn`` on the main process and hand its result, or its error, to every process.
-
-    Without this a failure on the main process (a refused --out, a full disk) would leave the
-    other processes waiting at the next collective forever.
-    """
-    if accelerator.num_processes == 1:
-        return fn()
-    from accelerate.utils import broadcast_object_list
-
-    payload: list[Any] = [None]
-    error: BaseException | None = None
-    if accelerator.is_main_process:
-        try:
-            payload = [("ok", fn())]
-        except BlobLoraError as exc:
-            error = exc
-            payload = [("error", exc)]
-        except Exception as exc:
-            error = exc
-            payload = [("error", RuntimeError(f"the main process failed: {exc!r}"))]
-    broadcast_object_list(payload)
-    kind, value = payload[0]
-    if error is not None:
-        raise error
-    if kind == "error":
-        raise value
-    return value
-
-
-def _all_true(accelerator, flag: bool) -> bool:
-    """``flag`` on every process (one tiny all-reduce; free on a single process)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
-    return float(accelerator.reduce(t, reduction="sum").item()) == 0.0
-
-
-def _reduce_window(
-    accelerator, window: dict[str, float], stop: bool
-) -> tuple[dict[str, float], bool]:
-    """Sum the logging window over processes, and whether any process wants to stop."""
-    if accelerator.num_processes == 1:
-        return dict(window), stop
-    keys = ("nll", "micro", "correct", "n")
-    t = torch.tensor(
-        [window[k] for k in keys] + [1.0 if stop else 0.0],
-        dtype=torch.float64,
-        device=accelerator.device,
-    )
-    t = accelerator.reduce(t, reduction="sum").tolist()
-    return dict(zip(keys, t[:4], strict=True)), t[4] > 0
+    on_main(accelerator, save)
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -533,15 +559,6 @@ def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
         k: (v if isinstance(v, int | float | str | bool) else str(v))
         for k, v in cfg.to_dict().items()
     }
-
-
-def _gather_rng(accelerator) -> list[dict[str, Any]]:
-    from accelerate.utils import gather_object
-
-    state = ckpt.rng_state()
-    if accelerator.num_processes == 1:
-        return [state]
-    return gather_object([state])
 
 
 def _restore(

@@ -38,7 +38,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     _configure_train
 )
 def run_train(args: argparse.Namespace) -> int:
-    from blob_lora.training.trainer import train
+    from blob_lora.pipeline import train
 
     file_values = read_config_file(args.config) if args.config else {}
     cfg = merge_config(file_values, vars(args))
@@ -110,8 +110,8 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
 )
 def run_evaluate(args: argparse.Namespace) -> int:
     from blob_lora.evaluation.evaluate import evaluate_on_task
-    from blob_lora.evaluation.runs import load_run
     from blob_lora.tasks import get_task
+    from blob_lora.training.saved_run import load_run
 
     loaded = load_run(Path(args.run), model=args.model)
     cfg = loaded.config

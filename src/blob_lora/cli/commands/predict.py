@@ -95,7 +95,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if value is not None:
             kwargs[key] = value
     if args.scoring or args.length_norm:
-        from blob_lora.evaluation.runs import read_run_config
+        from blob_lora.training.saved_run import read_run_config
 
         kwargs["scoring"] = scoring_override(args, read_run_config(Path(args.run)))
     predictor = Predictor.from_run(args.run, model=args.model, **kwargs)

@@ -1,4 +1,8 @@
-"""Re-open a finished run folder: its settings, base model, method and trained adapter."""
+"""Re-open a finished run folder: its settings, base model, method and trained adapter.
+
+Why in ``training``: the run folder is what training writes (``run_dir``), so its reader lives
+beside its writer; evaluation, prediction (``Predictor.from_run``) and comparison all build on it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 from blob_lora.methods import get_method
 from blob_lora.methods.base import Method
+from blob_lora.models import load_model_and_tokenizer
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
 from blob_lora.utils.errors import CheckpointError
@@ -36,8 +41,6 @@ def load_run(
     run_dir: Path, model: str | None = None, base_model: Any = None, tokenizer: Any = None
 ) -> LoadedRun:
     """Base model from the run's ``--model`` (or ``model``), adapter from ``RUN/adapter``."""
-    from blob_lora.models import load_model_and_tokenizer
-
     cfg = read_run_config(run_dir)
     adapter = run_dir / ADAPTER_DIR
     if not adapter.is_dir():

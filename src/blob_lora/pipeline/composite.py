@@ -1,0 +1,162 @@
+"""Run a composite method (``blob_lora.methods.composite``): sub-runs, assembly, evaluation.
+
+The method declares its sub-runs and its assembly step; this module runs them the same way for
+every composite method: claim the run folder, train the sub-runs with the plain pipeline (a
+finished one is reused, an interrupted one resumed), assemble ``RUN/adapter/`` on the main
+process, reload it on the others, then evaluate and write summary.json as for a plain run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from blob_lora.methods import get_method
+from blob_lora.methods.composite import Assembly, CompositeMethod
+from blob_lora.models.loading import to_device
+from blob_lora.pipeline.evaluate import evaluate_run_tasks
+from blob_lora.pipeline.plain import train_plain
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY, prepare_run_dir
+from blob_lora.training.trainer import build_model
+from blob_lora.utils.atomic import atomic_directory, atomic_write_json
+from blob_lora.utils.errors import CheckpointError, ConfigError
+
+
+def train_composite(
+    cfg: TrainConfig,
+    method: CompositeMethod,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    base_model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
+    state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
+    out = Path(cfg.out)
+    sub_runs = method.sub_runs(cfg)
+    sub_summaries = [
+        train_sub_run(
+            cfg,
+            out / sub.folder,
+            progress=progress,
+            base_model=base_model,
+            tokenizer=tokenizer,
+            **sub.overrides,
+        )
+        for sub in sub_runs
+    ]
+    base, tokenizer = load_base(cfg, base_model, tokenizer)
+    model: nn.Module | None = None
+    record: dict[str, Any] = {}
+    if state.is_main_process:
+        with atomic_directory(out / ADAPTER_DIR) as tmp:
+            assembly = Assembly(
+                cfg=cfg,
+                base=base,
+                tokenizer=tokenizer,
+                sub_adapters=[out / sub.folder / ADAPTER_DIR for sub in sub_runs],
+                adapter_dir=tmp,
+                device=state.device,
+                progress=progress,
+            )
+            model, record = method.assemble(assembly)
+    state.wait_for_everyone()
+    if model is None:
+        model = method.load(base, out / ADAPTER_DIR)
+    if not state.is_main_process:
+        record = method.assembly_record(out / ADAPTER_DIR)
+    summary = method.summarize(cfg, sub_summaries, record)
+    summary["evaluations"] = evaluate_assembled(model, method, tokenizer, cfg, progress=progress)
+    return write_summary(cfg, summary)
+
+
+def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> Any:
+    """Create (or reuse, on ``resume``) ``cfg.out`` on the main process; return the state."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        prepare_run_dir(Path(cfg.out), cfg.to_dict(), overwrite=overwrite, resume=resume)
+    state.wait_for_everyone()
+    return state
+
+
+def train_sub_run(
+    cfg: TrainConfig,
+    sub_dir: Path,
+    *,
+    progress: bool,
+    base_model: Any = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train one ordinary run into ``sub_dir`` (no evaluation) and return its summary.
+
+    A finished sub-run (``summary.json`` present) is reused; an interrupted one (its
+    ``run_config.json`` present) is resumed from its last checkpoint. The sub-run can only
+    exist when the parent run is being resumed: otherwise the parent folder was fresh.
+    ``base_model`` is deep-copied, because PEFT injects its layers into the model it wraps.
+    """
+    sub_dir = Path(sub_dir)
+    summary_path = sub_dir / SUMMARY
+    if summary_path.is_file():
+        return read_summary(sub_dir)
+    sub_cfg = replace(cfg, out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
+    method = get_method(sub_cfg.method)
+    if isinstance(method, CompositeMethod):
+        raise ConfigError(f"a sub-run cannot itself be composite ({sub_cfg.method})")
+    base = copy.deepcopy(base_model) if base_model is not None else None
+    return train_plain(
+        sub_cfg,
+        method,
+        resume=(sub_dir / RUN_CONFIG).is_file(),
+        progress=progress,
+        base_model=base,
+        tokenizer=tokenizer,
+    )
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is missing or corrupt: {exc}") from exc
+
+
+def load_base(cfg: TrainConfig, base_model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """The base model for the assembled predictive: the caller's, else ``cfg.model``."""
+    if base_model is not None:
+        return base_model, tokenizer
+    return build_model(cfg)
+
+
+def evaluate_assembled(
+    model: nn.Module, method: CompositeMethod, tokenizer: Any, cfg: TrainConfig, *, progress: bool
+) -> dict[str, Any]:
+    """Evaluate the assembled model as a plain run is evaluated (own task + extras)."""
+    if not cfg.evaluate:
+        return {}
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    to_device(model, accelerator.device)
+    return evaluate_run_tasks(
+        model, method, tokenizer, cfg, accelerator=accelerator, progress=progress
+    )
+
+
+def write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        atomic_write_json(Path(cfg.out) / SUMMARY, summary)
+    return summary

@@ -1,0 +1,55 @@
+"""A run scored on its own task and on ``--eval-tasks``, into ``RUN/eval/<task>/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.methods.base import Method
+from blob_lora.tasks import Task, get_task
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.run_dir import EVAL_DIR
+
+
+def evaluate_run_tasks(
+    model: torch.nn.Module,
+    method: Method,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    *,
+    accelerator: Any = None,
+    progress: bool = False,
+    loaded_task: Task | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a run on its own task and ``cfg.eval_tasks`` into ``RUN/eval/<task>/``.
+
+    Shared by plain and composite runs so every method is scored the same way.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for name in [cfg.task, *cfg.eval_tasks]:
+        own = name == cfg.task
+        task = (
+            loaded_task
+            if own and loaded_task is not None
+            else get_task(name, data_root=cfg.data_root)
+        )
+        results[name] = evaluate_on_task(
+            model,
+            method,
+            tokenizer,
+            task,
+            Path(cfg.out) / EVAL_DIR / task_dir_name(name),
+            split=cfg.eval_split if (own and cfg.eval_split) else "eval",
+            n_samples=cfg.eval_samples,
+            max_length=cfg.max_length,
+            batch_size=cfg.eval_batch_size,
+            accelerator=accelerator,
+            cache_dir=cfg.cache_dir,
+            progress=progress,
+            prefix_cache=cfg.prefix_cache,
+            scoring=cfg.scoring_spec,
+        )
+    return results

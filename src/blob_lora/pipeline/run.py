@@ -1,0 +1,39 @@
+"""Train a run as its method says: the one place that tells plain from composite methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blob_lora.methods import get_method
+from blob_lora.methods.composite import CompositeMethod
+from blob_lora.pipeline.composite import train_composite
+from blob_lora.pipeline.plain import train_plain
+from blob_lora.training.config import TrainConfig
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    base_model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.task`` into ``cfg.out``, evaluate it; return the summary.
+
+    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
+    ``overwrite`` replaces a run already in ``cfg.out``; ``resume`` continues it from its last
+    checkpoint (a composite method skips its finished sub-runs).
+    """
+    method = get_method(cfg.method)
+    kwargs: dict[str, Any] = {
+        "overwrite": overwrite,
+        "resume": resume,
+        "progress": progress,
+        "base_model": base_model,
+        "tokenizer": tokenizer,
+    }
+    if isinstance(method, CompositeMethod):  # ensemble, laplace, tfb
+        return train_composite(cfg, method, **kwargs)
+    return train_plain(cfg, method, **kwargs)
