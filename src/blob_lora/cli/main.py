@@ -7,33 +7,18 @@ clear line with exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from blob_lora.cli import commands
+from blob_lora.cli.registry import COMMANDS
 from blob_lora.utils.errors import BlobLoraError
-
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
-
-
-def command(name: str, help_text: str):
-    """Register a sub-command: ``configure(parser)`` adds options, ``run(args)`` executes."""
-
-    def wrap(configure):
-        def register(run):
-            COMMANDS[name] = (help_text, configure, run)
-            return run
-
-        return register
-
-    return wrap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-    import pkgutil
-
-    from blob_lora.cli import commands
-
+    """Import every module of ``commands`` (each registers itself), then one sub-parser each."""
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         importlib.import_module(f"{commands.__name__}.{info.name}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from blob_lora.cli.main import command
+from blob_lora.cli.registry import command
 
 
 def _configure(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from blob_lora.cli.main import command
 from blob_lora.cli.options import (
     add_scoring_override,
     add_train_options,
@@ -14,6 +13,7 @@ from blob_lora.cli.options import (
     read_config_file,
     scoring_override,
 )
+from blob_lora.cli.registry import command
 from blob_lora.utils.errors import BlobLoraError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]

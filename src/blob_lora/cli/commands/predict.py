@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from blob_lora.cli.main import command
 from blob_lora.cli.options import add_scoring_override, scoring_override
+from blob_lora.cli.registry import command
 from blob_lora.utils.errors import BlobLoraError
 
 MODE_HELP = (
