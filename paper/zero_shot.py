@@ -14,6 +14,7 @@ standard error; chance is 1/options. Writes ``<out>/zero_shot.json`` and ``<out>
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -60,14 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         split = held_out_split(name, args.n)
         examples = task.load(split)
         chance = sum(1 / ex.n_options for ex in examples) / len(examples)
+        labels = [ex.label for ex in examples]
+        majority = max(labels.count(k) for k in set(labels)) / len(labels)
         for label in args.scorings:
             start = time.perf_counter()
-            m = evaluate_on_task(
+            run = out / "runs" / name / label
+            m = _finished(run, split, SCORINGS[label]) or evaluate_on_task(
                 model,
                 method,
                 tokenizer,
                 task,
-                out / "runs" / name / label,
+                run,
                 split=split,
                 n_samples=0,
                 max_length=args.max_length,
@@ -79,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 "task": name,
                 "split": split,
                 "scoring": label,
-                "n": n,
+                "n": int(n),
                 "chance": chance,
+                "majority": majority,
                 "accuracy": acc,
                 "accuracy_se": math.sqrt(acc * (1 - acc) / n),
                 "ece": m["ece"],
                 "nll": m["nll"],
-                "seconds": round(time.perf_counter() - start, 1),
+                "seconds": m.get("eval_seconds", round(time.perf_counter() - start, 1)),
             }
             rows.append(row)
             print(
@@ -99,13 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _finished(run: Path, split: str, scoring: Scoring) -> dict[str, Any] | None:
+    """The metrics of an earlier, finished pass with the same split and scoring, so an
+    interrupted measurement resumes where it stopped instead of starting over."""
+    path = run / "metrics.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    same = m.get("split") == split and m.get("scoring") == scoring.describe()
+    return m if same else None
+
+
 def render(rows: list[dict[str, Any]], scorings: list[str]) -> str:
-    """Markdown: accuracy ± s.e. per task (rows) and scoring (columns), chance beside it."""
+    """Markdown: accuracy ± s.e. (ECE) per task (rows) and scoring (columns), with chance and
+    the majority-class rate beside it (BoolQ's answers are not balanced)."""
     by = {(r["task"], r["scoring"]): r for r in rows}
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines = [
-        "| task (held-out train examples) | chance | " + " | ".join(scorings) + " |",
-        "|---|---|" + "---|" * len(scorings),
+        "| task (held-out train examples) | chance | majority | "
+        + " | ".join(f"{s} ACC (ECE)" for s in scorings)
+        + " |",
+        "|---|---|---|" + "---|" * len(scorings),
     ]
     for t in tasks:
         first = next(r for r in rows if r["task"] == t)
@@ -113,9 +132,15 @@ def render(rows: list[dict[str, Any]], scorings: list[str]) -> str:
         for s in scorings:
             r = by.get((t, s))
             cells.append(
-                "–" if r is None else f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f}"
+                "–"
+                if r is None
+                else f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f} "
+                f"({100 * r['ece']:.0f})"
             )
-        head = f"| {t} ({first['split']}, n={first['n']}) | {100 * first['chance']:.1f} | "
+        head = (
+            f"| {t} ({first['split']}, n={first['n']}) | {100 * first['chance']:.1f} | "
+            f"{100 * first['majority']:.1f} | "
+        )
         lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
