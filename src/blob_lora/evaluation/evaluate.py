@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from blob_lora.metrics import (
 from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.prediction import reports
 from blob_lora.prediction.fast import predict_dataset_fast
-from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, task_inputs
+from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, TaskInputs, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
@@ -127,8 +128,84 @@ def evaluate_on_task(
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
+    scored = _score_split(
+        model,
+        method,
+        inputs,
+        n,
+        batch_size,
+        fold,
+        accelerator,
+        progress,
+        predictive=predictive,
+        early=early,
+        prefix_cache=prefix_cache,
+        cache_dir=cache_dir,
+    )
+    metrics = _split_metrics(scored, inputs.dataset, predictive)
+    metrics.update(
+        {
+            "task": task.name,
+            "split": split if split not in ("eval", "train") else getattr(task, f"{split}_split"),
+            "method": method.name,
+            "eval_samples": n,
+            "scoring": scoring.describe(),
+            "n_truncated": inputs.dataset.n_truncated,
+            "mean_total_uncertainty": float(scored.uncertainty["total"].mean()),
+            "mean_epistemic_uncertainty": float(scored.uncertainty["epistemic"].mean())
+            if "epistemic" in scored.uncertainty
+            else 0.0,
+            "eval_seconds": round(time.perf_counter() - start, 3),
+            **(extra or {}),
+        }
+    )
+    if accelerator is None or accelerator.is_main_process:
+        title = f"{method.name} on {task.name} (N={n})"
+        rows = _write_rows_and_plots(scored, inputs.dataset, n, out_dir, title)
+        if id_rows is not None:
+            ood = reports.ood_detection(
+                id_rows,
+                rows,
+                out_dir,
+                title=f"{title}: OOD vs ID",
+                id_name=ood_against if isinstance(ood_against, str | Path) else None,
+            )
+            metrics.update(reports.flat_ood_metrics(ood))
+        atomic_write_json(out_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+@dataclass
+class _ScoredSplit:
+    """A split's predictive: per-sample probabilities (``None`` when early stopping made them
+    ragged), labels, the averaged predictive and its uncertainty decomposition."""
+
+    sample_probs: torch.Tensor | None
+    labels: torch.Tensor
+    probs: torch.Tensor
+    uncertainty: dict[str, torch.Tensor]
+    #: mean samples drawn per example; only for the modes of ``prediction.fast``
+    mean_used: float | None = None
+
+
+def _score_split(
+    model: torch.nn.Module,
+    method: Any,
+    inputs: TaskInputs,
+    n: int,
+    batch_size: int,
+    fold: int | None,
+    accelerator: Any,
+    progress: bool,
+    *,
+    predictive: str,
+    early: Any,
+    prefix_cache: bool,
+    cache_dir: str | None,
+) -> _ScoredSplit:
+    """The N-sample predictive over the whole split: ``fold`` through this module's loop (with
+    the frozen-prefix cache), every other mode through ``prediction.fast``."""
     dataset, collator, option_ids = inputs.dataset, inputs.collator, inputs.option_ids
-    mean_used = None
     if predictive == "fold":
         sample_probs, labels, _ = predict_dataset(
             model,
@@ -145,77 +222,70 @@ def evaluate_on_task(
             cache_dir=cache_dir,
         )
         probs = sample_probs.mean(0)
-        uncertainty = decompose_uncertainty(sample_probs)
-    else:
-        fast = predict_dataset_fast(
-            model,
-            method,
-            dataset,
-            collator,
-            option_ids,
-            n,
-            batch_size,
-            predictive,
-            fold,
-            early,
-            accelerator,
-            progress,
-        )
-        sample_probs, labels, probs = fast.sample_probs, fast.labels, fast.probs
-        uncertainty = fast.uncertainty()
-        mean_used = float(fast.n_used.double().mean())
+        return _ScoredSplit(sample_probs, labels, probs, decompose_uncertainty(sample_probs))
+    fast = predict_dataset_fast(
+        model,
+        method,
+        dataset,
+        collator,
+        option_ids,
+        n,
+        batch_size,
+        predictive,
+        fold,
+        early,
+        accelerator,
+        progress,
+    )
+    return _ScoredSplit(
+        fast.sample_probs,
+        fast.labels,
+        fast.probs,
+        fast.uncertainty(),
+        mean_used=float(fast.n_used.double().mean()),
+    )
+
+
+def _split_metrics(scored: _ScoredSplit, dataset: MCDataset, predictive: str) -> dict[str, Any]:
+    """ACC/ECE/NLL/Brier and the selective-prediction metrics; refuses a split not scored whole."""
+    probs, labels = scored.probs, scored.labels
     metrics: dict[str, Any] = classification_metrics(probs, labels)
     if len(labels) != len(dataset):
         raise RuntimeError(f"evaluation scored {len(labels)} of {len(dataset)} examples")
     metrics.update(reports.selective_metrics(probs.max(-1).values, probs.argmax(-1) == labels))
-    if mean_used is not None:
-        metrics.update(predictive=predictive, mean_samples_used=mean_used)
-    metrics.update(
-        {
-            "task": task.name,
-            "split": split if split not in ("eval", "train") else getattr(task, f"{split}_split"),
-            "method": method.name,
-            "eval_samples": n,
-            "scoring": scoring.describe(),
-            "n_truncated": dataset.n_truncated,
-            "mean_total_uncertainty": float(uncertainty["total"].mean()),
-            "mean_epistemic_uncertainty": float(uncertainty["epistemic"].mean())
-            if "epistemic" in uncertainty
-            else 0.0,
-            "eval_seconds": round(time.perf_counter() - start, 3),
-            **(extra or {}),
-        }
-    )
-    if accelerator is None or accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        samples_ok = n > 1 and sample_probs is not None and sample_probs.shape[0] > 1
-        rows = per_example_records(
-            probs,
-            labels,
-            ids=dataset.example_ids,
-            sample_probs=sample_probs if samples_ok else None,
-        )
-        if not samples_ok and "epistemic" in uncertainty:  # early stopping: ragged samples
-            for i, row in enumerate(rows):
-                row.update({k: float(v[i]) for k, v in uncertainty.items()})
-        atomic_write_text(out_dir / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-        title = f"{method.name} on {task.name} (N={n})"
-        reliability_diagram(probs, labels, out_dir / RELIABILITY_FILE, title=title)
-        epistemic = uncertainty.get("epistemic") if n > 1 else None
-        reports.risk_coverage_figure(
-            probs, labels, out_dir / reports.RISK_COVERAGE_FILE, epistemic, title=title
-        )
-        if id_rows is not None:
-            ood = reports.ood_detection(
-                id_rows,
-                rows,
-                out_dir,
-                title=f"{title}: OOD vs ID",
-                id_name=ood_against if isinstance(ood_against, str | Path) else None,
-            )
-            metrics.update(reports.flat_ood_metrics(ood))
-        atomic_write_json(out_dir / METRICS_FILE, metrics)
+    if scored.mean_used is not None:
+        metrics.update(predictive=predictive, mean_samples_used=scored.mean_used)
     return metrics
+
+
+def _write_rows_and_plots(
+    scored: _ScoredSplit, dataset: MCDataset, n: int, out_dir: Path, title: str
+) -> list[dict[str, Any]]:
+    """predictions.jsonl, reliability.png and risk_coverage.png in ``out_dir``; return the rows."""
+    probs, labels, sample_probs, uncertainty = (
+        scored.probs,
+        scored.labels,
+        scored.sample_probs,
+        scored.uncertainty,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_ok = n > 1 and sample_probs is not None and sample_probs.shape[0] > 1
+    rows = per_example_records(
+        probs,
+        labels,
+        ids=dataset.example_ids,
+        sample_probs=sample_probs if samples_ok else None,
+    )
+    if not samples_ok and "epistemic" in uncertainty:  # early stopping: ragged samples
+        for i, row in enumerate(rows):
+            row.update({k: float(v[i]) for k, v in uncertainty.items()})
+    atomic_write_text(out_dir / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    reliability_diagram(probs, labels, out_dir / RELIABILITY_FILE, title=title)
+    epistemic = uncertainty.get("epistemic") if n > 1 else None
+    reports.risk_coverage_figure(
+        probs, labels, out_dir / reports.RISK_COVERAGE_FILE, epistemic, title=title
+    )
+    return rows
 
 
 def task_dir_name(name: str) -> str:

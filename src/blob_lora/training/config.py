@@ -77,25 +77,24 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def flag(name: str) -> str:
-            return f"--{name.replace('_', '-')}"
+        """Refuse a bad setting with one clear message naming its command-line option.
 
-        def positive_int(
-            name: str, allow_none: bool = False, allow_zero: bool = False, lo: int | None = None
-        ) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            lo = lo if lo is not None else 0 if allow_zero else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{flag(name)} must be an integer >= {lo}, got {v!r}")
+        Types first: a config file can hold any YAML/TOML/JSON value, and a wrong type must be
+        refused here rather than fail deep inside a library later; then ranges, then choices.
+        """
+        self._check_types()
+        self._check_counts()
+        self._check_numbers()
+        self._check_choices()
+        Scoring(self.scoring, self.length_norm)  # refuses a bad --scoring / --length-norm
+        get_method(self.method)
 
-        # Types first: a config file can hold any YAML/TOML/JSON value, and a wrong type must
-        # be refused here rather than fail deep inside a library later.
+    def _check_types(self) -> None:
+        """Strings, booleans and lists of strings (lists are stored as lists: resume compares)."""
         for name in ("model", "task", "method", "out", "optimizer", "kl_schedule", "std_param"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(
-                    f"{flag(name)} must be a non-empty string, got {getattr(self, name)!r}"
+                    f"{_flag(name)} must be a non-empty string, got {getattr(self, name)!r}"
                 )
         for name in (
             "data_root",
@@ -107,7 +106,7 @@ class TrainConfig:
         ):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
-                raise ConfigError(f"{flag(name)} must be a string, got {v!r}")
+                raise ConfigError(f"{_flag(name)} must be a string, got {v!r}")
         for name in (
             "kl_rescale",
             "load_in_8bit",
@@ -118,7 +117,7 @@ class TrainConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
-                    f"{flag(name)} must be true or false, got {getattr(self, name)!r}"
+                    f"{_flag(name)} must be true or false, got {getattr(self, name)!r}"
                 )
         for name in ("target_modules", "eval_tasks", "bayesian_layers"):
             v = getattr(self, name)
@@ -128,51 +127,48 @@ class TrainConfig:
                 isinstance(x, str) and x.strip() for x in v
             ):
                 raise ConfigError(
-                    f"{flag(name)} must be a list of non-empty strings "
+                    f"{_flag(name)} must be a list of non-empty strings "
                     f"(comma-separated on the command line), got {v!r}"
                 )
             setattr(self, name, list(v))  # as run_config.json stores it (resume compares)
 
-        def positive_float(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (v == 0 and not allow_zero):
-                rng = ">= 0" if allow_zero else "> 0"
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be a finite number {rng}, got {v!r}"
-                )
-
+    def _check_counts(self) -> None:
+        """Integer settings: sizes, steps, samples, the seed and the curve's split."""
         for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
-            positive_int(name)
-        positive_int("max_steps", allow_none=True)
-        positive_int("eval_samples", allow_none=True, allow_zero=True)
-        positive_int("checkpoint_every", allow_zero=True)
-        positive_int("curve_every", allow_zero=True)
-        positive_int("curve_samples", allow_none=True, allow_zero=True)
+            _positive_int(self, name)
+        _positive_int(self, "max_steps", allow_none=True)
+        _positive_int(self, "eval_samples", allow_none=True, allow_zero=True)
+        _positive_int(self, "checkpoint_every", allow_zero=True)
+        _positive_int(self, "curve_every", allow_zero=True)
+        _positive_int(self, "curve_samples", allow_none=True, allow_zero=True)
         if self.curve_every and not self.curve_split:
             raise ConfigError(
                 "--curve-every needs --curve-split: a held-out part of the training data, "
                 "e.g. --train-split 'train[500:]' --curve-split 'train[:500]'"
             )
-        positive_int("log_every")
-        positive_int("ensemble_size")
-        positive_int("seed", allow_zero=True)
+        _positive_int(self, "log_every")
+        _positive_int(self, "ensemble_size")
+        _positive_int(self, "seed", allow_zero=True)
         if self.seed > MAX_SEED:  # numpy seeds stop at 2**32 - 1 (and each process adds its rank)
             raise ConfigError(f"--seed must be <= {MAX_SEED}, got {self.seed!r}")
-        positive_int("max_length", lo=16)
+        _positive_int(self, "max_length", lo=16)
+
+    def _check_numbers(self) -> None:
+        """Real-valued settings: rates, scales, epochs, decay, warm-up and dropout."""
         for name in ("lr", "kl_lr", "lora_alpha", "prior_std", "init_std", "kl_gamma"):
-            positive_float(name)
-        positive_float("std_lr", allow_none=True)
-        positive_float("epochs", allow_none=True)
+            _positive_float(self, name)
+        _positive_float(self, "std_lr", allow_none=True)
+        _positive_float(self, "epochs", allow_none=True)
         if self.epochs is not None and self.epochs > MAX_EPOCHS:
             raise ConfigError(f"--epochs must be <= {MAX_EPOCHS:g}, got {self.epochs!r}")
-        positive_float("weight_decay", allow_zero=True)
+        _positive_float(self, "weight_decay", allow_zero=True)
         for name in ("warmup_ratio", "lora_dropout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
-                raise ConfigError(f"{flag(name)} must be a number in [0, 1), got {v!r}")
+                raise ConfigError(f"{_flag(name)} must be a number in [0, 1), got {v!r}")
+
+    def _check_choices(self) -> None:
+        """Settings with a fixed set of values, and a non-empty --target-modules."""
         choices = {
             "optimizer": OPTIMIZER_MODES,
             "kl_schedule": KL_SCHEDULES,
@@ -183,7 +179,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
-                    f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}"
+                    f"{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         if self.log_with not in (None, "tensorboard", "wandb", "mlflow", "all"):
             raise ConfigError(
@@ -191,8 +187,6 @@ class TrainConfig:
             )
         if not self.target_modules:
             raise ConfigError("--target-modules must name at least one module")
-        Scoring(self.scoring, self.length_norm)  # refuses a bad --scoring / --length-norm
-        get_method(self.method)
 
     @property
     def scoring_spec(self) -> Scoring:
@@ -226,3 +220,35 @@ class TrainConfig:
         "curve_split",
         "curve_samples",
     )
+
+
+def _flag(name: str) -> str:
+    """The command-line option of a setting, as error messages name it."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _positive_int(
+    cfg: TrainConfig,
+    name: str,
+    allow_none: bool = False,
+    allow_zero: bool = False,
+    lo: int | None = None,
+) -> None:
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    lo = lo if lo is not None else 0 if allow_zero else 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{_flag(name)} must be an integer >= {lo}, got {v!r}")
+
+
+def _positive_float(
+    cfg: TrainConfig, name: str, allow_none: bool = False, allow_zero: bool = False
+) -> None:
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < 0 or (v == 0 and not allow_zero):
+        rng = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{_flag(name)} must be a finite number {rng}, got {v!r}")
