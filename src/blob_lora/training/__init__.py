@@ -1,4 +1,5 @@
-"""Training: settings, KL schedules, optimisers, checkpoints and the Accelerate loop."""
+"""Training: settings, KL schedules, optimisers, checkpoints, the Accelerate loop and the run
+folder it writes (``run_dir``) and re-opens (``saved_run``)."""
 
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule

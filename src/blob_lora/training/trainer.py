@@ -118,6 +118,9 @@ class _StepPlan:
 
 @dataclass
 class _Signals:
+    """SIGINT/SIGTERM recorded, not raised, so every process stops at the same step boundary
+    after a checkpoint (a second signal stops at once)."""
+
     received: int | None = None
 
     def __enter__(self) -> _Signals:
