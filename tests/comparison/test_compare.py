@@ -12,6 +12,7 @@ import yaml
 
 from blob_lora.cli.main import main
 from blob_lora.comparison import load_spec, plan, run_compare, spec_from_dict
+from blob_lora.comparison.compare import config_differences
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
 from tests.comparison.tiny import tiny_model_folder
@@ -324,6 +325,13 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert all(r["status"] == "done" for r in saved["runs"])
     lora = next(r for r in saved["runs"] if r["method"] == "lora")
     assert lora["train_seconds"] > 0 and lora["eval_seconds"]["lora"]["arc_easy"] > 0
+
+    # Recording a held-out curve does not change what a run learns: not a difference.
+    exp["train"].update(curve_every=2, curve_split="train[:4]")
+    config.write_text(yaml.safe_dump(exp))
+    assert main([*args, "--collect-only"]) == 0
+    spec = load_spec(config, out=str(out))
+    assert all(config_differences(r) == [] for r in plan(spec))
 
     # A finished run made with other settings is refused instead of mixed into the tables.
     exp["train"]["lr"] = 0.02

@@ -56,19 +56,10 @@ RUNS_DIR = "runs"
 SUMMARY = "summary.json"
 RUN_CONFIG = "run_config.json"
 PREDICTIONS = "predictions.jsonl"
-# Settings that do not change what a finished run learned or how it was scored.
-IGNORED_DIFFERENCES = {
-    "out",
-    "data_root",
-    "cache_dir",
-    "prefix_cache",
-    "log_with",
-    "log_every",
-    "checkpoint_every",
-    "eval_batch_size",
-    "evaluate",
-    "eval_tasks",
-}
+# Settings that do not change what a finished run learned or how it was scored: the ones the
+# trainer itself lets a resumed run change (caches, logging, the held-out curve), and where
+# the data is read from.
+IGNORED_DIFFERENCES = {*TrainConfig.RESUMABLE_CHANGES, "data_root", "log_every"}
 
 
 def safe_name(name: str) -> str:
