@@ -45,8 +45,8 @@ from common import REPO, ensure_src_on_path, format_table, machine_info, summary
 
 ensure_src_on_path()
 
-from blob_lora.evaluation.forward import answer_logits  # noqa: E402
 from blob_lora.methods import get_method  # noqa: E402
+from blob_lora.models.forward import answer_logits  # noqa: E402
 from blob_lora.tasks import Scoring, get_task, task_inputs  # noqa: E402
 from blob_lora.tuners.blob import BlobConfig, get_blob_model, kl_divergence  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
