@@ -314,9 +314,9 @@ def judge(rows: list[dict[str, Any]], n: int) -> None:
 
 
 def _bayesian_summary(method: Any, model: nn.Module) -> dict[str, Any]:
-    from blob_lora.prediction.fast import plan_prefix, stochastic_module_names
+    from blob_lora.prediction.fast import plan_prefix
 
-    names = stochastic_module_names(method, model) or []
+    names = method.stochastic_modules(model) or []
     plan, why = plan_prefix(method, model)
     return {
         "n_random_layers": len(names),

@@ -10,7 +10,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from blob_lora.evaluation.evaluate import predict_dataset
 from blob_lora.methods import get_method
 from blob_lora.models.prefix_cache import (
     PrefixFeatureCache,
@@ -18,11 +17,18 @@ from blob_lora.models.prefix_cache import (
     prefix_fingerprint,
 )
 from blob_lora.pipeline import train
+from blob_lora.prediction import predict_dataset
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training import TrainConfig
 from tests.conftest import tiny_llama
 
 TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"
+
+
+def samples_and_labels(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample probabilities (S, N, C) and labels of prediction's dataset loop."""
+    scored = predict_dataset(*args, **kwargs)
+    return scored.sample_probs, scored.labels
 
 
 def lora(model, targets=TOP_BLOCK, **kw):
@@ -103,9 +109,9 @@ def test_cached_evaluation_equals_the_full_forward(
     method, model = _model(method_name, len(smollm2_tokenizer))
     args = (model, method, dataset, collator, option_ids, n, 4)
     torch.manual_seed(5)
-    full, labels, _ = predict_dataset(*args, fold=2, prefix_cache=False)
+    full, labels = samples_and_labels(*args, fold=2, prefix_cache=False)
     torch.manual_seed(5)  # same noise: the prefix draws no random numbers
-    cached, labels2, _ = predict_dataset(*args, fold=2, prefix_cache=True, cache_dir=tmp_path)
+    cached, labels2 = samples_and_labels(*args, fold=2, prefix_cache=True, cache_dir=tmp_path)
     assert full.shape == cached.shape == (max(1, n), 11, 5)  # ARC: up to 5 options
     assert torch.equal(labels, labels2)
     torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
@@ -140,13 +146,13 @@ def test_cached_laplace_predictive_equals_the_full_forward(
     assert method.prefix_cacheable
     args = (model, method, dataset, collator, option_ids, n, 4)
     torch.manual_seed(5)
-    full, _, _ = predict_dataset(*args, prefix_cache=False)
+    full, _ = samples_and_labels(*args, prefix_cache=False)
     torch.manual_seed(5)
-    cached, _, _ = predict_dataset(*args, prefix_cache=True, cache_dir=tmp_path)
+    cached, _ = samples_and_labels(*args, prefix_cache=True, cache_dir=tmp_path)
     assert full.shape == cached.shape == (max(1, n), 11, 5)
     torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
     # the posterior's variance really moved the predictive away from softmax(mean logits)
-    mean_only, _, _ = predict_dataset(
+    mean_only, _ = samples_and_labels(
         model, get_method("lora"), dataset, collator, option_ids, 0, 4
     )
     assert (full.mean(0) - mean_only[0]).abs().max() > 1e-3
@@ -156,12 +162,12 @@ def test_cached_laplace_predictive_equals_the_full_forward(
 def test_damaged_or_foreign_disk_cache_is_rebuilt(arc, smollm2_tokenizer, tmp_path) -> None:
     dataset, collator, option_ids = arc
     method, model = _model("lora", len(smollm2_tokenizer))
-    ref, _, _ = predict_dataset(model, method, dataset, collator, option_ids, 0, 4)
+    ref, _ = samples_and_labels(model, method, dataset, collator, option_ids, 0, 4)
     cache = PrefixFeatureCache.for_dataset(model, dataset, tmp_path)
     cache.path.parent.mkdir(parents=True)
     cache.path.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable prefix cache"):
-        got, _, _ = predict_dataset(
+        got, _ = samples_and_labels(
             model,
             method,
             dataset,

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from blob_lora.evaluation.evaluate import evaluate_on_task
+from blob_lora.methods import Method
 from blob_lora.prediction import ood_detection, uncertainty_scores
 from blob_lora.tasks import get_task
 from tests.conftest import tiny_llama
 
 
-class StubMethod:
+class StubMethod(Method):
     """Hands out ``sample_probs`` (S, N, C) batch by batch, in dataset order."""
 
     name = "stub"
@@ -25,6 +26,12 @@ class StubMethod:
     def __init__(self, sample_probs: torch.Tensor) -> None:
         self.sample_probs = sample_probs
         self.pos = 0
+
+    def build(self, base, cfg):
+        raise NotImplementedError("a stub is never trained")
+
+    def load(self, base, adapter_dir):
+        raise NotImplementedError("a stub is never loaded")
 
     def eval_samples(self, model, requested):
         return self.sample_probs.shape[0]

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from blob_lora.cli.main import main
-from blob_lora.evaluation.evaluate import predict_dataset
 from blob_lora.methods import get_method
 from blob_lora.pipeline import train
-from blob_lora.prediction import Predictor
+from blob_lora.prediction import Predictor, predict_dataset
 from blob_lora.tasks import Scoring, get_task, task_inputs
 from blob_lora.training import TrainConfig
 from blob_lora.training.run_dir import RUN_CONFIG, check_run_dir
@@ -20,6 +19,12 @@ from tests.conftest import tiny_llama
 from tests.training.test_train_loop import tiny_cfg
 
 TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"
+
+
+def samples_and_labels(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample probabilities (S, N, C) and labels of prediction's dataset loop."""
+    scored = predict_dataset(*args, **kwargs)
+    return scored.sample_probs, scored.labels
 
 
 @pytest.mark.parametrize("method", ["lora", "blob"])
@@ -66,9 +71,9 @@ def test_cloze_prefix_cache_gives_the_same_predictive(data_root, smollm2_tokeniz
                 p.normal_(std=0.5)
     args = (model, method, inputs.dataset, inputs.collator, None, 3, 4)
     torch.manual_seed(5)
-    full, labels, _ = predict_dataset(*args, fold=3, prefix_cache=False)
+    full, labels = samples_and_labels(*args, fold=3, prefix_cache=False)
     torch.manual_seed(5)
-    cached, labels2, _ = predict_dataset(*args, fold=3, prefix_cache=True, cache_dir=tmp_path)
+    cached, labels2 = samples_and_labels(*args, fold=3, prefix_cache=True, cache_dir=tmp_path)
     assert full.shape == (3, 9, 4) and torch.equal(labels, labels2)
     torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
     assert (full[0] - full[1]).abs().max() > 1e-3  # the samples really differ

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from blob_lora.evaluation.evaluate import predict_dataset
+from blob_lora.methods import Method
 from blob_lora.metrics import classification_metrics
 from blob_lora.models.prefix_cache import PrefixFeatureCache
+from blob_lora.prediction.loop import predict_dataset
 from blob_lora.tasks import TaskInputs
 
 CURVE_FILE = "curve.jsonl"
@@ -32,7 +33,7 @@ class HeldOutCurve:
     def __init__(
         self,
         model: nn.Module,
-        method: Any,
+        method: Method,
         inputs: TaskInputs,
         n_samples: int,
         batch_size: int,
@@ -55,7 +56,7 @@ class HeldOutCurve:
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(step)
-            probs, labels, _ = predict_dataset(
+            scored = predict_dataset(
                 model,
                 self.method,
                 self.inputs.dataset,
@@ -66,7 +67,9 @@ class HeldOutCurve:
                 feature_cache=self.cache,
             )
         model.train(was_training)
-        m = classification_metrics(probs.mean(0), labels)
+        assert scored.sample_probs is not None  # fold: every batch drew the same N
+        # scored as evaluation scores fold: from the float32 per-sample probabilities
+        m = classification_metrics(scored.sample_probs.float().mean(0), scored.labels)
         row = {
             "step": step,
             "epoch": epoch,

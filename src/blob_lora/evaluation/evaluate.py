@@ -4,96 +4,39 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
 
+from blob_lora.methods import Method
 from blob_lora.metrics import (
     classification_metrics,
     decompose_uncertainty,
     per_example_records,
     reliability_diagram,
 )
-from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.prediction import reports
-from blob_lora.prediction.fast import predict_dataset_fast
-from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, TaskInputs, task_inputs
-from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
+from blob_lora.prediction.fast import EarlyStop
+from blob_lora.prediction.loop import predict_dataset
+from blob_lora.tasks import MCDataset, Scoring, Task, TaskInputs, task_inputs
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 RELIABILITY_FILE = "reliability.png"
 
 
-@torch.no_grad()
-def predict_dataset(
-    model: torch.nn.Module,
-    method: Any,
-    dataset: MCDataset,
-    collator: MCCollator,
-    option_ids: torch.Tensor | None,
-    n_samples: int,
-    batch_size: int = 8,
-    fold: int | None = None,
-    accelerator: Any = None,
-    progress: bool = False,
-    prefix_cache: bool = False,
-    cache_dir: str | None = None,
-    feature_cache: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sample_probs (S,N,C), labels (N,), indices (N,)) over the whole dataset, nothing dropped.
-
-    Under several processes each one scores its shard and ``gather_for_metrics`` removes the
-    duplicates that even sharding pads in, so every example counts exactly once. With
-    ``prefix_cache`` (one process, a method that allows it) the frozen blocks below the
-    adapters run once per example, shared through ``cache_dir`` with other runs on the split;
-    a caller that scores the same split repeatedly passes its own ``feature_cache`` (a
-    ``PrefixFeatureCache`` for this dataset) to keep the features between calls.
-    """
-    from tqdm.auto import tqdm
-
-    indexed = IndexedDataset(dataset)
-    loader = DataLoader(
-        indexed, batch_size=batch_size, shuffle=False, collate_fn=IndexedCollator(collator)
-    )
-    device = next(model.parameters()).device
-    if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
-    all_probs, all_labels, all_idx = [], [], []
-    cache = feature_cache
-    single = accelerator is None or accelerator.num_processes == 1
-    if cache is None and prefix_cache and single and getattr(method, "prefix_cacheable", True):
-        cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir)
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        idx = batch.pop("index")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with cache.injected(model, batch, idx) if cache is not None else nullcontext():
-            probs = method.predict_samples(model, batch, option_ids, n_samples, fold=fold)
-        probs = probs.transpose(0, 1).contiguous()  # (B, S, C) so gathering splits on examples
-        labels = batch["labels"]
-        if accelerator is not None:
-            probs, labels, idx = accelerator.gather_for_metrics((probs, labels, idx.to(device)))
-        all_probs.append(probs.float().cpu())
-        all_labels.append(labels.cpu())
-        all_idx.append(idx.cpu())
-    if cache is not None:
-        cache.save()
-    probs = torch.cat(all_probs).transpose(0, 1)
-    labels, idx = torch.cat(all_labels), torch.cat(all_idx)
-    order = torch.argsort(idx)
-    return probs[:, order], labels[order], idx[order]
-
-
 def evaluate_on_task(
     model: torch.nn.Module,
-    method: Any,
-    tokenizer: Any,
+    method: Method,
+    tokenizer: PreTrainedTokenizerBase,
     task: Task,
     out_dir: Path,
     *,
@@ -102,13 +45,13 @@ def evaluate_on_task(
     max_length: int = 300,
     batch_size: int = 8,
     fold: int | None = None,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     cache_dir: str | None = None,
     progress: bool = False,
     extra: dict[str, Any] | None = None,
     predictive: str = "fold",
-    early: Any = None,
-    ood_against: Any = None,
+    early: EarlyStop | None = None,
+    ood_against: str | Path | reports.Rows | None = None,
     prefix_cache: bool = True,
     scoring: Scoring = LETTER,
 ) -> dict[str, Any]:
@@ -190,59 +133,52 @@ class _ScoredSplit:
 
 def _score_split(
     model: torch.nn.Module,
-    method: Any,
+    method: Method,
     inputs: TaskInputs,
     n: int,
     batch_size: int,
     fold: int | None,
-    accelerator: Any,
+    accelerator: Accelerator | None,
     progress: bool,
     *,
     predictive: str,
-    early: Any,
+    early: EarlyStop | None,
     prefix_cache: bool,
     cache_dir: str | None,
 ) -> _ScoredSplit:
-    """The N-sample predictive over the whole split: ``fold`` through this module's loop (with
-    the frozen-prefix cache), every other mode through ``prediction.fast``."""
-    dataset, collator, option_ids = inputs.dataset, inputs.collator, inputs.option_ids
-    if predictive == "fold":
-        sample_probs, labels, _ = predict_dataset(
-            model,
-            method,
-            dataset,
-            collator,
-            option_ids,
-            n,
-            batch_size,
-            fold,
-            accelerator,
-            progress,
-            prefix_cache=prefix_cache,
-            cache_dir=cache_dir,
-        )
-        probs = sample_probs.mean(0)
-        return _ScoredSplit(sample_probs, labels, probs, decompose_uncertainty(sample_probs))
-    fast = predict_dataset_fast(
+    """The N-sample predictive over the whole split, through prediction's dataset loop.
+
+    ``fold``, the reference, is scored from the float32 per-sample probabilities (its metrics
+    always were); the other modes report the loop's own predictive and samples used.
+    """
+    scored = predict_dataset(
         model,
         method,
-        dataset,
-        collator,
-        option_ids,
+        inputs.dataset,
+        inputs.collator,
+        inputs.option_ids,
         n,
         batch_size,
-        predictive,
-        fold,
-        early,
-        accelerator,
-        progress,
+        mode=predictive,
+        fold=fold,
+        early=early,
+        accelerator=accelerator,
+        progress=progress,
+        desc="evaluate",
+        prefix_cache=prefix_cache,
+        cache_dir=cache_dir,
     )
+    if predictive == "fold":
+        assert scored.sample_probs is not None  # every batch drew the same N
+        sample_probs = scored.sample_probs.float()
+        uncertainty = decompose_uncertainty(sample_probs)
+        return _ScoredSplit(sample_probs, scored.labels, sample_probs.mean(0), uncertainty)
     return _ScoredSplit(
-        fast.sample_probs,
-        fast.labels,
-        fast.probs,
-        fast.uncertainty(),
-        mean_used=float(fast.n_used.double().mean()),
+        scored.sample_probs,
+        scored.labels,
+        scored.probs,
+        scored.uncertainty(),
+        mean_used=float(scored.n_used.double().mean()),
     )
 
 

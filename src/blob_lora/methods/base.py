@@ -1,81 +1,137 @@
-"""What a fine-tuning method adds to the shared harness.
+"""The strategy a fine-tuning method implements: what it adds to the model, the loss, prediction.
 
-The harness (tasks, training loop, checkpoints, metrics) is the same for every method; a method
-only says how to wrap the base model, whether a KL term enters the loss, and how to draw
-predictive samples.
+The harness (tasks, the training loop, checkpoints, evaluation, prediction) is the same for
+every method and asks a method only through the hooks of :class:`Method`; nothing outside
+``blob_lora.methods`` tests a method's name or looks for a method's attributes on a model. A
+method is one subclass in its own module plus its entry in ``methods.registry`` (see
+CONTRIBUTING.md, "Adding a method").
+
+The model
+    :meth:`~Method.build` wraps a base model for training, :meth:`~Method.load` restores a
+    saved adapter, :meth:`~Method.owns` recognises a model this method built or loaded (a
+    ``Predictor`` given no method asks the registry, ``methods.registry.method_of``).
+The loss
+    :attr:`~Method.has_kl` and :meth:`~Method.kl`: a KL term added to the NLL (weighted by the
+    KL schedule); :meth:`~Method.weight_decay`: AdamW's decay (a Gaussian prior's MAP).
+Prediction
+    :meth:`~Method.eval_samples` (N), :meth:`~Method.predict_samples` (the N per-sample
+    predictives; by default N forwards under :meth:`~Method.sampling_mode`, or one under
+    :meth:`~Method.mean_mode` for N = 0), :attr:`~Method.iid_samples` (fresh independent draws
+    per call: early stopping may draw a few at a time), :meth:`~Method.stochastic_modules`
+    (which modules are random: prediction may run the deterministic blocks below them once),
+    :attr:`~Method.prefix_cacheable` (whether the frozen blocks' output may be cached).
+
+A method trained as several ordinary runs plus an assembly step (an ensemble, Laplace, TFB) is
+a ``methods.composite.CompositeMethod``: it declares its sub-runs instead of ``build``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Protocol
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits, repeat_batch
-
-REGEX_CHARS = set("*()|[]\\")
-
-
-def target_modules_arg(targets: list[str]) -> list[str] | str:
-    """PEFT's form: a list of name suffixes, or one regular expression (full match)."""
-    if len(targets) == 1 and REGEX_CHARS & set(targets[0]):
-        return targets[0]
-    return list(targets)
+from blob_lora.tasks import Scoring
 
 
-class Method:
-    """Plain LoRA (maximum likelihood); other methods override what differs."""
+class RunSettings(Protocol):
+    """The settings of a run that methods read.
 
-    name = "lora"
-    has_kl = False
-    samples_by_default = 0  # N when the user does not ask for a number
-    #: Whether every call of ``predict_samples`` draws fresh, independent samples, so that they
-    #: may be drawn a few at a time (early-stopped prediction). False for a fixed sample set
-    #: such as an ensemble's members.
-    iid_samples = False
+    ``blob_lora.training.TrainConfig`` has every one; methods sit on a floor below training
+    (training calls them), so they name the fields they use instead of importing the class.
+    """
+
+    task: str
+    data_root: str | None
+    train_split: str | None
+    seed: int
+    max_length: int
+    batch_size: int
+    eval_batch_size: int
+    eval_samples: int | None
+    cache_dir: str | None
+    weight_decay: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    prior_std: float
+    init_std: float
+    std_param: str
+    flipout: str
+    bayesian_layers: list[str] | None
+    ensemble_size: int
+
+    @property
+    def scoring_spec(self) -> Scoring: ...
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a distributed wrapper (``DistributedDataParallel.module``), or itself."""
+    return getattr(model, "module", model)
+
+
+class Method(ABC):
+    """One fine-tuning method: the hooks the harness calls (see the module doc)."""
+
+    #: the name ``--method`` takes and ``run_config.json`` stores
+    name: ClassVar[str]
+    #: whether a KL term (:meth:`kl`) enters the loss, weighted by the KL schedule
+    has_kl: ClassVar[bool] = False
+    #: N when the user does not ask for a number (0: one deterministic pass)
+    samples_by_default: ClassVar[int] = 0
+    #: Whether every call of :meth:`predict_samples` draws fresh, independent samples, so that
+    #: they may be drawn a few at a time (early-stopped prediction). False for a fixed sample
+    #: set such as an ensemble's members.
+    iid_samples: ClassVar[bool] = False
     #: Whether evaluation may start forwards at the first adapted block from cached hidden
     #: states (``blob_lora.models.prefix_cache``); True for every method whose predictive
     #: reads (or differentiates, as Laplace's GLM does) the adapted blocks only, however many
     #: samples it folds into the batch. A method that needs the frozen blocks' own forward
     #: (e.g. gradients to the input embeddings) must set it False.
-    prefix_cacheable = True
+    prefix_cacheable: ClassVar[bool] = True
 
-    def lora_config(self, cfg: Any) -> LoraConfig:
-        return LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=self.lora_dropout(cfg),
-            target_modules=target_modules_arg(cfg.target_modules),
-            task_type="CAUSAL_LM",
-        )
+    # --- the model --------------------------------------------------------------------------
 
-    def lora_dropout(self, cfg: Any) -> float:
-        return cfg.lora_dropout
+    @abstractmethod
+    def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
+        """``base`` wrapped with this method's trainable adapter, as the run's settings say."""
 
-    def weight_decay(self, cfg: Any) -> float:
-        return cfg.weight_decay
-
-    def build(self, base: nn.Module, cfg: Any) -> PeftModel:
-        return get_peft_model(base, self.lora_config(cfg))
-
+    @abstractmethod
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
-        return load_plain_adapter(base, adapter_dir)
+        """The predictive model saved in ``adapter_dir`` (``RUN/adapter/``), on ``base``."""
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether ``model`` is one this method built or loaded, recognised by what it
+        carries; ``methods.registry.method_of`` asks every method in registry order."""
+        return False
+
+    # --- the loss ---------------------------------------------------------------------------
 
     def kl(self, model: nn.Module) -> torch.Tensor | None:
+        """The KL term of the loss (read only when :attr:`has_kl`)."""
         return None
 
+    def weight_decay(self, cfg: RunSettings) -> float:
+        """AdamW's weight decay for this run."""
+        return cfg.weight_decay
+
+    # --- prediction -------------------------------------------------------------------------
+
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
+        """N for prediction: ``requested``, or this method's (or this model's) default."""
         return self.samples_by_default if requested is None else requested
 
     @contextmanager
     def mean_mode(self, model: nn.Module) -> Iterator[None]:
-        """Put the model in its deterministic (N = 0) state; plain LoRA already is."""
+        """Put the model in its deterministic (N = 0) state; by default it already is."""
         yield
 
     @contextmanager

@@ -1,4 +1,4 @@
-"""BLoB in the shared harness."""
+"""BLoB: LoRA whose ``A`` is a low-rank Gaussian, trained with a KL term, predicted by sampling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import Method
+from blob_lora.methods.base import RunSettings, unwrapped
+from blob_lora.methods.lora import LoraMethod
 from blob_lora.tuners.blob import (
     BlobConfig,
     blob_layers,
@@ -22,28 +23,43 @@ from blob_lora.tuners.blob import (
 )
 
 
-def blob_config_from(cfg: Any) -> BlobConfig:
-    return BlobConfig(
-        prior_std=cfg.prior_std,
-        init_std=cfg.init_std,
-        std_param=cfg.std_param,
-        flipout=cfg.flipout,
-        eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
-        bayesian_layers=cfg.bayesian_layers,
-    )
+def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
+    """The run's BLoB settings as a ``BlobConfig``; ``overrides`` replace single ones.
+
+    An unset ``--eval-samples`` keeps ``BlobConfig``'s own default, so the default N lives in
+    one place.
+    """
+    settings: dict[str, Any] = {
+        "prior_std": cfg.prior_std,
+        "init_std": cfg.init_std,
+        "std_param": cfg.std_param,
+        "flipout": cfg.flipout,
+        "bayesian_layers": cfg.bayesian_layers,
+    }
+    if cfg.eval_samples is not None:
+        settings["eval_samples"] = cfg.eval_samples
+    return BlobConfig(**{**settings, **overrides})
 
 
-class BlobMethod(Method):
+def blob_configs_of(model: nn.Module) -> dict[str, BlobConfig]:
+    """The BLoB settings a BLoB model carries per adapter (``{}`` for any other model)."""
+    return getattr(model, "blob_configs", None) or getattr(unwrapped(model), "blob_configs", {})
+
+
+class BlobMethod(LoraMethod):
     name = "blob"
     has_kl = True
-    samples_by_default = 10
+    samples_by_default = BlobConfig.eval_samples
     iid_samples = True
 
-    def build(self, base: nn.Module, cfg: Any) -> PeftModel:
+    def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         return get_blob_model(base, self.lora_config(cfg), blob_config_from(cfg))
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         return load_blob_model(base, adapter_dir)
+
+    def owns(self, model: nn.Module) -> bool:
+        return bool(blob_configs_of(model))
 
     def kl(self, model: nn.Module) -> torch.Tensor:
         return kl_divergence(model)
@@ -51,9 +67,7 @@ class BlobMethod(Method):
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
         if requested is not None:
             return requested
-        configs = getattr(model, "blob_configs", None) or getattr(
-            getattr(model, "module", None), "blob_configs", {}
-        )
+        configs = blob_configs_of(model)
         return configs["default"].eval_samples if configs else self.samples_by_default
 
     @contextmanager

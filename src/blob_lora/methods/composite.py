@@ -20,14 +20,21 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import Method
+from blob_lora.methods.base import Method, RunSettings
+from blob_lora.tasks import TaskInputs, get_task, task_inputs
+from blob_lora.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,10 @@ class SubRun:
 class Assembly:
     """What the pipeline hands :meth:`CompositeMethod.assemble` on the main process."""
 
-    cfg: Any
+    cfg: RunSettings
     #: the base model, not wrapped by any adapter yet
     base: nn.Module
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     #: each sub-run's trained adapter folder, in the order of ``sub_runs``
     sub_adapters: list[Path]
     #: an empty folder that becomes ``RUN/adapter/`` once ``assemble`` returns
@@ -56,29 +63,58 @@ class Assembly:
 
 
 class CompositeMethod(Method):
-    """A method trained as ordinary sub-runs plus an assembly step (see the module doc)."""
+    """A method trained as ordinary sub-runs plus an assembly step (see the module doc).
 
-    def sub_runs(self, cfg: Any) -> list[SubRun]:
+    Its model is never built for the training loop: :meth:`sub_runs` and :meth:`assemble`
+    replace :meth:`Method.build`; :meth:`Method.load` and the prediction hooks are as for any
+    method.
+    """
+
+    def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
+        raise ConfigError(
+            f"method {self.name!r} is trained as sub-runs plus an assembly step "
+            "(blob_lora.pipeline.train), not by the training loop"
+        )
+
+    @abstractmethod
+    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         """The ordinary runs to train, in order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
         """Write this method's adapter into ``assembly.adapter_dir``.
 
         Returns the predictive model when it was built in memory (``None``: every process
         loads it from ``RUN/adapter/``) and a record of the assembly for the summary.
         """
-        raise NotImplementedError
 
     def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
         """The record ``assemble`` returned, read back from ``adapter_dir`` (other processes)."""
         return {}
 
+    @abstractmethod
     def summarize(
-        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
     ) -> dict[str, Any]:
         """The run's summary (without ``evaluations``) from its sub-runs' and the record."""
-        raise NotImplementedError
+
+
+def training_split_inputs(
+    cfg: RunSettings, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> tuple[str, TaskInputs]:
+    """The run's training split (its name and tokenised inputs), for an assembly step that
+    fits to it (Laplace's posterior, TFB's anchor set)."""
+    split = cfg.train_split or "train"
+    inputs = task_inputs(
+        get_task(cfg.task, data_root=cfg.data_root),
+        split,
+        tokenizer,
+        cfg.max_length,
+        scoring=cfg.scoring_spec,
+        cache_dir=cfg.cache_dir,
+        device=device,
+    )
+    return split, inputs
 
 
 def link_tree(src: Path, dst: Path) -> None:

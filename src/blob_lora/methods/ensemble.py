@@ -25,10 +25,11 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from blob_lora.methods.base import RunSettings, unwrapped
 from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, link_tree
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
-from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
+from blob_lora.tuners.blob import adapter_state_shapes, read_adapter_weights
 from blob_lora.utils.errors import CheckpointError
 
 MEMBERS_DIR = "members"
@@ -63,6 +64,7 @@ def member_dirs(adapter_dir: Path) -> list[Path]:
 
 
 def ensemble_members(model: nn.Module) -> list[str]:
+    """The adapter names of an ensemble model's members, in order."""
     names = getattr(model, "ensemble_adapters", None)
     if not names:
         raise RuntimeError("not an ensemble model (load it with EnsembleMethod.load)")
@@ -75,7 +77,7 @@ class EnsembleMethod(CompositeMethod):
     name = "ensemble"
     samples_by_default = 0  # 0 / unset: all members
 
-    def sub_runs(self, cfg: Any) -> list[SubRun]:
+    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         """K plain runs into ``RUN/members/<k>/``, each with its own seed (see module doc)."""
         return [
             SubRun(
@@ -92,7 +94,7 @@ class EnsembleMethod(CompositeMethod):
         return None, {}
 
     def summarize(
-        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
     ) -> dict[str, Any]:
         members = sub_summaries
         train_seconds = sum(m["train_seconds"] for m in members)
@@ -127,18 +129,21 @@ class EnsembleMethod(CompositeMethod):
         model = load_plain_adapter(base, dirs[0], adapter_name=adapter_name(0))
         for k, path in enumerate(dirs[1:], start=1):
             name = adapter_name(k)
-            state = _read_adapter_weights(path)
+            state = read_adapter_weights(path)
             try:
                 model.load_adapter(str(path), adapter_name=name)
             except (RuntimeError, ValueError, OSError) as exc:
                 raise CheckpointError(f"ensemble member {path} does not fit: {exc}") from exc
-            missing = sorted(set(_adapter_state_shapes(model, name)) - set(state))
+            missing = sorted(set(adapter_state_shapes(model, name)) - set(state))
             if missing:
                 raise CheckpointError(f"ensemble member {path} lacks tensors, e.g. {missing[:3]}")
         model.set_adapter(adapter_name(0))
         model.ensemble_adapters = [adapter_name(k) for k in range(len(dirs))]
         model.eval()
         return model
+
+    def owns(self, model: nn.Module) -> bool:
+        return bool(getattr(unwrapped(model), "ensemble_adapters", None))
 
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
         k = len(ensemble_members(model))

@@ -8,7 +8,7 @@ from pathlib import Path
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.tuners.blob.model import _adapter_state_shapes, _read_adapter_weights
+from blob_lora.tuners.blob import adapter_state_shapes, read_adapter_weights
 from blob_lora.utils.errors import CheckpointError
 
 
@@ -17,7 +17,7 @@ def load_plain_adapter(
 ) -> PeftModel:
     """``PeftModel.from_pretrained`` with shape/key checks and safetensors only."""
     adapter_dir = Path(adapter_dir)
-    state = _read_adapter_weights(adapter_dir)
+    state = read_adapter_weights(adapter_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -32,7 +32,7 @@ def load_plain_adapter(
             raise CheckpointError(
                 f"adapter in {adapter_dir} does not fit this model ({detail})"
             ) from exc
-    expected = _adapter_state_shapes(model, adapter_name)
+    expected = adapter_state_shapes(model, adapter_name)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(

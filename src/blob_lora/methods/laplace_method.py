@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -36,20 +36,31 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, link_tree
+from blob_lora.methods.base import RunSettings
+from blob_lora.methods.composite import (
+    Assembly,
+    CompositeMethod,
+    SubRun,
+    link_tree,
+    training_split_inputs,
+)
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.loading import to_device
-from blob_lora.tasks import get_task, task_inputs
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from blob_lora.methods.laplace import LaplaceLoRA
 
 MAP_DIR = "map"
 STATE_FILE = "laplace_state.safetensors"
 INFO_FILE = "laplace.json"
 
 
-def _posterior(model: nn.Module) -> Any:
+def _posterior(model: nn.Module) -> LaplaceLoRA:
     la = getattr(model, "laplace_posterior", None)
     if la is None:
         raise RuntimeError("not a Laplace-LoRA model (load it with LaplaceMethod.load)")
@@ -77,10 +88,7 @@ class LaplaceMethod(CompositeMethod):
     # block's LoRA outputs: a cached frozen prefix leaves the Jacobian unchanged (tested).
     samples_by_default = 100
 
-    def weight_decay(self, cfg: Any) -> float:
-        return cfg.weight_decay if cfg.weight_decay > 0 else 1e-5
-
-    def sub_runs(self, cfg: Any) -> list[SubRun]:
+    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         """One MAP run into ``RUN/map/``."""
         return [SubRun(MAP_DIR, {"method": "map"})]
 
@@ -102,7 +110,7 @@ class LaplaceMethod(CompositeMethod):
         return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
 
     def summarize(
-        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
     ) -> dict[str, Any]:
         (map_summary,) = sub_summaries
         train_seconds = map_summary["train_seconds"] + record["fit_seconds"]
@@ -149,24 +157,18 @@ class LaplaceMethod(CompositeMethod):
 
 
 def fit_laplace(
-    model: nn.Module, tokenizer: Any, cfg: Any, *, progress: bool = False
-) -> tuple[Any, dict[str, Any]]:
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RunSettings,
+    *,
+    progress: bool = False,
+) -> tuple[LaplaceLoRA, dict[str, Any]]:
     """Fit the KFAC posterior on ``cfg``'s training split; return it and a readable record."""
     from blob_lora.methods.laplace import LaplaceLoRA  # optional: see methods.registry
 
     start = time.perf_counter()
-    task = get_task(cfg.task, data_root=cfg.data_root)
-    split = cfg.train_split or "train"
     device = next(model.parameters()).device
-    inputs = task_inputs(
-        task,
-        split,
-        tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
-        device=device,
-    )
+    split, inputs = training_split_inputs(cfg, tokenizer, device)
     loader = DataLoader(
         inputs.dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=inputs.collator
     )

@@ -1,53 +1,50 @@
-"""The deterministic and dropout baselines: ``lora`` (MLE), ``map``, ``mc-dropout``."""
+"""Plain LoRA (maximum likelihood), and the LoRA settings every LoRA-based method shares."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
 
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from blob_lora.methods.base import Method
+from blob_lora.methods.base import Method, RunSettings
+from blob_lora.methods.io import load_plain_adapter
+
+REGEX_CHARS = set("*()|[]\\")
+
+
+def target_modules_arg(targets: list[str]) -> list[str] | str:
+    """PEFT's form: a list of name suffixes, or one regular expression (full match)."""
+    if len(targets) == 1 and REGEX_CHARS & set(targets[0]):
+        return targets[0]
+    return list(targets)
 
 
 class LoraMethod(Method):
-    """Plain PEFT LoRA trained by maximum likelihood."""
+    """PEFT LoRA trained by maximum likelihood, predicted by its one deterministic forward.
+
+    The base of the LoRA-based methods: they change a setting (``map``: the weight decay,
+    ``mc-dropout``: the dropout) or the layers PEFT injects (``blob``), and keep the rest.
+    """
 
     name = "lora"
 
+    def lora_config(self, cfg: RunSettings) -> LoraConfig:
+        """PEFT's ``LoraConfig`` from the run's ``--lora-*`` and ``--target-modules``."""
+        return LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=self.lora_dropout(cfg),
+            target_modules=target_modules_arg(cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
 
-class MapMethod(Method):
-    """LoRA with weight decay (a Gaussian prior's MAP estimate); paper: 1e-5."""
+    def lora_dropout(self, cfg: RunSettings) -> float:
+        """The LoRA dropout probability of this run."""
+        return cfg.lora_dropout
 
-    name = "map"
+    def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
+        return get_peft_model(base, self.lora_config(cfg))
 
-    def weight_decay(self, cfg: Any) -> float:
-        return cfg.weight_decay if cfg.weight_decay > 0 else 1e-5
-
-
-class MCDropoutMethod(Method):
-    """LoRA dropout kept active at prediction, averaging N samples (paper: p=0.1, N=10)."""
-
-    name = "mc-dropout"
-    samples_by_default = 10
-
-    def lora_dropout(self, cfg: Any) -> float:
-        return cfg.lora_dropout if cfg.lora_dropout > 0 else 0.1
-
-    @contextmanager
-    def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
-        dropouts = [
-            m
-            for n, m in model.named_modules()
-            if ".lora_dropout." in n and isinstance(m, nn.Dropout)
-        ]
-        if not dropouts:
-            raise RuntimeError("mc-dropout model has no LoRA dropout layers")
-        for m in dropouts:
-            m.train()
-        try:
-            yield
-        finally:
-            for m in dropouts:
-                m.eval()
+    def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
+        return load_plain_adapter(base, adapter_dir)

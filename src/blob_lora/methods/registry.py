@@ -1,14 +1,22 @@
-"""Method names accepted by ``--method``."""
+"""The methods ``--method`` accepts: one instance per method, found by its name.
+
+Adding a method: its module in ``blob_lora.methods`` and its instance in ``_BUILTIN`` below
+(CONTRIBUTING.md, "Adding a method").
+"""
 
 from __future__ import annotations
 
 import importlib.util
 
+from torch import nn
+
 from blob_lora.methods.base import Method
 from blob_lora.methods.blob import BlobMethod
 from blob_lora.methods.ensemble import EnsembleMethod
 from blob_lora.methods.laplace_method import LaplaceMethod
-from blob_lora.methods.lora import LoraMethod, MapMethod, MCDropoutMethod
+from blob_lora.methods.lora import LoraMethod
+from blob_lora.methods.map import MapMethod
+from blob_lora.methods.mc_dropout import MCDropoutMethod
 from blob_lora.methods.tfb import TfbMethod
 from blob_lora.utils.errors import ConfigError
 
@@ -26,9 +34,21 @@ _OPTIONAL: tuple[Method, ...] = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (*_BUILTIN, *_OPTIONAL)}
+#: what a model no method recognises is predicted as (any PEFT LoRA model)
+FALLBACK = "lora"
 
 
 def get_method(name: str) -> Method:
+    """The registered method called ``name`` (``ConfigError`` naming the known ones if none)."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def method_of(model: nn.Module) -> Method:
+    """The method a loaded model belongs to: the first registered method that ``owns`` it,
+    else plain LoRA (``Predictor`` given a model but no method)."""
+    for method in METHODS.values():
+        if method.owns(model):
+            return method
+    return METHODS[FALLBACK]

@@ -29,20 +29,22 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from blob_lora.methods.blob import BlobMethod
-from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun
+from blob_lora.methods.base import RunSettings
+from blob_lora.methods.blob import BlobMethod, blob_config_from
+from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, training_split_inputs
 from blob_lora.models.loading import to_device
-from blob_lora.tasks import get_task, task_inputs
-from blob_lora.tuners.blob import BlobConfig, blob_layers, get_blob_model, sampling
-from blob_lora.tuners.blob.model import _read_adapter_weights
+from blob_lora.tuners.blob import blob_layers, get_blob_model, read_adapter_weights, sampling
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LORA_DIR = "lora"
 INFO_FILE = "tfb.json"
@@ -73,7 +75,7 @@ def std_param_for(sigma: float, d: torch.Tensor, cols: int) -> torch.Tensor:
 def load_rotated(model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Put the rotated weights of a saved LoRA adapter into a BLoB model; return ``d`` per
     layer."""
-    state = _read_adapter_weights(adapter_dir)
+    state = read_adapter_weights(adapter_dir)
     singular: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, layer in blob_layers(model):
@@ -99,13 +101,20 @@ def set_sigma(model: nn.Module, singular: dict[str, torch.Tensor], sigma: float)
             rho.copy_(std_param_for(sigma, singular[name].to(rho.device), rho.shape[1]))
 
 
-class TfbMethod(BlobMethod, CompositeMethod):
-    """A trained LoRA adapter made Bayesian after training (see the module doc)."""
+class TfbMethod(CompositeMethod, BlobMethod):
+    """A trained LoRA adapter made Bayesian after training (see the module doc).
+
+    Trained as a composite method (its sub-run and assembly); loaded and predicted as BLoB.
+    """
 
     name = "tfb"
     has_kl = False
 
-    def sub_runs(self, cfg: Any) -> list[SubRun]:
+    def owns(self, model: nn.Module) -> bool:
+        # a TFB model is a BLoB model: ``blob`` recognises it and predicts it the same way
+        return False
+
+    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         """One plain LoRA run into ``RUN/lora/``."""
         return [SubRun(LORA_DIR, {"method": "lora"})]
 
@@ -113,13 +122,8 @@ class TfbMethod(BlobMethod, CompositeMethod):
         """Rotate the LoRA adapter into a BLoB one, search σ, store the adapter and σ."""
         cfg = assembly.cfg
         (lora_adapter,) = assembly.sub_adapters
-        blob_config = BlobConfig(
-            prior_std=cfg.prior_std,
-            init_std=cfg.init_std,
-            std_param="square",
-            flipout=cfg.flipout,
-            eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
-        )
+        # every LoRA layer gets a std, parameterised as G² (std_param_for writes G)
+        blob_config = blob_config_from(cfg, std_param="square", bayesian_layers=None)
         model = get_blob_model(assembly.base, self.lora_config(cfg), blob_config)
         to_device(model, assembly.device)
         singular = load_rotated(model, lora_adapter)
@@ -134,7 +138,7 @@ class TfbMethod(BlobMethod, CompositeMethod):
         return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
 
     def summarize(
-        self, cfg: Any, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
     ) -> dict[str, Any]:
         (lora_summary,) = sub_summaries
         train_seconds = lora_summary["train_seconds"] + record["search_seconds"]
@@ -180,25 +184,15 @@ def anchor_nll(
 def search_sigma(
     model: nn.Module,
     singular: dict[str, torch.Tensor],
-    tokenizer: Any,
-    cfg: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RunSettings,
     *,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The largest σ whose anchor NLL is within ``NLL_TOLERANCE`` of the mean model's."""
     start = time.perf_counter()
-    task = get_task(cfg.task, data_root=cfg.data_root)
-    split = cfg.train_split or "train"
     device = next(model.parameters()).device
-    inputs = task_inputs(
-        task,
-        split,
-        tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
-        device=device,
-    )
+    split, inputs = training_split_inputs(cfg, tokenizer, device)
     anchor = Subset(inputs.dataset, anchor_indices(len(inputs.dataset)))
     collate = inputs.collator
     size = cfg.eval_batch_size

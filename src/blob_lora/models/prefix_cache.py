@@ -35,6 +35,7 @@ from blob_lora.models.prefix import (
     hidden_of,
     injected_prefix,
 )
+from blob_lora.tasks.dataset import MCDataset
 from blob_lora.utils.atomic import atomic_write_bytes
 
 #: Largest cache (all examples' hidden states) built without being asked: it lives in RAM.
@@ -142,7 +143,7 @@ class PrefixFeatureCache:
     def for_dataset(
         cls,
         model: nn.Module,
-        dataset: Any,
+        dataset: MCDataset,
         cache_dir: str | Path | None = None,
         limit_bytes: int = AUTO_LIMIT_BYTES,
     ) -> PrefixFeatureCache | None:

@@ -25,20 +25,24 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from blob_lora.methods import get_method
-from blob_lora.prediction.fast import MODES, EarlyStop, ResolvedMode, predict_batch, resolve_mode
+from blob_lora.methods import Method, get_method, method_of
+from blob_lora.prediction.fast import MODES, EarlyStop
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
-from blob_lora.tasks import MCCollator, MCExample, Scoring, scoring_option_ids
+from blob_lora.prediction.loop import DatasetPredictive, predict_dataset
+from blob_lora.tasks import EncodedDataset, MCCollator, MCExample, Scoring, scoring_option_ids
 from blob_lora.tasks.dataset import encode_split
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -62,14 +66,9 @@ class PredictionSummary:
         return out
 
 
-def _resolve_method(method: Any, model: nn.Module) -> Any:
+def _resolve_method(method: Method | str | None, model: nn.Module) -> Method:
     if method is None:
-        inner = getattr(model, "module", model)
-        if getattr(inner, "blob_configs", None):
-            return get_method("blob")
-        if getattr(inner, "ensemble_adapters", None):
-            return get_method("ensemble")
-        return get_method("lora")
+        return method_of(model)
     return get_method(method) if isinstance(method, str) else method
 
 
@@ -79,7 +78,8 @@ class Predictor:
     Args:
         model: the fine-tuned model (a ``PeftModel``; BLoB, LoRA, MC-dropout, ...).
         tokenizer: its (fast) tokenizer.
-        method: a ``Method`` or its name; ``None`` infers BLoB / ensemble / plain LoRA.
+        method: a ``Method`` or its name; ``None`` asks the registered methods which one the
+            model belongs to (``methods.method_of``: BLoB, an ensemble, else plain LoRA).
         n_samples: weight samples N (``None``: the method's default, BLoB 10; 0: mean weights).
         mode: ``fold`` (default), ``prefix``, ``early``, ``prefix-early`` or ``mean`` (see
             ``blob_lora.prediction.fast``); a mode the method cannot run falls back, with a
@@ -95,8 +95,8 @@ class Predictor:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Any,
-        method: Any = None,
+        tokenizer: PreTrainedTokenizerBase,
+        method: Method | str | None = None,
         *,
         n_samples: int | None = None,
         mode: str = "fold",
@@ -164,48 +164,41 @@ class Predictor:
 
     # -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _run(self, q: Questions) -> list[dict]:
         start = time.perf_counter()
         if self.seed is not None:
             torch.manual_seed(self.seed)
         task, examples = q.task, q.examples
         enc = encode_split(task, examples, self.tokenizer, self.max_length, self.scoring)
-        ids, n_truncated = enc.input_ids, enc.n_truncated
-        option_ids = scoring_option_ids(self.tokenizer, task, self.scoring)
         pad = self.tokenizer.pad_token_id
         collator = MCCollator(
             pad if pad is not None else self.tokenizer.eos_token_id, task.n_options
         )
-        resolved = resolve_mode(self.method, self.model, self.mode, self.n_samples)
-        device = next(self.model.parameters()).device
-        order = sorted(range(len(examples)), key=lambda i: len(ids[i]))  # less padding
-        rows: list[dict | None] = [None] * len(examples)
-        from tqdm.auto import tqdm
-
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for chunk in tqdm(batches, desc="predict", disable=not self.progress, leave=False):
-            items = [
-                {
-                    "input_ids": ids[i],
-                    "label": examples[i].label,
-                    "n_options": examples[i].n_options,
-                    **(enc.cloze[i] if enc.cloze is not None else {}),
-                }
-                for i in chunk
-            ]
-            batch = {k: v.to(device) for k, v in collator(items).items()}
-            res = predict_batch(
-                self.method, self.model, batch, option_ids, resolved, self.fold, self.early
-            )
-            for j, i in enumerate(chunk):
-                rows[i] = _row(examples[i], q.labels[i], task.option_letters, res, j)
-        out = [r for r in rows if r is not None]
-        self.last_summary = _summary(out, resolved, self.n_samples, n_truncated, start)
-        return out
+        order = sorted(range(len(examples)), key=lambda i: len(enc.input_ids[i]))  # less padding
+        scored = predict_dataset(
+            self.model,
+            self.method,
+            EncodedDataset(enc),
+            collator,
+            scoring_option_ids(self.tokenizer, task, self.scoring),
+            self.n_samples,
+            mode=self.mode,
+            fold=self.fold,
+            early=self.early,
+            batches=[order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)],
+            progress=self.progress,
+        )
+        rows = [
+            _row(ex, label, task.option_letters, scored, i)
+            for i, (ex, label) in enumerate(zip(examples, q.labels, strict=True))
+        ]
+        self.last_summary = _summary(rows, scored, self.n_samples, enc.n_truncated, start)
+        return rows
 
 
-def _row(ex: MCExample, label: int | None, letters: tuple[str, ...], res: Any, j: int) -> dict:
+def _row(
+    ex: MCExample, label: int | None, letters: tuple[str, ...], res: DatasetPredictive, j: int
+) -> dict:
     k = ex.n_options
     probs = res.probs[j, :k]
     pred = int(probs.argmax())
@@ -228,27 +221,27 @@ def _row(ex: MCExample, label: int | None, letters: tuple[str, ...], res: Any, j
 
 
 def _summary(
-    rows: list[dict], resolved: ResolvedMode, n: int, n_truncated: int, start: float
+    rows: list[dict], scored: DatasetPredictive, n: int, n_truncated: int, start: float
 ) -> PredictionSummary:
     labelled = [r for r in rows if "label" in r]
     return PredictionSummary(
         n_examples=len(rows),
-        mode=resolved.mode,
+        mode=scored.mode,
         eval_samples=n,
         mean_samples_used=sum(r["n_samples"] for r in rows) / max(1, len(rows)),
         seconds=round(time.perf_counter() - start, 3),
         n_truncated=n_truncated,
         n_labelled=len(labelled),
         accuracy=sum(r["correct"] for r in labelled) / len(labelled) if labelled else None,
-        note=resolved.note,
+        note=scored.note,
     )
 
 
 def predict(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     questions: Iterable[dict[str, Any] | MCExample],
-    method: Any = None,
+    method: Method | str | None = None,
     **kwargs: Any,
 ) -> list[dict]:
     """Predict ``questions`` (BYO records: question, choices, optional context/id/answer).

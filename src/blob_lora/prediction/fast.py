@@ -24,11 +24,11 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from blob_lora.methods import Method
 from blob_lora.metrics import entropy
 from blob_lora.models.forward import answer_logits, repeat_batch
 from blob_lora.models.prefix import (
@@ -39,7 +39,6 @@ from blob_lora.models.prefix import (
     injected_prefix,
     select_and_repeat,
 )
-from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.utils.errors import ConfigError
 
 MODES = ("fold", "prefix", "early", "prefix-early", "mean")
@@ -95,45 +94,14 @@ class BatchPredictive:
 
 
 # ---------------------------------------------------------------------------------------------
-# which modules are random, and where the deterministic prefix ends
+# where the deterministic prefix ends (the method says which modules are random)
 
 
-def stochastic_module_names(method: Any, model: nn.Module) -> list[str] | None:
-    """Modules whose forward is random under ``method.sampling_mode``; ``None`` if unknown."""
-    fn = getattr(method, "stochastic_modules", None)
-    names = fn(model) if fn is not None else None
-    if names is None and getattr(method, "name", None) == "mc-dropout":
-        names = _lora_dropout_layers(model)
-    return names
-
-
-def _lora_dropout_layers(model: nn.Module) -> list[str]:
-    """LoRA layers with a real dropout (``lora_dropout.<adapter>`` is an ``nn.Dropout``)."""
-    out = []
-    for name, module in model.named_modules():
-        drop = getattr(module, "lora_dropout", None)
-        if isinstance(drop, nn.ModuleDict) and any(
-            isinstance(d, nn.Dropout) and d.p > 0 for d in drop.values()
-        ):
-            out.append(name)
-    return out
-
-
-def draws_iid_samples(method: Any) -> bool:
-    """Whether samples may be drawn a few at a time (fresh independent draws per call)."""
-    return bool(getattr(method, "iid_samples", False)) or getattr(method, "name", None) == (
-        "mc-dropout"
-    )
-
-
-def plan_prefix(method: Any, model: nn.Module) -> tuple[PrefixPlan | None, str]:
+def plan_prefix(method: Method, model: nn.Module) -> tuple[PrefixPlan | None, str]:
     """Where the deterministic prefix ends, or ``(None, reason)`` when it cannot be reused."""
-    names = stochastic_module_names(method, model)
+    names = method.stochastic_modules(model)
     if names is None:
-        return (
-            None,
-            f"method {getattr(method, 'name', method)!r} does not say which layers are random",
-        )
+        return None, f"method {method.name!r} does not say which layers are random"
     if not names:
         return None, "no layer is random"
     lists = block_lists(model)
@@ -167,8 +135,14 @@ Draw = Callable[[Tensor | None, int], Tensor]
 
 
 def fold_draw(
-    method: Any, model: nn.Module, batch: dict[str, Tensor], option_ids: Tensor | None, fold
-):
+    method: Method,
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    option_ids: Tensor | None,
+    fold: int | None,
+) -> Draw:
+    """Each ``draw`` is one call of the method's own ``predict_samples``."""
+
     def draw(rows: Tensor | None, m: int) -> Tensor:
         return method.predict_samples(model, _subset(batch, rows), option_ids, m, fold=fold)
 
@@ -176,7 +150,7 @@ def fold_draw(
 
 
 def prefix_draw(
-    method: Any,
+    method: Method,
     model: nn.Module,
     plan: PrefixPlan,
     batch: dict[str, Tensor],
@@ -284,7 +258,7 @@ class ResolvedMode:
     note: str = ""
 
 
-def resolve_mode(method: Any, model: nn.Module, mode: str, n_samples: int) -> ResolvedMode:
+def resolve_mode(method: Method, model: nn.Module, mode: str, n_samples: int) -> ResolvedMode:
     """Check ``mode`` against the method and model; fall back (with a warning) where it cannot run.
 
     ``prefix`` needs a method that names its random layers and a deterministic prefix;
@@ -302,7 +276,7 @@ def resolve_mode(method: Any, model: nn.Module, mode: str, n_samples: int) -> Re
         plan, reason = plan_prefix(method, model)
         if plan is None:
             notes.append(f"no prefix reuse ({reason})")
-    if wants_early and (n_samples < 2 or not draws_iid_samples(method)):
+    if wants_early and (n_samples < 2 or not method.iid_samples):
         why = "N < 2" if n_samples < 2 else f"method {method.name!r} has a fixed sample set"
         notes.append(f"no early stopping ({why})")
         wants_early = False
@@ -317,7 +291,7 @@ def resolve_mode(method: Any, model: nn.Module, mode: str, n_samples: int) -> Re
 
 @torch.no_grad()
 def predict_batch(
-    method: Any,
+    method: Method,
     model: nn.Module,
     batch: dict[str, Tensor],
     option_ids: Tensor | None,
@@ -359,99 +333,3 @@ def _from_samples(sample_probs: Tensor, mean_weights: bool = False) -> BatchPred
         return BatchPredictive(mean, n_used, total, aleatoric, epistemic, sample_probs)
     mean = sample_probs[0]
     return BatchPredictive(mean, n_used, entropy(mean), None, None, sample_probs)
-
-
-# ---------------------------------------------------------------------------------------------
-# a whole dataset (used by evaluation)
-
-
-@dataclass
-class DatasetPredictive:
-    """Per-example predictive of a dataset, in dataset order (see ``BatchPredictive``)."""
-
-    probs: Tensor
-    labels: Tensor
-    n_used: Tensor
-    total: Tensor
-    aleatoric: Tensor | None
-    epistemic: Tensor | None
-    sample_probs: Tensor | None
-    mode: str
-
-    def uncertainty(self) -> dict[str, Tensor]:
-        out = {"total": self.total}
-        if self.aleatoric is not None and self.epistemic is not None:
-            out.update(aleatoric=self.aleatoric, epistemic=self.epistemic)
-        return out
-
-
-@torch.no_grad()
-def predict_dataset_fast(
-    model: nn.Module,
-    method: Any,
-    dataset: Any,
-    collator: Any,
-    option_ids: Tensor | None,
-    n_samples: int,
-    batch_size: int = 8,
-    mode: str = "fold",
-    fold: int | None = None,
-    early: EarlyStop | None = None,
-    accelerator: Any = None,
-    progress: bool = False,
-) -> DatasetPredictive:
-    """Like ``evaluation.evaluate.predict_dataset`` but in any mode of :data:`MODES`."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    resolved = resolve_mode(method, model, mode, n_samples)
-    loader = DataLoader(
-        IndexedDataset(dataset),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=IndexedCollator(collator),
-    )
-    if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
-    device = next(model.parameters()).device
-    parts: dict[str, list[Tensor]] = {}
-    samples: list[Tensor] | None = []
-    for batch in tqdm(loader, desc=f"predict ({resolved.mode})", disable=not progress, leave=False):
-        idx = batch.pop("index")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        res = predict_batch(method, model, batch, option_ids, resolved, fold, early)
-        cols = {
-            "probs": res.probs,
-            "labels": batch["labels"].cpu(),
-            "n_used": res.n_used,
-            "total": res.total,
-            "index": idx.cpu(),
-        }
-        if res.aleatoric is not None and res.epistemic is not None:
-            cols.update(aleatoric=res.aleatoric, epistemic=res.epistemic)
-        if res.sample_probs is not None and samples is not None:
-            cols["samples"] = res.sample_probs.transpose(0, 1).contiguous()  # (B, S, C)
-        else:
-            samples = None
-        if accelerator is not None:
-            cols = accelerator.gather_for_metrics({k: v.to(device) for k, v in cols.items()})
-        if samples is not None:
-            samples.append(cols.pop("samples").cpu())
-        for k, v in cols.items():
-            parts.setdefault(k, []).append(v.cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    order = torch.argsort(cat["index"])
-    get = {k: v[order] for k, v in cat.items()}
-    sample_probs = None
-    if samples and len({t.shape[1] for t in samples}) == 1:
-        sample_probs = torch.cat(samples)[order].transpose(0, 1).contiguous()
-    return DatasetPredictive(
-        probs=get["probs"],
-        labels=get["labels"],
-        n_used=get["n_used"],
-        total=get["total"],
-        aleatoric=get.get("aleatoric"),
-        epistemic=get.get("epistemic"),
-        sample_probs=sample_probs,
-        mode=resolved.mode,
-    )

@@ -12,6 +12,7 @@ Typical use::
 """
 
 from blob_lora.tasks.dataset import (
+    EncodedDataset,
     LengthBucketedBatchSampler,
     MCCollator,
     MCDataset,
@@ -44,6 +45,7 @@ __all__ = [
     "MIN_OPTIONS",
     "MMLU_SUBJECTS",
     "SPLIT_SEED",
+    "EncodedDataset",
     "LengthBucketedBatchSampler",
     "MCCollator",
     "MCDataset",

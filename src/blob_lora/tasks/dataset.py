@@ -265,7 +265,9 @@ def encode_cloze_examples(
 
 
 @dataclass(frozen=True)
-class _Encoded:
+class EncodedSplit:
+    """Examples tokenised for scoring, one entry per example (see :func:`encode_split`)."""
+
     input_ids: list[list[int]]
     labels: list[int]
     n_options: list[int]
@@ -275,7 +277,7 @@ class _Encoded:
     cloze: list[dict[str, list]] | None = None
 
 
-_LRU: OrderedDict[str, _Encoded] = OrderedDict()
+_LRU: OrderedDict[str, EncodedSplit] = OrderedDict()
 
 
 def clear_cache() -> None:
@@ -305,12 +307,12 @@ def _disk_path(cache_dir: str | Path, digest: str) -> Path:
     return Path(cache_dir) / "tokenized" / f"{digest}.json"
 
 
-def _read_disk(path: Path, parts: dict[str, Any]) -> _Encoded | None:
+def _read_disk(path: Path, parts: dict[str, Any]) -> EncodedSplit | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
         if obj.get("key") != parts:
             return None
-        return _Encoded(
+        return EncodedSplit(
             obj["input_ids"],
             obj["labels"],
             obj["n_options"],
@@ -325,7 +327,7 @@ def _read_disk(path: Path, parts: dict[str, Any]) -> _Encoded | None:
         return None
 
 
-def _write_disk(path: Path, parts: dict[str, Any], enc: _Encoded) -> None:
+def _write_disk(path: Path, parts: dict[str, Any], enc: EncodedSplit) -> None:
     obj = {
         "key": parts,
         "input_ids": enc.input_ids,
@@ -345,7 +347,7 @@ def _write_disk(path: Path, parts: dict[str, Any], enc: _Encoded) -> None:
 
 def encode_split(
     task, examples: Sequence[MCExample], tokenizer, max_length: int, scoring: Scoring = LETTER
-) -> _Encoded:
+) -> EncodedSplit:
     """Tokenise ``examples`` for ``scoring`` (one item per example in either mode)."""
     cloze = None
     if scoring.is_cloze:
@@ -356,7 +358,7 @@ def encode_split(
         cloze = items
     else:
         ids, n_truncated = encode_examples(task, examples, tokenizer, max_length)
-    return _Encoded(
+    return EncodedSplit(
         ids,
         [ex.label for ex in examples],
         [ex.n_options for ex in examples],
@@ -366,15 +368,50 @@ def encode_split(
     )
 
 
-class MCDataset(Dataset):
-    """A task split tokenised for scoring: items are ``dict(input_ids, label, n_options)``.
+class EncodedDataset(Dataset):
+    """Tokenised examples for scoring: items are ``dict(input_ids, label, n_options)``.
 
     ``input_ids`` is the (possibly truncated) prompt with the tokenizer's leading special
     tokens, ending at the answer cue. ``lengths`` gives each item's token count (for
     bucketing), ``example_ids`` the source ids, ``n_truncated`` how many prompts were cut.
-    ``cache_hit`` says whether this split came from the in-process or on-disk cache.
-    Under cloze ``scoring`` an item is the packed sequence of the question and all its options
-    and also carries the ``CLOZE_FIELDS`` (see ``encode_cloze_examples``).
+    Under cloze scoring an item is the packed sequence of the question and all its options
+    and also carries the ``CLOZE_FIELDS`` (see ``encode_cloze_examples``). Built from
+    :func:`encode_split` (``Predictor``'s in-memory questions); a task split is an
+    :class:`MCDataset`.
+    """
+
+    def __init__(self, encoded: EncodedSplit) -> None:
+        self._enc = encoded
+
+    def __len__(self) -> int:
+        return len(self._enc.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        e = self._enc
+        item = {"input_ids": e.input_ids[i], "label": e.labels[i], "n_options": e.n_options[i]}
+        if e.cloze is not None:
+            item.update(e.cloze[i])
+        return item
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self._enc.input_ids]
+
+    @property
+    def example_ids(self) -> list[str]:
+        return list(self._enc.example_ids)
+
+    @property
+    def n_truncated(self) -> int:
+        return self._enc.n_truncated
+
+
+class MCDataset(EncodedDataset):
+    """A task split tokenised for scoring (see :class:`EncodedDataset` for the items).
+
+    ``cache_hit`` says whether this split came from the in-process or on-disk cache;
+    ``digest`` identifies the tokenised content (task data, split, tokenizer, max_length,
+    scoring).
     """
 
     def __init__(
@@ -406,29 +443,7 @@ class MCDataset(Dataset):
         _LRU.move_to_end(digest)
         while len(_LRU) > LRU_SIZE:
             _LRU.popitem(last=False)
-        self._enc = enc
-
-    def __len__(self) -> int:
-        return len(self._enc.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        e = self._enc
-        item = {"input_ids": e.input_ids[i], "label": e.labels[i], "n_options": e.n_options[i]}
-        if e.cloze is not None:
-            item.update(e.cloze[i])
-        return item
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self._enc.input_ids]
-
-    @property
-    def example_ids(self) -> list[str]:
-        return list(self._enc.example_ids)
-
-    @property
-    def n_truncated(self) -> int:
-        return self._enc.n_truncated
+        super().__init__(enc)
 
 
 # cloze item field -> (batch key, padding value)
@@ -579,10 +594,10 @@ def length_bucketed_sampler(
 
 
 class IndexedDataset(Dataset):
-    """An ``MCDataset`` whose items also carry their position (``index``): evaluation puts
-    predictions back in order with it, and the prefix cache looks examples up by it."""
+    """An ``EncodedDataset`` whose items also carry their position (``index``): prediction
+    puts its results back in order with it, and the prefix cache looks examples up by it."""
 
-    def __init__(self, base: MCDataset) -> None:
+    def __init__(self, base: EncodedDataset) -> None:
         self.base = base
 
     def __len__(self) -> int:

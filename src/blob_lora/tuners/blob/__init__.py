@@ -5,9 +5,11 @@ from blob_lora.tuners.blob.config import BlobConfig, last_blocks_pattern
 from blob_lora.tuners.blob.kl import gaussian_kl, kl_divergence
 from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear
 from blob_lora.tuners.blob.model import (
+    adapter_state_shapes,
     blob_layers,
     get_blob_model,
     load_blob_model,
+    read_adapter_weights,
     sampling,
     std_parameters,
 )
@@ -16,12 +18,14 @@ __all__ = [
     "BlobConfig",
     "BlobLayerMixin",
     "BlobLinear",
+    "adapter_state_shapes",
     "blob_layers",
     "gaussian_kl",
     "get_blob_model",
     "kl_divergence",
     "last_blocks_pattern",
     "load_blob_model",
+    "read_adapter_weights",
     "sampling",
     "std_parameters",
 ]

@@ -164,7 +164,13 @@ def std_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in blob_layers(model) for p in layer.lora_A_rho.values()]
 
 
-def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter folder (``adapter_model.safetensors``), by PEFT key.
+
+    Any adapter folder, BLoB or plain PEFT LoRA: the methods check a loaded adapter against it
+    and TFB rotates a LoRA adapter's weights. Refuses a pickled ``adapter_model.bin``, a
+    missing file and a corrupt one with ``CheckpointError``.
+    """
     path = directory / ADAPTER_WEIGHTS
     if not path.is_file():
         if (directory / "adapter_model.bin").is_file():
@@ -199,9 +205,9 @@ def load_blob_model(
         raise CheckpointError(f"{config_path} is missing or corrupt: {exc}") from exc
     blob_config = BlobConfig.load(directory)
     lora_config.inference_mode = not is_trainable
-    state = _read_adapter_weights(directory)
+    state = read_adapter_weights(directory)
     model = get_blob_model(base_model, lora_config, blob_config, adapter_name=adapter_name)
-    expected = _adapter_state_shapes(model, adapter_name)
+    expected = adapter_state_shapes(model, adapter_name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -229,7 +235,9 @@ def load_blob_model(
     return model
 
 
-def _adapter_state_shapes(model: PeftModel, adapter_name: str) -> dict[str, torch.Size]:
+def adapter_state_shapes(model: PeftModel, adapter_name: str) -> dict[str, torch.Size]:
+    """The shape of every tensor PEFT would save for ``adapter_name`` of ``model``, by the key
+    ``read_adapter_weights`` returns: what a saved adapter must hold to fit this model."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)

@@ -1,0 +1,176 @@
+"""The one loop over a dataset: every predictive mode, for evaluation, the learning curve and
+``Predictor``.
+
+:func:`predict_dataset` batches a tokenised split, moves each batch to the model's device,
+computes its predictive in any mode of ``prediction.fast`` (``predict_batch``) and returns the
+per-example results in dataset order. What its callers differ in is a parameter, not a loop:
+
+* evaluation shards the split over processes (``accelerator``; ``gather_for_metrics`` drops
+  the duplicates even sharding pads in, so every example counts once) and may start the
+  forwards at the first adapted block from cached features (``prefix_cache``, ``fold`` only);
+* the learning curve scores one split repeatedly and keeps its features (``feature_cache``);
+* ``Predictor`` orders questions by length (``batches``) and seeds the generator itself, so
+  iterating its batches draws nothing from the global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from blob_lora.methods import Method
+from blob_lora.models.prefix_cache import PrefixFeatureCache
+from blob_lora.prediction.fast import BatchPredictive, EarlyStop, predict_batch, resolve_mode
+from blob_lora.tasks.dataset import (
+    EncodedDataset,
+    IndexedCollator,
+    IndexedDataset,
+    MCCollator,
+    MCDataset,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class DatasetPredictive:
+    """Per-example predictive of a dataset, in dataset order (see ``fast.BatchPredictive``).
+
+    ``sample_probs`` (S, N, C) is kept when every batch drew the same number of samples
+    (float64, exactly the method's per-sample probabilities); ``mode`` is the mode that ran
+    and ``note`` why it differs from the one asked for (empty if it does not).
+    """
+
+    probs: Tensor
+    labels: Tensor
+    n_used: Tensor
+    total: Tensor
+    aleatoric: Tensor | None
+    epistemic: Tensor | None
+    sample_probs: Tensor | None
+    mode: str
+    note: str = ""
+
+    def uncertainty(self) -> dict[str, Tensor]:
+        out = {"total": self.total}
+        if self.aleatoric is not None and self.epistemic is not None:
+            out.update(aleatoric=self.aleatoric, epistemic=self.epistemic)
+        return out
+
+
+def _loader(
+    dataset: EncodedDataset,
+    collator: MCCollator,
+    batch_size: int,
+    batches: Sequence[Sequence[int]] | None,
+    accelerator: Accelerator | None,
+) -> DataLoader:
+    indexed, collate = IndexedDataset(dataset), IndexedCollator(collator)
+    if batches is None:
+        loader = DataLoader(indexed, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        return accelerator.prepare_data_loader(loader) if accelerator is not None else loader
+    if accelerator is not None:
+        raise ValueError("a batch order of the caller's (batches) runs on one process only")
+    # a private generator: starting the iteration draws its seed from this one, not the global
+    # RNG whose state decides the samples
+    return DataLoader(
+        indexed, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()
+    )
+
+
+def _columns(res: BatchPredictive, labels: Tensor, index: Tensor) -> dict[str, Tensor]:
+    cols = {
+        "probs": res.probs,
+        "labels": labels.cpu(),
+        "n_used": res.n_used,
+        "total": res.total,
+        "index": index.cpu(),
+    }
+    if res.aleatoric is not None and res.epistemic is not None:
+        cols.update(aleatoric=res.aleatoric, epistemic=res.epistemic)
+    return cols
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module,
+    method: Method,
+    dataset: EncodedDataset,
+    collator: MCCollator,
+    option_ids: Tensor | None,
+    n_samples: int,
+    batch_size: int = 8,
+    *,
+    mode: str = "fold",
+    fold: int | None = None,
+    early: EarlyStop | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+    prefix_cache: bool = False,
+    cache_dir: str | None = None,
+    feature_cache: PrefixFeatureCache | None = None,
+) -> DatasetPredictive:
+    """The ``n_samples``-sample predictive of every example of ``dataset`` in ``mode``.
+
+    ``batches`` (lists of dataset positions) replaces the default order (``batch_size``
+    consecutive examples). With ``prefix_cache`` (``fold`` mode, one process, a task split, a
+    method that allows it) the frozen blocks below the adapters run once per example, shared through
+    ``cache_dir`` with other runs on the split; a caller that scores the same split repeatedly
+    passes its own ``feature_cache`` (a ``PrefixFeatureCache`` for this dataset) instead.
+    """
+    resolved = resolve_mode(method, model, mode, n_samples)
+    loader = _loader(dataset, collator, batch_size, batches, accelerator)
+    device = next(model.parameters()).device
+    cache = feature_cache
+    single = accelerator is None or accelerator.num_processes == 1
+    cacheable = isinstance(dataset, MCDataset) and method.prefix_cacheable  # keyed by split
+    if cache is None and prefix_cache and mode == "fold" and single and cacheable:
+        cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir)
+    parts: dict[str, list[Tensor]] = {}
+    samples: list[Tensor] | None = []
+    label = f"{desc} ({resolved.mode})"
+    for batch in tqdm(loader, desc=label, disable=not progress, leave=False):
+        idx = batch.pop("index")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with cache.injected(model, batch, idx) if cache is not None else nullcontext():
+            res = predict_batch(method, model, batch, option_ids, resolved, fold, early)
+        cols = _columns(res, batch["labels"], idx)
+        if res.sample_probs is not None and samples is not None:
+            cols["samples"] = res.sample_probs.transpose(0, 1).contiguous()  # (B, S, C)
+        else:
+            samples = None
+        if accelerator is not None:
+            cols = accelerator.gather_for_metrics({k: v.to(device) for k, v in cols.items()})
+        if samples is not None:
+            samples.append(cols.pop("samples").cpu())
+        for k, v in cols.items():
+            parts.setdefault(k, []).append(v.cpu())
+    if cache is not None:
+        cache.save()
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    order = torch.argsort(cat["index"])
+    get = {k: v[order] for k, v in cat.items()}
+    sample_probs = None
+    if samples and len({t.shape[1] for t in samples}) == 1:
+        sample_probs = torch.cat(samples)[order].transpose(0, 1).contiguous()
+    return DatasetPredictive(
+        probs=get["probs"],
+        labels=get["labels"],
+        n_used=get["n_used"],
+        total=get["total"],
+        aleatoric=get.get("aleatoric"),
+        epistemic=get.get("epistemic"),
+        sample_probs=sample_probs,
+        mode=resolved.mode,
+        note=resolved.note,
+    )
