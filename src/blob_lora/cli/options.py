@@ -15,15 +15,24 @@ from typing import Any, get_args
 import tomllib
 import yaml
 
+from blob_lora.methods import METHODS
 from blob_lora.tasks.scoring import LENGTH_NORMS, SCORING_MODES, Scoring
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
+
+
+def _methods_help() -> str:
+    """``--method``'s help from the registry, so a new method needs no edit here."""
+    default = TrainConfig.method
+    names = [f"{default} (default)", *(n for n in METHODS if n != default)]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
 
 HELP: dict[str, str] = {
     "model": "base model: 'smollm2-135m' (embedded, default), a local folder or a Hub name",
     "task": "task name (winogrande_s, winogrande_m, arc_challenge, arc_easy, openbookqa, boolq, "
     "mmlu:<subject>) or a folder with your own train.jsonl/validation.jsonl",
-    "method": "blob (default), lora, map, mc-dropout, ensemble, laplace or tfb",
+    "method": _methods_help(),
     "out": "run folder to create (refused if it holds another run, see --overwrite/--resume)",
     "data_root": "local dataset folder (default: $BLOB_LORA_DATA, else the Hugging Face Hub)",
     "train_split": "training split, e.g. 'train' or 'validation[:2270]' (slices after a seeded shuffle)",

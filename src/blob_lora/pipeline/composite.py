@@ -12,7 +12,7 @@ import copy
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -27,6 +27,10 @@ from blob_lora.training.trainer import build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+    from transformers import PreTrainedTokenizerBase
+
 
 def train_composite(
     cfg: TrainConfig,
@@ -35,8 +39,8 @@ def train_composite(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
-    base_model: Any = None,
-    tokenizer: Any = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
     state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
@@ -78,7 +82,7 @@ def train_composite(
     return write_summary(cfg, summary)
 
 
-def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> Any:
+def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> PartialState:
     """Create (or reuse, on ``resume``) ``cfg.out`` on the main process; return the state."""
     from accelerate import PartialState
 
@@ -94,8 +98,8 @@ def train_sub_run(
     sub_dir: Path,
     *,
     progress: bool,
-    base_model: Any = None,
-    tokenizer: Any = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train one ordinary run into ``sub_dir`` (no evaluation) and return its summary.
@@ -132,7 +136,11 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is missing or corrupt: {exc}") from exc
 
 
-def load_base(cfg: TrainConfig, base_model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+def load_base(
+    cfg: TrainConfig,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model for the assembled predictive: the caller's, else ``cfg.model``."""
     if base_model is not None:
         return base_model, tokenizer
@@ -140,7 +148,12 @@ def load_base(cfg: TrainConfig, base_model: Any = None, tokenizer: Any = None) -
 
 
 def evaluate_assembled(
-    model: nn.Module, method: CompositeMethod, tokenizer: Any, cfg: TrainConfig, *, progress: bool
+    model: nn.Module,
+    method: CompositeMethod,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    *,
+    progress: bool,
 ) -> dict[str, Any]:
     """Evaluate the assembled model as a plain run is evaluated (own task + extras)."""
     if not cfg.evaluate:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,14 +13,18 @@ from blob_lora.tasks import Task, get_task
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import EVAL_DIR
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 
 def evaluate_run_tasks(
     model: torch.nn.Module,
     method: Method,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     cfg: TrainConfig,
     *,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     progress: bool = False,
     loaded_task: Task | None = None,
 ) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ trained model (``TrainedRun``) and takes the curve as a factory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -23,6 +23,10 @@ from blob_lora.training.trainer import run_training
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 
 def train_plain(
     cfg: TrainConfig,
@@ -31,8 +35,8 @@ def train_plain(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
-    base_model: Any = None,
-    tokenizer: Any = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` with the loop, evaluate it (``cfg.evaluate``), write summary.json.
 
@@ -79,8 +83,8 @@ def held_out_curve(
     model: nn.Module,
     method: Method,
     task: Task,
-    tokenizer: Any,
-    accelerator: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator,
     out: Path,
 ) -> HeldOutCurve | None:
     """The learning-curve scorer of ``--curve-every`` (one process only), or ``None``."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob_lora.methods import get_method
 from blob_lora.methods.composite import CompositeMethod
 from blob_lora.pipeline.composite import train_composite
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 
 def train(
@@ -17,8 +21,8 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
-    base_model: Any = None,
-    tokenizer: Any = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.task`` into ``cfg.out``, evaluate it; return the summary.
 

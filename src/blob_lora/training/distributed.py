@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 T = TypeVar("T")
 
 
-def check_launch(accelerator: Any) -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse launches that would silently train wrong: N independent copies, or sharded
     parameters that the KL and the checkpoints do not handle."""
     from accelerate.utils import DistributedType
@@ -49,7 +52,7 @@ def check_launch(accelerator: Any) -> None:
         )
 
 
-def on_main(accelerator: Any, fn: Callable[[], T]) -> T:
+def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main process and hand its result, or its error, to every process.
 
     Without this a failure on the main process (a refused --out, a full disk) would leave the
@@ -79,7 +82,7 @@ def on_main(accelerator: Any, fn: Callable[[], T]) -> T:
     return value
 
 
-def all_true(accelerator: Any, flag: bool) -> bool:
+def all_true(accelerator: Accelerator, flag: bool) -> bool:
     """``flag`` on every process (one tiny all-reduce; free on a single process)."""
     if accelerator.num_processes == 1:
         return flag
@@ -88,7 +91,7 @@ def all_true(accelerator: Any, flag: bool) -> bool:
 
 
 def reduce_window(
-    accelerator: Any, window: dict[str, float], stop: bool
+    accelerator: Accelerator, window: dict[str, float], stop: bool
 ) -> tuple[dict[str, float], bool]:
     """Sum the logging window over processes, and whether any process wants to stop."""
     if accelerator.num_processes == 1:
@@ -103,7 +106,7 @@ def reduce_window(
     return dict(zip(keys, t[:4], strict=True)), t[4] > 0
 
 
-def gather_rng(accelerator: Any) -> list[dict[str, Any]]:
+def gather_rng(accelerator: Accelerator) -> list[dict[str, Any]]:
     """Every process's random-number state, for a checkpoint that resumes each stream."""
     from accelerate.utils import gather_object
 

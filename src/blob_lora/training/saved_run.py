@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from blob_lora.methods import get_method
 from blob_lora.methods.base import Method
@@ -18,13 +18,18 @@ from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
 from blob_lora.utils.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class LoadedRun:
     config: TrainConfig
     method: Method
-    model: Any
-    tokenizer: Any
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
@@ -38,7 +43,10 @@ def read_run_config(run_dir: Path) -> TrainConfig:
 
 
 def load_run(
-    run_dir: Path, model: str | None = None, base_model: Any = None, tokenizer: Any = None
+    run_dir: Path,
+    model: str | None = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LoadedRun:
     """Base model from the run's ``--model`` (or ``model``), adapter from ``RUN/adapter``."""
     cfg = read_run_config(run_dir)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.prefix_cache import PrefixFeatureCache
-from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
+from blob_lora.tasks import MCDataset, Task, TaskInputs, get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
@@ -54,7 +54,7 @@ from blob_lora.training.distributed import (
     reduce_window,
 )
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule
-from blob_lora.training.optim import build_updater
+from blob_lora.training.optim import Updater, build_updater
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     CHECKPOINTS,
@@ -65,6 +65,10 @@ from blob_lora.training.run_dir import (
 from blob_lora.training.sampler import EpochShuffleSampler
 from blob_lora.utils.atomic import atomic_directory, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 class TrainingDiverged(BlobLoraError):
@@ -90,7 +94,8 @@ class LearningCurve(Protocol):
 #: ``(cfg, model, method, task, tokenizer, accelerator, out) -> LearningCurve | None``, called
 #: once the model is prepared and the run folder exists.
 CurveFactory = Callable[
-    [TrainConfig, nn.Module, Method, Task, Any, Any, Path], LearningCurve | None
+    [TrainConfig, nn.Module, Method, Task, "PreTrainedTokenizerBase", "Accelerator", Path],
+    LearningCurve | None,
 ]
 
 
@@ -100,9 +105,9 @@ class TrainedRun:
 
     summary: dict[str, Any]
     model: nn.Module  # the trained PeftModel, unwrapped from any DDP wrapper
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     task: Task
-    accelerator: Any
+    accelerator: Accelerator
 
 
 @dataclass
@@ -140,7 +145,7 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model and tokenizer that ``cfg`` names (``--model``, dtype, quantisation)."""
     base, tokenizer = load_model_and_tokenizer(
         cfg.model,
@@ -159,8 +164,8 @@ def run_training(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
-    base_model: Any = None,
-    tokenizer: Any = None,
+    base_model: nn.Module | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     curve: CurveFactory | None = None,
 ) -> TrainedRun:
     """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
@@ -236,7 +241,7 @@ def run_training(
 
 
 def _training_inputs(
-    cfg: TrainConfig, tokenizer: Any, accelerator: Any
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
 ) -> tuple[Task, str, TaskInputs]:
     """The task, the training split's name and its tokenised dataset."""
     task = get_task(cfg.task, data_root=cfg.data_root)
@@ -256,7 +261,7 @@ def _training_inputs(
 
 
 def _build_adapter(
-    cfg: TrainConfig, method: Method, base_model: nn.Module, accelerator: Any
+    cfg: TrainConfig, method: Method, base_model: nn.Module, accelerator: Accelerator
 ) -> nn.Module:
     """The method's adapter on the base model, initialised identically on every process; the
     global RNG is then reseeded per process so that weight noise is independent."""
@@ -276,7 +281,7 @@ def _build_adapter(
     return model
 
 
-def _training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Any) -> Any:
+def _training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerator) -> DataLoader:
     """The seeded, resumable data order, sharded over processes by Accelerate."""
     dataset = inputs.dataset
     # Items carry their dataset index so the prefix cache can look their features up.
@@ -302,7 +307,9 @@ def _training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Any) -> 
     return accelerator.prepare_data_loader(loader)
 
 
-def _plan_steps(cfg: TrainConfig, loader: Any, n_train: int, accelerator: Any) -> _StepPlan:
+def _plan_steps(
+    cfg: TrainConfig, loader: DataLoader, n_train: int, accelerator: Accelerator
+) -> _StepPlan:
     """Steps per epoch and in total (``--max-steps`` or ``--epochs``), and the KL schedule
     computed from the global batch."""
     micro_per_epoch = len(loader)
@@ -329,10 +336,10 @@ class _Loop:
         self,
         cfg: TrainConfig,
         method: Method,
-        accelerator: Any,
+        accelerator: Accelerator,
         model: nn.Module,
-        updater: Any,
-        loader: Any,
+        updater: Updater,
+        loader: DataLoader,
         option_ids: torch.Tensor | None,
         plan: _StepPlan,
         curve: LearningCurve | None,
@@ -355,7 +362,7 @@ class _Loop:
         self.prefix: PrefixFeatureCache | None = None
         self.window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
 
-    def start(self, resuming: bool, dataset: Any, progress: bool) -> None:
+    def start(self, resuming: bool, dataset: MCDataset, progress: bool) -> None:
         """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
         cfg, accelerator = self.cfg, self.accelerator
         if resuming:
@@ -536,7 +543,7 @@ class _Loop:
         return train_seconds
 
 
-def _save_adapter(accelerator: Any, model: nn.Module, out: Path) -> None:
+def _save_adapter(accelerator: Accelerator, model: nn.Module, out: Path) -> None:
     """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept)."""
 
     def save() -> None:
