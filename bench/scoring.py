@@ -82,7 +82,7 @@ SETTINGS = {
 def load_base(setting: Setting) -> tuple[nn.Module, Any]:
     if setting.model == "tiny":
         sys.path.insert(0, str(REPO))
-        from tests.comparison.tiny import tiny_base, tiny_tokenizer
+        from tests.factories import tiny_base, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         base = tiny_base(tokenizer)

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny randomly initialised Llama-style models built from a config."""
+"""Shared fixtures: a tiny model, the data folder, SmolLM2's tokenizer and a model folder on it.
+
+The builders themselves live in ``tests.factories`` (import them from there).
+"""
 
 from __future__ import annotations
 
@@ -8,27 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.factories import save_model_folder, tiny_base, tiny_llama, tiny_tokenizer
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = 128, dtype: torch.dtype = torch.float32):
-    """A 2-block Llama with hidden size 32: fast enough for every unit test."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 @pytest.fixture
@@ -59,6 +46,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_llama(seed=0, vocab_size=len(smollm2_tokenizer))
     model.config.pad_token_id = smollm2_tokenizer.pad_token_id
-    model.save_pretrained(folder, safe_serialization=True)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(folder, model, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    """The character tokenizer of ``tests.factories`` (every answer one token)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def char_base(char_tok):
+    """A random tiny Llama over ``char_tok``; copy it before wrapping it (``train_tiny`` does)."""
+    return tiny_base(char_tok)

@@ -15,7 +15,7 @@ from blob_lora.comparison import load_spec, plan, run_compare, spec_from_dict
 from blob_lora.comparison.compare import config_differences
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
-from tests.comparison.tiny import tiny_model_folder
+from tests.factories import tiny_model_folder
 
 torch.set_num_threads(1)
 

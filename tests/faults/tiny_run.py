@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.factories import save_model_folder, tiny_llama
+
 ASSET_VERSION = "tiny-run-v1"
 N_TRAIN = 16
 N_EVAL = 7  # deliberately not a multiple of world size x eval batch
@@ -50,24 +52,17 @@ def _records(n: int, start: int, rng: random.Random) -> str:
 
 
 def _save_model(folder: Path, tokenizer, hidden: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = tiny_llama(
+        0,
+        vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(tokenizer),
         max_position_embeddings=256,
-        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(folder, model, tokenizer)
 
 
 def _build(root: Path) -> None:

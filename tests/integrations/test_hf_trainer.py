@@ -14,7 +14,7 @@ from blob_lora import BlobConfig, get_blob_model, kl_divergence, sampling
 from blob_lora.integrations import BlobPaperAdamW, BlobTrainer
 from blob_lora.training.optim import build_updater
 from blob_lora.utils.errors import ConfigError
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 
 @pytest.fixture(autouse=True)

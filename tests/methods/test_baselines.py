@@ -14,60 +14,26 @@ import pytest
 import torch
 
 from blob_lora.methods.io import load_plain_adapter
-from blob_lora.pipeline import train
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
-from blob_lora.training.config import TrainConfig
 from blob_lora.training.saved_run import load_run
-from tests.comparison.tiny import tiny_base, tiny_model_folder, tiny_tokenizer
+from tests.factories import (
+    TINY_EVAL_SPLIT,
+    TINY_TASK,
+    TINY_TRAIN_SPLIT,
+    tiny_model_folder,
+    tiny_run_config,
+    train_tiny,
+)
 
 torch.set_num_threads(1)
 HAS_LAPLACE = importlib.util.find_spec("blob_lora.methods.laplace") is not None
-TASK = "winogrande_s"
-TRAIN_SPLIT = "train_s[:8]"
-EVAL_SPLIT = "validation[:6]"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pristine(tok):
-    return tiny_base(tok)
-
-
-def make_cfg(tmp_path: Path, data_root: Path, method: str, **kw) -> TrainConfig:
-    settings = dict(
-        model="unused",
-        task=TASK,
-        method=method,
-        out=str(tmp_path / method),
-        data_root=str(data_root),
-        train_split=TRAIN_SPLIT,
-        eval_split=EVAL_SPLIT,
-        max_steps=3,
-        batch_size=4,
-        eval_batch_size=6,
-        max_length=256,
-        lr=1e-2,
-        target_modules=["q_proj", "v_proj"],
-        eval_samples=4,
-        ensemble_size=2,
-    )
-    settings.update(kw)
-    return TrainConfig(**settings)
-
-
-def run(cfg: TrainConfig, pristine, tok) -> dict:
-    return train(cfg, progress=False, base_model=copy.deepcopy(pristine), tokenizer=tok)
-
-
-def eval_batch(tok, data_root: Path):
-    task = get_task(TASK, data_root=str(data_root))
-    ds = MCDataset(task, EVAL_SPLIT, tok, 256)
-    batch = MCCollator(tok.pad_token_id, task.n_options)([ds[i] for i in range(len(ds))])
-    return batch, option_token_ids(tok, task)
+def eval_batch(char_tok, data_root: Path):
+    task = get_task(TINY_TASK, data_root=str(data_root))
+    ds = MCDataset(task, TINY_EVAL_SPLIT, char_tok, 256)
+    batch = MCCollator(char_tok.pad_token_id, task.n_options)([ds[i] for i in range(len(ds))])
+    return batch, option_token_ids(char_tok, task)
 
 
 def read_probs(path: Path) -> torch.Tensor:
@@ -80,30 +46,30 @@ METHODS += ["laplace"] if HAS_LAPLACE else []
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_trains_and_evaluates(method, tmp_path, data_root, pristine, tok):
-    cfg = make_cfg(tmp_path, data_root, method)
-    summary = run(cfg, pristine, tok)
-    m = summary["evaluations"][TASK]
+def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, char_tok):
+    cfg = tiny_run_config(tmp_path / method, data_root, method)
+    summary = train_tiny(cfg, char_base, char_tok)
+    m = summary["evaluations"][TINY_TASK]
     assert summary["method"] == method and m["method"] == method
-    assert m["n_examples"] == 6.0 and m["split"] == EVAL_SPLIT
+    assert m["n_examples"] == 6.0 and m["split"] == TINY_EVAL_SPLIT
     assert 0.0 <= m["accuracy"] <= 1.0 and m["nll"] > 0 and 0 <= m["brier"] <= 2
     expected_samples = {"lora": 4, "map": 4, "mc-dropout": 4, "ensemble": 2, "blob": 4}
     assert m["eval_samples"] == expected_samples.get(method, 4)
     out = Path(cfg.out)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["evaluations"][TASK]["accuracy"] == m["accuracy"]
-    assert (out / "eval" / TASK / "predictions.jsonl").is_file()
+    assert saved["evaluations"][TINY_TASK]["accuracy"] == m["accuracy"]
+    assert (out / "eval" / TINY_TASK / "predictions.jsonl").is_file()
     assert json.loads((out / "run_config.json").read_text())["method"] == method
     if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
 
 
-def test_mc_dropout_samples_differ_at_prediction(tmp_path, data_root, pristine, tok):
-    cfg = make_cfg(tmp_path, data_root, "mc-dropout")
-    run(cfg, pristine, tok)
-    loaded = load_run(Path(cfg.out), base_model=copy.deepcopy(pristine), tokenizer=tok)
+def test_mc_dropout_samples_differ_at_prediction(tmp_path, data_root, char_base, char_tok):
+    cfg = tiny_run_config(tmp_path / "mc-dropout", data_root, "mc-dropout")
+    train_tiny(cfg, char_base, char_tok)
+    loaded = load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     assert loaded.model.peft_config["default"].lora_dropout == 0.1
-    batch, option_ids = eval_batch(tok, data_root)
+    batch, option_ids = eval_batch(char_tok, data_root)
     samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 4)
     assert samples.shape == (4, 6, 2)
     assert (samples[0] - samples[1]).abs().max() > 1e-4  # dropout active at prediction
@@ -113,9 +79,9 @@ def test_mc_dropout_samples_differ_at_prediction(tmp_path, data_root, pristine, 
     assert not any(m.training for n, m in loaded.model.named_modules() if "lora_dropout" in n)
 
 
-def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok):
-    cfg = make_cfg(tmp_path, data_root, "ensemble", ensemble_size=3)
-    summary = run(cfg, pristine, tok)
+def test_ensemble_averages_different_members(tmp_path, data_root, char_base, char_tok):
+    cfg = tiny_run_config(tmp_path / "ensemble", data_root, "ensemble", ensemble_size=3)
+    summary = train_tiny(cfg, char_base, char_tok)
     out = Path(cfg.out)
     assert [m["seed"] for m in summary["members"]] == [1000, 1001, 1002]
     assert summary["train_seconds"] == pytest.approx(
@@ -126,12 +92,12 @@ def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok)
         assert (out / "adapter" / f"member-{k}" / "adapter_model.safetensors").is_file()
 
     # each member on its own, as a plain LoRA model
-    batch, option_ids = eval_batch(tok, data_root)
+    batch, option_ids = eval_batch(char_tok, data_root)
     from blob_lora.models.forward import answer_logits
 
     member_probs, member_a = [], []
     for k in range(3):
-        model = load_plain_adapter(copy.deepcopy(pristine), out / "adapter" / f"member-{k}")
+        model = load_plain_adapter(copy.deepcopy(char_base), out / "adapter" / f"member-{k}")
         with torch.no_grad():
             member_probs.append(torch.softmax(answer_logits(model, batch, option_ids), -1))
         member_a.append(
@@ -142,11 +108,11 @@ def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok)
     assert (member_probs[0] - member_probs[1]).abs().max() > 1e-5
     expected = torch.stack(member_probs).mean(0).double()
 
-    loaded = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    loaded = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)
     assert samples.shape == (3, 6, 2)
     torch.testing.assert_close(samples.double(), torch.stack(member_probs).double())
-    written = read_probs(out / "eval" / TASK / "predictions.jsonl")
+    written = read_probs(out / "eval" / TINY_TASK / "predictions.jsonl")
     torch.testing.assert_close(written, expected, atol=1e-5, rtol=0)
     # --eval-samples 2: the first two members only
     assert loaded.method.eval_samples(loaded.model, 2) == 2
@@ -154,34 +120,10 @@ def test_ensemble_averages_different_members(tmp_path, data_root, pristine, tok)
     torch.testing.assert_close(two.double(), torch.stack(member_probs[:2]).double())
 
 
-def test_ensemble_resume_reuses_finished_members(tmp_path, data_root, pristine, tok, monkeypatch):
-    cfg = make_cfg(tmp_path, data_root, "ensemble")
-    run(cfg, pristine, tok)
-    out = Path(cfg.out)
-    first = (out / "members" / "0" / "adapter" / "adapter_model.safetensors").read_bytes()
-    (out / "summary.json").unlink()  # as if interrupted after the members
-    import blob_lora.pipeline.composite as composite
-
-    real_train = composite.train_plain
-    calls = []
-
-    def counting(c, method, **kw):
-        calls.append(c.method)
-        return real_train(c, method, **kw)
-
-    monkeypatch.setattr(composite, "train_plain", counting)
-    summary = train(
-        cfg, resume=True, progress=False, base_model=copy.deepcopy(pristine), tokenizer=tok
-    )
-    assert calls == []  # both members were finished: not trained again
-    assert (out / "members" / "0" / "adapter" / "adapter_model.safetensors").read_bytes() == first
-    assert summary["evaluations"][TASK]["eval_samples"] == 2
-
-
 @pytest.mark.skipif(not HAS_LAPLACE, reason="blob_lora.methods.laplace not installed")
-def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
-    cfg = make_cfg(tmp_path, data_root, "laplace")
-    summary = run(cfg, pristine, tok)
+def test_laplace_state_round_trips(tmp_path, data_root, char_base, char_tok):
+    cfg = tiny_run_config(tmp_path / "laplace", data_root, "laplace")
+    summary = train_tiny(cfg, char_base, char_tok)
     out = Path(cfg.out)
     info = summary["laplace"]
     assert info["n_data"] == 8 and info["prior_precision"] > 0
@@ -189,9 +131,9 @@ def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
     assert json.loads((out / "map" / "run_config.json").read_text())["method"] == "map"
     assert summary["train_seconds"] >= summary["map_train_seconds"]
 
-    batch, option_ids = eval_batch(tok, data_root)
-    a = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
-    b = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    batch, option_ids = eval_batch(char_tok, data_root)
+    a = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    b = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     assert a.model.laplace_posterior.prior_precision == info["prior_precision"]
     probit_a = a.method.predict_samples(a.model, batch, option_ids, 0)
     probit_b = b.method.predict_samples(b.model, batch, option_ids, 0)
@@ -205,7 +147,7 @@ def test_laplace_state_round_trips(tmp_path, data_root, pristine, tok):
     assert (samples.mean(0) - probit_a[0]).abs().max() < 0.05
     # the MAP mean is the linearisation point: the predictive mean logits are the MAP's
     mean_logits, _ = a.model.laplace_posterior.predictive_logit_moments(batch)
-    plain = load_plain_adapter(copy.deepcopy(pristine), out / "map" / "adapter")
+    plain = load_plain_adapter(copy.deepcopy(char_base), out / "map" / "adapter")
     from blob_lora.models.forward import answer_logits
 
     with torch.no_grad():
@@ -228,9 +170,9 @@ def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():
     assert dead[1].abs().max() == 0 and dead[0].abs().min() > 0
 
 
-def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, pristine, tok):
-    cfg = make_cfg(tmp_path, data_root, "tfb", max_steps=4)
-    summary = run(cfg, pristine, tok)
+def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, char_base, char_tok):
+    cfg = tiny_run_config(tmp_path / "tfb", data_root, "tfb", max_steps=4)
+    summary = train_tiny(cfg, char_base, char_tok)
     out = Path(cfg.out)
     info = summary["tfb"]
     assert info["sigma"] > 0 and info["anchor_size"] == 8
@@ -238,13 +180,13 @@ def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, pristine, tok):
     assert worst <= info["anchor_nll_mean_model"] * 1.003 + 1e-9
     assert any(t["nll"] > info["anchor_nll_mean_model"] * 1.003 for t in info["trace"])
 
-    batch, option_ids = eval_batch(tok, data_root)
+    batch, option_ids = eval_batch(char_tok, data_root)
     from blob_lora.models.forward import answer_logits
 
-    lora = load_plain_adapter(copy.deepcopy(pristine), out / "lora" / "adapter")
+    lora = load_plain_adapter(copy.deepcopy(char_base), out / "lora" / "adapter")
     with torch.no_grad():
         expected = torch.softmax(answer_logits(lora, batch, option_ids), -1)
-    loaded = load_run(out, base_model=copy.deepcopy(pristine), tokenizer=tok)
+    loaded = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     mean = loaded.method.predict_samples(loaded.model, batch, option_ids, 0)[0]
     torch.testing.assert_close(mean, expected, atol=1e-5, rtol=0)
     samples = loaded.method.predict_samples(loaded.model, batch, option_ids, 3)
@@ -263,7 +205,7 @@ def test_cli_trains_and_evaluates_an_ensemble(tmp_path, data_root, capsys):
             "--model",
             str(model_dir),
             "--task",
-            TASK,
+            TINY_TASK,
             "--method",
             "ensemble",
             "--ensemble-size",
@@ -271,9 +213,9 @@ def test_cli_trains_and_evaluates_an_ensemble(tmp_path, data_root, capsys):
             "--out",
             str(run_dir),
             "--train-split",
-            TRAIN_SPLIT,
+            TINY_TRAIN_SPLIT,
             "--eval-split",
-            EVAL_SPLIT,
+            TINY_EVAL_SPLIT,
             "--max-steps",
             "2",
             "--max-length",
@@ -286,7 +228,7 @@ def test_cli_trains_and_evaluates_an_ensemble(tmp_path, data_root, capsys):
         ]
     )
     assert rc == 0
-    trained = json.loads((run_dir / "summary.json").read_text())["evaluations"][TASK]
+    trained = json.loads((run_dir / "summary.json").read_text())["evaluations"][TINY_TASK]
     rc = main(["evaluate", "--run", str(run_dir), "--out", str(tmp_path / "again"), *common])
     assert rc == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())

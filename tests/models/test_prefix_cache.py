@@ -20,7 +20,7 @@ from blob_lora.pipeline import train
 from blob_lora.prediction import predict_dataset
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training import TrainConfig
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"
 

@@ -10,8 +10,7 @@ from peft import LoraConfig
 
 from blob_lora import BlobConfig, get_blob_model, last_blocks_pattern
 from blob_lora.training.config import TrainConfig
-from tests.conftest import tiny_llama
-from tests.tasks.conftest import build_llama_style_tokenizer
+from tests.factories import llama_style_tokenizer, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
@@ -34,7 +33,7 @@ def blob_model(bayesian_blocks: int | None = 1, head: bool = True, seed: int = 0
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    tok = build_llama_style_tokenizer()
+    tok = llama_style_tokenizer()
     tok.pad_token = tok.eos_token  # as blob_lora.models.load_tokenizer does
     tok.padding_side = "left"
     return tok

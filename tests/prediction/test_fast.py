@@ -172,7 +172,7 @@ def test_early_rule_validation():
 def test_mc_dropout_prefix_reuse_matches_fold():
     from peft import LoraConfig, get_peft_model
 
-    from tests.conftest import tiny_llama
+    from tests.factories import tiny_llama
 
     cfg = LoraConfig(
         r=4,

@@ -15,7 +15,7 @@ from blob_lora.evaluation.evaluate import evaluate_on_task
 from blob_lora.methods import Method
 from blob_lora.prediction import ood_detection, uncertainty_scores
 from blob_lora.tasks import get_task
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 
 class StubMethod(Method):

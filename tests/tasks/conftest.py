@@ -1,15 +1,16 @@
-"""Fixtures for the task/data layer tests: the shared data folder and two real tokenizers."""
+"""Fixtures for the task/data layer tests: the shared data folder and two tokenizers (SmolLM2's
+real one and a Llama-style character tokenizer from ``tests.factories``)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import string
 from pathlib import Path
 
 import pytest
 
 from blob_lora.tasks import clear_cache
+from tests.factories import llama_style_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -36,39 +37,15 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def build_llama_style_tokenizer(letters: str = "ABCDE"):
-    """A tiny sentencepiece-like tokenizer: Unigram + Metaspace ("▁A"), BOS prepended.
-
-    Mimics Llama's conventions (leading-space pieces, ``<s>`` added in front) without any
-    download. Only ``▁<letter>`` for ``letters`` are whole pieces, so leaving a letter out
-    makes its answer token two pieces.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + "▁\n"))
-    words = ["▁Answer", "Answer", "▁Question", "▁True", "▁False", "▁the", "▁Which"]
-    words += [f"▁{c}" for c in letters]
-    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
-    vocab += [(w, -1.0) for w in words] + [(c, -5.0) for c in chars]
-    tk = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    return build_llama_style_tokenizer()
+    return llama_style_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def make_llama_tokenizer():
     """The builder itself, for tests that need a variant (e.g. a letter missing)."""
-    return build_llama_style_tokenizer
+    return llama_style_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from blob_lora.tasks.dataset import (
 )
 from blob_lora.tasks.prompts import prompt_segments
 from blob_lora.utils.errors import ConfigError, DataError
-from tests.comparison.tiny import tiny_base, tiny_tokenizer
+from tests.factories import tiny_base, tiny_tokenizer
 
 MC = SimpleNamespace(name="mc", style="mc")
 WG = SimpleNamespace(name="wg", style="winogrande")

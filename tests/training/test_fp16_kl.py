@@ -14,7 +14,7 @@ from peft import LoraConfig
 
 from blob_lora import BlobConfig, get_blob_model, kl_divergence
 from blob_lora.training.optim import build_updater
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 PI = 0.25
 

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from blob_lora import BlobConfig, get_blob_model, kl_divergence
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule, rescaled_cycle_length
 from blob_lora.training.optim import build_updater
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 
 def test_geometric_schedule_values_for_small_cycle() -> None:

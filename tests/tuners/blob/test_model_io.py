@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from blob_lora import BlobConfig, get_blob_model, last_blocks_pattern, load_blob_model, sampling
 from blob_lora.tuners.blob.layer import BlobLinear
 from blob_lora.utils.errors import CheckpointError, ConfigError
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 

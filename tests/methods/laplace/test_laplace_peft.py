@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from blob_lora.methods.laplace import LaplaceLoRA
 from blob_lora.utils.errors import CheckpointError
+from tests.factories import tiny_llama
 
 torch.set_num_threads(1)
 OPTION_IDS = torch.tensor([11, 42, 97])
@@ -36,18 +36,8 @@ def option_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def peft_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    base = LlamaForCausalLM(cfg)
+    # grouped-query attention (2 key/value heads), in training mode as PEFT leaves it
+    base = tiny_llama(0, VOCAB, num_key_value_heads=2, max_position_embeddings=64).train()
     model = get_peft_model(
         base,
         LoraConfig(

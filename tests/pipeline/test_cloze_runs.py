@@ -15,7 +15,7 @@ from blob_lora.prediction import Predictor, predict_dataset
 from blob_lora.tasks import Scoring, get_task, task_inputs
 from blob_lora.training import TrainConfig
 from blob_lora.training.run_dir import RUN_CONFIG, check_run_dir
-from tests.conftest import tiny_llama
+from tests.factories import tiny_llama
 from tests.training.test_train_loop import tiny_cfg
 
 TOP_BLOCK = r".*\.layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head"

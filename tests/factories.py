@@ -1,0 +1,147 @@
+"""The one place tests build tiny models and tokenizers: random 2-block Llamas and
+character-level tokenizers, nothing downloaded.
+
+Why: a unit test needs a model that runs in milliseconds on a CPU and a tokenizer that reads in
+milliseconds (the real SmolLM2 tokenizer takes ~20 s from its GGUF). Every test, the fault
+drills and ``bench/scoring.py``'s smoke setting build them here, so a change of shape or
+vocabulary is made once.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: every printable ASCII character plus the Metaspace marker and a newline, one piece each
+CHARS = sorted(set(string.ascii_letters + string.digits + string.punctuation + "▁\n"))
+
+
+def tiny_llama(
+    seed: int = 0, vocab_size: int = 128, dtype: torch.dtype = torch.float32, **config: Any
+):
+    """A random 2-block Llama (hidden 32, 4 heads), in eval mode; ``config`` overrides any
+    ``LlamaConfig`` field (e.g. ``pad_token_id``, whose embedding row starts at zero)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+    }
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
+
+
+def char_tokenizer(words: Sequence[str], *, bos: bool = False):
+    """A Unigram tokenizer over single characters plus the whole pieces ``words``
+    (Llama-style leading-space pieces such as ``"▁A"``); ``bos`` prepends ``<s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    vocab += [(w, -1.0) for w in words] + [(c, -5.0) for c in CHARS]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_tokenizer():
+    """The character tokenizer runs use: every task's answer is one token (" A".." E",
+    " True"/" False"); padding with EOS on the left, as ``blob_lora.models.load_tokenizer``."""
+    tok = char_tokenizer(["▁Answer", "▁Question", "▁True", "▁False"] + [f"▁{c}" for c in "ABCDE"])
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def llama_style_tokenizer(letters: str = "ABCDE"):
+    """Llama's conventions (leading-space pieces, ``<s>`` in front), no pad token. Only
+    ``▁<letter>`` for ``letters`` are whole pieces, so leaving a letter out makes its answer
+    token two pieces."""
+    words = ["▁Answer", "Answer", "▁Question", "▁True", "▁False", "▁the", "▁Which"]
+    return char_tokenizer(words + [f"▁{c}" for c in letters], bos=True)
+
+
+def tiny_base(tokenizer, seed: int = 0):
+    """A random tiny Llama over ``tokenizer``'s vocabulary (its pad token's row zero)."""
+    return tiny_llama(
+        seed,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def save_model_folder(path: Path, model, tokenizer) -> Path:
+    """``model`` (safetensors) and ``tokenizer`` in ``path``: a folder ``--model`` accepts."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_model_folder(path: Path, seed: int = 0) -> Path:
+    """A random tiny Llama and the character tokenizer in ``path``."""
+    tok = tiny_tokenizer()
+    return save_model_folder(path, tiny_base(tok, seed), tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny runs
+
+#: the slice tiny runs train and evaluate on: 8 WinoGrande examples, 6 held out
+TINY_TASK = "winogrande_s"
+TINY_TRAIN_SPLIT = "train_s[:8]"
+TINY_EVAL_SPLIT = "validation[:6]"
+
+
+def tiny_run_config(out: Path, data_root: Path, method: str, **overrides: Any):
+    """Settings of a 3-step run of ``method`` on the tiny slice into ``out`` (the model is
+    handed to :func:`train_tiny`; ``model`` names none)."""
+    from blob_lora.training.config import TrainConfig
+
+    settings: dict[str, Any] = {
+        "model": "unused",
+        "task": TINY_TASK,
+        "method": method,
+        "out": str(out),
+        "data_root": str(data_root),
+        "train_split": TINY_TRAIN_SPLIT,
+        "eval_split": TINY_EVAL_SPLIT,
+        "max_steps": 3,
+        "batch_size": 4,
+        "eval_batch_size": 6,
+        "max_length": 256,
+        "lr": 1e-2,
+        "target_modules": ["q_proj", "v_proj"],
+        "eval_samples": 4,
+        "ensemble_size": 2,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def train_tiny(cfg, base, tokenizer, **kwargs: Any) -> dict[str, Any]:
+    """``blob_lora.pipeline.train`` on a copy of ``base`` (PEFT wraps the model it is given)."""
+    import copy
+
+    from blob_lora.pipeline import train
+
+    return train(cfg, progress=False, base_model=copy.deepcopy(base), tokenizer=tokenizer, **kwargs)
