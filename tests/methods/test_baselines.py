@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blob_lora.methods import METHODS as REGISTERED
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training.saved_run import load_run
@@ -41,8 +42,8 @@ def read_probs(path: Path) -> torch.Tensor:
     return torch.tensor([r["probs"] for r in rows], dtype=torch.float64)
 
 
-METHODS = ["lora", "map", "mc-dropout", "ensemble", "blob", "tfb"]
-METHODS += ["laplace"] if HAS_LAPLACE else []
+# every registered method (laplace when its package is installed): a new one is covered too
+METHODS = list(REGISTERED)
 
 
 @pytest.mark.parametrize("method", METHODS)
