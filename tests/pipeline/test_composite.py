@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import blob_lora.pipeline.composite as composite
+from blob_lora.training.trainer import RunStart
 from blob_lora.utils.errors import ConfigError
 from tests.factories import TINY_TASK, tiny_run_config, train_tiny
 
@@ -41,4 +42,4 @@ def test_ensemble_resume_reuses_finished_members(
 def test_a_sub_run_is_never_composite(tmp_path, data_root) -> None:
     cfg = tiny_run_config(tmp_path / "ensemble", data_root, "ensemble")
     with pytest.raises(ConfigError, match="cannot itself be composite"):
-        composite.train_sub_run(cfg, tmp_path / "ensemble" / "sub", progress=False, method="tfb")
+        composite.train_sub_run(cfg, tmp_path / "ensemble" / "sub", RunStart(), method="tfb")

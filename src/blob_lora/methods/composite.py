@@ -18,12 +18,13 @@ finished sub-runs (their ``summary.json`` exists) and resumes an interrupted one
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import PeftModel
@@ -97,6 +98,43 @@ class CompositeMethod(Method):
         self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
     ) -> dict[str, Any]:
         """The run's summary (without ``evaluations``) from its sub-runs' and the record."""
+
+
+class PostHocMethod(CompositeMethod):
+    """One ordinary run plus a post-hoc step on its adapter (Laplace: a posterior fitted to a
+    MAP run; TFB: a variance searched for a LoRA run).
+
+    The run is method :attr:`sub_method` in ``RUN/<sub_method>/``; ``assemble`` writes the
+    step's record to ``RUN/adapter/<info_file>``, whose :attr:`step_seconds` entry is the
+    step's time. The summary is the run's, under this method's name, with both times added
+    and the record under the method's name.
+    """
+
+    #: the ordinary run's method, trained into the folder of the same name
+    sub_method: ClassVar[str]
+    #: the record of the post-hoc step, in ``RUN/adapter/``
+    info_file: ClassVar[str]
+    #: the record's entry for the step's time in seconds
+    step_seconds: ClassVar[str]
+
+    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
+        return [SubRun(self.sub_method, {"method": self.sub_method})]
+
+    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
+        return json.loads((adapter_dir / self.info_file).read_text(encoding="utf-8"))
+
+    def summarize(
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        (sub_summary,) = sub_summaries
+        train_seconds = sub_summary["train_seconds"] + record[self.step_seconds]
+        return {
+            **{k: v for k, v in sub_summary.items() if k != "evaluations"},
+            "method": self.name,
+            "train_seconds": round(train_seconds, 3),
+            f"{self.sub_method}_train_seconds": sub_summary["train_seconds"],
+            self.name: record,
+        }
 
 
 def training_split_inputs(

@@ -23,7 +23,6 @@ in ``blob-lora compare``).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,13 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from blob_lora.methods.base import RunSettings
-from blob_lora.methods.composite import (
-    Assembly,
-    CompositeMethod,
-    SubRun,
-    link_tree,
-    training_split_inputs,
-)
+from blob_lora.methods.composite import Assembly, PostHocMethod, link_tree, training_split_inputs
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.loading import to_device
@@ -55,7 +48,6 @@ if TYPE_CHECKING:
 
     from blob_lora.methods.laplace import LaplaceLoRA
 
-MAP_DIR = "map"
 STATE_FILE = "laplace_state.safetensors"
 INFO_FILE = "laplace.json"
 
@@ -80,17 +72,16 @@ def _option_logits_fn(option_ids: torch.Tensor | None):
     return logits_fn
 
 
-class LaplaceMethod(CompositeMethod):
+class LaplaceMethod(PostHocMethod):
     """MAP LoRA + KFAC Laplace posterior over the LoRA weights, GLM predictive."""
 
     name = "laplace"
     # Its GLM predictive differentiates through its forward, but only down to the first adapted
     # block's LoRA outputs: a cached frozen prefix leaves the Jacobian unchanged (tested).
     samples_by_default = 100
-
-    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
-        """One MAP run into ``RUN/map/``."""
-        return [SubRun(MAP_DIR, {"method": "map"})]
+    sub_method = "map"  # one MAP run into RUN/map/
+    info_file = INFO_FILE
+    step_seconds = "fit_seconds"
 
     def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
         """Fit the KFAC posterior to the MAP adapter; store the adapter and the posterior."""
@@ -105,22 +96,6 @@ class LaplaceMethod(CompositeMethod):
         atomic_write_json(assembly.adapter_dir / INFO_FILE, fit_info)
         model.laplace_posterior = la
         return model, fit_info
-
-    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
-        return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
-
-    def summarize(
-        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
-    ) -> dict[str, Any]:
-        (map_summary,) = sub_summaries
-        train_seconds = map_summary["train_seconds"] + record["fit_seconds"]
-        return {
-            **{k: v for k, v in map_summary.items() if k != "evaluations"},
-            "method": self.name,
-            "train_seconds": round(train_seconds, 3),
-            "map_train_seconds": map_summary["train_seconds"],
-            "laplace": record,
-        }
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         from blob_lora.methods.laplace import LaplaceLoRA  # optional: see methods.registry

@@ -24,7 +24,6 @@ further training, so it is the cheapest Bayesian baseline to compare BLoB agains
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -37,7 +36,7 @@ from torch.utils.data import Subset
 
 from blob_lora.methods.base import RunSettings
 from blob_lora.methods.blob import BlobMethod, blob_config_from
-from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, training_split_inputs
+from blob_lora.methods.composite import Assembly, PostHocMethod, training_split_inputs
 from blob_lora.models.loading import to_device
 from blob_lora.tuners.blob import blob_layers, get_blob_model, read_adapter_weights, sampling
 from blob_lora.utils.atomic import atomic_write_json
@@ -46,7 +45,6 @@ from blob_lora.utils.errors import CheckpointError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-LORA_DIR = "lora"
 INFO_FILE = "tfb.json"
 ANCHOR_SIZE = 128
 ANCHOR_SEED = 0
@@ -101,7 +99,7 @@ def set_sigma(model: nn.Module, singular: dict[str, torch.Tensor], sigma: float)
             rho.copy_(std_param_for(sigma, singular[name].to(rho.device), rho.shape[1]))
 
 
-class TfbMethod(CompositeMethod, BlobMethod):
+class TfbMethod(PostHocMethod, BlobMethod):
     """A trained LoRA adapter made Bayesian after training (see the module doc).
 
     Trained as a composite method (its sub-run and assembly); loaded and predicted as BLoB.
@@ -109,14 +107,13 @@ class TfbMethod(CompositeMethod, BlobMethod):
 
     name = "tfb"
     has_kl = False
+    sub_method = "lora"  # one plain LoRA run into RUN/lora/
+    info_file = INFO_FILE
+    step_seconds = "search_seconds"
 
     def owns(self, model: nn.Module) -> bool:
         # a TFB model is a BLoB model: ``blob`` recognises it and predicts it the same way
         return False
-
-    def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
-        """One plain LoRA run into ``RUN/lora/``."""
-        return [SubRun(LORA_DIR, {"method": "lora"})]
 
     def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
         """Rotate the LoRA adapter into a BLoB one, search σ, store the adapter and σ."""
@@ -133,22 +130,6 @@ class TfbMethod(CompositeMethod, BlobMethod):
         model.save_pretrained(assembly.adapter_dir)
         atomic_write_json(assembly.adapter_dir / INFO_FILE, info)
         return model, info
-
-    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
-        return json.loads((adapter_dir / INFO_FILE).read_text(encoding="utf-8"))
-
-    def summarize(
-        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
-    ) -> dict[str, Any]:
-        (lora_summary,) = sub_summaries
-        train_seconds = lora_summary["train_seconds"] + record["search_seconds"]
-        return {
-            **{k: v for k, v in lora_summary.items() if k != "evaluations"},
-            "method": self.name,
-            "train_seconds": round(train_seconds, 3),
-            "lora_train_seconds": lora_summary["train_seconds"],
-            "tfb": record,
-        }
 
 
 def anchor_indices(n: int, size: int = ANCHOR_SIZE, seed: int = ANCHOR_SEED) -> list[int]:

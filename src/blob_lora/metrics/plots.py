@@ -51,6 +51,25 @@ def _diagonal(ax: Any) -> None:
     ax.set_ylim(0, 1)
 
 
+def _finish_axes(
+    ax: Any,
+    xlabel: str,
+    ylabel: str,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float | None],
+    legend_loc: str,
+    title: str | None,
+) -> None:
+    """Limits, axis labels, the legend and the title of a one-axes figure."""
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend_loc, fontsize=8)
+    if title:
+        ax.set_title(title)
+
+
 def reliability_diagram(probs: Any, labels: Any, path: PathLike, title: str | None = None) -> Path:
     """Reliability diagram of top-label confidence (15 bins) with a confidence histogram.
 
@@ -143,13 +162,8 @@ def reliability_diagram_multi(
         ax.plot(
             x, y, marker="o", markersize=4, linewidth=1.5, label=f"{name} (ECE {100 * ece:.2f}%)"
         )
-    ax.set_xlim(-0.02, 1.02)  # keep markers at 0 and 1 visible
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
-    if title:
-        ax.set_title(title)
+    # limits just beyond [0, 1] keep the markers at 0 and 1 visible
+    _finish_axes(ax, "confidence", "accuracy", (-0.02, 1.02), (-0.02, 1.02), "upper left", title)
     return _save_png(fig, path)
 
 
@@ -167,13 +181,7 @@ def risk_coverage_plot(
     ax = fig.add_subplot(1, 1, 1)
     for name, aurc, cov, risk in data:
         ax.plot(cov, risk, linewidth=1.5, label=f"{name} (AURC {aurc:.4f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("coverage")
-    ax.set_ylabel("risk (error rate)")
-    ax.legend(loc="best", fontsize=8)
-    if title:
-        ax.set_title(title)
+    _finish_axes(ax, "coverage", "risk (error rate)", (0, 1), (0, None), "best", title)
     return _save_png(fig, path)
 
 
@@ -193,11 +201,13 @@ def ood_roc_plot(
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="chance")
     for name, auroc, fpr, tpr in data:
         ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUROC {auroc:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (ID flagged as OOD)")
-    ax.set_ylabel("true positive rate (OOD detected)")
-    ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title)
+    _finish_axes(
+        ax,
+        "false positive rate (ID flagged as OOD)",
+        "true positive rate (OOD detected)",
+        (0, 1),
+        (0, 1.01),
+        "lower right",
+        title,
+    )
     return _save_png(fig, path)

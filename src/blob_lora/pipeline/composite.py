@@ -23,7 +23,7 @@ from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY, prepare_run_dir
-from blob_lora.training.trainer import build_model
+from blob_lora.training.trainer import RunStart, build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
 
@@ -32,32 +32,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def train_composite(
-    cfg: TrainConfig,
-    method: CompositeMethod,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = True,
-    base_model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> dict[str, Any]:
+def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) -> dict[str, Any]:
     """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
-    state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
+    state = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     out = Path(cfg.out)
+    progress = start.progress
     sub_runs = method.sub_runs(cfg)
     sub_summaries = [
-        train_sub_run(
-            cfg,
-            out / sub.folder,
-            progress=progress,
-            base_model=base_model,
-            tokenizer=tokenizer,
-            **sub.overrides,
-        )
-        for sub in sub_runs
+        train_sub_run(cfg, out / sub.folder, start, **sub.overrides) for sub in sub_runs
     ]
-    base, tokenizer = load_base(cfg, base_model, tokenizer)
+    base, tokenizer = load_base(cfg, start)
     model: nn.Module | None = None
     record: dict[str, Any] = {}
     if state.is_main_process:
@@ -94,20 +78,15 @@ def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> Partial
 
 
 def train_sub_run(
-    cfg: TrainConfig,
-    sub_dir: Path,
-    *,
-    progress: bool,
-    base_model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    **overrides: Any,
+    cfg: TrainConfig, sub_dir: Path, start: RunStart, **overrides: Any
 ) -> dict[str, Any]:
     """Train one ordinary run into ``sub_dir`` (no evaluation) and return its summary.
 
     A finished sub-run (``summary.json`` present) is reused; an interrupted one (its
     ``run_config.json`` present) is resumed from its last checkpoint. The sub-run can only
-    exist when the parent run is being resumed: otherwise the parent folder was fresh.
-    ``base_model`` is deep-copied, because PEFT injects its layers into the model it wraps.
+    exist when the parent run is being resumed: otherwise the parent folder was fresh. The
+    caller's base model (``start.base_model``) is deep-copied, because PEFT injects its layers
+    into the model it wraps.
     """
     sub_dir = Path(sub_dir)
     summary_path = sub_dir / SUMMARY
@@ -117,15 +96,11 @@ def train_sub_run(
     method = get_method(sub_cfg.method)
     if isinstance(method, CompositeMethod):
         raise ConfigError(f"a sub-run cannot itself be composite ({sub_cfg.method})")
-    base = copy.deepcopy(base_model) if base_model is not None else None
-    return train_plain(
-        sub_cfg,
-        method,
-        resume=(sub_dir / RUN_CONFIG).is_file(),
-        progress=progress,
-        base_model=base,
-        tokenizer=tokenizer,
+    base = copy.deepcopy(start.base_model) if start.base_model is not None else None
+    sub_start = replace(
+        start, overwrite=False, resume=(sub_dir / RUN_CONFIG).is_file(), base_model=base
     )
+    return train_plain(sub_cfg, method, start=sub_start)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -136,14 +111,10 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is missing or corrupt: {exc}") from exc
 
 
-def load_base(
-    cfg: TrainConfig,
-    base_model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_base(cfg: TrainConfig, start: RunStart) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model for the assembled predictive: the caller's, else ``cfg.model``."""
-    if base_model is not None:
-        return base_model, tokenizer
+    if start.base_model is not None:
+        return start.base_model, start.tokenizer
     return build_model(cfg)
 
 

@@ -19,7 +19,7 @@ from blob_lora.tasks import Task, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import on_main
 from blob_lora.training.run_dir import SUMMARY
-from blob_lora.training.trainer import run_training
+from blob_lora.training.trainer import RunStart, run_training
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
@@ -28,31 +28,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def train_plain(
-    cfg: TrainConfig,
-    method: Method,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = True,
-    base_model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> dict[str, Any]:
+def train_plain(cfg: TrainConfig, method: Method, start: RunStart) -> dict[str, Any]:
     """Train ``method`` with the loop, evaluate it (``cfg.evaluate``), write summary.json.
 
     summary.json is written last, so a folder holding it is a finished run (``compare`` and a
     composite method's ``--resume`` rely on that).
     """
-    trained = run_training(
-        cfg,
-        method,
-        overwrite=overwrite,
-        resume=resume,
-        progress=progress,
-        base_model=base_model,
-        tokenizer=tokenizer,
-        curve=held_out_curve,
-    )
+    trained = run_training(cfg, method, start, curve=held_out_curve)
     summary = trained.summary
     if cfg.evaluate:
         summary["evaluations"] = evaluate_run_tasks(
@@ -61,7 +43,7 @@ def train_plain(
             trained.tokenizer,
             cfg,
             accelerator=trained.accelerator,
-            progress=progress,
+            progress=start.progress,
             loaded_task=trained.task,
         )
     out = Path(cfg.out)

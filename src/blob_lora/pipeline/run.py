@@ -9,6 +9,7 @@ from blob_lora.methods.composite import CompositeMethod
 from blob_lora.pipeline.composite import train_composite
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
+from blob_lora.training.trainer import RunStart
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,13 +32,13 @@ def train(
     checkpoint (a composite method skips its finished sub-runs).
     """
     method = get_method(cfg.method)
-    kwargs: dict[str, Any] = {
-        "overwrite": overwrite,
-        "resume": resume,
-        "progress": progress,
-        "base_model": base_model,
-        "tokenizer": tokenizer,
-    }
+    start = RunStart(
+        overwrite=overwrite,
+        resume=resume,
+        progress=progress,
+        base_model=base_model,
+        tokenizer=tokenizer,
+    )
     if isinstance(method, CompositeMethod):  # ensemble, laplace, tfb
-        return train_composite(cfg, method, **kwargs)
-    return train_plain(cfg, method, **kwargs)
+        return train_composite(cfg, method, start)
+    return train_plain(cfg, method, start=start)

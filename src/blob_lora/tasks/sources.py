@@ -132,29 +132,26 @@ def parse_arc_local(rec: dict[str, Any], fallback_id: str) -> MCExample:
     return make_example(rid, stem, texts, label)
 
 
-def _hub_choices(rec: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+def _parse_labelled_hub(rec: dict[str, Any], fallback_id: str, stem_key: str) -> MCExample:
+    """The Hub's ARC/OBQA schema: id, the question under ``stem_key``, choices {text: [...],
+    label: [...]}, answerKey."""
+    rid = _optional_str(rec, "id") or fallback_id
+    stem = _get(rec, stem_key, str)
     ch = _get(rec, "choices", dict)
     texts = _get(ch, "text", list, "choices.")
     labels = _get(ch, "label", list, "choices.")
-    return texts, labels
+    texts, label = _labelled_choices(texts, labels, _get(rec, "answerKey", str), "choices.text")
+    return make_example(rid, stem, texts, label)
 
 
 def parse_arc_hub(rec: dict[str, Any], fallback_id: str) -> MCExample:
     """allenai/ai2_arc: id, question (str), choices {text: [...], label: [...]}, answerKey."""
-    rid = _optional_str(rec, "id") or fallback_id
-    stem = _get(rec, "question", str)
-    texts, labels = _hub_choices(rec)
-    texts, label = _labelled_choices(texts, labels, _get(rec, "answerKey", str), "choices.text")
-    return make_example(rid, stem, texts, label)
+    return _parse_labelled_hub(rec, fallback_id, "question")
 
 
 def parse_obqa_hub(rec: dict[str, Any], fallback_id: str) -> MCExample:
     """allenai/openbookqa "main": id, question_stem, choices {text, label}, answerKey."""
-    rid = _optional_str(rec, "id") or fallback_id
-    stem = _get(rec, "question_stem", str)
-    texts, labels = _hub_choices(rec)
-    texts, label = _labelled_choices(texts, labels, _get(rec, "answerKey", str), "choices.text")
-    return make_example(rid, stem, texts, label)
+    return _parse_labelled_hub(rec, fallback_id, "question_stem")
 
 
 def parse_winogrande(rec: dict[str, Any], fallback_id: str) -> MCExample:

@@ -96,13 +96,7 @@ class Updater:
             for p in self.point_params:
                 p.grad = None  # SGD sees only the KL gradient on mean and B ...
             kl = kl_fn()
-            # autograd.grad, not backward: no DDP gradient hooks fire for this closed-form term
-            # (it is identical on every process and needs no all-reduce).
-            params = self.point_params + self.std_params
-            grads = torch.autograd.grad(pi * kl, params, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g  # std: NLL + KL
+            self._add_kl_gradient(pi * kl)  # std: NLL + KL
             sgd.step()
             kl = kl.detach()
         for sched in self.schedulers:
@@ -110,6 +104,20 @@ class Updater:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         return kl
+
+    def _add_kl_gradient(self, weighted_kl: torch.Tensor, scale: float | None = None) -> None:
+        """Add ``scale * grad(weighted_kl)`` to every mean, ``B`` and std gradient.
+
+        ``autograd.grad``, not ``backward``: no DDP gradient hooks fire for this closed-form
+        term (it is identical on every process and needs no all-reduce).
+        """
+        params = self.point_params + self.std_params
+        grads = torch.autograd.grad(weighted_kl, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                if scale is not None:
+                    g = g * scale
+                p.grad = g if p.grad is None else p.grad + g
 
     def _paper_step_scaled(
         self, scaler: Any, kl_fn: Callable[[], torch.Tensor], pi: float
@@ -148,12 +156,7 @@ class Updater:
         for p in self.point_params:
             p.grad = None  # SGD sees only the KL gradient on mean and B ...
         kl = kl_fn()
-        params = self.point_params + self.std_params
-        grads = torch.autograd.grad(pi * kl, params, allow_unused=True)
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                g = g * scale
-                p.grad = g if p.grad is None else p.grad + g  # std: S * (NLL + KL)
+        self._add_kl_gradient(pi * kl, scale)  # std: S * (NLL + KL)
         _scaler_step(scaler, sgd)
         scaler.update()
         return kl.detach()

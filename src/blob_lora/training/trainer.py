@@ -99,6 +99,19 @@ CurveFactory = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """How a run starts: over a finished run (``overwrite``) or from its last checkpoint
+    (``resume``), with progress bars or not, on the caller's base model and tokenizer (tests,
+    notebooks) or, when ``base_model`` is ``None``, on ``cfg.model``."""
+
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    base_model: nn.Module | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+
 @dataclass
 class TrainedRun:
     """What the loop hands the pipeline: the run's summary so far and what evaluation needs."""
@@ -160,21 +173,21 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 def run_training(
     cfg: TrainConfig,
     method: Method,
+    start: RunStart | None = None,
     *,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = True,
-    base_model: nn.Module | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
     curve: CurveFactory | None = None,
 ) -> TrainedRun:
     """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
 
-    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``;
-    ``curve`` builds the held-out scorer of ``--curve-every``. Nothing is evaluated and no
-    ``summary.json`` is written: that is the pipeline's (``blob_lora.pipeline.train``).
+    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
+    held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
+    written: that is the pipeline's (``blob_lora.pipeline.train``).
     """
     from accelerate import Accelerator
+
+    start = start or RunStart()
+    overwrite, resume, progress = start.overwrite, start.resume, start.progress
+    base_model, tokenizer = start.base_model, start.tokenizer
 
     if cfg.curve_every and curve is None:
         raise ConfigError("--curve-every needs the held-out scorer of blob_lora.pipeline.train")
