@@ -42,6 +42,30 @@ def tiny_llama(
     return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
 
 
+#: the modules tiny LoRA and BLoB models adapt
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+
+
+def tiny_blob_model(seed: int = 0, std: tuple[float, float] = (0.2, 0.4), **blob_settings: Any):
+    """:func:`tiny_llama` with BLoB (rank 4) on q/v/lm_head, ``lora_B`` and the std drawn
+    large, as after training, so that weight samples reach the output; ``std = (0, 0)``
+    leaves no std. ``blob_settings`` are ``BlobConfig`` fields."""
+    from peft import LoraConfig
+
+    from blob_lora import BlobConfig, get_blob_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_blob_model(tiny_llama(seed), lora, BlobConfig(**blob_settings))
+    torch.manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+            if "lora_A_rho" in name:
+                p.uniform_(*std) if std[1] > 0 else p.zero_()
+    return model
+
+
 def char_tokenizer(words: Sequence[str], *, bos: bool = False):
     """A Unigram tokenizer over single characters plus the whole pieces ``words``
     (Llama-style leading-space pieces such as ``"▁A"``); ``bos`` prepends ``<s>``."""

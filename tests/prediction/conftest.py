@@ -5,30 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from peft import LoraConfig
 
-from blob_lora import BlobConfig, get_blob_model, last_blocks_pattern
+from blob_lora import last_blocks_pattern
 from blob_lora.training.config import TrainConfig
-from tests.factories import llama_style_tokenizer, tiny_llama
-
-TARGETS = ["q_proj", "v_proj", "lm_head"]
+from tests.factories import llama_style_tokenizer, tiny_blob_model, tiny_llama
 
 
 def blob_model(bayesian_blocks: int | None = 1, head: bool = True, seed: int = 0, std=(0.2, 0.4)):
     """Tiny 2-block Llama with BLoB on q/v/lm_head; ``bayesian_blocks`` = k last blocks random
     (``None``: every LoRA layer). ``lora_B`` and the std are set large so samples differ."""
     layers = None if bayesian_blocks is None else last_blocks_pattern(2, bayesian_blocks, head)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_blob_model(tiny_llama(seed), cfg, BlobConfig(bayesian_layers=layers))
-    torch.manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-            if "lora_A_rho" in name:
-                p.uniform_(*std) if std[1] > 0 else p.zero_()
-    return model.eval()
+    return tiny_blob_model(seed, std, bayesian_layers=layers).eval()
 
 
 @pytest.fixture(scope="session")

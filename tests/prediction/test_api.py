@@ -11,8 +11,8 @@ from peft import get_peft_model
 from blob_lora.cli.main import main
 from blob_lora.prediction import EarlyStop, Predictor, predict, read_questions
 from blob_lora.utils.errors import DataError
-from tests.factories import tiny_llama
-from tests.prediction.conftest import TARGETS, blob_model
+from tests.factories import TARGETS, tiny_llama
+from tests.prediction.conftest import blob_model
 
 
 def entropy(p: list[float]) -> float:

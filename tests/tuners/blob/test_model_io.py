@@ -13,9 +13,7 @@ from safetensors.torch import load_file
 from blob_lora import BlobConfig, get_blob_model, last_blocks_pattern, load_blob_model, sampling
 from blob_lora.tuners.blob.layer import BlobLinear
 from blob_lora.utils.errors import CheckpointError, ConfigError
-from tests.factories import tiny_llama
-
-TARGETS = ["q_proj", "v_proj", "lm_head"]
+from tests.factories import TARGETS, tiny_blob_model, tiny_llama
 
 
 def lora_config(**kw) -> LoraConfig:
@@ -24,15 +22,7 @@ def lora_config(**kw) -> LoraConfig:
 
 def trained_blob(seed: int = 0, **blob_kw):
     """A BLoB model with non-trivial B (as after training) so that noise reaches the output."""
-    model = get_blob_model(tiny_llama(seed), lora_config(), BlobConfig(**blob_kw))
-    torch.manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-            if "lora_A_rho" in name:
-                p.uniform_(0.2, 0.4)
-    return model
+    return tiny_blob_model(seed, **blob_kw)
 
 
 IDS = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(5))
