@@ -6,7 +6,10 @@ gradient is averaged across processes: 2 processes at batch b optimise the same 
 1 process at batch 2b (Accelerate hands process k the k-th of every ``world`` consecutive
 batches of the seeded order, so the global batches hold the same examples too). The KL cycle
 is computed from the global batch, and the KL gradient is taken with ``autograd.grad`` so that
-no DDP all-reduce averages a term that is already identical on every process.
+no DDP all-reduce averages a term that is already identical on every process. With
+``--grad-accum`` the NLL is the mean over the micro-batches of the window; the last window of
+an epoch may hold fewer (``micro_per_epoch % grad_accum``) and is averaged over those it holds,
+so its step equals one step on a batch of those examples (it is still one step of the KL cycle).
 
 Every decision that must be collective is made collectively: the stop on SIGINT/SIGTERM, a
 non-finite loss, and the success of each checkpoint write (written by the main process only).
@@ -459,7 +462,9 @@ class _Loop:
                     "process); the last good checkpoint "
                     f"is kept in {self.ckpt_root} (lower --lr or check the data)"
                 )
-            accelerator.backward(loss / cfg.grad_accum)
+            # mean over the micro-batches of this window: the last window of an epoch may hold
+            # fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
+            accelerator.backward(loss / self._window_size(micro))
         self.window["nll"] += nll.item()
         self.window["micro"] += 1
         self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -468,6 +473,13 @@ class _Loop:
             return False
         self._optimizer_step(kl_value, pi, micro, signals)
         return self.step >= self.plan.total_steps
+
+    def _window_size(self, micro: int) -> int:
+        """How many micro-batches the accumulation window of the 1-based ``micro`` holds:
+        ``--grad-accum``, or the remainder for the last window of an epoch."""
+        grad_accum = self.cfg.grad_accum
+        first = (micro - 1) // grad_accum * grad_accum  # micro-batches before this window
+        return min(grad_accum, self.plan.micro_per_epoch - first)
 
     def _optimizer_step(
         self, kl_value: torch.Tensor | None, pi: float, micro: int, signals: _Signals
