@@ -37,7 +37,8 @@ HELP: dict[str, str] = {
     "kl_lr": "SGD learning rate of the KL step in --optimizer paper (paper: 0.01)",
     "std_lr": "learning rate of the std parameters in --optimizer single (default: --lr)",
     "optimizer": "'paper': AdamW on NLL + SGD on the weighted KL (authors'); 'single': one AdamW on NLL + pi*KL",
-    "warmup_ratio": "fraction of steps with linear warmup, followed by linear decay",
+    "warmup_ratio": "fraction of steps with linear warmup, followed by linear decay (--optimizer "
+    "paper: the authors' step/warmup, the first update at lr 0)",
     "weight_decay": "AdamW weight decay (map defaults to 1e-5)",
     "seed": "random seed (data order, initialisation, weight noise)",
     "max_length": "maximum prompt length in tokens; passages/questions are shortened, never options or the cue",
