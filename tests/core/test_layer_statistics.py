@@ -37,16 +37,19 @@ def one_layer_model(flipout: str, seed: int = 0):
     return model, layer
 
 
-@pytest.mark.parametrize("mode", ["token", "sequence", "shared", "independent"])
+@pytest.mark.parametrize(
+    "mode", ["token", "sequence", "shared", "independent", "independent-token"]
+)
 def test_output_mean_and_variance_match_analytic(mode: str) -> None:
-    model, layer = one_layer_model("token" if mode == "independent" else mode)
+    predictive = mode.startswith("independent")  # prediction-only modes, set as an override
+    model, layer = one_layer_model("token" if predictive else mode)
     torch.manual_seed(1)
     x = torch.randn(6)
     # Flipout shares one noise magnitude per forward call, so the marginal statistics need many
     # independent calls: 3000 calls of 4 one-token sequences each.
     calls, batch = 3000, 4
     xs = x.expand(batch, 1, 6).contiguous()
-    override = "independent" if mode == "independent" else None
+    override = mode if predictive else None
     with torch.no_grad(), sampling(model, True, mode=override):
         outs = torch.cat([model(xs).view(batch, -1) for _ in range(calls)])
         w0 = layer.base_layer.weight

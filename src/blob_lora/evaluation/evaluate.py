@@ -24,6 +24,8 @@ from blob_lora.prediction.fast import predict_dataset_fast
 from blob_lora.tasks import MCCollator, MCDataset, Scoring, Task, TaskInputs, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.tasks.scoring import LETTER
+from blob_lora.tuners.blob import blob_layers
+from blob_lora.tuners.blob import eval_noise as blob_eval_noise
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -111,6 +113,7 @@ def evaluate_on_task(
     ood_against: Any = None,
     prefix_cache: bool = True,
     scoring: Scoring = LETTER,
+    eval_noise: str | None = None,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -122,26 +125,31 @@ def evaluate_on_task(
     ``prefix_cache`` (``fold`` mode) reuses the frozen blocks' output per example
     (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper. ``scoring`` says
     how option scores are read (letter or cloze, ``blob_lora.tasks.scoring.Scoring``).
+    ``eval_noise`` (``sequence`` or ``token``; ``None``: the model's own) is BLoB's weight noise
+    of the N samples (``blob_lora.tuners.blob.eval_noise``); the metrics name it for models
+    that sample BLoB weights.
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
-    scored = _score_split(
-        model,
-        method,
-        inputs,
-        n,
-        batch_size,
-        fold,
-        accelerator,
-        progress,
-        predictive=predictive,
-        early=early,
-        prefix_cache=prefix_cache,
-        cache_dir=cache_dir,
-    )
+    with blob_eval_noise(model, eval_noise):
+        scored = _score_split(
+            model,
+            method,
+            inputs,
+            n,
+            batch_size,
+            fold,
+            accelerator,
+            progress,
+            predictive=predictive,
+            early=early,
+            prefix_cache=prefix_cache,
+            cache_dir=cache_dir,
+        )
+        noise = _noise_used(model, n)
     metrics = _split_metrics(scored, inputs.dataset, predictive)
     metrics.update(
         {
@@ -156,6 +164,7 @@ def evaluate_on_task(
             if "epistemic" in scored.uncertainty
             else 0.0,
             "eval_seconds": round(time.perf_counter() - start, 3),
+            **({"eval_noise": noise} if noise is not None else {}),
             **(extra or {}),
         }
     )
@@ -173,6 +182,16 @@ def evaluate_on_task(
             metrics.update(reports.flat_ood_metrics(ood))
         atomic_write_json(out_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _noise_used(model: torch.nn.Module, n: int) -> str | None:
+    """The eval noise of BLoB weight samples (``None``: no samples, or no BLoB std)."""
+    if n == 0:
+        return None
+    for _, layer in blob_layers(model):
+        if any(a in layer.lora_A_rho for a in layer.active_adapters):
+            return layer.blob_eval_noise
+    return None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from blob_lora.tuners.blob import (
     get_blob_model,
     kl_divergence,
     load_blob_model,
+    predictive_noise_mode,
     sampling,
 )
 
@@ -29,6 +30,7 @@ def blob_config_from(cfg: Any) -> BlobConfig:
         std_param=cfg.std_param,
         flipout=cfg.flipout,
         eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
+        eval_noise=cfg.eval_noise,
         bayesian_layers=cfg.bayesian_layers,
     )
 
@@ -58,9 +60,10 @@ class BlobMethod(Method):
 
     @contextmanager
     def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
-        # One coherent, independent weight sample per sequence: the Bayesian predictive
-        # E_q[p(y | x, A)], also when several samples of one example share a batch.
-        with sampling(model, n_samples > 0, mode="independent"):
+        # Independent weight samples, also when several samples of one example share a batch:
+        # by default one coherent sample per sequence, the Bayesian predictive E_q[p(y | x, A)];
+        # with eval noise "token" the authors' token-wise Flipout (tuners.blob.eval_noise).
+        with sampling(model, n_samples > 0, mode=predictive_noise_mode(model)):
             yield
 
     @contextmanager

@@ -119,6 +119,7 @@ class TfbMethod(BlobMethod, CompositeMethod):
             std_param="square",
             flipout=cfg.flipout,
             eval_samples=cfg.eval_samples if cfg.eval_samples is not None else 10,
+            eval_noise=cfg.eval_noise,
         )
         model = get_blob_model(assembly.base, self.lora_config(cfg), blob_config)
         to_device(model, assembly.device)

@@ -22,6 +22,7 @@ from blob_lora.models.loading import to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
+from blob_lora.training.distributed import fsdp_requested
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY, prepare_run_dir
 from blob_lora.training.trainer import build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
@@ -39,6 +40,13 @@ def train_composite(
     tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
+    if fsdp_requested():
+        raise ConfigError(
+            f"--method {cfg.method} is not supported under FSDP: it assembles and evaluates its "
+            "adapters on the whole base model in every process, which FSDP is there to avoid. "
+            "Launch it with plain data parallelism (accelerate launch --multi_gpu), or shard "
+            "blob, lora, map or mc-dropout runs under FSDP"
+        )
     state = claim_run_dir(cfg, overwrite=overwrite, resume=resume)
     out = Path(cfg.out)
     sub_runs = method.sub_runs(cfg)

@@ -6,8 +6,10 @@ from blob_lora.tuners.blob.kl import gaussian_kl, kl_divergence
 from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear
 from blob_lora.tuners.blob.model import (
     blob_layers,
+    eval_noise,
     get_blob_model,
     load_blob_model,
+    predictive_noise_mode,
     sampling,
     std_parameters,
 )
@@ -17,11 +19,13 @@ __all__ = [
     "BlobLayerMixin",
     "BlobLinear",
     "blob_layers",
+    "eval_noise",
     "gaussian_kl",
     "get_blob_model",
     "kl_divergence",
     "last_blocks_pattern",
     "load_blob_model",
+    "predictive_noise_mode",
     "sampling",
     "std_parameters",
 ]
