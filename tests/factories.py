@@ -66,6 +66,38 @@ def tiny_blob_model(seed: int = 0, std: tuple[float, float] = (0.2, 0.4), **blob
     return model
 
 
+def one_layer_model(flipout: str, seed: int = 0):
+    """BLoB (rank 3) on a single 6 -> 5 linear layer, its ``A``, ``B`` and std drawn large;
+    returns the model and that ``BlobLinear`` (analytic checks of the sampled output)."""
+    from peft import LoraConfig
+
+    from blob_lora import BlobConfig, get_blob_model
+    from blob_lora.tuners.blob.layer import BlobLinear
+
+    torch.manual_seed(seed)
+    model = get_blob_model(
+        _OneLinear(),
+        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
+        BlobConfig(flipout=flipout, init_std=0.5),
+    )
+    layer = model.base_model.model.proj
+    assert isinstance(layer, BlobLinear)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        layer.lora_A["default"].weight.normal_()
+        layer.lora_A_rho["default"].uniform_(0.5, 1.0)
+    return model, layer
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, d_in: int = 6, d_out: int = 5) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def char_tokenizer(words: Sequence[str], *, bos: bool = False):
     """A Unigram tokenizer over single characters plus the whole pieces ``words``
     (Llama-style leading-space pieces such as ``"▁A"``); ``bos`` prepends ``<s>``."""

@@ -46,6 +46,7 @@ def evaluate(
     split: str = "eval",
     n_samples: int | None = None,
     scoring: Scoring | None = None,
+    eval_noise: str | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -53,8 +54,9 @@ def evaluate(
 
     Writes metrics.json, predictions.jsonl and the plots into ``out`` (default
     ``RUN/eval/<task>``). ``split`` is a split of that task (``eval``: its evaluation split, or
-    the run's own ``eval_split`` for its own task); ``n_samples`` and ``scoring`` default to
-    the run's settings. The same as ``blob-lora evaluate``.
+    the run's own ``eval_split`` for its own task); ``n_samples``, ``scoring`` and
+    ``eval_noise`` (BLoB's weight noise of the samples: ``sequence`` or the authors' ``token``)
+    default to the run's settings. The same as ``blob-lora evaluate``.
     """
     loaded = load_run(Path(run_dir))
     cfg = loaded.config
@@ -75,4 +77,5 @@ def evaluate(
         progress=progress,
         prefix_cache=cfg.prefix_cache,
         scoring=scoring or cfg.scoring_spec,
+        eval_noise=eval_noise or cfg.eval_noise,
     )

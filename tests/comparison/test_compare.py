@@ -399,3 +399,42 @@ def test_missing_evaluations_use_the_runs_scoring(tmp_path, monkeypatch):
     _evaluate_missing(run, progress=False)
     assert "openbookqa" in {name for name, _ in seen}
     assert {scoring for _, scoring in seen} == {Scoring("cloze", "char")}
+
+
+def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
+    """``train: {eval_noise: token}`` (issue 21.5): evaluations compare adds use it too."""
+    from types import SimpleNamespace
+
+    from blob_lora.comparison import compare as compare_mod
+    from blob_lora.comparison.compare import _evaluate_missing
+
+    spec = spec_from_dict(
+        {
+            "methods": ["blob", "blob-mean"],
+            "tasks": ["arc_easy"],
+            "seeds": [1],
+            "ood": {"train_task": "arc_easy", "eval_tasks": ["openbookqa"]},
+            "train": {"max_steps": 5, "eval_noise": "token"},
+        },
+        name="noise",
+        out=tmp_path / "out",
+    )
+    fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    (run,) = plan(spec)
+    cfg = TrainConfig.from_dict(json.loads((run.dir / "run_config.json").read_text()))
+    assert cfg.eval_noise == "token"
+    monkeypatch.setattr(
+        compare_mod,
+        "load_run",
+        lambda d: SimpleNamespace(config=cfg, **dict.fromkeys(("model", "method", "tokenizer"))),
+    )
+    seen = []
+
+    def fake_eval(*a, **k):
+        seen.append((k["n_samples"], k["eval_noise"]))
+        return {"accuracy": 0.5, "split": "validation", "eval_samples": k["n_samples"]}
+
+    monkeypatch.setattr(compare_mod, "evaluate_on_task", fake_eval)
+    _evaluate_missing(run, progress=False)
+    # the sampled OOD evaluation (N: the run's) and the blob-mean ones (N = 0, noise moot)
+    assert (None, "token") in seen and {noise for _, noise in seen} == {"token"}

@@ -4,7 +4,8 @@
 
 MODEL_DIR/TASK_DIR are the tiny assets of tests/faults/tiny_run.py. Writes OUT_DIR/report.json:
 a BLoB run on the GPU, the same run killed after step 5 and resumed (bitwise or not), a bf16
-run, the GPU checkpoint resumed on the CPU, and what an FSDP launch does (refused).
+run, the GPU checkpoint resumed on the CPU, and what an FSDP2 launch on the one GPU does
+(trains; FSDP1 is refused).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def run_all(model: str, task: str, out: Path) -> None:
     def fsdp():
         env = dict(os.environ, HF_HOME=str(out / "hf"))
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes",
-            "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "fsdp", model,
-            task, str(out / "fsdp"),
+            sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version",
+            "2", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            __file__, "fsdp", model, task, str(out / "fsdp"),
         ]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         lines = [x for x in (proc.stdout + proc.stderr).splitlines() if "FSDP-RESULT" in x]

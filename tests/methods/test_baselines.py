@@ -172,7 +172,9 @@ def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():
 
 
 def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, char_base, char_tok):
-    cfg = tiny_run_config(tmp_path / "tfb", data_root, "tfb", max_steps=4)
+    # no warmup: the paper schedule's first step is at lr 0 (the authors'), and 3 steps of a
+    # decaying lr leave B too small for any sigma to cost 0.3 % anchor NLL
+    cfg = tiny_run_config(tmp_path / "tfb", data_root, "tfb", max_steps=4, warmup_ratio=0.0)
     summary = train_tiny(cfg, char_base, char_tok)
     out = Path(cfg.out)
     info = summary["tfb"]

@@ -159,3 +159,66 @@ def test_tiny_weight_decay_is_a_bitwise_no_op_and_warns() -> None:
         warn_if_decay_rounds_away(
             [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))], 1e-3, 1e-5
         )
+
+
+def _lr_trace(upd, steps: int) -> list[list[float]]:
+    """Learning rate of every optimiser at each of ``steps`` updates (no gradients: no moves)."""
+    import warnings
+
+    trace = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler.step() without optimizer.step()
+        for _ in range(steps):
+            trace.append([o.param_groups[0]["lr"] for o in upd.optimizers])
+            for sched in upd.schedulers:
+                sched.step()
+    return trace
+
+
+@pytest.mark.parametrize(("total", "ratio"), [(100, 0.06), (10, 0.06), (50, 0.1), (20, 0.0)])
+def test_paper_mode_warmup_is_the_authors(total, ratio) -> None:
+    """``--optimizer paper``: the authors' ``get_linear_schedule_with_warmup`` (the same as
+    transformers'): factor ``s / W`` with ``W = ratio * total`` unrounded, so the first update
+    is at lr 0, on AdamW and on the KL SGD alike; LoRA-like methods get it too."""
+    import warnings
+
+    from transformers import get_linear_schedule_with_warmup
+
+    model, _ = _model_and_grads()
+    upd = build_updater(
+        model, mode="paper", bayesian=True, lr=1e-2, total_steps=total, warmup_ratio=ratio
+    )
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler.step() before optimizer.step()
+        ref = get_linear_schedule_with_warmup(ref_opt, ratio * total, total)
+        expected = []
+        for _ in range(total):
+            expected.append(ref_opt.param_groups[0]["lr"])
+            ref.step()
+    trace = _lr_trace(upd, total)
+    assert [t[0] for t in trace] == pytest.approx([1e-2 * f for f in expected], abs=1e-15)
+    assert [t[1] for t in trace] == pytest.approx([0.01 * f for f in expected], abs=1e-15)
+    if ratio > 0:
+        assert trace[0] == [0.0, 0.0]  # the first update is taken at lr 0
+    if (total, ratio) == (100, 0.06):  # W = 6: 0, 1/6, ..., 5/6, then 94/94, 93/94, ...
+        assert [t[0] / 1e-2 for t in trace[:8]] == pytest.approx(
+            [0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 93 / 94]
+        )
+    from peft import get_peft_model
+
+    plain = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora = build_updater(
+        plain, mode="paper", bayesian=False, lr=1e-2, total_steps=total, warmup_ratio=ratio
+    )
+    assert [t[0] for t in _lr_trace(lora, total)] == [t[0] for t in trace]
+
+
+def test_single_mode_warmup_is_unchanged() -> None:
+    """``--optimizer single`` keeps ``(s + 1) / W`` with ``W`` rounded: 1/6, 2/6, ..., 1."""
+    model, _ = _model_and_grads()
+    upd = build_updater(
+        model, mode="single", bayesian=True, lr=1.0, total_steps=100, warmup_ratio=0.06
+    )
+    trace = [t[0] for t in _lr_trace(upd, 8)]
+    assert trace == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 93 / 94])

@@ -46,7 +46,8 @@ HELP: dict[str, str] = {
     "kl_lr": "SGD learning rate of the KL step in --optimizer paper (paper: 0.01)",
     "std_lr": "learning rate of the std parameters in --optimizer single (default: --lr)",
     "optimizer": "'paper': AdamW on NLL + SGD on the weighted KL (authors'); 'single': one AdamW on NLL + pi*KL",
-    "warmup_ratio": "fraction of steps with linear warmup, followed by linear decay",
+    "warmup_ratio": "fraction of steps with linear warmup, followed by linear decay (--optimizer "
+    "paper: the authors' step/warmup, the first update at lr 0)",
     "weight_decay": "AdamW weight decay (map defaults to 1e-5)",
     "seed": "random seed (data order, initialisation, weight noise)",
     "max_length": "maximum prompt length in tokens; passages/questions are shortened, never options or the cue",
@@ -55,6 +56,9 @@ HELP: dict[str, str] = {
     "length_norm": "cloze only: divide an option's log-likelihood by its token or char count "
     "(lm-evaluation-harness acc_norm = char); none (default) keeps the model's own probability",
     "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the method's, BLoB 10)",
+    "eval_noise": "BLoB's weight noise at evaluation: sequence (one coherent weight sample per "
+    "sequence, the posterior predictive) or token (the authors': token-wise Flipout); other "
+    "methods ignore it",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scaling alpha/r)",
     "lora_dropout": "LoRA dropout (mc-dropout defaults to 0.1)",
@@ -194,6 +198,15 @@ def add_scoring_override(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--length-norm", choices=LENGTH_NORMS, default=None, help=HELP["length_norm"] + " (run's)"
+    )
+
+
+def add_eval_noise_override(parser: argparse.ArgumentParser) -> None:
+    """``--eval-noise`` for commands that re-open a run (default: the run's)."""
+    from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
+
+    parser.add_argument(
+        "--eval-noise", choices=EVAL_NOISE_MODES, default=None, help=HELP["eval_noise"] + " (run's)"
     )
 
 

@@ -200,6 +200,7 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             progress=progress,
             prefix_cache=cfg.prefix_cache,
             scoring=cfg.scoring_spec,
+            eval_noise=cfg.eval_noise,
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)

@@ -54,6 +54,7 @@ def evaluate_on_task(
     ood_against: str | Path | reports.Rows | None = None,
     prefix_cache: bool = True,
     scoring: Scoring = LETTER,
+    eval_noise: str | None = None,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -65,26 +66,30 @@ def evaluate_on_task(
     ``prefix_cache`` (``fold`` mode) reuses the frozen blocks' output per example
     (``blob_lora.models.prefix_cache``): the same predictive, 2-3x cheaper. ``scoring`` says
     how option scores are read (letter or cloze, ``blob_lora.tasks.scoring.Scoring``).
+    ``eval_noise`` (BLoB: ``sequence`` or ``token``; ``None``: the model's own) is the weight
+    noise of the N samples (``Method.eval_noise``); the metrics name it when samples are drawn
+    with such noise.
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
-    scored = _score_split(
-        model,
-        method,
-        inputs,
-        n,
-        batch_size,
-        fold,
-        accelerator,
-        progress,
-        predictive=predictive,
-        early=early,
-        prefix_cache=prefix_cache,
-        cache_dir=cache_dir,
-    )
+    with method.eval_noise(model, eval_noise) as noise:
+        scored = _score_split(
+            model,
+            method,
+            inputs,
+            n,
+            batch_size,
+            fold,
+            accelerator,
+            progress,
+            predictive=predictive,
+            early=early,
+            prefix_cache=prefix_cache,
+            cache_dir=cache_dir,
+        )
     metrics = _split_metrics(scored, inputs.dataset, predictive)
     metrics.update(
         {
@@ -99,6 +104,7 @@ def evaluate_on_task(
             if "epistemic" in scored.uncertainty
             else 0.0,
             "eval_seconds": round(time.perf_counter() - start, 3),
+            **({"eval_noise": noise} if noise is not None and n > 0 else {}),
             **(extra or {}),
         }
     )

@@ -20,7 +20,8 @@ BLoB options are extra keyword arguments, all with the paper's defaults). What c
   (``BlobPaperAdamW``), so the Trainer schedules, clips, checkpoints and loss-scales it like
   any other; the SGD learning rate follows the Trainer's schedule.
 * **Evaluation** (``prediction_step``): with ``eval_samples`` N > 0 the prediction is the
-  average of the softmax of N forwards, each with an independent weight sample per sequence;
+  average of the softmax of N forwards, each with an independent weight sample per sequence
+  (or the authors' token-wise Flipout, when the model's ``BlobConfig.eval_noise`` is "token");
   the returned "logits" are the log of that averaged predictive (so ``compute_metrics``, argmax
   or softmax, works unchanged) and ``eval_loss`` is its NLL (labels shifted for causal LMs).
   N = 0 is exactly the Trainer's own step on the mean weights (BLoB-Mean, as plain LoRA).
@@ -42,7 +43,7 @@ from transformers import Trainer
 
 from blob_lora.training.kl_schedule import KL_SCHEDULES, KLSchedule, make_schedule
 from blob_lora.training.optim import OPTIMIZER_MODES, split_parameters
-from blob_lora.tuners.blob import blob_layers, kl_divergence, sampling
+from blob_lora.tuners.blob import blob_layers, kl_divergence, predictive_noise_mode, sampling
 from blob_lora.utils.errors import ConfigError
 
 __all__ = ["BlobPaperAdamW", "BlobTrainer"]
@@ -447,7 +448,7 @@ class BlobTrainer(Trainer):
             labels = tuple(inputs[k].detach() for k in self.label_names)
             labels = labels[0] if len(labels) == 1 else labels
         log_mean = None
-        with torch.no_grad(), sampling(model, True, mode="independent"):
+        with torch.no_grad(), sampling(model, True, mode=predictive_noise_mode(model)):
             for _ in range(n):
                 with self.compute_loss_context_manager():
                     outputs = model(**inputs)

@@ -19,7 +19,9 @@ Prediction
     :meth:`~Method.mean_mode` for N = 0), :attr:`~Method.iid_samples` (fresh independent draws
     per call: early stopping may draw a few at a time), :meth:`~Method.stochastic_modules`
     (which modules are random: prediction may run the deterministic blocks below them once),
-    :attr:`~Method.prefix_cacheable` (whether the frozen blocks' output may be cached).
+    :attr:`~Method.prefix_cacheable` (whether the frozen blocks' output may be cached),
+    :meth:`~Method.eval_noise` (the kind of weight noise the samples draw, where a method
+    offers a choice: BLoB's ``--eval-noise``).
 
 A method trained as several ordinary runs plus an assembly step (an ensemble, Laplace, TFB) is
 a ``methods.composite.CompositeMethod``: it declares its sub-runs instead of ``build``.
@@ -66,6 +68,7 @@ class RunSettings(Protocol):
     init_std: float
     std_param: str
     flipout: str
+    eval_noise: str
     bayesian_layers: list[str] | None
     ensemble_size: int
 
@@ -138,6 +141,13 @@ class Method(ABC):
     def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
         """Put the model in the state that draws one predictive sample per sequence."""
         yield
+
+    @contextmanager
+    def eval_noise(self, model: nn.Module, kind: str | None) -> Iterator[str | None]:
+        """Within the block, the samples of :meth:`sampling_mode` draw weight noise of ``kind``
+        (``None``: the model's own setting). Yields the kind in force, which the metrics name,
+        or ``None`` for a method without such a choice; by default ``kind`` is ignored."""
+        yield None
 
     def stochastic_modules(self, model: nn.Module) -> list[str] | None:
         """Qualified names of the modules whose forward is random under ``sampling_mode``.

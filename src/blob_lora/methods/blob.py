@@ -15,12 +15,15 @@ from blob_lora.methods.base import RunSettings, unwrapped
 from blob_lora.methods.lora import LoraMethod
 from blob_lora.tuners.blob import (
     BlobConfig,
+    BlobLayerMixin,
     blob_layers,
     get_blob_model,
     kl_divergence,
     load_blob_model,
+    predictive_noise_mode,
     sampling,
 )
+from blob_lora.tuners.blob import eval_noise as set_eval_noise
 
 
 def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
@@ -34,6 +37,7 @@ def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
         "init_std": cfg.init_std,
         "std_param": cfg.std_param,
         "flipout": cfg.flipout,
+        "eval_noise": cfg.eval_noise,
         "bayesian_layers": cfg.bayesian_layers,
     }
     if cfg.eval_samples is not None:
@@ -72,9 +76,10 @@ class BlobMethod(LoraMethod):
 
     @contextmanager
     def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
-        # One coherent, independent weight sample per sequence: the Bayesian predictive
-        # E_q[p(y | x, A)], also when several samples of one example share a batch.
-        with sampling(model, n_samples > 0, mode="independent"):
+        # Independent weight samples, also when several samples of one example share a batch:
+        # by default one coherent sample per sequence, the Bayesian predictive E_q[p(y | x, A)];
+        # with eval noise "token" the authors' token-wise Flipout (tuners.blob.eval_noise).
+        with sampling(model, n_samples > 0, mode=predictive_noise_mode(model)):
             yield
 
     @contextmanager
@@ -84,10 +89,20 @@ class BlobMethod(LoraMethod):
         with sampling(model, False):
             yield
 
+    @contextmanager
+    def eval_noise(self, model: nn.Module, kind: str | None) -> Iterator[str | None]:
+        # sequence (default) or the authors' token-wise Flipout, read by sampling_mode above;
+        # named in the metrics only when some layer samples weights
+        with set_eval_noise(model, kind):
+            yield next((layer.blob_eval_noise for _, layer in _sampling_layers(model)), None)
+
     def stochastic_modules(self, model: nn.Module) -> list[str]:
-        # Only layers with a std sample weights; the others (bayesian_layers) are plain LoRA.
-        return [
-            name
-            for name, layer in blob_layers(model)
-            if any(a in layer.lora_A_rho for a in layer.active_adapters)
-        ]
+        return [name for name, _ in _sampling_layers(model)]
+
+
+def _sampling_layers(model: nn.Module) -> Iterator[tuple[str, BlobLayerMixin]]:
+    """The BLoB layers that sample weights: those with a std. The others (outside
+    ``bayesian_layers``) are plain LoRA."""
+    for name, layer in blob_layers(model):
+        if any(a in layer.lora_A_rho for a in layer.active_adapters):
+            yield name, layer

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from blob_lora.methods import get_method
+from blob_lora.methods import METHODS, get_method
 from blob_lora.methods.composite import Assembly, CompositeMethod
 from blob_lora.models.loading import to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
+from blob_lora.training.distributed import fsdp_requested
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY, prepare_run_dir
 from blob_lora.training.trainer import RunStart, build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) -> dict[str, Any]:
     """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
+    refuse_under_fsdp(cfg)
     state = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     out = Path(cfg.out)
     progress = start.progress
@@ -64,6 +66,20 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     summary = method.summarize(cfg, sub_summaries, record)
     summary["evaluations"] = evaluate_assembled(model, method, tokenizer, cfg, progress=progress)
     return write_summary(cfg, summary)
+
+
+def refuse_under_fsdp(cfg: TrainConfig) -> None:
+    """Refuse a composite method launched for FSDP, before anything is written: its assembly
+    and evaluation hold the whole base model in every process, which FSDP is there to avoid."""
+    if not fsdp_requested():
+        return
+    shardable = ", ".join(name for name, m in METHODS.items() if not isinstance(m, CompositeMethod))
+    raise ConfigError(
+        f"--method {cfg.method} is not supported under FSDP: it assembles and evaluates its "
+        "adapters on the whole base model in every process, which FSDP is there to avoid. "
+        "Launch it with plain data parallelism (accelerate launch --multi_gpu), or shard a "
+        f"method trained by the loop alone ({shardable}) under FSDP"
+    )
 
 
 def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> PartialState:

@@ -55,5 +55,6 @@ def evaluate_run_tasks(
             progress=progress,
             prefix_cache=cfg.prefix_cache,
             scoring=cfg.scoring_spec,
+            eval_noise=cfg.eval_noise,
         )
     return results

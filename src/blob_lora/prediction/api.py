@@ -38,6 +38,7 @@ from blob_lora.tasks import EncodedDataset, MCCollator, MCExample, Scoring, scor
 from blob_lora.tasks.dataset import encode_split
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
+from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
 
@@ -90,6 +91,9 @@ class Predictor:
         early: the stopping rule of the early modes.
         seed: seeds torch's generator before predicting, for reproducible samples.
         scoring: how option scores are read (letter or cloze); ``from_run`` uses the run's.
+        eval_noise: BLoB's weight noise of the samples, ``sequence`` (one coherent sample per
+            sequence) or ``token`` (the authors' token-wise Flipout); ``None``: the model's own
+            (``BlobConfig.eval_noise``); ``from_run`` uses the run's. Other methods ignore it.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class Predictor:
         seed: int | None = None,
         progress: bool = False,
         scoring: Scoring = LETTER,
+        eval_noise: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -129,6 +134,9 @@ class Predictor:
         self.seed = seed
         self.progress = progress
         self.scoring = scoring
+        if eval_noise is not None and eval_noise not in EVAL_NOISE_MODES:
+            raise ConfigError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {eval_noise!r}")
+        self.eval_noise = eval_noise
         self.last_summary: PredictionSummary | None = None
 
     @classmethod
@@ -143,6 +151,7 @@ class Predictor:
         kwargs.setdefault("batch_size", cfg.eval_batch_size)
         kwargs.setdefault("max_length", cfg.max_length)
         kwargs.setdefault("scoring", cfg.scoring_spec)
+        kwargs.setdefault("eval_noise", cfg.eval_noise)
         return cls(loaded.model, loaded.tokenizer, loaded.method, **kwargs)
 
     # -----------------------------------------------------------------------------------------
@@ -165,6 +174,10 @@ class Predictor:
     # -----------------------------------------------------------------------------------------
 
     def _run(self, q: Questions) -> list[dict]:
+        with self.method.eval_noise(self.model, self.eval_noise):
+            return self._run_questions(q)
+
+    def _run_questions(self, q: Questions) -> list[dict]:
         start = time.perf_counter()
         if self.seed is not None:
             torch.manual_seed(self.seed)

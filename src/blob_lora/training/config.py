@@ -10,7 +10,7 @@ from blob_lora.methods import get_method
 from blob_lora.tasks.scoring import Scoring
 from blob_lora.training.kl_schedule import KL_SCHEDULES
 from blob_lora.training.optim import OPTIMIZER_MODES
-from blob_lora.tuners.blob.config import FLIPOUT_MODES, STD_PARAMS
+from blob_lora.tuners.blob.config import EVAL_NOISE_MODES, FLIPOUT_MODES, STD_PARAMS
 from blob_lora.utils.errors import ConfigError
 
 MAX_SEED = 2**31 - 1
@@ -44,6 +44,7 @@ class TrainConfig:
     scoring: str = "letter"
     length_norm: str = "none"
     eval_samples: int | None = None
+    eval_noise: str = "sequence"
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -174,6 +175,7 @@ class TrainConfig:
             "kl_schedule": KL_SCHEDULES,
             "std_param": STD_PARAMS,
             "flipout": FLIPOUT_MODES,
+            "eval_noise": EVAL_NOISE_MODES,
             "dtype": ("float32", "bfloat16", "float16"),
         }
         for name, allowed in choices.items():

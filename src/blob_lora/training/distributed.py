@@ -22,9 +22,31 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def uses_fsdp(accelerator: Accelerator) -> bool:
+    """Whether Accelerate shards the model with FSDP2 (``fully_shard``: DTensor parameters)."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def _launched_for_fsdp() -> bool:
+    """Whether the launcher asked for FSDP (``accelerate launch --use_fsdp`` sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_requested() -> bool:
+    """Whether this process was launched for FSDP (``accelerate launch --use_fsdp``), or an
+    Accelerator of this process already runs it; readable before any Accelerator exists."""
+    if _launched_for_fsdp():
+        return True
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    return bool(state) and state.get("distributed_type") == DistributedType.FSDP
+
+
 def check_launch(accelerator: Accelerator) -> None:
-    """Refuse launches that would silently train wrong: N independent copies, or sharded
-    parameters that the KL and the checkpoints do not handle."""
+    """Refuse launches that would silently train wrong: N independent copies, FSDP asked for but
+    not run, or sharding that the KL and the checkpoints do not handle (FSDP1, DeepSpeed)."""
     from accelerate.utils import DistributedType
 
     try:
@@ -38,18 +60,98 @@ def check_launch(accelerator: Accelerator) -> None:
             "machine without GPUs set ACCELERATE_USE_CPU=1 (e.g. 'ACCELERATE_USE_CPU=1 "
             "accelerate launch --multi_gpu --num_processes N -m blob_lora.cli.main train ...')"
         )
+    kind = accelerator.distributed_type
+    if _launched_for_fsdp() and kind != DistributedType.FSDP:
+        raise ConfigError(
+            f"FSDP was asked for (accelerate launch --use_fsdp) but Accelerate runs "
+            f"{getattr(kind, 'value', kind)}: Accelerate shards with FSDP on GPUs only, and with "
+            "ACCELERATE_USE_CPU=1 it would silently fall back to replicating the whole model. "
+            "On CPUs launch plain data parallelism (ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu ...); on GPUs drop ACCELERATE_USE_CPU"
+        )
+    if kind == DistributedType.FSDP and not uses_fsdp(accelerator):
+        raise ConfigError(
+            "FSDP1 (fsdp_version 1) is not supported: it flattens parameters, so the KL and the "
+            "checkpoints cannot see the LoRA tensors. Launch FSDP2 instead: accelerate launch "
+            "--use_fsdp --fsdp_version 2 ... (or fsdp_version: 2 in the Accelerate config)"
+        )
     refused = {
-        DistributedType.FSDP: "FSDP",
         DistributedType.DEEPSPEED: "DeepSpeed",
         DistributedType.MEGATRON_LM: "Megatron-LM",
     }
-    if accelerator.distributed_type in refused:
+    if kind in refused:
         raise ConfigError(
-            f"{refused[accelerator.distributed_type]} is not supported: blob-lora replicates the "
-            "(small) adapter on every process and computes the KL and checkpoints on all of it. "
-            "Launch with plain multi-GPU/multi-CPU data parallelism (accelerate launch "
-            "--multi_gpu); to save memory use --dtype bfloat16 or --load-in-4bit"
+            f"{refused[kind]} is not supported: the KL and the checkpoints are computed on "
+            "LoRA tensors that its engine partitions. To shard a base model too large for one "
+            "GPU launch FSDP2 (accelerate launch --use_fsdp --fsdp_version 2 ...); otherwise "
+            "plain data parallelism (accelerate launch --multi_gpu); to save memory also "
+            "--dtype bfloat16 or --load-in-4bit (the latter under --multi_gpu only)"
         )
+
+
+def check_fsdp_settings(accelerator: Accelerator, load_in_4bit: bool, load_in_8bit: bool) -> None:
+    """Under FSDP, refuse what sharding cannot do here, each time naming what to do instead."""
+    if not uses_fsdp(accelerator):
+        return
+    if load_in_4bit or load_in_8bit:
+        flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
+        raise ConfigError(
+            f"{flag} cannot be combined with FSDP: bitsandbytes' quantised weights are not "
+            "sharded by FSDP2 (every process would hold the whole base anyway). Either shard a "
+            f"bfloat16 base (drop {flag}, add --dtype bfloat16), or keep the quantised base "
+            "and launch plain data parallelism (accelerate launch --multi_gpu)"
+        )
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError(
+            "fp16 mixed precision is not supported under FSDP (its gradient scaler is not "
+            "applied to the KL step there). Use --mixed_precision bf16 (or no) with FSDP, or "
+            "fp16 under plain data parallelism (accelerate launch --multi_gpu --mixed_precision "
+            "fp16)"
+        )
+
+
+def full_tensors(obj: T) -> T:
+    """``obj`` (a tensor, or a state dict nesting them) with every DTensor replaced by its whole
+    value. A collective under FSDP: every process must call it on the same structure."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.full_tensor()  # type: ignore[return-value]
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}  # type: ignore[return-value]
+    if isinstance(obj, list | tuple):
+        return type(obj)(full_tensors(v) for v in obj)  # type: ignore[return-value]
+    return obj
+
+
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor, the same on every process) cut like ``param``: this process's
+    shard when ``param`` is a DTensor (no communication), ``value`` itself otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return value
+    value = value.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """A saved (whole-tensor) optimiser state cut like the optimiser's sharded parameters, so
+    that ``load_state_dict`` restores it under FSDP (per-parameter states such as AdamW's
+    moments have the parameter's shape; scalars such as ``step`` stay as they are)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for key, per_param in state_dict.get("state", {}).items():
+        param = params[int(key)]
+        state[key] = {
+            name: shard_like(v, param)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(param.shape)
+            else v
+            for name, v in per_param.items()
+        }
+    return {**state_dict, "state": state}
 
 
 def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:

@@ -9,7 +9,11 @@ Two modes, both on one backward pass of the NLL per micro-batch:
 * ``single``: one AdamW on ``NLL + pi * KL`` with two parameter groups (mean/``B`` at ``lr``,
   std at ``std_lr``).
 
-Both use linear warmup followed by linear decay to zero.
+Both use linear warmup followed by linear decay to zero. ``paper`` uses the authors' schedule
+(``get_linear_schedule_with_warmup`` of their code, on AdamW and the KL SGD alike): the factor
+at optimiser step ``s`` (0-based) is ``s / W`` during warmup with ``W = warmup_ratio * total``
+unrounded, so the first update is taken at lr 0. ``single`` keeps this project's original
+``(s + 1) / W`` (``W`` rounded), whose first update already moves the weights.
 
 Under fp16 mixed precision (a ``GradScaler``, e.g. the one Accelerate attaches to the optimisers
 it prepares) the NLL gradients carry the loss scale; ``Updater`` enters the KL gradient of the
@@ -39,6 +43,18 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
             return (step + 1) / warmup_steps
         remaining = total_steps - step
         return max(0.0, remaining / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def authors_warmup_decay(total_steps: int, warmup_steps: float) -> Callable[[int], float]:
+    """The authors' factor: ``s / W`` while ``s < W`` (0 at the first step), then linear decay
+    ``(total - s) / (total - W)`` to zero; ``W`` may be fractional (``ratio * total``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / max(1.0, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup_steps))
 
     return factor
 
@@ -230,8 +246,10 @@ def build_updater(
     if not point:
         raise ConfigError("the model has no trainable parameters")
     warn_if_decay_rounds_away(point + std, lr, weight_decay)
-    warmup = int(round(warmup_ratio * total_steps))
-    factor = linear_warmup_decay(total_steps, warmup)
+    if mode == "paper":  # every method: the authors' baselines share BLoB's schedule
+        factor = authors_warmup_decay(total_steps, warmup_ratio * total_steps)
+    else:
+        factor = linear_warmup_decay(total_steps, int(round(warmup_ratio * total_steps)))
     if not bayesian or not std:
         opt = torch.optim.AdamW(point + std, lr=lr, eps=adam_eps, weight_decay=weight_decay)
         return Updater("single", [opt], [LambdaLR(opt, factor)], point, std)

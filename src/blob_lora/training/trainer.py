@@ -6,14 +6,24 @@ gradient is averaged across processes: 2 processes at batch b optimise the same 
 1 process at batch 2b (Accelerate hands process k the k-th of every ``world`` consecutive
 batches of the seeded order, so the global batches hold the same examples too). The KL cycle
 is computed from the global batch, and the KL gradient is taken with ``autograd.grad`` so that
-no DDP all-reduce averages a term that is already identical on every process.
+no DDP all-reduce averages a term that is already identical on every process. With
+``--grad-accum`` the NLL is the mean over the micro-batches of the window; the last window of
+an epoch may hold fewer (``micro_per_epoch % grad_accum``) and is averaged over those it holds,
+so its step equals one step on a batch of those examples (it is still one step of the KL cycle).
 
 Every decision that must be collective is made collectively: the stop on SIGINT/SIGTERM, a
 non-finite loss, and the success of each checkpoint write (written by the main process only).
 Checkpoints record the data position in examples, so a run may be resumed on another number
-of processes with the same global batch (``--batch-size``/``--grad-accum`` adjusted). FSDP and
-DeepSpeed are refused: the adapter is small, is replicated on every process, and the KL and
-the checkpoints are computed on the full adapter.
+of processes with the same global batch (``--batch-size``/``--grad-accum`` adjusted).
+
+Under FSDP2 (``accelerate launch --use_fsdp --fsdp_version 2``) every parameter, the frozen base
+and the adapter alike, is a DTensor shard. The same loop then holds: the KL is computed on the
+shards and summed across processes once (DTensor arithmetic; before the forward, when every
+parameter is a shard), its gradient lands on each shard directly while FSDP reduce-scatters
+and averages the NLL gradient into the same ``.grad``; checkpoints and the saved adapter hold
+whole tensors (gathered on every process, written by the main one), so a run resumes on any
+number of processes with or without FSDP. FSDP1 and DeepSpeed are refused
+(``training.distributed.check_launch``), as are a quantised base and fp16 under FSDP.
 
 This is the loop only: which method to train, evaluating the result and writing
 ``summary.json`` belong to ``blob_lora.pipeline``, which calls :func:`run_training`.
@@ -48,13 +58,18 @@ from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
     all_true,
+    check_fsdp_settings,
     check_launch,
+    full_tensors,
     gather_rng,
     on_main,
     reduce_window,
+    shard_like,
+    shard_optimizer_state,
+    uses_fsdp,
 )
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule
-from blob_lora.training.optim import Updater, build_updater
+from blob_lora.training.optim import Updater, build_updater, split_parameters
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     CHECKPOINTS,
@@ -194,6 +209,7 @@ def run_training(
     out = Path(cfg.out)
     accelerator = Accelerator(log_with=cfg.log_with, project_dir=str(out))
     check_launch(accelerator)
+    check_fsdp_settings(accelerator, cfg.load_in_4bit, cfg.load_in_8bit)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
     on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))
@@ -215,8 +231,7 @@ def run_training(
         kl_lr=cfg.kl_lr,
         std_lr=cfg.std_lr,
     )
-    model = accelerator.prepare_model(model)
-    updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
+    model = _prepare(accelerator, model, updater)
     unwrapped = accelerator.unwrap_model(model)
 
     # Everything that reads user input has run: only now is the run folder created.
@@ -244,6 +259,7 @@ def run_training(
         "steps_per_epoch": plan.steps_per_epoch,
         "kl_cycle": plan.schedule.cycle if method.has_kl else None,
         "world_size": accelerator.num_processes,
+        "fsdp": uses_fsdp(accelerator),
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)
@@ -251,6 +267,24 @@ def run_training(
         "evaluations": {},
     }
     return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)
+
+
+def _prepare(accelerator: Accelerator, model: nn.Module, updater: Updater) -> nn.Module:
+    """Hand the model and the optimisers to Accelerate (DDP wrapper, device, mixed precision).
+
+    FSDP2 shards the model in place, replacing every parameter by a DTensor, so Accelerate
+    takes model and optimisers together and points the optimisers at the new parameters; the
+    updater's own parameter lists (the paper step's KL gradient) are then rebuilt from the
+    sharded model, in the same order.
+    """
+    if not uses_fsdp(accelerator):
+        model = accelerator.prepare_model(model)
+        updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
+        return model
+    model, *optimizers = accelerator.prepare(model, *updater.optimizers)
+    updater.optimizers = optimizers
+    updater.point_params, updater.std_params = split_parameters(accelerator.unwrap_model(model))
+    return model
 
 
 def _training_inputs(
@@ -408,6 +442,9 @@ class _Loop:
         """Checkpoint the adapter, optimiser, RNG streams and data position (main process)."""
         cfg, accelerator = self.cfg, self.accelerator
         states = gather_rng(accelerator)
+        # whole tensors: under FSDP every process takes part in gathering its shards
+        trainable = full_tensors(self.trainable)
+        optim = full_tensors(self.updater.state_dict())
         loop_state = {
             "epoch": epoch,
             "micro_in_epoch": micro,
@@ -422,8 +459,8 @@ class _Loop:
             lambda: ckpt.save_checkpoint(
                 self.ckpt_root,
                 step,
-                self.trainable,
-                self.updater.state_dict(),
+                trainable,
+                optim,
                 states,
                 loop_state,
             ),
@@ -463,23 +500,26 @@ class _Loop:
         pi = self.plan.schedule.weight(self.step + 1) if method.has_kl else 0.0
         sync = nullcontext() if boundary else accelerator.no_sync(self.model)
         index = batch.pop("index")
+        kl_value = None
+        if method.has_kl and self.updater.mode == "single":
+            # before the forward: under FSDP every parameter is then a shard (after it the
+            # head's are still gathered), and the KL is summed over the shards once
+            kl_value = full_tensors(method.kl(self.unwrapped))
         with sync:
             prefix = self.prefix
             with prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext():
                 logits = answer_logits(self.model, batch, self.option_ids)
             nll = F.cross_entropy(logits, batch["labels"])
-            loss = nll
-            kl_value = None
-            if method.has_kl and self.updater.mode == "single":
-                kl_value = method.kl(self.unwrapped)
-                loss = loss + pi * kl_value
+            loss = nll if kl_value is None else nll + pi * kl_value
             if not all_true(accelerator, bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {self.step + 1} (on at least one "
                     "process); the last good checkpoint "
                     f"is kept in {self.ckpt_root} (lower --lr or check the data)"
                 )
-            accelerator.backward(loss / cfg.grad_accum)
+            # mean over the micro-batches of this window: the last window of an epoch may hold
+            # fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
+            accelerator.backward(loss / self._window_size(micro))
         self.window["nll"] += nll.item()
         self.window["micro"] += 1
         self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -489,12 +529,19 @@ class _Loop:
         self._optimizer_step(kl_value, pi, micro, signals)
         return self.step >= self.plan.total_steps
 
+    def _window_size(self, micro: int) -> int:
+        """How many micro-batches the accumulation window of the 1-based ``micro`` holds:
+        ``--grad-accum``, or the remainder for the last window of an epoch."""
+        grad_accum = self.cfg.grad_accum
+        first = (micro - 1) // grad_accum * grad_accum  # micro-batches before this window
+        return min(grad_accum, self.plan.micro_per_epoch - first)
+
     def _optimizer_step(
         self, kl_value: torch.Tensor | None, pi: float, micro: int, signals: _Signals
     ) -> None:
         """One optimiser step: update, log, record the curve, checkpoint, stop on a signal."""
         cfg, method, unwrapped = self.cfg, self.method, self.unwrapped
-        kl_fn = (lambda: method.kl(unwrapped)) if method.has_kl else None
+        kl_fn = (lambda: full_tensors(method.kl(unwrapped))) if method.has_kl else None
         used_kl = self.updater.step(kl_fn, pi)
         if kl_value is None:
             kl_value = used_kl
@@ -557,12 +604,23 @@ class _Loop:
 
 
 def _save_adapter(accelerator: Accelerator, model: nn.Module, out: Path) -> None:
-    """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept)."""
+    """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept).
+
+    Under FSDP the model's state dict holds shards: the adapter's tensors (``lora_*``, not the
+    sharded base) are gathered whole on every process first, and PEFT saves those.
+    """
+    kwargs: dict[str, Any] = {}
+    if uses_fsdp(accelerator):
+        kwargs["state_dict"] = {
+            name: full_tensors(p.detach())
+            for name, p in model.named_parameters()
+            if "lora_" in name
+        }
 
     def save() -> None:
         try:
             with atomic_directory(out / ADAPTER_DIR) as tmp:
-                model.save_pretrained(tmp, save_embedding_layers=False)
+                model.save_pretrained(tmp, save_embedding_layers=False, **kwargs)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write the adapter to {out / ADAPTER_DIR} ({exc}); the final "
@@ -620,8 +678,19 @@ def _restore(
         )
     with torch.no_grad():
         for name, value in saved.items():
-            params[name].copy_(value)
-    updater.load_state_dict(state["optim"])
+            params[name].copy_(shard_like(value, params[name]))
+    optim = state["optim"]
+    saved_optims = optim.get("optimizers", [])
+    if uses_fsdp(accelerator) and len(saved_optims) == len(updater.optimizers):
+        # whole-tensor states, cut like the sharded parameters they belong to
+        optim = {
+            **optim,
+            "optimizers": [
+                shard_optimizer_state(o, sd)
+                for o, sd in zip(updater.optimizers, saved_optims, strict=True)
+            ],
+        }
+    updater.load_state_dict(optim)
     rngs = state["rng"]
     rank = accelerator.process_index
     same_world = loop.get("world_size") == accelerator.num_processes

@@ -5,48 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
-from torch import nn
 
 from blob_lora import BlobConfig, get_blob_model, kl_divergence, sampling
 from blob_lora.tuners.blob.kl import gaussian_kl
 from blob_lora.tuners.blob.layer import BlobLinear
+from tests.factories import one_layer_model
 
 
-class OneLinear(nn.Module):
-    def __init__(self, d_in: int = 6, d_out: int = 5) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def one_layer_model(flipout: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = get_blob_model(
-        OneLinear(),
-        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
-        BlobConfig(flipout=flipout, init_std=0.5),
-    )
-    layer = model.base_model.model.proj
-    assert isinstance(layer, BlobLinear)
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_()
-        layer.lora_A["default"].weight.normal_()
-        layer.lora_A_rho["default"].uniform_(0.5, 1.0)
-    return model, layer
-
-
-@pytest.mark.parametrize("mode", ["token", "sequence", "shared", "independent"])
+@pytest.mark.parametrize(
+    "mode", ["token", "sequence", "shared", "independent", "independent-token"]
+)
 def test_output_mean_and_variance_match_analytic(mode: str) -> None:
-    model, layer = one_layer_model("token" if mode == "independent" else mode)
+    predictive = mode.startswith("independent")  # prediction-only modes, set as an override
+    model, layer = one_layer_model("token" if predictive else mode)
     torch.manual_seed(1)
     x = torch.randn(6)
     # Flipout shares one noise magnitude per forward call, so the marginal statistics need many
     # independent calls: 3000 calls of 4 one-token sequences each.
     calls, batch = 3000, 4
     xs = x.expand(batch, 1, 6).contiguous()
-    override = "independent" if mode == "independent" else None
+    override = mode if predictive else None
     with torch.no_grad(), sampling(model, True, mode=override):
         outs = torch.cat([model(xs).view(batch, -1) for _ in range(calls)])
         w0 = layer.base_layer.weight

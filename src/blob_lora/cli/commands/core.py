@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from blob_lora.cli.options import (
+    add_eval_noise_override,
     add_scoring_override,
     add_train_options,
     merge_config,
@@ -102,6 +103,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
         "task(s) as OOD against it (AUROC/AUPR per uncertainty score, ood.json, ood_roc.png)",
     )
     add_scoring_override(p)
+    add_eval_noise_override(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -145,6 +147,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             ood_against=args.ood_reference,
             scoring=scoring,
+            eval_noise=args.eval_noise or cfg.eval_noise,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out}")
     if args.out and len(tasks) > 1:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from blob_lora.cli.options import add_scoring_override, scoring_override
+from blob_lora.cli.options import add_eval_noise_override, add_scoring_override, scoring_override
 from blob_lora.cli.registry import command
 from blob_lora.utils.errors import BlobLoraError
 
@@ -63,6 +63,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weight samples (default 0)")
     p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
     add_scoring_override(p)
+    add_eval_noise_override(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,6 +92,7 @@ def run_predict(args: argparse.Namespace) -> int:
         ("n_samples", args.eval_samples),
         ("batch_size", args.batch_size),
         ("max_length", args.max_length),
+        ("eval_noise", args.eval_noise),
     ):
         if value is not None:
             kwargs[key] = value

@@ -20,6 +20,9 @@ from blob_lora.utils.errors import CheckpointError, ConfigError
 BLOB_CONFIG_NAME = "blob_config.json"
 STD_PARAMS = ("square", "softplus")
 FLIPOUT_MODES = ("token", "sequence", "shared")
+#: Weight noise of predictive samples: ``sequence`` (one coherent weight sample per sequence,
+#: the posterior predictive) or ``token`` (the authors' token-wise Flipout at evaluation).
+EVAL_NOISE_MODES = ("sequence", "token")
 
 
 @dataclass
@@ -37,6 +40,10 @@ class BlobConfig:
             per ``sequence`` (one coherent weight sample per sequence) or ``shared`` (one sample
             for the whole batch, folded into the mean matmul).
         eval_samples: default number of weight samples averaged at prediction (0 = mean weights).
+        eval_noise: weight noise of those samples: ``sequence`` (default: one coherent sample of
+            ``A`` per sequence, the proper posterior predictive) or ``token`` (the authors'
+            evaluation: token-wise Flipout, each token of a sequence seeing another sign
+            pattern of the same noise magnitude), independent across the N samples either way.
         bayesian_layers: regular expressions searched in module names; only matching LoRA
             layers get a std (the rest stay plain LoRA). ``None`` makes every LoRA layer Bayesian.
     """
@@ -46,6 +53,7 @@ class BlobConfig:
     std_param: str = "square"
     flipout: str = "token"
     eval_samples: int = 10
+    eval_noise: str = "sequence"
     bayesian_layers: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,10 @@ class BlobConfig:
         if self.flipout not in FLIPOUT_MODES:
             raise ConfigError(
                 f"BlobConfig.flipout must be one of {FLIPOUT_MODES}, got {self.flipout!r}"
+            )
+        if self.eval_noise not in EVAL_NOISE_MODES:
+            raise ConfigError(
+                f"BlobConfig.eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}"
             )
         if (
             isinstance(self.eval_samples, bool)

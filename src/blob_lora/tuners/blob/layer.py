@@ -56,6 +56,7 @@ class BlobLayerMixin:
         self._blob_init = blob_config
         self.blob_sampling = True
         self.blob_noise_mode_override: str | None = None
+        self.blob_eval_noise = blob_config.eval_noise  # of predictive samples (model.eval_noise)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs):
         if "lora_A_rho" not in self.__dict__.get("_modules", {}):

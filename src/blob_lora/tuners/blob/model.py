@@ -25,12 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from blob_lora.tuners.blob.config import BlobConfig
+from blob_lora.tuners.blob.config import EVAL_NOISE_MODES, BlobConfig
 from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear, quantized_layer_classes
-from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.errors import CheckpointError, ConfigError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+#: The noise mode (``noise.py``) of predictive samples under each ``eval_noise``: samples of one
+#: example folded into one batch must be independent, so the magnitudes are drawn per sequence.
+PREDICTIVE_NOISE = {"sequence": "independent", "token": "independent-token"}
 
 
 class BlobPeftMixin:
@@ -157,6 +160,32 @@ def sampling(model: nn.Module, enabled: bool, mode: str | None = None) -> Iterat
         for layer, (flag, override) in zip(layers, saved, strict=True):
             layer.blob_sampling = flag
             layer.blob_noise_mode_override = override
+
+
+def predictive_noise_mode(model: nn.Module) -> str:
+    """The noise mode predictive samples use: ``PREDICTIVE_NOISE`` of the model's eval noise
+    (``BlobConfig.eval_noise``, or what ``eval_noise`` set; ``sequence`` without BLoB layers)."""
+    kind = next((layer.blob_eval_noise for _, layer in blob_layers(model)), "sequence")
+    return PREDICTIVE_NOISE[kind]
+
+
+@contextmanager
+def eval_noise(model: nn.Module, kind: str | None) -> Iterator[nn.Module]:
+    """Within the block, predictive samples of every BLoB layer use ``kind`` (``sequence`` or
+    ``token``, see ``BlobConfig.eval_noise``); ``None`` keeps the model's own. Training noise
+    (``flipout``) is not affected."""
+    if kind is not None and kind not in EVAL_NOISE_MODES:
+        raise ConfigError(f"eval noise must be one of {EVAL_NOISE_MODES}, got {kind!r}")
+    layers = [layer for _, layer in blob_layers(model)]
+    saved = [layer.blob_eval_noise for layer in layers]
+    try:
+        if kind is not None:
+            for layer in layers:
+                layer.blob_eval_noise = kind
+        yield model
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            layer.blob_eval_noise = old
 
 
 def std_parameters(model: nn.Module) -> list[nn.Parameter]:

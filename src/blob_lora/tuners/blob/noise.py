@@ -14,7 +14,13 @@ Modes (see the method doc, section 2):
 * ``shared``: one sample ``M + Omega . E`` for the whole batch, folded into the mean matmul.
 * ``independent``: an independent ``E_b`` per sequence; used when several weight samples of the
   same example are folded into one batch at prediction, where Flipout's shared magnitudes would
-  correlate the samples.
+  correlate the samples. One coherent weight sample per sequence: ``--eval-noise sequence``.
+* ``independent-token``: ``token`` Flipout (signs per token) on an independent ``E_b`` per
+  sequence: the authors' evaluation noise (``--eval-noise token``). They draw N samples as N
+  forward passes, each with one ``E`` for the batch and signs per token; here the N copies of an
+  example share one folded forward, so each sequence gets its own ``E_b``. Every example's N
+  samples are then distributed exactly as the authors' (only examples of one batch, which never
+  enter the same predictive, are no longer coupled through a shared ``E``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NOISE_MODES = ("token", "sequence", "shared", "independent")
+NOISE_MODES = ("token", "sequence", "shared", "independent", "independent-token")
 
 
 def random_signs(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -112,4 +118,11 @@ def sample_lora_hidden(
             weight = mean + std * torch.randn((batch, *std.shape), device=x.device, dtype=std.dtype)
         out = torch.bmm(seq, weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], mean.shape[0])
+    if mode == "independent-token":  # prediction only (no custom backward: signs are kept)
+        seq = _as_sequences(x)
+        delta = std * torch.randn((seq.shape[0], *std.shape), device=x.device, dtype=std.dtype)
+        r_sign = random_signs(tuple(seq.shape), x.device, x.dtype)
+        t_sign = random_signs((*seq.shape[:-1], mean.shape[0]), x.device, x.dtype)
+        noise = torch.bmm(seq * r_sign, delta.transpose(1, 2)) * t_sign
+        return F.linear(x, mean) + noise.reshape(*x.shape[:-1], mean.shape[0])
     raise ValueError(f"unknown noise mode {mode!r}; expected one of {NOISE_MODES}")
