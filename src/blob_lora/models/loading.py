@@ -160,7 +160,11 @@ def _bnb_config(load_in_8bit: bool, load_in_4bit: bool, dtype: torch.dtype):
 
 
 def default_threads() -> None:
-    """Use every core for intra-op parallelism on CPU (torch defaults can be lower)."""
+    """Use every core for intra-op parallelism on CPU (torch defaults can be lower), unless
+    the user chose a thread count with ``OMP_NUM_THREADS`` (e.g. 1 beside another heavy job:
+    two jobs with two threads each on two cores slow both by far more than 2x)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
     n = os.cpu_count() or 1
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)
