@@ -5,8 +5,11 @@ The builders themselves live in ``tests.factories`` (import them from there).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -16,6 +19,16 @@ from tests.factories import save_model_folder, tiny_base, tiny_llama, tiny_token
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str) -> ModuleType:
+    """Import a script that is not in a package (``bench/*.py``, ``paper/*.py``) by its path
+    under the repository root, registered as ``name`` (dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 def test_prefix_cache_bench_writes_every_row(tmp_path, data_root, tiny_model_dir) -> None:
-    path = REPO / "bench" / "prefix_cache.py"
-    spec = importlib.util.spec_from_file_location("bench_prefix_cache", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("bench/prefix_cache.py", "bench_prefix_cache")
     out = tmp_path / "report.json"
     module.main(
         [

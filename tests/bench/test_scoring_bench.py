@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 def _load_bench():
-    path = REPO / "bench" / "scoring.py"
-    spec = importlib.util.spec_from_file_location("bench_scoring", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/scoring.py", "bench_scoring")
 
 
 def test_scoring_bench_times_both_scorings(tmp_path, data_root) -> None:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 ROWS = {"lora", "blob-token", "blob-sequence", "blob-shared", "blob-token-2pass"}
 
 
 @pytest.fixture(scope="module")
 def train_step():
-    path = REPO / "bench" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/train_step.py", "bench_train_step")
 
 
 def _check(report_path, batch_sizes, seq_len, dtype):

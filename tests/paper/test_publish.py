@@ -4,22 +4,19 @@ rewrite their files, or every sitting commits ~60 spurious binary changes."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
 
 from summary import read_reference
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _publish_module():
-    spec = importlib.util.spec_from_file_location("publish", ROOT / "paper" / "publish.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper/publish.py", "publish")
 
 
 def test_republishing_a_run_is_byte_identical(tmp_path: Path) -> None:

@@ -3,23 +3,16 @@ SmolLM2), checking that every row is measured and judged."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = REPO / "bench" / "predictive.py"
-    spec = importlib.util.spec_from_file_location("bench_predictive", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/predictive.py", "bench_predictive")
 
 
 def test_gpu_code_path_on_cpu_with_tiny_shape(bench, tmp_path):
