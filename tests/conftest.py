@@ -72,3 +72,19 @@ def char_tok():
 def char_base(char_tok):
     """A random tiny Llama over ``char_tok``; copy it before wrapping it (``train_tiny`` does)."""
     return tiny_base(char_tok)
+
+
+@pytest.fixture
+def noise_spy(monkeypatch) -> list[str]:
+    """The noise modes BLoB layers sample with (every call of ``sample_lora_hidden``)."""
+    from blob_lora.tuners.blob import layer as layer_module
+
+    seen: list[str] = []
+    real = layer_module.sample_lora_hidden
+
+    def spy(x, mean, std, mode):
+        seen.append(mode)
+        return real(x, mean, std, mode)
+
+    monkeypatch.setattr(layer_module, "sample_lora_hidden", spy)
+    return seen

@@ -13,27 +13,12 @@ from blob_lora.prediction import Predictor
 from blob_lora.training import TrainConfig
 from blob_lora.training.run_dir import RUN_CONFIG, check_run_dir
 from blob_lora.training.saved_run import read_run_config
-from blob_lora.tuners.blob import layer as layer_module
 from tests.training.test_train_loop import tiny_cfg
 
 QUESTIONS = [
     {"question": "Which is a colour?", "choices": ["red", "dog", "seven"], "answer": 0},
     {"question": "Which is a number?", "choices": ["cat", "five"], "answer": 1},
 ]
-
-
-@pytest.fixture
-def noise_spy(monkeypatch) -> list[str]:
-    """The noise modes BLoB layers sample with (every call of ``sample_lora_hidden``)."""
-    seen: list[str] = []
-    real = layer_module.sample_lora_hidden
-
-    def spy(x, mean, std, mode):
-        seen.append(mode)
-        return real(x, mean, std, mode)
-
-    monkeypatch.setattr(layer_module, "sample_lora_hidden", spy)
-    return seen
 
 
 def _metrics(folder) -> dict:

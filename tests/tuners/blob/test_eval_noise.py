@@ -11,7 +11,6 @@ import torch
 from blob_lora import BlobConfig, load_blob_model, sampling
 from blob_lora.methods import get_method
 from blob_lora.tuners.blob import eval_noise, predictive_noise_mode
-from blob_lora.tuners.blob import layer as layer_module
 from blob_lora.utils.errors import ConfigError
 from tests.factories import one_layer_model, tiny_blob_model, tiny_llama
 
@@ -74,16 +73,9 @@ def test_eval_noise_setting_default_override_and_refusals() -> None:
         assert predictive_noise_mode(plain) == "independent"
 
 
-def test_predictive_samples_use_the_eval_noise(monkeypatch) -> None:
+def test_predictive_samples_use_the_eval_noise(noise_spy) -> None:
     """BLoB's predict_samples draws with the mode of the eval noise; training keeps flipout."""
-    seen: list[str] = []
-    real = layer_module.sample_lora_hidden
-
-    def spy(x, mean, std, mode):
-        seen.append(mode)
-        return real(x, mean, std, mode)
-
-    monkeypatch.setattr(layer_module, "sample_lora_hidden", spy)
+    seen = noise_spy
     model = _blob()
     method = get_method("blob")
     batch_ids = torch.randint(0, 128, (2, 5))
