@@ -31,7 +31,7 @@ layer applied to PEFT's ``lora_A`` and ``lora_B``. Where it and this implementat
   mean diagonal) is our choice (the code's constant was not in the files we could read).
 * The objective: the code minimises ``CE + 0.1 * KL / (batches per epoch)`` with one AdamW over
   every parameter. Here the 0.1 is ``kl_weight`` (applied by :meth:`BayesianLoraMethod.kl`) and
-  the per-step weight is the run's KL schedule: ``--kl-schedule uniform --no-kl-rescale`` gives
+  the per-step weight is the run's KL schedule: ``--kl-schedule uniform --kl-rescale false`` gives
   the code's ``1 / batches per epoch``. Bayesian-LoRA has no std parameters in BLoB's sense,
   so every ``--optimizer`` mode is one AdamW on ``NLL + pi * KL`` (``--kl-lr`` and
   ``--std-lr`` do not apply). Not reproduced: the code's 0.05 label smoothing and 0.05 entropy
@@ -43,6 +43,8 @@ layer applied to PEFT's ``lora_A`` and ``lora_B``. Where it and this implementat
   batch are independent, and the options of a cloze question (one packed sequence) share one.
 * Targets: the code makes q/k (and the head) Bayesian; here every ``--target-modules`` LoRA
   layer is, with the run's LoRA settings. Quantised (8/4-bit) bases are not supported.
+* FSDP is refused (the KL and the factorisations read whole parameters); plain data
+  parallelism (``accelerate launch --multi_gpu``) is the multi-process path.
 * "About 0.42M extra parameters" (paper) could not be reconciled exactly with the code's
   layers: each factor carries ``p d_out + q d_in + 2 p q + p + q + 1`` parameters instead of
   LoRA's ``d_out d_in``, so the count depends on the targets.
@@ -68,6 +70,7 @@ from blob_lora.tuners.bayesian_lora import (
     load_bayesian_lora_model,
     sampling,
 )
+from blob_lora.utils.errors import ConfigError
 
 
 def bayesian_lora_config_from(cfg: RunSettings) -> BayesianLoraConfig:
@@ -100,6 +103,7 @@ class BayesianLoraMethod(LoraMethod):
         return bool(bayesian_lora_configs_of(model))
 
     def kl(self, model: nn.Module) -> torch.Tensor:
+        _refuse_sharded(model)
         configs = bayesian_lora_configs_of(model)
         weight = configs["default"].kl_weight if configs else BayesianLoraConfig.kl_weight
         return weight * kl_divergence(unwrapped(model))
@@ -124,3 +128,15 @@ class BayesianLoraMethod(LoraMethod):
 
     def stochastic_modules(self, model: nn.Module) -> list[str]:
         return [name for name, _ in bayesian_lora_layers(model)]
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Refuse FSDP-sharded posteriors with a clear error before the first step."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in unwrapped(model).parameters()):
+        raise ConfigError(
+            "--method bayesian-lora is not supported under FSDP (its KL and Cholesky "
+            "factorisations need whole parameters); launch plain data parallelism "
+            "(accelerate launch --multi_gpu) instead"
+        )

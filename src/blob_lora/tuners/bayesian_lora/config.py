@@ -42,7 +42,7 @@ class BayesianLoraConfig:
         init_d: initial diagonal ``D_r``, ``D_c`` of the prior covariances of ``U`` (1e-3).
         kl_weight: factor on the KL in the loss, on top of the run's KL schedule (authors:
             0.1, with a per-step weight of 1 / batches per epoch: ``--kl-schedule uniform
-            --no-kl-rescale``).
+            --kl-rescale false``).
         eval_samples: default number of weight samples averaged at prediction (authors' code:
             4; 0 = the posterior-mean weights).
         jitter: relative diagonal jitter of the Cholesky factorisations.
