@@ -6,18 +6,19 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
 from blob_lora.methods import get_method, method_of
 from blob_lora.tuners.bayesian_lora import (
     BayesianLoraConfig,
+    get_bayesian_lora_model,
     kl_divergence,
     load_bayesian_lora_model,
     sampling,
 )
 from blob_lora.utils.errors import CheckpointError, ConfigError
-from tests.factories import tiny_bayesian_lora_model, tiny_llama
+from tests.factories import TARGETS, tiny_bayesian_lora_model, tiny_llama
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(5))
@@ -130,3 +131,16 @@ def test_the_method_recognises_its_models_and_weights_the_kl():
     torch.testing.assert_close(method.kl(model), 0.1 * kl_divergence(model))
     assert method.eval_samples(model, None) == 4 and method.eval_samples(model, 7) == 7
     assert len(method.stochastic_modules(model)) == 5  # q, v of two blocks; the head
+
+
+def test_bfloat16_base_keeps_float32_posteriors():
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    bf16 = get_bayesian_lora_model(tiny_llama(0, dtype=torch.bfloat16), lora)
+    assert {p.dtype for n, p in bf16.named_parameters() if "lora_inducing" in n} == {torch.float32}
+    for mode in (None, "shared", "independent"):
+        out = logits(bf16, mode)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with sampling(bf16, True):
+        loss = bf16(input_ids=IDS).logits.float().square().mean() + kl_divergence(bf16)
+    loss.backward()
+    assert all(p.grad is not None for p in bf16.parameters() if p.requires_grad)
