@@ -59,6 +59,7 @@ layer applied to PEFT's ``lora_A`` and ``lora_B``. Where it and this implementat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,8 @@ class BayesianLoraMethod(LoraMethod):
     iid_samples = True
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ConfigError(_FSDP_REFUSAL)  # before the run folder is written
         return get_bayesian_lora_model(base, self.lora_config(cfg), bayesian_lora_config_from(cfg))
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
@@ -137,13 +140,16 @@ class BayesianLoraMethod(LoraMethod):
         return [name for name, _ in bayesian_lora_layers(model)]
 
 
+_FSDP_REFUSAL = (
+    "--method bayesian-lora is not supported under FSDP (its KL and Cholesky factorisations "
+    "read whole parameters); launch it with plain data parallelism (accelerate launch "
+    "--multi_gpu) instead"
+)
+
+
 def _refuse_sharded(model: nn.Module) -> None:
     """Refuse FSDP-sharded posteriors with a clear error before the first step."""
     from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in unwrapped(model).parameters()):
-        raise ConfigError(
-            "--method bayesian-lora is not supported under FSDP (its KL and Cholesky "
-            "factorisations need whole parameters); launch plain data parallelism "
-            "(accelerate launch --multi_gpu) instead"
-        )
+        raise ConfigError(_FSDP_REFUSAL)
