@@ -144,3 +144,12 @@ def test_bfloat16_base_keeps_float32_posteriors():
         loss = bf16(input_ids=IDS).logits.float().square().mean() + kl_divergence(bf16)
     loss.backward()
     assert all(p.grad is not None for p in bf16.parameters() if p.requires_grad)
+
+
+def test_quantised_base_is_refused():
+    base = tiny_llama(0)
+    fake = type("Linear4bit", (torch.nn.Linear,), {"__module__": "bitsandbytes.nn.modules"})
+    base.model.layers[0].self_attn.q_proj.__class__ = fake
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    with pytest.raises(ConfigError, match=r"quantised bases \(Linear4bit\).*--load-in-4bit"):
+        get_bayesian_lora_model(base, lora)

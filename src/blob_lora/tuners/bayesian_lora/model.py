@@ -102,6 +102,12 @@ def get_bayesian_lora_model(
     config.validate()
     if lora_config.use_dora:
         raise ValueError("Bayesian-LoRA is defined on plain LoRA; use_dora=True is not supported")
+    quantised = sorted({type(m).__name__ for m in model.modules() if _is_quantised(m)})
+    if quantised:
+        raise ConfigError(
+            f"Bayesian-LoRA does not support quantised bases ({', '.join(quantised)}): load the "
+            "base without --load-in-4bit / --load-in-8bit (float32 or --dtype bfloat16)"
+        )
     lora_config._register_custom_module(
         {nn.Linear: partial(BayesianLoraLinear, bayesian_lora_config=config)}
     )
@@ -120,6 +126,11 @@ def get_bayesian_lora_model(
     for layer in layers:
         layer.freeze_mean_copies()
     return peft_model
+
+
+def _is_quantised(module: nn.Module) -> bool:
+    """A bitsandbytes layer (its 4/8-bit weight is not what ``nn.Linear`` LoRA layers expect)."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes"
 
 
 @contextmanager
