@@ -89,6 +89,46 @@ def one_layer_model(flipout: str, seed: int = 0):
     return model, layer
 
 
+def tiny_bayesian_lora_model(seed: int = 0, **settings: Any):
+    """:func:`tiny_llama` with Bayesian-LoRA (rank 4) on q/v/lm_head, every posterior parameter
+    moved away from its initial value (``u_mean`` scaled up so the factors reach the output),
+    as after training. ``settings`` are ``BayesianLoraConfig`` fields."""
+    from peft import LoraConfig
+
+    from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_bayesian_lora_model(tiny_llama(seed), lora, BayesianLoraConfig(**settings))
+    torch.manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_inducing" in name:
+                p.add_(0.1 * torch.randn_like(p))
+                if name.endswith("u_mean"):
+                    p.mul_(30.0)
+    return model
+
+
+def one_layer_bayesian_lora(seed: int = 0, **settings: Any):
+    """Bayesian-LoRA (rank 3) on a single 6 -> 5 linear layer with 2 x 2 inducing matrices;
+    returns the model and that layer (analytic checks)."""
+    from peft import LoraConfig
+
+    from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
+    from blob_lora.tuners.bayesian_lora.layer import BayesianLoraLinear
+
+    torch.manual_seed(seed)
+    settings = {"inducing_rows": 2, "inducing_cols": 2, **settings}
+    model = get_bayesian_lora_model(
+        _OneLinear(),
+        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
+        BayesianLoraConfig(**settings),
+    )
+    layer = model.base_model.model.proj
+    assert isinstance(layer, BayesianLoraLinear)
+    return model, layer
+
+
 class _OneLinear(torch.nn.Module):
     def __init__(self, d_in: int = 6, d_out: int = 5) -> None:
         super().__init__()

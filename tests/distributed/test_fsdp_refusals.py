@@ -70,3 +70,18 @@ def test_composite_methods_under_fsdp_are_refused(method, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=rf"--method {method} is not supported under FSDP"):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_bayesian_lora_under_fsdp_is_refused_before_it_builds(monkeypatch) -> None:
+    from blob_lora.methods import get_method
+    from blob_lora.training import TrainConfig
+    from tests.factories import tiny_llama
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    method = get_method("bayesian-lora")
+    with pytest.raises(
+        ConfigError, match=r"bayesian-lora is not supported under FSDP.*--multi_gpu"
+    ):
+        method.build(tiny_llama(0), TrainConfig(method="bayesian-lora"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert method.owns(method.build(tiny_llama(0), TrainConfig(method="bayesian-lora")))

@@ -61,7 +61,7 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, cha
     assert saved["evaluations"][TINY_TASK]["accuracy"] == m["accuracy"]
     assert (out / "eval" / TINY_TASK / "predictions.jsonl").is_file()
     assert json.loads((out / "run_config.json").read_text())["method"] == method
-    if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb"):
+    if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb", "bayesian-lora"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
 
 

@@ -27,7 +27,7 @@ def samples_and_labels(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return scored.sample_probs, scored.labels
 
 
-@pytest.mark.parametrize("method", ["lora", "blob"])
+@pytest.mark.parametrize("method", ["lora", "blob", "bayesian-lora"])
 def test_cloze_run_trains_evaluates_and_predicts(
     tmp_path, data_root, tiny_model_dir, method, capsys
 ) -> None:
@@ -56,19 +56,24 @@ def test_cloze_run_trains_evaluates_and_predicts(
     assert len(rows[0]["probs"]) == 3 and sum(rows[0]["probs"]) == pytest.approx(1.0)
 
 
-def test_cloze_prefix_cache_gives_the_same_predictive(data_root, smollm2_tokenizer, tmp_path):
+@pytest.mark.parametrize("name", ["blob", "bayesian-lora"])
+def test_cloze_prefix_cache_gives_the_same_predictive(data_root, smollm2_tokenizer, tmp_path, name):
     task = get_task("openbookqa", data_root=str(data_root))
     inputs = task_inputs(task, "validation[:9]", smollm2_tokenizer, 160, scoring=Scoring("cloze"))
-    method = get_method("blob")
+    method = get_method(name)
     torch.manual_seed(0)
     model = method.build(
         tiny_llama(vocab_size=len(smollm2_tokenizer)),
         TrainConfig(target_modules=[TOP_BLOCK], init_std=0.5),
     ).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
                 p.normal_(std=0.5)
+            if key.endswith("u_mean"):  # Bayesian-LoRA: factors large enough to matter
+                p.mul_(30.0)
+            if key.endswith(("u_std_raw", "lamda_raw")):  # and its spread at the clamps
+                p.fill_(5.0)
     args = (model, method, inputs.dataset, inputs.collator, None, 3, 4)
     torch.manual_seed(5)
     full, labels = samples_and_labels(*args, fold=3, prefix_cache=False)

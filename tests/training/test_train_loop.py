@@ -69,10 +69,11 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path, data_root, tiny_model_d
         assert all(abs(r["pi"] - 1 / summary["kl_cycle"]) < 1e-12 for r in log)
 
 
+@pytest.mark.parametrize("method", ["blob", "bayesian-lora"])
 def test_resume_after_interruption_equals_uninterrupted(
-    tmp_path, data_root, tiny_model_dir, monkeypatch
+    tmp_path, data_root, tiny_model_dir, monkeypatch, method
 ) -> None:
-    kw = dict(method="blob", max_steps=7, checkpoint_every=3, evaluate=False, batch_size=4)
+    kw = dict(method=method, max_steps=7, checkpoint_every=3, evaluate=False, batch_size=4)
     full = train(tiny_cfg(tmp_path / "a", data_root, tiny_model_dir, **kw), progress=False)
     assert full["steps"] == 7
 

@@ -11,6 +11,7 @@ import importlib.util
 from torch import nn
 
 from blob_lora.methods.base import Method
+from blob_lora.methods.bayesian_lora import BayesianLoraMethod
 from blob_lora.methods.blob import BlobMethod
 from blob_lora.methods.ensemble import EnsembleMethod
 from blob_lora.methods.laplace_method import LaplaceMethod
@@ -27,6 +28,7 @@ _BUILTIN: tuple[Method, ...] = (
     MCDropoutMethod(),
     EnsembleMethod(),
     TfbMethod(),
+    BayesianLoraMethod(),
 )
 # Laplace-LoRA needs the KFAC posterior package (blob_lora.methods.laplace).
 _OPTIONAL: tuple[Method, ...] = (

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -42,33 +42,55 @@ class BlobPeftMixin:
     blob_configs: dict[str, BlobConfig]
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Write a standard PEFT adapter folder plus ``blob_config.json``.
+        """Write a standard PEFT adapter folder plus ``blob_config.json``, atomically
+        (:func:`atomic_save_pretrained`)."""
 
-        PEFT writes into a temporary sibling folder first; each file is then renamed into
-        place, so an interrupted save never leaves a truncated weights file behind.
-        """
-        kwargs.setdefault("safe_serialization", True)
-        # The frozen base weights never change under LoRA; PEFT would otherwise copy a targeted
-        # lm_head (vocab x hidden) into every adapter folder.
-        kwargs.setdefault("save_embedding_layers", False)
-        if not kwargs["safe_serialization"]:
-            raise ValueError("BLoB adapters are saved with safetensors only (no pickle)")
-        target = Path(save_directory)
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
-            super().save_pretrained(tmp, **kwargs)
-            selected = kwargs.get("selected_adapters") or list(self.peft_config)
-            for adapter in selected:
-                sub = Path(tmp) if adapter == "default" else Path(tmp) / adapter
-                if adapter in self.blob_configs and sub.is_dir():
-                    self.blob_configs[adapter].save(sub)
-            for src in sorted(Path(tmp).rglob("*")):
-                if src.is_file():
-                    dst = target / src.relative_to(tmp)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    with open(src, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(src, dst)
+        def write_config(folder: Path, adapter: str) -> None:
+            if adapter in self.blob_configs:
+                self.blob_configs[adapter].save(folder)
+
+        atomic_save_pretrained(
+            super().save_pretrained, save_directory, kwargs, list(self.peft_config), write_config
+        )
+
+
+def atomic_save_pretrained(
+    save: Callable[..., None],
+    save_directory: str | os.PathLike[str],
+    kwargs: dict[str, Any],
+    adapters: list[str],
+    write_extra: Callable[[Path, str], None],
+) -> None:
+    """Run PEFT's ``save`` (a ``save_pretrained``) so that an interrupted save never leaves a
+    truncated file behind, and add each adapter's own files with ``write_extra(folder, name)``.
+
+    PEFT writes into a temporary sibling folder first; each file is then renamed into place.
+    Shared by the Bayesian tuners, whose folders are PEFT's plus their settings file.
+    """
+    kwargs.setdefault("safe_serialization", True)
+    # The frozen base weights never change under LoRA; PEFT would otherwise copy a targeted
+    # lm_head (vocab x hidden) into every adapter folder.
+    kwargs.setdefault("save_embedding_layers", False)
+    if not kwargs["safe_serialization"]:
+        raise ValueError(
+            "BLoB and Bayesian-LoRA adapters are saved with safetensors only (no pickle)"
+        )
+    target = Path(save_directory)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        save(tmp, **kwargs)
+        selected = kwargs.get("selected_adapters") or adapters
+        for adapter in selected:
+            sub = Path(tmp) if adapter == "default" else Path(tmp) / adapter
+            if sub.is_dir():
+                write_extra(sub, adapter)
+        for src in sorted(Path(tmp).rglob("*")):
+            if src.is_file():
+                dst = target / src.relative_to(tmp)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, dst)
 
 
 class BlobPeftModel(BlobPeftMixin, PeftModel):
@@ -236,6 +258,18 @@ def load_blob_model(
     lora_config.inference_mode = not is_trainable
     state = read_adapter_weights(directory)
     model = get_blob_model(base_model, lora_config, blob_config, adapter_name=adapter_name)
+    check_adapter_fits(model, state, directory, adapter_name)
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def check_adapter_fits(
+    model: PeftModel, state: dict[str, torch.Tensor], directory: Path, adapter_name: str
+) -> None:
+    """Raise ``CheckpointError`` unless every saved tensor finds its place in ``model`` with the
+    same shape and none is missing (another base model, a truncated file)."""
     expected = adapter_state_shapes(model, adapter_name)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -258,10 +292,6 @@ def load_blob_model(
         raise CheckpointError(
             f"adapter in {directory} does not fit this model: " + " | ".join(details)
         )
-    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-    if not is_trainable:
-        model.eval()
-    return model
 
 
 def adapter_state_shapes(model: PeftModel, adapter_name: str) -> dict[str, torch.Size]:

@@ -85,7 +85,7 @@ def token_flipout(x: torch.Tensor, delta_a: torch.Tensor, t_sign: torch.Tensor) 
     return _TokenFlipout.apply(x, delta_a, seed, t_sign)
 
 
-def _as_sequences(x: torch.Tensor) -> torch.Tensor:
+def as_sequences(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (batch, positions, features); a 2-D input is one position per row."""
     if x.dim() == 2:
         return x.unsqueeze(1)
@@ -107,7 +107,7 @@ def sample_lora_hidden(
         t_sign = random_signs((*x.shape[:-1], mean.shape[0]), x.device, x.dtype)
         return F.linear(x, mean) + token_flipout(x, delta, t_sign)
     if mode in ("sequence", "independent"):
-        seq = _as_sequences(x)
+        seq = as_sequences(x)
         batch = seq.shape[0]
         if mode == "sequence":
             delta = std * torch.randn_like(std)
@@ -119,7 +119,7 @@ def sample_lora_hidden(
         out = torch.bmm(seq, weight.transpose(1, 2))
         return out.reshape(*x.shape[:-1], mean.shape[0])
     if mode == "independent-token":  # prediction only (no custom backward: signs are kept)
-        seq = _as_sequences(x)
+        seq = as_sequences(x)
         delta = std * torch.randn((seq.shape[0], *std.shape), device=x.device, dtype=std.dtype)
         r_sign = random_signs(tuple(seq.shape), x.device, x.dtype)
         t_sign = random_signs((*seq.shape[:-1], mean.shape[0]), x.device, x.dtype)

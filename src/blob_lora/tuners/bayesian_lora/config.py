@@ -1,0 +1,140 @@
+"""The settings of a Bayesian-LoRA adapter (Lin et al. 2026), kept apart from PEFT's
+``LoraConfig`` in ``bayesian_lora_config.json`` so that plain PEFT can still read the folder and
+load the posterior-mean adapter.
+
+The defaults are the authors' released configuration (``configs/inducing/inducing8.yaml`` of
+their code, and the KL weight and sample count of its ``train_script.py``); the paper's full text
+was not available to us, see ``methods/bayesian_lora.py`` for what that leaves open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from blob_lora.utils.atomic import atomic_write_json
+from blob_lora.utils.errors import CheckpointError, ConfigError
+
+BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
+
+
+@dataclass
+class BayesianLoraConfig:
+    """Variational settings of Bayesian-LoRA, one set for every LoRA factor (``A`` and ``B``).
+
+    Each factor ``W`` (``d_out x d_in``) gets an inducing matrix ``U`` (``inducing_rows x
+    inducing_cols``); see ``tuners/bayesian_lora/inducing.py`` for the model.
+
+    Attributes:
+        inducing_rows, inducing_cols: the size of ``U`` (authors: 9 x 9).
+        prior_std: scale of the prior on every element of ``W``; with ``sqrt_width_scaling``
+            it is divided by ``sqrt(d_in)`` (authors: 0.1, scaled).
+        sqrt_width_scaling: divide ``prior_std`` by the square root of the factor's input size.
+        init_lamda: initial ``lambda``, the factor scaling the conditional covariance of
+            ``q(W | U)`` relative to ``p(W | U)`` (authors: 1e-3; "lamda" as in their code).
+        max_lamda: ``lambda`` is clamped to at most this (authors: 0.03).
+        init_u_std: initial std of the whitened ``q(U)`` (authors: 1e-3).
+        max_u_std: the std of ``q(U)`` is clamped to at most this (authors: 0.1).
+        init_d: initial diagonal ``D_r``, ``D_c`` of the prior covariances of ``U`` (1e-3).
+        kl_weight: factor on the KL in the loss, on top of the run's KL schedule (authors:
+            0.1, with a per-step weight of 1 / batches per epoch: ``--kl-schedule uniform
+            --kl-rescale false``).
+        eval_samples: default number of weight samples averaged at prediction (authors' code:
+            4; 0 = the posterior-mean weights).
+        jitter: relative diagonal jitter of the Cholesky factorisations.
+    """
+
+    inducing_rows: int = 9
+    inducing_cols: int = 9
+    prior_std: float = 0.1
+    sqrt_width_scaling: bool = True
+    init_lamda: float = 1e-3
+    max_lamda: float = 0.03
+    init_u_std: float = 1e-3
+    max_u_std: float = 0.1
+    init_d: float = 1e-3
+    kl_weight: float = 0.1
+    eval_samples: int = 4
+    jitter: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the field and its allowed range."""
+        for name in ("inducing_rows", "inducing_cols"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"BayesianLoraConfig.{name} must be an integer >= 1, got {value!r}"
+                )
+        for name in ("prior_std", "init_lamda", "max_lamda", "init_u_std", "max_u_std", "init_d"):
+            _positive(name, getattr(self, name))
+        for name in ("kl_weight", "jitter"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if self.init_lamda > self.max_lamda:
+            raise ConfigError(
+                f"BayesianLoraConfig.init_lamda ({self.init_lamda!r}) must not exceed "
+                f"max_lamda ({self.max_lamda!r})"
+            )
+        if self.init_u_std > self.max_u_std:
+            raise ConfigError(
+                f"BayesianLoraConfig.init_u_std ({self.init_u_std!r}) must not exceed "
+                f"max_u_std ({self.max_u_std!r})"
+            )
+        if not isinstance(self.sqrt_width_scaling, bool):
+            raise ConfigError(
+                "BayesianLoraConfig.sqrt_width_scaling must be true or false, "
+                f"got {self.sqrt_width_scaling!r}"
+            )
+        if (
+            isinstance(self.eval_samples, bool)
+            or not isinstance(self.eval_samples, int)
+            or self.eval_samples < 0
+        ):
+            raise ConfigError(
+                f"BayesianLoraConfig.eval_samples must be an integer >= 0, got {self.eval_samples!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BayesianLoraConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown BayesianLoraConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        return atomic_write_json(Path(directory) / BAYESIAN_LORA_CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> BayesianLoraConfig:
+        path = Path(directory) / BAYESIAN_LORA_CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} not found: {directory} is not a Bayesian-LoRA adapter folder "
+                "(its posterior-mean LoRA loads with peft.PeftModel.from_pretrained)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        rng = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"BayesianLoraConfig.{name} must be a finite number {rng}, got {value!r}")

@@ -1,0 +1,189 @@
+"""The inducing-weight posterior of Bayesian-LoRA against its definition: the collapsed posterior
+is plain LoRA, samples have the stated mean and conditional covariance, the KL is the KL."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, InducingWeight, sampling
+from blob_lora.tuners.bayesian_lora.inducing import inverse_softplus
+from tests.factories import one_layer_bayesian_lora
+
+torch.set_num_threads(1)
+
+
+def set_spread(module: InducingWeight, lamda: float | None, u_std: float | None) -> None:
+    """Set lambda and the std of q(V); ``None`` collapses it to exactly zero."""
+    with torch.no_grad():
+        module.lamda_raw.fill_(-200.0 if lamda is None else inverse_softplus(lamda))
+        module.u_std_raw.fill_(-200.0 if u_std is None else inverse_softplus(u_std))
+
+
+def spread_out(layer, lamda, u_std) -> None:
+    for posterior in (layer.lora_inducing_A["default"], layer.lora_inducing_B["default"]):
+        set_spread(posterior, lamda, u_std)
+        with torch.no_grad():
+            posterior.u_mean.mul_(20.0)  # factors large enough to move the output
+
+
+def plain_lora_with_means(model, layer):
+    """PEFT LoRA on the same base, its A and B the posterior means of ``layer``."""
+    base = copy.deepcopy(model.base_model.model)
+    proj = base.proj
+    base.proj = proj.base_layer  # the bare nn.Linear under the Bayesian layer
+    lora = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]))
+    with torch.no_grad():
+        lora.base_model.model.proj.lora_A["default"].weight.copy_(
+            layer.lora_inducing_A["default"].mean_weight()
+        )
+        lora.base_model.model.proj.lora_B["default"].weight.copy_(
+            layer.lora_inducing_B["default"].mean_weight()
+        )
+    return lora
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_collapsed_posterior_is_plain_lora(mode):
+    model, layer = one_layer_bayesian_lora(max_lamda=1.0, max_u_std=1.0)
+    spread_out(layer, None, None)  # lambda = 0 and std of q(U) = 0 exactly
+    lora = plain_lora_with_means(model, layer)
+    x = torch.randn(4, 3, 6)
+    expected = lora(x)
+    assert (expected - layer.base_layer(x)).abs().max() > 1e-2  # the adapter matters
+    with torch.no_grad(), sampling(model, True, mode=mode):
+        for _ in range(3):  # every draw is the same, plain-LoRA output
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+    with torch.no_grad(), sampling(model, False):
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+
+
+def test_output_converges_to_plain_lora_as_the_variance_vanishes():
+    model, layer = one_layer_bayesian_lora(max_lamda=1.0, max_u_std=1.0)
+    spread_out(layer, 0.1, 0.1)
+    means = {k: p.detach().clone() for k, p in model.named_parameters() if "u_mean" in k}
+    lora = plain_lora_with_means(model, layer)
+    x = torch.randn(8, 3, 6)
+    expected = lora(x).detach()
+    gaps = []
+    for spread in (0.1, 0.01, 0.001):
+        for posterior in (layer.lora_inducing_A["default"], layer.lora_inducing_B["default"]):
+            set_spread(posterior, spread, spread)
+        assert all(torch.equal(p, means[k]) for k, p in model.named_parameters() if k in means)
+        torch.manual_seed(0)
+        with torch.no_grad(), sampling(model, True, mode="independent"):
+            gaps.append((model(x) - expected).abs().mean().item())
+    # the gap to plain LoRA shrinks in proportion to the spread (lambda and the std of U)
+    assert gaps[0] > 1e-4
+    for bigger, smaller in zip(gaps, gaps[1:], strict=False):
+        assert 3.0 < bigger / smaller < 30.0, gaps
+
+
+def small_posterior(seed: int = 0, d_out: int = 3, d_in: int = 4, **kw) -> InducingWeight:
+    torch.manual_seed(seed)
+    cfg = BayesianLoraConfig(
+        inducing_rows=2,
+        inducing_cols=2,
+        prior_std=1.0,
+        sqrt_width_scaling=False,
+        max_lamda=1.0,
+        max_u_std=1.0,
+        **kw,
+    )
+    return InducingWeight(d_out, d_in, cfg)
+
+
+def test_samples_have_the_posterior_mean_and_the_conditional_covariance():
+    post = small_posterior()
+    lam = 0.5
+    set_spread(post, lam, None)  # U fixed at its mean: W | U only
+    with torch.no_grad():  # a visible D: all four terms of Matheron's U-block matter
+        post.d_row_raw.fill_(inverse_softplus(0.5))
+        post.d_col_raw.fill_(inverse_softplus(0.5))
+    sigma = post.conditional_covariance().detach().double()
+    # the Kronecker-factored reduction is far from the identity: the test can tell
+    assert (sigma - torch.eye(12, dtype=torch.float64)).abs().max() > 0.3
+    torch.manual_seed(1)
+    n = 40_000
+    with torch.no_grad():
+        draws = post.sample_weight(n).double().reshape(n, -1)  # row-major vec(W)
+        mean = post.mean_weight().double().reshape(-1)
+    torch.testing.assert_close(draws.mean(0), mean, rtol=0, atol=4 * lam / math.sqrt(n) * 1.5)
+    centred = draws - mean
+    cov = centred.T @ centred / n
+    torch.testing.assert_close(cov, lam**2 * sigma, rtol=0, atol=0.01)
+
+
+def test_mean_weight_is_the_mean_over_q_of_u():
+    post = small_posterior(seed=2)
+    set_spread(post, 0.05, 0.8)  # wide q(U): the mean must hold through the U draws too
+    torch.manual_seed(3)
+    n = 40_000
+    with torch.no_grad():
+        draws = post.sample_weight(n).double()
+        mean = post.mean_weight().double()
+    err = (draws.mean(0) - mean).abs().max()
+    spread = draws.std(0).max()
+    assert err < 5 * spread / math.sqrt(n), (err, spread)
+
+
+def test_kl_matches_a_monte_carlo_estimate():
+    post = small_posterior(seed=4)
+    lam = 0.2
+    with torch.no_grad():
+        post.u_mean.mul_(0.7)
+        post.u_std_raw.copy_(
+            torch.tensor([[0.05, 0.3], [0.6, 0.9]]).apply_(inverse_softplus).to(torch.float32)
+        )
+        post.lamda_raw.fill_(inverse_softplus(lam))
+        # a visible diagonal D, so that Sigma_W is well conditioned for the dense densities
+        post.d_row_raw.fill_(inverse_softplus(0.5))
+        post.d_col_raw.fill_(inverse_softplus(0.5))
+    closed = post.kl().item()
+
+    torch.manual_seed(5)
+    n = 200_000
+    m, s = post.u_mean.detach().double(), post.u_std().detach().double()
+    v = m + s * torch.randn(n, *m.shape, dtype=torch.float64)
+    q_v = torch.distributions.Normal(m, s).log_prob(v).sum((1, 2))
+    p_v = torch.distributions.Normal(0.0, 1.0).log_prob(v).sum((1, 2))
+    sigma = post.conditional_covariance().detach().double()
+    zero = torch.zeros(sigma.shape[0], dtype=torch.float64)
+    q_w = torch.distributions.MultivariateNormal(zero, lam**2 * sigma)
+    p_w = torch.distributions.MultivariateNormal(zero, sigma)
+    eps = q_w.sample((n,))
+    terms = (q_v - p_v) + (q_w.log_prob(eps) - p_w.log_prob(eps))
+    mc, stderr = terms.mean().item(), terms.std().item() / math.sqrt(n)
+    assert abs(mc - closed) < 4 * stderr + 1e-3 * abs(closed), (mc, closed, stderr)
+    # and the closed form is not trivially small next to its parts
+    assert closed > 10.0
+
+
+def test_kl_gradient_reaches_the_posterior_and_lambda_stays_clamped():
+    post = small_posterior(seed=6, init_lamda=0.001)
+    post.kl().backward()
+    assert post.u_mean.grad.abs().max() > 0 and post.u_std_raw.grad.abs().max() > 0
+    assert post.lamda_raw.grad.item() < 0  # the KL pulls lambda up towards 1 ...
+    with torch.no_grad():
+        post.lamda_raw.fill_(5.0)
+    assert post.lamda().item() == pytest.approx(1.0)  # ... but never past max_lamda
+
+
+def test_one_sample_per_sequence_in_independent_mode():
+    model, layer = one_layer_bayesian_lora(max_lamda=1.0, max_u_std=1.0)
+    spread_out(layer, 0.5, 0.5)
+    row = torch.randn(1, 1, 6).expand(1, 4, 6)  # one sequence: the same token four times
+    x = torch.cat([row, row]).contiguous()  # two copies of that sequence
+    with torch.no_grad(), sampling(model, True, mode="independent"):
+        y = model(x)
+    # positions of one sequence share one weight sample (a cloze question's options do) ...
+    torch.testing.assert_close(y[:, 1:], y[:, :1].expand(-1, 3, -1), rtol=0, atol=1e-6)
+    # ... and the two copies are independent samples
+    assert (y[0] - y[1]).abs().max() > 1e-3
+    with torch.no_grad(), sampling(model, True, mode="shared"):
+        y = model(x)
+    torch.testing.assert_close(y[0], y[1], rtol=0, atol=1e-6)  # one draw for the batch
