@@ -221,6 +221,22 @@ def test_a_changed_eval_split_counts_as_missing(two_method_spec):
         ({"methods": ["lora"], "tasks": ["arc_easy"], "train": {"lr": -1}}, "--lr"),
         ({"methods": ["lora"], "tasks": ["arc_easy"], "extra": 1}, "unknown keys"),
         ({"tasks": ["arc_easy"]}, "needs 'methods'"),
+        # a -mean column needs a method that reports its mean weights
+        ({"methods": ["lora-mean"], "tasks": ["arc_easy"]}, "unknown method 'lora-mean'"),
+        ({"methods": ["v"], "tasks": ["a"], "variants": {"v": {"lr": 1}}}, "needs 'method"),
+        ({"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "x"}}}, "unknown method"),
+        (
+            {"methods": ["blob"], "tasks": ["a"], "variants": {"blob": {"method": "lora"}}},
+            "may not",
+        ),
+        (
+            {"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "blob", "seed": 2}}},
+            "may not set",
+        ),
+        (
+            {"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "blob", "lr": -1}}},
+            "--lr",
+        ),
     ],
 )
 def test_bad_experiment_files_are_refused(tmp_path, data, message):
@@ -252,6 +268,38 @@ def test_spec_precedence_and_defaults(tmp_path):
     assert s["train_split"] == "validation[:2270]" and s["eval_split"] == "validation[2270:]"
     assert spec.run_settings("arc_easy", "map", 1, Path("d"))["eval_split"] == "validation[:50]"
     assert len(plan(spec)) == 2 * 2 * 3
+
+
+def test_variants_train_their_method_under_their_settings_in_their_own_runs(tmp_path):
+    """A variant is the same method again under other settings (BLoB's paper recipe beside
+    another), with its own run folders and its own -mean column."""
+    spec = spec_from_dict(
+        {
+            "methods": ["lora", "blob", "blob-elbo", "blob-elbo-mean", "bayesian-lora-mean"],
+            "tasks": ["arc_easy"],
+            "seeds": [1],
+            "train": {"lr": 0.001, "max_steps": 10},
+            "method_options": {"blob": {"eval_samples": 5}},
+            "variants": {"blob-elbo": {"method": "blob", "kl_schedule": "elbo", "lr": 0.003}},
+            "task_options": {"arc_easy": {"lr": 0.004}},
+        },
+        name="v",
+        out=tmp_path,
+    )
+    assert spec.train_methods == ["lora", "blob", "blob-elbo", "bayesian-lora"]
+    s = spec.run_settings("arc_easy", "blob-elbo", 1, Path("d"))
+    # train < method_options[blob] < the variant < task_options
+    assert s["method"] == "blob" and s["kl_schedule"] == "elbo" and s["eval_samples"] == 5
+    assert s["lr"] == 0.004
+    assert "kl_schedule" not in spec.run_settings("arc_easy", "blob", 1, Path("d"))
+    runs = {r.method: r for r in plan(spec)}
+    assert runs["blob-elbo"].dir == tmp_path / "runs" / "arc_easy" / "blob-elbo" / "seed1"
+    cols = {c.name: c for c in spec.columns}
+    assert cols["blob-elbo-mean"].train_method == "blob-elbo"
+    assert cols["blob-elbo-mean"].eval_samples == 0 and cols["blob-elbo"].eval_samples is None
+    assert cols["bayesian-lora-mean"].key == "evaluations_mean"
+    assert [e.column.name for e in runs["blob-elbo"].evaluations] == ["blob-elbo", "blob-elbo-mean"]
+    assert spec_from_dict(spec.to_dict(), name="v").variants == spec.variants
 
 
 # ------------------------------------------------------------------ end to end on a tiny model

@@ -4,7 +4,9 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
 
     name: wgs_small                    # default: the file name without extension
     out: experiments/out/wgs_small     # default: runs/compare/<name>; --out wins
-    methods: [lora, map, mc-dropout, ensemble, laplace, blob, blob-mean]
+    methods: [lora, map, mc-dropout, ensemble, laplace, blob, blob-mean, blob-elbo]
+    variants:                                     # a method again, under other settings
+      blob-elbo: {method: blob, optimizer: single, kl_schedule: elbo, std_lr: 1.0e-2}
     tasks: [winogrande_s, arc_challenge]          # in-distribution: train + eval on each
     seeds: [1, 2, 3]                              # default [1, 2, 3]
     run_first: [lora, blob, map]                  # these methods' runs, every seed, go first
@@ -16,10 +18,14 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
     task_options: {boolq: {train_split: "validation[:2270]", eval_split: "validation[2270:]"}}
     eval_split_overrides: {arc_easy: "validation[:100]"}   # wherever that task is evaluated
 
-``blob-mean`` is not a training method: it is the ``blob`` runs evaluated once more with
-``eval_samples = 0`` (mean weights). ``task``, ``method``, ``seed`` and ``out`` are set per run
-and may not appear in ``train``/``method_options``/``task_options``. Precedence of settings,
-lowest first: TrainConfig defaults, ``train``, ``method_options[method]``,
+A column of ``methods`` is a registered method, a ``variant`` (a name for a method trained
+with other settings, e.g. BLoB under another recipe beside the paper's, each with its own runs
+under ``runs/<task>/<variant>/``), or ``<m>-mean`` for a method or variant ``m`` whose method
+reports its mean weights (``Method.mean_column``: BLoB's "BLoB-Mean"): not a training method,
+``m``'s runs evaluated once more with ``eval_samples = 0``. ``task``, ``method``, ``seed`` and
+``out`` are set per run and may not appear in ``train``/``method_options``/``task_options`` or a
+variant's settings. Precedence of settings, lowest first: TrainConfig defaults, ``train``,
+``method_options[method]`` (a variant's method included), the variant's own settings,
 ``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``.
 
 Order of runs: seed, then method (as listed), then task; methods named in ``run_first`` run
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from blob_lora.methods import METHODS
+from blob_lora.methods import METHODS, get_method
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
 
@@ -55,6 +61,7 @@ TOP_KEYS = {
     "task_options",
     "eval_split_overrides",
     "run_first",
+    "variants",
 }
 
 
@@ -68,19 +75,31 @@ class Column:
     """
 
     name: str
+    #: the runs it reads: a method's or a variant's (``RUN = runs/<task>/<train_method>/seedS``)
     train_method: str
     eval_samples: int | None = None
     key: str = "evaluations"
     subdir: str = "eval"
 
 
-def column_for(name: str) -> Column:
-    if name in METHODS:
+def column_for(name: str, variants: dict[str, dict[str, Any]] | None = None) -> Column:
+    """The column ``name`` of ``methods``: a method, a variant, or ``<method or variant>-mean``."""
+    variants = variants or {}
+    if name in METHODS or name in variants:
         return Column(name, name)
-    if name == "blob" + MEAN_SUFFIX:
-        return Column(name, "blob", eval_samples=0, key="evaluations_mean", subdir="eval_mean")
+    base = name.removesuffix(MEAN_SUFFIX)
+    if base != name and (base in METHODS or base in variants):
+        method = variants[base]["method"] if base in variants else base
+        if get_method(method).mean_column:
+            return Column(name, base, eval_samples=0, key="evaluations_mean", subdir="eval_mean")
+    with_mean = sorted(
+        f"{m}{MEAN_SUFFIX}"
+        for m in [*METHODS, *variants]
+        if get_method(variants[m]["method"] if m in variants else m).mean_column
+    )
     raise ConfigError(
-        f"compare: unknown method {name!r}; known: {sorted(METHODS)} and 'blob{MEAN_SUFFIX}'"
+        f"compare: unknown method {name!r}; known: {sorted(METHODS)}, the variants "
+        f"{sorted(variants)} and {with_mean}"
     )
 
 
@@ -103,10 +122,17 @@ class CompareSpec:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_split_overrides: dict[str, str] = field(default_factory=dict)
     run_first: list[str] = field(default_factory=list)
+    #: variant name -> {"method": a registered method, TrainConfig keys...}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[Column]:
-        return [column_for(m) for m in self.methods]
+        return [column_for(m, self.variants) for m in self.methods]
+
+    def method_of(self, train_method: str) -> str:
+        """The registered method a column's runs train (a variant's, or the name itself)."""
+        variant = self.variants.get(train_method)
+        return variant["method"] if variant else train_method
 
     @property
     def train_methods(self) -> list[str]:
@@ -120,7 +146,7 @@ class CompareSpec:
     @property
     def run_order(self) -> list[tuple[int, str]]:
         """(seed, training method) pairs in the order their runs go (see the module doc)."""
-        first = {column_for(m).train_method for m in self.run_first}
+        first = {column_for(m, self.variants).train_method for m in self.run_first}
         groups = [
             [m for m in self.train_methods if m in first],
             [m for m in self.train_methods if m not in first],
@@ -150,10 +176,13 @@ class CompareSpec:
             tasks += [t for t in self.ood.eval_tasks if t != task]
         return tasks
 
-    def run_settings(self, task: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        """TrainConfig keys of one run (see the module doc for precedence)."""
+    def run_settings(self, task: str, train_method: str, seed: int, out: Path) -> dict[str, Any]:
+        """TrainConfig keys of one run of a method or variant (module doc: precedence)."""
+        method = self.method_of(train_method)
         settings = dict(self.train)
         settings.update(self.method_options.get(method, {}))
+        variant = self.variants.get(train_method, {})
+        settings.update({k: v for k, v in variant.items() if k != "method"})
         settings.update(self.task_options.get(task, {}))
         split = self.eval_split(task, own=True)
         if split is not None:
@@ -176,6 +205,7 @@ class CompareSpec:
             "task_options": self.task_options,
             "eval_split_overrides": self.eval_split_overrides,
             "run_first": self.run_first,
+            "variants": self.variants,
         }
 
 
@@ -225,8 +255,9 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         raise ConfigError("compare: the experiment file needs 'methods'")
     name = str(data.get("name") or name)
     methods = _str_list(data["methods"], "methods")
+    variants = _variants(data.get("variants"))
     for m in methods:
-        column_for(m)
+        column_for(m, variants)
     ood = None
     if data.get("ood") is not None:
         o = _normalise_keys(data["ood"], "ood")
@@ -250,7 +281,8 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         str(m): _train_keys(v, f"method_options.{m}")
         for m, v in (data.get("method_options") or {}).items()
     }
-    train_methods = {column_for(m).train_method for m in methods}
+    train_methods = {column_for(m, variants).train_method for m in methods}
+    train_methods = {variants[m]["method"] if m in variants else m for m in train_methods}
     stray = sorted(set(method_options) - train_methods)
     if stray:
         raise ConfigError(
@@ -281,9 +313,38 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         task_options=task_options,
         eval_split_overrides={str(k): v for k, v in overrides.items()},
         run_first=run_first,
+        variants=variants,
     )
     _check_settings(spec)
     return spec
+
+
+def _variants(data: Any) -> dict[str, dict[str, Any]]:
+    """``variants``: each a new column name for a registered ``method`` and its settings."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"compare: variants must be a mapping, got {type(data).__name__}")
+    variants = {}
+    for name, body in data.items():
+        name = str(name)
+        if name in METHODS or name.endswith(MEAN_SUFFIX):
+            raise ConfigError(
+                f"compare: variant {name!r} may not be a method's name or end in {MEAN_SUFFIX!r}"
+            )
+        if not isinstance(body, dict) or not isinstance(body.get("method"), str):
+            raise ConfigError(
+                f"compare: variant {name!r} needs 'method: <one of {sorted(METHODS)}>' "
+                "and the settings it changes"
+            )
+        method = body["method"]
+        if method not in METHODS:
+            raise ConfigError(
+                f"compare: variant {name!r}: unknown method {method!r}; known: {sorted(METHODS)}"
+            )
+        rest = {k: v for k, v in body.items() if k != "method"}
+        variants[name] = {"method": method, **_train_keys(rest, f"variants.{name}")}
+    return variants
 
 
 def _check_settings(spec: CompareSpec) -> None:

@@ -90,6 +90,10 @@ class Method(ABC):
     has_kl: ClassVar[bool] = False
     #: N when the user does not ask for a number (0: one deterministic pass)
     samples_by_default: ClassVar[int] = 0
+    #: Whether its N = 0 prediction (the posterior's mean weights) is a result of its own that
+    #: comparisons report beside the sampled one: ``blob-lora compare`` then accepts the column
+    #: ``<name>-mean`` (the paper's "BLoB-Mean"), its runs evaluated once more at N = 0.
+    mean_column: ClassVar[bool] = False
     #: Whether every call of :meth:`predict_samples` draws fresh, independent samples, so that
     #: they may be drawn a few at a time (early-stopped prediction). False for a fixed sample
     #: set such as an ensemble's members.

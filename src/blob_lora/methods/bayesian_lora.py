@@ -99,6 +99,7 @@ class BayesianLoraMethod(LoraMethod):
     name = "bayesian-lora"
     has_kl = True
     samples_by_default = BayesianLoraConfig.eval_samples
+    mean_column = True
     iid_samples = True
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:

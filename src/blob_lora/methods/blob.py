@@ -54,6 +54,7 @@ class BlobMethod(LoraMethod):
     name = "blob"
     has_kl = True
     samples_by_default = BlobConfig.eval_samples
+    mean_column = True
     iid_samples = True
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
