@@ -33,6 +33,9 @@ HELP: dict[str, str] = {
     "task": "task name (winogrande_s, winogrande_m, arc_challenge, arc_easy, openbookqa, boolq, "
     "mmlu:<subject>) or a folder with your own train.jsonl/validation.jsonl",
     "method": _methods_help(),
+    "recipe": "BLoB's training recipe: paper (default: the authors' optimiser and KL schedule) "
+    "or elbo-adam (exact per-example ELBO weight, one AdamW with the std at 1e-2: the std "
+    "learns from the data); settings you give explicitly win",
     "out": "run folder to create (refused if it holds another run, see --overwrite/--resume)",
     "data_root": "local dataset folder (default: $BLOB_LORA_DATA, else the Hugging Face Hub)",
     "train_split": "training split, e.g. 'train' or 'validation[:2270]' (slices after a seeded shuffle)",

@@ -10,6 +10,7 @@ from blob_lora.methods import get_method
 from blob_lora.tasks.scoring import Scoring
 from blob_lora.training.kl_schedule import KL_SCHEDULES
 from blob_lora.training.optim import OPTIMIZER_MODES
+from blob_lora.training.recipes import RECIPES
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES, FLIPOUT_MODES, STD_PARAMS
 from blob_lora.utils.errors import ConfigError
 
@@ -24,6 +25,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     task: str = "winogrande_s"
     method: str = "blob"
+    recipe: str = "paper"
     out: str = "runs/run"
     data_root: str | None = None
     train_split: str | None = None
@@ -75,7 +77,18 @@ class TrainConfig:
     curve_samples: int | None = None
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         self.validate()
+
+    def _apply_recipe(self) -> None:
+        """Set the recipe's settings wherever the field still holds its default
+        (``training.recipes``: an explicit other value wins)."""
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
+            raise ConfigError(f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
 
     def validate(self) -> None:
         """Refuse a bad setting with one clear message naming its command-line option.
@@ -92,7 +105,16 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Strings, booleans and lists of strings (lists are stored as lists: resume compares)."""
-        for name in ("model", "task", "method", "out", "optimizer", "kl_schedule", "std_param"):
+        for name in (
+            "model",
+            "task",
+            "method",
+            "recipe",
+            "out",
+            "optimizer",
+            "kl_schedule",
+            "std_param",
+        ):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(
                     f"{_flag(name)} must be a non-empty string, got {getattr(self, name)!r}"

@@ -1,0 +1,36 @@
+"""``--recipe``: a named set of settings applied where the field still holds its default,
+stored resolved in run_config.json, refused by name when unknown."""
+
+from __future__ import annotations
+
+import pytest
+
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.recipes import RECIPES
+from blob_lora.utils.errors import ConfigError
+
+
+def test_paper_is_the_default_and_changes_nothing() -> None:
+    cfg = TrainConfig()
+    assert cfg.recipe == "paper" and RECIPES["paper"] == {}
+    assert (cfg.optimizer, cfg.kl_schedule, cfg.std_lr) == ("paper", "geometric", None)
+
+
+def test_elbo_adam_sets_its_settings_and_explicit_ones_win() -> None:
+    cfg = TrainConfig(recipe="elbo-adam")
+    assert (cfg.optimizer, cfg.kl_schedule, cfg.std_lr) == ("single", "elbo", 1e-2)
+    assert cfg.lr == TrainConfig().lr  # settings outside the recipe keep their defaults
+    mine = TrainConfig(recipe="elbo-adam", std_lr=3e-2, kl_schedule="uniform")
+    assert (mine.optimizer, mine.kl_schedule, mine.std_lr) == ("single", "uniform", 3e-2)
+
+
+def test_stored_config_reads_back_the_same() -> None:
+    cfg = TrainConfig(recipe="elbo-adam", lr=5e-4)
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("bad", ["adam", "", 3, None])
+def test_unknown_recipe_is_refused_by_name(bad) -> None:
+    with pytest.raises(ConfigError, match="--recipe must be one of"):
+        TrainConfig(recipe=bad)
