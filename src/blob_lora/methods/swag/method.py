@@ -210,8 +210,15 @@ class SwagMethod(LoraMethod):
     def after_step(
         self, model: nn.Module, cfg: RunSettings, step: int, schedule: StepSchedule
     ) -> None:
+        binding = Binding.trainable(model)
+        if step == 1 and any(hasattr(p, "full_tensor") for p in binding.params):
+            # the moments would gather, but the SWA mean cannot be written back into shards
+            raise ConfigError(
+                "--method swag is not supported under FSDP; train it with DDP "
+                "(accelerate launch --multi_gpu) or on one process"
+            )
         if collection(cfg, schedule).collects_at(step):
-            posteriors(model)["default"].collect(Binding.trainable(model).flat())
+            posteriors(model)["default"].collect(binding.flat())
 
     def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = posteriors(model)["default"].state_tensors()
