@@ -17,7 +17,8 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
     eval_split_overrides: {arc_easy: "validation[:100]"}   # wherever that task is evaluated
 
 ``blob-mean`` is not a training method: it is the ``blob`` runs evaluated once more with
-``eval_samples = 0`` (mean weights). ``task``, ``method``, ``seed`` and ``out`` are set per run
+``eval_samples = 0`` (mean weights); so is ``<method>-mean`` for every method that samples by
+default (``swag-mean``: the SWA model, ``mc-dropout-mean``, ...). ``task``, ``method``, ``seed`` and ``out`` are set per run
 and may not appear in ``train``/``method_options``/``task_options``. Precedence of settings,
 lowest first: TrainConfig defaults, ``train``, ``method_options[method]``,
 ``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``.
@@ -74,13 +75,20 @@ class Column:
     subdir: str = "eval"
 
 
+def mean_columns() -> list[str]:
+    """``<method>-mean`` for every method that samples by default (``blob-mean``,
+    ``swag-mean`` = SWA, ...): its runs evaluated once more with N = 0."""
+    return [n + MEAN_SUFFIX for n, m in METHODS.items() if m.samples_by_default > 0]
+
+
 def column_for(name: str) -> Column:
     if name in METHODS:
         return Column(name, name)
-    if name == "blob" + MEAN_SUFFIX:
-        return Column(name, "blob", eval_samples=0, key="evaluations_mean", subdir="eval_mean")
+    if name in mean_columns():
+        base = name[: -len(MEAN_SUFFIX)]
+        return Column(name, base, eval_samples=0, key="evaluations_mean", subdir="eval_mean")
     raise ConfigError(
-        f"compare: unknown method {name!r}; known: {sorted(METHODS)} and 'blob{MEAN_SUFFIX}'"
+        f"compare: unknown method {name!r}; known: {sorted(METHODS)} and {mean_columns()}"
     )
 
 

@@ -282,3 +282,52 @@ def test_cli_trains_and_evaluates_swag_with_the_same_metrics(tmp_path, data_root
     assert 0 <= again["accuracy"] <= 1 and again["nll"] > 0
     assert again["mean_epistemic_uncertainty"] > 0
     assert SwagPosterior.load(run_dir / "adapter" / POSTERIOR_FILE).count == 3
+
+
+def test_predictor_recognises_swag_and_splits_the_uncertainty(
+    tmp_path, data_root, char_base, char_tok
+):
+    from blob_lora.prediction import EarlyStop, Predictor
+
+    cfg = tiny_run_config(tmp_path / "swag", data_root, "swag", evaluate=False)
+    train_tiny(cfg, char_base, char_tok)
+    run = load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    questions = [
+        {"question": "the cat sat on the _", "choices": ["mat", "hat"]},
+        {"question": "a dog ran to the _", "choices": ["park", "car", "sea"]},
+    ]
+    # no method given: the model is recognised by what it carries
+    predictor = Predictor(run.model, char_tok, n_samples=4, seed=3, max_length=256)
+    assert predictor.method.name == "swag"
+    rows = predictor.predict(questions)
+    again = Predictor(run.model, char_tok, n_samples=4, seed=3, max_length=256).predict(questions)
+    assert rows == again  # a fixed seed reproduces the draws
+    for row in rows:
+        assert row["epistemic"] > 0
+        assert row["total"] == pytest.approx(row["aleatoric"] + row["epistemic"], abs=1e-9)
+    # independent draws per call: early stopping may run
+    early = Predictor(
+        run.model, char_tok, n_samples=8, mode="early", early=EarlyStop(tol=1.0), max_length=256
+    )
+    assert all(r["n_samples"] < 8 for r in early.predict(questions))
+
+
+def test_a_learning_curve_during_collection_leaves_the_run_unchanged(
+    tmp_path, data_root, char_base, char_tok
+):
+    """The curve draws SWAG samples mid-training (from the moments so far, or the current
+    weights before the first collection); the iterate must be restored exactly after each."""
+    kw = dict(max_steps=6, evaluate=False, curve_samples=2)
+    plain = tiny_run_config(tmp_path / "plain", data_root, "swag", **kw)
+    train_tiny(plain, char_base, char_tok)
+    curved = tiny_run_config(
+        tmp_path / "curved", data_root, "swag", curve_every=1, curve_split="train_s[8:12]", **kw
+    )
+    train_tiny(curved, char_base, char_tok)
+    curve = (Path(curved.out) / "curve.jsonl").read_text().splitlines()
+    assert len(curve) == 6
+    for name in ("adapter_model.safetensors", POSTERIOR_FILE):
+        a = load_file(Path(plain.out) / "adapter" / name)
+        b = load_file(Path(curved.out) / "adapter" / name)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)

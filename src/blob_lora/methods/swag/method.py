@@ -149,20 +149,30 @@ def sample_predictive(
     n_samples: int,
 ) -> torch.Tensor:
     """(max(1, N), B, C) option probabilities of ``adapter``'s posterior: N draws, each one
-    forward of the whole batch with the drawn LoRA weights; N = 0 is the mean. The adapter is
-    left at its mean whatever happens."""
+    forward of the whole batch with the drawn LoRA weights; N = 0 is the weights as they are
+    (a trained or loaded model's SWA mean).
+
+    The adapter's weights are restored exactly afterwards, whatever happens: during training
+    (``--curve-every``) they are the current iterate, not the mean. Before the first
+    collection the posterior is empty and every "draw" is the current weights.
+    """
     model.eval()
-    if n_samples == 0:
-        return torch.softmax(answer_logits(model, batch, option_ids), -1).unsqueeze(0)
+
+    def forward() -> torch.Tensor:
+        return torch.softmax(answer_logits(model, batch, option_ids), -1)
+
     posterior = posteriors(model)[adapter]
+    if n_samples == 0 or posterior.count == 0:
+        return forward().unsqueeze(0).expand(max(1, n_samples), -1, -1).clone()
     binding = Binding.for_layout(unwrapped(model), posterior.layout, adapter)
+    current = binding.flat()
     probs = []
     try:
         for _ in range(n_samples):
             binding.assign(posterior.sample())
-            probs.append(torch.softmax(answer_logits(model, batch, option_ids), -1))
+            probs.append(forward())
     finally:
-        binding.assign(posterior.mean)
+        binding.assign(current)
     return torch.stack(probs)
 
 
