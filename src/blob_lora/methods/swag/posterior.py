@@ -74,6 +74,8 @@ class SwagPosterior:
         self.sq_mean = torch.zeros(p, dtype=torch.float64, device=device)
         self.deviations = torch.zeros(0, p, dtype=torch.float32, device=device)
         self.count = 0
+        # (sqrt(var), D / sqrt(k - 1)) in float64, computed once per state for sampling
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- collection -------------------------------------------------------------------------
 
@@ -89,11 +91,13 @@ class SwagPosterior:
         dev = (x - self.mean).to(torch.float32).unsqueeze(0)
         self.deviations = torch.cat([self.deviations, dev])[-self.rank :]
         self.count = n
+        self._factors = None
 
     def to(self, device: str | torch.device) -> SwagPosterior:
         """Move the moments to ``device`` (where the adapter is: samples are drawn there)."""
         self.mean, self.sq_mean = self.mean.to(device), self.sq_mean.to(device)
         self.deviations = self.deviations.to(device)
+        self._factors = None
         return self
 
     # --- the Gaussian -----------------------------------------------------------------------
@@ -117,12 +121,14 @@ class SwagPosterior:
         moments' device."""
         if self.count == 0:
             raise RuntimeError("the SWAG posterior has collected no iterate yet")
+        if self._factors is None:
+            d = self.deviations.to(torch.float64) / self._low_rank_divisor()
+            self._factors = (self.variance().sqrt(), d)
+        std, d = self._factors
         dev = self.mean.device
         z1 = torch.randn(self.mean.shape, generator=generator, dtype=torch.float64, device=dev)
-        k = self.deviations.shape[0]
-        z2 = torch.randn(k, generator=generator, dtype=torch.float64, device=dev)
-        low_rank = (self.deviations.to(torch.float64).T @ z2) / self._low_rank_divisor()
-        return self.mean + math.sqrt(self.scale) * (self.variance().sqrt() * z1 + low_rank)
+        z2 = torch.randn(d.shape[0], generator=generator, dtype=torch.float64, device=dev)
+        return self.mean + math.sqrt(self.scale) * (std * z1 + d.T @ z2)
 
     # --- state and file ---------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class SwagPosterior:
         self.sq_mean = state["sq_mean"].to(device, torch.float64).clone()
         self.deviations = dev.to(device, torch.float32).clone()
         self.count = count
+        self._factors = None
 
     def save(self, path: Path) -> Path:
         """Write the posterior to ``path`` atomically (safetensors, layout in the metadata)."""
