@@ -6,6 +6,9 @@ runs of method ``swag`` into ``RUN/members/<k>/`` with seeds ``1000 * seed + k``
 folders (the SWA mean and ``swag_posterior.safetensors``) linked into
 ``RUN/adapter/member-<k>/``. Loading adds each member's posterior to its adapter ``m<k>``.
 
+M is ``--ensemble-size`` (default 3, the deep ensemble's here; the authors' MultiSWAG
+evaluation script lists 5 run folders).
+
 Prediction: N draws from each member's posterior (``--eval-samples``, per member; default 15 as
 for ``swag``), so the predictive averages M x N samples; N = 0 gives the M SWA means (an
 ensemble of SWA models).
@@ -42,7 +45,7 @@ class MultiSwagMethod(EnsembleMethod):
         device = next(model.parameters()).device
         for name, folder in zip(ensemble_members(model), member_dirs(adapter_dir), strict=True):
             posterior = SwagPosterior.load(folder / POSTERIOR_FILE, device)
-            attach_posterior(model, name, posterior, check_mean=True)
+            attach_posterior(model, name, posterior)
         return model
 
     def owns(self, model: nn.Module) -> bool:

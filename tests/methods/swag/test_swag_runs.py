@@ -331,3 +331,21 @@ def test_a_learning_curve_during_collection_leaves_the_run_unchanged(
         b = load_file(Path(curved.out) / "adapter" / name)
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_a_posterior_that_does_not_belong_to_the_adapter_is_refused(
+    tmp_path, data_root, char_base, char_tok
+):
+    from blob_lora.utils.errors import CheckpointError
+
+    cfg = tiny_run_config(tmp_path / "swag", data_root, "swag", evaluate=False)
+    train_tiny(cfg, char_base, char_tok)
+    path = Path(cfg.out) / "adapter" / POSTERIOR_FILE
+    post = SwagPosterior.load(path)
+    post.mean[0] += 1e-3  # another run's moments
+    post.save(path)
+    with pytest.raises(CheckpointError, match="does not hold the SWA mean"):
+        load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="holds no SWAG posterior"):
+        load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)

@@ -107,14 +107,12 @@ def posteriors(model: nn.Module) -> dict[str, SwagPosterior]:
     return found
 
 
-def attach_posterior(
-    model: nn.Module, adapter: str, posterior: SwagPosterior, *, check_mean: bool
-) -> None:
-    """Give ``model`` the posterior of ``adapter``, checked to fit its tensors (and, with
-    ``check_mean``, that those tensors hold the posterior's mean: a saved SWAG adapter does)."""
+def attach_posterior(model: nn.Module, adapter: str, posterior: SwagPosterior) -> None:
+    """Give a loaded ``model`` the saved posterior of ``adapter``, checked to fit its tensors
+    and that those tensors hold the posterior's mean (a saved SWAG adapter does)."""
     peft = unwrapped(model)
     binding = Binding.for_layout(peft, posterior.layout, adapter)
-    if check_mean and posterior.count:
+    if posterior.count:
         stored = binding.flat()
         mean = torch.cat(
             [
@@ -195,7 +193,7 @@ class SwagMethod(LoraMethod):
         model = load_plain_adapter(base, adapter_dir)
         device = next(model.parameters()).device
         posterior = SwagPosterior.load(Path(adapter_dir) / POSTERIOR_FILE, device)
-        attach_posterior(model, "default", posterior, check_mean=True)
+        attach_posterior(model, "default", posterior)
         return model
 
     def owns(self, model: nn.Module) -> bool:
