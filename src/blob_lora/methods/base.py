@@ -19,7 +19,7 @@ Along the training iterates
     and :meth:`~Method.load_training_state` (what of it a checkpoint must hold so that a resumed
     run equals an uninterrupted one), :meth:`~Method.finish_training` and
     :meth:`~Method.save_extras` (the predictive model after the last step and the files saved
-    next to its adapter).
+    next to its adapter), :meth:`~Method.training_summary` (what the run's summary reports).
 Prediction
     :meth:`~Method.eval_samples` (N), :meth:`~Method.predict_samples` (the N per-sample
     predictives; by default N forwards under :meth:`~Method.sampling_mode`, or one under
@@ -184,6 +184,12 @@ class Method(ABC):
         """Turn the last iterate into the predictive model (after the final checkpoint,
         before the adapter is saved and evaluated); by default the last iterate is it."""
         return None
+
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        """Entries this method adds to the run's ``summary.json`` (e.g. what SWAG collected)."""
+        return {}
 
     def save_extras(self, model: nn.Module, adapter_dir: Path) -> None:
         """Write this method's files next to the saved PEFT adapter (``adapter_dir`` is the

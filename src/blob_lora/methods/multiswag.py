@@ -17,12 +17,13 @@ ensemble of SWA models).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import unwrapped
+from blob_lora.methods.base import RunSettings, unwrapped
 from blob_lora.methods.ensemble import EnsembleMethod, ensemble_members, member_dirs
 from blob_lora.methods.swag.method import (
     POSTERIORS,
@@ -53,6 +54,15 @@ class MultiSwagMethod(EnsembleMethod):
         return bool(getattr(inner, "ensemble_adapters", None)) and bool(
             getattr(inner, POSTERIORS, None)
         )
+
+    def summarize(
+        self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The ensemble's summary, each member with what its SWAG run collected."""
+        summary = super().summarize(cfg, sub_summaries, record)
+        for member, sub in zip(summary["members"], sub_summaries, strict=True):
+            member["swag"] = sub.get("swag")
+        return summary
 
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
         """N per member (the predictive averages M x N samples)."""

@@ -267,6 +267,7 @@ def run_training(
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)
         "prefix_cached_blocks": loop.prefix.start if loop.prefix is not None else 0,
+        **method.training_summary(unwrapped, cfg, schedule),
         "evaluations": {},
     }
     return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)

@@ -136,6 +136,10 @@ def test_saved_adapter_is_the_swa_mean_and_reloads_bit_exact(
     post = SwagPosterior.load(adapter / POSTERIOR_FILE)
     assert post.count == 3 and post.rank == 5 and post.scale == 0.5
     assert summary["evaluations"][TINY_TASK]["eval_samples"] == 4
+    record = summary["swag"]
+    assert (record["collected"], record["first_step"], record["every"]) == (3, 4, 1)
+    assert record["lr"] == pytest.approx(cfg.lr / 10) and record["deviations"] == 3
+    assert record["max_std"] == pytest.approx(float(post.variance().sqrt().max()))
 
     # plain PEFT loads the SWA mean
     plain = load_plain_adapter(copy.deepcopy(char_base), adapter)
@@ -224,6 +228,7 @@ def test_multiswag_members_are_independent_swag_posteriors(
     summary = train_tiny(cfg, char_base, char_tok)
     out = Path(cfg.out)
     assert [m["seed"] for m in summary["members"]] == [1000, 1001]
+    assert [m["swag"]["collected"] for m in summary["members"]] == [2, 2]  # steps 3, 4
     member_posts = [
         SwagPosterior.load(out / "adapter" / f"member-{k}" / POSTERIOR_FILE) for k in range(2)
     ]

@@ -249,6 +249,24 @@ class SwagMethod(LoraMethod):
         posterior.to(binding.params[0].device)  # samples are drawn where a loaded model's are
         binding.assign(posterior.mean)
 
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        plan = collection(cfg, schedule)
+        posterior = posteriors(model)["default"]
+        return {
+            "swag": {
+                "collected": posterior.count,
+                "first_step": plan.start + plan.every,
+                "every": plan.every,
+                "lr": swag_lr(cfg),
+                "rank": posterior.rank,
+                "deviations": int(posterior.deviations.shape[0]),
+                "scale": posterior.scale,
+                "max_std": float(posterior.variance().sqrt().max()),
+            }
+        }
+
     def save_extras(self, model: nn.Module, adapter_dir: Path) -> None:
         posteriors(model)["default"].save(Path(adapter_dir) / POSTERIOR_FILE)
 
