@@ -169,10 +169,9 @@ def test_one_weight_draw_per_forward(tmp_path, data_root, char_base, char_tok, s
     question (cloze: its own sequence) and every question of the batch share that draw."""
     from blob_lora.tasks import Scoring
 
-    cfg = tiny_run_config(
-        tmp_path / "swag", data_root, "swag", scoring=scoring, max_length=512, evaluate=False
-    )
-    train_tiny(cfg, char_base, char_tok)
+    cfg = tiny_run_config(tmp_path / "swag", data_root, "swag", scoring=scoring, max_length=512)
+    metrics = train_tiny(cfg, char_base, char_tok)["evaluations"][TINY_TASK]
+    assert metrics["n_examples"] == 6.0 and metrics["eval_samples"] == 4
     run = load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     batch, option_ids = eval_batch(char_tok, data_root, Scoring(scoring), max_length=512)
     torch.manual_seed(7)
