@@ -1,10 +1,11 @@
 """SWAG-LoRA (Onal, Flöge, Caldwell, Sheverdin, Fortuin, AABI 2024): SWA-Gaussian over the LoRA
 weights only.
 
-Training: plain LoRA (AdamW, the run's warm-up and decay) for the first ``--swag-start``
-fraction of the optimiser steps; then the learning rate is held at ``--swag-lr`` and, every
-``--swag-every`` steps (0: once per epoch, the paper's collection frequency), the LoRA weights
-are collected into the running moments of ``methods.swag.posterior`` (first and second moment,
+Training: plain LoRA (AdamW, the run's warm-up and linear decay, which is computed over all
+steps and so has reached about half of ``--lr`` at the default start) for the first
+``--swag-start`` fraction of the optimiser steps; then the learning rate is held at
+``--swag-lr`` and, every ``--swag-every`` steps (0: once per epoch, the paper's collection
+frequency), the LoRA weights are collected into the running moments of ``methods.swag.posterior`` (first and second moment,
 the last ``--swag-rank`` deviations). The collected moments are part of every checkpoint, so a
 resumed run collects exactly what an uninterrupted one does.
 
@@ -14,8 +15,8 @@ adapter holding the mean (PEFT alone loads the SWA model) with the moments besid
 
 Prediction: N weight vectors drawn from ``N(mean, scale (diag(var) + D^T D / (K - 1)))``, each
 written into the LoRA weights for one forward of the batch (so every option of a cloze
-question, and every row of the batch, sees the same weights), the mean restored afterwards;
-N = 0 is the SWA mean. A draw per forward, not folded into the batch: a weight sample is a
+question, and every row of the batch, sees the same weights), the weights restored
+afterwards; N = 0 is the SWA mean. A draw per forward, not folded into the batch: a weight sample is a
 whole adapter, which PEFT's layers cannot vary along the batch.
 
 Defaults, and where they come from (the paper's public code, ``fortuinlab/swag-lora``; the
@@ -25,8 +26,8 @@ paper's text could not be consulted here):
   (``swag_c_epochs: 1``);
 * N = 15 samples at evaluation (``NUM_SAMPLES=15`` of their evaluation scripts);
 * ``--swag-lr`` = ``--lr`` / 10 (their training script's ``SWAG_DIV_FACTOR=10``), held constant:
-  their code anneals linearly to it over 5 epochs (``SWALR``) and collects meanwhile; we switch
-  at the start of collection, as SWA's original constant schedule does;
+  their code anneals to it (``SWALR``, ``swag_anneal_epochs: 5``, linear); we switch at the
+  start of collection, as SWA's constant schedule does;
 * ``--swag-scale`` 0.5: SWAG's ``Sigma = 1/2 (Sigma_diag + Sigma_low-rank)`` (Maddox et al.),
   which their config recommends with the low-rank part on; their evaluation scripts ran 1.0;
 * ``--swag-start`` 0.5 of the steps is our choice: their runs start at a fixed epoch chosen per
