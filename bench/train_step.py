@@ -8,6 +8,10 @@ One step = forward (``logits_to_keep=1``), loss, backward, optimiser step, zeroi
 * ``blob-token-2pass``: the authors' loop: backward on the NLL, AdamW on mean and B, then a
   second backward on ``pi * KL`` and an SGD step over every trainable tensor (the std is
   stepped only there, on its NLL + KL gradient).
+* ``swag-collect``: the ``lora`` step followed by a SWAG-LoRA collection (running first and
+  second moments in float64, the last 5 deviations) after *every* step: the upper bound of
+  SWAG's training cost (``--method swag`` collects once per epoch by default, and only in the
+  second half of training; its other steps are ``lora``'s).
 
 All methods share one base model. Each gets its own PEFT wrapper, built once and ``unload()``-ed
 straight away; its injected layers are then swapped in and out of the base model, so that the
@@ -51,10 +55,13 @@ from common import (  # noqa: E402
 ensure_src_on_path()
 
 from blob_lora import BlobConfig, get_blob_model, kl_divergence, std_parameters  # noqa: E402
+from blob_lora.methods.swag.binding import Binding  # noqa: E402
+from blob_lora.methods.swag.posterior import SwagPosterior  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 FLIPOUT_MODES = ("token", "sequence", "shared")
-METHODS = ("lora", *(f"blob-{m}" for m in FLIPOUT_MODES), "blob-token-2pass")
+METHODS = ("lora", *(f"blob-{m}" for m in FLIPOUT_MODES), "blob-token-2pass", "swag-collect")
+SWAG_RANK = 5  # SWAG-LoRA's deviation rank K
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 # AdamW as in the authors' runs (method doc, section 3); the SGD lr is their KL lr.
@@ -167,7 +174,7 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
 
     torch.manual_seed(args.seed)  # the same A initialisation for every method
     cfg = lora_config(args.rank, args.alpha)
-    if method == "lora":
+    if method in ("lora", "swag-collect"):
         model = get_peft_model(base, cfg)
     else:
         mode = method.removeprefix("blob-").removesuffix("-2pass")
@@ -183,6 +190,19 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
             nll_last_position(model, ids, targets).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+        optimizers = [opt]
+    elif method == "swag-collect":
+        opt = torch.optim.AdamW(trainable, **ADAMW)
+        binding = Binding.trainable(model)
+        posterior = SwagPosterior(binding.layout, SWAG_RANK)
+        posterior.to(trainable[0].device)
+
+        def step(ids: torch.Tensor, targets: torch.Tensor) -> None:
+            nll_last_position(model, ids, targets).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            posterior.collect(binding.flat())
 
         optimizers = [opt]
     elif not method.endswith("-2pass"):

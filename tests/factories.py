@@ -229,6 +229,8 @@ def tiny_run_config(out: Path, data_root: Path, method: str, **overrides: Any):
         "target_modules": ["q_proj", "v_proj"],
         "eval_samples": 4,
         "ensemble_size": 2,
+        # 3 steps of 2 per epoch: SWAG collects after steps 2 and 3 (once per epoch: 1 iterate)
+        "swag_every": 1,
     }
     settings.update(overrides)
     return TrainConfig(**settings)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import load_script
 
-ROWS = {"lora", "blob-token", "blob-sequence", "blob-shared", "blob-token-2pass"}
+ROWS = {"lora", "blob-token", "blob-sequence", "blob-shared", "blob-token-2pass", "swag-collect"}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def _check(report_path, batch_sizes, seq_len, dtype):
     params = data["config"]["trainable_params"]
     # BLoB adds a std the shape of every A on top of LoRA's A and B.
     assert params["blob-token"] > params["lora"]
+    assert params["swag-collect"] == params["lora"]  # SWAG trains LoRA's tensors only
     assert data["machine"]["torch"]
     assert data["machine"]["cpu_count"] >= 1
     assert len(data["tables_markdown"]) == len(batch_sizes)

@@ -60,7 +60,7 @@ def test_fp16_under_fsdp_is_refused_bf16_is_not() -> None:
     check_fsdp_settings(bf16, load_in_4bit=False, load_in_8bit=False)
 
 
-@pytest.mark.parametrize("method", ["ensemble", "laplace", "tfb"])
+@pytest.mark.parametrize("method", ["ensemble", "multiswag", "laplace", "tfb"])
 def test_composite_methods_under_fsdp_are_refused(method, tmp_path, monkeypatch) -> None:
     from blob_lora.pipeline import train
     from blob_lora.training import TrainConfig

@@ -75,7 +75,15 @@ HELP: dict[str, str] = {
     "kl_schedule": "KL weight schedule: geometric (paper), uniform (1/K) or elbo (1/n)",
     "kl_rescale": "use the authors' dataset rescaling for the KL cycle length (paper setting)",
     "kl_gamma": "gamma of the dataset rescaling",
-    "ensemble_size": "number of independently initialised adapters for --method ensemble",
+    "ensemble_size": "number of independently initialised adapters for --method ensemble "
+    "(multiswag: of SWAG posteriors)",
+    "swag_start": "swag: fraction of the optimiser steps trained as plain LoRA before SWAG "
+    "collects iterates",
+    "swag_every": "swag: collect the LoRA weights every N optimiser steps (0: once per epoch, "
+    "the paper's)",
+    "swag_rank": "swag: deviations kept for the low-rank covariance (K, paper: 5)",
+    "swag_lr": "swag: constant learning rate while collecting (default: --lr / 10, the authors')",
+    "swag_scale": "swag: covariance scale of the samples (SWAG's 1/2)",
     "checkpoint_every": "write a resumable checkpoint every N steps (0: only at the end)",
     "log_every": "write a line to train_log.jsonl every N steps",
     "log_with": "also log to an Accelerate tracker: tensorboard, wandb, mlflow or all",

@@ -13,6 +13,13 @@ The model
 The loss
     :attr:`~Method.has_kl` and :meth:`~Method.kl`: a KL term added to the NLL (weighted by the
     KL schedule); :meth:`~Method.weight_decay`: AdamW's decay (a Gaussian prior's MAP).
+Along the training iterates
+    :meth:`~Method.lr_factor` (the learning-rate schedule), :meth:`~Method.after_step` (called
+    after every optimiser step: SWAG collects its moments there), :meth:`~Method.training_state`
+    and :meth:`~Method.load_training_state` (what of it a checkpoint must hold so that a resumed
+    run equals an uninterrupted one), :meth:`~Method.finish_training` and
+    :meth:`~Method.save_extras` (the predictive model after the last step and the files saved
+    next to its adapter), :meth:`~Method.training_summary` (what the run's summary reports).
 Prediction
     :meth:`~Method.eval_samples` (N), :meth:`~Method.predict_samples` (the N per-sample
     predictives; by default N forwards under :meth:`~Method.sampling_mode`, or one under
@@ -30,8 +37,9 @@ a ``methods.composite.CompositeMethod``: it declares its sub-runs instead of ``b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -41,6 +49,7 @@ from torch import nn
 
 from blob_lora.models.forward import answer_logits, repeat_batch
 from blob_lora.tasks import Scoring
+from blob_lora.utils.errors import CheckpointError
 
 
 class RunSettings(Protocol):
@@ -71,9 +80,24 @@ class RunSettings(Protocol):
     eval_noise: str
     bayesian_layers: list[str] | None
     ensemble_size: int
+    lr: float
+    swag_start: float
+    swag_every: int
+    swag_rank: int
+    swag_lr: float | None
+    swag_scale: float
 
     @property
     def scoring_spec(self) -> Scoring: ...
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """How many optimiser steps a run takes, in total and per epoch (the training loop's plan,
+    as the training hooks of :class:`Method` see it)."""
+
+    total_steps: int
+    steps_per_epoch: int
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -129,6 +153,52 @@ class Method(ABC):
     def weight_decay(self, cfg: RunSettings) -> float:
         """AdamW's weight decay for this run."""
         return cfg.weight_decay
+
+    # --- along the training iterates --------------------------------------------------------
+
+    def lr_factor(
+        self, cfg: RunSettings, schedule: StepSchedule, factor: Callable[[int], float]
+    ) -> Callable[[int], float]:
+        """The learning-rate factor of the 0-based optimiser step, given the run's own
+        (warm-up, then linear decay); called once before the first step, so it may also refuse
+        a schedule the method cannot use (``ConfigError``). By default the run's own."""
+        return factor
+
+    def after_step(
+        self, model: nn.Module, cfg: RunSettings, step: int, schedule: StepSchedule
+    ) -> None:
+        """Called on every process after optimiser step ``step`` (1-based) has updated
+        ``model`` (unwrapped), before any checkpoint of that step is written."""
+        return None
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors of this method's own training state that a checkpoint must hold beside the
+        trainable weights (nothing by default)."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (from a resumed checkpoint)."""
+        if state:
+            raise CheckpointError(
+                f"the checkpoint holds training state {sorted(state)[:3]} that method "
+                f"{self.name!r} does not keep (written by another method?)"
+            )
+
+    def finish_training(self, model: nn.Module) -> None:
+        """Turn the last iterate into the predictive model (after the final checkpoint,
+        before the adapter is saved and evaluated); by default the last iterate is it."""
+        return None
+
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        """Entries this method adds to the run's ``summary.json`` (e.g. what SWAG collected)."""
+        return {}
+
+    def save_extras(self, model: nn.Module, adapter_dir: Path) -> None:
+        """Write this method's files next to the saved PEFT adapter (``adapter_dir`` is the
+        temporary folder that becomes ``RUN/adapter/``); nothing by default."""
+        return None
 
     # --- prediction -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ epistemic part is the members' disagreement. ``--eval-samples n`` uses the first
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel
@@ -76,12 +76,15 @@ class EnsembleMethod(CompositeMethod):
 
     name = "ensemble"
     samples_by_default = 0  # 0 / unset: all members
+    #: the method each member is trained with (``multiswag``: ``swag``)
+    member_method: ClassVar[str] = MEMBER_METHOD
 
     def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         """K plain runs into ``RUN/members/<k>/``, each with its own seed (see module doc)."""
         return [
             SubRun(
-                f"{MEMBERS_DIR}/{k}", {"method": MEMBER_METHOD, "seed": member_seed(cfg.seed, k)}
+                f"{MEMBERS_DIR}/{k}",
+                {"method": self.member_method, "seed": member_seed(cfg.seed, k)},
             )
             for k in range(cfg.ensemble_size)
         ]

@@ -31,6 +31,7 @@ class MCDropoutMethod(LoraMethod):
 
     name = "mc-dropout"
     samples_by_default = 10
+    mean_column = True  # N = 0: dropout off, the deterministic LoRA it trained
     # each pass draws new dropout masks: samples are fresh and independent
     iid_samples = True
 

@@ -18,6 +18,8 @@ from blob_lora.methods.laplace_method import LaplaceMethod
 from blob_lora.methods.lora import LoraMethod
 from blob_lora.methods.map import MapMethod
 from blob_lora.methods.mc_dropout import MCDropoutMethod
+from blob_lora.methods.multiswag import MultiSwagMethod
+from blob_lora.methods.swag import SwagMethod
 from blob_lora.methods.tfb import TfbMethod
 from blob_lora.utils.errors import ConfigError
 
@@ -26,9 +28,12 @@ _BUILTIN: tuple[Method, ...] = (
     LoraMethod(),
     MapMethod(),
     MCDropoutMethod(),
+    # before ensemble: a MultiSWAG model is also an ensemble model, and owns() is asked in order
+    MultiSwagMethod(),
     EnsembleMethod(),
     TfbMethod(),
     BayesianLoraMethod(),
+    SwagMethod(),
 )
 # Laplace-LoRA needs the KFAC posterior package (blob_lora.methods.laplace).
 _OPTIONAL: tuple[Method, ...] = (

@@ -6,6 +6,8 @@ A checkpoint is a folder ``checkpoints/step-XXXXXXXX`` holding:
 * ``optim.safetensors`` + ``optim.json``: optimiser/scheduler states split into tensors and
   plain JSON (so loading runs no pickle);
 * ``rng.safetensors`` + ``state.json``: RNG states of every process and the loop position;
+* ``method.safetensors`` (only when the method keeps training state of its own, e.g. SWAG's
+  moments; ``Method.training_state``);
 * ``manifest.json``: SHA-256 of each file, written last.
 
 The folder is built under a temporary name and renamed into place, then ``checkpoints/latest``
@@ -35,6 +37,7 @@ from blob_lora.utils.atomic import atomic_directory, atomic_write_text
 from blob_lora.utils.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+METHOD_FILE = "method.safetensors"
 LATEST = "latest"
 _NAME = re.compile(r"^step-\d{8,}$")
 
@@ -138,6 +141,7 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     loop_state: dict[str, Any],
     keep: int = 2,
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``step`` and point ``latest`` at it.
 
@@ -159,6 +163,11 @@ def save_checkpoint(
                 skeleton = _split_tensors(obj, "", tensors)
                 save_file(tensors, tmp / f"{stem}.safetensors")
                 (tmp / f"{stem}.json").write_text(json.dumps(skeleton))
+            if method_state:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in method_state.items()},
+                    tmp / METHOD_FILE,
+                )
             (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=2))
             manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
@@ -274,7 +283,7 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
     try:
         out: dict[str, Any] = {"trainable": load_file(str(path / "trainable.safetensors"))}
         for stem in ("optim", "rng"):
@@ -282,6 +291,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             skeleton = json.loads((path / f"{stem}.json").read_text())
             out[stem] = _join_tensors(skeleton, tensors)
         out["state"] = json.loads((path / "state.json").read_text())
+        listed = METHOD_FILE in manifest["files"]  # verified with the rest when written
+        out["method"] = load_file(str(path / METHOD_FILE)) if listed else {}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from exc
     return out

@@ -60,6 +60,11 @@ class TrainConfig:
     kl_rescale: bool = True
     kl_gamma: float = 8.0
     ensemble_size: int = 3
+    swag_start: float = 0.5
+    swag_every: int = 0
+    swag_rank: int = 5
+    swag_lr: float | None = None
+    swag_scale: float = 0.5
     checkpoint_every: int = 0
     log_every: int = 1
     log_with: str | None = None
@@ -171,6 +176,8 @@ class TrainConfig:
             )
         _positive_int(self, "log_every")
         _positive_int(self, "ensemble_size")
+        _positive_int(self, "swag_every", allow_zero=True)
+        _positive_int(self, "swag_rank", lo=2)  # one deviation has no low-rank covariance
         _positive_int(self, "seed", allow_zero=True)
         if self.seed > MAX_SEED:  # numpy seeds stop at 2**32 - 1 (and each process adds its rank)
             raise ConfigError(f"--seed must be <= {MAX_SEED}, got {self.seed!r}")
@@ -181,11 +188,13 @@ class TrainConfig:
         for name in ("lr", "kl_lr", "lora_alpha", "prior_std", "init_std", "kl_gamma"):
             _positive_float(self, name)
         _positive_float(self, "std_lr", allow_none=True)
+        _positive_float(self, "swag_lr", allow_none=True)
+        _positive_float(self, "swag_scale")
         _positive_float(self, "epochs", allow_none=True)
         if self.epochs is not None and self.epochs > MAX_EPOCHS:
             raise ConfigError(f"--epochs must be <= {MAX_EPOCHS:g}, got {self.epochs!r}")
         _positive_float(self, "weight_decay", allow_zero=True)
-        for name in ("warmup_ratio", "lora_dropout"):
+        for name in ("warmup_ratio", "lora_dropout", "swag_start"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
                 raise ConfigError(f"{_flag(name)} must be a number in [0, 1), got {v!r}")

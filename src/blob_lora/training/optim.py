@@ -239,7 +239,11 @@ def build_updater(
     kl_lr: float = 0.01,
     std_lr: float | None = None,
     adam_eps: float = 1e-6,
+    reshape: Callable[[Callable[[int], float]], Callable[[int], float]] | None = None,
 ) -> Updater:
+    """The optimisers and schedules of a run; ``reshape`` turns the run's learning-rate factor
+    into the one the method uses (``Method.lr_factor``; SWAG holds it constant while it
+    collects)."""
     if mode not in OPTIMIZER_MODES:
         raise ConfigError(f"optimizer must be one of {OPTIMIZER_MODES}, got {mode!r}")
     point, std = split_parameters(model)
@@ -250,6 +254,8 @@ def build_updater(
         factor = authors_warmup_decay(total_steps, warmup_ratio * total_steps)
     else:
         factor = linear_warmup_decay(total_steps, int(round(warmup_ratio * total_steps)))
+    if reshape is not None:
+        factor = reshape(factor)
     if not bayesian or not std:
         opt = torch.optim.AdamW(point + std, lr=lr, eps=adam_eps, weight_decay=weight_decay)
         return Updater("single", [opt], [LambdaLR(opt, factor)], point, std)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from blob_lora.methods.base import Method
+from blob_lora.methods.base import Method, StepSchedule
 from blob_lora.models import load_model_and_tokenizer
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.prefix_cache import PrefixFeatureCache
@@ -220,6 +220,7 @@ def run_training(
     model = _build_adapter(cfg, method, base_model, accelerator)
     loader = _training_loader(cfg, inputs, accelerator)
     plan = _plan_steps(cfg, loader, len(inputs.dataset), accelerator)
+    schedule = StepSchedule(plan.total_steps, plan.steps_per_epoch)
     updater = build_updater(
         model,
         mode=cfg.optimizer,
@@ -230,6 +231,7 @@ def run_training(
         weight_decay=method.weight_decay(cfg),
         kl_lr=cfg.kl_lr,
         std_lr=cfg.std_lr,
+        reshape=lambda factor: method.lr_factor(cfg, schedule, factor),
     )
     model = _prepare(accelerator, model, updater)
     unwrapped = accelerator.unwrap_model(model)
@@ -249,7 +251,8 @@ def run_training(
     loop.start(resuming, inputs.dataset, progress)
     loop.run()
     train_seconds = loop.finish()
-    _save_adapter(accelerator, unwrapped, out)
+    method.finish_training(unwrapped)  # e.g. SWAG: the adapter becomes the SWA mean
+    _save_adapter(accelerator, unwrapped, out, method)
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": task.name,
@@ -264,6 +267,7 @@ def run_training(
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)
         "prefix_cached_blocks": loop.prefix.start if loop.prefix is not None else 0,
+        **method.training_summary(unwrapped, cfg, schedule),
         "evaluations": {},
     }
     return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)
@@ -395,6 +399,7 @@ class _Loop:
         self.model, self.unwrapped = model, accelerator.unwrap_model(model)
         self.updater, self.loader, self.option_ids = updater, loader, option_ids
         self.plan, self.curve = plan, curve
+        self.schedule = StepSchedule(plan.total_steps, plan.steps_per_epoch)
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / CHECKPOINTS
         self.log_path = self.out / TRAIN_LOG
@@ -414,7 +419,7 @@ class _Loop:
         cfg, accelerator = self.cfg, self.accelerator
         if resuming:
             self.step, self.epoch, self.micro_done, self.seconds_before = _restore(
-                self.ckpt_root, self.unwrapped, self.updater, accelerator, self.layout
+                self.ckpt_root, self.unwrapped, self.updater, accelerator, self.layout, self.method
             )
         if cfg.log_with:
             accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
@@ -445,6 +450,7 @@ class _Loop:
         # whole tensors: under FSDP every process takes part in gathering its shards
         trainable = full_tensors(self.trainable)
         optim = full_tensors(self.updater.state_dict())
+        method_state = self.method.training_state(self.unwrapped)
         loop_state = {
             "epoch": epoch,
             "micro_in_epoch": micro,
@@ -463,6 +469,7 @@ class _Loop:
                 optim,
                 states,
                 loop_state,
+                method_state=method_state,
             ),
         )
 
@@ -547,6 +554,8 @@ class _Loop:
             kl_value = used_kl
         self.step += 1
         step = self.step
+        # before the curve and any checkpoint of this step: both see what the method kept
+        method.after_step(unwrapped, cfg, step, self.schedule)
         # totals over every process: the logged NLL is the mean over the global batch
         totals, stop = reduce_window(self.accelerator, self.window, signals.received is not None)
         record = {
@@ -603,8 +612,9 @@ class _Loop:
         return train_seconds
 
 
-def _save_adapter(accelerator: Accelerator, model: nn.Module, out: Path) -> None:
-    """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept).
+def _save_adapter(accelerator: Accelerator, model: nn.Module, out: Path, method: Method) -> None:
+    """Write ``RUN/adapter/`` atomically on the main process (the final checkpoint is kept),
+    with the method's own files beside the PEFT adapter (``Method.save_extras``).
 
     Under FSDP the model's state dict holds shards: the adapter's tensors (``lora_*``, not the
     sharded base) are gathered whole on every process first, and PEFT saves those.
@@ -621,6 +631,7 @@ def _save_adapter(accelerator: Accelerator, model: nn.Module, out: Path) -> None
         try:
             with atomic_directory(out / ADAPTER_DIR) as tmp:
                 model.save_pretrained(tmp, save_embedding_layers=False, **kwargs)
+                method.save_extras(model, tmp)
         except OSError as exc:
             raise CheckpointError(
                 f"could not write the adapter to {out / ADAPTER_DIR} ({exc}); the final "
@@ -643,7 +654,7 @@ def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _restore(
-    root: Path, unwrapped, updater, accelerator, layout: dict[str, int]
+    root: Path, unwrapped, updater, accelerator, layout: dict[str, int], method: Method
 ) -> tuple[int, int, int, float]:
     """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far)."""
     path = ckpt.latest_checkpoint(root)
@@ -691,6 +702,7 @@ def _restore(
             ],
         }
     updater.load_state_dict(optim)
+    method.load_training_state(unwrapped, state.get("method", {}))
     rngs = state["rng"]
     rank = accelerator.process_index
     same_world = loop.get("world_size") == accelerator.num_processes
