@@ -199,6 +199,20 @@ def test_run_first_methods_finish_every_seed_before_the_others(tmp_path):
         spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"], "run_first": ["laplace"]}, "m")
 
 
+def test_a_run_made_before_a_setting_existed_ran_with_its_default(two_method_spec):
+    """A new option must not orphan the finished runs of every experiment: a stored
+    run_config.json without it compares as that option's default; another value still differs."""
+    d = fabricate(two_method_spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.1, 0.7, 0.3)})
+    stored = json.loads((d / "run_config.json").read_text())
+    del stored["recipe"], stored["eval_noise"]
+    (d / "run_config.json").write_text(json.dumps(stored))
+    r = next(r for r in plan(two_method_spec) if r.method == "lora" and r.seed == 1)
+    assert config_differences(r) == []
+    stored["lr"] = 0.5
+    (d / "run_config.json").write_text(json.dumps(stored))
+    assert config_differences(r) == [f"lr (0.5 -> {TrainConfig().lr!r})"]
+
+
 def test_a_changed_eval_split_counts_as_missing(two_method_spec):
     spec = two_method_spec
     fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})

@@ -158,6 +158,7 @@ def config_differences(r: PlannedRun) -> list[str]:
     previous = _read_json(r.dir / RUN_CONFIG)
     if previous is None:
         return []
+    previous = TrainConfig.stored_with_defaults(previous)
     wanted = TrainConfig.from_dict(r.settings).to_dict()
     return [
         f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"

@@ -230,6 +230,14 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
+    def stored_with_defaults(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """A stored ``run_config.json`` completed with the defaults of settings added since it
+        was written: such a run ran with that setting's default (what resume and ``compare``
+        compare against, so a new option does not orphan every existing run)."""
+        defaults = cls().to_dict()
+        return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

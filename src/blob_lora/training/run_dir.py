@@ -46,9 +46,7 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
                 raise BlobLoraError(f"{cfg_path} is corrupt: {exc}") from exc
             if not isinstance(previous, dict):
                 raise BlobLoraError(f"{cfg_path} is corrupt: not a JSON object")
-            # a run written before a setting existed ran with that setting's default
-            defaults = TrainConfig().to_dict()
-            previous = {**{k: defaults[k] for k in defaults if k not in previous}, **previous}
+            previous = TrainConfig.stored_with_defaults(previous)
             allowed = (*TrainConfig.RESUMABLE_CHANGES, *BATCH_LAYOUT)
             changed = sorted(
                 k
