@@ -37,7 +37,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,23 +185,40 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return base, tokenizer
 
 
-def run_training(
+@dataclass
+class PreparedTraining:
+    """Everything a run needs before its first step: the loop (adapter, optimisers, loader,
+    schedule; nothing trained yet), the task and its tokenised training split.
+
+    ``run_training`` starts and runs ``loop`` to the end; ``bench/train_full_step.py`` drives
+    the same loop step by step (``loop.steps()``) to time it.
+    """
+
+    loop: TrainingLoop
+    task: Task
+    train_split: str
+    inputs: TaskInputs
+    tokenizer: PreTrainedTokenizerBase
+    accelerator: Accelerator
+    unwrapped: nn.Module
+    resuming: bool
+
+
+def prepare_training(
     cfg: TrainConfig,
     method: Method,
     start: RunStart | None = None,
     *,
     curve: CurveFactory | None = None,
-) -> TrainedRun:
-    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
+) -> PreparedTraining:
+    """Build everything ``run_training`` trains with, and create the run folder (``cfg.out``).
 
-    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
-    held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
-    written: that is the pipeline's (``blob_lora.pipeline.train``).
+    Nothing is trained: call ``loop.start(...)`` then ``loop.run()`` (or ``loop.steps()``).
     """
     from accelerate import Accelerator
 
     start = start or RunStart()
-    overwrite, resume, progress = start.overwrite, start.resume, start.progress
+    overwrite, resume = start.overwrite, start.resume
     base_model, tokenizer = start.base_model, start.tokenizer
 
     if cfg.curve_every and curve is None:
@@ -243,21 +260,43 @@ def run_training(
         ),
     )
     held_out = curve(cfg, unwrapped, method, task, tokenizer, accelerator, out) if curve else None
-    loop = _Loop(
+    loop = TrainingLoop(
         cfg, method, accelerator, model, updater, loader, inputs.option_ids, plan, held_out
     )
-    loop.start(resuming, inputs.dataset, progress)
+    return PreparedTraining(
+        loop, task, train_split, inputs, tokenizer, accelerator, unwrapped, resuming
+    )
+
+
+def run_training(
+    cfg: TrainConfig,
+    method: Method,
+    start: RunStart | None = None,
+    *,
+    curve: CurveFactory | None = None,
+) -> TrainedRun:
+    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
+
+    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
+    held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
+    written: that is the pipeline's (``blob_lora.pipeline.train``).
+    """
+    start = start or RunStart()
+    prepared = prepare_training(cfg, method, start, curve=curve)
+    loop, accelerator, unwrapped = prepared.loop, prepared.accelerator, prepared.unwrapped
+    inputs, task = prepared.inputs, prepared.task
+    loop.start(prepared.resuming, inputs.dataset, start.progress)
     loop.run()
     train_seconds = loop.finish()
-    _save_adapter(accelerator, unwrapped, out)
+    _save_adapter(accelerator, unwrapped, Path(cfg.out))
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": task.name,
-        "train_split": train_split,
+        "train_split": prepared.train_split,
         "n_train": len(inputs.dataset),
         "steps": loop.step,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "kl_cycle": plan.schedule.cycle if method.has_kl else None,
+        "steps_per_epoch": loop.plan.steps_per_epoch,
+        "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
         "world_size": accelerator.num_processes,
         "fsdp": uses_fsdp(accelerator),
         "train_seconds": round(train_seconds, 3),
@@ -266,7 +305,7 @@ def run_training(
         "prefix_cached_blocks": loop.prefix.start if loop.prefix is not None else 0,
         "evaluations": {},
     }
-    return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)
+    return TrainedRun(summary, unwrapped, prepared.tokenizer, task, accelerator)
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, updater: Updater) -> nn.Module:
@@ -372,7 +411,7 @@ def _plan_steps(
     return _StepPlan(micro_per_epoch, steps_per_epoch, total_steps, global_batch, schedule)
 
 
-class _Loop:
+class TrainingLoop:
     """The optimiser-step loop of one run: its position, logging window and checkpoints.
 
     Why a class: the position (step, epoch, micro-batch), the resumed training time and the
@@ -408,6 +447,7 @@ class _Loop:
         }
         self.prefix: PrefixFeatureCache | None = None
         self.window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
+        self.signals = _Signals()
 
     def start(self, resuming: bool, dataset: MCDataset, progress: bool) -> None:
         """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
@@ -468,29 +508,39 @@ class _Loop:
 
     def run(self) -> None:
         """Optimiser steps until ``total_steps``, epoch after epoch, from the restored position."""
+        with self.signals:
+            for _ in self.steps():
+                pass
+
+    def steps(self) -> Iterator[int]:
+        """Take the optimiser steps, yielding the step number after each one (with its
+        logging and checkpoint); ``run`` takes them all under the signal handlers."""
         accelerator, total_steps = self.accelerator, self.plan.total_steps
-        with _Signals() as signals:
-            while self.step < total_steps:
-                self.loader.set_epoch(self.epoch)
-                micro_done = self.micro_done
-                batches = (
-                    accelerator.skip_first_batches(self.loader, micro_done)
-                    if micro_done
-                    else self.loader
-                )
-                micro = micro_done
-                for batch in batches:
-                    micro += 1
-                    if self._micro_step(batch, micro, signals):
-                        break
-                else:
-                    self.epoch += 1
-                    self.micro_done = 0
-                    continue
-                at_epoch_end = micro == self.plan.micro_per_epoch
-                self.epoch, self.micro_done = (
-                    (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
-                )
+        while self.step < total_steps:
+            self.loader.set_epoch(self.epoch)
+            micro_done = self.micro_done
+            batches = (
+                accelerator.skip_first_batches(self.loader, micro_done)
+                if micro_done
+                else self.loader
+            )
+            micro = micro_done
+            for batch in batches:
+                micro += 1
+                before = self.step
+                if self._micro_step(batch, micro, self.signals):
+                    break  # the last step: yielded below, once the position is recorded
+                if self.step != before:
+                    yield self.step
+            else:
+                self.epoch += 1
+                self.micro_done = 0
+                continue
+            at_epoch_end = micro == self.plan.micro_per_epoch
+            self.epoch, self.micro_done = (
+                (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
+            )
+            yield self.step
 
     def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: _Signals) -> bool:
         """Forward and backward one micro-batch, and step the optimiser at a boundary; True
