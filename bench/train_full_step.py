@@ -146,13 +146,38 @@ def prepare(cfg: TrainConfig, base: nn.Module, tokenizer: Any) -> Run:
     return Run(loop, loop.steps())
 
 
-def profile_step(run: Run, rows: int = 30) -> str:
-    """The top operators of one more step by self CPU time."""
+#: profiler rows summed per method: the trainer's section labels and BLoB's noise path
+SECTIONS = (
+    "train.forward",
+    "train.backward",
+    "train.update",
+    "train.update.kl",
+    "train.kl",
+    "train.log",
+    "_TokenFlipout",
+    "_TokenFlipoutBackward",
+    "aten::random_",
+)
+
+
+def profile_step(run: Run, rows: int = 30) -> tuple[str, dict[str, float]]:
+    """One more step under ``torch.profiler``: its top operators by self CPU time, and the CPU
+    milliseconds of each of ``SECTIONS`` (total, i.e. with what runs inside; ``aten::random_``:
+    self) plus the whole profiled step's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run.step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        wall, _ = run.step()
+    events = prof.key_averages()
+    by_key = {e.key: e for e in events}
+    sections = {"step (wall, profiled)": wall * 1e3}
+    for key in SECTIONS:
+        event = by_key.get(key)
+        if event is not None:
+            total = event.self_cpu_time_total if key.startswith("aten::") else event.cpu_time_total
+            sections[key] = total / 1e3
+    table = events.table(sort_by="self_cpu_time_total", row_limit=rows)
+    return table, sections
 
 
 def bench_shape(args: argparse.Namespace, setting: Setting, shape: str, base: nn.Module,
@@ -184,7 +209,8 @@ def bench_shape(args: argparse.Namespace, setting: Setting, shape: str, base: nn
         print(f"  {shape} step {i + 1}/{warmup + steps} ({what}): "
               + ", ".join(f"{m} {took[m][0]:.3f}s wall {took[m][1]:.3f}s cpu" for m in order),
               flush=True)  # fmt: skip
-    profiles = {m: profile_step(r) for m, r in runs.items()} if args.profile else {}
+    profiled = {m: profile_step(r) for m, r in runs.items()} if args.profile else {}
+    profiles = {m: table for m, (table, _) in profiled.items()}
     stats = {m: summary(t) for m, t in times.items()}
     cpu_stats = {m: summary(t) for m, t in cpu_times.items()}
     per_round = [b / lo for lo, b in zip(times["lora"], times["blob"], strict=True)]
@@ -201,6 +227,8 @@ def bench_shape(args: argparse.Namespace, setting: Setting, shape: str, base: nn
         "blob_over_lora_per_round_median": statistics.median(per_round),
         "blob_over_lora_cpu": cpu_stats["blob"]["median"] / cpu_stats["lora"]["median"],
     }
+    if profiled:
+        row["profile_sections_ms"] = {m: sections for m, (_, sections) in profiled.items()}
     # what the loop did: its steps, their lines in the train log, the KL it logged
     logs = {m: _train_log(r.loop.log_path) for m, r in runs.items()}
     row["steps_taken"] = {m: r.loop.step for m, r in runs.items()}
@@ -276,6 +304,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             r["cpu_s"]["blob"]["median"], round(r["blob_over_lora_cpu"], 3),
         ])  # fmt: skip
     print(format_table(header, table))
+    for r in rows:
+        if "profile_sections_ms" in r:
+            sec = r["profile_sections_ms"]
+            keys = [
+                k for k in ("step (wall, profiled)", *SECTIONS) if any(k in v for v in sec.values())
+            ]
+            print(
+                f"\nprofiled step, {r['shape']} shape (CPU ms; sections include their inner ones)"
+            )
+            print(format_table(["section", *METHODS],
+                               [[k, *(round(sec[m].get(k, 0.0), 1) for m in METHODS)] for k in keys]))  # fmt: skip
     print(f"wrote {out_path}")
     return report
 

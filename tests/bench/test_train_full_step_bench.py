@@ -45,5 +45,12 @@ def test_train_full_step_bench_times_both_shapes(tmp_path, data_root) -> None:
         assert row["blob_over_lora"] == pytest.approx(ratio)
         cpu = row["cpu_s"]["blob"]["median"] / row["cpu_s"]["lora"]["median"]
         assert row["blob_over_lora_cpu"] == pytest.approx(cpu)
+        # the trainer's profiler labels: every section ran; BLoB's noise path only in BLoB
+        sections = row["profile_sections_ms"]
+        for method in ("lora", "blob"):
+            for key in ("train.forward", "train.backward", "train.update", "train.log"):
+                assert sections[method][key] > 0
+        assert sections["blob"]["train.update.kl"] > 0 and "train.update.kl" not in sections["lora"]
+        assert sections["blob"]["_TokenFlipout"] > 0 and "_TokenFlipout" not in sections["lora"]
     profile = out.with_suffix(".profile.txt").read_text()
     assert "== demo/blob" in profile and "== paper/lora" in profile

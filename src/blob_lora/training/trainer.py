@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from blob_lora.methods.base import Method
@@ -416,6 +417,11 @@ class TrainingLoop:
 
     Why a class: the position (step, epoch, micro-batch), the resumed training time and the
     logging window are shared by the step, the checkpoint writer and the final save.
+
+    The step's sections carry ``torch.profiler`` labels (``train.forward``, ``train.backward``,
+    ``train.update`` with ``train.update.kl``, ``train.kl``, ``train.log``), so that a profile
+    of a real run says where its time goes (``bench/train_full_step.py --profile``); without
+    an active profiler they cost nothing measurable.
     """
 
     def __init__(
@@ -554,10 +560,14 @@ class TrainingLoop:
         if method.has_kl and self.updater.mode == "single":
             # before the forward: under FSDP every parameter is then a shard (after it the
             # head's are still gathered), and the KL is summed over the shards once
-            kl_value = full_tensors(method.kl(self.unwrapped))
+            with record_function("train.kl"):
+                kl_value = full_tensors(method.kl(self.unwrapped))
         with sync:
             prefix = self.prefix
-            with prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext():
+            with (
+                prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext(),
+                record_function("train.forward"),
+            ):
                 logits = answer_logits(self.model, batch, self.option_ids)
             nll = F.cross_entropy(logits, batch["labels"])
             loss = nll if kl_value is None else nll + pi * kl_value
@@ -569,7 +579,8 @@ class TrainingLoop:
                 )
             # mean over the micro-batches of this window: the last window of an epoch may hold
             # fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
-            accelerator.backward(loss / self._window_size(micro))
+            with record_function("train.backward"):
+                accelerator.backward(loss / self._window_size(micro))
         self.window["nll"] += nll.item()
         self.window["micro"] += 1
         self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -592,7 +603,8 @@ class TrainingLoop:
         """One optimiser step: update, log, record the curve, checkpoint, stop on a signal."""
         cfg, method, unwrapped = self.cfg, self.method, self.unwrapped
         kl_fn = (lambda: full_tensors(method.kl(unwrapped))) if method.has_kl else None
-        used_kl = self.updater.step(kl_fn, pi)
+        with record_function("train.update"):
+            used_kl = self.updater.step(kl_fn, pi)
         if kl_value is None:
             kl_value = used_kl
         self.step += 1
@@ -610,7 +622,8 @@ class TrainingLoop:
             "seconds": round(time.perf_counter() - self.started, 3),
         }
         self.window = dict.fromkeys(self.window, 0.0)
-        self._report(record)
+        with record_function("train.log"):
+            self._report(record)
         at_epoch_end = micro == self.plan.micro_per_epoch
         position = (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
         total_steps = self.plan.total_steps
