@@ -35,6 +35,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -274,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setting = SETTINGS[args.setting]
     where = "results" if args.setting == "cpu" else "out"
     out_path = args.out or REPO / "bench" / where / f"train_full_step_{args.setting}.json"
+    load_start = list(os.getloadavg())
     torch.manual_seed(0)
     base, tokenizer = load_base(setting)
     rows, profiles = [], {}
@@ -283,10 +285,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row, prof = bench_shape(args, setting, shape, base, tokenizer, Path(tmp))
             rows.append(row)
             profiles.update({f"{shape}/{m}": t for m, t in prof.items()})
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # no output path in the report (it may be a path of this machine)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
     config["max_length"] = args.max_length or setting.max_length
     config["model"] = setting.model
-    report = {"machine": machine_info(CPU), "config": config, "rows": rows}
+    # other jobs on the machine inflate wall times: the load average says how busy it was
+    load = {"start": load_start, "end": list(os.getloadavg())}
+    report = {"machine": machine_info(CPU), "load_average": load, "config": config, "rows": rows}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, report)
     if profiles:
