@@ -53,9 +53,11 @@ def _signs_from_seed(seed: int, shape: tuple[int, ...], device: torch.device) ->
 
 def _keeps_token_signs(device: torch.device) -> bool:
     """Whether token-mode Flipout keeps its input signs for backward rather than regenerating
-    them: on the CPU, where drawing them (one Mersenne-Twister number per element, serial) costs
-    ~10x an elementwise pass and 1 byte per element is cheap; not on accelerators, where the
-    draw is a fast kernel and memory is what is short."""
+    them, and casts them to the activation dtype itself: on the CPU, where drawing them (one
+    Mersenne-Twister number per element, serial) costs ~10x an elementwise pass, 1 byte per
+    element is cheap, and an int8 * float product first casts the signs into a temporary. Not
+    on accelerators: there the draw is a fast kernel, memory is what is short, and a mixed-dtype
+    product casts inside its one kernel (a separate cast would be one more small kernel)."""
     return device.type == "cpu"
 
 
@@ -74,11 +76,12 @@ class _TokenFlipout(torch.autograd.Function):
     def forward(ctx, x, delta_a, seed, t_sign):  # type: ignore[override]
         r_sign = _signs_from_seed(seed, tuple(x.shape), x.device)
         ctx.seed = seed
-        kept = r_sign if _keeps_token_signs(x.device) else None
-        ctx.save_for_backward(x, delta_a, t_sign, kept)
-        # signs cast once and multiplied in place: the int8 * float product would cast into a
-        # temporary and allocate its result besides (two passes and buffers the size of x)
-        xr = r_sign.to(x.dtype).mul_(x)
+        if _keeps_token_signs(x.device):
+            ctx.save_for_backward(x, delta_a, t_sign, r_sign)
+            xr = r_sign.to(x.dtype).mul_(x)  # cast once, multiply in place: no temporaries
+        else:
+            ctx.save_for_backward(x, delta_a, t_sign, None)
+            xr = x * r_sign
         return F.linear(xr, delta_a).mul_(t_sign)
 
     @staticmethod
@@ -86,14 +89,15 @@ class _TokenFlipout(torch.autograd.Function):
         x, delta_a, t_sign, r_sign = ctx.saved_tensors
         if r_sign is None:
             r_sign = _signs_from_seed(ctx.seed, tuple(x.shape), x.device)
-        r = r_sign.to(x.dtype)  # cast once for both products below
+        else:
+            r_sign = r_sign.to(x.dtype)  # CPU: cast once for both products below
         grad_t = grad_out * t_sign
         grad_x = grad_delta = None
         if ctx.needs_input_grad[1]:
-            xr = (x * r).reshape(-1, x.shape[-1])
+            xr = (x * r_sign).reshape(-1, x.shape[-1])
             grad_delta = grad_t.reshape(-1, grad_t.shape[-1]).transpose(0, 1) @ xr
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_t @ delta_a).mul_(r)
+            grad_x = (grad_t @ delta_a).mul_(r_sign)
         return grad_x, grad_delta, None, None
 
 
