@@ -234,3 +234,35 @@ def test_cli_bad_input_is_one_clear_line(
     )
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_steps_yields_every_optimizer_step_like_run(tmp_path, data_root, tiny_model_dir) -> None:
+    """``TrainingLoop.steps()`` (what bench/train_full_step.py drives) takes the same steps as
+    ``run()``: across an epoch boundary whose last accumulation window is short, and with the
+    same parameters at the end."""
+    from blob_lora.methods import get_method
+    from blob_lora.training.trainer import RunStart, prepare_training
+
+    def trained(out: str, stepwise: bool) -> tuple[list[int], dict[str, torch.Tensor]]:
+        # 24 examples / batch 4 = 6 micro-batches per epoch, grad_accum 4: steps of 4 and 2
+        cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, method="blob", out=out,
+                       grad_accum=4, max_steps=5, evaluate=False)  # fmt: skip
+        prepared = prepare_training(cfg, get_method("blob"), RunStart(progress=False))
+        loop = prepared.loop
+        loop.start(False, prepared.inputs.dataset, False)
+        torch.manual_seed(5)
+        if stepwise:
+            seen = list(loop.steps())
+        else:
+            loop.run()
+            seen = [r["step"] for r in _log(tmp_path / out)]
+        assert (loop.step, loop.epoch, loop.micro_done) == (5, 2, 4)
+        params = {n: p.detach().clone() for n, p in prepared.unwrapped.named_parameters()
+                  if p.requires_grad}  # fmt: skip
+        return seen, params
+
+    seen, by_steps = trained(str(tmp_path / "a"), stepwise=True)
+    assert seen == [1, 2, 3, 4, 5]
+    _, by_run = trained(str(tmp_path / "b"), stepwise=False)
+    for name, value in by_steps.items():
+        torch.testing.assert_close(value, by_run[name], rtol=0, atol=0)

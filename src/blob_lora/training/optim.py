@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.profiler import record_function
 
 from blob_lora.utils.errors import ConfigError
 
@@ -111,8 +112,9 @@ class Updater:
             adamw.step()
             for p in self.point_params:
                 p.grad = None  # SGD sees only the KL gradient on mean and B ...
-            kl = kl_fn()
-            self._add_kl_gradient(pi * kl)  # std: NLL + KL
+            with record_function("train.update.kl"):
+                kl = kl_fn()
+                self._add_kl_gradient(pi * kl)  # std: NLL + KL
             sgd.step()
             kl = kl.detach()
         for sched in self.schedulers:

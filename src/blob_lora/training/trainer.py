@@ -37,7 +37,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from blob_lora.methods.base import Method, StepSchedule
@@ -185,23 +186,40 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return base, tokenizer
 
 
-def run_training(
+@dataclass
+class PreparedTraining:
+    """Everything a run needs before its first step: the loop (adapter, optimisers, loader,
+    schedule; nothing trained yet), the task and its tokenised training split.
+
+    ``run_training`` starts and runs ``loop`` to the end; ``bench/train_full_step.py`` drives
+    the same loop step by step (``loop.steps()``) to time it.
+    """
+
+    loop: TrainingLoop
+    task: Task
+    train_split: str
+    inputs: TaskInputs
+    tokenizer: PreTrainedTokenizerBase
+    accelerator: Accelerator
+    unwrapped: nn.Module
+    resuming: bool
+
+
+def prepare_training(
     cfg: TrainConfig,
     method: Method,
     start: RunStart | None = None,
     *,
     curve: CurveFactory | None = None,
-) -> TrainedRun:
-    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
+) -> PreparedTraining:
+    """Build everything ``run_training`` trains with, and create the run folder (``cfg.out``).
 
-    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
-    held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
-    written: that is the pipeline's (``blob_lora.pipeline.train``).
+    Nothing is trained: call ``loop.start(...)`` then ``loop.run()`` (or ``loop.steps()``).
     """
     from accelerate import Accelerator
 
     start = start or RunStart()
-    overwrite, resume, progress = start.overwrite, start.resume, start.progress
+    overwrite, resume = start.overwrite, start.resume
     base_model, tokenizer = start.base_model, start.tokenizer
 
     if cfg.curve_every and curve is None:
@@ -245,32 +263,54 @@ def run_training(
         ),
     )
     held_out = curve(cfg, unwrapped, method, task, tokenizer, accelerator, out) if curve else None
-    loop = _Loop(
+    loop = TrainingLoop(
         cfg, method, accelerator, model, updater, loader, inputs.option_ids, plan, held_out
     )
-    loop.start(resuming, inputs.dataset, progress)
+    return PreparedTraining(
+        loop, task, train_split, inputs, tokenizer, accelerator, unwrapped, resuming
+    )
+
+
+def run_training(
+    cfg: TrainConfig,
+    method: Method,
+    start: RunStart | None = None,
+    *,
+    curve: CurveFactory | None = None,
+) -> TrainedRun:
+    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
+
+    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
+    held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
+    written: that is the pipeline's (``blob_lora.pipeline.train``).
+    """
+    start = start or RunStart()
+    prepared = prepare_training(cfg, method, start, curve=curve)
+    loop, accelerator, unwrapped = prepared.loop, prepared.accelerator, prepared.unwrapped
+    inputs, task = prepared.inputs, prepared.task
+    loop.start(prepared.resuming, inputs.dataset, start.progress)
     loop.run()
     train_seconds = loop.finish()
     method.finish_training(unwrapped)  # e.g. SWAG: the adapter becomes the SWA mean
-    _save_adapter(accelerator, unwrapped, out, method)
+    _save_adapter(accelerator, unwrapped, Path(cfg.out), method)
     summary: dict[str, Any] = {
         "method": cfg.method,
         "task": task.name,
-        "train_split": train_split,
+        "train_split": prepared.train_split,
         "n_train": len(inputs.dataset),
         "steps": loop.step,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "kl_cycle": plan.schedule.cycle if method.has_kl else None,
+        "steps_per_epoch": loop.plan.steps_per_epoch,
+        "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
         "world_size": accelerator.num_processes,
         "fsdp": uses_fsdp(accelerator),
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)
         "prefix_cached_blocks": loop.prefix.start if loop.prefix is not None else 0,
-        **method.training_summary(unwrapped, cfg, schedule),
+        **method.training_summary(unwrapped, cfg, loop.schedule),
         "evaluations": {},
     }
-    return TrainedRun(summary, unwrapped, tokenizer, task, accelerator)
+    return TrainedRun(summary, unwrapped, prepared.tokenizer, task, accelerator)
 
 
 def _prepare(accelerator: Accelerator, model: nn.Module, updater: Updater) -> nn.Module:
@@ -376,11 +416,16 @@ def _plan_steps(
     return _StepPlan(micro_per_epoch, steps_per_epoch, total_steps, global_batch, schedule)
 
 
-class _Loop:
+class TrainingLoop:
     """The optimiser-step loop of one run: its position, logging window and checkpoints.
 
     Why a class: the position (step, epoch, micro-batch), the resumed training time and the
     logging window are shared by the step, the checkpoint writer and the final save.
+
+    The step's sections carry ``torch.profiler`` labels (``train.forward``, ``train.backward``,
+    ``train.update`` with ``train.update.kl``, ``train.kl``, ``train.log``), so that a profile
+    of a real run says where its time goes (``bench/train_full_step.py --profile``); without
+    an active profiler they cost nothing measurable.
     """
 
     def __init__(
@@ -413,6 +458,7 @@ class _Loop:
         }
         self.prefix: PrefixFeatureCache | None = None
         self.window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
+        self.signals = _Signals()
 
     def start(self, resuming: bool, dataset: MCDataset, progress: bool) -> None:
         """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
@@ -475,29 +521,39 @@ class _Loop:
 
     def run(self) -> None:
         """Optimiser steps until ``total_steps``, epoch after epoch, from the restored position."""
+        with self.signals:
+            for _ in self.steps():
+                pass
+
+    def steps(self) -> Iterator[int]:
+        """Take the optimiser steps, yielding the step number after each one (with its
+        logging and checkpoint); ``run`` takes them all under the signal handlers."""
         accelerator, total_steps = self.accelerator, self.plan.total_steps
-        with _Signals() as signals:
-            while self.step < total_steps:
-                self.loader.set_epoch(self.epoch)
-                micro_done = self.micro_done
-                batches = (
-                    accelerator.skip_first_batches(self.loader, micro_done)
-                    if micro_done
-                    else self.loader
-                )
-                micro = micro_done
-                for batch in batches:
-                    micro += 1
-                    if self._micro_step(batch, micro, signals):
-                        break
-                else:
-                    self.epoch += 1
-                    self.micro_done = 0
-                    continue
-                at_epoch_end = micro == self.plan.micro_per_epoch
-                self.epoch, self.micro_done = (
-                    (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
-                )
+        while self.step < total_steps:
+            self.loader.set_epoch(self.epoch)
+            micro_done = self.micro_done
+            batches = (
+                accelerator.skip_first_batches(self.loader, micro_done)
+                if micro_done
+                else self.loader
+            )
+            micro = micro_done
+            for batch in batches:
+                micro += 1
+                before = self.step
+                if self._micro_step(batch, micro, self.signals):
+                    break  # the last step: yielded below, once the position is recorded
+                if self.step != before:
+                    yield self.step
+            else:
+                self.epoch += 1
+                self.micro_done = 0
+                continue
+            at_epoch_end = micro == self.plan.micro_per_epoch
+            self.epoch, self.micro_done = (
+                (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
+            )
+            yield self.step
 
     def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: _Signals) -> bool:
         """Forward and backward one micro-batch, and step the optimiser at a boundary; True
@@ -511,10 +567,14 @@ class _Loop:
         if method.has_kl and self.updater.mode == "single":
             # before the forward: under FSDP every parameter is then a shard (after it the
             # head's are still gathered), and the KL is summed over the shards once
-            kl_value = full_tensors(method.kl(self.unwrapped))
+            with record_function("train.kl"):
+                kl_value = full_tensors(method.kl(self.unwrapped))
         with sync:
             prefix = self.prefix
-            with prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext():
+            with (
+                prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext(),
+                record_function("train.forward"),
+            ):
                 logits = answer_logits(self.model, batch, self.option_ids)
             nll = F.cross_entropy(logits, batch["labels"])
             loss = nll if kl_value is None else nll + pi * kl_value
@@ -526,7 +586,8 @@ class _Loop:
                 )
             # mean over the micro-batches of this window: the last window of an epoch may hold
             # fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
-            accelerator.backward(loss / self._window_size(micro))
+            with record_function("train.backward"):
+                accelerator.backward(loss / self._window_size(micro))
         self.window["nll"] += nll.item()
         self.window["micro"] += 1
         self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -549,7 +610,8 @@ class _Loop:
         """One optimiser step: update, log, record the curve, checkpoint, stop on a signal."""
         cfg, method, unwrapped = self.cfg, self.method, self.unwrapped
         kl_fn = (lambda: full_tensors(method.kl(unwrapped))) if method.has_kl else None
-        used_kl = self.updater.step(kl_fn, pi)
+        with record_function("train.update"):
+            used_kl = self.updater.step(kl_fn, pi)
         if kl_value is None:
             kl_value = used_kl
         self.step += 1
@@ -569,7 +631,8 @@ class _Loop:
             "seconds": round(time.perf_counter() - self.started, 3),
         }
         self.window = dict.fromkeys(self.window, 0.0)
-        self._report(record)
+        with record_function("train.log"):
+            self._report(record)
         at_epoch_end = micro == self.plan.micro_per_epoch
         position = (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
         total_steps = self.plan.total_steps

@@ -125,3 +125,37 @@ def test_model_kl_sums_layers_and_is_differentiable(std_param: str, tiny_model) 
     kl.backward()
     rho = next(p for n, p in model.named_parameters() if "lora_A_rho" in n)
     assert rho.grad is not None and rho.grad.abs().sum() > 0
+
+
+def test_token_flipout_kept_and_regenerated_signs_give_identical_gradients(monkeypatch) -> None:
+    """On the CPU the forward's signs are kept for backward instead of drawn again from the
+    seed; both ways give bit-identical values and gradients, and keeping draws them once."""
+    from blob_lora.tuners.blob import noise
+
+    torch.manual_seed(4)
+    x0 = torch.randn(3, 5, 7)
+    d0 = torch.randn(4, 7)
+    t = noise.random_signs((3, 5, 4), x0.device, x0.dtype)
+    draws = []
+    real_draw = noise._signs_from_seed
+
+    def counting(seed, shape, device):
+        draws.append(seed)
+        return real_draw(seed, shape, device)
+
+    monkeypatch.setattr(noise, "_signs_from_seed", counting)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x, d = x0.clone().requires_grad_(), d0.clone().requires_grad_()
+        out = noise._TokenFlipout.apply(x, d, 99, t)
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad, d.grad
+
+    assert noise._keeps_token_signs(x0.device)
+    kept = run()
+    assert draws == [99]  # drawn in forward only
+    monkeypatch.setattr(noise, "_keeps_token_signs", lambda device: False)
+    regenerated = run()
+    assert draws == [99, 99, 99]  # forward and backward
+    for a, b in zip(kept, regenerated, strict=True):
+        assert torch.equal(a, b)

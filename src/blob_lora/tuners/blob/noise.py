@@ -8,7 +8,8 @@ once on ``M x + noise``.
 Modes (see the method doc, section 2):
 
 * ``token``: Flipout with signs drawn per token, the authors' scheme. A custom autograd function
-  regenerates the input signs from a seed in backward instead of storing them.
+  regenerates the input signs from a seed in backward instead of storing them (on accelerators;
+  on the CPU it keeps them as int8, where drawing them again costs more than the memory).
 * ``sequence``: Flipout with signs per sequence, i.e. a per-sequence weight
   ``A_b = M + t_b (Omega . E) r_b`` applied with one batched matmul (``B x r x in`` extra memory).
 * ``shared``: one sample ``M + Omega . E`` for the whole batch, folded into the mean matmul.
@@ -50,32 +51,53 @@ def _signs_from_seed(seed: int, shape: tuple[int, ...], device: torch.device) ->
     )
 
 
-class _TokenFlipout(torch.autograd.Function):
-    """``((x * r) @ dA.T) * t`` with per-token input signs ``r`` that are never stored.
+def _keeps_token_signs(device: torch.device) -> bool:
+    """Whether token-mode Flipout keeps its input signs for backward rather than regenerating
+    them, and casts them to the activation dtype itself: on the CPU, where drawing them (one
+    Mersenne-Twister number per element, serial) costs ~10x an elementwise pass, 1 byte per
+    element is cheap, and an int8 * float product first casts the signs into a temporary. Not
+    on accelerators: there the draw is a fast kernel, memory is what is short, and a mixed-dtype
+    product casts inside its one kernel (a separate cast would be one more small kernel)."""
+    return device.type == "cpu"
 
-    ``r`` (one sign per token and input feature, as large as ``x``) is regenerated in backward
-    from its seed, so token-mode Flipout saves nothing beyond what LoRA's own matmul keeps
-    (``x``): storing ``r`` or ``x * r`` cost the authors' implementation 13-26 % peak memory.
+
+class _TokenFlipout(torch.autograd.Function):
+    """``((x * r) @ dA.T) * t`` with per-token input signs ``r``.
+
+    On accelerators ``r`` (one sign per token and input feature, as large as ``x``) is not
+    stored but regenerated in backward from its seed, so token-mode Flipout saves nothing beyond
+    what LoRA's own matmul keeps (``x``): storing ``r`` or ``x * r`` cost the authors'
+    implementation 13-26 % peak memory. On the CPU the int8 signs are kept instead (a quarter
+    of ``x``'s fp32 bytes): regenerating them was a third of the mode's cost there
+    (``_keeps_token_signs``). The signs, and so the result, are the same either way.
     """
 
     @staticmethod
     def forward(ctx, x, delta_a, seed, t_sign):  # type: ignore[override]
         r_sign = _signs_from_seed(seed, tuple(x.shape), x.device)
         ctx.seed = seed
-        ctx.save_for_backward(x, delta_a, t_sign)
-        return F.linear(x * r_sign, delta_a) * t_sign
+        if _keeps_token_signs(x.device):
+            ctx.save_for_backward(x, delta_a, t_sign, r_sign)
+            xr = r_sign.to(x.dtype).mul_(x)  # cast once, multiply in place: no temporaries
+        else:
+            ctx.save_for_backward(x, delta_a, t_sign, None)
+            xr = x * r_sign
+        return F.linear(xr, delta_a).mul_(t_sign)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, delta_a, t_sign = ctx.saved_tensors
-        r_sign = _signs_from_seed(ctx.seed, tuple(x.shape), x.device)
+        x, delta_a, t_sign, r_sign = ctx.saved_tensors
+        if r_sign is None:
+            r_sign = _signs_from_seed(ctx.seed, tuple(x.shape), x.device)
+        else:
+            r_sign = r_sign.to(x.dtype)  # CPU: cast once for both products below
         grad_t = grad_out * t_sign
         grad_x = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_t @ delta_a) * r_sign
         if ctx.needs_input_grad[1]:
             xr = (x * r_sign).reshape(-1, x.shape[-1])
             grad_delta = grad_t.reshape(-1, grad_t.shape[-1]).transpose(0, 1) @ xr
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_t @ delta_a).mul_(r_sign)
         return grad_x, grad_delta, None, None
 
 
