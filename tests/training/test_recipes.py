@@ -24,6 +24,12 @@ def test_elbo_adam_sets_its_settings_and_explicit_ones_win() -> None:
     assert (mine.optimizer, mine.kl_schedule, mine.std_lr) == ("single", "uniform", 3e-2)
 
 
+def test_no_rescale_is_the_paper_schedule_with_one_cycle_per_epoch() -> None:
+    cfg = TrainConfig(recipe="no-rescale")
+    assert cfg.kl_rescale is False
+    assert (cfg.kl_schedule, cfg.optimizer) == ("geometric", "paper")
+
+
 def test_stored_config_reads_back_the_same() -> None:
     cfg = TrainConfig(recipe="elbo-adam", lr=5e-4)
     again = TrainConfig.from_dict(cfg.to_dict())

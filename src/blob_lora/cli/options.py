@@ -33,9 +33,10 @@ HELP: dict[str, str] = {
     "task": "task name (winogrande_s, winogrande_m, arc_challenge, arc_easy, openbookqa, boolq, "
     "mmlu:<subject>) or a folder with your own train.jsonl/validation.jsonl",
     "method": _methods_help(),
-    "recipe": "BLoB's training recipe: paper (default: the authors' optimiser and KL schedule) "
-    "or elbo-adam (exact per-example ELBO weight, one AdamW with the std at 1e-2: the std "
-    "learns from the data); settings you give explicitly win",
+    "recipe": "BLoB's training recipe: paper (default: the authors' optimiser and KL schedule), "
+    "no-rescale (the paper's schedule, one KL cycle per epoch: a stronger KL) or elbo-adam "
+    "(exact per-example ELBO weight, one AdamW, std at 1e-2); see training/recipes.py; "
+    "settings you give explicitly win",
     "out": "run folder to create (refused if it holds another run, see --overwrite/--resume)",
     "data_root": "local dataset folder (default: $BLOB_LORA_DATA, else the Hugging Face Hub)",
     "train_split": "training split, e.g. 'train' or 'validation[:2270]' (slices after a seeded shuffle)",
