@@ -12,6 +12,9 @@ One step = forward (``logits_to_keep=1``), loss, backward, optimiser step, zeroi
   second moments in float64, the last 5 deviations) after *every* step: the upper bound of
   SWAG's training cost (``--method swag`` collects once per epoch by default, and only in the
   second half of training; its other steps are ``lora``'s).
+* ``bayesian-lora``: Bayesian-LoRA's step (``--method bayesian-lora``): both factors drawn
+  from their inducing-weight posteriors (one sample for the batch, as it trains), ``NLL + pi *
+  0.1 * KL``, one AdamW over the posterior parameters.
 
 All methods share one base model. Each gets its own PEFT wrapper, built once and ``unload()``-ed
 straight away; its injected layers are then swapped in and out of the base model, so that the
@@ -57,10 +60,21 @@ ensure_src_on_path()
 from blob_lora import BlobConfig, get_blob_model, kl_divergence, std_parameters  # noqa: E402
 from blob_lora.methods.swag.binding import Binding  # noqa: E402
 from blob_lora.methods.swag.posterior import SwagPosterior  # noqa: E402
+from blob_lora.tuners.bayesian_lora import (  # noqa: E402
+    BayesianLoraConfig,
+    get_bayesian_lora_model,
+)
+from blob_lora.tuners.bayesian_lora import kl_divergence as bayesian_lora_kl  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 FLIPOUT_MODES = ("token", "sequence", "shared")
-METHODS = ("lora", *(f"blob-{m}" for m in FLIPOUT_MODES), "blob-token-2pass", "swag-collect")
+METHODS = (
+    "lora",
+    *(f"blob-{m}" for m in FLIPOUT_MODES),
+    "blob-token-2pass",
+    "swag-collect",
+    "bayesian-lora",
+)
 SWAG_RANK = 5  # SWAG-LoRA's deviation rank K
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
@@ -176,6 +190,8 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
     cfg = lora_config(args.rank, args.alpha)
     if method in ("lora", "swag-collect"):
         model = get_peft_model(base, cfg)
+    elif method == "bayesian-lora":
+        model = get_bayesian_lora_model(base, cfg, BayesianLoraConfig())
     else:
         mode = method.removeprefix("blob-").removesuffix("-2pass")
         model = get_blob_model(base, cfg, BlobConfig(flipout=mode))
@@ -203,6 +219,17 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
             opt.step()
             opt.zero_grad(set_to_none=True)
             posterior.collect(binding.flat())
+
+        optimizers = [opt]
+    elif method == "bayesian-lora":
+        opt = torch.optim.AdamW(trainable, **ADAMW)
+        weight = BayesianLoraConfig().kl_weight
+
+        def step(ids: torch.Tensor, targets: torch.Tensor) -> None:
+            loss = nll_last_position(model, ids, targets) + pi * weight * bayesian_lora_kl(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
         optimizers = [opt]
     elif not method.endswith("-2pass"):

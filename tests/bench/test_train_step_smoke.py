@@ -8,7 +8,15 @@ import pytest
 
 from tests.conftest import load_script
 
-ROWS = {"lora", "blob-token", "blob-sequence", "blob-shared", "blob-token-2pass", "swag-collect"}
+ROWS = {
+    "lora",
+    "blob-token",
+    "blob-sequence",
+    "blob-shared",
+    "blob-token-2pass",
+    "swag-collect",
+    "bayesian-lora",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +44,7 @@ def _check(report_path, batch_sizes, seq_len, dtype):
     # BLoB adds a std the shape of every A on top of LoRA's A and B.
     assert params["blob-token"] > params["lora"]
     assert params["swag-collect"] == params["lora"]  # SWAG trains LoRA's tensors only
+    assert params["bayesian-lora"] != params["lora"]  # inducing posteriors replace A and B
     assert data["machine"]["torch"]
     assert data["machine"]["cpu_count"] >= 1
     assert len(data["tables_markdown"]) == len(batch_sizes)
