@@ -88,19 +88,24 @@ def column_for(name: str, variants: dict[str, dict[str, Any]] | None = None) -> 
     if name in METHODS or name in variants:
         return Column(name, name)
     base = name.removesuffix(MEAN_SUFFIX)
-    if base != name and (base in METHODS or base in variants):
-        method = variants[base]["method"] if base in variants else base
-        if get_method(method).mean_column:
-            return Column(name, base, eval_samples=0, key="evaluations_mean", subdir="eval_mean")
+    known = base != name and (base in METHODS or base in variants)
+    if known and get_method(_method_of(base, variants)).mean_column:
+        return Column(name, base, eval_samples=0, key="evaluations_mean", subdir="eval_mean")
     with_mean = sorted(
         f"{m}{MEAN_SUFFIX}"
         for m in [*METHODS, *variants]
-        if get_method(variants[m]["method"] if m in variants else m).mean_column
+        if get_method(_method_of(m, variants)).mean_column
     )
     raise ConfigError(
         f"compare: unknown method {name!r}; known: {sorted(METHODS)}, the variants "
         f"{sorted(variants)} and {with_mean}"
     )
+
+
+def _method_of(train_method: str, variants: dict[str, dict[str, Any]]) -> str:
+    """The registered method a column's runs train (a variant's, or the name itself)."""
+    variant = variants.get(train_method)
+    return variant["method"] if variant else train_method
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,7 @@ class CompareSpec:
 
     def method_of(self, train_method: str) -> str:
         """The registered method a column's runs train (a variant's, or the name itself)."""
-        variant = self.variants.get(train_method)
-        return variant["method"] if variant else train_method
+        return _method_of(train_method, self.variants)
 
     @property
     def train_methods(self) -> list[str]:
@@ -281,8 +285,7 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         str(m): _train_keys(v, f"method_options.{m}")
         for m, v in (data.get("method_options") or {}).items()
     }
-    train_methods = {column_for(m, variants).train_method for m in methods}
-    train_methods = {variants[m]["method"] if m in variants else m for m in train_methods}
+    train_methods = {_method_of(column_for(m, variants).train_method, variants) for m in methods}
     stray = sorted(set(method_options) - train_methods)
     if stray:
         raise ConfigError(
