@@ -50,7 +50,10 @@ def test_token_mode_differs_between_tokens_sequence_mode_does_not() -> None:
             out = model(x)
         seq_equal = torch.allclose(out[0], out[1])
         assert not seq_equal, f"{mode}: sequences of a batch must get different samples"
-        assert torch.allclose(out[:, :1].expand_as(out), out) == tokens_equal, mode
+        # atol: the batched matmul may round rows of one sequence differently (~1e-6 at this
+        # scale); a different sign pattern moves outputs by O(1) here (init_std 0.5)
+        same = torch.allclose(out[:, :1].expand_as(out), out, rtol=1e-5, atol=1e-4)
+        assert same == tokens_equal, mode
 
 
 def test_shared_mode_one_sample_per_batch_and_calls_differ() -> None:
