@@ -184,9 +184,9 @@ def cpu_batches(loaded: Any, args: argparse.Namespace):
     from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 
     cfg = loaded.config
-    task = get_task(args.task or cfg.task, data_root=args.data_root or cfg.data_root)
-    split = args.eval_split or cfg.eval_split or "validation[:100]"
-    dataset = MCDataset(task, split, loaded.tokenizer, cfg.max_length)
+    task = get_task(args.task or cfg.data.task, data_root=args.data_root or cfg.data.data_root)
+    split = args.eval_split or cfg.evaluation.eval_split or "validation[:100]"
+    dataset = MCDataset(task, split, loaded.tokenizer, cfg.data.max_length)
     collator = MCCollator(loaded.tokenizer.pad_token_id, task.n_options)
     bs = args.batch_size
     batches = [
@@ -288,7 +288,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         "split": split,
         "n_examples": n_examples,
         "batch_size": args.batch_size,
-        "max_length": loaded.config.max_length,
+        "max_length": loaded.config.data.max_length,
         "bayesian_layers": _bayesian_summary(method, model),
         "rows": rows,
     }

@@ -217,7 +217,7 @@ def bench_shape(args: argparse.Namespace, setting: Setting, shape: str, base: nn
     per_round = [b / lo for lo, b in zip(times["lora"], times["blob"], strict=True)]
     row = {
         "shape": shape,
-        "target_modules": runs["blob"].loop.cfg.target_modules,
+        "target_modules": runs["blob"].loop.cfg.lora.target_modules,
         "prefix_cached_blocks": prefix_blocks,
         "warmup_steps": warmup,
         "step_s": stats,

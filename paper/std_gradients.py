@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_run(args.run)
     cfg, model = loaded.config, loaded.model
-    task = get_task(cfg.task, data_root=cfg.data_root)
+    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
     inputs = task_inputs(
-        task, cfg.train_split, loaded.tokenizer, cfg.max_length, scoring=cfg.scoring_spec
+        task,
+        cfg.data.train_split,
+        loaded.tokenizer,
+        cfg.data.max_length,
+        scoring=cfg.data.scoring_spec,
     )
     rho = [(n, q) for n, q in model.named_parameters() if "lora_A_rho" in n]
     params = [q for _, q in rho]
@@ -53,18 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     nll_grads = [torch.zeros_like(q) for q in params]
     for b in range(args.batches):
-        items = [inputs.dataset[i] for i in range(b * cfg.batch_size, (b + 1) * cfg.batch_size)]
+        items = [
+            inputs.dataset[i] for i in range(b * cfg.loop.batch_size, (b + 1) * cfg.loop.batch_size)
+        ]
         batch = inputs.collator(items)
         logits = answer_logits(model, batch, inputs.option_ids)
         loss = F.cross_entropy(logits, batch["labels"])
         for acc, g in zip(nll_grads, torch.autograd.grad(loss, params), strict=True):
             acc += g / args.batches
     kl_grads = torch.autograd.grad(kl_divergence(model), params)
-    stds = [std_from_param(q.detach(), cfg.std_param) for q in params]
+    stds = [std_from_param(q.detach(), cfg.blob.std_param) for q in params]
 
     def std_change(grads: list[torch.Tensor], scale: float) -> float:
         new = [
-            std_from_param(q.detach() - cfg.kl_lr * scale * g, cfg.std_param) - s
+            std_from_param(q.detach() - cfg.kl.kl_lr * scale * g, cfg.blob.std_param) - s
             for q, g, s in zip(params, grads, stds, strict=True)
         ]
         return _rms(new)

@@ -60,22 +60,22 @@ def evaluate(
     """
     loaded = load_run(Path(run_dir))
     cfg = loaded.config
-    name = task or cfg.task
-    if split == "eval" and name == cfg.task and cfg.eval_split:
-        split = cfg.eval_split
+    name = task or cfg.data.task
+    if split == "eval" and name == cfg.data.task and cfg.evaluation.eval_split:
+        split = cfg.evaluation.eval_split
     return evaluate_on_task(
         loaded.model,
         loaded.method,
         loaded.tokenizer,
-        get_task(name, data_root=cfg.data_root),
+        get_task(name, data_root=cfg.data.data_root),
         Path(out) if out is not None else Path(run_dir) / "eval" / task_dir_name(name),
         split=split,
-        n_samples=n_samples if n_samples is not None else cfg.eval_samples,
-        max_length=cfg.max_length,
-        batch_size=cfg.eval_batch_size,
-        cache_dir=cfg.cache_dir,
+        n_samples=n_samples if n_samples is not None else cfg.evaluation.eval_samples,
+        max_length=cfg.data.max_length,
+        batch_size=cfg.evaluation.eval_batch_size,
+        cache_dir=cfg.data.cache_dir,
         progress=progress,
-        prefix_cache=cfg.prefix_cache,
-        scoring=scoring or cfg.scoring_spec,
-        eval_noise=eval_noise or cfg.eval_noise,
+        prefix_cache=cfg.base.prefix_cache,
+        scoring=scoring or cfg.data.scoring_spec,
+        eval_noise=eval_noise or cfg.blob.eval_noise,
     )

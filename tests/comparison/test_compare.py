@@ -210,7 +210,7 @@ def test_a_run_made_before_a_setting_existed_ran_with_its_default(two_method_spe
     assert config_differences(r) == []
     stored["lr"] = 0.5
     (d / "run_config.json").write_text(json.dumps(stored))
-    assert config_differences(r) == [f"lr (0.5 -> {TrainConfig().lr!r})"]
+    assert config_differences(r) == [f"lr (0.5 -> {TrainConfig().loop.lr!r})"]
 
 
 def test_a_changed_eval_split_counts_as_missing(two_method_spec):
@@ -484,7 +484,7 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
     fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
     (run,) = plan(spec)
     cfg = TrainConfig.from_dict(json.loads((run.dir / "run_config.json").read_text()))
-    assert cfg.eval_noise == "token"
+    assert cfg.blob.eval_noise == "token"
     monkeypatch.setattr(
         compare_mod,
         "load_run",

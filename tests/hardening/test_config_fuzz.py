@@ -8,7 +8,6 @@ test are fixed to bound CI time: 200 + 150 + 150 + 100.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -21,13 +20,14 @@ from hypothesis import strategies as st
 from blob_lora.cli.main import build_parser, main
 from blob_lora.cli.options import merge_config, read_config_file
 from blob_lora.training import TrainConfig, make_schedule
+from blob_lora.training.config import SETTINGS
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 from tests.hardening import strategies as S
 
 # long generated strings make hypothesis warn about the size of their repr
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = dict(SETTINGS)
 
 GOOD = {
     "model": st.sampled_from(["smollm2-135m", "/models/x"]),
@@ -66,10 +66,12 @@ def _check_valid(cfg: TrainConfig) -> None:
     event("valid")
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for name in ("batch_size", "grad_accum", "lora_r", "max_length", "seed", "log_every"):
-        assert type(getattr(cfg, name)) is int
-    assert all(isinstance(t, str) and t for t in cfg.target_modules)
+        assert type(cfg.get(name)) is int
+    assert all(isinstance(t, str) and t for t in cfg.lora.target_modules)
     # what the trainer derives from the values works too
-    schedule = make_schedule(cfg.kl_schedule, 100, 25, cfg.batch_size, cfg.kl_rescale, cfg.kl_gamma)
+    schedule = make_schedule(
+        cfg.kl.kl_schedule, 100, 25, cfg.loop.batch_size, cfg.kl.kl_rescale, cfg.kl.kl_gamma
+    )
     assert schedule.weight(1) >= 0.0
 
 

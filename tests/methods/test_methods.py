@@ -56,7 +56,11 @@ def test_blob_settings_come_from_one_place(tmp_path) -> None:
     assert get_method("blob").samples_by_default == BlobConfig().eval_samples
     assert blob_config_from(cfg).std_param == "softplus"
     tfb = blob_config_from(cfg, std_param="square", bayesian_layers=None)
-    assert (tfb.std_param, tfb.bayesian_layers, tfb.prior_std) == ("square", None, cfg.prior_std)
+    assert (tfb.std_param, tfb.bayesian_layers, tfb.prior_std) == (
+        "square",
+        None,
+        cfg.blob.prior_std,
+    )
     assert blob_config_from(TrainConfig(out=str(tmp_path), eval_samples=3)).eval_samples == 3
 
 

@@ -90,7 +90,7 @@ def test_a_run_written_before_eval_noise_existed_reads_as_sequence(tmp_path) -> 
     old = {k: v for k, v in cfg.to_dict().items() if k != "eval_noise"}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / RUN_CONFIG).write_text(json.dumps(old))
-    assert read_run_config(tmp_path / "old").eval_noise == "sequence"
+    assert read_run_config(tmp_path / "old").blob.eval_noise == "sequence"
     assert check_run_dir(tmp_path / "old", cfg.to_dict(), overwrite=False, resume=True)
     token = TrainConfig(out=str(tmp_path / "old"), eval_noise="token").to_dict()
     with pytest.raises(Exception, match="eval_noise"):  # like --eval-samples: not resumable

@@ -13,21 +13,21 @@ from blob_lora.utils.errors import ConfigError
 def test_paper_is_the_default_and_changes_nothing() -> None:
     cfg = TrainConfig()
     assert cfg.recipe == "paper" and RECIPES["paper"] == {}
-    assert (cfg.optimizer, cfg.kl_schedule, cfg.std_lr) == ("paper", "geometric", None)
+    assert (cfg.loop.optimizer, cfg.kl.kl_schedule, cfg.kl.std_lr) == ("paper", "geometric", None)
 
 
 def test_elbo_adam_sets_its_settings_and_explicit_ones_win() -> None:
     cfg = TrainConfig(recipe="elbo-adam")
-    assert (cfg.optimizer, cfg.kl_schedule, cfg.std_lr) == ("single", "elbo", 1e-2)
-    assert cfg.lr == TrainConfig().lr  # settings outside the recipe keep their defaults
+    assert (cfg.loop.optimizer, cfg.kl.kl_schedule, cfg.kl.std_lr) == ("single", "elbo", 1e-2)
+    assert cfg.loop.lr == TrainConfig().loop.lr  # settings outside the recipe keep their defaults
     mine = TrainConfig(recipe="elbo-adam", std_lr=3e-2, kl_schedule="uniform")
-    assert (mine.optimizer, mine.kl_schedule, mine.std_lr) == ("single", "uniform", 3e-2)
+    assert (mine.loop.optimizer, mine.kl.kl_schedule, mine.kl.std_lr) == ("single", "uniform", 3e-2)
 
 
 def test_no_rescale_is_the_paper_schedule_with_one_cycle_per_epoch() -> None:
     cfg = TrainConfig(recipe="no-rescale")
-    assert cfg.kl_rescale is False
-    assert (cfg.kl_schedule, cfg.optimizer) == ("geometric", "paper")
+    assert cfg.kl.kl_rescale is False
+    assert (cfg.kl.kl_schedule, cfg.loop.optimizer) == ("geometric", "paper")
 
 
 def test_stored_config_reads_back_the_same() -> None:

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.utils.errors import BlobLoraError
 
 DEMO_TARGETS = r".*\.layers\.(2[2-9])\.self_attn\.(q_proj|v_proj)|.*lm_head"
@@ -60,8 +61,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-samples",
         type=int,
-        default=10,
-        help="BLoB weight samples at evaluation (default 10)",
+        default=BlobConfig.eval_samples,
+        help=f"BLoB weight samples at evaluation (default {BlobConfig.eval_samples})",
     )
     p.add_argument("--max-length", type=int, default=192, help="max prompt tokens (default 192)")
     p.add_argument(
@@ -213,11 +214,11 @@ def _evaluate_both(cfg, model_base, tokenizer, args, eval_split, probs_for_plot,
             task,
             folder,
             split=split,
-            n_samples=cfg.eval_samples,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
+            n_samples=cfg.evaluation.eval_samples,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.evaluation.eval_batch_size,
             progress=not args.no_progress,
-            scoring=cfg.scoring_spec,
+            scoring=cfg.data.scoring_spec,
         )
         out[task_name] = metrics
         rows = [

@@ -1,6 +1,7 @@
-"""``TrainConfig`` fields as command-line options, with a config file (YAML/TOML) underneath.
+"""``TrainConfig`` settings as command-line options, with a config file (YAML/TOML) underneath.
 
-Every long option equals a config-file key (dashes or underscores), and the command line
+Every flat setting of ``TrainConfig`` (``training.config.SETTINGS``: each section's fields) is
+one long option and equals a config-file key (dashes or underscores); the command line
 overrides the file.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args
 
@@ -17,13 +17,14 @@ import yaml
 
 from blob_lora.methods import METHODS
 from blob_lora.tasks.scoring import LENGTH_NORMS, SCORING_MODES, Scoring
-from blob_lora.training.config import TrainConfig
+from blob_lora.training.config import SETTINGS, TrainConfig
+from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.utils.errors import ConfigError
 
 
 def _methods_help() -> str:
     """``--method``'s help from the registry, so a new method needs no edit here."""
-    default = TrainConfig.method
+    default = SETTINGS["method"].default
     names = [f"{default} (default)", *(n for n in METHODS if n != default)]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
@@ -59,7 +60,8 @@ HELP: dict[str, str] = {
     "listing the options) or cloze (each option's log-likelihood as the answer's continuation)",
     "length_norm": "cloze only: divide an option's log-likelihood by its token or char count "
     "(lm-evaluation-harness acc_norm = char); none (default) keeps the model's own probability",
-    "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the method's, BLoB 10)",
+    "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the "
+    f"method's, BLoB {BlobConfig.eval_samples})",
     "eval_noise": "BLoB's weight noise at evaluation: sequence (one coherent weight sample per "
     "sequence, the posterior predictive) or token (the authors': token-wise Flipout); other "
     "methods ignore it",
@@ -102,6 +104,20 @@ HELP: dict[str, str] = {
     "curve_split": "held-out TRAINING examples for the learning curve, e.g. 'train[:500]' "
     "with --train-split 'train[500:]' (never the evaluation split)",
     "curve_samples": "weight samples for the curve (default: --eval-samples / the method's)",
+    # Bayesian-LoRA (tuners/bayesian_lora/config.py: the authors' released configuration)
+    "bayes_lora_inducing_rows": "bayesian-lora: rows of each factor's inducing matrix U",
+    "bayes_lora_inducing_cols": "bayesian-lora: columns of each factor's inducing matrix U",
+    "bayes_lora_prior_std": "bayesian-lora: prior scale of every weight of a LoRA factor",
+    "bayes_lora_sqrt_width_scaling": "bayesian-lora: divide --bayes-lora-prior-std by the "
+    "square root of the factor's input size",
+    "bayes_lora_init_lamda": "bayesian-lora: initial lambda, the scale of q(W | U)'s "
+    "conditional covariance relative to p(W | U)'s",
+    "bayes_lora_max_lamda": "bayesian-lora: lambda is clamped to at most this",
+    "bayes_lora_init_u_std": "bayesian-lora: initial std of the whitened q(U)",
+    "bayes_lora_max_u_std": "bayesian-lora: the std of q(U) is clamped to at most this",
+    "bayes_lora_init_d": "bayesian-lora: initial diagonal of U's prior row/column covariances",
+    "bayes_lora_kl_weight": "bayesian-lora: factor on the KL in the loss, on top of --kl-schedule",
+    "bayes_lora_jitter": "bayesian-lora: relative diagonal jitter of the Cholesky factorisations",
 }
 
 
@@ -132,17 +148,18 @@ def _comma_list(text: str) -> list[str]:
 
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    for f in fields(TrainConfig):
-        if f.name in skip:
+    """One long option per flat setting of ``TrainConfig``, typed from its section's field."""
+    for key, setting in SETTINGS.items():
+        if key in skip:
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        typ, is_list = _kind(f)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = HELP.get(f.name, "") + f" (default: {default!r})"
+        default = setting.default
+        typ, is_list = _kind(setting.field) if setting.field is not None else (str, False)
+        flag = "--" + key.replace("_", "-")
+        help_text = HELP.get(key, "") + f" (default: {default!r})"
         if typ is bool:
             parser.add_argument(
                 flag,
-                dest=f.name,
+                dest=key,
                 type=_parse_bool,
                 nargs="?",
                 const=True,
@@ -151,9 +168,9 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                 help=help_text,
             )
         elif is_list:
-            parser.add_argument(flag, dest=f.name, type=_comma_list, default=None, help=help_text)
+            parser.add_argument(flag, dest=key, type=_comma_list, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text)
+            parser.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -188,7 +205,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
+    known = set(SETTINGS)
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise ConfigError(f"unknown keys in config file: {unknown}")
@@ -227,6 +244,6 @@ def scoring_override(args: argparse.Namespace, cfg: TrainConfig) -> Scoring:
 
     Switching the mode drops the run's length normalisation unless it is given again.
     """
-    mode = args.scoring or cfg.scoring
-    norm = args.length_norm or (cfg.length_norm if mode == cfg.scoring else "none")
+    mode = args.scoring or cfg.data.scoring
+    norm = args.length_norm or (cfg.data.length_norm if mode == cfg.data.scoring else "none")
     return Scoring(mode, norm)

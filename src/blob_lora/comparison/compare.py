@@ -185,8 +185,12 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
     loaded = load_run(r.dir)
     cfg = loaded.config
     for ev in missing:
-        task = get_task(ev.task, data_root=data_root or cfg.data_root)
-        n = ev.column.eval_samples if ev.column.eval_samples is not None else cfg.eval_samples
+        task = get_task(ev.task, data_root=data_root or cfg.data.data_root)
+        n = (
+            ev.column.eval_samples
+            if ev.column.eval_samples is not None
+            else cfg.evaluation.eval_samples
+        )
         metrics = evaluate_on_task(
             loaded.model,
             loaded.method,
@@ -195,13 +199,13 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             r.dir / ev.column.subdir / safe_name(ev.task),
             split=ev.split or "eval",
             n_samples=n,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
-            cache_dir=cfg.cache_dir,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.evaluation.eval_batch_size,
+            cache_dir=cfg.data.cache_dir,
             progress=progress,
-            prefix_cache=cfg.prefix_cache,
-            scoring=cfg.scoring_spec,
-            eval_noise=cfg.eval_noise,
+            prefix_cache=cfg.base.prefix_cache,
+            scoring=cfg.data.scoring_spec,
+            eval_noise=cfg.blob.eval_noise,
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)

@@ -39,12 +39,12 @@ default eval split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from blob_lora.methods import METHODS, get_method
-from blob_lora.training.config import TrainConfig
+from blob_lora.training.config import SETTINGS, TrainConfig
 from blob_lora.utils.errors import ConfigError
 
 MEAN_SUFFIX = "-mean"
@@ -223,7 +223,7 @@ def _normalise_keys(d: Any, where: str) -> dict[str, Any]:
 
 def _train_keys(d: Any, where: str) -> dict[str, Any]:
     d = _normalise_keys(d, where)
-    known = {f.name for f in fields(TrainConfig)}
+    known = set(SETTINGS)
     fixed = sorted(set(d) & set(PER_RUN_KEYS))
     if fixed:
         raise ConfigError(f"compare: {where} may not set {fixed} (set per run by compare)")

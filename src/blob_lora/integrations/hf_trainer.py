@@ -44,6 +44,7 @@ from transformers import Trainer
 from blob_lora.training.kl_schedule import KL_SCHEDULES, KLSchedule, make_schedule
 from blob_lora.training.optim import OPTIMIZER_MODES, split_parameters
 from blob_lora.tuners.blob import blob_layers, kl_divergence, predictive_noise_mode, sampling
+from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.utils.errors import ConfigError
 
 __all__ = ["BlobPaperAdamW", "BlobTrainer"]
@@ -222,7 +223,7 @@ class BlobTrainer(Trainer):
         kl_schedule: str = "geometric",
         kl_rescale: bool = True,
         kl_gamma: float = 8.0,
-        eval_samples: int = 10,
+        eval_samples: int = BlobConfig.eval_samples,
         optimizer: str = "single",
         std_lr: float | None = None,
         kl_lr: float = 0.01,

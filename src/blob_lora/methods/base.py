@@ -41,54 +41,54 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from peft import PeftModel
 from torch import nn
 
 from blob_lora.models.forward import answer_logits, repeat_batch
-from blob_lora.tasks import Scoring
+from blob_lora.tasks.config import DataConfig
+from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+from blob_lora.tuners.blob.config import BlobConfig
+from blob_lora.tuners.lora import LoraSettings
 from blob_lora.utils.errors import CheckpointError
 
 
-class RunSettings(Protocol):
-    """The settings of a run that methods read.
+class LoopSettings(Protocol):
+    """The training loop's settings that methods read (``training.config.LoopConfig``)."""
 
-    ``blob_lora.training.TrainConfig`` has every one; methods sit on a floor below training
-    (training calls them), so they name the fields they use instead of importing the class.
-    """
-
-    task: str
-    data_root: str | None
-    train_split: str | None
     seed: int
-    max_length: int
     batch_size: int
+    lr: float
+    weight_decay: float
+
+
+class EvalSettings(Protocol):
+    """The evaluation settings that methods read (``training.config.EvalConfig``)."""
+
     eval_batch_size: int
     eval_samples: int | None
-    cache_dir: str | None
-    weight_decay: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: list[str]
-    prior_std: float
-    init_std: float
-    std_param: str
-    flipout: str
-    eval_noise: str
-    bayesian_layers: list[str] | None
-    ensemble_size: int
-    lr: float
-    swag_start: float
-    swag_every: int
-    swag_rank: int
-    swag_lr: float | None
-    swag_scale: float
 
-    @property
-    def scoring_spec(self) -> Scoring: ...
+
+class RunSettings(Protocol):
+    """The sections of a run's settings that methods read.
+
+    ``blob_lora.training.TrainConfig`` is the one implementation; methods sit on a floor below
+    training (training calls them), so the sections training owns are named by the fields
+    methods use, and the others by their classes.
+    """
+
+    data: DataConfig
+    loop: LoopSettings
+    evaluation: EvalSettings
+    lora: LoraSettings
+    blob: BlobConfig
+    bayes_lora: BayesianLoraConfig
+    #: ``methods.swag.SwagConfig`` and ``methods.ensemble.EnsembleConfig``: not imported here,
+    #: those packages import this module (the floor's modules form no cycle)
+    swag: Any
+    ensemble: Any
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class Method(ABC):
 
     def weight_decay(self, cfg: RunSettings) -> float:
         """AdamW's weight decay for this run."""
-        return cfg.weight_decay
+        return cfg.loop.weight_decay
 
     # --- along the training iterates --------------------------------------------------------
 

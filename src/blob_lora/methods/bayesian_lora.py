@@ -62,6 +62,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,10 +83,11 @@ from blob_lora.utils.errors import ConfigError
 
 
 def bayesian_lora_config_from(cfg: RunSettings) -> BayesianLoraConfig:
-    """The run's Bayesian-LoRA settings: the paper's defaults, ``--eval-samples`` if given."""
-    if cfg.eval_samples is None:
-        return BayesianLoraConfig()
-    return BayesianLoraConfig(eval_samples=cfg.eval_samples)
+    """The run's Bayesian-LoRA settings (``cfg.bayes_lora``, the ``--bayes-lora-*`` options),
+    with the run's ``--eval-samples`` when given (unset: the class's own default)."""
+    if cfg.evaluation.eval_samples is None:
+        return replace(cfg.bayes_lora)
+    return replace(cfg.bayes_lora, eval_samples=cfg.evaluation.eval_samples)
 
 
 def bayesian_lora_configs_of(model: nn.Module) -> dict[str, BayesianLoraConfig]:

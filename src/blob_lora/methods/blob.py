@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,15 @@ from blob_lora.tuners.blob import eval_noise as set_eval_noise
 
 
 def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
-    """The run's BLoB settings as a ``BlobConfig``; ``overrides`` replace single ones.
+    """The run's ``BlobConfig`` (``cfg.blob``) with the run's ``--eval-samples`` when given;
+    ``overrides`` replace single settings (tfb's square std on every layer).
 
     An unset ``--eval-samples`` keeps ``BlobConfig``'s own default, so the default N lives in
     one place.
     """
-    settings: dict[str, Any] = {
-        "prior_std": cfg.prior_std,
-        "init_std": cfg.init_std,
-        "std_param": cfg.std_param,
-        "flipout": cfg.flipout,
-        "eval_noise": cfg.eval_noise,
-        "bayesian_layers": cfg.bayesian_layers,
-    }
-    if cfg.eval_samples is not None:
-        settings["eval_samples"] = cfg.eval_samples
-    return BlobConfig(**{**settings, **overrides})
+    if cfg.evaluation.eval_samples is not None:
+        overrides = {"eval_samples": cfg.evaluation.eval_samples, **overrides}
+    return replace(cfg.blob, **overrides)
 
 
 def blob_configs_of(model: nn.Module) -> dict[str, BlobConfig]:

@@ -142,14 +142,15 @@ def training_split_inputs(
 ) -> tuple[str, TaskInputs]:
     """The run's training split (its name and tokenised inputs), for an assembly step that
     fits to it (Laplace's posterior, TFB's anchor set)."""
-    split = cfg.train_split or "train"
+    data = cfg.data
+    split = data.train_split or "train"
     inputs = task_inputs(
-        get_task(cfg.task, data_root=cfg.data_root),
+        get_task(data.task, data_root=data.data_root),
         split,
         tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
+        data.max_length,
+        scoring=data.scoring_spec,
+        cache_dir=data.cache_dir,
         device=device,
     )
     return split, inputs

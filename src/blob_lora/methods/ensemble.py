@@ -18,6 +18,7 @@ epistemic part is the members' disagreement. ``--eval-samples n`` uses the first
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,10 +32,29 @@ from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
 from blob_lora.tuners.blob import adapter_state_shapes, read_adapter_weights
 from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.settings import check_int
 
 MEMBERS_DIR = "members"
 MEMBER_PREFIX = "member-"
 MEMBER_METHOD = "lora"
+
+
+@dataclass
+class EnsembleConfig:
+    """The ensemble's option: ``size`` is ``--ensemble-size`` K (``ensemble``: K LoRA adapters,
+    ``multiswag``: K SWAG posteriors); one section of ``training.TrainConfig``
+    (``cfg.ensemble``), read by those two methods only."""
+
+    KEY_PREFIX: ClassVar[str] = "ensemble_"
+
+    size: int = 3
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a bad value, naming its option."""
+        check_int(self, "size")
 
 
 def member_seed(seed: int, k: int) -> int:
@@ -84,9 +104,9 @@ class EnsembleMethod(CompositeMethod):
         return [
             SubRun(
                 f"{MEMBERS_DIR}/{k}",
-                {"method": self.member_method, "seed": member_seed(cfg.seed, k)},
+                {"method": self.member_method, "seed": member_seed(cfg.loop.seed, k)},
             )
-            for k in range(cfg.ensemble_size)
+            for k in range(cfg.ensemble.size)
         ]
 
     def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
@@ -113,11 +133,11 @@ class EnsembleMethod(CompositeMethod):
             "world_size": first["world_size"],
             "train_seconds": round(train_seconds, 3),
             "seconds_per_step": round(train_seconds / max(1, sum(m["steps"] for m in members)), 4),
-            "ensemble_size": cfg.ensemble_size,
+            "ensemble_size": cfg.ensemble.size,
             "members": [
                 {
                     "index": k,
-                    "seed": member_seed(cfg.seed, k),
+                    "seed": member_seed(cfg.loop.seed, k),
                     "run": f"{MEMBERS_DIR}/{k}",
                     "steps": m["steps"],
                     "train_seconds": m["train_seconds"],

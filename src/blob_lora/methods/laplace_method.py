@@ -145,7 +145,7 @@ def fit_laplace(
     device = next(model.parameters()).device
     split, inputs = training_split_inputs(cfg, tokenizer, device)
     loader = DataLoader(
-        inputs.dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=inputs.collator
+        inputs.dataset, batch_size=cfg.loop.batch_size, shuffle=False, collate_fn=inputs.collator
     )
     option_ids = inputs.option_ids
     _make_lora_trainable(model)

@@ -15,4 +15,4 @@ class MapMethod(LoraMethod):
     name = "map"
 
     def weight_decay(self, cfg: RunSettings) -> float:
-        return cfg.weight_decay if cfg.weight_decay > 0 else DEFAULT_WEIGHT_DECAY
+        return cfg.loop.weight_decay if cfg.loop.weight_decay > 0 else DEFAULT_WEIGHT_DECAY

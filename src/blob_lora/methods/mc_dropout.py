@@ -36,7 +36,7 @@ class MCDropoutMethod(LoraMethod):
     iid_samples = True
 
     def lora_dropout(self, cfg: RunSettings) -> float:
-        return cfg.lora_dropout if cfg.lora_dropout > 0 else DEFAULT_DROPOUT
+        return cfg.lora.lora_dropout if cfg.lora.lora_dropout > 0 else DEFAULT_DROPOUT
 
     def stochastic_modules(self, model: nn.Module) -> list[str]:
         return lora_dropout_layers(model)

@@ -176,7 +176,7 @@ def search_sigma(
     split, inputs = training_split_inputs(cfg, tokenizer, device)
     anchor = Subset(inputs.dataset, anchor_indices(len(inputs.dataset)))
     collate = inputs.collator
-    size = cfg.eval_batch_size
+    size = cfg.evaluation.eval_batch_size
     batches = [
         {
             k: v.to(device)

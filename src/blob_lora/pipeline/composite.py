@@ -108,7 +108,7 @@ def train_sub_run(
     summary_path = sub_dir / SUMMARY
     if summary_path.is_file():
         return read_summary(sub_dir)
-    sub_cfg = replace(cfg, out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
+    sub_cfg = cfg.replace(out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
     method = get_method(sub_cfg.method)
     if isinstance(method, CompositeMethod):
         raise ConfigError(f"a sub-run cannot itself be composite ({sub_cfg.method})")
@@ -128,7 +128,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def load_base(cfg: TrainConfig, start: RunStart) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The base model for the assembled predictive: the caller's, else ``cfg.model``."""
+    """The base model for the assembled predictive: the caller's, else ``cfg.base.model``."""
     if start.base_model is not None:
         return start.base_model, start.tokenizer
     return build_model(cfg)
@@ -143,7 +143,7 @@ def evaluate_assembled(
     progress: bool,
 ) -> dict[str, Any]:
     """Evaluate the assembled model as a plain run is evaluated (own task + extras)."""
-    if not cfg.evaluate:
+    if not cfg.evaluation.evaluate:
         return {}
     from accelerate import Accelerator
 

@@ -28,17 +28,17 @@ def evaluate_run_tasks(
     progress: bool = False,
     loaded_task: Task | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate a run on its own task and ``cfg.eval_tasks`` into ``RUN/eval/<task>/``.
+    """Evaluate a run on its own task and ``cfg.evaluation.eval_tasks`` into ``RUN/eval/<task>/``.
 
     Shared by plain and composite runs so every method is scored the same way.
     """
     results: dict[str, dict[str, Any]] = {}
-    for name in [cfg.task, *cfg.eval_tasks]:
-        own = name == cfg.task
+    for name in [cfg.data.task, *cfg.evaluation.eval_tasks]:
+        own = name == cfg.data.task
         task = (
             loaded_task
             if own and loaded_task is not None
-            else get_task(name, data_root=cfg.data_root)
+            else get_task(name, data_root=cfg.data.data_root)
         )
         results[name] = evaluate_on_task(
             model,
@@ -46,15 +46,15 @@ def evaluate_run_tasks(
             tokenizer,
             task,
             Path(cfg.out) / EVAL_DIR / task_dir_name(name),
-            split=cfg.eval_split if (own and cfg.eval_split) else "eval",
-            n_samples=cfg.eval_samples,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
+            split=cfg.evaluation.eval_split if (own and cfg.evaluation.eval_split) else "eval",
+            n_samples=cfg.evaluation.eval_samples,
+            max_length=cfg.data.max_length,
+            batch_size=cfg.evaluation.eval_batch_size,
             accelerator=accelerator,
-            cache_dir=cfg.cache_dir,
+            cache_dir=cfg.data.cache_dir,
             progress=progress,
-            prefix_cache=cfg.prefix_cache,
-            scoring=cfg.scoring_spec,
-            eval_noise=cfg.eval_noise,
+            prefix_cache=cfg.base.prefix_cache,
+            scoring=cfg.data.scoring_spec,
+            eval_noise=cfg.blob.eval_noise,
         )
     return results

@@ -29,14 +29,14 @@ if TYPE_CHECKING:
 
 
 def train_plain(cfg: TrainConfig, method: Method, start: RunStart) -> dict[str, Any]:
-    """Train ``method`` with the loop, evaluate it (``cfg.evaluate``), write summary.json.
+    """Train ``method`` with the loop, evaluate it (``cfg.evaluation.evaluate``), write summary.json.
 
     summary.json is written last, so a folder holding it is a finished run (``compare`` and a
     composite method's ``--resume`` rely on that).
     """
     trained = run_training(cfg, method, start, curve=held_out_curve)
     summary = trained.summary
-    if cfg.evaluate:
+    if cfg.evaluation.evaluate:
         summary["evaluations"] = evaluate_run_tasks(
             trained.model,
             method,
@@ -55,7 +55,7 @@ def train_plain(cfg: TrainConfig, method: Method, start: RunStart) -> dict[str, 
             raise BlobLoraError(f"could not write {out / SUMMARY}: {exc}") from exc
 
     on_main(trained.accelerator, write_summary)
-    if cfg.log_with:
+    if cfg.loop.log_with:
         trained.accelerator.end_training()
     return summary
 
@@ -70,27 +70,31 @@ def held_out_curve(
     out: Path,
 ) -> HeldOutCurve | None:
     """The learning-curve scorer of ``--curve-every`` (one process only), or ``None``."""
-    if not cfg.curve_every:
+    if not cfg.evaluation.curve_every:
         return None
     if accelerator.num_processes > 1:
         raise ConfigError("--curve-every runs on one process only; drop it under accelerate launch")
     inputs = task_inputs(
         task,
-        cfg.curve_split,
+        cfg.evaluation.curve_split,
         tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
+        cfg.data.max_length,
+        scoring=cfg.data.scoring_spec,
+        cache_dir=cfg.data.cache_dir,
         device=accelerator.device,
     )
-    requested = cfg.curve_samples if cfg.curve_samples is not None else cfg.eval_samples
+    requested = (
+        cfg.evaluation.curve_samples
+        if cfg.evaluation.curve_samples is not None
+        else cfg.evaluation.eval_samples
+    )
     n = method.eval_samples(model, requested)
     return HeldOutCurve(
         model,
         method,
         inputs,
         n,
-        cfg.eval_batch_size,
+        cfg.evaluation.eval_batch_size,
         out / CURVE_FILE,
-        prefix_cache=cfg.prefix_cache,
+        prefix_cache=cfg.base.prefix_cache,
     )

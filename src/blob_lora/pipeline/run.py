@@ -25,9 +25,9 @@ def train(
     base_model: nn.Module | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.task`` into ``cfg.out``, evaluate it; return the summary.
+    """Train ``cfg.method`` on ``cfg.data.task`` into ``cfg.out``, evaluate it; return the summary.
 
-    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.model``.
+    ``base_model``/``tokenizer`` may be passed in (tests, notebooks) instead of ``cfg.base.model``.
     ``overwrite`` replaces a run already in ``cfg.out``; ``resume`` continues it from its last
     checkpoint (a composite method skips its finished sub-runs).
     """

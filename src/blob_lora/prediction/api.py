@@ -147,11 +147,11 @@ class Predictor:
         """
         loaded = load_run(Path(run_dir), model=model)
         cfg = loaded.config
-        kwargs.setdefault("n_samples", cfg.eval_samples)
-        kwargs.setdefault("batch_size", cfg.eval_batch_size)
-        kwargs.setdefault("max_length", cfg.max_length)
-        kwargs.setdefault("scoring", cfg.scoring_spec)
-        kwargs.setdefault("eval_noise", cfg.eval_noise)
+        kwargs.setdefault("n_samples", cfg.evaluation.eval_samples)
+        kwargs.setdefault("batch_size", cfg.evaluation.eval_batch_size)
+        kwargs.setdefault("max_length", cfg.data.max_length)
+        kwargs.setdefault("scoring", cfg.data.scoring_spec)
+        kwargs.setdefault("eval_noise", cfg.blob.eval_noise)
         return cls(loaded.model, loaded.tokenizer, loaded.method, **kwargs)
 
     # -----------------------------------------------------------------------------------------

@@ -1,233 +1,160 @@
-"""All settings of a training run; the CLI's long options map one-to-one onto these fields."""
+"""All settings of a training run: one section per concern, one flat key per setting.
+
+A run's settings are grouped by who reads them, each group a small dataclass on the floor that
+owns the concern and validating its own fields:
+
+* ``cfg.base``: the base model and how it is loaded (``models.config.BaseModelConfig``);
+* ``cfg.data``: task, data folder, training split, prompt length, scoring
+  (``tasks.config.DataConfig``);
+* ``cfg.loop``: steps, batches, optimiser, seed, checkpoints, logs (``training.sections``);
+* ``cfg.kl``: the KL term of the methods with one, blob and bayesian-lora
+  (``training.sections.VariationalConfig``);
+* ``cfg.lora``: LoRA, whose ``peft_config()`` is PEFT's ``LoraConfig`` (``tuners.lora``);
+* ``cfg.blob``: ``BlobConfig``, the one home of BLoB's settings and defaults;
+* ``cfg.bayes_lora``: ``BayesianLoraConfig`` (options ``--bayes-lora-*``);
+* ``cfg.swag``: ``methods.swag.SwagConfig`` (``--swag-*``); ``cfg.ensemble``:
+  ``methods.ensemble.EnsembleConfig`` (``--ensemble-size``);
+* ``cfg.evaluation``: evaluation after training and the learning curve
+  (``training.sections.EvalConfig``);
+
+plus ``method``, ``recipe`` and ``out``. Users see flat keys: the command line's long options,
+config-file keys, ``TrainConfig(lr=...)`` and ``run_config.json`` (which resume and ``compare``
+read back) all name a setting ``<section's KEY_PREFIX><field>`` (``lr``, ``prior_std``,
+``swag_rank``, ``bayes_lora_inducing_rows``). :data:`SETTINGS`, derived from the sections'
+fields, routes each flat key to its section, so a new field is a new key with no other edit.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import copy
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Any, ClassVar, NamedTuple
 
 from blob_lora.methods import get_method
-from blob_lora.tasks.scoring import Scoring
-from blob_lora.training.kl_schedule import KL_SCHEDULES
-from blob_lora.training.optim import OPTIMIZER_MODES
+from blob_lora.methods.ensemble import EnsembleConfig
+from blob_lora.methods.swag import SwagConfig
+from blob_lora.models.config import BaseModelConfig
+from blob_lora.tasks.config import DataConfig
 from blob_lora.training.recipes import RECIPES
-from blob_lora.tuners.blob.config import EVAL_NOISE_MODES, FLIPOUT_MODES, STD_PARAMS
+from blob_lora.training.sections import EvalConfig, LoopConfig, VariationalConfig
+from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+from blob_lora.tuners.blob.config import BlobConfig
+from blob_lora.tuners.lora import LoraSettings
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.settings import SettingError, check_str, flag
 
-MAX_SEED = 2**31 - 1
-MAX_EPOCHS = 1e6
+#: the sections, by attribute of ``TrainConfig``, in the order their keys are listed
+SECTIONS: dict[str, type] = {
+    "base": BaseModelConfig,
+    "data": DataConfig,
+    "loop": LoopConfig,
+    "kl": VariationalConfig,
+    "lora": LoraSettings,
+    "blob": BlobConfig,
+    "bayes_lora": BayesianLoraConfig,
+    "swag": SwagConfig,
+    "ensemble": EnsembleConfig,
+    "evaluation": EvalConfig,
+}
+#: the top-level settings and their defaults
+TOP_LEVEL: dict[str, str] = {"method": "blob", "recipe": "paper", "out": "runs/run"}
 
 
-@dataclass
-class TrainConfig:
-    """Defaults follow the paper (method doc, section 6) except where CPU cost rules it out."""
+class Setting(NamedTuple):
+    """One flat setting: its key, the section holding it (``None``: top level) and its field."""
 
-    model: str = "smollm2-135m"
-    task: str = "winogrande_s"
-    method: str = "blob"
-    recipe: str = "paper"
-    out: str = "runs/run"
-    data_root: str | None = None
-    train_split: str | None = None
-    eval_split: str | None = None
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    kl_lr: float = 0.01
-    std_lr: float | None = None
-    optimizer: str = "paper"
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    seed: int = 1
-    max_length: int = 300
-    scoring: str = "letter"
-    length_norm: str = "none"
-    eval_samples: int | None = None
-    eval_noise: str = "sequence"
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
-    prior_std: float = 0.2
-    init_std: float = 0.05
-    std_param: str = "square"
-    flipout: str = "token"
-    bayesian_layers: list[str] | None = None
-    kl_schedule: str = "geometric"
-    kl_rescale: bool = True
-    kl_gamma: float = 8.0
-    ensemble_size: int = 3
-    swag_start: float = 0.5
-    swag_every: int = 0
-    swag_rank: int = 5
-    swag_lr: float | None = None
-    swag_scale: float = 0.5
-    checkpoint_every: int = 0
-    log_every: int = 1
-    log_with: str | None = None
-    dtype: str = "float32"
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    bucket_by_length: bool = False
-    evaluate: bool = True
-    eval_tasks: list[str] = field(default_factory=list)
-    cache_dir: str | None = None
-    prefix_cache: bool = True
-    curve_every: int = 0
-    curve_split: str | None = None
-    curve_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        self._apply_recipe()
-        self.validate()
-
-    def _apply_recipe(self) -> None:
-        """Set the recipe's settings wherever the field still holds its default
-        (``training.recipes``: an explicit other value wins)."""
-        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
-            raise ConfigError(f"--recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) == defaults[name]:
-                setattr(self, name, value)
-
-    def validate(self) -> None:
-        """Refuse a bad setting with one clear message naming its command-line option.
-
-        Types first: a config file can hold any YAML/TOML/JSON value, and a wrong type must be
-        refused here rather than fail deep inside a library later; then ranges, then choices.
-        """
-        self._check_types()
-        self._check_counts()
-        self._check_numbers()
-        self._check_choices()
-        Scoring(self.scoring, self.length_norm)  # refuses a bad --scoring / --length-norm
-        get_method(self.method)
-
-    def _check_types(self) -> None:
-        """Strings, booleans and lists of strings (lists are stored as lists: resume compares)."""
-        for name in (
-            "model",
-            "task",
-            "method",
-            "recipe",
-            "out",
-            "optimizer",
-            "kl_schedule",
-            "std_param",
-        ):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(
-                    f"{_flag(name)} must be a non-empty string, got {getattr(self, name)!r}"
-                )
-        for name in (
-            "data_root",
-            "train_split",
-            "eval_split",
-            "cache_dir",
-            "log_with",
-            "curve_split",
-        ):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str):
-                raise ConfigError(f"{_flag(name)} must be a string, got {v!r}")
-        for name in (
-            "kl_rescale",
-            "load_in_8bit",
-            "load_in_4bit",
-            "trust_remote_code",
-            "bucket_by_length",
-            "evaluate",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"{_flag(name)} must be true or false, got {getattr(self, name)!r}"
-                )
-        for name in ("target_modules", "eval_tasks", "bayesian_layers"):
-            v = getattr(self, name)
-            if v is None and name == "bayesian_layers":
-                continue
-            if not isinstance(v, list | tuple) or not all(
-                isinstance(x, str) and x.strip() for x in v
-            ):
-                raise ConfigError(
-                    f"{_flag(name)} must be a list of non-empty strings "
-                    f"(comma-separated on the command line), got {v!r}"
-                )
-            setattr(self, name, list(v))  # as run_config.json stores it (resume compares)
-
-    def _check_counts(self) -> None:
-        """Integer settings: sizes, steps, samples, the seed and the curve's split."""
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
-            _positive_int(self, name)
-        _positive_int(self, "max_steps", allow_none=True)
-        _positive_int(self, "eval_samples", allow_none=True, allow_zero=True)
-        _positive_int(self, "checkpoint_every", allow_zero=True)
-        _positive_int(self, "curve_every", allow_zero=True)
-        _positive_int(self, "curve_samples", allow_none=True, allow_zero=True)
-        if self.curve_every and not self.curve_split:
-            raise ConfigError(
-                "--curve-every needs --curve-split: a held-out part of the training data, "
-                "e.g. --train-split 'train[500:]' --curve-split 'train[:500]'"
-            )
-        _positive_int(self, "log_every")
-        _positive_int(self, "ensemble_size")
-        _positive_int(self, "swag_every", allow_zero=True)
-        _positive_int(self, "swag_rank", lo=2)  # one deviation has no low-rank covariance
-        _positive_int(self, "seed", allow_zero=True)
-        if self.seed > MAX_SEED:  # numpy seeds stop at 2**32 - 1 (and each process adds its rank)
-            raise ConfigError(f"--seed must be <= {MAX_SEED}, got {self.seed!r}")
-        _positive_int(self, "max_length", lo=16)
-
-    def _check_numbers(self) -> None:
-        """Real-valued settings: rates, scales, epochs, decay, warm-up and dropout."""
-        for name in ("lr", "kl_lr", "lora_alpha", "prior_std", "init_std", "kl_gamma"):
-            _positive_float(self, name)
-        _positive_float(self, "std_lr", allow_none=True)
-        _positive_float(self, "swag_lr", allow_none=True)
-        _positive_float(self, "swag_scale")
-        _positive_float(self, "epochs", allow_none=True)
-        if self.epochs is not None and self.epochs > MAX_EPOCHS:
-            raise ConfigError(f"--epochs must be <= {MAX_EPOCHS:g}, got {self.epochs!r}")
-        _positive_float(self, "weight_decay", allow_zero=True)
-        for name in ("warmup_ratio", "lora_dropout", "swag_start"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
-                raise ConfigError(f"{_flag(name)} must be a number in [0, 1), got {v!r}")
-
-    def _check_choices(self) -> None:
-        """Settings with a fixed set of values, and a non-empty --target-modules."""
-        choices = {
-            "optimizer": OPTIMIZER_MODES,
-            "kl_schedule": KL_SCHEDULES,
-            "std_param": STD_PARAMS,
-            "flipout": FLIPOUT_MODES,
-            "eval_noise": EVAL_NOISE_MODES,
-            "dtype": ("float32", "bfloat16", "float16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}"
-                )
-        if self.log_with not in (None, "tensorboard", "wandb", "mlflow", "all"):
-            raise ConfigError(
-                f"--log-with must be tensorboard, wandb, mlflow or all, got {self.log_with!r}"
-            )
-        if not self.target_modules:
-            raise ConfigError("--target-modules must name at least one module")
+    key: str
+    section: str | None
+    name: str
+    field: Field[Any] | None
 
     @property
-    def scoring_spec(self) -> Scoring:
-        """How option scores are read (letter or cloze), for datasets and evaluation."""
-        return Scoring(self.scoring, self.length_norm)
+    def default(self) -> Any:
+        """The default value (a fresh copy for lists)."""
+        if self.field is None:
+            return TOP_LEVEL[self.key]
+        if self.field.default is not MISSING:
+            return self.field.default
+        return self.field.default_factory()  # type: ignore[misc]
+
+
+def _settings() -> dict[str, Setting]:
+    """Every flat key, from the sections' fields: ``KEY_PREFIX + field name``."""
+    table = {key: Setting(key, None, key, None) for key in TOP_LEVEL}
+    for attr, section in SECTIONS.items():
+        skip = getattr(section, "NOT_RUN_SETTINGS", ())
+        for f in fields(section):
+            if f.name in skip:
+                continue
+            key = section.KEY_PREFIX + f.name  # type: ignore[attr-defined]
+            if key in table:
+                raise RuntimeError(f"setting {key!r} is declared twice")  # a coding error
+            table[key] = Setting(key, attr, f.name, f)
+    return table
+
+
+#: flat key -> where it lives; what the CLI, config files and ``run_config.json`` name
+SETTINGS: dict[str, Setting] = _settings()
+
+
+@dataclass(init=False)
+class TrainConfig:
+    """A run's settings by section (``cfg.loop.lr``), built from flat keys
+    (``TrainConfig(lr=1e-3)``, :meth:`from_dict`) and stored flat (:meth:`to_dict`)."""
+
+    method: str
+    recipe: str
+    out: str
+    base: BaseModelConfig
+    data: DataConfig
+    loop: LoopConfig
+    kl: VariationalConfig
+    lora: LoraSettings
+    blob: BlobConfig
+    bayes_lora: BayesianLoraConfig
+    swag: SwagConfig
+    ensemble: EnsembleConfig
+    evaluation: EvalConfig
+
+    def __init__(self, **settings: Any) -> None:
+        """Flat keys (module doc); the recipe is applied, then every section validates itself.
+
+        Refuses unknown keys, and a bad value with one message naming its option.
+        """
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}; known: {sorted(SETTINGS)}")
+        settings = _with_recipe(settings)
+        for key in TOP_LEVEL:
+            value = settings[key]
+            setattr(self, key, TOP_LEVEL[key] if value is _UNSET else value)
+            check_str(self, key)
+        for attr, section in SECTIONS.items():
+            values = {s.name: settings[k] for k, s in SETTINGS.items() if s.section == attr}
+            try:
+                setattr(self, attr, section(**{n: v for n, v in values.items() if v is not _UNSET}))
+            except SettingError as exc:  # name the option, as the user typed it
+                key = section.KEY_PREFIX + exc.setting  # type: ignore[attr-defined]
+                raise SettingError(flag(key), exc.setting, exc.problem) from None
+        get_method(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat settings, as ``run_config.json`` stores them (lists copied)."""
+        return {key: copy.deepcopy(self.get(key)) for key in SETTINGS}
+
+    def get(self, key: str) -> Any:
+        """The value of one flat setting (``cfg.get("lr") == cfg.loop.lr``)."""
+        s = SETTINGS[key]
+        return getattr(self if s.section is None else getattr(self, s.section), s.name)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some flat settings changed (validated, the recipe applied again)."""
+        return TrainConfig(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every flat setting's default."""
+        return {key: s.default for key, s in SETTINGS.items()}
 
     @classmethod
     def stored_with_defaults(cls, stored: dict[str, Any]) -> dict[str, Any]:
@@ -239,14 +166,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown settings {unknown}; known: {sorted(known)}")
+        """The settings of a flat dict (``run_config.json``, a ``compare`` run); keys missing
+        take their defaults, unknown keys are refused."""
         return cls(**data)
 
     # Settings that may differ between an interrupted run and its resumption.
-    RESUMABLE_CHANGES = (
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
         "out",
         "log_with",
         "evaluate",
@@ -263,33 +188,18 @@ class TrainConfig:
     )
 
 
-def _flag(name: str) -> str:
-    """The command-line option of a setting, as error messages name it."""
-    return f"--{name.replace('_', '-')}"
+_UNSET = object()
 
 
-def _positive_int(
-    cfg: TrainConfig,
-    name: str,
-    allow_none: bool = False,
-    allow_zero: bool = False,
-    lo: int | None = None,
-) -> None:
-    v = getattr(cfg, name)
-    if v is None and allow_none:
-        return
-    lo = lo if lo is not None else 0 if allow_zero else 1
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"{_flag(name)} must be an integer >= {lo}, got {v!r}")
-
-
-def _positive_float(
-    cfg: TrainConfig, name: str, allow_none: bool = False, allow_zero: bool = False
-) -> None:
-    v = getattr(cfg, name)
-    if v is None and allow_none:
-        return
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < 0 or (v == 0 and not allow_zero):
-        rng = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{_flag(name)} must be a finite number {rng}, got {v!r}")
+def _with_recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """All flat keys (``_UNSET`` where not given), the recipe's values set wherever a setting
+    still holds its default (``training.recipes``: an explicit other value wins)."""
+    recipe = settings.get("recipe", TOP_LEVEL["recipe"])
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    full = {key: settings.get(key, _UNSET) for key in SETTINGS}
+    for key, value in RECIPES[recipe].items():
+        given = full[key]
+        if given is _UNSET or given == SETTINGS[key].default:
+            full[key] = value
+    return full

@@ -59,11 +59,11 @@ def load_run(
     method = get_method(cfg.method)
     if base_model is None:
         base_model, tokenizer = load_model_and_tokenizer(
-            model or cfg.model,
-            dtype=cfg.dtype,
-            load_in_8bit=cfg.load_in_8bit,
-            load_in_4bit=cfg.load_in_4bit,
-            trust_remote_code=cfg.trust_remote_code,
+            model or cfg.base.model,
+            dtype=cfg.base.dtype,
+            load_in_8bit=cfg.base.load_in_8bit,
+            load_in_4bit=cfg.base.load_in_4bit,
+            trust_remote_code=cfg.base.trust_remote_code,
         )
     peft_model = method.load(base_model, adapter)
     return LoadedRun(cfg, method, peft_model, tokenizer)

@@ -119,7 +119,7 @@ CurveFactory = Callable[
 class RunStart:
     """How a run starts: over a finished run (``overwrite``) or from its last checkpoint
     (``resume``), with progress bars or not, on the caller's base model and tokenizer (tests,
-    notebooks) or, when ``base_model`` is ``None``, on ``cfg.model``."""
+    notebooks) or, when ``base_model`` is ``None``, on ``cfg.base.model``."""
 
     overwrite: bool = False
     resume: bool = False
@@ -177,11 +177,11 @@ class _Signals:
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model and tokenizer that ``cfg`` names (``--model``, dtype, quantisation)."""
     base, tokenizer = load_model_and_tokenizer(
-        cfg.model,
-        dtype=cfg.dtype,
-        load_in_8bit=cfg.load_in_8bit,
-        load_in_4bit=cfg.load_in_4bit,
-        trust_remote_code=cfg.trust_remote_code,
+        cfg.base.model,
+        dtype=cfg.base.dtype,
+        load_in_8bit=cfg.base.load_in_8bit,
+        load_in_4bit=cfg.base.load_in_4bit,
+        trust_remote_code=cfg.base.trust_remote_code,
     )
     return base, tokenizer
 
@@ -222,12 +222,12 @@ def prepare_training(
     overwrite, resume = start.overwrite, start.resume
     base_model, tokenizer = start.base_model, start.tokenizer
 
-    if cfg.curve_every and curve is None:
+    if cfg.evaluation.curve_every and curve is None:
         raise ConfigError("--curve-every needs the held-out scorer of blob_lora.pipeline.train")
     out = Path(cfg.out)
-    accelerator = Accelerator(log_with=cfg.log_with, project_dir=str(out))
+    accelerator = Accelerator(log_with=cfg.loop.log_with, project_dir=str(out))
     check_launch(accelerator)
-    check_fsdp_settings(accelerator, cfg.load_in_4bit, cfg.load_in_8bit)
+    check_fsdp_settings(accelerator, cfg.base.load_in_4bit, cfg.base.load_in_8bit)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
     on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))
@@ -241,14 +241,14 @@ def prepare_training(
     schedule = StepSchedule(plan.total_steps, plan.steps_per_epoch)
     updater = build_updater(
         model,
-        mode=cfg.optimizer,
+        mode=cfg.loop.optimizer,
         bayesian=method.has_kl,
-        lr=cfg.lr,
+        lr=cfg.loop.lr,
         total_steps=plan.total_steps,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_ratio=cfg.loop.warmup_ratio,
         weight_decay=method.weight_decay(cfg),
-        kl_lr=cfg.kl_lr,
-        std_lr=cfg.std_lr,
+        kl_lr=cfg.kl.kl_lr,
+        std_lr=cfg.kl.std_lr,
         reshape=lambda factor: method.lr_factor(cfg, schedule, factor),
     )
     model = _prepare(accelerator, model, updater)
@@ -278,9 +278,9 @@ def run_training(
     *,
     curve: CurveFactory | None = None,
 ) -> TrainedRun:
-    """Train ``method`` on ``cfg.task`` into ``cfg.out``: adapter, checkpoints, train log.
+    """Train ``method`` on ``cfg.data.task`` into ``cfg.out``: adapter, checkpoints, train log.
 
-    ``start`` says how (a fresh run on ``cfg.model`` by default); ``curve`` builds the
+    ``start`` says how (a fresh run on ``cfg.base.model`` by default); ``curve`` builds the
     held-out scorer of ``--curve-every``. Nothing is evaluated and no ``summary.json`` is
     written: that is the pipeline's (``blob_lora.pipeline.train``).
     """
@@ -335,17 +335,17 @@ def _training_inputs(
     cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
 ) -> tuple[Task, str, TaskInputs]:
     """The task, the training split's name and its tokenised dataset."""
-    task = get_task(cfg.task, data_root=cfg.data_root)
-    if task.train_split is None and cfg.train_split is None:
+    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
+    if task.train_split is None and cfg.data.train_split is None:
         raise BlobLoraError(f"task {task.name} has no training split; pass --train-split")
-    train_split = cfg.train_split or "train"
+    train_split = cfg.data.train_split or "train"
     inputs = task_inputs(
         task,
         train_split,
         tokenizer,
-        cfg.max_length,
-        scoring=cfg.scoring_spec,
-        cache_dir=cfg.cache_dir,
+        cfg.data.max_length,
+        scoring=cfg.data.scoring_spec,
+        cache_dir=cfg.data.cache_dir,
         device=accelerator.device,
     )
     return task, train_split, inputs
@@ -358,17 +358,17 @@ def _build_adapter(
     global RNG is then reseeded per process so that weight noise is independent."""
     from accelerate.utils import set_seed
 
-    set_seed(cfg.seed)  # identical adapter initialisation on every process
+    set_seed(cfg.loop.seed)  # identical adapter initialisation on every process
     try:
         model = method.build(base_model, cfg)
     except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
         if isinstance(exc, BlobLoraError):
             raise
         raise ConfigError(
-            f"cannot put a {cfg.method} adapter on {cfg.model}: {exc} "
-            f"(--target-modules {','.join(cfg.target_modules)})"
+            f"cannot put a {cfg.method} adapter on {cfg.base.model}: {exc} "
+            f"(--target-modules {','.join(cfg.lora.target_modules)})"
         ) from exc
-    set_seed(cfg.seed + accelerator.process_index)  # independent noise per process
+    set_seed(cfg.loop.seed + accelerator.process_index)  # independent noise per process
     return model
 
 
@@ -380,17 +380,19 @@ def _training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelera
     indexed = IndexedDataset(dataset)
     # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
     # from the global RNG instead would shift the weight-noise stream after a resume.
-    loader_rng = torch.Generator().manual_seed(cfg.seed)
-    if cfg.bucket_by_length:
-        batch_sampler = length_bucketed_sampler(dataset.lengths, cfg.batch_size, seed=cfg.seed)
+    loader_rng = torch.Generator().manual_seed(cfg.loop.seed)
+    if cfg.data.bucket_by_length:
+        batch_sampler = length_bucketed_sampler(
+            dataset.lengths, cfg.loop.batch_size, seed=cfg.loop.seed
+        )
         loader = DataLoader(
             indexed, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
         )
     else:
-        sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+        sampler = EpochShuffleSampler(len(dataset), cfg.loop.seed)
         loader = DataLoader(
             indexed,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.loop.batch_size,
             sampler=sampler,
             collate_fn=collator,
             generator=loader_rng,
@@ -404,14 +406,19 @@ def _plan_steps(
     """Steps per epoch and in total (``--max-steps`` or ``--epochs``), and the KL schedule
     computed from the global batch."""
     micro_per_epoch = len(loader)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.loop.grad_accum))
+    if cfg.loop.max_steps is not None:
+        total_steps = cfg.loop.max_steps
     else:
-        total_steps = max(1, int(round((cfg.epochs or 1.0) * steps_per_epoch)))
-    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+        total_steps = max(1, int(round((cfg.loop.epochs or 1.0) * steps_per_epoch)))
+    global_batch = cfg.loop.batch_size * cfg.loop.grad_accum * accelerator.num_processes
     schedule = make_schedule(
-        cfg.kl_schedule, n_train, steps_per_epoch, global_batch, cfg.kl_rescale, cfg.kl_gamma
+        cfg.kl.kl_schedule,
+        n_train,
+        steps_per_epoch,
+        global_batch,
+        cfg.kl.kl_rescale,
+        cfg.kl.kl_gamma,
     )
     return _StepPlan(micro_per_epoch, steps_per_epoch, total_steps, global_batch, schedule)
 
@@ -452,8 +459,8 @@ class TrainingLoop:
         self.seconds_before = 0.0  # training time of earlier sittings of a resumed run
         self.layout = {
             "world_size": accelerator.num_processes,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
+            "batch_size": cfg.loop.batch_size,
+            "grad_accum": cfg.loop.grad_accum,
             "global_batch": plan.global_batch,
         }
         self.prefix: PrefixFeatureCache | None = None
@@ -467,7 +474,7 @@ class TrainingLoop:
             self.step, self.epoch, self.micro_done, self.seconds_before = _restore(
                 self.ckpt_root, self.unwrapped, self.updater, accelerator, self.layout, self.method
             )
-        if cfg.log_with:
+        if cfg.loop.log_with:
             accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
         self.trainable = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         if accelerator.is_main_process:
@@ -485,8 +492,10 @@ class TrainingLoop:
         self.model.train()
         # Frozen blocks below the first adapter run once per example, not once per epoch (one
         # process only: each process would need the features of its own shard).
-        if cfg.prefix_cache and accelerator.num_processes == 1:
-            self.prefix = PrefixFeatureCache.for_dataset(self.unwrapped, dataset, cfg.cache_dir)
+        if cfg.base.prefix_cache and accelerator.num_processes == 1:
+            self.prefix = PrefixFeatureCache.for_dataset(
+                self.unwrapped, dataset, cfg.data.cache_dir
+            )
         self.started = time.perf_counter()
 
     def save(self, step: int, epoch: int, micro: int) -> None:
@@ -501,7 +510,7 @@ class TrainingLoop:
             "epoch": epoch,
             "micro_in_epoch": micro,
             # world-size independent position: examples of this epoch already consumed
-            "examples_in_epoch": micro * cfg.batch_size * accelerator.num_processes,
+            "examples_in_epoch": micro * cfg.loop.batch_size * accelerator.num_processes,
             # summed over sittings, so a resumed run reports its whole training cost
             "train_seconds": self.seconds_before + time.perf_counter() - self.started,
             **self.layout,
@@ -559,7 +568,7 @@ class TrainingLoop:
         """Forward and backward one micro-batch, and step the optimiser at a boundary; True
         once the last step is done."""
         cfg, accelerator, method = self.cfg, self.accelerator, self.method
-        boundary = micro % cfg.grad_accum == 0 or micro == self.plan.micro_per_epoch
+        boundary = micro % cfg.loop.grad_accum == 0 or micro == self.plan.micro_per_epoch
         pi = self.plan.schedule.weight(self.step + 1) if method.has_kl else 0.0
         sync = nullcontext() if boundary else accelerator.no_sync(self.model)
         index = batch.pop("index")
@@ -600,7 +609,7 @@ class TrainingLoop:
     def _window_size(self, micro: int) -> int:
         """How many micro-batches the accumulation window of the 1-based ``micro`` holds:
         ``--grad-accum``, or the remainder for the last window of an epoch."""
-        grad_accum = self.cfg.grad_accum
+        grad_accum = self.cfg.loop.grad_accum
         first = (micro - 1) // grad_accum * grad_accum  # micro-batches before this window
         return min(grad_accum, self.plan.micro_per_epoch - first)
 
@@ -636,9 +645,15 @@ class TrainingLoop:
         at_epoch_end = micro == self.plan.micro_per_epoch
         position = (self.epoch + 1, 0) if at_epoch_end else (self.epoch, micro)
         total_steps = self.plan.total_steps
-        if self.curve is not None and (step % cfg.curve_every == 0 or step >= total_steps):
+        if self.curve is not None and (
+            step % cfg.evaluation.curve_every == 0 or step >= total_steps
+        ):
             self.curve.record(unwrapped, step, self.epoch)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+        if (
+            cfg.loop.checkpoint_every
+            and step % cfg.loop.checkpoint_every == 0
+            and step < total_steps
+        ):
             self.save(step, *position)
         if stop:  # decided together: every process saves the same step
             self.save(step, *position)
@@ -658,10 +673,10 @@ class TrainingLoop:
             pi=f"{record['pi']:.2e}",
             acc=f"{record['acc']:.2f}",
         )
-        if accelerator.is_main_process and record["step"] % cfg.log_every == 0:
+        if accelerator.is_main_process and record["step"] % cfg.loop.log_every == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        if cfg.log_with:
+        if cfg.loop.log_with:
             accelerator.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 
     def finish(self) -> float:

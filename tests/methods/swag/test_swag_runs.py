@@ -88,8 +88,8 @@ def test_the_loop_collects_the_iterates_of_its_schedule(tmp_path, data_root, cha
         json.loads(line) for line in (Path(cfg.out) / "train_log.jsonl").read_text().splitlines()
     ]
     lrs = [r["lr"] for r in log]
-    assert lrs[2:] == [pytest.approx(cfg.lr / 10, rel=1e-12)] * 4
-    assert all(lr > 2 * cfg.lr / 10 for lr in lrs[:2])
+    assert lrs[2:] == [pytest.approx(cfg.loop.lr / 10, rel=1e-12)] * 4
+    assert all(lr > 2 * cfg.loop.lr / 10 for lr in lrs[:2])
 
 
 def test_swag_lr_setting_is_the_rate_while_collecting(tmp_path, data_root, char_base, char_tok):
@@ -138,7 +138,7 @@ def test_saved_adapter_is_the_swa_mean_and_reloads_bit_exact(
     assert summary["evaluations"][TINY_TASK]["eval_samples"] == 4
     record = summary["swag"]
     assert (record["collected"], record["first_step"], record["every"]) == (3, 4, 1)
-    assert record["lr"] == pytest.approx(cfg.lr / 10) and record["deviations"] == 3
+    assert record["lr"] == pytest.approx(cfg.loop.lr / 10) and record["deviations"] == 3
     assert record["max_std"] == pytest.approx(float(post.variance().sqrt().max()))
 
     # plain PEFT loads the SWA mean

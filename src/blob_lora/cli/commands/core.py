@@ -118,8 +118,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = load_run(Path(args.run), model=args.model)
     cfg = loaded.config
     scoring = scoring_override(args, cfg)
-    data_root = args.data_root or cfg.data_root
-    tasks = _task_list(args.task or cfg.task)
+    data_root = args.data_root or cfg.data.data_root
+    tasks = _task_list(args.task or cfg.data.task)
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     results = {}
@@ -130,8 +130,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         else:
             out = Path(args.run) / "eval" / _safe(name)
         split = args.split
-        if split == "eval" and name == cfg.task and cfg.eval_split:
-            split = cfg.eval_split
+        if split == "eval" and name == cfg.data.task and cfg.evaluation.eval_split:
+            split = cfg.evaluation.eval_split
         results[name] = evaluate_on_task(
             loaded.model,
             loaded.method,
@@ -139,15 +139,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             task,
             out,
             split=split,
-            n_samples=args.eval_samples if args.eval_samples is not None else cfg.eval_samples,
-            max_length=cfg.max_length,
-            batch_size=args.batch_size or cfg.eval_batch_size,
+            n_samples=args.eval_samples
+            if args.eval_samples is not None
+            else cfg.evaluation.eval_samples,
+            max_length=cfg.data.max_length,
+            batch_size=args.batch_size or cfg.evaluation.eval_batch_size,
             fold=args.fold,
-            cache_dir=cfg.cache_dir,
+            cache_dir=cfg.data.cache_dir,
             progress=not args.no_progress,
             ood_against=args.ood_reference,
             scoring=scoring,
-            eval_noise=args.eval_noise or cfg.eval_noise,
+            eval_noise=args.eval_noise or cfg.blob.eval_noise,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out}")
     if args.out and len(tasks) > 1:

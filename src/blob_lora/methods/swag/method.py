@@ -82,14 +82,14 @@ class Collection:
 def collection(cfg: RunSettings, schedule: StepSchedule) -> Collection:
     """The collection steps of a run, refused (``ConfigError``) when fewer than two iterates
     would be collected: one iterate has no spread, and the posterior would be a point."""
-    start = int(math.floor(cfg.swag_start * schedule.total_steps))
-    every = cfg.swag_every or schedule.steps_per_epoch
+    start = int(math.floor(cfg.swag.start * schedule.total_steps))
+    every = cfg.swag.every or schedule.steps_per_epoch
     plan = Collection(start, every, schedule.total_steps)
     if plan.count < 2:
-        what = f"every {every} steps" if cfg.swag_every else f"once per epoch ({every} steps)"
+        what = f"every {every} steps" if cfg.swag.every else f"once per epoch ({every} steps)"
         raise ConfigError(
             f"SWAG would collect {plan.count} iterate(s): collection starts after step {start} "
-            f"of {schedule.total_steps} (--swag-start {cfg.swag_start}) and runs {what}; it "
+            f"of {schedule.total_steps} (--swag-start {cfg.swag.start}) and runs {what}; it "
             "needs at least 2 (set a smaller --swag-every or --swag-start, or train longer)"
         )
     return plan
@@ -97,7 +97,7 @@ def collection(cfg: RunSettings, schedule: StepSchedule) -> Collection:
 
 def swag_lr(cfg: RunSettings) -> float:
     """The constant learning rate while iterates are collected."""
-    return cfg.swag_lr if cfg.swag_lr is not None else cfg.lr / LR_DIVISOR
+    return cfg.swag.lr if cfg.swag.lr is not None else cfg.loop.lr / LR_DIVISOR
 
 
 def posteriors(model: nn.Module) -> dict[str, SwagPosterior]:
@@ -187,7 +187,7 @@ class SwagMethod(LoraMethod):
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         model = super().build(base, cfg)
         binding = Binding.trainable(model)
-        posterior = SwagPosterior(binding.layout, cfg.swag_rank, cfg.swag_scale)
+        posterior = SwagPosterior(binding.layout, cfg.swag.rank, cfg.swag.scale)
         setattr(model, POSTERIORS, {"default": posterior})
         return model
 
@@ -210,7 +210,7 @@ class SwagMethod(LoraMethod):
         self, cfg: RunSettings, schedule: StepSchedule, factor: Callable[[int], float]
     ) -> Callable[[int], float]:
         plan = collection(cfg, schedule)
-        ratio = swag_lr(cfg) / cfg.lr
+        ratio = swag_lr(cfg) / cfg.loop.lr
 
         def swag_factor(step: int) -> float:  # 0-based: update step + 1 uses factor(step)
             return factor(step) if step < plan.start else ratio

@@ -10,14 +10,14 @@ was not available to us, see ``methods/bayesian_lora.py`` for what that leaves o
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.settings import check_bool, check_float, check_int, refuse
 
 BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
 
@@ -48,6 +48,13 @@ class BayesianLoraConfig:
         jitter: relative diagonal jitter of the Cholesky factorisations.
     """
 
+    #: errors name a field ``BayesianLoraConfig.<field>`` (``TrainConfig``: its option)
+    LABEL: ClassVar[str] = "BayesianLoraConfig"
+    #: a run's options and config-file keys: ``--bayes-lora-<field>`` (``bayes_lora_<field>``)
+    KEY_PREFIX: ClassVar[str] = "bayes_lora_"
+    #: no run setting of its own: a run's ``--eval-samples`` (unset: this default) is used
+    NOT_RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("eval_samples",)
+
     inducing_rows: int = 9
     inducing_cols: int = 9
     prior_std: float = 0.1
@@ -65,40 +72,27 @@ class BayesianLoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the field and its allowed range."""
+        """Raise ``ConfigError`` naming the field (or, in a ``TrainConfig``, its option)."""
         for name in ("inducing_rows", "inducing_cols"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    f"BayesianLoraConfig.{name} must be an integer >= 1, got {value!r}"
-                )
+            check_int(self, name)
         for name in ("prior_std", "init_lamda", "max_lamda", "init_u_std", "max_u_std", "init_d"):
-            _positive(name, getattr(self, name))
+            check_float(self, name)
         for name in ("kl_weight", "jitter"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            check_float(self, name, allow_zero=True)
         if self.init_lamda > self.max_lamda:
-            raise ConfigError(
-                f"BayesianLoraConfig.init_lamda ({self.init_lamda!r}) must not exceed "
-                f"max_lamda ({self.max_lamda!r})"
+            raise refuse(
+                self,
+                "init_lamda",
+                f"({self.init_lamda!r}) must not exceed max_lamda ({self.max_lamda!r})",
             )
         if self.init_u_std > self.max_u_std:
-            raise ConfigError(
-                f"BayesianLoraConfig.init_u_std ({self.init_u_std!r}) must not exceed "
-                f"max_u_std ({self.max_u_std!r})"
+            raise refuse(
+                self,
+                "init_u_std",
+                f"({self.init_u_std!r}) must not exceed max_u_std ({self.max_u_std!r})",
             )
-        if not isinstance(self.sqrt_width_scaling, bool):
-            raise ConfigError(
-                "BayesianLoraConfig.sqrt_width_scaling must be true or false, "
-                f"got {self.sqrt_width_scaling!r}"
-            )
-        if (
-            isinstance(self.eval_samples, bool)
-            or not isinstance(self.eval_samples, int)
-            or self.eval_samples < 0
-        ):
-            raise ConfigError(
-                f"BayesianLoraConfig.eval_samples must be an integer >= 0, got {self.eval_samples!r}"
-            )
+        check_bool(self, "sqrt_width_scaling")
+        check_int(self, "eval_samples", allow_zero=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,10 +125,3 @@ class BayesianLoraConfig:
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        rng = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"BayesianLoraConfig.{name} must be a finite number {rng}, got {value!r}")

@@ -7,15 +7,22 @@ plain PEFT can still read the folder and load the mean adapter.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.settings import (
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+    check_str_list,
+    refuse,
+)
 
 BLOB_CONFIG_NAME = "blob_config.json"
 STD_PARAMS = ("square", "softplus")
@@ -27,7 +34,11 @@ EVAL_NOISE_MODES = ("sequence", "token")
 
 @dataclass
 class BlobConfig:
-    """Variational settings of BLoB (method doc, sections 1-2).
+    """Variational settings of BLoB (method doc, sections 1-2): the one home of these settings
+    and their defaults. ``training.TrainConfig`` holds one as ``cfg.blob``, each field a
+    command-line option and config-file key of its own name (``--prior-std``, ...), except
+    ``eval_samples``: a run's ``--eval-samples`` is the evaluation section's, and this default
+    is what BLoB uses when that is unset.
 
     Attributes:
         prior_std: sigma_p of the isotropic Gaussian prior on every element of A.
@@ -48,6 +59,12 @@ class BlobConfig:
             layers get a std (the rest stay plain LoRA). ``None`` makes every LoRA layer Bayesian.
     """
 
+    #: errors name a field ``BlobConfig.<field>`` (``TrainConfig`` re-names it by its option)
+    LABEL: ClassVar[str] = "BlobConfig"
+    KEY_PREFIX: ClassVar[str] = ""
+    #: fields that are no run setting of their own (see the class doc)
+    NOT_RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("eval_samples",)
+
     prior_std: float = 0.2
     init_std: float = 0.05
     std_param: str = "square"
@@ -60,55 +77,30 @@ class BlobConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and its allowed range."""
+        """Raise ``ConfigError`` naming the field (or, in a ``TrainConfig``, its option)."""
+        check_str(self, "std_param")
+        if isinstance(self.bayesian_layers, str):
+            self.bayesian_layers = [self.bayesian_layers]
+        check_str_list(self, "bayesian_layers", optional=True)
+        check_int(self, "eval_samples", allow_zero=True)
         for name in ("prior_std", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"BlobConfig.{name} must be a positive number, got {value!r}")
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"BlobConfig.{name} must be a finite number > 0, got {value!r}")
+            check_float(self, name)
+        check_choice(self, "std_param", STD_PARAMS)
+        check_choice(self, "flipout", FLIPOUT_MODES)
+        check_choice(self, "eval_noise", EVAL_NOISE_MODES)
         if self.std_param == "square" and self.init_std >= 1:
-            raise ConfigError(
-                f"BlobConfig.init_std must be in (0, 1) with std_param='square', got {self.init_std!r}"
+            raise refuse(
+                self,
+                "init_std",
+                f"must be in (0, 1) with std_param='square', got {self.init_std!r}",
             )
-        if self.std_param not in STD_PARAMS:
-            raise ConfigError(
-                f"BlobConfig.std_param must be one of {STD_PARAMS}, got {self.std_param!r}"
-            )
-        if self.flipout not in FLIPOUT_MODES:
-            raise ConfigError(
-                f"BlobConfig.flipout must be one of {FLIPOUT_MODES}, got {self.flipout!r}"
-            )
-        if self.eval_noise not in EVAL_NOISE_MODES:
-            raise ConfigError(
-                f"BlobConfig.eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}"
-            )
-        if (
-            isinstance(self.eval_samples, bool)
-            or not isinstance(self.eval_samples, int)
-            or self.eval_samples < 0
-        ):
-            raise ConfigError(
-                f"BlobConfig.eval_samples must be an integer >= 0, got {self.eval_samples!r}"
-            )
-        if self.bayesian_layers is not None:
-            if isinstance(self.bayesian_layers, str):
-                self.bayesian_layers = [self.bayesian_layers]
-            if not isinstance(self.bayesian_layers, list | tuple) or not all(
-                isinstance(p, str) for p in self.bayesian_layers
-            ):
-                raise ConfigError(
-                    "BlobConfig.bayesian_layers must be None or a list of regular expressions, "
-                    f"got {self.bayesian_layers!r}"
-                )
-            self.bayesian_layers = list(self.bayesian_layers)
-            for pattern in self.bayesian_layers:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(
-                        f"BlobConfig.bayesian_layers: invalid regular expression {pattern!r}: {exc}"
-                    ) from exc
+        for pattern in self.bayesian_layers or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise refuse(
+                    self, "bayesian_layers", f"has an invalid regular expression {pattern!r}: {exc}"
+                ) from exc
 
     def is_bayesian(self, module_name: str) -> bool:
         """Whether the LoRA layer called ``module_name`` gets a learned std."""

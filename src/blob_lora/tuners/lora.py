@@ -1,0 +1,66 @@
+"""A run's LoRA settings, and PEFT's ``LoraConfig`` built from them in one place.
+
+One section of ``training.TrainConfig`` (``cfg.lora``); its fields keep their flat names as
+command-line options and config-file keys (``--lora-r``, ``--target-modules``, ...). Every
+LoRA-based method (and the BLoB and Bayesian-LoRA tuners, whose layers are PEFT LoRA layers)
+gets its ``LoraConfig`` from :meth:`LoraSettings.peft_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from peft import LoraConfig
+
+from blob_lora.utils.settings import (
+    check_float,
+    check_fraction,
+    check_int,
+    check_str_list,
+    refuse,
+)
+
+REGEX_CHARS = set("*()|[]\\")
+
+
+def target_modules_arg(targets: list[str]) -> list[str] | str:
+    """PEFT's form: a list of name suffixes, or one regular expression (full match)."""
+    if len(targets) == 1 and REGEX_CHARS & set(targets[0]):
+        return targets[0]
+    return list(targets)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA's rank, scaling, dropout and the modules it adapts."""
+
+    KEY_PREFIX: ClassVar[str] = ""
+
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a bad value, naming its option."""
+        check_str_list(self, "target_modules")
+        check_int(self, "lora_r")
+        check_float(self, "lora_alpha")
+        check_fraction(self, "lora_dropout")
+        if not self.target_modules:
+            raise refuse(self, "target_modules", "must name at least one module")
+
+    def peft_config(self, dropout: float | None = None) -> LoraConfig:
+        """PEFT's ``LoraConfig`` of these settings; ``dropout`` replaces ``lora_dropout`` (a
+        method with its own default, like mc-dropout's)."""
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout if dropout is None else dropout,
+            target_modules=target_modules_arg(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
