@@ -197,7 +197,7 @@ class Evaluation:
         self.batch_size, self.out, self.prefix = batch_size, out, prefix
         cfg = loaded.config
         # what evaluate_on_task will use: the run's --eval-samples, else the method's default
-        self.n_samples = loaded.method.eval_samples(loaded.model, cfg.eval_samples)
+        self.n_samples = loaded.method.eval_samples(loaded.model, cfg.evaluation.eval_samples)
 
     def __call__(self) -> dict[str, Any]:
         cfg = self.loaded.config
@@ -208,12 +208,12 @@ class Evaluation:
             self.task,
             self.out,
             split=self.split,
-            n_samples=cfg.eval_samples,
-            max_length=cfg.max_length,
+            n_samples=cfg.evaluation.eval_samples,
+            max_length=cfg.data.max_length,
             batch_size=self.batch_size,
-            cache_dir=cfg.cache_dir,
-            scoring=cfg.scoring_spec,
-            eval_noise=cfg.eval_noise,
+            cache_dir=cfg.data.cache_dir,
+            scoring=cfg.data.scoring_spec,
+            eval_noise=cfg.blob.eval_noise,
             prefix_cache=self.prefix,
         )
 
