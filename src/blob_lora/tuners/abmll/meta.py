@@ -79,10 +79,12 @@ def expected_nll(
         raise ConfigError("a task needs at least one support and one query batch")
     sizes = [len(next(iter(b.values()))) for b in batches]
     total = sum(sizes)
-    out = torch.zeros(())
+    out: torch.Tensor | None = None
     for _ in range(samples):
         for batch, size in zip(batches, sizes, strict=True):
-            out = out + nll(model, batch).float().cpu() * (size / total)
+            term = nll(model, batch).float() * (size / total)
+            out = term if out is None else out + term
+    assert out is not None
     return out / samples
 
 
@@ -111,7 +113,7 @@ def adapt(
         with task_posterior(model, post), sampling(model, True, "shared", generator):
             loss = expected_nll(model, support, nll, cfg.inner_samples)
             if cfg.beta:
-                loss = loss + cfg.beta * task_kl(model).cpu()
+                loss = loss + cfg.beta * task_kl(model).to(loss.device)
         grads = torch.autograd.grad(loss, [post[k] for k in keys], create_graph=create_graph)
         step = {k: post[k] - cfg.inner_lr * g for k, g in zip(keys, grads, strict=True)}
         post = (
@@ -132,7 +134,7 @@ def meta_loss(
     cfg = config_of(model)
     generator = _generator(model, seed)
     theta = global_posterior(model, detach=False)
-    total = torch.zeros(())
+    total: torch.Tensor | None = None
     nll_sum = kl_sum = 0.0
     for task in tasks:
         post = adapt(
@@ -142,14 +144,14 @@ def meta_loss(
             post = {k: theta[k] + (post[k] - theta[k].detach()).to(theta[k].dtype) for k in post}
         with task_posterior(model, post), sampling(model, True, "shared", generator):
             query_nll = expected_nll(model, task.query, nll, cfg.query_samples)
-            kl = task_kl(model).cpu()
-        total = total + query_nll
-        if cfg.beta:  # 0 * an infinite KL (a zero std) would be NaN
-            total = total + cfg.beta * kl
+            kl = task_kl(model).to(query_nll.device)
+        term = query_nll + cfg.beta * kl if cfg.beta else query_nll  # 0 * inf KL would be NaN
+        total = term if total is None else total + term
         nll_sum += float(query_nll.detach())
         kl_sum += float(kl.detach())
+    assert total is not None
     loss = total / len(tasks)
-    hyper = hyper_kl(model).cpu()
+    hyper = hyper_kl(model).to(loss.device)
     if cfg.gamma:
         loss = loss + cfg.gamma * hyper
     parts = {
