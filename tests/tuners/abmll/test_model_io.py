@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from blob_lora.methods.abmll import AbmllMethod, answer_nll
 from blob_lora.tuners.abmll import (
     AbmllConfig,
+    abmll_layers,
     adapt,
     global_posterior,
     load_abmll_model,
@@ -133,6 +134,18 @@ def test_settings_refuse_bad_values_by_name():
         AbmllConfig(beta=float("nan"))
     with pytest.raises(ConfigError, match="unknown AbmllConfig fields"):
         AbmllConfig.from_dict({"prior_std": 1.0})
+
+
+def test_task_posteriors_nest_and_restore():
+    model = tiny_abmll_model(0)
+    outer = global_posterior(model, detach=True)
+    inner = {k: v + 0.1 for k, v in outer.items()}
+    with task_posterior(model, outer):
+        before = logits(model, None)
+        with task_posterior(model, inner):
+            assert (logits(model, None) - before).abs().max() > 1e-4
+        assert torch.equal(logits(model, None), before)
+    assert all(not layer.abmll_task for _, layer in abmll_layers(model))
 
 
 def test_task_posterior_must_fit_the_model():

@@ -180,8 +180,10 @@ def task_posterior(model: nn.Module, posterior: TaskPosterior) -> Iterator[nn.Mo
         raise ConfigError(
             f"task posterior does not fit this model: missing {missing[:3]}, extra {extra[:3]}"
         )
-    saved = {name: dict(layer.abmll_task) for name, layer in layers.items()}
+    saved = {name: layer.abmll_task for name, layer in layers.items()}
     try:
+        for layer in layers.values():  # fresh dicts: an outer posterior stays as it was
+            layer.abmll_task = {}
         for (name, adapter, part), tensor in posterior.items():
             layers[name].abmll_task.setdefault(adapter, {})[part] = tensor
         yield model
