@@ -3,7 +3,13 @@ held-out TRAINING-example accuracy, NLL and ECE against steps, one panel row per
 line per method (and seed). Writes ``<out>/curves.png``, ``<out>/curves.md`` (a table per
 task: the metrics at every recorded step) and ``<out>/curves.json``.
 
-    .venv/bin/python paper/curves.py paper/out/regime_pilot --out results/regime_pilot
+``--zero-shot DIR`` (``paper/zero_shot.py``'s output, e.g. ``results/zero_shot``) adds step 0,
+the base model before any training: its predictions under the run's own scoring, restricted to
+the very questions the curve scores (read from the run's final evaluation on its curve split,
+``eval/<task>/predictions.jsonl``), so the first point is on the same questions as the rest.
+
+    .venv/bin/python paper/curves.py paper/out/regime_pilot --out results/regime_pilot \
+        --zero-shot results/zero_shot
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import torch
 
 METRICS = (("accuracy", "held-out accuracy"), ("nll", "held-out NLL"), ("ece", "held-out ECE"))
 
@@ -30,6 +38,48 @@ def read_curves(experiment: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
         if rows:
             out[task][f"{method}/{seed}"] = rows
     return dict(out)
+
+
+def scoring_folder(run_config: dict[str, Any]) -> str:
+    """``zero_shot.py``'s folder name of a run's scoring: letter, cloze, cloze-token, cloze-char."""
+    scoring = run_config.get("scoring", "letter")
+    norm = run_config.get("length_norm", "none")
+    return scoring if norm in (None, "none") else f"{scoring}-{norm}"
+
+
+def zero_shot_row(run_dir: Path, task: str, zero_shot: Path) -> dict[str, Any] | None:
+    """Step 0: the zero-shot predictions on the questions the run's curve scored, or ``None``
+    when either file is missing or a question has no zero-shot prediction (never a partial
+    point: a point on other questions would not be comparable)."""
+    from blob_lora.metrics.calibration import classification_metrics
+
+    run_config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
+    scored = run_dir / "eval" / task / "predictions.jsonl"
+    source = zero_shot / "runs" / task / scoring_folder(run_config) / "predictions.jsonl"
+    if not scored.is_file() or not source.is_file():
+        return None
+    ids = [json.loads(line)["id"] for line in scored.read_text(encoding="utf-8").splitlines()]
+    by_id = {r["id"]: r for r in map(json.loads, source.read_text(encoding="utf-8").splitlines())}
+    if not ids or any(i not in by_id for i in ids):
+        return None
+    rows = [by_id[i] for i in ids]
+    width = max(len(r["probs"]) for r in rows)
+    probs = torch.tensor([r["probs"] + [0.0] * (width - len(r["probs"])) for r in rows])
+    labels = torch.tensor([r["label"] for r in rows])
+    metrics = classification_metrics(probs, labels)
+    return {"step": 0, "zero_shot": True, **{k: float(v) for k, v in metrics.items()}}
+
+
+def add_zero_shot(
+    curves: dict[str, dict[str, list[dict[str, Any]]]], experiment: Path, zero_shot: Path
+) -> None:
+    """Prepend step 0 (:func:`zero_shot_row`) to every series that has one."""
+    for task, series in curves.items():
+        for name, rows in series.items():
+            method, seed = name.split("/")
+            row = zero_shot_row(experiment / "runs" / task / method / seed, task, zero_shot)
+            if row is not None and rows[0]["step"] != 0:
+                rows.insert(0, row)
 
 
 def render_table(curves: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
@@ -83,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", type=Path, help="the compare experiment's output folder")
     p.add_argument("--out", type=Path, default=None, help="default: the experiment folder")
+    p.add_argument(
+        "--zero-shot", type=Path, default=None, help="zero_shot.py's folder: adds step 0"
+    )
     args = p.parse_args(argv)
     curves = read_curves(args.experiment)
     if not curves:
         raise SystemExit(f"no curve.jsonl under {args.experiment}/runs (run with --curve-every)")
+    if args.zero_shot is not None:
+        add_zero_shot(curves, args.experiment, args.zero_shot)
     out = args.out or args.experiment
     out.mkdir(parents=True, exist_ok=True)
     plot(curves, out / "curves.png")
