@@ -129,52 +129,6 @@ def one_layer_bayesian_lora(seed: int = 0, **settings: Any):
     return model, layer
 
 
-def tiny_abmll_model(seed: int = 0, attn_implementation: str | None = None, **settings: Any):
-    """:func:`tiny_llama` with ABMLL (rank 4) on q/v/lm_head, every global pair drawn away
-    from its initial value (``B`` and ``B_sigma`` non-zero), as after meta-training.
-    ``settings`` are ``AbmllConfig`` fields; ``attn_implementation="eager"`` for second
-    derivatives (CPU's fused attention has none)."""
-    from peft import LoraConfig
-
-    from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    base = tiny_llama(seed)
-    if attn_implementation is not None:
-        base.config._attn_implementation = attn_implementation
-    model = get_abmll_model(base, lora, AbmllConfig(**settings))
-    torch.manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
-            if "lora_sigma_B" in name:
-                p.normal_(std=0.01)
-    return model
-
-
-def one_layer_abmll(seed: int = 0, **settings: Any):
-    """ABMLL (rank 3) on a single 6 -> 5 linear layer, its global pairs drawn; returns the
-    model and that layer (analytic checks)."""
-    from peft import LoraConfig
-
-    from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
-    from blob_lora.tuners.abmll.layer import AbmllLinear
-
-    torch.manual_seed(seed)
-    model = get_abmll_model(
-        _OneLinear(),
-        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
-        AbmllConfig(**settings),
-    )
-    layer = model.base_model.model.proj
-    assert isinstance(layer, AbmllLinear)
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_(std=0.5)
-        layer.lora_sigma_B["default"].weight.normal_(std=0.1)
-    return model, layer
-
-
 class _OneLinear(torch.nn.Module):
     def __init__(self, d_in: int = 6, d_out: int = 5) -> None:
         super().__init__()
