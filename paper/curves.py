@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from blob_lora.metrics.calibration import classification_metrics
+
 METRICS = (("accuracy", "held-out accuracy"), ("nll", "held-out NLL"), ("ece", "held-out ECE"))
 
 
@@ -51,8 +53,6 @@ def zero_shot_row(run_dir: Path, task: str, zero_shot: Path) -> dict[str, Any] |
     """Step 0: the zero-shot predictions on the questions the run's curve scored, or ``None``
     when either file is missing or a question has no zero-shot prediction (never a partial
     point: a point on other questions would not be comparable)."""
-    from blob_lora.metrics.calibration import classification_metrics
-
     run_config = json.loads((run_dir / "run_config.json").read_text(encoding="utf-8"))
     scored = run_dir / "eval" / task / "predictions.jsonl"
     source = zero_shot / "runs" / task / scoring_folder(run_config) / "predictions.jsonl"
