@@ -13,10 +13,10 @@ from blob_lora.utils.options_file import OptionsFile
 
 
 @dataclass
-class ToyOptions(OptionsFile):
+class ToyOptions(
+    OptionsFile, file_name="toy_config.json", missing_hint="is not a toy adapter folder"
+):
     LABEL: ClassVar[str] = "ToyOptions"
-    FILE_NAME: ClassVar[str] = "toy_config.json"
-    MISSING_HINT: ClassVar[str] = "is not a toy adapter folder"
 
     width: int = 3
     scale: float = 0.5
@@ -40,6 +40,7 @@ def test_unknown_field_is_refused_with_the_known_ones():
         (None, r"toy_config.json not found: .* is not a toy adapter folder"),
         ("{not json", r"toy_config.json is unreadable or corrupt"),
         ("[1, 2]", r"toy_config.json must hold a JSON object, got list"),
+        ('{"depth": 1}', r"toy_config.json holds invalid settings: unknown ToyOptions fields"),
     ],
 )
 def test_bad_files_are_checkpoint_errors_naming_the_file(tmp_path, content, message):

@@ -10,15 +10,17 @@ written once (a fault fixed here is fixed for all three).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -30,7 +32,12 @@ from blob_lora.utils.options_file import OptionsFile
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-O = TypeVar("O", bound=OptionsFile)  # noqa: E741
+L = TypeVar("L")
+#: PEFT's model class per task type, the ones a custom tuner may wrap
+_PEFT_TASK_CLASSES: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+}
 
 
 class OptionsPeftMixin:
@@ -98,6 +105,71 @@ def atomic_save_pretrained(
 # --- building -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CustomTuner:
+    """What makes a custom tuner on PEFT, declared once in its ``model.py``: its name in
+    messages, its PEFT model classes (``mixin``, its ``OptionsPeftMixin``, put before PEFT's:
+    ``<prefix>PeftModel`` and ``<prefix>PeftModelFor<Task>`` per task type) and its layers:
+    ``linear(base_layer, adapter, **{options_keyword: options}, ...)`` for every targeted
+    ``nn.Linear``, or ``layers(options)``, the layer class per base module type (BLoB's
+    bitsandbytes layers). A tuner without such layers (``quantised_layers`` false) refuses a
+    quantised base."""
+
+    method: str
+    mixin: type
+    prefix: str
+    linear: type | None = None
+    options_keyword: str = ""
+    layers: Callable[[Any], dict[type, Any]] | None = None
+    task_types: tuple[str, ...] = ("CAUSAL_LM",)
+    quantised_layers: bool = False
+
+    def layer_classes(self, options: Any) -> dict[type, Any]:
+        """What PEFT injects per base module type, given the tuner's settings."""
+        if self.layers is not None:
+            return self.layers(options)
+        return {nn.Linear: functools.partial(self.linear, **{self.options_keyword: options})}
+
+    def model_class(self, task_type: str | None) -> type[PeftModel]:
+        """The PEFT model class for ``task_type`` (``<prefix>PeftModel`` for another one)."""
+        base = _PEFT_TASK_CLASSES[task_type] if task_type in self.task_types else PeftModel
+        return _model_class(self.mixin, self.prefix, base)
+
+    def build(
+        self, model: nn.Module, lora_config: LoraConfig, options: Any, adapter_name: str
+    ) -> PeftModel:
+        """Wrap ``model`` in the tuner's PEFT model, PEFT injecting ``layer_classes(options)``
+        for every targeted module, with ``options`` (validated) under the class's
+        ``OPTIONS_ATTR``. Adapters are kept in float32 whatever the base dtype."""
+        check_plain_lora(lora_config, self.method)
+        options.validate()
+        if not self.quantised_layers:
+            refuse_quantised_base(model, self.method)
+        lora_config._register_custom_module(self.layer_classes(options))
+        task_type = getattr(lora_config.task_type, "value", lora_config.task_type)
+        cls = self.model_class(task_type)
+        peft_model = cls(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+        setattr(peft_model, cls.OPTIONS_ATTR, {adapter_name: options})  # type: ignore[attr-defined]
+        return peft_model
+
+
+@functools.cache
+def _model_class(mixin: type, prefix: str, base: type[PeftModel]) -> type[PeftModel]:
+    """``<prefix><base name>``: ``mixin`` before ``base``; one class per triple, so that
+    ``isinstance`` and pickling see the same class every time."""
+    doc = f"A ``{base.__name__}`` with the layers of ``{mixin.__module__}``."
+    return type(
+        prefix + base.__name__, (mixin, base), {"__module__": mixin.__module__, "__doc__": doc}
+    )
+
+
+def custom_layers(model: nn.Module, kind: type[L]) -> Iterator[tuple[str, L]]:
+    """Every module of ``model`` that is a ``kind`` (a tuner's layer mixin), with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module
+
+
 def check_plain_lora(lora_config: LoraConfig, method: str) -> None:
     """Refuse what no custom tuner is defined on: a non-``LoraConfig`` and DoRA."""
     if not isinstance(lora_config, LoraConfig):
@@ -119,31 +191,14 @@ def refuse_quantised_base(model: nn.Module, method: str) -> None:
         )
 
 
-def inject_layers(
-    model: nn.Module,
-    lora_config: LoraConfig,
-    layers: dict[type, Any],
-    classes: Mapping[str | None, type[PeftModel]],
-    fallback: type[PeftModel],
-    adapter_name: str,
-) -> PeftModel:
-    """Wrap ``model`` in the tuner's PEFT model class for the config's task type (``classes``,
-    else ``fallback``), PEFT injecting ``layers[type(module)](...)`` for every targeted module.
-    Adapters are kept in float32 whatever the base dtype."""
-    lora_config._register_custom_module(layers)
-    task_type = getattr(lora_config.task_type, "value", lora_config.task_type)
-    cls = classes.get(task_type, fallback)
-    return cls(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True)
-
-
 # --- loading --------------------------------------------------------------------------------
 
 
 def load_adapter_folder(
     base_model: nn.Module,
     directory: str | os.PathLike[str],
-    options_class: type[O],
-    build: Callable[[nn.Module, LoraConfig, O, str], PeftModel],
+    options_class: type[OptionsFile],
+    build: Callable[[nn.Module, LoraConfig, Any, str], PeftModel],
     *,
     adapter_name: str = "default",
     is_trainable: bool = False,

@@ -4,9 +4,10 @@ shared by the tuners' options classes (``BlobConfig``, ``BayesianLoraConfig``, `
 Each tuner keeps its own settings in ``<name>_config.json`` next to PEFT's
 ``adapter_config.json`` so plain PEFT still reads the folder. Written once here, the three
 classes refuse the same faults with the same words: an unknown field (a file from a newer
-version, a typo) is a ``ConfigError`` naming the class and the known fields; a missing, corrupt
-or non-object file is a ``CheckpointError`` naming the file, so a user learns which folder is
-wrong and why instead of seeing a bare ``KeyError`` or ``JSONDecodeError``.
+version, a typo) is a ``ConfigError`` naming the class and the known fields; a saved file that
+is missing, corrupt, not an object, or holds such a field or an invalid value is a
+``CheckpointError`` naming the file, so a user learns which folder is wrong and why instead of
+seeing a bare ``KeyError`` or ``JSONDecodeError``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ T = TypeVar("T", bound="OptionsFile")
 class OptionsFile:
     """Mixin for a settings dataclass stored as ``FILE_NAME`` in an adapter folder.
 
-    A subclass sets ``LABEL`` (the class name errors use), ``FILE_NAME`` and ``MISSING_HINT``
-    (what a folder without the file is and how else it loads, completing
-    ``"<path> not found: <folder> ..."``).
+    A subclass sets ``LABEL`` (the class name errors use) and names its file and what a folder
+    without it is (completing ``"<path> not found: <folder> ..."``) as class keywords::
+
+        class BlobConfig(OptionsFile, file_name="blob_config.json", missing_hint="is not ...")
     """
 
     LABEL: ClassVar[str]
     FILE_NAME: ClassVar[str]
     MISSING_HINT: ClassVar[str]
+
+    def __init_subclass__(cls, *, file_name: str, missing_hint: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.FILE_NAME = file_name
+        cls.MISSING_HINT = missing_hint
 
     def to_dict(self) -> dict[str, Any]:
         """Every field by name (the file's content)."""
@@ -56,8 +63,8 @@ class OptionsFile:
 
     @classmethod
     def load(cls: type[T], directory: str | os.PathLike[str]) -> T:
-        """Read ``FILE_NAME`` from ``directory``; ``CheckpointError`` when it is missing,
-        unreadable or not a JSON object, ``ConfigError`` when a value is invalid."""
+        """Read ``FILE_NAME`` from ``directory``; ``CheckpointError`` naming the file when it is
+        missing, unreadable, not a JSON object, or holds an unknown field or invalid value."""
         path = Path(directory) / cls.FILE_NAME
         if not path.is_file():
             raise CheckpointError(f"{path} not found: {directory} {cls.MISSING_HINT}")
@@ -67,4 +74,7 @@ class OptionsFile:
             raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:  # a saved file that no version wrote: a damaged checkpoint
+            raise CheckpointError(f"{path} holds invalid settings: {exc}") from exc

@@ -19,7 +19,12 @@ BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
 
 
 @dataclass
-class BayesianLoraConfig(OptionsFile):
+class BayesianLoraConfig(
+    OptionsFile,
+    file_name=BAYESIAN_LORA_CONFIG_NAME,
+    missing_hint="is not a Bayesian-LoRA adapter folder "
+    "(its posterior-mean LoRA loads with peft.PeftModel.from_pretrained)",
+):
     """Variational settings of Bayesian-LoRA, one set for every LoRA factor (``A`` and ``B``).
 
     Each factor ``W`` (``d_out x d_in``) gets an inducing matrix ``U`` (``inducing_rows x
@@ -46,11 +51,6 @@ class BayesianLoraConfig(OptionsFile):
 
     #: errors name a field ``BayesianLoraConfig.<field>`` (``TrainConfig``: its option)
     LABEL: ClassVar[str] = "BayesianLoraConfig"
-    FILE_NAME: ClassVar[str] = BAYESIAN_LORA_CONFIG_NAME
-    MISSING_HINT: ClassVar[str] = (
-        "is not a Bayesian-LoRA adapter folder "
-        "(its posterior-mean LoRA loads with peft.PeftModel.from_pretrained)"
-    )
     #: a run's options and config-file keys: ``--bayes-lora-<field>`` (``bayes_lora_<field>``)
     KEY_PREFIX: ClassVar[str] = "bayes_lora_"
     #: no run setting of its own: a run's ``--eval-samples`` (unset: this default) is used

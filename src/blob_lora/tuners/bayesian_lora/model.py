@@ -12,11 +12,10 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PeftModelForCausalLM
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
@@ -26,11 +25,10 @@ from blob_lora.tuners.bayesian_lora.layer import (
     BayesianLoraLinear,
 )
 from blob_lora.tuners.peft_adapter import (
+    CustomTuner,
     OptionsPeftMixin,
-    check_plain_lora,
-    inject_layers,
+    custom_layers,
     load_adapter_folder,
-    refuse_quantised_base,
 )
 from blob_lora.utils.errors import ConfigError
 
@@ -48,22 +46,18 @@ class BayesianLoraPeftMixin(OptionsPeftMixin):
         super().save_pretrained(save_directory, **kwargs)
 
 
-class BayesianLoraPeftModel(BayesianLoraPeftMixin, PeftModel):
-    """A ``PeftModel`` with Bayesian-LoRA layers (task type unspecified)."""
-
-
-class BayesianLoraPeftModelForCausalLM(BayesianLoraPeftMixin, PeftModelForCausalLM):
-    """A ``PeftModelForCausalLM`` with Bayesian-LoRA layers."""
-
-
-_MODEL_CLASSES: dict[str | None, type[PeftModel]] = {"CAUSAL_LM": BayesianLoraPeftModelForCausalLM}
-
-
 def bayesian_lora_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLoraLayerMixin]]:
     """Every Bayesian-LoRA layer of ``model`` with its qualified name."""
-    for name, module in model.named_modules():
-        if isinstance(module, BayesianLoraLayerMixin):
-            yield name, module
+    return custom_layers(model, BayesianLoraLayerMixin)
+
+
+_TUNER = CustomTuner(
+    "Bayesian-LoRA",
+    BayesianLoraPeftMixin,
+    "BayesianLora",
+    BayesianLoraLinear,
+    "bayesian_lora_config",
+)
 
 
 def refresh_mean_weights(model: nn.Module) -> None:
@@ -84,19 +78,8 @@ def get_bayesian_lora_model(
     The LoRA settings (rank, alpha, targets, dropout) are PEFT's; ``config`` adds the
     variational ones. The posteriors are kept in float32 whatever the base dtype.
     """
-    check_plain_lora(lora_config, "Bayesian-LoRA")
     config = config or BayesianLoraConfig()
-    config.validate()
-    refuse_quantised_base(model, "Bayesian-LoRA")
-    peft_model = inject_layers(
-        model,
-        lora_config,
-        {nn.Linear: partial(BayesianLoraLinear, bayesian_lora_config=config)},
-        _MODEL_CLASSES,
-        BayesianLoraPeftModel,
-        adapter_name,
-    )
-    peft_model.bayesian_lora_configs = {adapter_name: config}
+    peft_model = _TUNER.build(model, lora_config, config, adapter_name)
     layers = [layer for _, layer in bayesian_lora_layers(peft_model)]
     if not layers:
         warnings.warn(

@@ -30,7 +30,12 @@ EVAL_NOISE_MODES = ("sequence", "token")
 
 
 @dataclass
-class BlobConfig(OptionsFile):
+class BlobConfig(
+    OptionsFile,
+    file_name=BLOB_CONFIG_NAME,
+    missing_hint="is not a BLoB adapter folder "
+    "(a plain LoRA adapter can be loaded with peft.PeftModel.from_pretrained)",
+):
     """Variational settings of BLoB (method doc, sections 1-2): the one home of these settings
     and their defaults. ``training.TrainConfig`` holds one as ``cfg.blob``, each field a
     command-line option and config-file key of its own name (``--prior-std``, ...), except
@@ -58,11 +63,6 @@ class BlobConfig(OptionsFile):
 
     #: errors name a field ``BlobConfig.<field>`` (``TrainConfig`` re-names it by its option)
     LABEL: ClassVar[str] = "BlobConfig"
-    FILE_NAME: ClassVar[str] = BLOB_CONFIG_NAME
-    MISSING_HINT: ClassVar[str] = (
-        "is not a BLoB adapter folder "
-        "(a plain LoRA adapter can be loaded with peft.PeftModel.from_pretrained)"
-    )
     KEY_PREFIX: ClassVar[str] = ""
     #: fields that are no run setting of their own (see the class doc)
     NOT_RUN_SETTINGS: ClassVar[tuple[str, ...]] = ("eval_samples",)

@@ -15,15 +15,15 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-from peft import LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES, BlobConfig
 from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear, quantized_layer_classes
 from blob_lora.tuners.peft_adapter import (
+    CustomTuner,
     OptionsPeftMixin,
-    check_plain_lora,
-    inject_layers,
+    custom_layers,
     load_adapter_folder,
 )
 from blob_lora.utils.errors import ConfigError
@@ -40,29 +40,9 @@ class BlobPeftMixin(OptionsPeftMixin):
     blob_configs: dict[str, BlobConfig]
 
 
-class BlobPeftModel(BlobPeftMixin, PeftModel):
-    """A ``PeftModel`` with BLoB layers (task type unspecified)."""
-
-
-class BlobPeftModelForCausalLM(BlobPeftMixin, PeftModelForCausalLM):
-    """A ``PeftModelForCausalLM`` with BLoB layers."""
-
-
-class BlobPeftModelForSequenceClassification(BlobPeftMixin, PeftModelForSequenceClassification):
-    """A ``PeftModelForSequenceClassification`` with BLoB layers."""
-
-
-_MODEL_CLASSES: dict[str | None, type[PeftModel]] = {
-    "CAUSAL_LM": BlobPeftModelForCausalLM,
-    "SEQ_CLS": BlobPeftModelForSequenceClassification,
-}
-
-
 def blob_layers(model: nn.Module) -> Iterator[tuple[str, BlobLayerMixin]]:
     """Every BLoB layer of ``model`` with its qualified name."""
-    for name, module in model.named_modules():
-        if isinstance(module, BlobLayerMixin):
-            yield name, module
+    return custom_layers(model, BlobLayerMixin)
 
 
 def _blob_modules(blob_config: BlobConfig) -> dict[type, Any]:
@@ -70,6 +50,16 @@ def _blob_modules(blob_config: BlobConfig) -> dict[type, Any]:
     mapping: dict[type, Any] = dict(quantized_layer_classes(blob_config))
     mapping[nn.Linear] = partial(BlobLinear, blob_config=blob_config)
     return mapping
+
+
+_TUNER = CustomTuner(
+    "BLoB",
+    BlobPeftMixin,
+    "Blob",
+    layers=_blob_modules,
+    task_types=("CAUSAL_LM", "SEQ_CLS"),
+    quantised_layers=True,
+)
 
 
 def get_blob_model(
@@ -83,18 +73,8 @@ def get_blob_model(
     The LoRA settings (rank, alpha, targets, dropout) are PEFT's; ``blob_config`` adds the
     variational ones. Adapters are kept in float32 whatever the base dtype.
     """
-    check_plain_lora(lora_config, "BLoB")
     blob_config = blob_config or BlobConfig()
-    blob_config.validate()
-    peft_model = inject_layers(
-        model,
-        lora_config,
-        _blob_modules(blob_config),
-        _MODEL_CLASSES,
-        BlobPeftModel,
-        adapter_name,
-    )
-    peft_model.blob_configs = {adapter_name: blob_config}
+    peft_model = _TUNER.build(model, lora_config, blob_config, adapter_name)
     n_bayesian = 0
     for name, layer in blob_layers(peft_model):
         if blob_config.is_bayesian(name):
