@@ -273,3 +273,32 @@ def train_tiny(cfg, base, tokenizer, **kwargs: Any) -> dict[str, Any]:
     from blob_lora.pipeline import train
 
     return train(cfg, progress=False, base_model=copy.deepcopy(base), tokenizer=tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny task collections (meta-learning)
+
+
+def tiny_task_collection(root: Path, n_tasks: int = 3, n_questions: int = 10) -> Path:
+    """``root`` holding ``n_tasks`` task folders (``task0``, ...), each a ``validation.jsonl``
+    of ``n_questions`` short 3-option questions (answers drawn, seeded by the task): a
+    collection ``meta-train`` reads as a folder of the user's own tasks."""
+    import json
+    import random
+
+    for t in range(n_tasks):
+        rng = random.Random(t)
+        folder = root / f"task{t}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "id": f"t{t}q{i}",
+                "question": f"Task {t}, item {i}: which?",
+                "choices": ["red", "blue", "green"],
+                "answer": rng.randrange(3),
+            }
+            for i in range(n_questions)
+        ]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (folder / "validation.jsonl").write_text(text, encoding="utf-8")
+    return root
