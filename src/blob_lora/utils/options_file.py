@@ -53,7 +53,8 @@ class OptionsFile:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(
-                f"unknown {cls.LABEL} fields {sorted(unknown)}; known: {sorted(known)}"
+                f"unknown {cls.LABEL or cls.__name__} fields {sorted(unknown)}; "
+                f"known: {sorted(known)}"
             )
         return cls(**data)
 

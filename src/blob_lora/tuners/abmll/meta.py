@@ -54,10 +54,13 @@ Nll = Callable[[nn.Module, Batch], torch.Tensor]
 
 @dataclass(frozen=True)
 class Task:
-    """One meta-training task: its support batches (adaptation) and query batches (loss)."""
+    """One meta-training task: its support batches (adaptation) and query batches (loss);
+    ``nll`` replaces :func:`meta_loss`'s own for this task (tasks of a collection score
+    different answer tokens)."""
 
     support: Sequence[Batch]
     query: Sequence[Batch]
+    nll: Nll | None = None
 
 
 def config_of(model: nn.Module) -> AbmllConfig:
@@ -127,25 +130,28 @@ def adapt(
 
 
 def meta_loss(
-    model: nn.Module, tasks: Sequence[Task], nll: Nll, *, seed: int
+    model: nn.Module, tasks: Sequence[Task], nll: Nll | None = None, *, seed: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``L(theta)`` over ``tasks`` (module doc) and its parts; call ``.backward()`` on it and
     step an optimiser over the model's trainable (global) parameters."""
     if not tasks:
         raise ConfigError("meta_loss needs at least one task")
+    if nll is None and any(task.nll is None for task in tasks):
+        raise ConfigError("meta_loss needs an nll, its own or every task's")
     cfg = config_of(model)
     generator = _generator(model, seed)
     theta = global_posterior(model, detach=False)
     total: torch.Tensor | None = None
     nll_sum = kl_sum = 0.0
     for task in tasks:
+        task_nll = task.nll or nll
         post = adapt(
-            model, task.support, nll, generator=generator, create_graph=not cfg.first_order
+            model, task.support, task_nll, generator=generator, create_graph=not cfg.first_order
         )
         if cfg.first_order:  # theta + stop_grad(lambda_K - theta)
             post = {k: theta[k] + (post[k] - theta[k].detach()).to(theta[k].dtype) for k in post}
         with task_posterior(model, post), sampling(model, True, "shared", generator):
-            query_nll = expected_nll(model, task.query, nll, cfg.query_samples)
+            query_nll = expected_nll(model, task.query, task_nll, cfg.query_samples)
             kl = task_kl(model).to(query_nll.device)
         term = query_nll + cfg.beta * kl if cfg.beta else query_nll  # 0 * inf KL would be NaN
         total = term if total is None else total + term
