@@ -25,7 +25,8 @@ from blob_lora.utils.errors import ConfigError
 def _methods_help() -> str:
     """``--method``'s help from the registry, so a new method needs no edit here."""
     default = SETTINGS["method"].default
-    names = [f"{default} (default)", *(n for n in METHODS if n != default)]
+    one_task = [n for n, m in METHODS.items() if n != default and not m.meta_learned]
+    names = [f"{default} (default)", *one_task]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 

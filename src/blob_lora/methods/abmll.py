@@ -74,9 +74,9 @@ the variational family ABMLL's (both factors' product Gaussian entrywise) instea
 (Gaussian ``A`` only).
 
 This module is the method strategy (build, load, prediction hooks) plus the NLL the tuner's
-adaptation and meta-objective take; it is not in the registry yet: a run of ``blob-lora train``
-fits one task, which is not ABMLL. The multi-task protocol and ``meta-train`` /
-``meta-evaluate`` (issue 24) will register it.
+adaptation and meta-objective take. It is registered as ``meta_learned``: ``blob-lora train``
+(one task) refuses it and points to ``blob-lora meta-train`` / ``meta-evaluate``
+(``pipeline/meta_*.py``), the multi-task protocol that trains and evaluates it.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class AbmllMethod(SampledLoraMethod):
     posterior (``tuners.abmll.task_posterior``) or, with none, from the global prior."""
 
     name = "abmll"
+    meta_learned = True
     samples_by_default = AbmllConfig.eval_samples
     options_attr = "abmll_configs"
 
