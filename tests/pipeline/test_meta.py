@@ -14,6 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from blob_lora.cli.main import main
+from blob_lora.methods import method_of
 from blob_lora.models.loading import load_model_and_tokenizer
 from blob_lora.tuners.abmll import load_abmll_model
 from tests.factories import tiny_model_folder, tiny_task_collection
@@ -128,3 +129,37 @@ def test_an_existing_run_is_not_overwritten_and_a_plain_folder_is_no_run(meta_ru
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
     assert main(["meta-evaluate", "--run", str(root / "model")]) == 2
     assert "is not a meta-learning run folder" in capsys.readouterr().err
+
+
+def test_train_refuses_a_meta_learned_method_and_points_to_meta_train(tmp_path, capsys):
+    args = ["train", "--method", "abmll", "--task", "arc_easy", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--method abmll learns from a collection of tasks" in err
+    assert "blob-lora meta-train --tasks" in err and "meta-evaluate" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_loaded_run_is_recognised_as_abmll(meta_run):
+    _, model, _, out = meta_run
+    base, _ = load_model_and_tokenizer(str(model))
+    assert method_of(load_abmll_model(base, out / "adapter")).name == "abmll"
+
+
+def test_baselines_run_through_the_same_protocol(meta_run):
+    root, _, _, out = meta_run
+    runs = {}
+    for name in ("zero-shot", "lora-support", "lora-support"):
+        assert main(["meta-evaluate", "--run", str(out), "--out", str(root / name),
+                     "--baseline", name]) == 0  # fmt: skip
+        result = json.loads((root / name / f"meta_eval_{name}.json").read_text())
+        assert result["method"] == name and result["eval_samples"] == 0
+        runs.setdefault(name, []).append(result)
+    held_out = json.loads((out / "tasks.json").read_text())["meta_test"]
+    for results in runs.values():
+        assert list(results[0]["tasks"]) == held_out
+        assert all(m["n_examples"] == 7 for m in results[0]["tasks"].values())
+    assert runs["lora-support"][0] == runs["lora-support"][1]  # deterministic
+    # the support-set fit moved the predictive away from the pretrained model's
+    zero, fitted = runs["zero-shot"][0]["mean"], runs["lora-support"][0]["mean"]
+    assert zero["nll"] != fitted["nll"]

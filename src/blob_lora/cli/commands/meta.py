@@ -14,6 +14,7 @@ from typing import Any
 
 from blob_lora.cli.options import add_setting_option, read_config_file
 from blob_lora.cli.registry import command
+from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.utils.errors import ConfigError
@@ -111,6 +112,13 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weight samples averaged; 0 = the task posterior's means (default: the run's)",
     )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        help="score a baseline through the run's protocol instead of the run: zero-shot (the "
+        "pretrained model) or lora-support (a fresh LoRA fitted on each support set with "
+        "ABMLL's inner steps and rate); written to meta_eval_<baseline>.json",
+    )
 
 
 @command(
@@ -118,13 +126,15 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
     "adapt a meta-trained run to each held-out task's support set and score the task",
 )(_configure_meta_evaluate)
 def run_meta_evaluate(args: argparse.Namespace) -> int:
-    from blob_lora.pipeline.meta_evaluate import META_EVAL_FILE, meta_evaluate
+    from blob_lora.pipeline.meta_evaluate import meta_evaluate
 
-    result = meta_evaluate(args.run, args.out, eval_samples=args.eval_samples)
+    result = meta_evaluate(
+        args.run, args.out, eval_samples=args.eval_samples, baseline=args.baseline
+    )
+    print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
     for name, m in result["tasks"].items():
         print(_line(name, m))
     print(_line("mean", result["mean"]))
-    print(f"written: {(args.out or args.run)}/{META_EVAL_FILE}")
     return 0
 
 
