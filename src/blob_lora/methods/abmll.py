@@ -14,7 +14,7 @@ batch of tasks plus ``gamma (-log p(theta))``. At meta-test a new task is adapte
 and the predictive averages ``N`` weight samples of ``q(phi_i)`` (one per sequence, folded into
 the batch as the other methods do); ``N = 0`` uses the task posterior's means.
 
-Sources, by how much they can be trusted (the record is ``notes/abmll_paper.md`` of issue 24).
+Sources, by how much they can be trusted (recorded in full in issue 24's notes on the paper).
 The paper's method and experiment sections were not reachable; only these were:
 
 * The paper's own words: the abstracts (v1 "a set of new hyperparameters", v2/v3 "a new
