@@ -46,17 +46,36 @@ def tiny_llama(
 TARGETS = ["q_proj", "v_proj", "lm_head"]
 
 
+def _tiny_tuner(build, options, seed: int, base=None):
+    """``build(base, LoraConfig, options)`` (a tuner's ``get_*_model``) at rank 4 on
+    :data:`TARGETS` of :func:`tiny_llama`, the global RNG then seeded for the caller's draws."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = build(tiny_llama(seed) if base is None else base, lora, options)
+    torch.manual_seed(seed + 100)
+    return model
+
+
+def _one_layer_tuner(build, options, layer_class: type, seed: int):
+    """``build`` (a tuner's ``get_*_model``) at rank 3 on a single 6 -> 5 linear layer; the
+    model and that layer, checked to be ``layer_class``."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    model = build(_OneLinear(), LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]), options)
+    layer = model.base_model.model.proj
+    assert isinstance(layer, layer_class)
+    return model, layer
+
+
 def tiny_blob_model(seed: int = 0, std: tuple[float, float] = (0.2, 0.4), **blob_settings: Any):
     """:func:`tiny_llama` with BLoB (rank 4) on q/v/lm_head, ``lora_B`` and the std drawn
     large, as after training, so that weight samples reach the output; ``std = (0, 0)``
     leaves no std. ``blob_settings`` are ``BlobConfig`` fields."""
-    from peft import LoraConfig
-
     from blob_lora import BlobConfig, get_blob_model
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_blob_model(tiny_llama(seed), lora, BlobConfig(**blob_settings))
-    torch.manual_seed(seed + 100)
+    model = _tiny_tuner(get_blob_model, BlobConfig(**blob_settings), seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -69,19 +88,11 @@ def tiny_blob_model(seed: int = 0, std: tuple[float, float] = (0.2, 0.4), **blob
 def one_layer_model(flipout: str, seed: int = 0):
     """BLoB (rank 3) on a single 6 -> 5 linear layer, its ``A``, ``B`` and std drawn large;
     returns the model and that ``BlobLinear`` (analytic checks of the sampled output)."""
-    from peft import LoraConfig
-
     from blob_lora import BlobConfig, get_blob_model
     from blob_lora.tuners.blob.layer import BlobLinear
 
-    torch.manual_seed(seed)
-    model = get_blob_model(
-        _OneLinear(),
-        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
-        BlobConfig(flipout=flipout, init_std=0.5),
-    )
-    layer = model.base_model.model.proj
-    assert isinstance(layer, BlobLinear)
+    options = BlobConfig(flipout=flipout, init_std=0.5)
+    model, layer = _one_layer_tuner(get_blob_model, options, BlobLinear, seed)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
         layer.lora_A["default"].weight.normal_()
@@ -93,13 +104,9 @@ def tiny_bayesian_lora_model(seed: int = 0, **settings: Any):
     """:func:`tiny_llama` with Bayesian-LoRA (rank 4) on q/v/lm_head, every posterior parameter
     moved away from its initial value (``u_mean`` scaled up so the factors reach the output),
     as after training. ``settings`` are ``BayesianLoraConfig`` fields."""
-    from peft import LoraConfig
-
     from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_bayesian_lora_model(tiny_llama(seed), lora, BayesianLoraConfig(**settings))
-    torch.manual_seed(seed + 100)
+    model = _tiny_tuner(get_bayesian_lora_model, BayesianLoraConfig(**settings), seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_inducing" in name:
@@ -112,20 +119,43 @@ def tiny_bayesian_lora_model(seed: int = 0, **settings: Any):
 def one_layer_bayesian_lora(seed: int = 0, **settings: Any):
     """Bayesian-LoRA (rank 3) on a single 6 -> 5 linear layer with 2 x 2 inducing matrices;
     returns the model and that layer (analytic checks)."""
-    from peft import LoraConfig
-
     from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
     from blob_lora.tuners.bayesian_lora.layer import BayesianLoraLinear
 
-    torch.manual_seed(seed)
-    settings = {"inducing_rows": 2, "inducing_cols": 2, **settings}
-    model = get_bayesian_lora_model(
-        _OneLinear(),
-        LoraConfig(r=3, lora_alpha=6, target_modules=["proj"]),
-        BayesianLoraConfig(**settings),
-    )
-    layer = model.base_model.model.proj
-    assert isinstance(layer, BayesianLoraLinear)
+    options = BayesianLoraConfig(**{"inducing_rows": 2, "inducing_cols": 2, **settings})
+    return _one_layer_tuner(get_bayesian_lora_model, options, BayesianLoraLinear, seed)
+
+
+def tiny_abmll_model(seed: int = 0, attn_implementation: str | None = None, **settings: Any):
+    """:func:`tiny_llama` with ABMLL (rank 4) on q/v/lm_head, every global pair drawn away
+    from its initial value (``B`` and ``B_sigma`` non-zero), as after meta-training.
+    ``settings`` are ``AbmllConfig`` fields; ``attn_implementation="eager"`` for second
+    derivatives (CPU's fused attention has none)."""
+    from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
+
+    base = tiny_llama(seed)
+    if attn_implementation is not None:
+        base.config._attn_implementation = attn_implementation
+    model = _tiny_tuner(get_abmll_model, AbmllConfig(**settings), seed, base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+            if "lora_sigma_B" in name:
+                p.normal_(std=0.01)
+    return model
+
+
+def one_layer_abmll(seed: int = 0, **settings: Any):
+    """ABMLL (rank 3) on a single 6 -> 5 linear layer, its global pairs drawn; returns the
+    model and that layer (analytic checks)."""
+    from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
+    from blob_lora.tuners.abmll.layer import AbmllLinear
+
+    model, layer = _one_layer_tuner(get_abmll_model, AbmllConfig(**settings), AbmllLinear, seed)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.5)
+        layer.lora_sigma_B["default"].weight.normal_(std=0.1)
     return model, layer
 
 
@@ -243,3 +273,32 @@ def train_tiny(cfg, base, tokenizer, **kwargs: Any) -> dict[str, Any]:
     from blob_lora.pipeline import train
 
     return train(cfg, progress=False, base_model=copy.deepcopy(base), tokenizer=tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny task collections (meta-learning)
+
+
+def tiny_task_collection(root: Path, n_tasks: int = 3, n_questions: int = 10) -> Path:
+    """``root`` holding ``n_tasks`` task folders (``task0``, ...), each a ``validation.jsonl``
+    of ``n_questions`` short 3-option questions (answers drawn, seeded by the task): a
+    collection ``meta-train`` reads as a folder of the user's own tasks."""
+    import json
+    import random
+
+    for t in range(n_tasks):
+        rng = random.Random(t)
+        folder = root / f"task{t}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "id": f"t{t}q{i}",
+                "question": f"Task {t}, item {i}: which?",
+                "choices": ["red", "blue", "green"],
+                "answer": rng.randrange(3),
+            }
+            for i in range(n_questions)
+        ]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (folder / "validation.jsonl").write_text(text, encoding="utf-8")
+    return root

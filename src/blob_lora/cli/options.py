@@ -25,7 +25,8 @@ from blob_lora.utils.errors import ConfigError
 def _methods_help() -> str:
     """``--method``'s help from the registry, so a new method needs no edit here."""
     default = SETTINGS["method"].default
-    names = [f"{default} (default)", *(n for n in METHODS if n != default)]
+    one_task = [n for n, m in METHODS.items() if n != default and not m.meta_learned]
+    names = [f"{default} (default)", *one_task]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
@@ -152,25 +153,32 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for key, setting in SETTINGS.items():
         if key in skip:
             continue
-        default = setting.default
-        typ, is_list = _kind(setting.field) if setting.field is not None else (str, False)
-        flag = "--" + key.replace("_", "-")
-        help_text = HELP.get(key, "") + f" (default: {default!r})"
-        if typ is bool:
-            parser.add_argument(
-                flag,
-                dest=key,
-                type=_parse_bool,
-                nargs="?",
-                const=True,
-                default=None,
-                metavar="BOOL",
-                help=help_text,
-            )
-        elif is_list:
-            parser.add_argument(flag, dest=key, type=_comma_list, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
+        add_setting_option(parser, key, setting.field, HELP.get(key, ""), setting.default)
+
+
+def add_setting_option(
+    parser: argparse.ArgumentParser, key: str, field: Any, help_text: str, default: Any
+) -> None:
+    """``--<key>`` (dashes for underscores) typed from the dataclass ``field`` (a string
+    without one); unset it is ``None``, so a config file's value or the default applies."""
+    typ, is_list = _kind(field) if field is not None else (str, False)
+    flag = "--" + key.replace("_", "-")
+    help_text += f" (default: {default!r})"
+    if typ is bool:
+        parser.add_argument(
+            flag,
+            dest=key,
+            type=_parse_bool,
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="BOOL",
+            help=help_text,
+        )
+    elif is_list:
+        parser.add_argument(flag, dest=key, type=_comma_list, default=None, help=help_text)
+    else:
+        parser.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

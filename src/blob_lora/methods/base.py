@@ -128,6 +128,9 @@ class Method(ABC):
     #: samples it folds into the batch. A method that needs the frozen blocks' own forward
     #: (e.g. gradients to the input embeddings) must set it False.
     prefix_cacheable: ClassVar[bool] = True
+    #: Whether it learns from a collection of tasks (``blob-lora meta-train``) rather than
+    #: from one task: ``train`` refuses it and points there (ABMLL).
+    meta_learned: ClassVar[bool] = False
 
     # --- the model --------------------------------------------------------------------------
 

@@ -61,16 +61,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
 
 from blob_lora.methods.base import RunSettings, unwrapped
-from blob_lora.methods.lora import LoraMethod
+from blob_lora.methods.sampled import SampledLoraMethod
 from blob_lora.tuners.bayesian_lora import (
     BayesianLoraConfig,
     bayesian_lora_layers,
@@ -90,19 +91,11 @@ def bayesian_lora_config_from(cfg: RunSettings) -> BayesianLoraConfig:
     return replace(cfg.bayes_lora, eval_samples=cfg.evaluation.eval_samples)
 
 
-def bayesian_lora_configs_of(model: nn.Module) -> dict[str, BayesianLoraConfig]:
-    """The settings a Bayesian-LoRA model carries per adapter (``{}`` for any other model)."""
-    return getattr(model, "bayesian_lora_configs", None) or getattr(
-        unwrapped(model), "bayesian_lora_configs", {}
-    )
-
-
-class BayesianLoraMethod(LoraMethod):
+class BayesianLoraMethod(SampledLoraMethod):
     name = "bayesian-lora"
     has_kl = True
     samples_by_default = BayesianLoraConfig.eval_samples
-    mean_column = True
-    iid_samples = True
+    options_attr = "bayesian_lora_configs"
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -112,35 +105,19 @@ class BayesianLoraMethod(LoraMethod):
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         return load_bayesian_lora_model(base, adapter_dir)
 
-    def owns(self, model: nn.Module) -> bool:
-        return bool(bayesian_lora_configs_of(model))
-
     def kl(self, model: nn.Module) -> torch.Tensor:
         _refuse_sharded(model)
-        configs = bayesian_lora_configs_of(model)
+        configs = self.options_of(model)
         weight = configs["default"].kl_weight if configs else BayesianLoraConfig.kl_weight
         return weight * kl_divergence(unwrapped(model))
 
-    def eval_samples(self, model: nn.Module, requested: int | None) -> int:
-        if requested is not None:
-            return requested
-        configs = bayesian_lora_configs_of(model)
-        return configs["default"].eval_samples if configs else self.samples_by_default
+    def weight_sampling(
+        self, model: nn.Module, enabled: bool, mode: str | None
+    ) -> AbstractContextManager[Any]:
+        return sampling(model, enabled, mode)
 
-    @contextmanager
-    def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
-        # one coherent weight sample per sequence: folded sample copies stay independent
-        with sampling(model, n_samples > 0, mode="independent"):
-            yield
-
-    @contextmanager
-    def mean_mode(self, model: nn.Module) -> Iterator[None]:
-        # the layers sample by default (training): the N = 0 pass must switch it off
-        with sampling(model, False):
-            yield
-
-    def stochastic_modules(self, model: nn.Module) -> list[str]:
-        return [name for name, _ in bayesian_lora_layers(model)]
+    def sampling_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        return bayesian_lora_layers(model)
 
 
 _FSDP_REFUSAL = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import RunSettings, unwrapped
-from blob_lora.methods.lora import LoraMethod
+from blob_lora.methods.base import RunSettings
+from blob_lora.methods.sampled import SampledLoraMethod
 from blob_lora.tuners.blob import (
     BlobConfig,
     BlobLayerMixin,
@@ -39,17 +39,11 @@ def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
     return replace(cfg.blob, **overrides)
 
 
-def blob_configs_of(model: nn.Module) -> dict[str, BlobConfig]:
-    """The BLoB settings a BLoB model carries per adapter (``{}`` for any other model)."""
-    return getattr(model, "blob_configs", None) or getattr(unwrapped(model), "blob_configs", {})
-
-
-class BlobMethod(LoraMethod):
+class BlobMethod(SampledLoraMethod):
     name = "blob"
     has_kl = True
     samples_by_default = BlobConfig.eval_samples
-    mean_column = True
-    iid_samples = True
+    options_attr = "blob_configs"
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         return get_blob_model(base, self.lora_config(cfg), blob_config_from(cfg))
@@ -57,32 +51,19 @@ class BlobMethod(LoraMethod):
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         return load_blob_model(base, adapter_dir)
 
-    def owns(self, model: nn.Module) -> bool:
-        return bool(blob_configs_of(model))
-
     def kl(self, model: nn.Module) -> torch.Tensor:
         return kl_divergence(model)
 
-    def eval_samples(self, model: nn.Module, requested: int | None) -> int:
-        if requested is not None:
-            return requested
-        configs = blob_configs_of(model)
-        return configs["default"].eval_samples if configs else self.samples_by_default
+    def weight_sampling(
+        self, model: nn.Module, enabled: bool, mode: str | None
+    ) -> AbstractContextManager[Any]:
+        return sampling(model, enabled, mode)  # off: BLoB-Mean, A = M
 
-    @contextmanager
-    def sampling_mode(self, model: nn.Module, n_samples: int) -> Iterator[None]:
+    def predictive_noise(self, model: nn.Module) -> str:
         # Independent weight samples, also when several samples of one example share a batch:
         # by default one coherent sample per sequence, the Bayesian predictive E_q[p(y | x, A)];
         # with eval noise "token" the authors' token-wise Flipout (tuners.blob.eval_noise).
-        with sampling(model, n_samples > 0, mode=predictive_noise_mode(model)):
-            yield
-
-    @contextmanager
-    def mean_mode(self, model: nn.Module) -> Iterator[None]:
-        # BLoB-Mean: A = M. BLoB layers sample by default (training), so the mean pass must
-        # switch sampling off explicitly, or N = 0 would be one random sample.
-        with sampling(model, False):
-            yield
+        return predictive_noise_mode(model)
 
     @contextmanager
     def eval_noise(self, model: nn.Module, kind: str | None) -> Iterator[str | None]:
@@ -91,8 +72,8 @@ class BlobMethod(LoraMethod):
         with set_eval_noise(model, kind):
             yield next((layer.blob_eval_noise for _, layer in _sampling_layers(model)), None)
 
-    def stochastic_modules(self, model: nn.Module) -> list[str]:
-        return [name for name, _ in _sampling_layers(model)]
+    def sampling_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        return _sampling_layers(model)
 
 
 def _sampling_layers(model: nn.Module) -> Iterator[tuple[str, BlobLayerMixin]]:

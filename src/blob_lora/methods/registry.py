@@ -10,6 +10,7 @@ import importlib.util
 
 from torch import nn
 
+from blob_lora.methods.abmll import AbmllMethod
 from blob_lora.methods.base import Method
 from blob_lora.methods.bayesian_lora import BayesianLoraMethod
 from blob_lora.methods.blob import BlobMethod
@@ -34,6 +35,8 @@ _BUILTIN: tuple[Method, ...] = (
     TfbMethod(),
     BayesianLoraMethod(),
     SwagMethod(),
+    # meta-learned (blob-lora meta-train), refused by train; recognises its models for Predictor
+    AbmllMethod(),
 )
 # Laplace-LoRA needs the KFAC posterior package (blob_lora.methods.laplace).
 _OPTIONAL: tuple[Method, ...] = (

@@ -136,7 +136,12 @@ class TrainConfig:
             except SettingError as exc:  # name the option, as the user typed it
                 key = section.KEY_PREFIX + exc.setting  # type: ignore[attr-defined]
                 raise SettingError(flag(key), exc.setting, exc.problem) from None
-        get_method(self.method)
+        if get_method(self.method).meta_learned:
+            raise ConfigError(
+                f"--method {self.method} learns from a collection of tasks, not from one: "
+                f"use 'blob-lora meta-train --tasks COLLECTION --out RUN' (mmlu, paper, a list "
+                "of tasks or a folder of task folders), then 'blob-lora meta-evaluate --run RUN'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The flat settings, as ``run_config.json`` stores them (lists copied)."""

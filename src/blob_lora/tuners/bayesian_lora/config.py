@@ -9,21 +9,22 @@ was not available to us, see ``methods/bayesian_lora.py`` for what that leaves o
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
-from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import check_bool, check_float, check_int, refuse
 
 BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
 
 
 @dataclass
-class BayesianLoraConfig:
+class BayesianLoraConfig(
+    OptionsFile,
+    file_name=BAYESIAN_LORA_CONFIG_NAME,
+    missing_hint="is not a Bayesian-LoRA adapter folder "
+    "(its posterior-mean LoRA loads with peft.PeftModel.from_pretrained)",
+):
     """Variational settings of Bayesian-LoRA, one set for every LoRA factor (``A`` and ``B``).
 
     Each factor ``W`` (``d_out x d_in``) gets an inducing matrix ``U`` (``inducing_rows x
@@ -93,35 +94,3 @@ class BayesianLoraConfig:
             )
         check_bool(self, "sqrt_width_scaling")
         check_int(self, "eval_samples", allow_zero=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BayesianLoraConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown BayesianLoraConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**data)
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        return atomic_write_json(Path(directory) / BAYESIAN_LORA_CONFIG_NAME, self.to_dict())
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> BayesianLoraConfig:
-        path = Path(directory) / BAYESIAN_LORA_CONFIG_NAME
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} not found: {directory} is not a Bayesian-LoRA adapter folder "
-                "(its posterior-mean LoRA loads with peft.PeftModel.from_pretrained)"
-            )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)

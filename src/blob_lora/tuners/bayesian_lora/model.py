@@ -8,18 +8,14 @@ the ``lora_inducing_*`` tensors in the same safetensors file and ``bayesian_lora
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PeftModelForCausalLM
-from peft.utils import set_peft_model_state_dict
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
@@ -28,54 +24,40 @@ from blob_lora.tuners.bayesian_lora.layer import (
     BayesianLoraLayerMixin,
     BayesianLoraLinear,
 )
-from blob_lora.tuners.blob.model import (
-    ADAPTER_CONFIG,
-    atomic_save_pretrained,
-    check_adapter_fits,
-    read_adapter_weights,
+from blob_lora.tuners.peft_adapter import (
+    CustomTuner,
+    OptionsPeftMixin,
+    custom_layers,
+    load_adapter_folder,
 )
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.errors import ConfigError
 
 
-class BayesianLoraPeftMixin:
+class BayesianLoraPeftMixin(OptionsPeftMixin):
     """Adds the Bayesian-LoRA settings and the mean copies to ``save_pretrained``; atomic."""
 
+    OPTIONS_ATTR = "bayesian_lora_configs"
     bayesian_lora_configs: dict[str, BayesianLoraConfig]
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write a standard PEFT adapter folder (its ``lora_A`` / ``lora_B`` the posterior
         means) plus ``bayesian_lora_config.json``; every file is renamed into place."""
         refresh_mean_weights(self)  # type: ignore[arg-type]
-
-        def write_config(folder: Path, adapter: str) -> None:
-            if adapter in self.bayesian_lora_configs:
-                self.bayesian_lora_configs[adapter].save(folder)
-
-        atomic_save_pretrained(
-            super().save_pretrained,  # type: ignore[misc]
-            save_directory,
-            kwargs,
-            list(self.peft_config),  # type: ignore[attr-defined]
-            write_config,
-        )
-
-
-class BayesianLoraPeftModel(BayesianLoraPeftMixin, PeftModel):
-    """A ``PeftModel`` with Bayesian-LoRA layers (task type unspecified)."""
-
-
-class BayesianLoraPeftModelForCausalLM(BayesianLoraPeftMixin, PeftModelForCausalLM):
-    """A ``PeftModelForCausalLM`` with Bayesian-LoRA layers."""
-
-
-_MODEL_CLASSES: dict[str | None, type[PeftModel]] = {"CAUSAL_LM": BayesianLoraPeftModelForCausalLM}
+        super().save_pretrained(save_directory, **kwargs)
 
 
 def bayesian_lora_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLoraLayerMixin]]:
     """Every Bayesian-LoRA layer of ``model`` with its qualified name."""
-    for name, module in model.named_modules():
-        if isinstance(module, BayesianLoraLayerMixin):
-            yield name, module
+    return custom_layers(model, BayesianLoraLayerMixin)
+
+
+_TUNER = CustomTuner(
+    "Bayesian-LoRA",
+    BayesianLoraPeftMixin,
+    "BayesianLora",
+    BayesianLoraLinear,
+    "bayesian_lora_config",
+)
 
 
 def refresh_mean_weights(model: nn.Module) -> None:
@@ -96,26 +78,8 @@ def get_bayesian_lora_model(
     The LoRA settings (rank, alpha, targets, dropout) are PEFT's; ``config`` adds the
     variational ones. The posteriors are kept in float32 whatever the base dtype.
     """
-    if not isinstance(lora_config, LoraConfig):
-        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
     config = config or BayesianLoraConfig()
-    config.validate()
-    if lora_config.use_dora:
-        raise ValueError("Bayesian-LoRA is defined on plain LoRA; use_dora=True is not supported")
-    quantised = sorted({type(m).__name__ for m in model.modules() if _is_quantised(m)})
-    if quantised:
-        raise ConfigError(
-            f"Bayesian-LoRA does not support quantised bases ({', '.join(quantised)}): load the "
-            "base without --load-in-4bit / --load-in-8bit (float32 or --dtype bfloat16)"
-        )
-    lora_config._register_custom_module(
-        {nn.Linear: partial(BayesianLoraLinear, bayesian_lora_config=config)}
-    )
-    cls = _MODEL_CLASSES.get(
-        getattr(lora_config.task_type, "value", lora_config.task_type), BayesianLoraPeftModel
-    )
-    peft_model = cls(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True)
-    peft_model.bayesian_lora_configs = {adapter_name: config}
+    peft_model = _TUNER.build(model, lora_config, config, adapter_name)
     layers = [layer for _, layer in bayesian_lora_layers(peft_model)]
     if not layers:
         warnings.warn(
@@ -126,11 +90,6 @@ def get_bayesian_lora_model(
     for layer in layers:
         layer.freeze_mean_copies()
     return peft_model
-
-
-def _is_quantised(module: nn.Module) -> bool:
-    """A bitsandbytes layer (its 4/8-bit weight is not what ``nn.Linear`` LoRA layers expect)."""
-    return type(module).__module__.split(".")[0] == "bitsandbytes"
 
 
 @contextmanager
@@ -179,21 +138,14 @@ def load_bayesian_lora_model(
 ) -> PeftModel:
     """Restore a saved Bayesian-LoRA adapter (posteriors and mean copies) onto ``base_model``
     exactly; anything that does not fit raises ``CheckpointError``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"adapter folder {directory} does not exist")
-    try:
-        lora_config = LoraConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG} is missing or corrupt: {exc}") from exc
-    config = BayesianLoraConfig.load(directory)
-    lora_config.inference_mode = not is_trainable
-    state = read_adapter_weights(directory)
-    model = get_bayesian_lora_model(base_model, lora_config, config, adapter_name=adapter_name)
-    check_adapter_fits(model, state, directory, adapter_name)
-    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    model = load_adapter_folder(
+        base_model,
+        directory,
+        BayesianLoraConfig,
+        get_bayesian_lora_model,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
+    )
     for _, layer in bayesian_lora_layers(model):
         layer.freeze_mean_copies()
-    if not is_trainable:
-        model.eval()
     return model

@@ -5,16 +5,15 @@ from blob_lora.tuners.blob.config import BlobConfig, last_blocks_pattern
 from blob_lora.tuners.blob.kl import gaussian_kl, kl_divergence
 from blob_lora.tuners.blob.layer import BlobLayerMixin, BlobLinear
 from blob_lora.tuners.blob.model import (
-    adapter_state_shapes,
     blob_layers,
     eval_noise,
     get_blob_model,
     load_blob_model,
     predictive_noise_mode,
-    read_adapter_weights,
     sampling,
     std_parameters,
 )
+from blob_lora.tuners.peft_adapter import adapter_state_shapes, read_adapter_weights
 
 __all__ = [
     "BlobConfig",

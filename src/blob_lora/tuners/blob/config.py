@@ -6,15 +6,12 @@ plain PEFT can still read the folder and load the mean adapter.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import (
     check_choice,
     check_float,
@@ -33,7 +30,12 @@ EVAL_NOISE_MODES = ("sequence", "token")
 
 
 @dataclass
-class BlobConfig:
+class BlobConfig(
+    OptionsFile,
+    file_name=BLOB_CONFIG_NAME,
+    missing_hint="is not a BLoB adapter folder "
+    "(a plain LoRA adapter can be loaded with peft.PeftModel.from_pretrained)",
+):
     """Variational settings of BLoB (method doc, sections 1-2): the one home of these settings
     and their defaults. ``training.TrainConfig`` holds one as ``cfg.blob``, each field a
     command-line option and config-file key of its own name (``--prior-std``, ...), except
@@ -107,38 +109,6 @@ class BlobConfig:
         if self.bayesian_layers is None:
             return True
         return any(re.search(p, module_name) for p in self.bayesian_layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BlobConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown BlobConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**data)
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        return atomic_write_json(Path(directory) / BLOB_CONFIG_NAME, self.to_dict())
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> BlobConfig:
-        path = Path(directory) / BLOB_CONFIG_NAME
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} not found: {directory} is not a BLoB adapter folder "
-                "(a plain LoRA adapter can be loaded with peft.PeftModel.from_pretrained)"
-            )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
 
 
 def last_blocks_pattern(num_layers: int, k: int, include_head: bool = True) -> list[str]:

@@ -1,0 +1,145 @@
+"""``meta-train`` and ``meta-evaluate``: ABMLL over a collection of tasks (issue 24).
+
+A method that learns from many tasks does not fit ``train`` (one task, one run): these two
+commands run the multi-task protocol of ``pipeline/meta_*.py``. Every field of
+``MetaConfig`` is a long option (``--k-shot``) and config-file key, every field of
+``AbmllConfig`` one with the prefix ``abmll`` (``--abmll-beta``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from typing import Any
+
+from blob_lora.cli.options import add_setting_option, read_config_file
+from blob_lora.cli.registry import command
+from blob_lora.pipeline.meta_baselines import BASELINES
+from blob_lora.pipeline.meta_config import MetaConfig
+from blob_lora.tuners.abmll import AbmllConfig
+from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.settings import SettingError, flag
+
+META_HELP: dict[str, str] = {
+    "tasks": "the task collection: 'mmlu' (57 subjects), 'paper' (the six BLoB tasks), a "
+    "comma-separated list of tasks, or a folder whose sub-folders are your own JSONL tasks",
+    "method": "the meta-learning method",
+    "model": "base model: 'smollm2-135m' (embedded), a local folder or a Hub name",
+    "dtype": "base model dtype (float32, bfloat16, float16)",
+    "data_root": "local dataset folder (default: $BLOB_LORA_DATA, else the Hugging Face Hub)",
+    "split": "each task's questions the protocol draws from (default: its eval split)",
+    "meta_test_tasks": "tasks held out for meta-evaluate, drawn by --seed",
+    "k_shot": "support questions per task (adaptation), in meta-training and at meta-test",
+    "query_size": "query questions per task and meta-training step",
+    "eval_size": "questions scored per held-out task (default: all but its support set)",
+    "meta_steps": "outer optimiser steps",
+    "meta_batch_tasks": "tasks per outer step",
+    "lr": "AdamW learning rate of the global parameters",
+    "batch_size": "questions per forward pass",
+    "max_length": "maximum prompt length in tokens",
+    "scoring": "letter or cloze, as train's --scoring",
+    "seed": "the task split, the question draws and the weight samples",
+    "lora_r": "rank of every ABMLL LoRA pair",
+    "lora_dropout": "LoRA dropout on the adapted layers' input",
+    "lora_alpha": "LoRA alpha (the mean's scaling is alpha / r)",
+    "target_modules": "module name suffixes to adapt, comma-separated",
+}
+ABMLL_PREFIX = "abmll_"
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _configure_meta_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument(
+        "--config",
+        help="YAML/TOML/JSON file whose keys are these long options; the command line wins",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in fields(MetaConfig):
+        add_setting_option(p, f.name, f, META_HELP.get(f.name, ""), _default(f))
+    for f in fields(AbmllConfig):
+        help_text = f"ABMLL's {f.name} (AbmllConfig; sources in methods/abmll.py)"
+        add_setting_option(p, ABMLL_PREFIX + f.name, f, help_text, _default(f))
+
+
+def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
+    """The run's settings: the config file's values, the command line's over them; an error
+    names the option."""
+    values = read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    meta_keys = {f.name for f in fields(MetaConfig)}
+    abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
+    command_keys = {"out", "config", "overwrite", "no_progress", "command", "_run"}
+    unknown = sorted(set(values) - meta_keys - abmll_keys - command_keys)
+    if unknown:
+        raise ConfigError(f"unknown keys in config file: {unknown}")
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")]
+    meta = MetaConfig(**{k: v for k, v in values.items() if k in meta_keys})
+    abmll = {k[len(ABMLL_PREFIX) :]: v for k, v in values.items() if k in abmll_keys}
+    try:
+        return meta, AbmllConfig(**abmll)
+    except SettingError as exc:  # named as the option a user typed
+        raise ConfigError(f"{flag(ABMLL_PREFIX + exc.setting)} {exc.problem}") from None
+
+
+@command("meta-train", "meta-learn ABMLL's global parameters over a collection of tasks")(
+    _configure_meta_train
+)
+def run_meta_train(args: argparse.Namespace) -> int:
+    from blob_lora.pipeline.meta_train import meta_train
+
+    meta, abmll = settings_of(args)
+    summary = meta_train(
+        meta, args.out, abmll, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(f"run folder: {args.out}")
+    held_out = ", ".join(summary["meta_test"])
+    print(f"meta-trained on {len(summary['meta_train'])} tasks; held out: {held_out}")
+    return 0
+
+
+def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by 'blob-lora meta-train'")
+    p.add_argument("--out", help="folder for meta_eval.json (default: the run folder)")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="weight samples averaged; 0 = the task posterior's means (default: the run's)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        help="score a baseline through the run's protocol instead of the run: zero-shot (the "
+        "pretrained model) or lora-support (a fresh LoRA fitted on each support set with "
+        "ABMLL's inner steps and rate); written to meta_eval_<baseline>.json",
+    )
+
+
+@command(
+    "meta-evaluate",
+    "adapt a meta-trained run to each held-out task's support set and score the task",
+)(_configure_meta_evaluate)
+def run_meta_evaluate(args: argparse.Namespace) -> int:
+    from blob_lora.pipeline.meta_evaluate import meta_evaluate
+
+    result = meta_evaluate(
+        args.run, args.out, eval_samples=args.eval_samples, baseline=args.baseline
+    )
+    print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
+    for name, m in result["tasks"].items():
+        print(_line(name, m))
+    print(_line("mean", result["mean"]))
+    return 0
+
+
+def _line(name: str, m: dict[str, float]) -> str:
+    return (
+        f"{name}: acc {m['accuracy']:.3f}  ece {m['ece']:.3f}  nll {m['nll']:.3f}  "
+        f"brier {m['brier']:.3f}"
+    )

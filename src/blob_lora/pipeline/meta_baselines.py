@@ -1,0 +1,85 @@
+"""Baselines through the meta-learning protocol: the same held-out tasks, support sets and
+evaluation questions as a meta-trained run, without its meta-learned prior.
+
+* ``zero-shot``: the pretrained model as it is, no adaptation.
+* ``lora-support``: the pretrained model with a fresh LoRA adapter (the run's shape, the same
+  seeded initialisation for every task) fitted on the task's support set with the budget of
+  ABMLL's adaptation (``inner_steps`` SGD steps at ``inner_lr`` on the answer NLL), then scored
+  at its weights: the paper's pretrained baseline "updated with 10 gradient steps" (v1, Fig. 1).
+
+Not here yet: BLoB on the support set and multi-task LoRA then fine-tuning.
+
+Each baseline is an adaptation in the sense of ``meta_evaluate``: given a task's support
+batches, its NLL and a seed, a block within which the model predicts for that task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+from peft import get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+
+from blob_lora.pipeline.meta_config import MetaConfig
+from blob_lora.tuners.abmll import AbmllConfig
+from blob_lora.tuners.abmll.meta import Batch, Nll
+from blob_lora.utils.errors import ConfigError
+
+BASELINES = ("zero-shot", "lora-support")
+#: ``adaptation(support, nll, seed)``: a block within which the model predicts for the task
+Adaptation = Callable[[Sequence[Batch], Nll, int], AbstractContextManager[nn.Module]]
+
+
+def check_baseline(name: str) -> None:
+    """``ConfigError`` unless ``name`` is one of :data:`BASELINES`."""
+    if name not in BASELINES:
+        raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {name!r}")
+
+
+def baseline_adaptation(
+    name: str, base: nn.Module, cfg: MetaConfig, budget: AbmllConfig
+) -> Adaptation:
+    """The adaptation of baseline ``name`` on ``base`` (``budget``: the run's ABMLL settings,
+    whose inner steps and rate the LoRA baseline gets too)."""
+    check_baseline(name)
+    if name == "zero-shot":
+        base.eval()
+
+        @contextmanager
+        def as_is(support: Sequence[Batch], nll: Nll, seed: int) -> Iterator[nn.Module]:
+            yield base
+
+        return as_is
+    return SupportLora(base, cfg, budget).adapted
+
+
+class SupportLora:
+    """One LoRA adapter on the base model, reset to the same initial weights before each
+    task and fitted on that task's support set by full-batch SGD."""
+
+    def __init__(self, base: nn.Module, cfg: MetaConfig, budget: AbmllConfig) -> None:
+        torch.manual_seed(cfg.seed)  # the initial A, the same for every task
+        self.model = get_peft_model(base, cfg.peft_config())
+        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        self.initial = {k: v.clone() for k, v in state.items()}
+        self.steps, self.lr = budget.inner_steps, budget.inner_lr
+
+    @contextmanager
+    def adapted(self, support: Sequence[Batch], nll: Nll, seed: int) -> Iterator[nn.Module]:
+        """The adapter after ``steps`` SGD steps on the support set's per-example mean NLL
+        (deterministic: LoRA has no noise, ``seed`` is unused)."""
+        set_peft_model_state_dict(self.model, self.initial)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.lr)
+        total = sum(len(b["labels"]) for b in support)
+        self.model.train()
+        for _ in range(self.steps):
+            optimizer.zero_grad(set_to_none=True)
+            terms = [nll(self.model, b) * (len(b["labels"]) / total) for b in support]
+            torch.stack(terms).sum().backward()
+            optimizer.step()
+        self.model.eval()
+        yield self.model

@@ -1,0 +1,97 @@
+"""The settings of a meta-learning run (``blob-lora meta-train``), stored as
+``meta_config.json`` in its folder so that ``meta-evaluate`` re-creates the same task split,
+support sets and evaluation questions from the run alone.
+
+The method's own settings (ABMLL's ``beta``, inner steps, ...) are not here: they travel with
+the adapter in ``adapter/abmll_config.json``, as every tuner's do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from blob_lora.tasks.scoring import SCORING_MODES
+from blob_lora.tuners.lora import LoraSettings
+from blob_lora.utils.options_file import OptionsFile
+from blob_lora.utils.settings import check_choice, check_float, check_int, check_str
+
+META_CONFIG_NAME = "meta_config.json"
+#: the methods the protocol meta-trains (baselines through the same protocol are to come)
+META_METHODS = ("abmll",)
+
+
+@dataclass
+class MetaConfig(
+    LoraSettings,
+    OptionsFile,
+    file_name=META_CONFIG_NAME,
+    missing_hint="is not a meta-learning run folder (written by blob-lora meta-train)",
+):
+    """One meta-learning run: the task collection and its seeded split, the k-shot protocol,
+    the outer loop and the LoRA shape. Errors name the command-line option (``--k-shot``).
+
+    Attributes:
+        tasks: the collection (``tasks/collection.py``: ``mmlu``, ``paper``, ``a,b,c`` or a
+            folder of task folders).
+        data_root: where named tasks are read (else ``$BLOB_LORA_DATA``, else the Hub).
+        split: each task's questions the protocol draws from (default: its evaluation split,
+            the one every task has).
+        meta_test_tasks: tasks held out for meta-evaluation, drawn by ``seed`` (1: the paper
+            holds out one task, WinoGrande, as reviewers report).
+        k_shot: support questions per task, in meta-training and at meta-test (ours: 5, the
+            MMLU few-shot convention; the paper's support size is unknown).
+        query_size: query questions per task and meta-training step (ours).
+        eval_size: questions scored per meta-test task (``None``: all but the support set).
+        meta_steps: outer optimiser steps.
+        meta_batch_tasks: tasks per outer step (2: "the low batch size of 2", reviewer-reported;
+            whether the paper's 2 counts tasks is unknown).
+        lr: AdamW's learning rate on the global parameters (ours).
+        batch_size: questions per forward pass (memory only: the losses are per-example means).
+        max_length: prompt tokens, as ``--max-length`` of ``train``.
+        scoring: ``letter`` or ``cloze``, as ``--scoring`` of ``train``.
+        seed: the task split, the draws of support / query / evaluation questions, the weight
+            samples of adaptation and prediction.
+
+    and, from ``LoraSettings``, ``lora_r``, ``lora_alpha``, ``lora_dropout`` and
+    ``target_modules``: the shape shared by all of ABMLL's LoRA pairs (``peft_config()``).
+    """
+
+    #: no class label: errors name the option (``--k-shot``), as a user typed it
+    LABEL: ClassVar[str] = ""
+    KEY_PREFIX: ClassVar[str] = ""
+
+    tasks: str = "mmlu"
+    method: str = "abmll"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    data_root: str | None = None
+    split: str = "eval"
+    meta_test_tasks: int = 1
+    k_shot: int = 5
+    query_size: int = 8
+    eval_size: int | None = None
+    meta_steps: int = 100
+    meta_batch_tasks: int = 2
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 256
+    scoring: str = "letter"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the option of a bad value."""
+        super().validate()
+        for name in ("tasks", "model", "dtype", "split"):
+            check_str(self, name)
+        check_str(self, "data_root", optional=True)
+        check_choice(self, "method", META_METHODS)
+        check_choice(self, "scoring", SCORING_MODES)
+        for name in ("meta_test_tasks", "query_size", "meta_steps", "meta_batch_tasks"):
+            check_int(self, name)
+        for name in ("batch_size", "max_length"):
+            check_int(self, name)
+        check_int(self, "k_shot")
+        check_int(self, "eval_size", allow_none=True)
+        check_int(self, "seed", allow_zero=True)
+        check_float(self, "lr")

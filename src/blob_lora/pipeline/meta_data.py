@@ -1,0 +1,84 @@
+"""The questions of a meta-learning run as model inputs: every task of the collection loaded
+once, its seeded split into meta-train and meta-test tasks, and examples turned into the
+batches ABMLL adapts on and the datasets prediction scores.
+
+Shared by ``meta_train`` and ``meta_evaluate`` so that both read the same split from the same
+``MetaConfig``: the evaluation of a saved run re-creates exactly the held-out tasks and their
+support sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from blob_lora.methods.abmll import answer_nll
+from blob_lora.pipeline.meta_config import MetaConfig
+from blob_lora.tasks.collection import TaskPool, collection_names, load_pool, split_tasks
+from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split
+from blob_lora.tasks.examples import MCExample
+from blob_lora.tasks.scoring import Scoring, scoring_option_ids
+from blob_lora.tuners.abmll.meta import Batch, Nll
+
+
+@dataclass(frozen=True)
+class MetaSplit:
+    """The collection's tasks, loaded, by role."""
+
+    train: list[TaskPool]
+    test: list[TaskPool]
+
+    def names(self) -> dict[str, list[str]]:
+        return {
+            "meta_train": [p.name for p in self.train],
+            "meta_test": [p.name for p in self.test],
+        }
+
+
+def load_split(cfg: MetaConfig) -> MetaSplit:
+    """Every task of ``cfg.tasks`` loaded (so a bad one fails before any training) and split
+    into meta-train and held-out tasks by ``cfg.seed``."""
+    names = collection_names(cfg.tasks)
+    train, test = split_tasks(names, cfg.meta_test_tasks, cfg.seed)
+    pools = {name: load_pool(name, cfg.data_root, cfg.split) for name in names}
+    for pool in pools.values():
+        pool.check_size(cfg.k_shot)
+    return MetaSplit([pools[n] for n in train], [pools[n] for n in test])
+
+
+@dataclass(frozen=True)
+class TaskInputsFactory:
+    """Turns one task's examples into batches or a dataset under the run's tokenizer,
+    prompt length and scoring."""
+
+    tokenizer: object
+    max_length: int
+    batch_size: int
+    scoring: Scoring
+    device: torch.device
+
+    def dataset(self, pool: TaskPool, examples: Sequence[MCExample]) -> EncodedDataset:
+        enc = encode_split(pool.task, list(examples), self.tokenizer, self.max_length, self.scoring)
+        return EncodedDataset(enc)
+
+    def collator(self, pool: TaskPool) -> MCCollator:
+        return MCCollator(self.tokenizer.pad_token_id, pool.task.n_options)  # type: ignore[attr-defined]
+
+    def option_ids(self, pool: TaskPool) -> torch.Tensor | None:
+        ids = scoring_option_ids(self.tokenizer, pool.task, self.scoring)
+        return None if ids is None else ids.to(self.device)
+
+    def batches(self, pool: TaskPool, examples: Sequence[MCExample]) -> list[Batch]:
+        """``examples`` in batches of ``batch_size``, on the device."""
+        data, collate = self.dataset(pool, examples), self.collator(pool)
+        out = []
+        for lo in range(0, len(data), self.batch_size):
+            batch = collate([data[i] for i in range(lo, min(lo + self.batch_size, len(data)))])
+            out.append({k: v.to(self.device) for k, v in batch.items()})
+        return out
+
+    def nll(self, pool: TaskPool) -> Nll:
+        """The task's per-example answer NLL (its own answer tokens)."""
+        return answer_nll(self.option_ids(pool))

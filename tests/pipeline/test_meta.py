@@ -1,0 +1,165 @@
+"""The multi-task protocol on the tiny model: ``blob-lora meta-train`` then ``meta-evaluate``
+end to end on a folder of tiny JSONL tasks, the saved global parameters, the determinism of
+adaptation and evaluation, and bad input refused by the CLI with the option named."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from blob_lora.cli.main import main
+from blob_lora.methods import method_of
+from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.tuners.abmll import load_abmll_model
+from tests.factories import tiny_model_folder, tiny_task_collection
+
+torch.set_num_threads(1)
+
+
+def train_args(tasks, model, out, *extra: str) -> list[str]:
+    return [
+        "meta-train",
+        "--tasks", str(tasks),
+        "--model", str(model),
+        "--out", str(out),
+        "--meta-steps", "3",
+        "--meta-test-tasks", "2",
+        "--k-shot", "3",
+        "--query-size", "4",
+        "--max-length", "96",
+        "--lora-r", "2",
+        "--abmll-inner-steps", "2",
+        "--seed", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def meta_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta")
+    model = tiny_model_folder(root / "model")
+    tasks = tiny_task_collection(root / "tasks", n_tasks=4, n_questions=10)
+    out = root / "run"
+    assert main(train_args(tasks, model, out)) == 0
+    return root, model, tasks, out
+
+
+def test_meta_train_writes_the_run_and_its_peft_style_adapter(meta_run):
+    _, model, tasks, out = meta_run
+    summary = json.loads((out / "tasks.json").read_text())
+    assert len(summary["meta_train"]) == 2 and len(summary["meta_test"]) == 2
+    assert sorted(summary["meta_train"] + summary["meta_test"]) == [
+        str(tasks / f"task{i}") for i in range(4)
+    ]
+    log = [json.loads(line) for line in (out / "meta_train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) and row["query_nll"] > 0 for row in log)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    # meta-training moved the global mean away from LoRA's B = 0 start
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert json.loads((out / "adapter" / "abmll_config.json").read_text())["inner_steps"] == 2
+    # round trip: the loaded global parameters are the saved ones, bit for bit
+    base, _ = load_model_and_tokenizer(str(model))
+    loaded = get_peft_model_state_dict(
+        load_abmll_model(base, out / "adapter"), save_embedding_layers=False
+    )
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def test_meta_evaluate_scores_each_held_out_task_and_is_deterministic(meta_run, capsys):
+    root, _, _, out = meta_run
+    assert main(["meta-evaluate", "--run", str(out), "--out", str(root / "e1")]) == 0
+    printed = capsys.readouterr().out
+    first = json.loads((root / "e1" / "meta_eval.json").read_text())
+    held_out = json.loads((out / "tasks.json").read_text())["meta_test"]
+    assert list(first["tasks"]) == held_out
+    for m in first["tasks"].values():
+        assert m["n_examples"] == 7  # 10 questions, 3 in the support set
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1 and m["nll"] > 0
+    for key in ("accuracy", "ece", "nll", "brier"):
+        per_task = [m[key] for m in first["tasks"].values()]
+        assert first["mean"][key] == pytest.approx(sum(per_task) / len(per_task))
+    assert first["eval_samples"] == 10 and "mean: acc" in printed
+    # the same run evaluated again: the same support sets, adaptation and weight samples
+    assert main(["meta-evaluate", "--run", str(out), "--out", str(root / "e2")]) == 0
+    assert json.loads((root / "e2" / "meta_eval.json").read_text()) == first
+    # N = 0: the adapted posterior's means, another predictive
+    assert main(["meta-evaluate", "--run", str(out), "--out", str(root / "e0"),
+                 "--eval-samples", "0"]) == 0  # fmt: skip
+    means = json.loads((root / "e0" / "meta_eval.json").read_text())
+    assert means["eval_samples"] == 0 and means["mean"]["nll"] != first["mean"]["nll"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tasks": "missing"}, "task collection .*missing is not a folder"),
+        ({"--k-shot": "0"}, "--k-shot must be an integer >= 1, got 0"),
+        ({"--abmll-beta": "-1"}, "--abmll-beta must be a finite number >= 0, got -1.0"),
+        ({"--meta-test-tasks": "4"}, "--meta-test-tasks must be between 1 and 3"),
+        ({"--k-shot": "10"}, "has 10 questions; the protocol needs k-shot 10 plus"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_option(meta_run, tmp_path, capsys, change, message):
+    _, model, tasks, _ = meta_run
+    args = train_args(tmp_path / "missing" if "tasks" in change else tasks, model, tmp_path / "r")
+    for option, value in change.items():
+        if option in args:
+            args[args.index(option) + 1] = value
+        elif option.startswith("--"):
+            args.extend([option, value])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "blob-lora meta-train: error:" in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "r").exists()  # nothing written on bad input
+
+
+def test_an_existing_run_is_not_overwritten_and_a_plain_folder_is_no_run(meta_run, capsys):
+    root, model, tasks, out = meta_run
+    assert main(train_args(tasks, model, out)) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["meta-evaluate", "--run", str(root / "model")]) == 2
+    assert "is not a meta-learning run folder" in capsys.readouterr().err
+
+
+def test_train_refuses_a_meta_learned_method_and_points_to_meta_train(tmp_path, capsys):
+    args = ["train", "--method", "abmll", "--task", "arc_easy", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--method abmll learns from a collection of tasks" in err
+    assert "blob-lora meta-train --tasks" in err and "meta-evaluate" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_loaded_run_is_recognised_as_abmll(meta_run):
+    _, model, _, out = meta_run
+    base, _ = load_model_and_tokenizer(str(model))
+    assert method_of(load_abmll_model(base, out / "adapter")).name == "abmll"
+
+
+def test_baselines_run_through_the_same_protocol(meta_run):
+    root, _, _, out = meta_run
+    runs = {}
+    for name in ("zero-shot", "lora-support", "lora-support"):
+        assert main(["meta-evaluate", "--run", str(out), "--out", str(root / name),
+                     "--baseline", name]) == 0  # fmt: skip
+        result = json.loads((root / name / f"meta_eval_{name}.json").read_text())
+        assert result["method"] == name and result["eval_samples"] == 0
+        runs.setdefault(name, []).append(result)
+    held_out = json.loads((out / "tasks.json").read_text())["meta_test"]
+    for results in runs.values():
+        assert list(results[0]["tasks"]) == held_out
+        assert all(m["n_examples"] == 7 for m in results[0]["tasks"].values())
+    assert runs["lora-support"][0] == runs["lora-support"][1]  # deterministic
+    # the support-set fit moved the predictive away from the pretrained model's
+    zero, fitted = runs["zero-shot"][0]["mean"], runs["lora-support"][0]["mean"]
+    assert zero["nll"] != fitted["nll"]
