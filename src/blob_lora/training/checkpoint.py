@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from blob_lora.utils.atomic import atomic_directory, atomic_write_text
 from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.json_file import read_json_object
 
 MANIFEST = "manifest.json"
 METHOD_FILE = "method.safetensors"
@@ -224,11 +225,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST}: incomplete checkpoint")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    manifest = read_json_object(manifest_path, CheckpointError)
+    files = manifest.get("files")
     required = {"trainable.safetensors", "optim.safetensors", "optim.json", "rng.safetensors"}
     required |= {"rng.json", "state.json"}
     if not isinstance(files, dict) or not required <= set(files):

@@ -7,7 +7,6 @@ been read: a run that fails on bad input leaves no half-made run folder behind.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError, ConfigError
+from blob_lora.utils.json_file import read_json_object
 
 RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"
@@ -40,12 +40,7 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
         raise BlobLoraError(f"--out {out} exists and is not a folder")
     if cfg_path.is_file():
         if resume:
-            try:
-                previous = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BlobLoraError(f"{cfg_path} is corrupt: {exc}") from exc
-            if not isinstance(previous, dict):
-                raise BlobLoraError(f"{cfg_path} is corrupt: not a JSON object")
+            previous = read_json_object(cfg_path, BlobLoraError)
             previous = TrainConfig.stored_with_defaults(previous)
             allowed = (*TrainConfig.RESUMABLE_CHANGES, *BATCH_LAYOUT)
             changed = sorted(

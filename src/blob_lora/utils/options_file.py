@@ -12,7 +12,6 @@ seeing a bare ``KeyError`` or ``JSONDecodeError``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.json_file import read_json_object
 
 T = TypeVar("T", bound="OptionsFile")
 
@@ -69,12 +69,7 @@ class OptionsFile:
         path = Path(directory) / cls.FILE_NAME
         if not path.is_file():
             raise CheckpointError(f"{path} not found: {directory} {cls.MISSING_HINT}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path} is unreadable or corrupt: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, CheckpointError)
         try:
             return cls.from_dict(data)
         except ConfigError as exc:  # a saved file that no version wrote: a damaged checkpoint
