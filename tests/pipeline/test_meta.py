@@ -136,6 +136,17 @@ def test_an_existing_run_is_not_overwritten_and_a_plain_folder_is_no_run(meta_ru
     assert "is not a meta-learning run folder" in capsys.readouterr().err
 
 
+def test_meta_evaluate_shows_a_bar_over_held_out_tasks_unless_told_not_to(
+    meta_run, tmp_path, capsys
+):
+    _, _, _, out = meta_run
+    argv = ["meta-evaluate", "--run", str(out), "--out", str(tmp_path), "--baseline", "zero-shot"]
+    assert main(argv) == 0
+    assert "meta-evaluate: 100%|" in capsys.readouterr().err
+    assert main([*argv, "--no-progress"]) == 0
+    assert "meta-evaluate:" not in capsys.readouterr().err
+
+
 def test_meta_evaluate_refuses_a_run_of_another_kind_naming_it(meta_run, tmp_path):
     _, model, _, out = meta_run
     single = tmp_path / "single"

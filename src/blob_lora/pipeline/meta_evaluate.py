@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from blob_lora.methods.abmll import AbmllMethod
 from blob_lora.metrics.calibration import classification_metrics
@@ -56,12 +57,14 @@ def meta_evaluate(
     baseline: str | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Adapt the run's global parameters (or, with ``baseline``, a baseline: see
     ``meta_baselines.py``) to every held-out task and score it; writes and returns
     ``{"tasks": {name: metrics}, "mean": {metric: value}, ...}`` as ``meta_eval.json``
     (``meta_eval_<baseline>.json``). ``out`` defaults to the run folder; ``model`` /
-    ``tokenizer`` replace loading the run's base model (tests)."""
+    ``tokenizer`` replace loading the run's base model (tests); ``progress`` shows a bar over
+    the held-out tasks."""
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
     meta_run, model = open_run(run, model, tokenizer)
@@ -69,7 +72,10 @@ def meta_evaluate(
         contender = abmll_contender(model, meta_run, eval_samples)
     else:
         contender = baseline_contender(baseline, model, meta_run)
-    per_task = {pool.name: evaluate_task(contender, pool, meta_run) for pool in meta_run.split.test}
+    per_task = {
+        pool.name: evaluate_task(contender, pool, meta_run)
+        for pool in tqdm(meta_run.split.test, desc="meta-evaluate", disable=not progress)
+    }
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}
     cfg, budget = meta_run.cfg, meta_run.budget
     result = {

@@ -119,6 +119,7 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         "pretrained model) or lora-support (a fresh LoRA fitted on each support set with "
         "ABMLL's inner steps and rate); written to meta_eval_<baseline>.json",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @command(
@@ -129,7 +130,11 @@ def run_meta_evaluate(args: argparse.Namespace) -> int:
     from blob_lora.pipeline.meta_evaluate import meta_evaluate
 
     result = meta_evaluate(
-        args.run, args.out, eval_samples=args.eval_samples, baseline=args.baseline
+        args.run,
+        args.out,
+        eval_samples=args.eval_samples,
+        baseline=args.baseline,
+        progress=not args.no_progress,
     )
     print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
     for name, m in result["tasks"].items():
