@@ -6,8 +6,10 @@ evaluation questions as a meta-trained run, without its meta-learned prior.
   seeded initialisation for every task) fitted on the task's support set with the budget of
   ABMLL's adaptation (``inner_steps`` SGD steps at ``inner_lr`` on the answer NLL), then scored
   at its weights: the paper's pretrained baseline "updated with 10 gradient steps" (v1, Fig. 1).
+* ``blob-support``: a fresh BLoB adapter fitted on the support set alone with the same number
+  of steps, on the per-example ELBO, scored by its N-sample predictive (``meta_blob_support``).
 
-Not here yet: BLoB on the support set and multi-task LoRA then fine-tuning.
+Not here yet: multi-task LoRA then fine-tuning.
 
 Every fitted baseline takes its budget from the run's saved ABMLL settings
 (``adapter/abmll_config.json``), never from a default, so one run's ``meta_eval*.json`` files
@@ -31,13 +33,14 @@ from torch import nn
 
 from blob_lora.methods.base import Method
 from blob_lora.methods.lora import LoraMethod
+from blob_lora.pipeline.meta_blob_support import SupportBlob
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_data import MetaRun
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.tuners.abmll.meta import Batch, Nll, expected_nll
 from blob_lora.utils.errors import ConfigError
 
-BASELINES = ("zero-shot", "lora-support")
+BASELINES = ("zero-shot", "lora-support", "blob-support")
 #: ``adaptation(support, nll, seed)``: a block within which the model predicts for the task
 Adaptation = Callable[[Sequence[Batch], Nll, int], AbstractContextManager[nn.Module]]
 
@@ -58,9 +61,16 @@ def check_baseline(name: str) -> None:
         raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {name!r}")
 
 
-def baseline_contender(name: str, base: nn.Module, run: MetaRun) -> Contender:
+def baseline_contender(
+    name: str,
+    base: nn.Module,
+    run: MetaRun,
+    *,
+    eval_samples: int | None = None,
+) -> Contender:
     """Baseline ``name`` on ``base`` (the pretrained model, which the fitted baselines wrap in
-    their adapter) under ``run``'s protocol and budget."""
+    their adapter) under ``run``'s protocol and budget. ``eval_samples`` is BLoB's N (default
+    its own, 10)."""
     check_baseline(name)
     if name == "zero-shot":
         base.eval()
@@ -70,6 +80,9 @@ def baseline_contender(name: str, base: nn.Module, run: MetaRun) -> Contender:
             yield base
 
         return Contender(as_is, LoraMethod(), 0)
+    if name == "blob-support":
+        blob = SupportBlob(base, run.cfg, run.budget, eval_samples)
+        return Contender(blob.adapted, blob.method, blob.n_samples)
     return Contender(SupportLora(base, run.cfg, run.budget).adapted, LoraMethod(), 0)
 
 

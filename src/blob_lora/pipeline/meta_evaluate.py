@@ -71,7 +71,7 @@ def meta_evaluate(
     if baseline is None:
         contender = abmll_contender(model, meta_run, eval_samples)
     else:
-        contender = baseline_contender(baseline, model, meta_run)
+        contender = baseline_contender(baseline, model, meta_run, eval_samples=eval_samples)
     per_task = {
         pool.name: evaluate_task(contender, pool, meta_run)
         for pool in tqdm(meta_run.split.test, desc="meta-evaluate", disable=not progress)

@@ -110,14 +110,17 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         "--eval-samples",
         type=int,
         default=None,
-        help="weight samples averaged; 0 = the task posterior's means (default: the run's)",
+        help="weight samples averaged; 0 = the task posterior's means (default: the run's; "
+        "for --baseline blob-support BLoB's 10; the other baselines have no samples)",
     )
     p.add_argument(
         "--baseline",
         choices=BASELINES,
-        help="score a baseline through the run's protocol instead of the run: zero-shot (the "
-        "pretrained model) or lora-support (a fresh LoRA fitted on each support set with "
-        "ABMLL's inner steps and rate); written to meta_eval_<baseline>.json",
+        help="score a baseline through the run's protocol instead of the run, with ABMLL's "
+        "inner steps and rate as every fit's budget: zero-shot (the pretrained model), "
+        "lora-support (a fresh LoRA fitted on each support set) or blob-support (a fresh BLoB "
+        "fitted on each support set on the ELBO, N-sample predictive); written to "
+        "meta_eval_<baseline>.json",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

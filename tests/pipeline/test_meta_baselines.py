@@ -1,0 +1,167 @@
+"""The baselines of ``meta-evaluate`` through the meta-learning protocol on the tiny model:
+BLoB fitted on each support set (and the ones before it), their determinism and reset between
+tasks, what each fits, and a bad name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft.utils import get_peft_model_state_dict
+
+from blob_lora.cli.main import main
+from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.pipeline.meta_baselines import baseline_contender
+from blob_lora.pipeline.meta_evaluate import evaluate_task, meta_evaluate, open_run
+from blob_lora.training import optim
+from blob_lora.tuners.blob import blob_layers, kl_divergence, std_parameters
+from blob_lora.utils.errors import ConfigError
+from tests.factories import tiny_model_folder, tiny_task_collection
+from tests.pipeline.test_meta import train_args
+
+torch.set_num_threads(1)
+
+FITTED = ("lora-support", "blob-support")
+
+
+@pytest.fixture(scope="module")
+def meta_run(tmp_path_factory):
+    """A 3-step ABMLL run on 4 tiny tasks, 2 held out (k = 3, 7 questions scored each), whose
+    adaptation budget is 2 steps at ABMLL's inner rate 1e-2."""
+    root = tmp_path_factory.mktemp("meta-baselines")
+    model = tiny_model_folder(root / "model")
+    tasks = tiny_task_collection(root / "tasks", n_tasks=4, n_questions=10)
+    out = root / "run"
+    assert main(train_args(tasks, model, out)) == 0
+    return root, model, tasks, out
+
+
+@pytest.fixture
+def run_copy(meta_run, tmp_path):
+    """The run folder copied, so what one test keeps in it is not another's."""
+    _, model, _, out = meta_run
+    return shutil.copytree(out, tmp_path / "run"), model
+
+
+def evaluate_cli(run, out, *extra: str) -> dict:
+    assert main(["meta-evaluate", "--run", str(run), "--out", str(out), "--no-progress",
+                 *extra]) == 0  # fmt: skip
+    name = f"meta_eval_{extra[extra.index('--baseline') + 1]}.json" if extra else "meta_eval.json"
+    return json.loads((out / name).read_text())
+
+
+def contender_of(name: str, run, model_dir, **kwargs):
+    """``name``'s contender on a freshly loaded base model, and the opened run."""
+    base, tokenizer = load_model_and_tokenizer(str(model_dir))
+    meta_run, base = open_run(run, base, tokenizer)
+    return baseline_contender(name, base, meta_run, **kwargs), meta_run
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize(("name", "n_samples"), [("blob-support", 10)])
+def test_a_baseline_scores_every_held_out_task_deterministically(run_copy, tmp_path, name,
+                                                                 n_samples):  # fmt: skip
+    run, _ = run_copy
+    first = evaluate_cli(run, tmp_path / "e1", "--baseline", name)
+    held_out = json.loads((run / "tasks.json").read_text())["meta_test"]
+    assert first["method"] == name and list(first["tasks"]) == held_out
+    assert first["eval_samples"] == n_samples and first["k_shot"] == 3 and first["seed"] == 1
+    # the run's saved budget (--abmll-inner-steps 2, inner_lr's 1e-2), not a default of ours
+    assert first["adaptation"] == {"steps": 2, "lr": 1e-2}
+    for m in first["tasks"].values():
+        assert m["n_examples"] == 7 and 0 <= m["accuracy"] <= 1 and m["nll"] > 0
+    for key in ("accuracy", "ece", "nll", "brier"):
+        per_task = [m[key] for m in first["tasks"].values()]
+        assert first["mean"][key] == pytest.approx(sum(per_task) / len(per_task))
+    # again: the same fit, the same weight samples (multitask-lora: from its kept weights)
+    assert evaluate_cli(run, tmp_path / "e2", "--baseline", name) == first
+    # and not the pretrained model's predictive: the fit did something
+    zero = evaluate_cli(run, tmp_path / "e0", "--baseline", "zero-shot")
+    assert zero["mean"]["nll"] != first["mean"]["nll"]
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_a_fitted_baseline_is_reset_before_each_task(run_copy, name):
+    run, model_dir = run_copy
+    contender, meta_run = contender_of(name, run, model_dir)
+    task_a, task_b = meta_run.split.test
+    evaluate_task(contender, task_a, meta_run)
+    b_after_a = evaluate_task(contender, task_b, meta_run)
+    alone, meta_run = contender_of(name, run, model_dir)
+    assert evaluate_task(alone, task_b, meta_run) == b_after_a
+
+
+def test_blob_support_fits_mean_and_std_on_the_per_example_elbo(meta_run, monkeypatch):
+    _, model_dir, _, run = meta_run
+    weights: list[float] = []
+    step = optim.Updater.step
+
+    def spy(self, kl_fn, pi):
+        weights.append(pi)
+        return step(self, kl_fn, pi)
+
+    monkeypatch.setattr(optim.Updater, "step", spy)
+    contender, meta_run = contender_of("blob-support", run, model_dir)
+    model = contender.adaptation.__self__.model
+    assert contender.method.name == "blob" and contender.n_samples == 10
+    assert len(list(blob_layers(model))) > 0
+    initial = adapter_state(model)
+    std_before = [p.detach().clone() for p in std_parameters(model)]
+    kl_before = float(kl_divergence(model))
+    pool = meta_run.split.test[0]
+    support, _ = pool.draw(3, None, 0)
+    inputs = meta_run.inputs
+    with contender.adaptation(inputs.batches(pool, support), inputs.nll(pool), 0) as fitted:
+        # the run's 2 steps, each with the KL weighted 1/n for the n = 3 support questions
+        assert weights == [pytest.approx(1 / 3)] * 2
+        # every std parameter learned (the KL pulls it from its ~2e-3 start towards the prior
+        # std 0.2), and so did the mean path
+        for before, after in zip(std_before, std_parameters(fitted), strict=True):
+            assert not torch.equal(before, after)
+        assert float(kl_divergence(fitted)) < kl_before
+        moved = adapter_state(fitted)
+        assert any(not torch.equal(moved[k], initial[k]) for k in initial if "lora_B" in k)
+    # fitted again: from the initial adapter, not on from the fitted one (and seeded alike)
+    with contender.adaptation(inputs.batches(pool, support), inputs.nll(pool), 0) as refitted:
+        again = adapter_state(refitted)
+    assert len(weights) == 4
+    assert all(torch.equal(again[k], moved[k]) for k in moved)
+
+
+def test_blob_support_predicts_by_weight_samples(run_copy, tmp_path):
+    run, _ = run_copy
+    sampled = evaluate_cli(run, tmp_path / "n10", "--baseline", "blob-support")
+    means = evaluate_cli(run, tmp_path / "n0", "--baseline", "blob-support", "--eval-samples", "0")
+    few = evaluate_cli(run, tmp_path / "n3", "--baseline", "blob-support", "--eval-samples", "3")
+    assert (sampled["eval_samples"], means["eval_samples"], few["eval_samples"]) == (10, 0, 3)
+    nlls = {r["mean"]["nll"] for r in (sampled, means, few)}
+    assert len(nlls) == 3  # N = 0 is the mean weights, N = 3 and N = 10 other averages
+
+
+def test_every_fit_takes_the_runs_budget(run_copy):
+    run, model_dir = run_copy
+    budget = json.loads((run / "adapter" / "abmll_config.json").read_text())
+    for name in FITTED:
+        contender, meta_run = contender_of(name, run, model_dir)
+        fit = contender.adaptation.__self__
+        assert (fit.steps, fit.lr) == (budget["inner_steps"], budget["inner_lr"]) == (2, 1e-2)
+        assert meta_run.budget.inner_steps == 2
+
+
+def test_a_bad_baseline_name_is_refused_listing_the_baselines(meta_run, tmp_path, capsys):
+    _, _, _, run = meta_run
+    listed = "zero-shot, lora-support, blob-support"
+    with pytest.raises(ConfigError, match=f"--baseline must be one of {listed}, got 'blob'"):
+        meta_evaluate(run, tmp_path, baseline="blob")
+    with pytest.raises(SystemExit) as exited:  # argparse refuses it, listing the choices
+        main(["meta-evaluate", "--run", str(run), "--baseline", "blob"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'blob'" in err and "'lora-support', 'blob-support')" in err
+    assert not list(tmp_path.glob("meta_eval*.json"))
