@@ -1,6 +1,6 @@
 """The baselines of ``meta-evaluate`` through the meta-learning protocol on the tiny model:
-BLoB fitted on each support set (and the ones before it), their determinism and reset between
-tasks, what each fits, and a bad name."""
+BLoB fitted on each support set, multi-task LoRA then fine-tuning (and the ones before them),
+their determinism and reset between tasks, what each fits, and a bad name."""
 
 from __future__ import annotations
 
@@ -9,21 +9,24 @@ import shutil
 
 import pytest
 import torch
+from peft import get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from blob_lora.cli.main import main
 from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.pipeline import meta_multitask
 from blob_lora.pipeline.meta_baselines import baseline_contender
 from blob_lora.pipeline.meta_evaluate import evaluate_task, meta_evaluate, open_run
 from blob_lora.training import optim
 from blob_lora.tuners.blob import blob_layers, kl_divergence, std_parameters
+from blob_lora.tuners.peft_adapter import read_adapter_weights
 from blob_lora.utils.errors import ConfigError
 from tests.factories import tiny_model_folder, tiny_task_collection
 from tests.pipeline.test_meta import train_args
 
 torch.set_num_threads(1)
 
-FITTED = ("lora-support", "blob-support")
+FITTED = ("lora-support", "blob-support", "multitask-lora")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def meta_run(tmp_path_factory):
 
 @pytest.fixture
 def run_copy(meta_run, tmp_path):
-    """The run folder copied, so what one test keeps in it is not another's."""
+    """The run folder copied, so the multi-task weights one test keeps are not another's."""
     _, model, _, out = meta_run
     return shutil.copytree(out, tmp_path / "run"), model
 
@@ -64,7 +67,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize(("name", "n_samples"), [("blob-support", 10)])
+@pytest.mark.parametrize(("name", "n_samples"), [("blob-support", 10), ("multitask-lora", 0)])
 def test_a_baseline_scores_every_held_out_task_deterministically(run_copy, tmp_path, name,
                                                                  n_samples):  # fmt: skip
     run, _ = run_copy
@@ -144,6 +147,64 @@ def test_blob_support_predicts_by_weight_samples(run_copy, tmp_path):
     assert len(nlls) == 3  # N = 0 is the mean weights, N = 3 and N = 10 other averages
 
 
+def test_multitask_lora_trains_on_the_meta_train_tasks_and_fine_tunes_from_them(run_copy,
+                                                                                monkeypatch):  # fmt: skip
+    run, model_dir = run_copy
+    steps: list[int] = []
+    draw = meta_multitask.draw_tasks
+
+    def spy(split, cfg, step, inputs):
+        steps.append(step)
+        assert [p.name for p in split.train] == held_in
+        tasks = draw(split, cfg, step, inputs)
+        assert len(tasks) == cfg.meta_batch_tasks
+        return tasks
+
+    held_in = json.loads((run / "tasks.json").read_text())["meta_train"]
+    monkeypatch.setattr(meta_multitask, "draw_tasks", spy)
+    contender, meta_run = contender_of("multitask-lora", run, model_dir)
+    assert steps == [0, 1, 2]  # ABMLL's meta-steps, drawn the same way
+    kept = run / meta_multitask.MULTITASK_DIR
+    log = [json.loads(line) for line in (kept / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3] and all(row["loss"] > 0 for row in log)
+    assert json.loads((kept / "trained_under.json").read_text()) == meta_run.cfg.to_dict()
+    multitask = read_adapter_weights(kept / "adapter")
+    lora = contender.adaptation.__self__
+    assert lora.initial.keys() == multitask.keys()
+    assert all(torch.equal(lora.initial[k], multitask[k]) for k in multitask)
+    # not a fresh adapter: B left 0 and A its seeded start
+    base, _ = load_model_and_tokenizer(str(model_dir))
+    torch.manual_seed(meta_run.cfg.seed)
+    fresh = adapter_state(get_peft_model(base, meta_run.cfg.peft_config()))
+    assert all(torch.count_nonzero(fresh[k]) == 0 for k in fresh if "lora_B" in k)
+    assert all(torch.count_nonzero(multitask[k]) > 0 for k in multitask if "lora_B" in k)
+    assert all(not torch.equal(fresh[k], multitask[k]) for k in fresh)
+    # the fine-tuning starts at those weights: with no step it scores them as they are, with
+    # the run's budget it moves from them, and less far than they are from a fresh adapter
+    pool = meta_run.split.test[0]
+    support, _ = pool.draw(3, None, 0)
+    args = (meta_run.inputs.batches(pool, support), meta_run.inputs.nll(pool), 0)
+    with contender.adaptation(*args) as tuned:
+        after = adapter_state(tuned)
+    assert any(not torch.equal(after[k], multitask[k]) for k in multitask)
+    for k in multitask:
+        assert (after[k] - multitask[k]).norm() < (after[k] - fresh[k]).norm()
+    lora.steps = 0
+    with contender.adaptation(*args) as untouched:
+        assert all(torch.equal(adapter_state(untouched)[k], multitask[k]) for k in multitask)
+    # a second evaluation reuses the kept weights: no training
+    steps.clear()
+    again, _ = contender_of("multitask-lora", run, model_dir)
+    assert steps == [] and all(
+        torch.equal(again.adaptation.__self__.initial[k], multitask[k]) for k in multitask
+    )
+    # weights kept under other settings are trained again, under the run's
+    (kept / "trained_under.json").write_text(json.dumps({**meta_run.cfg.to_dict(), "lr": 1.0}))
+    contender_of("multitask-lora", run, model_dir)
+    assert steps == [0, 1, 2]
+    assert json.loads((kept / "trained_under.json").read_text()) == meta_run.cfg.to_dict()
+
+
 def test_every_fit_takes_the_runs_budget(run_copy):
     run, model_dir = run_copy
     budget = json.loads((run / "adapter" / "abmll_config.json").read_text())
@@ -156,12 +217,12 @@ def test_every_fit_takes_the_runs_budget(run_copy):
 
 def test_a_bad_baseline_name_is_refused_listing_the_baselines(meta_run, tmp_path, capsys):
     _, _, _, run = meta_run
-    listed = "zero-shot, lora-support, blob-support"
+    listed = "zero-shot, lora-support, blob-support, multitask-lora"
     with pytest.raises(ConfigError, match=f"--baseline must be one of {listed}, got 'blob'"):
         meta_evaluate(run, tmp_path, baseline="blob")
     with pytest.raises(SystemExit) as exited:  # argparse refuses it, listing the choices
         main(["meta-evaluate", "--run", str(run), "--baseline", "blob"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'blob'" in err and "'lora-support', 'blob-support')" in err
+    assert "invalid choice: 'blob'" in err and "'blob-support', 'multitask-lora'" in err
     assert not list(tmp_path.glob("meta_eval*.json"))

@@ -8,8 +8,9 @@ evaluation questions as a meta-trained run, without its meta-learned prior.
   at its weights: the paper's pretrained baseline "updated with 10 gradient steps" (v1, Fig. 1).
 * ``blob-support``: a fresh BLoB adapter fitted on the support set alone with the same number
   of steps, on the per-example ELBO, scored by its N-sample predictive (``meta_blob_support``).
-
-Not here yet: multi-task LoRA then fine-tuning.
+* ``multitask-lora``: a LoRA adapter trained on the run's meta-train tasks pooled, with the
+  draws and outer budget of ABMLL's meta-training, then fitted on each support set exactly as
+  ``lora-support`` is, from those weights instead of a fresh start (``meta_multitask``).
 
 Every fitted baseline takes its budget from the run's saved ABMLL settings
 (``adapter/abmll_config.json``), never from a default, so one run's ``meta_eval*.json`` files
@@ -36,11 +37,12 @@ from blob_lora.methods.lora import LoraMethod
 from blob_lora.pipeline.meta_blob_support import SupportBlob
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_data import MetaRun
+from blob_lora.pipeline.meta_multitask import multitask_weights
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.tuners.abmll.meta import Batch, Nll, expected_nll
 from blob_lora.utils.errors import ConfigError
 
-BASELINES = ("zero-shot", "lora-support", "blob-support")
+BASELINES = ("zero-shot", "lora-support", "blob-support", "multitask-lora")
 #: ``adaptation(support, nll, seed)``: a block within which the model predicts for the task
 Adaptation = Callable[[Sequence[Batch], Nll, int], AbstractContextManager[nn.Module]]
 
@@ -67,10 +69,11 @@ def baseline_contender(
     run: MetaRun,
     *,
     eval_samples: int | None = None,
+    progress: bool = False,
 ) -> Contender:
     """Baseline ``name`` on ``base`` (the pretrained model, which the fitted baselines wrap in
     their adapter) under ``run``'s protocol and budget. ``eval_samples`` is BLoB's N (default
-    its own, 10)."""
+    its own, 10); ``progress`` shows the multi-task training when it runs."""
     check_baseline(name)
     if name == "zero-shot":
         base.eval()
@@ -83,12 +86,16 @@ def baseline_contender(
     if name == "blob-support":
         blob = SupportBlob(base, run.cfg, run.budget, eval_samples)
         return Contender(blob.adapted, blob.method, blob.n_samples)
-    return Contender(SupportLora(base, run.cfg, run.budget).adapted, LoraMethod(), 0)
+    lora = SupportLora(base, run.cfg, run.budget)
+    if name == "multitask-lora":
+        lora.initial = multitask_weights(lora.model, run, progress)
+    return Contender(lora.adapted, LoraMethod(), 0)
 
 
 class SupportLora:
     """One LoRA adapter on the base model, reset to the same initial weights before each
-    task and fitted on that task's support set by full-batch SGD."""
+    task and fitted on that task's support set by full-batch SGD. ``initial`` starts as the
+    seeded fresh adapter (``lora-support``); ``multitask-lora`` replaces it by its weights."""
 
     def __init__(self, base: nn.Module, cfg: MetaConfig, budget: AbmllConfig) -> None:
         torch.manual_seed(cfg.seed)  # the initial A, the same for every task
@@ -99,7 +106,7 @@ class SupportLora:
 
     @contextmanager
     def adapted(self, support: Sequence[Batch], nll: Nll, seed: int) -> Iterator[nn.Module]:
-        """The adapter after ``steps`` SGD steps from the initial weights on the support set's
+        """The adapter after ``steps`` SGD steps from ``initial`` on the support set's
         per-example mean NLL. Seeded by the task: LoRA has no weight noise, but a
         ``--lora-dropout`` mask would otherwise depend on the tasks fitted before."""
         set_peft_model_state_dict(self.model, self.initial)

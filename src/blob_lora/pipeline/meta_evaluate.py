@@ -64,14 +64,16 @@ def meta_evaluate(
     ``{"tasks": {name: metrics}, "mean": {metric: value}, ...}`` as ``meta_eval.json``
     (``meta_eval_<baseline>.json``). ``out`` defaults to the run folder; ``model`` /
     ``tokenizer`` replace loading the run's base model (tests); ``progress`` shows a bar over
-    the held-out tasks."""
+    the held-out tasks (and the multi-task baseline's training when it runs)."""
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
     meta_run, model = open_run(run, model, tokenizer)
     if baseline is None:
         contender = abmll_contender(model, meta_run, eval_samples)
     else:
-        contender = baseline_contender(baseline, model, meta_run, eval_samples=eval_samples)
+        contender = baseline_contender(
+            baseline, model, meta_run, eval_samples=eval_samples, progress=progress
+        )
     per_task = {
         pool.name: evaluate_task(contender, pool, meta_run)
         for pool in tqdm(meta_run.split.test, desc="meta-evaluate", disable=not progress)

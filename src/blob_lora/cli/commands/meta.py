@@ -118,9 +118,10 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         choices=BASELINES,
         help="score a baseline through the run's protocol instead of the run, with ABMLL's "
         "inner steps and rate as every fit's budget: zero-shot (the pretrained model), "
-        "lora-support (a fresh LoRA fitted on each support set) or blob-support (a fresh BLoB "
-        "fitted on each support set on the ELBO, N-sample predictive); written to "
-        "meta_eval_<baseline>.json",
+        "lora-support (a fresh LoRA fitted on each support set), blob-support (a fresh BLoB "
+        "fitted on each support set on the ELBO, N-sample predictive) or multitask-lora "
+        "(LoRA trained on the meta-train tasks pooled, kept in the run folder, then fitted on "
+        "each support set); written to meta_eval_<baseline>.json",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
