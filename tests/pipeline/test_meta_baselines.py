@@ -1,6 +1,7 @@
 """The baselines of ``meta-evaluate`` through the meta-learning protocol on the tiny model:
 BLoB fitted on each support set, multi-task LoRA then fine-tuning (and the ones before them),
-their determinism and reset between tasks, what each fits, and a bad name."""
+their determinism and reset between tasks, what each fits, a bad name, and cloze scoring
+through the protocol."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 
 from blob_lora.cli.main import main
 from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.pipeline import meta_evaluate as meta_evaluate_module
 from blob_lora.pipeline import meta_multitask
 from blob_lora.pipeline.meta_baselines import baseline_contender
 from blob_lora.pipeline.meta_evaluate import evaluate_task, meta_evaluate, open_run
@@ -226,3 +228,44 @@ def test_a_bad_baseline_name_is_refused_listing_the_baselines(meta_run, tmp_path
     err = capsys.readouterr().err
     assert "invalid choice: 'blob'" in err and "'blob-support', 'multitask-lora'" in err
     assert not list(tmp_path.glob("meta_eval*.json"))
+
+
+def test_cloze_scoring_runs_through_the_protocol(meta_run, tmp_path, monkeypatch):
+    root, model_dir, tasks, letter_run = meta_run
+    run = tmp_path / "cloze"
+    assert main(train_args(tasks, model_dir, run, "--scoring", "cloze")) == 0
+    assert json.loads((run / "meta_config.json").read_text())["scoring"] == "cloze"
+    seen: dict[str, list] = {"support": [], "probs": [], "items": []}
+    adapt, predict = meta_evaluate_module.adapt, meta_evaluate_module.predict_dataset
+
+    def adapt_spy(model, support, nll, **kwargs):
+        seen["support"].extend(support)
+        return adapt(model, support, nll, **kwargs)
+
+    def predict_spy(model, method, dataset, *args, **kwargs):
+        seen["items"].append(dataset[0])
+        pred = predict(model, method, dataset, *args, **kwargs)
+        seen["probs"].append(pred.probs)
+        return pred
+
+    monkeypatch.setattr(meta_evaluate_module, "adapt", adapt_spy)
+    monkeypatch.setattr(meta_evaluate_module, "predict_dataset", predict_spy)
+    cloze = evaluate_cli(run, tmp_path / "e")
+    # the support sets ABMLL adapts on and the questions it scores are cloze-encoded: one
+    # packed sequence per question with its options' branches and target tokens
+    assert len(seen["support"]) == 2
+    for batch in seen["support"]:
+        assert {"branch", "target_option", "prev_offset", "divisor"} <= batch.keys()
+        assert int(batch["branch"].max()) == 3  # 0 the question, 1..3 its three options
+    assert all({"branch", "target_option"} <= item.keys() for item in seen["items"])
+    for probs in seen["probs"]:
+        assert probs.shape == (7, 3)
+        assert torch.allclose(probs.sum(-1), torch.ones(7, dtype=probs.dtype), atol=1e-5)
+    assert all(m["n_examples"] == 7 for m in cloze["tasks"].values())
+    # the same split, seed and model scored by letters reads other logits
+    letter = evaluate_cli(letter_run, tmp_path / "l")
+    assert cloze["mean"]["nll"] != pytest.approx(letter["mean"]["nll"], rel=1e-3)
+    zero_cloze = evaluate_cli(run, tmp_path / "zc", "--baseline", "zero-shot")
+    zero_letter = evaluate_cli(letter_run, tmp_path / "zl", "--baseline", "zero-shot")
+    assert list(zero_cloze["tasks"]) == list(zero_letter["tasks"])
+    assert zero_cloze["mean"]["nll"] != pytest.approx(zero_letter["mean"]["nll"], rel=1e-3)
