@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from safetensors.torch import load_file
 from blob_lora.cli.main import main
 from blob_lora.methods import method_of
 from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.pipeline.meta_evaluate import meta_evaluate
 from blob_lora.tuners.abmll import load_abmll_model
+from blob_lora.utils.errors import ConfigError
 from tests.factories import tiny_model_folder, tiny_task_collection
 
 torch.set_num_threads(1)
@@ -88,6 +91,8 @@ def test_meta_evaluate_scores_each_held_out_task_and_is_deterministic(meta_run, 
         per_task = [m[key] for m in first["tasks"].values()]
         assert first["mean"][key] == pytest.approx(sum(per_task) / len(per_task))
     assert first["eval_samples"] == 10 and "mean: acc" in printed
+    # the adaptation budget every method of the run's comparison gets, from its saved settings
+    assert first["adaptation"] == {"steps": 2, "lr": 1e-2}
     # the same run evaluated again: the same support sets, adaptation and weight samples
     assert main(["meta-evaluate", "--run", str(out), "--out", str(root / "e2")]) == 0
     assert json.loads((root / "e2" / "meta_eval.json").read_text()) == first
@@ -131,6 +136,34 @@ def test_an_existing_run_is_not_overwritten_and_a_plain_folder_is_no_run(meta_ru
     assert "is not a meta-learning run folder" in capsys.readouterr().err
 
 
+def test_meta_evaluate_shows_a_bar_over_held_out_tasks_unless_told_not_to(
+    meta_run, tmp_path, capsys
+):
+    _, _, _, out = meta_run
+    argv = ["meta-evaluate", "--run", str(out), "--out", str(tmp_path), "--baseline", "zero-shot"]
+    assert main(argv) == 0
+    assert "meta-evaluate: 100%|" in capsys.readouterr().err
+    assert main([*argv, "--no-progress"]) == 0
+    assert "meta-evaluate:" not in capsys.readouterr().err
+
+
+def test_meta_evaluate_refuses_a_run_of_another_kind_naming_it(meta_run, tmp_path):
+    _, model, _, out = meta_run
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "run_config.json").write_text("{}")  # what blob-lora train writes
+    with pytest.raises(ConfigError, match="is a single-task run of 'blob-lora train'"):
+        meta_evaluate(single)
+    no_adapter = tmp_path / "no-adapter"  # a protocol but no ABMLL adapter
+    no_adapter.mkdir()
+    shutil.copy(out / "meta_config.json", no_adapter)
+    with pytest.raises(ConfigError, match=r"holds no ABMLL adapter \(adapter/abmll_config.json\)"):
+        meta_evaluate(no_adapter, baseline="lora-support")
+    with pytest.raises(ConfigError, match="is not a meta-learning run folder"):
+        meta_evaluate(model)
+    assert not list(tmp_path.rglob("meta_eval*.json"))
+
+
 def test_train_refuses_a_meta_learned_method_and_points_to_meta_train(tmp_path, capsys):
     args = ["train", "--method", "abmll", "--task", "arc_easy", "--out", str(tmp_path / "r")]
     assert main(args) == 2
@@ -154,6 +187,7 @@ def test_baselines_run_through_the_same_protocol(meta_run):
                      "--baseline", name]) == 0  # fmt: skip
         result = json.loads((root / name / f"meta_eval_{name}.json").read_text())
         assert result["method"] == name and result["eval_samples"] == 0
+        assert result["adaptation"] == {"steps": 2, "lr": 1e-2}
         runs.setdefault(name, []).append(result)
     held_out = json.loads((out / "tasks.json").read_text())["meta_test"]
     for results in runs.values():

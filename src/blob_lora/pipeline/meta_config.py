@@ -17,7 +17,8 @@ from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import check_choice, check_float, check_int, check_str
 
 META_CONFIG_NAME = "meta_config.json"
-#: the methods the protocol meta-trains (baselines through the same protocol are to come)
+#: the methods the protocol meta-trains (the baselines run as ``meta-evaluate --baseline`` of
+#: such a run, on its own settings: ``meta_baselines.py``)
 META_METHODS = ("abmll",)
 
 

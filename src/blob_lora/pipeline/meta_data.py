@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from blob_lora.tasks.collection import TaskPool, collection_names, load_pool, sp
 from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split
 from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.scoring import Scoring, scoring_option_ids
+from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.tuners.abmll.meta import Batch, Nll
 
 
@@ -82,3 +84,16 @@ class TaskInputsFactory:
     def nll(self, pool: TaskPool) -> Nll:
         """The task's per-example answer NLL (its own answer tokens)."""
         return answer_nll(self.option_ids(pool))
+
+
+@dataclass(frozen=True)
+class MetaRun:
+    """A saved meta-learning run as ``meta-evaluate`` reads it: its folder, its protocol, its
+    ABMLL settings (whose ``inner_steps`` / ``inner_lr`` are the adaptation budget of every
+    method in the run's comparison), its task split and the inputs of its tokenizer."""
+
+    folder: Path
+    cfg: MetaConfig
+    budget: AbmllConfig
+    split: MetaSplit
+    inputs: TaskInputsFactory

@@ -6,7 +6,8 @@ set and the evaluation questions are drawn by the run's seed, the task posterior
 the support set (ABMLL's ``inner_steps`` SGD steps from the global parameters, seeded), and the
 N-sample predictive of the posterior is scored with the project's metrics (ACC, ECE, NLL,
 Brier). ``meta_eval.json`` holds each task's metrics and their unweighted mean over tasks.
-The baselines of ``meta_baselines.py`` go through the same steps with their own adaptation.
+The baselines of ``meta_baselines.py`` go through the same steps with their own adaptation and
+predictive, into ``meta_eval_<baseline>.json``; every file records the adaptation budget.
 """
 
 from __future__ import annotations
@@ -18,26 +19,34 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from blob_lora.methods.abmll import AbmllMethod
-from blob_lora.methods.base import Method
-from blob_lora.methods.lora import LoraMethod
 from blob_lora.metrics.calibration import classification_metrics
 from blob_lora.models.loading import load_model_and_tokenizer
-from blob_lora.pipeline.meta_baselines import Adaptation, baseline_adaptation, check_baseline
-from blob_lora.pipeline.meta_config import MetaConfig
-from blob_lora.pipeline.meta_data import TaskInputsFactory, load_split
+from blob_lora.pipeline.meta_baselines import (
+    Adaptation,
+    Contender,
+    baseline_contender,
+    check_baseline,
+)
+from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
+from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, load_split
 from blob_lora.pipeline.meta_train import ADAPTER_DIR, device_of_choice
 from blob_lora.prediction.loop import predict_dataset
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tasks.scoring import Scoring
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
+from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
 from blob_lora.utils.atomic import atomic_write_json
+from blob_lora.utils.errors import ConfigError
 
 META_EVAL_FILE = "meta_eval.json"
 #: the metrics averaged over tasks
 AVERAGED = ("accuracy", "ece", "nll", "brier")
+#: what ``blob-lora train`` writes into its run folder (a single-task run)
+TRAIN_RUN_CONFIG = "run_config.json"
 
 
 def meta_evaluate(
@@ -48,54 +57,91 @@ def meta_evaluate(
     baseline: str | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Adapt the run's global parameters (or, with ``baseline``, the pretrained model: see
+    """Adapt the run's global parameters (or, with ``baseline``, a baseline: see
     ``meta_baselines.py``) to every held-out task and score it; writes and returns
     ``{"tasks": {name: metrics}, "mean": {metric: value}, ...}`` as ``meta_eval.json``
     (``meta_eval_<baseline>.json``). ``out`` defaults to the run folder; ``model`` /
-    ``tokenizer`` replace loading the run's base model (tests)."""
-    run = Path(run)
-    cfg = MetaConfig.load(run)
-    budget = AbmllConfig.load(run / ADAPTER_DIR)
+    ``tokenizer`` replace loading the run's base model (tests); ``progress`` shows a bar over
+    the held-out tasks (and the multi-task baseline's training when it runs)."""
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
-    split = load_split(cfg)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
-    device = device_of_choice()
-    method: Method
+    meta_run, model = open_run(run, model, tokenizer)
     if baseline is None:
-        peft_model = load_abmll_model(model.to(device), run / ADAPTER_DIR)
-        method = AbmllMethod()
-        n_samples = method.eval_samples(peft_model, eval_samples)
-        adaptation = abmll_adaptation(peft_model)
+        contender = abmll_contender(model, meta_run, eval_samples)
     else:
-        method, n_samples = LoraMethod(), 0
-        adaptation = baseline_adaptation(baseline, model.to(device), cfg, budget)
-    inputs = TaskInputsFactory(
-        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device
-    )
+        contender = baseline_contender(
+            baseline, model, meta_run, eval_samples=eval_samples, progress=progress
+        )
     per_task = {
-        pool.name: evaluate_task(adaptation, method, pool, cfg, inputs, n_samples)
-        for pool in split.test
+        pool.name: evaluate_task(contender, pool, meta_run)
+        for pool in tqdm(meta_run.split.test, desc="meta-evaluate", disable=not progress)
     }
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}
+    cfg, budget = meta_run.cfg, meta_run.budget
     result = {
         "method": baseline or cfg.method,
         "tasks": per_task,
         "mean": mean,
-        "eval_samples": n_samples,
+        "eval_samples": contender.n_samples,
         "k_shot": cfg.k_shot,
         "seed": cfg.seed,
+        "adaptation": {"steps": budget.inner_steps, "lr": budget.inner_lr},
     }
     name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
-    atomic_write_json(Path(out or run) / name, result)
+    atomic_write_json(Path(out or meta_run.folder) / name, result)
     return result
 
 
+def check_run(run: Path) -> None:
+    """``ConfigError`` unless ``run`` is a folder ``blob-lora meta-train`` wrote (its protocol
+    and its ABMLL adapter), naming what it is instead when that can be told."""
+    if (run / META_CONFIG_NAME).is_file() and (run / ADAPTER_DIR / ABMLL_CONFIG_NAME).is_file():
+        return
+    hint = "meta-evaluate takes a run folder written by 'blob-lora meta-train'"
+    if (run / TRAIN_RUN_CONFIG).is_file():
+        raise ConfigError(f"--run {run} is a single-task run of 'blob-lora train'; {hint}")
+    if (run / META_CONFIG_NAME).is_file():
+        raise ConfigError(
+            f"--run {run} holds no ABMLL adapter ({ADAPTER_DIR}/{ABMLL_CONFIG_NAME}); {hint}"
+        )
+    raise ConfigError(f"--run {run} is not a meta-learning run folder; {hint}")
+
+
+def open_run(
+    run: str | Path, model: Any = None, tokenizer: Any = None
+) -> tuple[MetaRun, nn.Module]:
+    """The run's protocol, budget, split and inputs, and the base model on the device
+    (``model`` / ``tokenizer`` given, or the run's loaded)."""
+    folder = Path(run)
+    check_run(folder)
+    cfg = MetaConfig.load(folder)
+    budget = AbmllConfig.load(folder / ADAPTER_DIR)
+    split = load_split(cfg)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
+    device = device_of_choice()
+    inputs = TaskInputsFactory(
+        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device
+    )
+    return MetaRun(folder, cfg, budget, split, inputs), model.to(device)
+
+
+def abmll_contender(base: nn.Module, run: MetaRun, eval_samples: int | None) -> Contender:
+    """ABMLL's: the run's global parameters on ``base``, adapted per task (``abmll_adaptation``),
+    predicting with N weight samples of the task posterior (the run's default, or
+    ``eval_samples``)."""
+    peft_model = load_abmll_model(base, run.folder / ADAPTER_DIR)
+    method = AbmllMethod()
+    return Contender(
+        abmll_adaptation(peft_model), method, method.eval_samples(peft_model, eval_samples)
+    )
+
+
 def abmll_adaptation(model: nn.Module) -> Adaptation:
-    """ABMLL's: the task posterior adapted on the support set from the global parameters
-    (seeded), installed while the model predicts."""
+    """ABMLL's adaptation: the task posterior adapted on the support set from the global
+    parameters (seeded), installed while the model predicts."""
 
     @contextmanager
     def adapted(support: Sequence[Batch], nll: Nll, seed: int) -> Iterator[nn.Module]:
@@ -107,27 +153,21 @@ def abmll_adaptation(model: nn.Module) -> Adaptation:
     return adapted
 
 
-def evaluate_task(
-    adaptation: Adaptation,
-    method: Method,
-    pool: TaskPool,
-    cfg: MetaConfig,
-    inputs: TaskInputsFactory,
-    n_samples: int,
-) -> dict[str, float]:
+def evaluate_task(contender: Contender, pool: TaskPool, run: MetaRun) -> dict[str, float]:
     """One held-out task: adapt on its support set, score its evaluation questions.
     Deterministic given the run's seed (the adaptation's and the predictive's draws)."""
+    cfg, inputs = run.cfg, run.inputs
     seed = task_seed(cfg.seed, pool.name)
     support, questions = pool.draw(cfg.k_shot, cfg.eval_size, seed)
-    with adaptation(inputs.batches(pool, support), inputs.nll(pool), seed) as model:
+    with contender.adaptation(inputs.batches(pool, support), inputs.nll(pool), seed) as model:
         torch.manual_seed(seed)  # the predictive's weight samples
         pred = predict_dataset(
             model,
-            method,
+            contender.method,
             inputs.dataset(pool, questions),
             inputs.collator(pool),
             inputs.option_ids(pool),
-            n_samples,
+            contender.n_samples,
             cfg.batch_size,
         )
     return classification_metrics(pred.probs, pred.labels)

@@ -81,7 +81,7 @@ def meta_train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     log = []
     for step in tqdm(range(cfg.meta_steps), desc="meta-train", disable=not progress):
-        tasks = _draw_tasks(split, cfg, step, inputs)
+        tasks = draw_tasks(split, cfg, step, inputs)
         loss, parts = meta_loss(peft_model, tasks, seed=cfg.seed * 1_000_003 + step)
         if not torch.isfinite(loss):
             raise ConfigError(
@@ -101,10 +101,11 @@ def meta_train(
     return summary
 
 
-def _draw_tasks(
+def draw_tasks(
     split: MetaSplit, cfg: MetaConfig, step: int, inputs: TaskInputsFactory
 ) -> list[Task]:
-    """The step's tasks and their support / query batches, drawn by the seed and the step."""
+    """The step's tasks and their support / query batches, drawn by the seed and the step
+    (also the draws of the multi-task LoRA baseline, ``meta_multitask.py``)."""
     rng = random.Random(cfg.seed * 7_919 + step)
     n = min(cfg.meta_batch_tasks, len(split.train))
     tasks = []

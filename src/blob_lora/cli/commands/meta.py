@@ -110,15 +110,20 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         "--eval-samples",
         type=int,
         default=None,
-        help="weight samples averaged; 0 = the task posterior's means (default: the run's)",
+        help="weight samples averaged; 0 = the task posterior's means (default: the run's; "
+        "for --baseline blob-support BLoB's 10; the other baselines have no samples)",
     )
     p.add_argument(
         "--baseline",
         choices=BASELINES,
-        help="score a baseline through the run's protocol instead of the run: zero-shot (the "
-        "pretrained model) or lora-support (a fresh LoRA fitted on each support set with "
-        "ABMLL's inner steps and rate); written to meta_eval_<baseline>.json",
+        help="score a baseline through the run's protocol instead of the run, with ABMLL's "
+        "inner steps and rate as every fit's budget: zero-shot (the pretrained model), "
+        "lora-support (a fresh LoRA fitted on each support set), blob-support (a fresh BLoB "
+        "fitted on each support set on the ELBO, N-sample predictive) or multitask-lora "
+        "(LoRA trained on the meta-train tasks pooled, kept in the run folder, then fitted on "
+        "each support set); written to meta_eval_<baseline>.json",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @command(
@@ -129,7 +134,11 @@ def run_meta_evaluate(args: argparse.Namespace) -> int:
     from blob_lora.pipeline.meta_evaluate import meta_evaluate
 
     result = meta_evaluate(
-        args.run, args.out, eval_samples=args.eval_samples, baseline=args.baseline
+        args.run,
+        args.out,
+        eval_samples=args.eval_samples,
+        baseline=args.baseline,
+        progress=not args.no_progress,
     )
     print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
     for name, m in result["tasks"].items():
