@@ -131,7 +131,7 @@ def test_bad_input_is_refused_naming_the_option(meta_run, tmp_path, capsys, chan
 def test_an_existing_run_is_not_overwritten_and_a_plain_folder_is_no_run(meta_run, capsys):
     root, model, tasks, out = meta_run
     assert main(train_args(tasks, model, out)) == 2
-    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert "already holds a finished meta-train run; pass --overwrite" in capsys.readouterr().err
     assert main(["meta-evaluate", "--run", str(root / "model")]) == 2
     assert "is not a meta-learning run folder" in capsys.readouterr().err
 
@@ -154,9 +154,10 @@ def test_meta_evaluate_refuses_a_run_of_another_kind_naming_it(meta_run, tmp_pat
     (single / "run_config.json").write_text("{}")  # what blob-lora train writes
     with pytest.raises(ConfigError, match="is a single-task run of 'blob-lora train'"):
         meta_evaluate(single)
-    no_adapter = tmp_path / "no-adapter"  # a protocol but no ABMLL adapter
+    no_adapter = tmp_path / "no-adapter"  # a finished protocol but no ABMLL adapter
     no_adapter.mkdir()
     shutil.copy(out / "meta_config.json", no_adapter)
+    shutil.copy(out / "tasks.json", no_adapter)
     with pytest.raises(ConfigError, match=r"holds no ABMLL adapter \(adapter/abmll_config.json\)"):
         meta_evaluate(no_adapter, baseline="lora-support")
     with pytest.raises(ConfigError, match="is not a meta-learning run folder"):

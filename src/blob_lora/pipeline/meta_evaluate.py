@@ -32,7 +32,12 @@ from blob_lora.pipeline.meta_baselines import (
 )
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
 from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, load_split
-from blob_lora.pipeline.meta_train import ADAPTER_DIR, device_of_choice
+from blob_lora.pipeline.meta_train import (
+    ADAPTER_DIR,
+    device_of_choice,
+    holds_meta_run,
+    is_finished,
+)
 from blob_lora.prediction.loop import predict_dataset
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tasks.scoring import Scoring
@@ -95,13 +100,23 @@ def meta_evaluate(
 
 
 def check_run(run: Path) -> None:
-    """``ConfigError`` unless ``run`` is a folder ``blob-lora meta-train`` wrote (its protocol
-    and its ABMLL adapter), naming what it is instead when that can be told."""
-    if (run / META_CONFIG_NAME).is_file() and (run / ADAPTER_DIR / ABMLL_CONFIG_NAME).is_file():
+    """``ConfigError`` unless ``run`` is a finished run of ``blob-lora meta-train`` (its
+    protocol, its ABMLL adapter and ``tasks.json``, written last), naming what it is instead
+    when that can be told: a run still training or stopped part way is refused."""
+    if (
+        is_finished(run)
+        and (run / META_CONFIG_NAME).is_file()
+        and (run / ADAPTER_DIR / ABMLL_CONFIG_NAME).is_file()
+    ):
         return
     hint = "meta-evaluate takes a run folder written by 'blob-lora meta-train'"
     if (run / TRAIN_RUN_CONFIG).is_file():
         raise ConfigError(f"--run {run} is a single-task run of 'blob-lora train'; {hint}")
+    if not is_finished(run) and holds_meta_run(run):
+        raise ConfigError(
+            f"--run {run}: its meta-training has not finished (stopped part way, or still "
+            "running); finish it with the same 'blob-lora meta-train' command and --resume"
+        )
     if (run / META_CONFIG_NAME).is_file():
         raise ConfigError(
             f"--run {run} holds no ABMLL adapter ({ADAPTER_DIR}/{ABMLL_CONFIG_NAME}); {hint}"

@@ -20,27 +20,42 @@ would compare it silently. Its results land beside ABMLL's, ``meta_eval_multitas
 next to ``meta_eval.json``. The cost, multi-task training inside an evaluation, is paid once:
 the weights are kept in the run folder (:data:`MULTITASK_DIR`: ``adapter/``, a plain PEFT LoRA
 folder, its ``train_log.jsonl``, and ``trained_under.json``, the run settings it was trained
-under, written last), and a later call reuses them while those settings are the run's.
+under, written last), and a later call reuses them while those settings are the run's. Its
+training checkpoints as ``meta-train``'s does (``checkpoints/`` in that folder, every
+``CHECKPOINT_EVERY`` steps): an evaluation stopped part way through it continues from
+there the next time, to the same weights.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from tqdm import tqdm
 
 from blob_lora.pipeline.meta_data import MetaRun
+from blob_lora.pipeline.meta_loop import (
+    OuterLoop,
+    has_checkpoints,
+    newest_checkpoint,
+    plain_settings,
+    settings_changes,
+)
 from blob_lora.pipeline.meta_train import ADAPTER_DIR, draw_tasks
+from blob_lora.training.run_dir import CHECKPOINTS
 from blob_lora.tuners.abmll.meta import Task, expected_nll
 from blob_lora.tuners.peft_adapter import check_adapter_fits, read_adapter_weights
-from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
-from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.atomic import (
+    atomic_directory,
+    atomic_remove,
+    atomic_write_json,
+    atomic_write_text,
+)
+from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.json_file import read_json_object
 
 #: the multi-task weights' folder inside the ABMLL run folder
@@ -48,26 +63,42 @@ MULTITASK_DIR = "multitask-lora"
 TRAINED_UNDER = "trained_under.json"
 LOG_FILE = "train_log.jsonl"
 
+#: steps between checkpoints of the multi-task training: its step is one forward and backward
+#: pass per task, ~10x cheaper than a meta-step, so 50 of them take about the time of 5
+#: meta-steps (``meta_loop.DEFAULT_CHECKPOINT_EVERY`` explains the costs)
+CHECKPOINT_EVERY = 50
+
+logger = logging.getLogger(__name__)
+
 
 def multitask_weights(
     model: PeftModel, run: MetaRun, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """The multi-task weights, loaded into ``model`` (a LoRA adapter of the run's shape,
     fresh from the run's seed) and returned: read from the run folder when they were trained
-    under the run's current settings, else trained and saved there."""
+    under the run's current settings, else trained and saved there.
+
+    Training checkpoints into :data:`MULTITASK_DIR` ``/checkpoints/`` as ``meta-train`` does
+    (``meta_loop.py``) and, the weights being a cache of the run's settings, resumes by itself
+    from the newest intact checkpoint of these settings (none intact: trained afresh, with a
+    warning). ``trained_under.json`` is removed before and written after the weights, then the
+    checkpoints go."""
     folder = run.folder / MULTITASK_DIR
     adapter = folder / ADAPTER_DIR
-    if _trained_under(folder) == run.cfg.to_dict():
+    settings = run.cfg.to_dict()
+    if _trained_under(folder) == settings:
         state = read_adapter_weights(adapter)
         check_adapter_fits(model, state, adapter, "default")
         set_peft_model_state_dict(model, state)
     else:
-        log = train_multitask_lora(model, run, progress)
-        if folder.exists():
-            shutil.rmtree(folder)  # trained under other settings, or half written
-        model.save_pretrained(adapter, safe_serialization=True, save_embedding_layers=False)
+        loop = _loop(model, run, folder / CHECKPOINTS, settings, progress)
+        log = train_multitask_lora(model, run, loop=loop)
+        atomic_remove(folder / TRAINED_UNDER)  # trained under other settings, or half written
+        with atomic_directory(adapter) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         atomic_write_text(folder / LOG_FILE, "".join(json.dumps(r) + "\n" for r in log))
-        atomic_write_json(folder / TRAINED_UNDER, run.cfg.to_dict())  # last: the folder is whole
+        atomic_write_json(folder / TRAINED_UNDER, settings)  # last: the folder is whole
+        loop.discard_checkpoints()
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return {k: v.detach().clone() for k, v in state.items()}
 
@@ -81,17 +112,59 @@ def _trained_under(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _loop(
+    model: PeftModel, run: MetaRun, root: Path, settings: dict[str, Any], progress: bool
+) -> OuterLoop:
+    """The multi-task training's outer loop, from the newest intact checkpoint under ``root``
+    that was written under ``settings``, else from the start."""
+    resume = None
+    try:
+        found = newest_checkpoint(root) if has_checkpoints(root) else None
+    except CheckpointError as exc:
+        logger.warning("multitask-lora: %s; training from the start", exc)
+        found = None
+    if found is not None and not settings_changes(found.settings, plain_settings(settings)):
+        resume = found
+    return OuterLoop(
+        model,
+        _optimizer(model, run),
+        run.cfg.meta_steps,
+        root=root,
+        settings=settings,
+        checkpoint_every=CHECKPOINT_EVERY,
+        resume=resume,
+        desc="multitask-lora",
+        progress=progress,
+    )
+
+
+def _optimizer(model: PeftModel, run: MetaRun) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=run.cfg.lr, weight_decay=0.0)
+
+
 def train_multitask_lora(
-    model: PeftModel, run: MetaRun, progress: bool = False
+    model: PeftModel, run: MetaRun, progress: bool = False, *, loop: OuterLoop | None = None
 ) -> list[dict[str, float]]:
     """Train ``model``'s adapter on the meta-train tasks pooled (module doc); returns the
-    per-step log."""
+    per-step log. ``loop`` (on ``model`` and its optimiser) adds checkpoints and a resumed
+    start; without it the training runs in memory from step 0."""
     cfg = run.cfg
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if loop is None:
+        loop = OuterLoop(
+            model,
+            _optimizer(model, run),
+            cfg.meta_steps,
+            root=None,
+            settings=cfg.to_dict(),
+            checkpoint_every=0,
+            desc="multitask-lora",
+            progress=progress,
+        )
+    optimizer = loop.optimizer
     model.train()
-    log = []
-    for step in tqdm(range(cfg.meta_steps), desc="multitask-lora", disable=not progress):
+
+    def step_fn(step: int) -> dict[str, float]:
         tasks = draw_tasks(run.split, cfg, step, run.inputs)
         loss = torch.stack([_task_nll(model, task) for task in tasks]).mean()
         if not torch.isfinite(loss):
@@ -99,9 +172,11 @@ def train_multitask_lora(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        log.append({"step": step + 1, "loss": float(loss.detach())})
+        return {"loss": float(loss.detach())}
+
+    out = loop.run(step_fn)
     model.eval()
-    return log
+    return out
 
 
 def _task_nll(model: PeftModel, task: Task) -> torch.Tensor:

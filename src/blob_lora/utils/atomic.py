@@ -96,3 +96,23 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_remove(path: str | os.PathLike[str]) -> None:
+    """Remove the file or folder ``path`` (if it is there) so that nobody sees it half removed.
+
+    A folder is first renamed to a hidden sibling (``.<name>.removed``), then deleted: a kill
+    in the middle leaves only that sibling, which the next removal of ``path`` deletes too.
+    """
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.removed")
+    if path.is_dir() and not path.is_symlink():
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        _fsync_dir(path.parent)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+        _fsync_dir(path.parent)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)

@@ -16,6 +16,7 @@ from blob_lora.cli.options import add_setting_option, read_config_file
 from blob_lora.cli.registry import command
 from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
+from blob_lora.pipeline.meta_loop import DEFAULT_CHECKPOINT_EVERY
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.settings import SettingError, flag
@@ -52,12 +53,38 @@ def _default(f: Any) -> Any:
 
 
 def _configure_meta_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run folder to create (refused if it holds a run, see --resume / --overwrite)",
+    )
     p.add_argument(
         "--config",
         help="YAML/TOML/JSON file whose keys are these long options; the command line wins",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh over the meta-train run in --out; the old run is kept until the "
+        "new one has finished (an unfinished one's checkpoints in --out/checkpoints-replaced)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its newest intact checkpoint (a "
+        "damaged newer one is skipped with a warning); the settings must be the run's, and "
+        "the result is the uninterrupted run's (bit for bit on a CPU). Not automatic, as "
+        "for train: without it a folder holding a run is refused",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write a checkpoint (global parameters, AdamW state, RNG states, log) into "
+        "--out/checkpoints every N meta-steps; 0: none. Any N gives the same result "
+        f"(default: {DEFAULT_CHECKPOINT_EVERY})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in fields(MetaConfig):
         add_setting_option(p, f.name, f, META_HELP.get(f.name, ""), _default(f))
@@ -66,14 +93,26 @@ def _configure_meta_train(p: argparse.ArgumentParser) -> None:
         add_setting_option(p, ABMLL_PREFIX + f.name, f, help_text, _default(f))
 
 
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config file's values, the command line's over them."""
+    values = read_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    return values
+
+
+def checkpoint_every_of(args: argparse.Namespace) -> int:
+    """``--checkpoint-every`` (or the config file's ``checkpoint_every``, or the default)."""
+    return _values(args).get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+
+
 def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
     """The run's settings: the config file's values, the command line's over them; an error
     names the option."""
-    values = read_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None})
+    values = _values(args)
     meta_keys = {f.name for f in fields(MetaConfig)}
     abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
-    command_keys = {"out", "config", "overwrite", "no_progress", "command", "_run"}
+    command_keys = {"out", "config", "overwrite", "resume", "checkpoint_every", "no_progress"}
+    command_keys |= {"command", "_run"}
     unknown = sorted(set(values) - meta_keys - abmll_keys - command_keys)
     if unknown:
         raise ConfigError(f"unknown keys in config file: {unknown}")
@@ -95,7 +134,13 @@ def run_meta_train(args: argparse.Namespace) -> int:
 
     meta, abmll = settings_of(args)
     summary = meta_train(
-        meta, args.out, abmll, overwrite=args.overwrite, progress=not args.no_progress
+        meta,
+        args.out,
+        abmll,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        checkpoint_every=checkpoint_every_of(args),
+        progress=not args.no_progress,
     )
     print(f"run folder: {args.out}")
     held_out = ", ".join(summary["meta_test"])

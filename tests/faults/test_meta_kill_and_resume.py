@@ -1,0 +1,87 @@
+"""A ``blob-lora meta-train`` process killed with SIGKILL at a random meta-step resumes with
+``--resume`` to exactly the uninterrupted run (bitwise, on CPU: the checkpoint holds the global
+parameters, AdamW's state, every RNG state and the log; the task, question and weight-sample
+draws are functions of the seed and the step)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blob_lora.cli.main import main
+from blob_lora.training import checkpoint as ckpt
+from tests.factories import tiny_model_folder, tiny_task_collection
+from tests.faults.tiny_run import cli_command, cli_env, one_thread
+from tests.pipeline.test_meta import train_args
+
+STEPS = 30
+
+
+def _args(tasks, model, out, *extra):
+    base = train_args(tasks, model, out, "--lora-dropout", "0.2", "--checkpoint-every", "1")
+    base[base.index("--meta-steps") + 1] = str(STEPS)
+    return [*base, *extra]
+
+
+def _latest_step(run) -> int:
+    try:
+        return int((run / "checkpoints" / "latest").read_text().strip()[5:])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta-kill")
+    model = tiny_model_folder(root / "model")
+    tasks = tiny_task_collection(root / "tasks", n_tasks=4, n_questions=10)
+    full = root / "full"
+    with one_thread():  # the CLI subprocess runs on one thread too: the same float results
+        assert main(_args(tasks, model, full)) == 0
+    return tasks, model, full
+
+
+def test_sigkill_at_a_random_meta_step_then_resume_is_bitwise_identical(inputs, tmp_path):
+    tasks, model, full = inputs
+    kill_after = random.Random().randint(1, STEPS // 2)  # the checkpoint we wait for
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli_command() + _args(tasks, model, run),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while _latest_step(run) < kill_after and proc.poll() is None:
+            assert time.monotonic() < deadline, "the meta-train subprocess made no progress"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)  # may land in the middle of the next checkpoint write
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
+    assert not (run / "tasks.json").exists() and not (run / "adapter").exists()
+    killed_at = _latest_step(run)
+    assert kill_after <= killed_at < STEPS
+    assert ckpt.latest_checkpoint(run / "checkpoints") is not None
+
+    with one_thread():
+        assert main(_args(tasks, model, run, "--resume")) == 0
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    want = load_file(full / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), (name, kill_after, killed_at)
+    for name in ("meta_train_log.jsonl", "tasks.json", "meta_config.json"):
+        assert (run / name).read_text() == (full / name).read_text(), name
+    assert not (run / "checkpoints").exists()  # a finished run keeps none
+    assert not list(run.glob(".*"))  # nor any temporary left by the write the kill cut
