@@ -13,6 +13,11 @@ errors the fine-tuned cloze LoRA is above chance: the issue asks for >= 2 on at 
 
 WinoGrande-M is evaluated on the same validation split as WinoGrande-S (the two differ in
 their training examples only), so its zero-shot cells are WinoGrande-S's.
+
+The zero-shot cloze cell of a task is the variant its fine-tuned cloze runs score with: the
+cloze experiment's spec says so (``train.length_norm``, a task's ``task_options`` over it;
+``none`` -> ``cloze``, ``token`` -> ``cloze-token``, ``char`` -> ``cloze-char``), and the
+table names the variant in the cell. A ``compare.json`` without a spec is plain-sum cloze.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 
+ZERO_SHOT_ROWS = ("letter", "cloze", "cloze-token", "cloze-char")
 TASKS = ("winogrande_s", "arc_challenge", "arc_easy", "winogrande_m", "openbookqa", "boolq")
 SAME_EVAL_SPLIT = {"winogrande_m": "winogrande_s"}
 
@@ -48,10 +54,24 @@ def zero_shot_rows(zero_shot: dict[str, Any] | None) -> dict[tuple[str, str], di
     """``(task, scoring) -> row`` of a ``zero_shot.json``; WG-M borrows WG-S's (same split)."""
     rows = {(r["task"], r["scoring"]): r for r in (zero_shot or {}).get("rows", [])}
     for task, same in SAME_EVAL_SPLIT.items():
-        for scoring in ("letter", "cloze"):
+        for scoring in ZERO_SHOT_ROWS:
             if (task, scoring) not in rows and (same, scoring) in rows:
                 rows[(task, scoring)] = rows[(same, scoring)]
     return rows
+
+
+#: a length normalisation of the runs -> the row name ``zero_shot.py`` gives that variant
+ZERO_SHOT_VARIANT = {"none": "cloze", "token": "cloze-token", "char": "cloze-char"}
+
+
+def cloze_variant(compare: dict[str, Any], task: str) -> str:
+    """The zero-shot row name of the cloze variant ``compare``'s runs of ``task`` use."""
+    spec = compare.get("spec") or {}
+    norm = (spec.get("train") or {}).get("length_norm", "none")
+    norm = ((spec.get("task_options") or {}).get(task) or {}).get("length_norm", norm)
+    if norm not in ZERO_SHOT_VARIANT:
+        raise ValueError(f"{task}: unknown length_norm {norm!r} in the cloze spec")
+    return ZERO_SHOT_VARIANT[norm]
 
 
 def binomial_se(acc: float, n: int) -> float:
@@ -69,8 +89,9 @@ def build_rows(
         any_zs = zs.get((task, "cloze")) or zs.get((task, "letter"))
         row["chance"] = any_zs["chance"] if any_zs else None
         row["majority"] = any_zs["majority"] if any_zs else None
+        row["cloze_variant"] = cloze_variant(cloze, task)
         for scoring, compare in (("letter", letter), ("cloze", cloze)):
-            z = zs.get((task, scoring))
+            z = zs.get((task, "letter" if scoring == "letter" else row["cloze_variant"]))
             row[f"zero_shot_{scoring}"] = z["accuracy"] if z else None
             row[f"zero_shot_{scoring}_se"] = z["accuracy_se"] if z else None
             accs, n = lora_accuracies(compare, task)
@@ -98,6 +119,11 @@ def _pct(v: float | None, se: float | None = None, std: float | None = None) -> 
     return cell
 
 
+def _variant(row: dict[str, Any]) -> str:
+    variant = row.get("cloze_variant", "cloze")
+    return "" if variant == "cloze" else f" [{variant.removeprefix('cloze-')}]"
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     """Markdown: accuracy in percent; fine-tuned cells are mean ± seed std (s.e. of one run)."""
     lines = [
@@ -111,7 +137,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['task']} | {r['n'] or '–'} | {_pct(r['chance'])} | {_pct(r['majority'])} | "
             f"{_pct(r['zero_shot_letter'], r['zero_shot_letter_se'])} | "
-            f"{_pct(r['zero_shot_cloze'], r['zero_shot_cloze_se'])} | "
+            f"{_pct(r['zero_shot_cloze'], r['zero_shot_cloze_se'])}{_variant(r)} | "
             f"{_pct(r['lora_letter'], None, r['lora_letter_seed_std'])} [{seeds['letter']}] | "
             f"{_pct(r['lora_cloze'], r['lora_cloze_se'], r['lora_cloze_seed_std'])} "
             f"[{seeds['cloze']}] | {'–' if z is None else f'{z:+.1f}'} |"
@@ -120,7 +146,8 @@ def render(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(
         f"Fine-tuned cloze LoRA is >= 2 s.e. above chance on {passed} of {len(rows)} tasks "
-        "([k] = seeds finished; ± is the seeds' sample std, s.e. the binomial error of one run)."
+        "([k] = seeds finished; ± is the seeds' sample std, s.e. the binomial error of one run; "
+        "[token] / [char]: the zero-shot cloze cell is length-normalised as the task's runs are)."
     )
     return "\n".join(lines) + "\n"
 

@@ -63,3 +63,30 @@ def test_rows_average_seeds_and_measure_distance_from_chance() -> None:
     text = render(list(rows.values()))
     assert "| arc_easy | 400 | 25.0 | 60.0 |" in text
     assert "above chance on 1 of 6 tasks" in text
+
+
+def test_zero_shot_cloze_cell_is_the_variant_the_runs_use() -> None:
+    """Runs scored per token (the spec's default) or per character (a task option) are set
+    beside the zero-shot row of the same variant, never the plain sum's."""
+    cloze = {
+        "spec": {
+            "train": {"length_norm": "token"},
+            "task_options": {"boolq": {"length_norm": "char"}},
+        },
+        "runs": [_run("arc_easy", "lora", 1, 0.6, 400), _run("boolq", "lora", 1, 0.7, 400)],
+    }
+    zero = {
+        "rows": [
+            _zs(task, variant, acc, 0.25)
+            for task in ("arc_easy", "boolq")
+            for variant, acc in (("cloze", 0.41), ("cloze-token", 0.42), ("cloze-char", 0.43))
+        ]
+    }
+    rows = {r["task"]: r for r in build_rows({"runs": []}, cloze, zero)}
+    assert rows["arc_easy"]["cloze_variant"] == "cloze-token"
+    assert rows["arc_easy"]["zero_shot_cloze"] == pytest.approx(0.42)
+    assert rows["boolq"]["zero_shot_cloze"] == pytest.approx(0.43)
+    # no spec: plain-sum cloze, as the 80-example cloze tables were run
+    plain = {r["task"]: r for r in build_rows({"runs": []}, {"runs": cloze["runs"]}, zero)}
+    assert plain["arc_easy"]["zero_shot_cloze"] == pytest.approx(0.41)
+    assert "42.0 (s.e. 1.0) [token]" in render(list(rows.values()))
