@@ -269,3 +269,17 @@ def test_cloze_scoring_runs_through_the_protocol(meta_run, tmp_path, monkeypatch
     zero_letter = evaluate_cli(letter_run, tmp_path / "zl", "--baseline", "zero-shot")
     assert list(zero_cloze["tasks"]) == list(zero_letter["tasks"])
     assert zero_cloze["mean"]["nll"] != pytest.approx(zero_letter["mean"]["nll"], rel=1e-3)
+
+
+def test_eval_samples_on_a_point_estimate_baseline_is_said_to_be_ignored(
+    run_copy, tmp_path, caplog
+):
+    """``--eval-samples 10`` cannot change a point estimate's predictive: the file records
+    N = 0 and the user is told, rather than left to think ten samples were averaged."""
+    run, _ = run_copy
+    with caplog.at_level("WARNING", logger="blob_lora.pipeline.meta_evaluate"):
+        result = evaluate_cli(
+            run, tmp_path / "e", "--baseline", "zero-shot", "--eval-samples", "10"
+        )
+    assert result["eval_samples"] == 0
+    assert "--eval-samples 10 ignored: zero-shot predicts at its point estimate" in caplog.text

@@ -12,6 +12,7 @@ predictive, into ``meta_eval_<baseline>.json``; every file records the adaptatio
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,8 @@ from blob_lora.tuners.abmll.meta import Batch, Nll
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 META_EVAL_FILE = "meta_eval.json"
 #: the metrics averaged over tasks
 AVERAGED = ("accuracy", "ece", "nll", "brier")
@@ -78,6 +81,12 @@ def meta_evaluate(
     else:
         contender = baseline_contender(
             baseline, model, meta_run, eval_samples=eval_samples, progress=progress
+        )
+    if eval_samples and contender.n_samples == 0:
+        logger.warning(
+            "--eval-samples %d ignored: %s predicts at its point estimate (N = 0)",
+            eval_samples,
+            baseline,
         )
     per_task = {
         pool.name: evaluate_task(contender, pool, meta_run)
