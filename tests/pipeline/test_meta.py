@@ -198,3 +198,16 @@ def test_baselines_run_through_the_same_protocol(meta_run):
     # the support-set fit moved the predictive away from the pretrained model's
     zero, fitted = runs["zero-shot"][0]["mean"], runs["lora-support"][0]["mean"]
     assert zero["nll"] != fitted["nll"]
+
+
+def test_a_config_file_cannot_set_what_the_command_line_chooses(meta_run, tmp_path, capsys):
+    """``overwrite: true`` in a config file would be dropped silently (the flag's False wins):
+    it is refused, and the old run is left alone."""
+    _, model, tasks, out = meta_run
+    before = sorted(p.name for p in out.iterdir())
+    config = tmp_path / "meta.yaml"
+    config.write_text("overwrite: true\nk_shot: 3\n")
+    assert main([*train_args(tasks, model, out), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite: command-line only, not a config-file key" in err
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -93,9 +93,21 @@ def _configure_meta_train(p: argparse.ArgumentParser) -> None:
         add_setting_option(p, ABMLL_PREFIX + f.name, f, help_text, _default(f))
 
 
+#: what a run does with its folder, chosen when it is started, never stored in a config file
+COMMAND_LINE_ONLY = ("out", "config", "overwrite", "resume", "no_progress")
+
+
 def _values(args: argparse.Namespace) -> dict[str, Any]:
-    """The config file's values, the command line's over them."""
+    """The config file's values, the command line's over them. A config file that sets a
+    command-line-only option is refused (its value would otherwise be silently dropped: the
+    flags' ``False`` defaults win over it)."""
     values = read_config_file(args.config) if args.config else {}
+    only = sorted(set(values) & set(COMMAND_LINE_ONLY))
+    if only:
+        named = ", ".join(flag(k) for k in only)
+        raise ConfigError(
+            f"--config {args.config}: {named}: command-line only, not a config-file key"
+        )
     values.update({k: v for k, v in vars(args).items() if v is not None})
     return values
 
@@ -111,8 +123,7 @@ def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
     values = _values(args)
     meta_keys = {f.name for f in fields(MetaConfig)}
     abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
-    command_keys = {"out", "config", "overwrite", "resume", "checkpoint_every", "no_progress"}
-    command_keys |= {"command", "_run"}
+    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", "command", "_run"}
     unknown = sorted(set(values) - meta_keys - abmll_keys - command_keys)
     if unknown:
         raise ConfigError(f"unknown keys in config file: {unknown}")
