@@ -405,7 +405,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
 def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):
     """SIGINT/SIGTERM during one run must not be reported as a failure and skipped."""
     from blob_lora.comparison import compare
-    from blob_lora.training.trainer import TrainingInterrupted
+    from blob_lora.training.signals import TrainingInterrupted
 
     spec = spec_from_dict(
         {"methods": ["lora", "blob"], "tasks": ["arc_easy"], "seeds": [1]},

@@ -85,3 +85,44 @@ def test_sigkill_at_a_random_meta_step_then_resume_is_bitwise_identical(inputs, 
         assert (run / name).read_text() == (full / name).read_text(), name
     assert not (run / "checkpoints").exists()  # a finished run keeps none
     assert not list(run.glob(".*"))  # nor any temporary left by the write the kill cut
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resume_is_bitwise_identical(inputs, tmp_path):
+    """A scheduler's SIGTERM (a session's end) loses nothing: the step in flight finishes, is
+    checkpointed, the command exits with a clear error, and --resume ends at the
+    uninterrupted run."""
+    tasks, model, full = inputs
+    run = tmp_path / "terminated"
+    args = _args(tasks, model, run)
+    args[args.index("--checkpoint-every") + 1] = "5"
+    proc = subprocess.Popen(
+        cli_command() + args,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while _latest_step(run) < 5 and proc.poll() is None:  # inside the steps
+            assert time.monotonic() < deadline, "the meta-train subprocess made no progress"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-2000:]
+    assert "stopped by signal 15 after step" in err and "continue with --resume" in err
+    stopped_at = _latest_step(run)
+    assert f"after step {stopped_at};" in err  # the signal's own checkpoint is the newest
+    assert 5 <= stopped_at < STEPS
+    assert not (run / "tasks.json").exists()
+
+    with one_thread():
+        assert main([*args, "--resume"]) == 0
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    want = load_file(full / "adapter" / "adapter_model.safetensors")
+    for name in want:
+        assert torch.equal(got[name], want[name]), (name, stopped_at)
+    assert (run / "meta_train_log.jsonl").read_text() == (full / "meta_train_log.jsonl").read_text()

@@ -48,7 +48,7 @@ from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.saved_run import load_run
-from blob_lora.training.trainer import TrainingInterrupted
+from blob_lora.training.signals import TrainingInterrupted
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from blob_lora.training import checkpoint as ckpt
+from blob_lora.training.signals import StopSignals, TrainingInterrupted
 from blob_lora.utils.atomic import atomic_remove
 from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.settings import flag
@@ -173,14 +175,29 @@ class OuterLoop:
         if self._rng is not None:
             ckpt.set_rng_state(self._rng)
             self._rng = None
-        with tqdm(
-            total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress
-        ) as bar:
+        # SIGINT / SIGTERM end the step in flight, checkpoint it and stop (as train does);
+        # without a checkpoints folder there is nothing to save, and the signals act as usual
+        signals = StopSignals() if self.root is not None else nullcontext(None)
+        with (
+            signals as stop,
+            tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc=self.desc,
+                disable=not self.progress,
+            ) as bar,
+        ):
             while self.step < self.total_steps:
                 row = step_fn(self.step)
                 self.step += 1
                 self.log.append({"step": self.step, **row})
                 bar.update(1)
+                if stop is not None and stop.received is not None:
+                    self.save()
+                    raise TrainingInterrupted(
+                        f"{self.desc} stopped by signal {stop.received} after step "
+                        f"{self.step}; checkpoint saved in {self.root}, continue with --resume"
+                    )
                 if self.every and self.step % self.every == 0 and self.step < self.total_steps:
                     self.save()
         if self.saved_step != self.step:

@@ -31,10 +31,8 @@ This is the loop only: which method to train, evaluating the result and writing
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +77,7 @@ from blob_lora.training.run_dir import (
     prepare_run_dir,
 )
 from blob_lora.training.sampler import EpochShuffleSampler
+from blob_lora.training.signals import StopSignals, TrainingInterrupted
 from blob_lora.utils.atomic import atomic_directory, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, CheckpointError, ConfigError
 
@@ -89,10 +88,6 @@ if TYPE_CHECKING:
 
 class TrainingDiverged(BlobLoraError):
     """The loss became NaN or infinite."""
-
-
-class TrainingInterrupted(BlobLoraError):
-    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
 
 
 class LearningCurve(Protocol):
@@ -148,30 +143,6 @@ class _StepPlan:
     total_steps: int
     global_batch: int
     schedule: KLSchedule
-
-
-@dataclass
-class _Signals:
-    """SIGINT/SIGTERM recorded, not raised, so every process stops at the same step boundary
-    after a checkpoint (a second signal stops at once)."""
-
-    received: int | None = None
-
-    def __enter__(self) -> _Signals:
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.received is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -465,7 +436,7 @@ class TrainingLoop:
         }
         self.prefix: PrefixFeatureCache | None = None
         self.window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "micro": 0.0}
-        self.signals = _Signals()
+        self.signals = StopSignals()
 
     def start(self, resuming: bool, dataset: MCDataset, progress: bool) -> None:
         """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
@@ -564,7 +535,7 @@ class TrainingLoop:
             )
             yield self.step
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: _Signals) -> bool:
+    def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: StopSignals) -> bool:
         """Forward and backward one micro-batch, and step the optimiser at a boundary; True
         once the last step is done."""
         cfg, accelerator, method = self.cfg, self.accelerator, self.method
@@ -614,7 +585,7 @@ class TrainingLoop:
         return min(grad_accum, self.plan.micro_per_epoch - first)
 
     def _optimizer_step(
-        self, kl_value: torch.Tensor | None, pi: float, micro: int, signals: _Signals
+        self, kl_value: torch.Tensor | None, pi: float, micro: int, signals: StopSignals
     ) -> None:
         """One optimiser step: update, log, record the curve, checkpoint, stop on a signal."""
         cfg, method, unwrapped = self.cfg, self.method, self.unwrapped
