@@ -97,6 +97,18 @@ def seconds_table(compare: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shown(path: Path) -> str:
+    """``path`` as PROVENANCE.md names it: as given when relative, else relative to the
+    checkout holding this script (publishing from another worktree into this one), else its
+    name. Never an absolute path of the machine that published."""
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return path.name
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", type=Path, help="the experiment file that was run")
@@ -125,15 +137,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for r in finished:
         if (spec.out / r["dir"]).is_dir():
             copy_run(spec.out / r["dir"], args.dest / r["dir"])
-    ref_flag = f" --reference {args.reference}" if args.reference else ""
+    ref_flag = f" --reference {shown(args.reference)}" if args.reference else ""
     done = len(finished)
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
-    text = f"""# Provenance of {args.dest}
+    text = f"""# Provenance of {shown(args.dest)}
 
 * Command (repository root):
-  `OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/blob-lora compare --config {args.config}`
+  `OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/blob-lora compare --config {shown(args.config)}`
   (resumable: the same command continues an unfinished table), then
-  `.venv/bin/python paper/publish.py {args.config} {args.dest}{ref_flag}`.
+  `.venv/bin/python paper/publish.py {shown(args.config)} {shown(args.dest)}{ref_flag}`.
 * Git revision of the code: `{_git("rev-parse", "HEAD")}`{dirty}.
 * Published: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")};
   runs finished: {done} of {len(compare.get("runs", []))}.

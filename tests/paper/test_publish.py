@@ -60,3 +60,12 @@ def test_only_finished_runs_are_published() -> None:
         ]
     }
     assert [r["dir"] for r in publish.finished_runs(compare)] == ["runs/a/lora/seed1"]
+
+
+def test_provenance_never_names_an_absolute_path_of_the_machine(tmp_path: Path) -> None:
+    """Publishing from another worktree into this checkout (an absolute destination) still
+    writes the repository-relative path; a relative path is kept as given."""
+    publish = _publish_module()
+    assert publish.shown(ROOT / "results" / "regime_tables") == "results/regime_tables"
+    assert publish.shown(Path("paper/regime_tables.yaml")) == "paper/regime_tables.yaml"
+    assert publish.shown(tmp_path / "elsewhere" / "table") == "table"
