@@ -143,20 +143,7 @@ class OuterLoop:
 
     def _restore(self, found: Checkpoint) -> None:
         saved = found.state["trainable"]
-        missing = sorted(set(self.trainable) - set(saved))
-        unexpected = sorted(set(saved) - set(self.trainable))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint {found.path} does not fit this model: {len(unexpected)} saved "
-                f"tensors have no place, e.g. {unexpected[:2]}; {len(missing)} trainable "
-                f"tensors are not saved, e.g. {missing[:2]}"
-            )
-        for name, value in saved.items():
-            if self.trainable[name].shape != value.shape:
-                raise CheckpointError(
-                    f"checkpoint {found.path} does not fit this model: {name} has shape "
-                    f"{tuple(value.shape)} there, {tuple(self.trainable[name].shape)} here"
-                )
+        ckpt.check_fits(found.path, self.trainable, saved)
         with torch.no_grad():
             for name, value in saved.items():
                 self.trainable[name].copy_(value)

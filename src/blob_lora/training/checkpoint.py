@@ -244,6 +244,26 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_fits(path: Path, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """``CheckpointError`` unless the checkpoint at ``path`` holds exactly the trainable
+    tensors ``params`` (by name) with their shapes: resuming another model's or adapter
+    layout's run must fail before anything is copied, naming what does not fit."""
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (another base model or adapter "
+            f"layout?): {len(unexpected)} saved tensors have no place, e.g. {unexpected[:2]}; "
+            f"{len(missing)} trainable tensors are not saved, e.g. {missing[:2]}"
+        )
+    for name, value in saved.items():
+        if params[name].shape != value.shape:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model (made for another base model?): "
+                f"{name} has shape {tuple(value.shape)} there, {tuple(params[name].shape)} here"
+            )
+
+
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     """The newest *verified* checkpoint, or ``None`` when there is none.
 

@@ -712,20 +712,7 @@ def _restore(
     state = ckpt.load_checkpoint(path)
     params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     saved = state["trainable"]
-    missing = sorted(set(params) - set(saved))
-    unexpected = sorted(set(saved) - set(params))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model (another base model or adapter "
-            f"layout?): {len(unexpected)} saved tensors have no place, e.g. {unexpected[:2]}; "
-            f"{len(missing)} trainable tensors are not saved, e.g. {missing[:2]}"
-        )
-    for name, value in saved.items():
-        if params[name].shape != value.shape:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model (made for another base model?): "
-                f"{name} has shape {tuple(value.shape)} there, {tuple(params[name].shape)} here"
-            )
+    ckpt.check_fits(path, params, saved)
     loop = state["state"]
     saved_global = loop.get("global_batch")
     if saved_global is not None and int(saved_global) != layout["global_batch"]:
