@@ -7,8 +7,6 @@ from __future__ import annotations
 import random
 import shutil
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -18,9 +16,9 @@ from blob_lora.training import checkpoint as ckpt
 from tests.faults.tiny_run import (
     adapter,
     base_args,
-    cli_command,
-    cli_env,
+    latest_step,
     one_thread,
+    signal_after_checkpoint,
     train_log,
 )
 
@@ -34,13 +32,6 @@ def _args(assets, out, *extra):
         "--method", "blob", "--batch-size", "3", "--max-steps", str(STEPS),
         "--checkpoint-every", "1", "--evaluate", "false", *extra,
     )  # fmt: skip
-
-
-def _latest_step(run) -> int:
-    try:
-        return int((run / "checkpoints" / "latest").read_text().strip()[5:])
-    except (OSError, ValueError):
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +48,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(assets, full,
 
     kill_after = random.Random().randint(1, STEPS // 2)  # the checkpoint we wait for
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cli_command() + _args(assets, run),
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while _latest_step(run) < kill_after and proc.poll() is None:
-            assert time.monotonic() < deadline, "the training subprocess made no progress"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)  # may land in the middle of the next checkpoint write
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
+    returncode, err = signal_after_checkpoint(_args(assets, run), run, kill_after, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
     assert not (run / "adapter").exists()
-    killed_at = _latest_step(run)
+    killed_at = latest_step(run)
     assert kill_after <= killed_at < STEPS
     assert ckpt.latest_checkpoint(run / "checkpoints") is not None
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 from blob_lora.cli.main import main
 from blob_lora.training import checkpoint as ckpt
 from tests.factories import tiny_model_folder, tiny_task_collection
-from tests.faults.tiny_run import cli_command, cli_env, one_thread
+from tests.faults.tiny_run import latest_step, one_thread, signal_after_checkpoint
 from tests.pipeline.test_meta import train_args
 
 STEPS = 30
@@ -27,13 +25,6 @@ def _args(tasks, model, out, *extra):
     base = train_args(tasks, model, out, "--lora-dropout", "0.2", "--checkpoint-every", "1")
     base[base.index("--meta-steps") + 1] = str(STEPS)
     return [*base, *extra]
-
-
-def _latest_step(run) -> int:
-    try:
-        return int((run / "checkpoints" / "latest").read_text().strip()[5:])
-    except (OSError, ValueError):
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +42,12 @@ def test_sigkill_at_a_random_meta_step_then_resume_is_bitwise_identical(inputs, 
     tasks, model, full = inputs
     kill_after = random.Random().randint(1, STEPS // 2)  # the checkpoint we wait for
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cli_command() + _args(tasks, model, run),
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    returncode, err = signal_after_checkpoint(
+        _args(tasks, model, run), run, kill_after, signal.SIGKILL
     )
-    deadline = time.monotonic() + 240
-    try:
-        while _latest_step(run) < kill_after and proc.poll() is None:
-            assert time.monotonic() < deadline, "the meta-train subprocess made no progress"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)  # may land in the middle of the next checkpoint write
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
+    assert returncode == -signal.SIGKILL, f"finished before the kill: {err[-2000:]}"
     assert not (run / "tasks.json").exists() and not (run / "adapter").exists()
-    killed_at = _latest_step(run)
+    killed_at = latest_step(run)
     assert kill_after <= killed_at < STEPS
     assert ckpt.latest_checkpoint(run / "checkpoints") is not None
 
@@ -95,26 +72,10 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_is_bitwise_identical(
     run = tmp_path / "terminated"
     args = _args(tasks, model, run)
     args[args.index("--checkpoint-every") + 1] = "5"
-    proc = subprocess.Popen(
-        cli_command() + args,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while _latest_step(run) < 5 and proc.poll() is None:  # inside the steps
-            assert time.monotonic() < deadline, "the meta-train subprocess made no progress"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 2, err[-2000:]
+    returncode, err = signal_after_checkpoint(args, run, 5, signal.SIGTERM)  # inside the steps
+    assert returncode == 2, err[-2000:]
     assert "stopped by signal 15 after step" in err and "continue with --resume" in err
-    stopped_at = _latest_step(run)
+    stopped_at = latest_step(run)
     assert f"after step {stopped_at};" in err  # the signal's own checkpoint is the newest
     assert 5 <= stopped_at < STEPS
     assert not (run / "tasks.json").exists()

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,40 @@ def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProces
         timeout=timeout,
         check=False,
     )
+
+
+def latest_step(run: Path) -> int:
+    """The step ``run/checkpoints/latest`` points at (0: none yet)."""
+    try:
+        return int((run / "checkpoints" / "latest").read_text().strip()[5:])
+    except (OSError, ValueError):
+        return 0
+
+
+def signal_after_checkpoint(
+    args: list[str], run: Path, step: int, sig: int, timeout: float = 240
+) -> tuple[int, str]:
+    """Run the CLI with ``args`` in a subprocess, send ``sig`` once ``run`` holds a checkpoint
+    of ``step`` or later, and return its exit code and stderr (a kill may land in the middle
+    of the next checkpoint write)."""
+    proc = subprocess.Popen(
+        cli_command() + args,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while latest_step(run) < step and proc.poll() is None:
+            assert time.monotonic() < deadline, "the CLI subprocess made no progress"
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
 
 
 def free_port() -> int:
