@@ -109,6 +109,14 @@ def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return [f"{flag(k)} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys]
 
 
+def outer_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The outer loop's optimiser: AdamW without weight decay over the trainable parameters
+    (ABMLL's global parameters, or the multi-task LoRA), one definition for both so that the
+    baseline is trained exactly as the method it is compared with."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 class OuterLoop:
     """AdamW steps over ``model``'s trainable parameters from step 0, or from ``resume``,
     to ``total_steps``, with the log and the checkpoints of the module doc.

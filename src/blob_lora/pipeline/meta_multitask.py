@@ -42,6 +42,7 @@ from blob_lora.pipeline.meta_loop import (
     OuterLoop,
     has_checkpoints,
     newest_checkpoint,
+    outer_optimizer,
     plain_settings,
     settings_changes,
 )
@@ -127,7 +128,7 @@ def _loop(
         resume = found
     return OuterLoop(
         model,
-        _optimizer(model, run),
+        outer_optimizer(model, run.cfg.lr),
         run.cfg.meta_steps,
         root=root,
         settings=settings,
@@ -136,11 +137,6 @@ def _loop(
         desc="multitask-lora",
         progress=progress,
     )
-
-
-def _optimizer(model: PeftModel, run: MetaRun) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=run.cfg.lr, weight_decay=0.0)
 
 
 def train_multitask_lora(
@@ -153,7 +149,7 @@ def train_multitask_lora(
     if loop is None:
         loop = OuterLoop(
             model,
-            _optimizer(model, run),
+            outer_optimizer(model, run.cfg.lr),
             cfg.meta_steps,
             root=None,
             settings=cfg.to_dict(),

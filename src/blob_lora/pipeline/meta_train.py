@@ -47,6 +47,7 @@ from blob_lora.pipeline.meta_loop import (
     check_checkpoint_every,
     has_checkpoints,
     newest_checkpoint,
+    outer_optimizer,
     plain_settings,
     settings_changes,
 )
@@ -193,8 +194,7 @@ def meta_train(
     inputs = TaskInputsFactory(
         tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device
     )
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = outer_optimizer(peft_model, cfg.lr)
     loop = OuterLoop(
         peft_model,
         optimizer,
