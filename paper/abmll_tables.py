@@ -1,0 +1,421 @@
+"""ABMLL's table (issue 24): meta-train per seed, meta-evaluate ABMLL and every baseline on the
+seed's held-out tasks, and average over seeds; before that, ABMLL's free settings chosen on
+held-out *meta-train* tasks, never on a task any seed holds out.
+
+The experiment is one YAML file (``paper/abmll_tables.yaml``)::
+
+    name: abmll_tables
+    out: paper/out/abmll_tables
+    seeds: [1, 2, 3]
+    baselines: [zero-shot, lora-support, blob-support, multitask-lora]
+    meta: {...}            # meta-train's options as config-file keys (``k_shot``, ``abmll_beta``)
+    select:                # optional: choose settings first
+      validation_tasks: 5  # held out from the selection runs' own collection
+      seed: 0              # the selection runs' split, draws and samples
+      metric: nll          # lowest mean over the validation tasks wins (accuracy: highest)
+      meta: {...}          # overrides of ``meta`` for the selection runs (e.g. fewer steps)
+      grid: {abmll_gamma: [0.0, 1.0e-9, 1.0e-7]}   # every combination is one selection run
+
+**Selection.** Each seed's split of the collection holds out ``meta_test_tasks`` tasks. The
+selection runs meta-train on the collection *minus every seed's held-out tasks*, holding out
+``validation_tasks`` of those for themselves, and score ABMLL there; the grid point with the
+best mean ``metric`` over the validation tasks is written to ``<out>/selection.json`` and used
+by every run of the table. No task a seed is evaluated on is seen by the choice.
+
+**Table.** Per seed, ``<out>/runs/seed<s>``: ``blob-lora meta-train`` (resumed from its
+checkpoints if a previous invocation was stopped; a finished run is kept), then
+``meta-evaluate`` for ABMLL and each baseline (a ``meta_eval*.json`` already there is kept).
+``<out>/table.md`` / ``table.json`` hold each contender's mean over the seed's held-out tasks,
+averaged over the finished seeds (± sample std over seeds), the per-seed values, and the wall
+seconds each stage took (``timing.json`` in each run folder: seconds per invocation segment,
+so a resumed stage sums its segments).
+
+Every stage is resumable: run the same command again after a stop.
+
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python paper/abmll_tables.py \
+        paper/abmll_tables.yaml [--stage select|table|all] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from blob_lora.pipeline.meta_baselines import BASELINES
+from blob_lora.pipeline.meta_config import MetaConfig
+from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_evaluate
+from blob_lora.pipeline.meta_train import is_finished, meta_train
+from blob_lora.tasks.collection import collection_names, split_tasks
+from blob_lora.tuners.abmll import AbmllConfig
+from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.json_file import read_json_object
+
+ABMLL_PREFIX = "abmll_"
+TIMING_FILE = "timing.json"
+SELECTION_FILE = "selection.json"
+#: lower is better for these metrics; accuracy is the one where higher is better
+LOWER_IS_BETTER = ("nll", "ece", "brier")
+PLAN_KEYS = {"name", "out", "seeds", "baselines", "meta", "select"}
+SELECT_KEYS = {"validation_tasks", "seed", "metric", "meta", "grid"}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The ``select`` section: how ABMLL's free settings are chosen (module doc)."""
+
+    grid: dict[str, list[Any]]
+    validation_tasks: int = 5
+    seed: int = 0
+    metric: str = "nll"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values, in the file's order."""
+        keys = list(self.grid)
+        return [
+            dict(zip(keys, values, strict=True))
+            for values in itertools.product(*self.grid.values())
+        ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One experiment file, checked."""
+
+    path: Path
+    name: str
+    out: Path
+    seeds: list[int]
+    baselines: list[str]
+    meta: dict[str, Any]
+    select: Selection | None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """The experiment file ``path``; a bad key or value is refused naming the file."""
+    path = Path(path)
+    try:
+        import yaml
+
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of settings")
+    unknown = sorted(set(raw) - PLAN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(PLAN_KEYS)}")
+    for key in ("name", "out", "seeds", "meta"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    seeds = raw["seeds"]
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+    baselines = raw.get("baselines", [])
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ConfigError(f"{path}: unknown baselines {bad}; choose from {list(BASELINES)}")
+    if not isinstance(raw["meta"], dict):
+        raise ConfigError(f"{path}: meta must be a mapping of meta-train settings")
+    settings(raw["meta"], where=f"{path}: meta")  # every key and value checked up front
+    select = _load_selection(raw.get("select"), raw["meta"], path)
+    return Plan(
+        path, str(raw["name"]), Path(raw["out"]), seeds, list(baselines), raw["meta"], select
+    )
+
+
+def _load_selection(raw: Any, meta: dict[str, Any], path: Path) -> Selection | None:
+    if raw is None:
+        return None
+    where = f"{path}: select"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = sorted(set(raw) - SELECT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {sorted(SELECT_KEYS)}")
+    grid = raw.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{where}.grid must map settings to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.grid.{key} must be a non-empty list")
+    metric = raw.get("metric", "nll")
+    if metric not in AVERAGED:
+        raise ConfigError(f"{where}.metric {metric!r}: choose from {list(AVERAGED)}")
+    selection = Selection(
+        grid=grid,
+        validation_tasks=int(raw.get("validation_tasks", 5)),
+        seed=int(raw.get("seed", 0)),
+        metric=metric,
+        meta=dict(raw.get("meta") or {}),
+    )
+    for point in selection.points():
+        settings({**meta, **selection.meta, **point}, where=f"{where}.grid {point}")
+    return selection
+
+
+def settings(values: dict[str, Any], *, where: str) -> tuple[MetaConfig, AbmllConfig]:
+    """meta-train's settings from config-file keys (``abmll_<field>`` for ABMLL's), as
+    ``blob-lora meta-train --config`` reads them; an unknown key or a bad value names
+    ``where``."""
+    meta_keys = {f.name for f in fields(MetaConfig)}
+    abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
+    unknown = sorted(set(values) - meta_keys - abmll_keys)
+    if unknown:
+        raise ConfigError(f"{where}: unknown meta-train settings {unknown}")
+    values = dict(values)
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")]
+    try:
+        meta = MetaConfig(**{k: v for k, v in values.items() if k in meta_keys})
+        abmll = AbmllConfig(
+            **{k[len(ABMLL_PREFIX) :]: v for k, v in values.items() if k in abmll_keys}
+        )
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return meta, abmll
+
+
+def held_out_by_seeds(meta: dict[str, Any], seeds: list[int]) -> list[str]:
+    """Every task that some seed of the table holds out (names only; nothing is loaded)."""
+    cfg, _ = settings(meta, where="meta")
+    names = collection_names(cfg.tasks)
+    held: set[str] = set()
+    for seed in seeds:
+        held.update(split_tasks(names, cfg.meta_test_tasks, seed)[1])
+    return [n for n in names if n in held]
+
+
+def selection_collection(plan: Plan) -> list[str]:
+    """The selection runs' tasks: the collection minus every seed's held-out tasks; refused
+    when too few are left to hold out ``validation_tasks`` and still meta-train."""
+    assert plan.select is not None
+    cfg, _ = settings(plan.meta, where="meta")
+    held = set(held_out_by_seeds(plan.meta, plan.seeds))
+    rest = [n for n in collection_names(cfg.tasks) if n not in held]
+    if len(rest) <= plan.select.validation_tasks:
+        raise ConfigError(
+            f"{plan.path}: {len(rest)} tasks are left after every seed's held-out tasks: "
+            f"too few to hold out {plan.select.validation_tasks} for validation and train on "
+            "the rest (lower meta.meta_test_tasks, select.validation_tasks or the seeds)"
+        )
+    if any("," in n for n in rest):
+        raise ConfigError(f"{plan.path}: a task name holds a comma: {rest}")
+    return rest
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A folder name for one grid point (``abmll_gamma=1e-07``)."""
+    return ",".join(f"{k}={v!r}" for k, v in point.items()).replace("/", "_")
+
+
+@contextmanager
+def timed(folder: Path, key: str) -> Iterator[None]:
+    """Add the seconds the block ran to ``timing.json``'s list under ``key`` (one entry per
+    invocation segment)."""
+    start = time.perf_counter()
+    yield
+    path = folder / TIMING_FILE
+    timing = read_json_object(path, ConfigError) if path.exists() else {}
+    timing.setdefault(key, []).append(round(time.perf_counter() - start, 1))
+    atomic_write_json(path, timing)
+
+
+def train_and_evaluate(
+    folder: Path, values: dict[str, Any], contenders: list[str], *, progress: bool
+) -> dict[str, dict[str, Any]]:
+    """One meta-learning run in ``folder`` (resumed or kept when there is one) and each
+    contender's ``meta_eval*.json`` (kept when there is one); returns them by contender."""
+    cfg, abmll = settings(values, where=str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_finished(folder):
+        with timed(folder, "meta_train_s"):
+            meta_train(cfg, folder, abmll, resume=True, progress=progress)
+    results = {}
+    for name in contenders:
+        baseline = None if name == "abmll" else name
+        path = folder / (META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json")
+        if not path.exists():
+            with timed(folder, f"meta_evaluate_{name}_s"):
+                meta_evaluate(folder, baseline=baseline, progress=progress)
+        results[name] = read_json_object(path, ConfigError)
+    return results
+
+
+def run_selection(plan: Plan, *, progress: bool) -> dict[str, Any]:
+    """Every grid point meta-trained and scored on the validation tasks; the winner written to
+    ``selection.json`` (kept when it is there: delete it to choose again)."""
+    assert plan.select is not None
+    done = plan.out / SELECTION_FILE
+    if done.exists():
+        return read_json_object(done, ConfigError)
+    sel = plan.select
+    tasks = ",".join(selection_collection(plan))
+    rows = []
+    for point in sel.points():
+        values = {
+            **plan.meta,
+            **sel.meta,
+            **point,
+            "tasks": tasks,
+            "meta_test_tasks": sel.validation_tasks,
+            "seed": sel.seed,
+        }
+        folder = plan.out / "select" / point_name(point)
+        result = train_and_evaluate(folder, values, ["abmll"], progress=progress)["abmll"]
+        rows.append({"settings": point, "mean": result["mean"], "tasks": sorted(result["tasks"])})
+    better = min if sel.metric in LOWER_IS_BETTER else max
+    best = better(rows, key=lambda r: r["mean"][sel.metric])
+    summary = {
+        "metric": sel.metric,
+        "chosen": best["settings"],
+        "validation_tasks": best["tasks"],
+        "excluded_held_out_tasks": held_out_by_seeds(plan.meta, plan.seeds),
+        "rows": rows,
+    }
+    atomic_write_json(done, summary)
+    atomic_write_text(plan.out / "selection.md", selection_markdown(summary))
+    return summary
+
+
+def selection_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Selection of ABMLL's settings (lowest/highest mean {summary['metric']} on "
+        "held-out meta-train tasks)",
+        "",
+        "Validation tasks (meta-train tasks of every seed, held out from the selection runs): "
+        + ", ".join(summary["validation_tasks"]),
+        "",
+        "| settings | " + " | ".join(AVERAGED) + " |",
+        "|---|" + "---|" * len(AVERAGED),
+    ]
+    for row in summary["rows"]:
+        cells = " | ".join(f"{row['mean'][k]:.4f}" for k in AVERAGED)
+        mark = " (chosen)" if row["settings"] == summary["chosen"] else ""
+        lines.append(f"| {point_name(row['settings'])}{mark} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table(plan: Plan, chosen: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Every seed's run and contenders (resumable), then the table over finished seeds."""
+    contenders = ["abmll", *plan.baselines]
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    timing: dict[int, dict[str, Any]] = {}
+    for seed in plan.seeds:
+        folder = plan.out / "runs" / f"seed{seed}"
+        values = {**plan.meta, **chosen, "seed": seed}
+        per_seed[seed] = train_and_evaluate(folder, values, contenders, progress=progress)
+        timing[seed] = read_json_object(folder / TIMING_FILE, ConfigError)
+    table = summarise(per_seed, contenders)
+    table.update({"name": plan.name, "chosen": chosen, "timing_s": timing})
+    atomic_write_json(plan.out / "table.json", table)
+    atomic_write_text(plan.out / "table.md", table_markdown(table))
+    return table
+
+
+def summarise(
+    per_seed: dict[int, dict[str, dict[str, Any]]], contenders: list[str]
+) -> dict[str, Any]:
+    """Each contender's per-seed means (over that seed's held-out tasks) and their mean and
+    sample std over seeds; also each contender's difference from ABMLL within a seed."""
+    rows: dict[str, Any] = {}
+    for name in contenders:
+        values = {s: per_seed[s][name]["mean"] for s in per_seed}
+        rows[name] = {
+            "per_seed": values,
+            "mean": {k: statistics.fmean(v[k] for v in values.values()) for k in AVERAGED},
+            "std": {k: _std([v[k] for v in values.values()]) for k in AVERAGED},
+            "eval_samples": {s: per_seed[s][name].get("eval_samples") for s in per_seed},
+            "held_out": {s: sorted(per_seed[s][name]["tasks"]) for s in per_seed},
+        }
+    return {"seeds": sorted(per_seed), "contenders": rows}
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    seeds = table["seeds"]
+    lines = [
+        f"# {table['name']}: mean over each seed's held-out tasks, then over seeds "
+        f"{seeds} (± sample std over seeds)",
+        "",
+        f"Settings chosen on held-out meta-train tasks: {table['chosen'] or 'none (defaults)'}",
+        "",
+        "| method | N | " + " | ".join(AVERAGED) + " |",
+        "|---|---|" + "---|" * len(AVERAGED),
+    ]
+    for name, row in table["contenders"].items():
+        n = sorted({v for v in row["eval_samples"].values() if v is not None})
+        cells = []
+        for k in AVERAGED:
+            std = row["std"][k]
+            cells.append(f"{row['mean'][k]:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+        lines.append(f"| {name} | {','.join(map(str, n)) or '-'} | " + " | ".join(cells) + " |")
+    lines += ["", "Held-out tasks per seed:", ""]
+    first = next(iter(table["contenders"].values()))
+    for seed in seeds:
+        lines.append(f"- seed {seed}: " + ", ".join(first["held_out"][seed]))
+    lines += ["", "Wall seconds per stage (per invocation segment):", ""]
+    for seed, stages in table["timing_s"].items():
+        parts = ", ".join(f"{k} {'+'.join(map(str, v))}" for k, v in stages.items())
+        lines.append(f"- seed {seed}: {parts}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="the experiment file (paper/abmll_tables.yaml)")
+    p.add_argument("--stage", choices=("select", "table", "all"), default="all")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        plan = load_plan(args.config)
+        if args.dry_run:
+            print(json.dumps(describe(plan), indent=2))
+            return 0
+        chosen: dict[str, Any] = {}
+        if plan.select is not None and args.stage in ("select", "all"):
+            chosen = run_selection(plan, progress=not args.no_progress)["chosen"]
+        elif plan.select is not None:
+            done = plan.out / SELECTION_FILE
+            if not done.exists():
+                raise ConfigError(f"{done}: no selection yet; run --stage select first")
+            chosen = read_json_object(done, ConfigError)["chosen"]
+        if args.stage in ("table", "all"):
+            print(table_markdown(run_table(plan, chosen, progress=not args.no_progress)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """What the plan would run (``--dry-run``)."""
+    out: dict[str, Any] = {
+        "table_runs": [str(plan.out / "runs" / f"seed{s}") for s in plan.seeds],
+        "contenders": ["abmll", *plan.baselines],
+        "held_out_by_seeds": held_out_by_seeds(plan.meta, plan.seeds),
+    }
+    if plan.select is not None:
+        out["selection_points"] = plan.select.points()
+        out["selection_tasks"] = len(selection_collection(plan))
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""``paper/abmll_tables.py`` on the tiny model and a folder of tiny tasks: the selection never
+sees a task any seed holds out, picks the grid point its metric says, the table averages what
+the runs wrote, a second invocation runs nothing again, and bad plans are refused by name."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import abmll_tables
+from blob_lora.utils.errors import ConfigError
+from tests.factories import tiny_model_folder, tiny_task_collection
+
+torch.set_num_threads(1)
+
+
+def write_plan(root: Path, **changes) -> Path:
+    model = tiny_model_folder(root / "model")
+    tasks = tiny_task_collection(root / "tasks", n_tasks=8, n_questions=10)
+    plan = {
+        "name": "tiny",
+        "out": str(root / "out"),
+        "seeds": [1, 2],
+        "baselines": ["zero-shot", "lora-support"],
+        "meta": {
+            "tasks": str(tasks),
+            "model": str(model),
+            "meta_test_tasks": 2,
+            "k_shot": 3,
+            "query_size": 4,
+            "eval_size": 4,
+            "meta_steps": 2,
+            "max_length": 96,
+            "lora_r": 2,
+            "abmll_inner_steps": 1,
+        },
+        "select": {"validation_tasks": 2, "grid": {"abmll_gamma": [0.0, 1.0e-7]}},
+    }
+    plan.update(changes)
+    path = root / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("abmll_tables")
+    path = write_plan(root)
+    assert abmll_tables.main([str(path), "--no-progress"]) == 0
+    return root, path
+
+
+def test_selection_never_sees_a_task_a_seed_holds_out(finished) -> None:
+    root, path = finished
+    plan = abmll_tables.load_plan(path)
+    out = root / "out"
+    held = set()
+    for seed in plan.seeds:
+        held.update(
+            json.loads((out / "runs" / f"seed{seed}" / "tasks.json").read_text())["meta_test"]
+        )
+    assert held == set(abmll_tables.held_out_by_seeds(plan.meta, plan.seeds))
+    for run in (out / "select").iterdir():
+        seen = json.loads((run / "tasks.json").read_text())
+        assert not held & set(seen["meta_train"] + seen["meta_test"])
+        assert len(seen["meta_test"]) == 2
+    selection = json.loads((out / "selection.json").read_text())
+    best = min(selection["rows"], key=lambda r: r["mean"]["nll"])
+    assert selection["chosen"] == best["settings"]
+    assert {json.dumps(r["settings"]) for r in selection["rows"]} == {
+        json.dumps({"abmll_gamma": 0.0}),
+        json.dumps({"abmll_gamma": 1.0e-7}),
+    }
+
+
+def test_table_runs_use_the_chosen_setting_and_average_what_they_wrote(finished) -> None:
+    root, _ = finished
+    out = root / "out"
+    chosen = json.loads((out / "selection.json").read_text())["chosen"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["chosen"] == chosen
+    for seed in (1, 2):
+        run = out / "runs" / f"seed{seed}"
+        saved = json.loads((run / "adapter" / "abmll_config.json").read_text())
+        assert saved["gamma"] == chosen["abmll_gamma"]
+        assert json.loads((run / "meta_config.json").read_text())["seed"] == seed
+    for name, file in (
+        ("abmll", "meta_eval.json"),
+        ("lora-support", "meta_eval_lora-support.json"),
+    ):
+        per_seed = [
+            json.loads((out / "runs" / f"seed{s}" / file).read_text())["mean"]["nll"]
+            for s in (1, 2)
+        ]
+        row = table["contenders"][name]
+        assert row["mean"]["nll"] == pytest.approx(statistics.fmean(per_seed))
+        assert row["std"]["nll"] == pytest.approx(statistics.stdev(per_seed))
+    md = (out / "table.md").read_text()
+    assert "| zero-shot |" in md and "seed 2:" in md
+
+
+def test_second_invocation_runs_nothing_and_a_missing_result_is_redone(finished) -> None:
+    root, path = finished
+    run = root / "out" / "runs" / "seed1"
+    timing = json.loads((run / "timing.json").read_text())
+    before = (run / "meta_eval.json").read_bytes()
+    assert abmll_tables.main([str(path), "--no-progress"]) == 0
+    assert json.loads((run / "timing.json").read_text()) == timing  # nothing ran
+    (run / "meta_eval_zero-shot.json").unlink()
+    assert abmll_tables.main([str(path), "--no-progress", "--stage", "table"]) == 0
+    again = json.loads((run / "timing.json").read_text())
+    assert (
+        len(again["meta_evaluate_zero-shot_s"]) == 2
+        and again["meta_train_s"] == timing["meta_train_s"]
+    )
+    assert (run / "meta_eval.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": 1}, "unknown keys"),
+        ({"baselines": ["maml"]}, "unknown baselines"),
+        ({"seeds": []}, "seeds must be"),
+        ({"select": {"grid": {"abmll_gamma": []}}}, "must be a non-empty list"),
+        ({"select": {"grid": {"abmll_beta": [-1.0]}}}, "beta"),
+        ({"select": {"grid": {"abmll_gamma": [0.0]}, "metric": "f1"}}, "metric"),
+    ],
+)
+def test_bad_plans_are_refused_naming_the_file(tmp_path, change, message) -> None:
+    path = write_plan(tmp_path, **change)
+    with pytest.raises(ConfigError, match=message) as info:
+        abmll_tables.load_plan(path)
+    assert str(path) in str(info.value)
+
+
+def test_selection_refused_when_the_seeds_leave_too_few_tasks(tmp_path) -> None:
+    # 8 tasks, 2 held out per seed: at most 6 left, too few to hold out 6 and train on any
+    path = write_plan(tmp_path, select={"validation_tasks": 6, "grid": {"abmll_gamma": [0.0]}})
+    plan = abmll_tables.load_plan(path)
+    with pytest.raises(ConfigError, match="too few"):
+        abmll_tables.selection_collection(plan)
+
+
+def test_the_experiment_of_record_loads() -> None:
+    plan = abmll_tables.load_plan(Path(abmll_tables.__file__).with_name("abmll_tables.yaml"))
+    assert plan.select is not None and str(plan.out).startswith("paper/out/")
+    assert plan.meta["scoring"] == "cloze"
