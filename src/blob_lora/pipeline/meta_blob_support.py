@@ -11,18 +11,19 @@ Per task (``SupportBlob.adapted``):
   reset to those weights (mean, ``B`` and std) before every task, as ``lora-support`` is.
 * The objective: the ELBO per support example, ``NLL + pi * KL(q(A) || p(A))``, NLL the
   per-example mean over the support set (one weight sample per step: BLoB's layers sample in
-  training) and ``pi = 1 / n`` with ``n`` the support size: the project's ``elbo`` KL schedule
-  (``training.kl_schedule.KLSchedule``). Not the paper's geometric schedule with dataset
+  training) and ``pi = 1 / n`` with ``n`` the support size: the weight the project's ``elbo`` KL
+  schedule gives (``training.kl_schedule.KLSchedule``). Not the paper's geometric schedule with dataset
   rescaling, the training default: its cycle for ``n = 5`` is ``K = int(100 n^(pi/8) / n) = 37``
   steps, so the weights of a 10-step fit (``2^(j-38)``) would leave the KL out entirely and the
   std would never be pulled to the prior; 1/n is the exact per-example bound of the data at hand.
-* The optimiser: the one BLoB trains with, the paper's (``training.optim.build_updater``, mode
-  ``paper``): AdamW on the NLL for the mean and ``B``, then SGD on ``pi * KL`` for every tensor
-  and on NLL + KL for the std. The budget is the run's, shared by every adaptation of the
-  comparison: ``inner_steps`` steps, every rate (AdamW's and the SGD's ``kl_lr``) the run's
-  ``inner_lr``, held constant as in ABMLL's inner SGD and ``lora-support`` (the paper's 6 %
-  warmup over 10 steps would take the first step at rate 0, its decay halve the mean rate).
-  Full batch: every step sees the whole support set, as the other adaptations do.
+* The optimiser: plain SGD on that ELBO for every trainable tensor (mean and std of ``A``,
+  ``B``), ``inner_steps`` full-batch steps at the run's ``inner_lr``: the budget and the
+  optimiser of every adaptation of the comparison (ABMLL's inner SGD, ``lora-support``), so
+  that the contenders differ only in their objective and starting point. Not BLoB's training
+  optimiser (AdamW on the mean and ``B``): Adam's normalised steps at the same rate move each
+  weight by about ``inner_lr`` per step whatever its gradient, 0.1 over 10 steps at 1e-2,
+  far more than SGD moves ``lora-support``'s, so "the same budget" would not mean the same
+  distance from the start.
 * Prediction: BLoB's N-sample predictive (``methods.blob.BlobMethod``; N = meta-evaluate's
   ``--eval-samples``, else ``BlobConfig.eval_samples`` = 10; N = 0 the mean weights). The fit's
   weight noise is seeded by the task, the predictive's by ``meta_evaluate`` with the same seed
@@ -31,7 +32,7 @@ Per task (``SupportBlob.adapted``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,16 +42,9 @@ from torch import nn
 
 from blob_lora.methods.blob import BlobMethod
 from blob_lora.pipeline.meta_config import MetaConfig
-from blob_lora.training.kl_schedule import KLSchedule
-from blob_lora.training.optim import build_updater
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.tuners.abmll.meta import Batch, Nll, expected_nll
 from blob_lora.tuners.blob import BlobConfig, get_blob_model, kl_divergence
-
-
-def constant_rate(_factor: Callable[[int], float]) -> Callable[[int], float]:
-    """``build_updater``'s ``reshape``: the budget's rate at every step (module doc)."""
-    return lambda _step: 1.0
 
 
 class SupportBlob:
@@ -73,23 +67,15 @@ class SupportBlob:
     def adapted(self, support: Sequence[Batch], nll: Nll, seed: int) -> Iterator[nn.Module]:
         """The adapter after ``steps`` ELBO steps from the initial weights on ``support``."""
         set_peft_model_state_dict(self.model, self.initial)
-        self.model.zero_grad(set_to_none=True)
         n = sum(len(b["labels"]) for b in support)
-        schedule = KLSchedule(kind="elbo", cycle=1, n_train=n)  # pi = 1 / n
-        updater = build_updater(
-            self.model,
-            mode="paper",
-            bayesian=True,
-            lr=self.lr,
-            kl_lr=self.lr,
-            total_steps=max(1, self.steps),
-            warmup_ratio=0.0,
-            reshape=constant_rate,
-        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.lr)
         torch.manual_seed(seed)  # the training weight samples (Flipout)
         self.model.train()
-        for step in range(1, self.steps + 1):
-            expected_nll(self.model, support, nll, 1).backward()
-            updater.step(lambda: kl_divergence(self.model), schedule.weight(step))
+        for _ in range(self.steps):
+            optimizer.zero_grad(set_to_none=True)
+            elbo = expected_nll(self.model, support, nll, 1) + kl_divergence(self.model) / n
+            elbo.backward()
+            optimizer.step()
         self.model.eval()
         yield self.model
