@@ -24,6 +24,8 @@ beside the run's learned std (BLoB runs) and the fraction of elements the data p
         [--prior-std 0.2] [--out std_curvature.json]
 
 LoRA runs have no prior: ``--prior-std`` (default BLoB's 0.2) and only the exact ELBO column.
+``--factor B`` measures the elements of ``B`` instead, under the same prior: what a posterior
+over ``B`` (not BLoB's) would get from the same data.
 """
 
 from __future__ import annotations
@@ -49,10 +51,16 @@ QUANTILES = (0.01, 0.5, 0.99)
 
 def mean_a_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The mean of A of every adapted layer (LoRA's ``lora_A``; BLoB's mean ``M``), by layer."""
+    return factor_parameters(model, "A")
+
+
+def factor_parameters(model: torch.nn.Module, factor: str) -> dict[str, torch.nn.Parameter]:
+    """``lora_A`` (``factor`` "A") or ``lora_B`` ("B") of every adapted layer, by layer."""
+    marker = f".lora_{factor}."
     out = {}
     for name, p in model.named_parameters():
-        if ".lora_A." in name and name.endswith(".weight"):
-            out[name.split(".lora_A.")[0].removeprefix("base_model.model.")] = p
+        if marker in name and name.endswith(".weight"):
+            out[name.split(marker)[0].removeprefix("base_model.model.")] = p
     return out
 
 
@@ -111,10 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=200)
     p.add_argument("--prior-std", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="which training questions are used")
+    p.add_argument(
+        "--factor",
+        choices=("A", "B"),
+        default="A",
+        help="the factor whose elements are measured: A (BLoB's Bayesian one) or B (what a "
+        "posterior over B would see; same prior std)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     result = analyse(
-        args.run, load_run(args.run), args.examples, prior_std=args.prior_std, seed=args.seed
+        args.run,
+        load_run(args.run),
+        args.examples,
+        prior_std=args.prior_std,
+        seed=args.seed,
+        factor=args.factor,
     )
     print(markdown(result))
     if args.out is not None:
@@ -123,9 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def analyse(
-    run: Path, loaded: Any, examples: int, *, prior_std: float | None = None, seed: int = 0
+    run: Path,
+    loaded: Any,
+    examples: int,
+    *,
+    prior_std: float | None = None,
+    seed: int = 0,
+    factor: str = "A",
 ) -> dict[str, Any]:
-    """The module doc's measurement on ``loaded`` (``load_run(run)``), per layer."""
+    """The module doc's measurement on ``loaded`` (``load_run(run)``), per layer, along the
+    elements of ``factor`` (A: the learned std beside it; B: no std to compare)."""
     cfg, model = loaded.config, loaded.model
     bayesian = any(True for _ in blob_layers(model))
     prior_std = prior_std or (cfg.blob.prior_std if bayesian else 0.2)
@@ -139,7 +166,7 @@ def analyse(
     )
     n_train = len(inputs.dataset)
     positions = sorted(random.Random(seed).sample(range(n_train), min(examples, n_train)))
-    params = mean_a_parameters(model)
+    params = factor_parameters(model, factor)
     for q in model.parameters():
         q.requires_grad_(False)
     for q in params.values():
@@ -149,7 +176,7 @@ def analyse(
         fisher = fisher_diagonal(model, params, inputs, positions)
     n_eff = kl_examples(run) if bayesian else None
     learned = {}
-    if bayesian:
+    if bayesian and factor == "A":
         for name, layer in blob_layers(model):
             adapter = next(iter(layer.lora_A_rho))
             key = name.removeprefix("base_model.model.")
@@ -179,6 +206,7 @@ def analyse(
     return {
         "run": str(run),
         "task": cfg.data.task,
+        "factor": factor,
         "examples": len(positions),
         "n_train": n_train,
         "n_eff": n_eff,
@@ -198,12 +226,10 @@ def markdown(result: dict[str, Any]) -> str:
     q = "-".join(f"q{int(v * 100):02d}" for v in QUANTILES)
     n_eff = result["n_eff"]
     lines = [
-        f"{result['run']} ({result['task']}): Fisher on {result['examples']} of "
-        f"{result['n_train']} training questions, prior std {result['prior_std']}, "
-        f"n_eff of the run's KL weights {n_eff:.0f}"
-        if n_eff
-        else f"{result['run']} ({result['task']}): Fisher on {result['examples']} of "
-        f"{result['n_train']} training questions, prior std {result['prior_std']}",
+        f"{result['run']} ({result['task']}), elements of {result['factor']}: Fisher on "
+        f"{result['examples']} of {result['n_train']} training questions, prior std "
+        f"{result['prior_std']}"
+        + (f", n_eff of the run's KL weights {n_eff:.0f}" if n_eff else ""),
         "",
         f"| layer | elements | RMS of B | implied std, exact ELBO ({q}) | < 0.9 prior | < 0.5 prior | "
         f"implied std, run's objective ({q}) | learned std ({q}) | corr(learned, implied) |",

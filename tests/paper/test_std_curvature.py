@@ -92,3 +92,15 @@ def test_exact_fisher_of_one_question_by_hand(blob_run, char_base, char_tok):
                 by_hand[n] += logp[c].exp().item() * p.grad.double().pow(2)
     for n in params:
         torch.testing.assert_close(fisher[n], by_hand[n])
+
+
+def test_fisher_along_b_vanishes_without_a(blob_run, char_base, char_tok):
+    run = loaded(blob_run, char_base, char_tok)
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if ".lora_A." in name:
+                p.zero_()
+    result = std_curvature.analyse(blob_run, run, examples=2, factor="B")
+    assert result["factor"] == "B" and result["layers"]
+    for row in result["layers"].values():
+        assert row["fisher_q"] == [0.0, 0.0, 0.0] and "learned_std_q" not in row
