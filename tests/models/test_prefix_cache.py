@@ -243,3 +243,55 @@ def test_a_run_resumes_with_the_cache_switched(tmp_path) -> None:
     assert check_run_dir(out, now, overwrite=False, resume=True) is True
     with pytest.raises(ConfigError, match=r"lr \(0.0001 -> 0.001\)"):
         check_run_dir(out, {**now, "lr": 1e-3}, overwrite=False, resume=True)
+
+
+def test_a_single_pass_keeps_one_batch_of_features_and_other_questions_stay_in_ram(
+    arc, smollm2_tokenizer, tmp_path
+) -> None:
+    """``keep=False`` drops an example's features once its batch is assembled (the same
+    output); questions that are no task split (no ``digest``) never go to ``cache_dir``."""
+    from blob_lora.tasks.dataset import EncodedDataset, IndexedCollator, IndexedDataset
+
+    dataset, collator, _ = arc
+    _, model = _model("lora", len(smollm2_tokenizer))
+    collate = IndexedCollator(collator)
+    batch = collate([IndexedDataset(dataset)[i] for i in range(4)])
+    index = batch.pop("index")
+    kept = PrefixFeatureCache.for_dataset(model, dataset)
+    once = PrefixFeatureCache.for_dataset(model, dataset, keep=False)
+    assert torch.equal(once.output_for(model, batch, index), kept.output_for(model, batch, index))
+    assert len(kept.features) == 4 and not once.features
+    # a task split written to disk keeps its features until they are written, keep or not
+    on_disk = PrefixFeatureCache.for_dataset(model, dataset, tmp_path, keep=False)
+    assert on_disk.path is not None and on_disk.keep
+    questions = EncodedDataset(dataset._enc)  # the same questions, as meta-evaluate holds them
+    in_ram = PrefixFeatureCache.for_dataset(model, questions, tmp_path, keep=False)
+    assert in_ram is not None and in_ram.path is None and not in_ram.keep
+    assert torch.equal(in_ram.output_for(model, batch, index), kept.output_for(model, batch, index))
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def _count_block0(model) -> list[int]:
+    calls = [0]
+    (layers,) = (m for n, m in model.named_modules() if n.endswith("model.layers"))
+    layers[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_prediction_caches_questions_that_are_no_task_split(arc, smollm2_tokenizer) -> None:
+    """``predict_dataset(prefix_cache=True)`` on in-memory questions (an ``EncodedDataset``,
+    as meta-evaluate scores them) runs the frozen block once per batch, not per sample."""
+    from blob_lora.tasks.dataset import EncodedDataset
+
+    dataset, collator, option_ids = arc
+    method, model = _model("blob", len(smollm2_tokenizer))
+    questions = EncodedDataset(dataset._enc)
+    calls = _count_block0(model)
+    args = (model, method, questions, collator, option_ids, 4, 4)
+    torch.manual_seed(5)
+    full, _ = samples_and_labels(*args, fold=1, prefix_cache=False)
+    assert calls[0] == 3 * 4  # 3 batches, 4 samples one at a time
+    torch.manual_seed(5)
+    cached, _ = samples_and_labels(*args, fold=1, prefix_cache=True)
+    assert calls[0] == 12 + 3
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)

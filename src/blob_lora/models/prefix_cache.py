@@ -35,7 +35,7 @@ from blob_lora.models.prefix import (
     hidden_of,
     injected_prefix,
 )
-from blob_lora.tasks.dataset import MCDataset
+from blob_lora.tasks.dataset import EncodedDataset
 from blob_lora.utils.atomic import atomic_write_bytes
 
 #: Largest cache (all examples' hidden states) built without being asked: it lives in RAM.
@@ -124,15 +124,27 @@ class PrefixFeatureCache:
     """Hidden states after blocks ``[:start]`` for examples of one tokenised dataset.
 
     Only real tokens are stored (``(length, hidden)`` per example, on the CPU); a batch is
-    assembled with zeros at padded positions, which attention masks out.
+    assembled with zeros at padded positions, which attention masks out. ``keep`` holds every
+    example's features once computed (the caller meets the examples again: epochs, a curve
+    scored repeatedly, a file to write); without it an example's are dropped once its batch is
+    assembled, so a single pass over a dataset holds one batch of features, not the dataset's.
     """
 
-    def __init__(self, model: nn.Module, start: int, key: str, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        start: int,
+        key: str,
+        path: Path | None = None,
+        *,
+        keep: bool = True,
+    ) -> None:
         if start < 1:
             raise ValueError("a prefix cache needs at least one frozen block")
         self.plan = prefix_plan(model, start)
         self.key = key
         self.path = path
+        self.keep = keep or path is not None  # what is written must be kept until then
         self.features: dict[int, Tensor] = {}
         self.as_tuple: bool | None = None
         self._dirty = False
@@ -143,12 +155,17 @@ class PrefixFeatureCache:
     def for_dataset(
         cls,
         model: nn.Module,
-        dataset: MCDataset,
+        dataset: EncodedDataset,
         cache_dir: str | Path | None = None,
         limit_bytes: int = AUTO_LIMIT_BYTES,
+        *,
+        keep: bool = True,
     ) -> PrefixFeatureCache | None:
-        """A cache for ``dataset`` (an ``MCDataset``) on ``model``, or ``None`` if there is no
-        frozen prefix or the features would exceed ``limit_bytes`` of RAM."""
+        """A cache for ``dataset`` on ``model``, or ``None`` if there is no frozen prefix or
+        the features would exceed ``limit_bytes`` of RAM. Only a task split (an ``MCDataset``,
+        whose ``digest`` names its content) is kept in ``cache_dir``; other questions (a
+        meta-learning task's draw, ``Predictor``'s) are cached in RAM only. ``keep`` as the
+        class says."""
         start = frozen_prefix_length(model)
         if start == 0:
             return None
@@ -160,10 +177,12 @@ class PrefixFeatureCache:
         size = sum(dataset.lengths) * int(hidden) * torch.finfo(dtype).bits // 8
         if size > limit_bytes:
             return None
+        digest = getattr(dataset, "digest", None)
         fp = prefix_fingerprint(model, start)
-        key = hashlib.sha256(f"{dataset.digest}:{fp}:{start}:{dtype}".encode()).hexdigest()
-        path = Path(cache_dir) / "prefix" / f"{key}.safetensors" if cache_dir else None
-        return cls(model, start, key, path)
+        key = hashlib.sha256(f"{digest}:{fp}:{start}:{dtype}".encode()).hexdigest()
+        on_disk = cache_dir is not None and digest is not None
+        path = Path(cache_dir) / "prefix" / f"{key}.safetensors" if on_disk else None
+        return cls(model, start, key, path, keep=keep)
 
     @property
     def start(self) -> int:
@@ -226,6 +245,9 @@ class PrefixFeatureCache:
                     f"{int(mask[row].sum())}: the cache does not belong to this dataset"
                 )
             hidden[row][mask[row]] = feats.to(mask.device)
+        if not self.keep:
+            for ix in ids:
+                self.features.pop(ix, None)
         return (hidden,) if self.as_tuple else hidden
 
     @contextmanager
