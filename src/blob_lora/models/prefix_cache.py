@@ -11,6 +11,11 @@ the uncached forward up to float rounding from a different padding length.
 The cache is keyed by the tokenised dataset, the prefix's weights (a sampled fingerprint),
 ``start`` and dtype; with ``path`` it is also kept on disk (safetensors, written atomically)
 so every run of an experiment on the same split shares one computation.
+
+:class:`BatchPrefixCache` serves the other pattern: not a dataset met in ever new batches, but
+the same few batch objects forwarded again and again (the support set of a meta-learning
+adaptation, ``K`` inner steps on the same batches). It keeps each batch's block output whole,
+the very tensor the full forward hands on, so the forwards from it equal the full ones exactly.
 """
 
 from __future__ import annotations
@@ -255,4 +260,49 @@ class PrefixFeatureCache:
         """Within the block, forwards of ``model`` on ``batch`` start at block ``start``."""
         output = self.output_for(model, batch, index)
         with injected_prefix(self.plan, output):
+            yield
+
+
+class BatchPrefixCache:
+    """The output of a model's frozen blocks for batches that are forwarded again and again.
+
+    Within :meth:`injected`, a forward of a batch starts at the first adapted block from that
+    batch's output of blocks ``[:start]``, computed (without gradients) on its first forward
+    and reused for every later forward of the same batch object: an adaptation's ``K`` inner
+    steps on one support set run the frozen blocks once. Whether there is a frozen prefix is
+    asked (:func:`frozen_prefix_length`) at every forward, in the model's mode of that forward,
+    so a model without one (an adapter in the first block, base-model dropout while training)
+    simply runs whole. The output is kept whole, padding included: the suffix gets the very
+    tensor the full forward would hand it, so results equal the full forward's.
+
+    Batches are told apart by identity (each is held with its output as long as the cache
+    lives, so no other object can take its ``id``): build one per adaptation (or per
+    meta-training step), not per run.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self._outputs: dict[int, tuple[dict[str, Tensor], Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    @contextmanager
+    def injected(self, model: nn.Module, batch: dict[str, Tensor]) -> Iterator[None]:
+        """Within the block, forwards of ``model`` on ``batch`` start at the first adapted
+        block when the model has a frozen prefix now; otherwise they run whole."""
+        start = frozen_prefix_length(model)
+        if start == 0:
+            yield
+            return
+        plan = prefix_plan(model, start)
+        if start != self.start:  # outputs of another prefix length are no longer the input
+            self._outputs.clear()
+            self.start = start
+        held = self._outputs.get(id(batch))
+        if held is None:
+            with torch.no_grad():
+                held = (batch, capture_prefix(model, plan, batch))
+            self._outputs[id(batch)] = held
+        with injected_prefix(plan, held[1]):
             yield
