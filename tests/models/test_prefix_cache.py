@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -243,3 +244,152 @@ def test_a_run_resumes_with_the_cache_switched(tmp_path) -> None:
     assert check_run_dir(out, now, overwrite=False, resume=True) is True
     with pytest.raises(ConfigError, match=r"lr \(0.0001 -> 0.001\)"):
         check_run_dir(out, {**now, "lr": 1e-3}, overwrite=False, resume=True)
+
+
+def test_abmll_layers_are_found_by_their_parameter_names() -> None:
+    """ABMLL's four pairs (``lora_A`` / ``lora_B`` and ``lora_sigma_*``) mark their block as
+    adapted, trainable (meta-training) or frozen (loaded for meta-evaluate) alike."""
+    from peft import LoraConfig
+
+    from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
+
+    def abmll(targets):
+        return get_abmll_model(tiny_llama(), LoraConfig(r=2, target_modules=targets), AbmllConfig())
+
+    top = abmll(r".*\.layers\.1\.self_attn\.(q_proj|v_proj)")
+    assert frozen_prefix_length(top) == 1
+    for p in top.parameters():
+        p.requires_grad_(False)
+    assert frozen_prefix_length(top) == 1
+    assert frozen_prefix_length(abmll(["q_proj", "v_proj"])) == 0
+
+
+def _batch(seed: int = 3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0  # left padding, as the collator pads
+    return {
+        "input_ids": torch.randint(0, 128, (3, 9), generator=gen),
+        "attention_mask": mask,
+        "option_mask": torch.ones(3, 4, dtype=torch.bool),
+        "labels": torch.tensor([0, 2, 1]),
+    }
+
+
+def _count_block0(model) -> list[int]:
+    calls = [0]
+    (layers,) = (m for n, m in model.named_modules() if n.endswith("model.layers"))
+    layers[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_batch_prefix_cache_runs_the_frozen_blocks_once_per_batch() -> None:
+    """Forwards (and gradients) from a batch's kept block output equal the full forward's,
+    bit for bit, and the frozen block runs once per batch object, not once per forward."""
+    import torch.nn.functional as F
+
+    from blob_lora.models.forward import answer_logits
+    from blob_lora.models.prefix_cache import BatchPrefixCache
+
+    ids = torch.tensor([5, 6, 7, 8])
+
+    def loss_and_grads(model, cache, batch):
+        ctx = cache.injected(model, batch) if cache is not None else nullcontext()
+        with ctx:
+            loss = F.cross_entropy(answer_logits(model, batch, ids), batch["labels"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    model = lora(tiny_llama(), lora_dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    calls = _count_block0(model)
+    batches = [_batch(3), _batch(4)]
+    full = [loss_and_grads(model, None, b) for b in batches]
+    assert calls[0] == 2
+    cache = BatchPrefixCache()
+    for _ in range(3):  # three "inner steps" over the same two batches
+        for b, (loss, grads) in zip(batches, full, strict=True):
+            got_loss, got_grads = loss_and_grads(model, cache, b)
+            assert torch.equal(got_loss, loss)
+            assert all(torch.equal(g, h) for g, h in zip(got_grads, grads, strict=True))
+    assert calls[0] == 2 + 2 and len(cache) == 2 and cache.start == 1
+    # a batch of equal content but another object is another batch: its own prefix pass
+    loss_and_grads(model, cache, {k: v.clone() for k, v in batches[0].items()})
+    assert calls[0] == 5 and len(cache) == 3
+
+
+def test_batch_prefix_cache_runs_whole_where_there_is_no_frozen_prefix() -> None:
+    """Adapters in the first block, or base-model dropout in a training forward: no prefix is
+    deterministic, every forward runs every block and nothing is kept."""
+    from blob_lora.models.forward import answer_logits
+    from blob_lora.models.prefix_cache import BatchPrefixCache
+
+    ids, batch = torch.tensor([5, 6, 7, 8]), _batch()
+    everywhere = lora(tiny_llama(), ["q_proj", "v_proj"])
+    calls, cache = _count_block0(everywhere), BatchPrefixCache()
+    for _ in range(2):
+        with cache.injected(everywhere, batch):
+            answer_logits(everywhere, batch, ids)
+    assert calls[0] == 2 and len(cache) == 0
+
+    model = lora(tiny_llama())
+    model.config.attention_dropout = 0.1
+    calls, cache = _count_block0(model), BatchPrefixCache()
+    model.train()
+    for _ in range(2):
+        with cache.injected(model, batch):
+            answer_logits(model, batch, ids)
+    assert calls[0] == 2 and len(cache) == 0
+    model.eval()  # asked at every forward: in eval mode the prefix is deterministic again
+    for _ in range(2):
+        with cache.injected(model, batch):
+            answer_logits(model, batch, ids)
+    assert calls[0] == 3 and len(cache) == 1
+
+
+def test_a_single_pass_keeps_one_batch_of_features_and_other_questions_stay_in_ram(
+    arc, smollm2_tokenizer, tmp_path
+) -> None:
+    """``keep=False`` drops an example's features once its batch is assembled (the same
+    output); questions that are no task split (no ``digest``) never go to ``cache_dir``."""
+    from blob_lora.tasks.dataset import EncodedDataset, IndexedCollator, IndexedDataset
+
+    dataset, collator, _ = arc
+    _, model = _model("lora", len(smollm2_tokenizer))
+    collate = IndexedCollator(collator)
+    batch = collate([IndexedDataset(dataset)[i] for i in range(4)])
+    index = batch.pop("index")
+    kept = PrefixFeatureCache.for_dataset(model, dataset)
+    once = PrefixFeatureCache.for_dataset(model, dataset, keep=False)
+    assert torch.equal(once.output_for(model, batch, index), kept.output_for(model, batch, index))
+    assert len(kept.features) == 4 and not once.features
+    # a task split written to disk keeps its features until they are written, keep or not
+    on_disk = PrefixFeatureCache.for_dataset(model, dataset, tmp_path, keep=False)
+    assert on_disk.path is not None and on_disk.keep
+    questions = EncodedDataset(dataset._enc)  # the same questions, as meta-evaluate holds them
+    in_ram = PrefixFeatureCache.for_dataset(model, questions, tmp_path, keep=False)
+    assert in_ram is not None and in_ram.path is None and not in_ram.keep
+    assert torch.equal(in_ram.output_for(model, batch, index), kept.output_for(model, batch, index))
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_prediction_caches_questions_that_are_no_task_split(arc, smollm2_tokenizer) -> None:
+    """``predict_dataset(prefix_cache=True)`` on in-memory questions (an ``EncodedDataset``,
+    as meta-evaluate scores them) runs the frozen block once per batch, not per sample."""
+    from blob_lora.tasks.dataset import EncodedDataset
+
+    dataset, collator, option_ids = arc
+    method, model = _model("blob", len(smollm2_tokenizer))
+    questions = EncodedDataset(dataset._enc)
+    calls = _count_block0(model)
+    args = (model, method, questions, collator, option_ids, 4, 4)
+    torch.manual_seed(5)
+    full, _ = samples_and_labels(*args, fold=1, prefix_cache=False)
+    assert calls[0] == 3 * 4  # 3 batches, 4 samples one at a time
+    torch.manual_seed(5)
+    cached, _ = samples_and_labels(*args, fold=1, prefix_cache=True)
+    assert calls[0] == 12 + 3
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)

@@ -11,6 +11,11 @@ the uncached forward up to float rounding from a different padding length.
 The cache is keyed by the tokenised dataset, the prefix's weights (a sampled fingerprint),
 ``start`` and dtype; with ``path`` it is also kept on disk (safetensors, written atomically)
 so every run of an experiment on the same split shares one computation.
+
+:class:`BatchPrefixCache` serves the other pattern: not a dataset met in ever new batches, but
+the same few batch objects forwarded again and again (the support set of a meta-learning
+adaptation, ``K`` inner steps on the same batches). It keeps each batch's block output whole,
+the very tensor the full forward hands on, so the forwards from it equal the full ones exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from blob_lora.models.prefix import (
     hidden_of,
     injected_prefix,
 )
-from blob_lora.tasks.dataset import MCDataset
+from blob_lora.tasks.dataset import EncodedDataset
 from blob_lora.utils.atomic import atomic_write_bytes
 
 #: Largest cache (all examples' hidden states) built without being asked: it lives in RAM.
@@ -124,15 +129,27 @@ class PrefixFeatureCache:
     """Hidden states after blocks ``[:start]`` for examples of one tokenised dataset.
 
     Only real tokens are stored (``(length, hidden)`` per example, on the CPU); a batch is
-    assembled with zeros at padded positions, which attention masks out.
+    assembled with zeros at padded positions, which attention masks out. ``keep`` holds every
+    example's features once computed (the caller meets the examples again: epochs, a curve
+    scored repeatedly, a file to write); without it an example's are dropped once its batch is
+    assembled, so a single pass over a dataset holds one batch of features, not the dataset's.
     """
 
-    def __init__(self, model: nn.Module, start: int, key: str, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        start: int,
+        key: str,
+        path: Path | None = None,
+        *,
+        keep: bool = True,
+    ) -> None:
         if start < 1:
             raise ValueError("a prefix cache needs at least one frozen block")
         self.plan = prefix_plan(model, start)
         self.key = key
         self.path = path
+        self.keep = keep or path is not None  # what is written must be kept until then
         self.features: dict[int, Tensor] = {}
         self.as_tuple: bool | None = None
         self._dirty = False
@@ -143,12 +160,17 @@ class PrefixFeatureCache:
     def for_dataset(
         cls,
         model: nn.Module,
-        dataset: MCDataset,
+        dataset: EncodedDataset,
         cache_dir: str | Path | None = None,
         limit_bytes: int = AUTO_LIMIT_BYTES,
+        *,
+        keep: bool = True,
     ) -> PrefixFeatureCache | None:
-        """A cache for ``dataset`` (an ``MCDataset``) on ``model``, or ``None`` if there is no
-        frozen prefix or the features would exceed ``limit_bytes`` of RAM."""
+        """A cache for ``dataset`` on ``model``, or ``None`` if there is no frozen prefix or
+        the features would exceed ``limit_bytes`` of RAM. Only a task split (an ``MCDataset``,
+        whose ``digest`` names its content) is kept in ``cache_dir``; other questions (a
+        meta-learning task's draw, ``Predictor``'s) are cached in RAM only. ``keep`` as the
+        class says."""
         start = frozen_prefix_length(model)
         if start == 0:
             return None
@@ -160,10 +182,12 @@ class PrefixFeatureCache:
         size = sum(dataset.lengths) * int(hidden) * torch.finfo(dtype).bits // 8
         if size > limit_bytes:
             return None
+        digest = getattr(dataset, "digest", None)
         fp = prefix_fingerprint(model, start)
-        key = hashlib.sha256(f"{dataset.digest}:{fp}:{start}:{dtype}".encode()).hexdigest()
-        path = Path(cache_dir) / "prefix" / f"{key}.safetensors" if cache_dir else None
-        return cls(model, start, key, path)
+        key = hashlib.sha256(f"{digest}:{fp}:{start}:{dtype}".encode()).hexdigest()
+        on_disk = cache_dir is not None and digest is not None
+        path = Path(cache_dir) / "prefix" / f"{key}.safetensors" if on_disk else None
+        return cls(model, start, key, path, keep=keep)
 
     @property
     def start(self) -> int:
@@ -226,6 +250,9 @@ class PrefixFeatureCache:
                     f"{int(mask[row].sum())}: the cache does not belong to this dataset"
                 )
             hidden[row][mask[row]] = feats.to(mask.device)
+        if not self.keep:
+            for ix in ids:
+                self.features.pop(ix, None)
         return (hidden,) if self.as_tuple else hidden
 
     @contextmanager
@@ -233,4 +260,49 @@ class PrefixFeatureCache:
         """Within the block, forwards of ``model`` on ``batch`` start at block ``start``."""
         output = self.output_for(model, batch, index)
         with injected_prefix(self.plan, output):
+            yield
+
+
+class BatchPrefixCache:
+    """The output of a model's frozen blocks for batches that are forwarded again and again.
+
+    Within :meth:`injected`, a forward of a batch starts at the first adapted block from that
+    batch's output of blocks ``[:start]``, computed (without gradients) on its first forward
+    and reused for every later forward of the same batch object: an adaptation's ``K`` inner
+    steps on one support set run the frozen blocks once. Whether there is a frozen prefix is
+    asked (:func:`frozen_prefix_length`) at every forward, in the model's mode of that forward,
+    so a model without one (an adapter in the first block, base-model dropout while training)
+    simply runs whole. The output is kept whole, padding included: the suffix gets the very
+    tensor the full forward would hand it, so results equal the full forward's.
+
+    Batches are told apart by identity (each is held with its output as long as the cache
+    lives, so no other object can take its ``id``): build one per adaptation (or per
+    meta-training step), not per run.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self._outputs: dict[int, tuple[dict[str, Tensor], Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    @contextmanager
+    def injected(self, model: nn.Module, batch: dict[str, Tensor]) -> Iterator[None]:
+        """Within the block, forwards of ``model`` on ``batch`` start at the first adapted
+        block when the model has a frozen prefix now; otherwise they run whole."""
+        start = frozen_prefix_length(model)
+        if start == 0:
+            yield
+            return
+        plan = prefix_plan(model, start)
+        if start != self.start:  # outputs of another prefix length are no longer the input
+            self._outputs.clear()
+            self.start = start
+        held = self._outputs.get(id(batch))
+        if held is None:
+            with torch.no_grad():
+                held = (batch, capture_prefix(model, plan, batch))
+            self._outputs[id(batch)] = held
+        with injected_prefix(plan, held[1]):
             yield

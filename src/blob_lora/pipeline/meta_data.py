@@ -5,6 +5,11 @@ batches ABMLL adapts on and the datasets prediction scores.
 Shared by ``meta_train`` and ``meta_evaluate`` so that both read the same split from the same
 ``MetaConfig``: the evaluation of a saved run re-creates exactly the held-out tasks and their
 support sets.
+
+Every adaptation forwards the same support batches ``inner_steps`` times. With adapters on the
+top blocks only, the blocks below are frozen and deterministic, so the task NLLs made here
+(``prefix_cache``, on by default) run them once per batch and each inner step only through the
+adapted top (``models.prefix_cache.BatchPrefixCache``): the same numbers, fewer forwards.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from blob_lora.methods.abmll import answer_nll
+from blob_lora.models.prefix_cache import BatchPrefixCache
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.tasks.collection import TaskPool, collection_names, load_pool, split_tasks
 from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split
@@ -50,16 +57,32 @@ def load_split(cfg: MetaConfig) -> MetaSplit:
     return MetaSplit([pools[n] for n in train], [pools[n] for n in test])
 
 
+def reusing_prefix(nll: Nll) -> Nll:
+    """``nll`` whose forwards run the model's frozen blocks once per batch object, however
+    often it is called on that batch (module doc); a model without a frozen prefix runs whole.
+    Holds its batches and their block outputs while it lives: one per task and adaptation."""
+    cache = BatchPrefixCache()
+
+    def cached(model: nn.Module, batch: Batch) -> torch.Tensor:
+        with cache.injected(model, batch):
+            return nll(model, batch)
+
+    return cached
+
+
 @dataclass(frozen=True)
 class TaskInputsFactory:
     """Turns one task's examples into batches or a dataset under the run's tokenizer,
-    prompt length and scoring."""
+    prompt length and scoring. ``prefix_cache``: the frozen blocks below the adapters run once
+    per support / query batch of an adaptation (``nll``) and once per evaluation question
+    (``meta_evaluate``), when the model has such blocks."""
 
     tokenizer: object
     max_length: int
     batch_size: int
     scoring: Scoring
     device: torch.device
+    prefix_cache: bool = True
 
     def dataset(self, pool: TaskPool, examples: Sequence[MCExample]) -> EncodedDataset:
         enc = encode_split(pool.task, list(examples), self.tokenizer, self.max_length, self.scoring)
@@ -82,8 +105,11 @@ class TaskInputsFactory:
         return out
 
     def nll(self, pool: TaskPool) -> Nll:
-        """The task's per-example answer NLL (its own answer tokens)."""
-        return answer_nll(self.option_ids(pool))
+        """The task's per-example answer NLL (its own answer tokens); a fresh one per call,
+        reusing the frozen blocks' output of the batches it is given (``reusing_prefix``)
+        under ``prefix_cache``: ask for one per task draw."""
+        nll = answer_nll(self.option_ids(pool))
+        return reusing_prefix(nll) if self.prefix_cache else nll
 
 
 @dataclass(frozen=True)

@@ -66,16 +66,20 @@ def meta_evaluate(
     model: Any = None,
     tokenizer: Any = None,
     progress: bool = True,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Adapt the run's global parameters (or, with ``baseline``, a baseline: see
     ``meta_baselines.py``) to every held-out task and score it; writes and returns
     ``{"tasks": {name: metrics}, "mean": {metric: value}, ...}`` as ``meta_eval.json``
     (``meta_eval_<baseline>.json``). ``out`` defaults to the run folder; ``model`` /
     ``tokenizer`` replace loading the run's base model (tests); ``progress`` shows a bar over
-    the held-out tasks (and the multi-task baseline's training when it runs)."""
+    the held-out tasks (and the multi-task baseline's training when it runs);
+    ``prefix_cache``: the frozen blocks below the adapters run once per support batch of an
+    adaptation and once per evaluation question, not once per inner step and weight sample
+    (the same metrics up to float rounding)."""
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
-    meta_run, model = open_run(run, model, tokenizer)
+    meta_run, model = open_run(run, model, tokenizer, prefix_cache)
     if baseline is None:
         contender = abmll_contender(model, meta_run, eval_samples)
     else:
@@ -134,10 +138,11 @@ def check_run(run: Path) -> None:
 
 
 def open_run(
-    run: str | Path, model: Any = None, tokenizer: Any = None
+    run: str | Path, model: Any = None, tokenizer: Any = None, prefix_cache: bool = True
 ) -> tuple[MetaRun, nn.Module]:
-    """The run's protocol, budget, split and inputs, and the base model on the device
-    (``model`` / ``tokenizer`` given, or the run's loaded)."""
+    """The run's protocol, budget, split and inputs (reusing the frozen blocks' output under
+    ``prefix_cache``), and the base model on the device (``model`` / ``tokenizer`` given, or
+    the run's loaded)."""
     folder = Path(run)
     check_run(folder)
     cfg = MetaConfig.load(folder)
@@ -147,7 +152,7 @@ def open_run(
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     device = device_of_choice()
     inputs = TaskInputsFactory(
-        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device
+        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
     )
     return MetaRun(folder, cfg, budget, split, inputs), model.to(device)
 
@@ -179,7 +184,13 @@ def abmll_adaptation(model: nn.Module) -> Adaptation:
 
 def evaluate_task(contender: Contender, pool: TaskPool, run: MetaRun) -> dict[str, float]:
     """One held-out task: adapt on its support set, score its evaluation questions.
-    Deterministic given the run's seed (the adaptation's and the predictive's draws)."""
+    Deterministic given the run's seed (the adaptation's and the predictive's draws).
+
+    Under the inputs' ``prefix_cache`` the adaptation's NLL runs the frozen blocks once per
+    support batch (``meta_data.reusing_prefix``) and the questions are scored through
+    prediction's frozen-prefix cache (``predict_dataset``: when the contender's method allows
+    it and its model has frozen blocks), in RAM and one batch at a time: the task's questions
+    are met once, so nothing is kept or written."""
     cfg, inputs = run.cfg, run.inputs
     seed = task_seed(cfg.seed, pool.name)
     support, questions = pool.draw(cfg.k_shot, cfg.eval_size, seed)
@@ -193,5 +204,6 @@ def evaluate_task(contender: Contender, pool: TaskPool, run: MetaRun) -> dict[st
             inputs.option_ids(pool),
             contender.n_samples,
             cfg.batch_size,
+            prefix_cache=inputs.prefix_cache,
         )
     return classification_metrics(pred.probs, pred.labels)

@@ -172,11 +172,14 @@ def meta_train(
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     progress: bool = True,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Meta-train ABMLL under ``cfg`` into ``out``; returns the summary written to
     ``tasks.json``. ``overwrite`` / ``resume`` / ``checkpoint_every`` as the module doc says
-    (0: no checkpoint while training); ``model`` / ``tokenizer`` replace loading ``cfg.model``
-    (tests)."""
+    (0: no checkpoint while training); ``prefix_cache``: the frozen blocks below the adapters
+    run once per support and query batch of a step, not once per inner step (the same losses;
+    like ``checkpoint_every`` not a setting of the run, so a run may resume with it switched);
+    ``model`` / ``tokenizer`` replace loading ``cfg.model`` (tests)."""
     out = Path(out)
     abmll = abmll or AbmllConfig()
     check_checkpoint_every(checkpoint_every)
@@ -192,7 +195,7 @@ def meta_train(
     peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
     peft_model.train()
     inputs = TaskInputsFactory(
-        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device
+        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
     )
     optimizer = outer_optimizer(peft_model, cfg.lr)
     loop = OuterLoop(

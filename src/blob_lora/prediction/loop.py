@@ -33,7 +33,6 @@ from blob_lora.tasks.dataset import (
     IndexedCollator,
     IndexedDataset,
     MCCollator,
-    MCDataset,
 )
 
 if TYPE_CHECKING:
@@ -123,19 +122,21 @@ def predict_dataset(
     """The ``n_samples``-sample predictive of every example of ``dataset`` in ``mode``.
 
     ``batches`` (lists of dataset positions) replaces the default order (``batch_size``
-    consecutive examples). With ``prefix_cache`` (``fold`` mode, one process, a task split, a
-    method that allows it) the frozen blocks below the adapters run once per example, shared through
-    ``cache_dir`` with other runs on the split; a caller that scores the same split repeatedly
-    passes its own ``feature_cache`` (a ``PrefixFeatureCache`` for this dataset) instead.
+    consecutive examples). With ``prefix_cache`` (``fold`` mode, one process, a method that
+    allows it) the frozen blocks below the adapters run once per example, not once per folded
+    sample; a task split's features are shared through ``cache_dir`` with other runs on the
+    split, other questions' (an ``EncodedDataset``) live in RAM for one batch at a time. A
+    caller that scores the same split repeatedly passes its own ``feature_cache`` (a
+    ``PrefixFeatureCache`` for this dataset) instead.
     """
     resolved = resolve_mode(method, model, mode, n_samples)
     loader = _loader(dataset, collator, batch_size, batches, accelerator)
     device = next(model.parameters()).device
     cache = feature_cache
     single = accelerator is None or accelerator.num_processes == 1
-    cacheable = isinstance(dataset, MCDataset) and method.prefix_cacheable  # keyed by split
-    if cache is None and prefix_cache and mode == "fold" and single and cacheable:
-        cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir)
+    if cache is None and prefix_cache and mode == "fold" and single and method.prefix_cacheable:
+        # this pass meets each example once: features are kept only to be written to disk
+        cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir, keep=False)
     parts: dict[str, list[Tensor]] = {}
     samples: list[Tensor] | None = []
     label = f"{desc} ({resolved.mode})"

@@ -14,6 +14,7 @@ from typing import Any
 
 from blob_lora.cli.options import add_setting_option, read_config_file
 from blob_lora.cli.registry import command
+from blob_lora.models.config import BaseModelConfig
 from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_loop import DEFAULT_CHECKPOINT_EVERY
@@ -46,10 +47,19 @@ META_HELP: dict[str, str] = {
     "target_modules": "module name suffixes to adapt, comma-separated",
 }
 ABMLL_PREFIX = "abmll_"
+#: train's ``--prefix-cache`` (``BaseModelConfig.prefix_cache``), spelt and defaulted alike
+PREFIX_CACHE = "prefix_cache"
 
 
 def _default(f: Any) -> Any:
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def _add_prefix_cache_option(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--prefix-cache BOOL`` as ``train`` has it; not a setting of the run (the results are
+    the same either way), so a run may be resumed with it switched."""
+    (f,) = (f for f in fields(BaseModelConfig) if f.name == PREFIX_CACHE)
+    add_setting_option(p, PREFIX_CACHE, f, help_text, _default(f))
 
 
 def _configure_meta_train(p: argparse.ArgumentParser) -> None:
@@ -85,6 +95,12 @@ def _configure_meta_train(p: argparse.ArgumentParser) -> None:
         "--out/checkpoints every N meta-steps; 0: none. Any N gives the same result "
         f"(default: {DEFAULT_CHECKPOINT_EVERY})",
     )
+    _add_prefix_cache_option(
+        p,
+        "run the frozen blocks below the first adapter once per support and query batch of a "
+        "meta-step, not at every inner step (the same losses; faster when only the top blocks "
+        "are adapted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in fields(MetaConfig):
         add_setting_option(p, f.name, f, META_HELP.get(f.name, ""), _default(f))
@@ -117,13 +133,22 @@ def checkpoint_every_of(args: argparse.Namespace) -> int:
     return _values(args).get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
 
 
+def prefix_cache_of(args: argparse.Namespace) -> bool:
+    """``--prefix-cache`` (or the config file's ``prefix_cache``, or on); a config file's
+    value that is not a boolean is refused naming the option."""
+    value = _values(args).get(PREFIX_CACHE, True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{flag(PREFIX_CACHE)} must be true or false, got {value!r}")
+    return value
+
+
 def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
     """The run's settings: the config file's values, the command line's over them; an error
     names the option."""
     values = _values(args)
     meta_keys = {f.name for f in fields(MetaConfig)}
     abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
-    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", "command", "_run"}
+    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", PREFIX_CACHE, "command", "_run"}
     unknown = sorted(set(values) - meta_keys - abmll_keys - command_keys)
     if unknown:
         raise ConfigError(f"unknown keys in config file: {unknown}")
@@ -152,6 +177,7 @@ def run_meta_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint_every=checkpoint_every_of(args),
         progress=not args.no_progress,
+        prefix_cache=prefix_cache_of(args),
     )
     print(f"run folder: {args.out}")
     held_out = ", ".join(summary["meta_test"])
@@ -179,6 +205,12 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
         "(LoRA trained on the meta-train tasks pooled, kept in the run folder, then fitted on "
         "each support set); written to meta_eval_<baseline>.json",
     )
+    _add_prefix_cache_option(
+        p,
+        "run the frozen blocks below the first adapter once per support batch of an "
+        "adaptation and once per scored question, not at every inner step and weight sample "
+        "(the same metrics up to float rounding; faster when only the top blocks are adapted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -195,6 +227,7 @@ def run_meta_evaluate(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         baseline=args.baseline,
         progress=not args.no_progress,
+        prefix_cache=args.prefix_cache is not False,
     )
     print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
     for name, m in result["tasks"].items():
