@@ -57,12 +57,14 @@ def test_rows_average_seeds_and_measure_distance_from_chance() -> None:
     se = math.sqrt(0.52 * 0.48 / 400)
     assert arc["lora_cloze_se"] == pytest.approx(se)
     assert arc["cloze_lora_z_over_chance"] == pytest.approx((0.52 - 0.25) / se)
+    assert arc["cloze_lora_z_over_majority"] == pytest.approx((0.52 - 0.60) / se)
     # WG-M is scored on WG-S's validation split: it borrows the zero-shot row
     assert rows["winogrande_m"]["zero_shot_cloze"] == pytest.approx(0.55)
     assert rows["boolq"]["lora_cloze"] is None and rows["boolq"]["cloze_lora_z_over_chance"] is None
     text = render(list(rows.values()))
     assert "| arc_easy | 400 | 25.0 | 60.0 |" in text
-    assert "above chance on 1 of 6 tasks" in text
+    assert "above chance on 1 of 6 tasks, and above the majority-class rate" in text
+    assert "label frequencies scores) on 0 of 6 tasks" in text
 
 
 def test_zero_shot_cloze_cell_is_the_variant_the_runs_use() -> None:
