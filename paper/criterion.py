@@ -11,8 +11,12 @@ invites two mistakes this module rules out:
   *pending*, and the outcome stays "undecided" until every compared method has finished every
   seed of the experiment (a task failing on seed 1 may pass on the mean of three).
 
-The rule is parameterised (candidate, baselines, accuracy margin, tasks needed) so the same
-code can check e.g. BLoB-mean, but the defaults are the issue's.
+The rule is parameterised (candidate, baselines, accuracy margin, tasks needed, whether every
+out-of-distribution row must pass) so the same code checks both issues' criteria
+(:data:`RULES`): issue 6's (the defaults) for the letter tables, issue 19's for the learning
+regime's tables: BLoB below LoRA on ECE *and* NLL on at least 5 of the 6 tasks *and* on every
+OOD row, accuracy at most 1.5 points lower. Every comparison also reports the ratio
+ECE_candidate / ECE_baseline (the paper's shape is about 1/3).
 """
 
 from __future__ import annotations
@@ -24,6 +28,24 @@ from typing import Any
 from blob_lora.comparison.tables import mean_std
 
 PASS, FAIL, PENDING = "pass", "fail", "pending"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One issue's criterion (``check``'s arguments, named)."""
+
+    candidate: str
+    baselines: tuple[str, ...]
+    needed: int
+    max_accuracy_drop: float
+    ood: bool  # every out-of-distribution row must pass too
+    source: str
+
+
+RULES = {
+    "issue6": Rule("blob", ("lora", "map"), 4, 2.0, False, "issue 6, the letter tables"),
+    "issue19": Rule("blob", ("lora",), 5, 1.5, True, "issue 19, the learning regime's tables"),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,11 @@ class Comparison:
     @property
     def ran(self) -> bool:
         return bool(self.seeds)
+
+    @property
+    def ece_ratio(self) -> float:
+        """ECE_candidate / ECE_baseline (nan when the baseline's ECE is 0 or not run)."""
+        return self.ece[0] / self.ece[1] if self.ran and self.ece[1] else float("nan")
 
     def reasons(self, max_accuracy_drop: float) -> list[str]:
         out = []
@@ -69,6 +96,8 @@ class Verdict:
     needed: int
     max_accuracy_drop: float
     seeds: tuple[int, ...] = ()  # the experiment's seeds: the outcome waits for all of them
+    ood: list[TaskVerdict] | None = None  # OOD rows, when the rule asks every one to pass
+    source: str = "issue 6"
 
     @property
     def passed(self) -> int:
@@ -80,27 +109,46 @@ class Verdict:
 
     @property
     def complete(self) -> bool:
-        return all(c.seeds == self.seeds for t in self.tasks for c in t.comparisons) and bool(
-            self.seeds
-        )
+        rows = [*self.tasks, *(self.ood or [])]
+        return all(c.seeds == self.seeds for t in rows for c in t.comparisons) and bool(self.seeds)
+
+    @property
+    def ood_passed(self) -> bool:
+        return all(t.status == PASS for t in self.ood or [])
 
     @property
     def outcome(self) -> str:
         """'reproduced' / 'not reproduced' on complete results, else 'undecided'."""
         if not self.complete:
             return "undecided"
-        return "reproduced" if self.passed >= self.needed else "not reproduced"
+        ok = self.passed >= self.needed and self.ood_passed
+        return "reproduced" if ok else "not reproduced"
 
 
-def per_seed_metrics(compare: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, float]]:
-    """``(column, task, seed) -> metrics`` for in-distribution evaluations (a run's own task)."""
+def per_seed_metrics(
+    compare: dict[str, Any], *, ood: bool = False
+) -> dict[tuple[str, str, int], dict[str, float]]:
+    """``(column, task, seed) -> metrics`` for in-distribution evaluations (a run's own task),
+    or with ``ood`` for the others, as ``(column, ood_row_name(train, eval), seed)``."""
     out: dict[tuple[str, str, int], dict[str, float]] = {}
     for run in compare.get("runs", []):
         for column, by_task in (run.get("evaluations") or {}).items():
-            metrics = by_task.get(run["task"])
-            if metrics is not None:
-                out[(column, run["task"], int(run["seed"]))] = metrics
+            for task, metrics in by_task.items():
+                if (task == run["task"]) != ood and metrics is not None:
+                    name = ood_row_name(run["task"], task) if ood else task
+                    out[(column, name, int(run["seed"]))] = metrics
     return out
+
+
+def ood_row_name(train_task: str, eval_task: str) -> str:
+    return f"{eval_task} (OOD from {train_task})"
+
+
+def ood_rows(compare: dict[str, Any]) -> list[str]:
+    """The spec's OOD rows (``ood.train_task`` scored on each of ``ood.eval_tasks``)."""
+    spec = (compare.get("spec") or {}).get("ood") or {}
+    train = spec.get("train_task")
+    return [ood_row_name(train, t) for t in spec.get("eval_tasks", [])] if train else []
 
 
 def compare_on_task(
@@ -135,56 +183,103 @@ def check(
     tasks: Sequence[str] | None = None,
     needed: int = 4,
     max_accuracy_drop: float = 2.0,
+    *,
+    ood: bool = False,
+    source: str = "issue 6",
 ) -> Verdict:
-    """The criterion over ``tasks`` (default: the compare's in-distribution tasks)."""
+    """The criterion over ``tasks`` (default: the compare's in-distribution tasks); with
+    ``ood`` every row of the spec's OOD table is judged alike and must pass too."""
     if tasks is None:
         tasks = (compare.get("id") or {}).get("tasks") or compare["spec"]["tasks"]
-    metrics = per_seed_metrics(compare)
-    verdicts = []
-    for task in tasks:
-        comps = [compare_on_task(metrics, candidate, b, task) for b in baselines]
-        reasons = [r for c in comps if c.ran for r in c.reasons(max_accuracy_drop)]
-        if reasons:
-            status = FAIL  # on the seeds finished so far
-        elif all(c.ran for c in comps):
-            status = PASS
-        else:
-            status = PENDING
-        verdicts.append(TaskVerdict(task, status, comps, reasons))
+
+    def judge(metrics: dict, rows: Sequence[str]) -> list[TaskVerdict]:
+        verdicts = []
+        for task in rows:
+            comps = [compare_on_task(metrics, candidate, b, task) for b in baselines]
+            reasons = [r for c in comps if c.ran for r in c.reasons(max_accuracy_drop)]
+            if reasons:
+                status = FAIL  # on the seeds finished so far
+            elif all(c.ran for c in comps):
+                status = PASS
+            else:
+                status = PENDING
+            verdicts.append(TaskVerdict(task, status, comps, reasons))
+        return verdicts
+
     seeds = tuple(sorted(int(s) for s in compare.get("spec", {}).get("seeds", ())))
-    return Verdict(candidate, tuple(baselines), verdicts, needed, max_accuracy_drop, seeds)
+    id_rows = judge(per_seed_metrics(compare), tasks)
+    ood_verdicts = judge(per_seed_metrics(compare, ood=True), ood_rows(compare)) if ood else None
+    return Verdict(
+        candidate,
+        tuple(baselines),
+        id_rows,
+        needed,
+        max_accuracy_drop,
+        seeds,
+        ood_verdicts,
+        source,
+    )
+
+
+def check_rule(compare: dict[str, Any], rule: str) -> Verdict:
+    """``check`` under one of :data:`RULES` by name."""
+    r = RULES[rule]
+    return check(
+        compare,
+        r.candidate,
+        r.baselines,
+        needed=r.needed,
+        max_accuracy_drop=r.max_accuracy_drop,
+        ood=r.ood,
+        source=r.source,
+    )
 
 
 def render_markdown(verdict: Verdict) -> str:
     """A section for results/: one row per task, every number the verdict rests on."""
     base = " and ".join(f"`{b}`" for b in verdict.baselines)
+    ood_rule = " and on every out-of-distribution row" if verdict.ood is not None else ""
+    fails = len(verdict.tasks) - verdict.passed - verdict.pending
     lines = [
-        f"# Criterion: `{verdict.candidate}` vs {base}",
+        f"# Criterion ({verdict.source}): `{verdict.candidate}` vs {base}",
         "",
         f"Pass on a task: lower ECE **and** lower NLL than each of {base}, accuracy at most "
         f"{verdict.max_accuracy_drop:g} points lower; each comparison averages only the seeds "
-        f"both methods finished. Needed: {verdict.needed} of {len(verdict.tasks)} tasks.",
+        f"both methods finished. Needed: {verdict.needed} of {len(verdict.tasks)} tasks"
+        f"{ood_rule}. `ECE ratio`: the candidate's ECE over the baseline's.",
         "",
         f"**Outcome: {verdict.outcome}** ({verdict.passed} pass, {verdict.pending} pending, "
-        f"{len(verdict.tasks) - verdict.passed - verdict.pending} fail"
+        f"{fails} fail"
         + ("" if verdict.complete else "; not every seed of every method has finished")
         + ").",
         "",
-        "| task | status | comparison (ACC % / ECE % / NLL, candidate vs baseline, seeds) | why not |",
-        "|---|---|---|---|",
+        *_rows_table(verdict.tasks),
     ]
-    for t in verdict.tasks:
-        parts = []
+    if verdict.ood is not None:
+        lines += ["", "Out of distribution (every row must pass):", "", *_rows_table(verdict.ood)]
+    return "\n".join(lines) + "\n"
+
+
+def _rows_table(rows: list[TaskVerdict]) -> list[str]:
+    lines = [
+        "| task | status | comparison (ACC % / ECE % / NLL, candidate vs baseline, seeds) "
+        "| ECE ratio | why not |",
+        "|---|---|---|---|---|",
+    ]
+    for t in rows:
+        parts, ratios = [], []
         for c in t.comparisons:
             if not c.ran:
-                parts.append(f"{c.baseline}: not run")
+                parts.append(f"{c.baseline}: no seed finished by both yet")
                 continue
             seeds = ",".join(str(s) for s in c.seeds)
             parts.append(
                 f"{c.baseline}: {c.accuracy[0]:.2f}/{c.ece[0]:.2f}/{c.nll[0]:.3f} vs "
                 f"{c.accuracy[1]:.2f}/{c.ece[1]:.2f}/{c.nll[1]:.3f} (seeds {seeds})"
             )
+            ratios.append(f"{c.baseline}: {c.ece_ratio:.2f}")
         lines.append(
-            f"| {t.task} | {t.status} | {'; '.join(parts)} | {'; '.join(t.reasons) or '–'} |"
+            f"| {t.task} | {t.status} | {'; '.join(parts)} | {'; '.join(ratios) or '–'} "
+            f"| {'; '.join(t.reasons) or '–'} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines

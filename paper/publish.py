@@ -4,8 +4,10 @@ repository, with their provenance.
 Copies the tables (Markdown, CSV), ``compare.json`` (every run's metrics and its train/eval
 seconds), the combined reliability diagrams, and per run its settings, training log, summary,
 and per evaluation ``metrics.json`` and gzipped ``predictions.jsonl``; writes PROVENANCE.md with
-the command, git revision, date, machine and a seconds-per-run table, and CRITERION.md: issue
-6's reproduction criterion (BLoB vs `lora` and `map`) checked on the runs finished so far;
+the command, git revision, date, machine and a seconds-per-run table, and CRITERION.md: the
+reproduction criterion checked on the runs finished so far (``--criterion``: issue 6's, BLoB vs
+`lora` and `map`, the default; ``issue19``: the learning regime's, BLoB vs `lora` on 5 of 6
+tasks and every OOD row; ``paper/criterion.py``);
 and SUMMARY.md: one compact table (mean ACC / ECE / NLL over the seeds finished, per task and
 method) with optional reference columns, the table results/README.md quotes. Re-running
 replaces the destination, so a table grown over several sittings is published the same way
@@ -119,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="YAML {column title: {task or ood:<task>: cell text}} of figures to quote beside "
         "ours in SUMMARY.md (paper/paper_reference.yaml: the paper's)",
     )
+    p.add_argument(
+        "--criterion",
+        choices=sorted(criterion.RULES),
+        default="issue6",
+        help="the criterion CRITERION.md checks (paper/criterion.py RULES; default: issue6)",
+    )
     args = p.parse_args(argv)
     spec = load_spec(args.config)
     reference = read_reference(args.reference) if args.reference else None
@@ -138,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (spec.out / r["dir"]).is_dir():
             copy_run(spec.out / r["dir"], args.dest / r["dir"])
     ref_flag = f" --reference {shown(args.reference)}" if args.reference else ""
+    if args.criterion != "issue6":
+        ref_flag += f" --criterion {args.criterion}"
     done = len(finished)
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
     text = f"""# Provenance of {shown(args.dest)}
@@ -165,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         + render_summary(compare, reference=reference)
     )
     atomic_write_text(args.dest / "SUMMARY.md", summary)
-    verdict = criterion.check(compare)
+    verdict = criterion.check_rule(compare, args.criterion)
     atomic_write_text(args.dest / "CRITERION.md", criterion.render_markdown(verdict))
     print(
         f"published {done} finished runs of {spec.name} to {args.dest}; "

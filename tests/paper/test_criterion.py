@@ -53,8 +53,8 @@ def test_pass_fail_and_pending_per_task() -> None:
     assert v.outcome == "undecided"  # t3's map is missing
     md = criterion.render_markdown(v)
     assert (
-        "| t3 | pending | lora: 50.00/10.00/0.800 vs 50.00/20.00/0.900 (seeds 1); map: not run |"
-        in md
+        "| t3 | pending | lora: 50.00/10.00/0.800 vs 50.00/20.00/0.900 (seeds 1); "
+        "map: no seed finished by both yet | lora: 0.50 | – |" in md
     )
     # another candidate column of the same runs (BLoB-mean) is judged on its own numbers
     assert (
@@ -104,3 +104,41 @@ def test_out_of_distribution_evaluations_are_not_in_distribution_results() -> No
     run = _run("obqa", "blob", 1, blob=(0.3, 0.1, 1.0))
     run["evaluations"]["blob"]["arc"] = {"accuracy": 0.9, "ece": 0.0, "nll": 0.1}
     assert set(criterion.per_seed_metrics({"runs": [run]})) == {("blob", "obqa", 1)}
+
+
+def test_issue19_rule_needs_five_tasks_every_ood_row_and_reports_the_ece_ratio() -> None:
+    tasks = [f"t{i}" for i in range(6)]
+    runs = []
+    for i, task in enumerate(tasks):
+        # BLoB better on t0..t4; on t5 its accuracy is 2 points lower (> 1.5): fail
+        blob_acc = 48.0 if i == 5 else 50.0
+        runs.append(_run(task, "lora", 1, lora=(50.0, 12.0, 1.2)))
+        runs.append(_run(task, "blob", 1, blob=(blob_acc, 4.0, 1.0)))
+    # the OOD rows: OBQA runs scored on arc (BLoB better) and mmlu (BLoB worse ECE)
+    obqa_lora = _run("obqa", "lora", 1, lora=(40.0, 10.0, 1.3))
+    obqa_blob = _run("obqa", "blob", 1, blob=(40.0, 5.0, 1.2))
+    obqa_lora["evaluations"]["lora"].update(
+        arc={"accuracy": 30.0, "ece": 10.0, "nll": 1.4},
+        mmlu={"accuracy": 25.0, "ece": 8.0, "nll": 1.5},
+    )
+    obqa_blob["evaluations"]["blob"].update(
+        arc={"accuracy": 30.0, "ece": 5.0, "nll": 1.3},
+        mmlu={"accuracy": 25.0, "ece": 9.0, "nll": 1.4},
+    )
+    compare = _compare([*runs, obqa_lora, obqa_blob], tasks, [1])
+    compare["spec"]["ood"] = {"train_task": "obqa", "eval_tasks": ["arc", "mmlu"]}
+    v = criterion.check_rule(compare, "issue19")
+    assert v.baselines == ("lora",) and v.needed == 5 and v.max_accuracy_drop == 1.5
+    assert [t.status for t in v.tasks] == ["pass"] * 5 + ["fail"]
+    assert [t.status for t in v.ood] == ["pass", "fail"]
+    assert v.complete and v.passed == 5 and not v.ood_passed
+    assert v.outcome == "not reproduced"  # 5 of 6 tasks, but one OOD row fails
+    assert v.tasks[0].comparisons[0].ece_ratio == 4.0 / 12.0
+    text = criterion.render_markdown(v)
+    assert "Criterion (issue 19, the learning regime" in text
+    assert "every out-of-distribution row" in text
+    assert "| lora: 0.33 |" in text and "mmlu (OOD from obqa) | fail" in text
+    # with the OOD row mended the rule is met; issue 6's rule (with `map`) stays pending
+    obqa_blob["evaluations"]["blob"]["mmlu"]["ece"] = 7.0
+    assert criterion.check_rule(compare, "issue19").outcome == "reproduced"
+    assert criterion.check_rule(compare, "issue6").outcome == "undecided"
