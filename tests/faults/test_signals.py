@@ -4,15 +4,13 @@ one clear line and exit status 2; ``--resume`` then ends on the uninterrupted ad
 from __future__ import annotations
 
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 from blob_lora.cli.main import main
 from blob_lora.training import checkpoint as ckpt
-from tests.faults.tiny_run import adapter, base_args, cli_command, cli_env, one_thread, train_log
+from tests.faults.tiny_run import adapter, base_args, one_thread, signal_when, train_log
 
 STEPS = 60
 
@@ -27,25 +25,13 @@ def _args(assets, out, *extra):
 
 
 def _interrupt(assets, run, sig) -> tuple[int, str]:
-    proc = subprocess.Popen(
-        cli_command() + _args(assets, run),
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Signal a training run once it has logged two steps."""
     log = run / "train_log.jsonl"
-    deadline = time.monotonic() + 240
-    try:
-        while proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
-            assert time.monotonic() < deadline, "the training subprocess made no progress"
-            time.sleep(0.005)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
+
+    def two_steps_logged() -> bool:
+        return log.is_file() and log.read_text().count("\n") >= 2
+
+    return signal_when(_args(assets, run), two_steps_logged, sig)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_completes_the_run(assets, tmp_path) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,14 @@ def signal_after_checkpoint(
     """Run the CLI with ``args`` in a subprocess, send ``sig`` once ``run`` holds a checkpoint
     of ``step`` or later, and return its exit code and stderr (a kill may land in the middle
     of the next checkpoint write)."""
+    return signal_when(args, lambda: latest_step(run) >= step, sig, timeout)
+
+
+def signal_when(
+    args: list[str], ready: Callable[[], bool], sig: int, timeout: float = 240
+) -> tuple[int, str]:
+    """Run the CLI with ``args`` in a subprocess, send ``sig`` once ``ready()`` holds (or the
+    process ended), and return its exit code and stderr."""
     proc = subprocess.Popen(
         cli_command() + args,
         env=cli_env(),
@@ -168,7 +177,7 @@ def signal_after_checkpoint(
     )
     deadline = time.monotonic() + timeout
     try:
-        while latest_step(run) < step and proc.poll() is None:
+        while not ready() and proc.poll() is None:
             assert time.monotonic() < deadline, "the CLI subprocess made no progress"
             time.sleep(0.002)
         proc.send_signal(sig)
