@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 from blob_lora.models.forward import answer_logits
-from blob_lora.tasks import get_task, task_inputs
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob import blob_layers, sampling
 from blob_lora.tuners.blob.layer import std_from_param
 from blob_lora.utils.atomic import atomic_write_json
+from std_gradients import training_inputs  # a sibling script, on sys.path as paper/
 
 QUANTILES = (0.01, 0.5, 0.99)
 
@@ -156,14 +156,7 @@ def analyse(
     cfg, model = loaded.config, loaded.model
     bayesian = any(True for _ in blob_layers(model))
     prior_std = prior_std or (cfg.blob.prior_std if bayesian else 0.2)
-    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
-    inputs = task_inputs(
-        task,
-        cfg.data.train_split,
-        loaded.tokenizer,
-        cfg.data.max_length,
-        scoring=cfg.data.scoring_spec,
-    )
+    inputs = training_inputs(loaded)
     n_train = len(inputs.dataset)
     positions = sorted(random.Random(seed).sample(range(n_train), min(examples, n_train)))
     params = factor_parameters(model, factor)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,20 @@ from blob_lora.tasks import get_task, task_inputs
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob import kl_divergence
 from blob_lora.tuners.blob.layer import std_from_param
+
+
+def training_inputs(loaded: Any) -> Any:
+    """The tokenised training questions of a loaded run (``load_run``), as it trained on them:
+    its task, training split, prompt length and scoring."""
+    cfg = loaded.config
+    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
+    return task_inputs(
+        task,
+        cfg.data.train_split,
+        loaded.tokenizer,
+        cfg.data.max_length,
+        scoring=cfg.data.scoring_spec,
+    )
 
 
 def _rms(tensors: list[torch.Tensor]) -> float:
@@ -38,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_run(args.run)
     cfg, model = loaded.config, loaded.model
-    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
-    inputs = task_inputs(
-        task,
-        cfg.data.train_split,
-        loaded.tokenizer,
-        cfg.data.max_length,
-        scoring=cfg.data.scoring_spec,
-    )
+    inputs = training_inputs(loaded)
     rho = [(n, q) for n, q in model.named_parameters() if "lora_A_rho" in n]
     params = [q for _, q in rho]
     for q in model.parameters():

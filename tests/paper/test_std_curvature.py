@@ -12,9 +12,9 @@ import torch
 
 import std_curvature
 from blob_lora.models.forward import answer_logits
-from blob_lora.tasks import get_task, task_inputs
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob import sampling
+from std_gradients import training_inputs
 from tests.factories import tiny_run_config, train_tiny
 
 torch.set_num_threads(1)
@@ -28,16 +28,21 @@ def blob_run(tmp_path_factory, data_root, char_tok, char_base):
     return out
 
 
+def zero_factor(model, factor: str) -> None:
+    """Set every adapted layer's ``lora_<factor>`` to zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".lora_{factor}." in name:
+                p.zero_()
+
+
 def loaded(run, char_base, char_tok):
     return load_run(run, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
 
 
 def test_fisher_along_a_vanishes_without_b_and_the_std_is_the_prior(blob_run, char_base, char_tok):
     run = loaded(blob_run, char_base, char_tok)
-    with torch.no_grad():
-        for name, p in run.model.named_parameters():
-            if ".lora_B." in name:
-                p.zero_()
+    zero_factor(run.model, "B")
     result = std_curvature.analyse(blob_run, run, examples=4)
     assert result["layers"], "no adapted layer found"
     for row in result["layers"].values():
@@ -75,9 +80,7 @@ def test_exact_fisher_of_one_question_by_hand(blob_run, char_base, char_tok):
     params = std_curvature.mean_a_parameters(model)
     for p in params.values():
         p.requires_grad_(True)
-    cfg = run.config
-    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
-    inputs = task_inputs(task, cfg.data.train_split, char_tok, cfg.data.max_length)
+    inputs = training_inputs(run)
     model.eval()
     with sampling(model, False):
         fisher = std_curvature.fisher_diagonal(model, params, inputs, [0])
@@ -96,10 +99,7 @@ def test_exact_fisher_of_one_question_by_hand(blob_run, char_base, char_tok):
 
 def test_fisher_along_b_vanishes_without_a(blob_run, char_base, char_tok):
     run = loaded(blob_run, char_base, char_tok)
-    with torch.no_grad():
-        for name, p in run.model.named_parameters():
-            if ".lora_A." in name:
-                p.zero_()
+    zero_factor(run.model, "A")
     result = std_curvature.analyse(blob_run, run, examples=2, factor="B")
     assert result["factor"] == "B" and result["layers"]
     for row in result["layers"].values():
