@@ -46,10 +46,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blob_lora.cli.commands.meta import settings_from_values
 from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_evaluate
@@ -60,7 +61,6 @@ from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.json_file import read_json_object
 
-ABMLL_PREFIX = "abmll_"
 TIMING_FILE = "timing.json"
 SELECTION_FILE = "selection.json"
 #: lower is better for these metrics; accuracy is the one where higher is better
@@ -167,25 +167,12 @@ def _load_selection(raw: Any, meta: dict[str, Any], path: Path) -> Selection | N
 
 
 def settings(values: dict[str, Any], *, where: str) -> tuple[MetaConfig, AbmllConfig]:
-    """meta-train's settings from config-file keys (``abmll_<field>`` for ABMLL's), as
-    ``blob-lora meta-train --config`` reads them; an unknown key or a bad value names
-    ``where``."""
-    meta_keys = {f.name for f in fields(MetaConfig)}
-    abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
-    unknown = sorted(set(values) - meta_keys - abmll_keys)
-    if unknown:
-        raise ConfigError(f"{where}: unknown meta-train settings {unknown}")
-    values = dict(values)
-    if isinstance(values.get("target_modules"), str):
-        values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")]
+    """meta-train's settings from config-file keys, as ``blob-lora meta-train --config``
+    reads them (``settings_from_values``); an error names ``where``."""
     try:
-        meta = MetaConfig(**{k: v for k, v in values.items() if k in meta_keys})
-        abmll = AbmllConfig(
-            **{k[len(ABMLL_PREFIX) :]: v for k, v in values.items() if k in abmll_keys}
-        )
+        return settings_from_values(values)
     except (ConfigError, ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return meta, abmll
 
 
 def held_out_by_seeds(meta: dict[str, Any], seeds: list[int]) -> list[str]:

@@ -145,13 +145,21 @@ def prefix_cache_of(args: argparse.Namespace) -> bool:
 def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
     """The run's settings: the config file's values, the command line's over them; an error
     names the option."""
-    values = _values(args)
+    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", "command", "_run"}
+    values = {k: v for k, v in _values(args).items() if k not in command_keys}
+    return settings_from_values(values)
+
+
+def settings_from_values(values: dict[str, Any]) -> tuple[MetaConfig, AbmllConfig]:
+    """``MetaConfig`` and ``AbmllConfig`` from config-file keys (``k_shot``, ``abmll_beta``),
+    as ``meta-train --config`` reads them; an unknown key or a bad value is a ``ConfigError``
+    naming the option."""
     meta_keys = {f.name for f in fields(MetaConfig)}
     abmll_keys = {ABMLL_PREFIX + f.name for f in fields(AbmllConfig)}
-    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", PREFIX_CACHE, "command", "_run"}
-    unknown = sorted(set(values) - meta_keys - abmll_keys - command_keys)
+    unknown = sorted(set(values) - meta_keys - abmll_keys)
     if unknown:
         raise ConfigError(f"unknown keys in config file: {unknown}")
+    values = dict(values)
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = [t.strip() for t in values["target_modules"].split(",")]
     meta = MetaConfig(**{k: v for k, v in values.items() if k in meta_keys})
