@@ -304,7 +304,8 @@ def run_table(plan: Plan, chosen: dict[str, Any], *, progress: bool) -> dict[str
         folder = plan.out / "runs" / f"seed{seed}"
         values = {**plan.meta, **chosen, "seed": seed}
         per_seed[seed] = train_and_evaluate(folder, values, contenders, progress=progress)
-        timing[seed] = read_json_object(folder / TIMING_FILE, ConfigError)
+        timed_file = folder / TIMING_FILE  # absent for a run made outside this script
+        timing[seed] = read_json_object(timed_file, ConfigError) if timed_file.exists() else {}
     table = summarise(per_seed, contenders)
     table.update({"name": plan.name, "chosen": chosen, "timing_s": timing})
     atomic_write_json(plan.out / "table.json", table)
