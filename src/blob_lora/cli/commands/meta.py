@@ -145,7 +145,7 @@ def prefix_cache_of(args: argparse.Namespace) -> bool:
 def settings_of(args: argparse.Namespace) -> tuple[MetaConfig, AbmllConfig]:
     """The run's settings: the config file's values, the command line's over them; an error
     names the option."""
-    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", "command", "_run"}
+    command_keys = {*COMMAND_LINE_ONLY, "checkpoint_every", PREFIX_CACHE, "command", "_run"}
     values = {k: v for k, v in _values(args).items() if k not in command_keys}
     return settings_from_values(values)
 
