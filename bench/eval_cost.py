@@ -19,7 +19,11 @@ seconds per question of each, the ratio of the medians to LoRA's, the CPU second
 process (the steadier number on a busy machine) and, from one more untimed pass per method,
 the samples N, the forward passes per batch and the sequences per question that ran through
 the top and the bottom transformer block (the prefix cache runs the bottom once), and the peak
-memory of the pass (CPU: sampled RSS, approximate; CUDA: exact).
+memory of the pass (CPU: sampled RSS, approximate; CUDA: exact), and the tokens, padding
+included, that the top block ran over (``top tokens/q``). ``--batch-order both`` times every
+method twice in the same rounds, in batches of similar length (what ``evaluate_on_task`` does
+by default) and in the split's order (``<method> (split order)``), and reports the ratio
+(``over_split_order``).
 
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/eval_cost.py
     .venv/bin/python bench/eval_cost.py --setting tiny                  # seconds, random tiny model
@@ -166,13 +170,15 @@ def timed_predictive(times: list[tuple[float, float]]) -> Iterator[None]:
 def counted_blocks(model: nn.Module) -> Iterator[dict[str, int]]:
     """Calls of the bottom and top transformer blocks and the sequences they saw."""
     (layers,) = block_lists(model).values()
-    counts = {"bottom_calls": 0, "bottom_rows": 0, "top_calls": 0, "top_rows": 0}
+    counts = {"bottom_calls": 0, "bottom_rows": 0, "top_calls": 0, "top_rows": 0, "top_tokens": 0}
 
     def hook(where: str):
         def count(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             counts[f"{where}_calls"] += 1
             counts[f"{where}_rows"] += int(hidden.shape[0])
+            if where == "top":  # padded positions included: what the matmuls ran over
+                counts["top_tokens"] += int(hidden.shape[0]) * int(hidden.shape[1])
 
         return count
 
@@ -191,10 +197,18 @@ class Evaluation:
     """One method's loaded run and the ``evaluate_on_task`` call ``blob-lora evaluate`` makes."""
 
     def __init__(
-        self, loaded: LoadedRun, task: Any, split: str, batch_size: int, out: Path, prefix: bool
+        self,
+        loaded: LoadedRun,
+        task: Any,
+        split: str,
+        batch_size: int,
+        out: Path,
+        prefix: bool,
+        by_length: bool = True,
     ) -> None:
         self.loaded, self.task, self.split = loaded, task, split
         self.batch_size, self.out, self.prefix = batch_size, out, prefix
+        self.by_length = by_length
         cfg = loaded.config
         # what evaluate_on_task will use: the run's --eval-samples, else the method's default
         self.n_samples = loaded.method.eval_samples(loaded.model, cfg.evaluation.eval_samples)
@@ -215,6 +229,7 @@ class Evaluation:
             scoring=cfg.data.scoring_spec,
             eval_noise=cfg.blob.eval_noise,
             prefix_cache=self.prefix,
+            by_length=self.by_length,
         )
 
     def timed(self) -> tuple[float, float, float, float, dict[str, Any]]:
@@ -228,6 +243,15 @@ class Evaluation:
         return wall, cpu, predictive[0], predictive[1], metrics
 
 
+def row_label(method: str, by_length: bool, batch_order: str) -> str:
+    """A row's name: the method, marked when both batch orders are compared."""
+    return method if batch_order != "both" or by_length else f"{method} (split order)"
+
+
+def safe(label: str) -> str:
+    return label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     base, tokenizer = load_base(setting)
@@ -237,21 +261,26 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
     split = f"{args.split}[:{n_questions}]"
     batch_size = args.batch_size or setting.batch_size
     evals: dict[str, Evaluation] = {}
+    orders = {"length": [True], "split": [False], "both": [True, False]}[args.batch_order]
     for method in args.methods:
         print(f"training {method} ({TRAIN_STEPS} steps)", flush=True)
         cfg = train_config(args, setting, method, tmp / "runs" / method, num_layers)
         loaded = trained_run(cfg, base, tokenizer)
-        evals[method] = Evaluation(
-            loaded, task, split, batch_size, tmp / "eval" / method, args.prefix_cache == "on"
-        )
+        for by_length in orders:
+            label = row_label(method, by_length, args.batch_order)
+            evals[label] = Evaluation(
+                loaded, task, split, batch_size, tmp / "eval" / safe(label),
+                args.prefix_cache == "on", by_length,
+            )  # fmt: skip
     del base
     gc.collect()
     repeats, warmup = args.repeats or setting.repeats, args.warmup
     columns = ("eval_wall", "eval_cpu", "pred_wall", "pred_cpu")
-    times: dict[str, dict[str, list[float]]] = {m: {c: [] for c in columns} for m in args.methods}
+    labels = list(evals)
+    times: dict[str, dict[str, list[float]]] = {m: {c: [] for c in columns} for m in labels}
     metrics: dict[str, dict[str, Any]] = {}
     for i in range(warmup + repeats):
-        order = args.methods if i % 2 == 0 else args.methods[::-1]
+        order = labels if i % 2 == 0 else labels[::-1]
         line = []
         for method in order:
             *took, metrics[method] = evals[method].timed()
@@ -274,11 +303,12 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
             "batches": n_batches,
             "forwards_per_batch": counts["top_calls"] / n_batches,
             "top_rows_per_question": counts["top_rows"] / n_questions,
+            "top_tokens_per_question": counts["top_tokens"] / n_questions,
             "bottom_rows_per_question": counts["bottom_rows"] / n_questions,
             "memory": memory,
         }
     rows = []
-    lora = "lora" if "lora" in times else args.methods[0]
+    lora = "lora" if "lora" in times else labels[0]
     reference = {c: summary(times[lora][c])["median"] for c in columns}
     for method, evaluation in evals.items():
         stats = {c: summary(v) for c, v in times[method].items()}
@@ -286,6 +316,7 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
         memory = probe.pop("memory")
         row: dict[str, Any] = {
             "method": method,
+            "batch_order": "length" if evaluation.by_length else "split",
             "eval_samples": evaluation.n_samples,
             "metrics_eval_samples": metrics[method]["eval_samples"],
             "n_examples": metrics[method]["n_examples"],
@@ -302,6 +333,14 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
                 "growth_bytes": memory["peak_bytes"] - memory["before_bytes"],
             }
         rows.append(row)
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:  # --batch-order both: each method's length-ordered pass over its split-ordered
+        partner = by_name.get(f"{r['method']} (split order)")
+        if partner is not None:
+            r["over_split_order"] = {
+                c: r["seconds"][c]["median"] / partner["seconds"][c]["median"] for c in columns
+            }
+            r["over_split_order"]["top_tokens"] = r["top_tokens"] / partner["top_tokens"]
     if memory_rows := [r for r in rows if "memory" in r]:
         ref = next((r for r in memory_rows if r["method"] == lora), None)
         for r in memory_rows:
@@ -339,6 +378,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="LoRA on q/v of the top 8 blocks + lm_head (demo) or of every block")  # fmt: skip
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on",
                    help="the frozen-prefix cache of evaluation (blob-lora evaluate: on)")  # fmt: skip
+    p.add_argument("--batch-order", choices=("length", "split", "both"), default="length",
+                   help="evaluation batches of similar length (evaluate_on_task's default), "
+                   "the split's own order, or both as separate rows of one run")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default per setting)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
@@ -379,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     atomic_write_json(out_path, report)
     ref = result["reference"]
     header = ["method", "N", "predictive s/q", "min-max s/q", f"x {ref}", "CPU x", "evaluate s/q",
-              f"x {ref}", "forwards/batch", "top seq/q", "bottom seq/q", "peak MiB",
+              f"x {ref}", "forwards/batch", "top seq/q", "top tokens/q", "bottom seq/q", "peak MiB",
               "growth MiB", f"growth x {ref}"]  # fmt: skip
     n = result["n_questions"]
     table = []
@@ -392,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             round(r["over_reference"]["pred_wall"], 2), round(r["over_reference"]["pred_cpu"], 2),
             r["per_question_s"]["eval_wall"], round(r["over_reference"]["eval_wall"], 2),
             round(r["forwards_per_batch"], 2), round(r["top_rows_per_question"], 2),
-            round(r["bottom_rows_per_question"], 2),
+            round(r["top_tokens_per_question"], 1), round(r["bottom_rows_per_question"], 2),
             round(mem["peak_bytes"] / MIB) if mem else None,
             round(mem["growth_bytes"] / MIB) if mem else None,
             round(mem["growth_over_reference"], 2) if "growth_over_reference" in mem else None,

@@ -52,3 +52,37 @@ def test_eval_cost_bench_times_each_method_beside_lora(tmp_path, data_root) -> N
     # BLoB folds its 10 samples into one forward per batch; SWAG runs one forward per draw
     assert rows["lora"]["forwards_per_batch"] == 1 and rows["blob"]["forwards_per_batch"] == 1
     assert rows["swag"]["forwards_per_batch"] == 15
+
+
+def test_eval_cost_bench_compares_batch_orders_in_one_run(tmp_path, data_root) -> None:
+    """``--batch-order both``: every method timed in length-sorted and split-ordered batches,
+    the padded tokens counted from the top block's inputs."""
+    module = load_script("bench/eval_cost.py", "bench_eval_cost")
+    out = tmp_path / "report.json"
+    module.main(
+        [
+            "--setting", "tiny",
+            "--methods", "lora", "blob",
+            "--data-root", str(data_root),
+            "--n-questions", "8",
+            "--batch-size", "4",
+            "--batch-order", "both",
+            "--warmup", "0",
+            "--repeats", "1",
+            "--no-memory",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["lora", "lora (split order)", "blob", "blob (split order)"]
+    assert {r["batch_order"] for r in rows.values()} == {"length", "split"}
+    for method in ("lora", "blob"):
+        fast, slow = rows[method], rows[f"{method} (split order)"]
+        # the same questions and samples; sorting only removes padding (ARC lengths differ)
+        assert fast["top_rows"] == slow["top_rows"]
+        assert fast["top_tokens"] < slow["top_tokens"]
+        ratio = fast["over_split_order"]
+        assert ratio["top_tokens"] == fast["top_tokens"] / slow["top_tokens"]
+        wall = fast["seconds"]["pred_wall"]["median"] / slow["seconds"]["pred_wall"]["median"]
+        assert ratio["pred_wall"] == wall
+        assert "over_split_order" not in slow

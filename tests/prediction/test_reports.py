@@ -63,9 +63,10 @@ def labels_of(task, split):
 
 
 def run_eval(task, split, probs, out, tokenizer, **kw):
+    # split order (by_length=False): the stub hands out its predictives by position
     return evaluate_on_task(
         tiny_llama(), StubMethod(probs), tokenizer, task, out, split=split, batch_size=4,
-        max_length=128, **kw,
+        max_length=128, by_length=False, **kw,
     )  # fmt: skip
 
 
@@ -185,3 +186,59 @@ def test_cli_evaluate_ood_reference(run_dir, data_root, tmp_path, capsys):
     bad = main([*base, "--task", "winogrande_s", "--split", "validation[:2]", "--out",
                 str(tmp_path / "x"), "--ood-reference", str(tmp_path / "nothing")])  # fmt: skip
     assert bad == 2 and "expected an evaluation folder" in capsys.readouterr().err
+
+
+class PaddingSpy(Method):
+    """A deterministic method (the tiny model's own option scores, one "sample") that records
+    the padded shape of every batch it is given."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, int]] = []
+
+    def build(self, base, cfg):
+        raise NotImplementedError
+
+    def load(self, base, adapter_dir):
+        raise NotImplementedError
+
+    def eval_samples(self, model, requested):
+        return 1
+
+    def predict_samples(self, model, batch, option_ids, n_samples, fold=None):
+        from blob_lora.models.forward import answer_logits
+
+        self.shapes.append(tuple(batch["input_ids"].shape))
+        return answer_logits(model, batch, option_ids).double().softmax(-1).unsqueeze(0)
+
+
+def test_evaluation_batches_by_length_same_results_less_padding(data_root, tokenizer, tmp_path):
+    """Scoring a split in batches of similar length (the default) pads less and changes
+    nothing a deterministic method reports: per-question probabilities, in split order."""
+    from blob_lora.tasks import length_sorted_batches, task_inputs
+
+    task = get_task("arc_easy", data_root)
+    split, bs, max_length = "validation[:24]", 5, 512
+    model = tiny_llama(0, max_position_embeddings=max_length).eval()
+    rows, spies = {}, {}
+    for by_length in (False, True):
+        spies[by_length] = spy = PaddingSpy()
+        out = tmp_path / str(by_length)
+        evaluate_on_task(
+            model, spy, tokenizer, task, out, split=split, batch_size=bs,
+            max_length=max_length, by_length=by_length,
+        )  # fmt: skip
+        rows[by_length] = [json.loads(x) for x in (out / "predictions.jsonl").open()]
+    assert [r["id"] for r in rows[True]] == [r["id"] for r in rows[False]]
+    for a, b in zip(rows[True], rows[False], strict=True):
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
+    lengths = task_inputs(task, split, tokenizer, max_length).dataset.lengths
+    padded = {k: sum(b * t for b, t in s.shapes) for k, s in spies.items()}
+    sequential = sum(max(lengths[i : i + bs]) * len(lengths[i : i + bs]) for i in range(0, 24, bs))
+    by_len = sum(max(lengths[i] for i in b) * len(b) for b in length_sorted_batches(lengths, bs))
+    assert padded == {False: sequential, True: by_len}
+    assert by_len < sequential  # ARC questions differ in length: sorting saves real work
+    assert [t for _, t in spies[True].shapes] == sorted(
+        (t for _, t in spies[True].shapes), reverse=True
+    )  # longest first

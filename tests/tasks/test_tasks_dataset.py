@@ -16,7 +16,7 @@ from blob_lora.tasks import (
     length_bucketed_sampler,
 )
 from blob_lora.tasks import dataset as dataset_mod
-from blob_lora.utils.errors import DataError
+from blob_lora.utils.errors import ConfigError, DataError
 
 
 def test_collator_left_pads(data_root, smollm2_tokenizer):
@@ -186,3 +186,15 @@ def test_data_fingerprint_follows_content_not_path_or_timestamps(tmp_path):
     copy.write_text(copy.read_text().replace("Question 2", "Question 9"))
     os.utime(copy, ns=(10**18, 10**18))  # same size and mtime as before the edit
     assert fp(tmp_path / "a") != fp(tmp_path / "b")
+
+
+def test_length_sorted_batches_longest_first_ties_in_order() -> None:
+    from blob_lora.tasks import length_sorted_batches
+
+    assert length_sorted_batches([3, 5, 1, 5, 2], 2) == [[1, 3], [0, 4], [2]]
+    assert length_sorted_batches([], 4) == []
+    batches = length_sorted_batches([7, 2, 9, 4, 4, 1, 8], 3)
+    assert sorted(i for b in batches for i in b) == list(range(7))  # every index once
+    assert [len(b) for b in batches] == [3, 3, 1]
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        length_sorted_batches([1, 2], 0)

@@ -35,7 +35,7 @@ from blob_lora.prediction.fast import MODES, EarlyStop
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
 from blob_lora.prediction.loop import DatasetPredictive, predict_dataset
 from blob_lora.tasks import EncodedDataset, MCCollator, MCExample, Scoring, scoring_option_ids
-from blob_lora.tasks.dataset import encode_split
+from blob_lora.tasks.dataset import encode_split, length_sorted_batches
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
@@ -187,18 +187,18 @@ class Predictor:
         collator = MCCollator(
             pad if pad is not None else self.tokenizer.eos_token_id, task.n_options
         )
-        order = sorted(range(len(examples)), key=lambda i: len(enc.input_ids[i]))  # less padding
+        dataset = EncodedDataset(enc)
         scored = predict_dataset(
             self.model,
             self.method,
-            EncodedDataset(enc),
+            dataset,
             collator,
             scoring_option_ids(self.tokenizer, task, self.scoring),
             self.n_samples,
             mode=self.mode,
             fold=self.fold,
             early=self.early,
-            batches=[order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)],
+            batches=length_sorted_batches(dataset.lengths, self.batch_size),  # less padding
             progress=self.progress,
         )
         rows = [

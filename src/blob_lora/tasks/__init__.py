@@ -20,6 +20,7 @@ from blob_lora.tasks.dataset import (
     clear_cache,
     encode_examples,
     length_bucketed_sampler,
+    length_sorted_batches,
     task_inputs,
     tokenizer_fingerprint,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "encode_examples",
     "get_task",
     "length_bucketed_sampler",
+    "length_sorted_batches",
     "list_tasks",
     "option_logits",
     "option_token_ids",
