@@ -597,9 +597,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Every index once, in batches of similar length, longest first: for scoring a split.
 
     Consecutive examples of a split differ in length by up to 2-3x, and a batch is padded to
-    its longest: on the paper's evaluation splits under cloze scoring sequential batches of 16
-    run 1.3-2.2x the real tokens through every block, these batches 1.00-1.06x (issue 19; the
-    prefix cache's stored features are per example, so nothing else changes). Longest first,
+    its longest: on the regime table's evaluation splits under cloze scoring sequential batches
+    of 16 run 1.3-2.2x the real tokens through every block, these batches 1.00-1.2x (issue 19,
+    bench/README.md; the prefix cache stores features per example). Longest first,
     so a batch too large for the device fails at once, not at the end of a long pass. Ties
     keep dataset order, so the batches are a function of the lengths alone.
     """
