@@ -212,3 +212,39 @@ def test_mc_dropout_shares_the_prompt_pass_across_options(tok) -> None:
     scores = _sampling_scores("mc-dropout", model, batch)
     torch.testing.assert_close(scores[:, 0], scores[:, 1], atol=1e-6, rtol=0)
     assert (scores[0] - scores[1]).abs().max() > 1e-4  # a fresh mask per question
+
+
+def test_split_by_length_cuts_each_chunk_to_its_rows_and_keeps_their_scores(tok) -> None:
+    """Chunks of similar length hold every row once, cut to their own longest row with every
+    row's real tokens and cloze fields intact: the option scores equal the whole batch's."""
+    from blob_lora.tasks.dataset import TOKEN_FIELDS, split_by_length
+
+    examples = [
+        MCExample("long", "Which of these is a long question about colour?", ("red", "a blue"), 0),
+        MCExample("short", "Hot?", ("sun", "ice"), 1),
+        MCExample("mid", "What is cold in winter?", ("snow", "fire"), 0, context="Cold."),
+        MCExample("tiny", "Up?", ("sky", "sea"), 0),
+    ]
+    batch = _batch(MC, examples, tok, 2)
+    batch["index"] = torch.arange(4)
+    lengths = batch["attention_mask"].sum(1)
+    chunks = split_by_length(batch, 2)
+    order = torch.argsort(lengths, stable=True)
+    assert [c["index"].tolist() for c in chunks] == [order[:2].tolist(), order[2:].tolist()]
+    for c in chunks:
+        rows = c["index"]
+        t = int(lengths[rows].max())
+        assert tuple(c["input_ids"].shape) == (2, t)
+        for key in TOKEN_FIELDS:  # the cut columns were padding only
+            assert torch.equal(c[key], batch[key][rows, -t:]), key
+        assert torch.equal(c["labels"], batch["labels"][rows])
+        assert torch.equal(c["divisor"], batch["divisor"][rows])
+    assert chunks[0]["input_ids"].shape[1] < batch["input_ids"].shape[1]  # padding was cut
+    model = tiny_base(tok).eval()
+    with torch.no_grad():
+        whole = answer_logits(model, {k: v for k, v in batch.items() if k != "index"}, None)
+        for c in chunks:
+            part = answer_logits(model, {k: v for k, v in c.items() if k != "index"}, None)
+            assert torch.allclose(part, whole[c["index"]], atol=1e-5)
+    assert split_by_length(batch, 1) == [batch]
+    assert len(split_by_length(batch, 9)) == 4  # at most one chunk per row

@@ -186,6 +186,9 @@ class TrainConfig:
         # caches change where inputs come from, not what is learned (up to float rounding)
         "cache_dir",
         "prefix_cache",
+        # the same gradient from other chunks of the batch (float rounding; its own draws of
+        # the weight noise per chunk)
+        "length_chunks",
         # the curve is scored under a forked RNG: it does not change what is learned
         "curve_every",
         "curve_split",

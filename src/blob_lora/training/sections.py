@@ -44,6 +44,7 @@ class LoopConfig:
     epochs: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
+    length_chunks: int = 1
     lr: float = 1e-4
     optimizer: str = "paper"
     warmup_ratio: float = 0.06
@@ -60,7 +61,7 @@ class LoopConfig:
         """Refuse a bad value, naming its option: types, then counts, numbers, choices."""
         check_str(self, "optimizer")
         check_str(self, "log_with", optional=True)
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "length_chunks", "log_every"):
             check_int(self, name)
         check_int(self, "max_steps", allow_none=True)
         check_int(self, "checkpoint_every", allow_zero=True)

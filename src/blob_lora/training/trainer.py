@@ -10,6 +10,10 @@ no DDP all-reduce averages a term that is already identical on every process. Wi
 ``--grad-accum`` the NLL is the mean over the micro-batches of the window; the last window of
 an epoch may hold fewer (``micro_per_epoch % grad_accum``) and is averaged over those it holds,
 so its step equals one step on a batch of those examples (it is still one step of the KL cycle).
+With ``--length-chunks K`` each micro-batch is forwarded as K chunks of similar length
+(``tasks.dataset.split_by_length``) whose NLLs sum to the micro-batch's mean: the same gradient
+with less padding, up to float rounding; weight noise and dropout masks are drawn per chunk
+(BLoB's ``shared`` flipout then draws K samples per micro-batch, not one).
 
 Every decision that must be collective is made collectively: the stop on SIGINT/SIGTERM, a
 non-finite loss, and the success of each checkpoint write (written by the main process only).
@@ -52,7 +56,12 @@ from blob_lora.models import load_model_and_tokenizer
 from blob_lora.models.forward import answer_logits
 from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.tasks import MCDataset, Task, TaskInputs, get_task, task_inputs
-from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
+from blob_lora.tasks.dataset import (
+    IndexedCollator,
+    IndexedDataset,
+    length_bucketed_sampler,
+    split_by_length,
+)
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
@@ -536,42 +545,59 @@ class TrainingLoop:
             yield self.step
 
     def _micro_step(self, batch: dict[str, torch.Tensor], micro: int, signals: StopSignals) -> bool:
-        """Forward and backward one micro-batch, and step the optimiser at a boundary; True
-        once the last step is done."""
+        """Forward and backward one micro-batch (in ``--length-chunks`` chunks of similar
+        length), and step the optimiser at a boundary; True once the last step is done."""
         cfg, accelerator, method = self.cfg, self.accelerator, self.method
         boundary = micro % cfg.loop.grad_accum == 0 or micro == self.plan.micro_per_epoch
         pi = self.plan.schedule.weight(self.step + 1) if method.has_kl else 0.0
-        sync = nullcontext() if boundary else accelerator.no_sync(self.model)
-        index = batch.pop("index")
         kl_value = None
         if method.has_kl and self.updater.mode == "single":
             # before the forward: under FSDP every parameter is then a shard (after it the
             # head's are still gathered), and the KL is summed over the shards once
             with record_function("train.kl"):
                 kl_value = full_tensors(method.kl(self.unwrapped))
-        with sync:
-            prefix = self.prefix
-            with (
-                prefix.injected(self.unwrapped, batch, index) if prefix else nullcontext(),
-                record_function("train.forward"),
-            ):
-                logits = answer_logits(self.model, batch, self.option_ids)
-            nll = F.cross_entropy(logits, batch["labels"])
-            loss = nll if kl_value is None else nll + pi * kl_value
-            if not all_true(accelerator, bool(torch.isfinite(loss))):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {self.step + 1} (on at least one "
-                    "process); the last good checkpoint "
-                    f"is kept in {self.ckpt_root} (lower --lr or check the data)"
+        n = len(batch["labels"])
+        chunks = split_by_length(batch, cfg.loop.length_chunks)
+        finite, nll_sum = True, 0.0
+        for j, chunk in enumerate(chunks):
+            last = j == len(chunks) - 1
+            # gradients are synchronised once per optimiser step: on the last chunk of the
+            # window's last micro-batch
+            sync = nullcontext() if boundary and last else accelerator.no_sync(self.model)
+            index = chunk.pop("index")
+            with sync:
+                prefix = self.prefix
+                with (
+                    prefix.injected(self.unwrapped, chunk, index) if prefix else nullcontext(),
+                    record_function("train.forward"),
+                ):
+                    logits = answer_logits(self.model, chunk, self.option_ids)
+                # the micro-batch's mean NLL, summed over its chunks (one chunk: the mean
+                # itself, the very computation of runs made before chunks existed); the KL once
+                labels = chunk["labels"]
+                nll = (
+                    F.cross_entropy(logits, labels, reduction="sum") / n
+                    if len(chunks) > 1
+                    else F.cross_entropy(logits, labels)
                 )
-            # mean over the micro-batches of this window: the last window of an epoch may hold
-            # fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
-            with record_function("train.backward"):
-                accelerator.backward(loss / self._window_size(micro))
-        self.window["nll"] += nll.item()
+                loss = nll if kl_value is None or j > 0 else nll + pi * kl_value
+                finite = finite and bool(torch.isfinite(loss))
+                # one collective decision per micro-batch, before the backward that syncs
+                if last and not all_true(accelerator, finite):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1} (on at least one "
+                        "process); the last good checkpoint "
+                        f"is kept in {self.ckpt_root} (lower --lr or check the data)"
+                    )
+                # mean over the micro-batches of this window: the last window of an epoch may
+                # hold fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
+                with record_function("train.backward"):
+                    accelerator.backward(loss / self._window_size(micro))
+            nll_sum += nll.item()
+            self.window["correct"] += (logits.argmax(-1) == labels).sum().item()
+        self.window["nll"] += nll_sum
         self.window["micro"] += 1
-        self.window["correct"] += (logits.argmax(-1) == batch["labels"]).sum().item()
-        self.window["n"] += len(batch["labels"])
+        self.window["n"] += n
         if not boundary:
             return False
         self._optimizer_step(kl_value, pi, micro, signals)

@@ -1,0 +1,186 @@
+"""The training step in chunks of similar length (``--length-chunks``) against whole batches.
+
+A training batch is padded to its longest example; on the paper's training sets under cloze
+scoring a random batch of 8 runs 1.3-1.8x its real tokens through every adapted block.
+``--length-chunks K`` forwards each micro-batch as K chunks of similar length with the same
+summed loss (``blob_lora.tasks.dataset.split_by_length``; the gradient is the same to float
+rounding, tested in ``tests/training/test_length_chunks.py``). This script measures what that
+saves in ``blob-lora train``'s own loop: for LoRA and BLoB and each K of ``--chunks``, a loop is
+built by ``prepare_training`` exactly as ``blob-lora train`` builds it (the regime table's
+setting by default: ARC-Challenge, cloze scoring per character, max length 256, batch 8, LoRA
+r=8 on q/v of the top 8 blocks + ``lm_head``, the frozen-prefix cache on) and stepped through
+``TrainingLoop.steps()``. Every loop first takes one epoch of ``--n-train`` examples untimed
+(the prefix features are then cached, as in every later epoch of a real run), then the loops
+take their timed steps in turn, the order reversed every round so drift hits all alike.
+
+Reported per method and K: the median step time, its ratio to K = 1 of the same method, and the
+tokens (padding included) the adapted blocks ran over per step, counted by a hook on the top
+block.
+
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/length_chunks.py
+    .venv/bin/python bench/length_chunks.py --setting tiny          # seconds, random tiny model
+
+Writes ``bench/results/length_chunks_cpu.json`` (``--setting cpu``) or ``bench/out/...``
+(``tiny``), ``--out`` to change it, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+
+ensure_src_on_path()
+
+from train_full_step import SETTINGS, Run, load_base, prepare, shape_targets  # noqa: E402
+
+from blob_lora.models.prefix import block_lists  # noqa: E402
+from blob_lora.training import TrainConfig  # noqa: E402
+from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
+
+METHODS = ("lora", "blob")
+CPU = torch.device("cpu")
+
+
+def train_config(args: argparse.Namespace, method: str, chunks: int, out: Path, model: str,
+                 num_layers: int, top_blocks: int, total_steps: int) -> TrainConfig:  # fmt: skip
+    return TrainConfig(
+        model=model,
+        task=args.task,
+        method=method,
+        out=str(out / f"{method}-{chunks}"),
+        data_root=args.data_root,
+        train_split=f"train[:{args.n_train}]",
+        max_steps=total_steps,
+        batch_size=args.batch_size,
+        length_chunks=chunks,
+        max_length=args.max_length,
+        scoring="cloze",
+        length_norm=args.length_norm,
+        target_modules=shape_targets("demo", num_layers, top_blocks),
+        prefix_cache=True,
+        evaluate=False,
+        eval_tasks=[],
+        seed=args.seed,
+    )
+
+
+def count_top_tokens(run: Run) -> dict[str, int]:
+    """A hook on the top block adding up the positions (padding included) it runs over."""
+    (layers,) = block_lists(run.loop.unwrapped).values()
+    counts = {"tokens": 0}
+
+    def hook(module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        counts["tokens"] += int(hidden.shape[0]) * int(hidden.shape[1])
+
+    layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    return counts
+
+
+def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    setting = SETTINGS[args.setting]
+    torch.manual_seed(0)
+    base, tokenizer = load_base(setting)
+    num_layers = int(base.config.num_hidden_layers)
+    warmup = -(-args.n_train // args.batch_size)  # one epoch: the prefix features cached
+    total = warmup + args.steps
+    labels = [(m, k) for m in METHODS for k in args.chunks]
+    runs: dict[tuple[str, int], Run] = {}
+    for method, chunks in labels:
+        cfg = train_config(args, method, chunks, tmp, setting.model, num_layers,
+                           setting.top_blocks, total)  # fmt: skip
+        runs[(method, chunks)] = prepare(cfg, copy.deepcopy(base), tokenizer)
+    del base
+    gc.collect()
+    for label, run in runs.items():
+        for _ in range(warmup):
+            run.step()
+        print(f"  warm-up done: {label[0]} x{label[1]}", flush=True)
+    counters = {label: count_top_tokens(run) for label, run in runs.items()}
+    times: dict[tuple[str, int], list[float]] = {label: [] for label in labels}
+    for i in range(args.steps):
+        order = labels if i % 2 == 0 else labels[::-1]
+        for label in order:
+            times[label].append(runs[label].step()[0])
+        print(f"  round {i + 1}/{args.steps}: "
+              + ", ".join(f"{m} x{k} {times[(m, k)][-1]:.3f}s" for m, k in order), flush=True)  # fmt: skip
+    rows = []
+    for method, chunks in labels:
+        stats = summary(times[(method, chunks)])
+        ref = summary(times[(method, args.chunks[0])])["median"]
+        rows.append({
+            "method": method,
+            "length_chunks": chunks,
+            "step_s": stats,
+            "times_s": times[(method, chunks)],
+            "over_first": stats["median"] / ref,
+            "top_tokens_per_step": counters[(method, chunks)]["tokens"] / args.steps,
+        })  # fmt: skip
+    for run in runs.values():
+        run.steps.close()
+        run.loop.bar.close()
+    return {"warmup_steps": warmup, "rows": rows, "model": setting.model}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4],
+                   help="values of --length-chunks (the first is the reference)")  # fmt: skip
+    p.add_argument("--task", default="arc_challenge")
+    p.add_argument("--length-norm", default="char")
+    p.add_argument("--n-train", type=int, default=64, help="training examples (train[:N])")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, help="timed steps per loop")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.data_root is None:
+        args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
+    if args.max_length is None:  # the char tokenizer spends a token per character
+        args.max_length = SETTINGS["tiny"].max_length if args.setting == "tiny" else 256
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    where = "results" if args.setting == "cpu" else "out"
+    out_path = args.out or REPO / "bench" / where / f"length_chunks_{args.setting}.json"
+    load_start = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="length_chunks_") as tmp:
+        result = bench(args, Path(tmp))
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
+    load = {"start": load_start, "end": list(os.getloadavg())}
+    report = {"machine": machine_info(CPU), "load_average": load, "config": config, **result}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_path, report)
+    header = ["method", "length chunks", "s/step", "min-max", f"x chunks={args.chunks[0]}",
+              "top-block tokens/step"]  # fmt: skip
+    table = [
+        [r["method"], r["length_chunks"], r["step_s"]["median"],
+         f"{r['step_s']['min']:.3g}-{r['step_s']['max']:.3g}", round(r["over_first"], 3),
+         round(r["top_tokens_per_step"])]
+        for r in result["rows"]
+    ]  # fmt: skip
+    print(format_table(header, table))
+    print(f"wrote {out_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
