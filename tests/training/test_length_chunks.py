@@ -84,3 +84,12 @@ def test_blob_adds_its_kl_once_per_micro_batch(tmp_path, data_root, tiny_model_d
     means = [k for k in adapter_1 if "lora_A" in k and "std" not in k]
     assert means
     assert max(float((adapter_1[k] - adapter_3[k]).abs().max()) for k in means) <= 1e-4
+
+
+def test_a_diverging_chunked_run_stops_with_a_clear_error(tmp_path, data_root, tiny_model_dir):
+    """A loss gone non-finite in any chunk stops the run before the step is taken."""
+    from blob_lora.training.trainer import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf|-inf) at step \d+ .*--lr"):
+        _run(tmp_path, data_root, tiny_model_dir, "boom", method="lora", length_chunks=3,
+             lr=1e30, max_steps=6)  # fmt: skip

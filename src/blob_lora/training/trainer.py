@@ -558,7 +558,7 @@ class TrainingLoop:
                 kl_value = full_tensors(method.kl(self.unwrapped))
         n = len(batch["labels"])
         chunks = split_by_length(batch, cfg.loop.length_chunks)
-        finite, nll_sum = True, 0.0
+        bad, nll_sum = None, 0.0  # bad: the first non-finite chunk loss
         for j, chunk in enumerate(chunks):
             last = j == len(chunks) - 1
             # gradients are synchronised once per optimiser step: on the last chunk of the
@@ -581,11 +581,13 @@ class TrainingLoop:
                     else F.cross_entropy(logits, labels)
                 )
                 loss = nll if kl_value is None or j > 0 else nll + pi * kl_value
-                finite = finite and bool(torch.isfinite(loss))
+                if bad is None and not bool(torch.isfinite(loss)):
+                    bad = loss.item()
                 # one collective decision per micro-batch, before the backward that syncs
-                if last and not all_true(accelerator, finite):
+                if last and not all_true(accelerator, bad is None):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.step + 1} (on at least one "
+                        f"loss became {loss.item() if bad is None else bad} at step "
+                        f"{self.step + 1} (on at least one "
                         "process); the last good checkpoint "
                         f"is kept in {self.ckpt_root} (lower --lr or check the data)"
                     )
