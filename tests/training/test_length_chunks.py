@@ -93,3 +93,24 @@ def test_a_diverging_chunked_run_stops_with_a_clear_error(tmp_path, data_root, t
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf|-inf) at step \d+ .*--lr"):
         _run(tmp_path, data_root, tiny_model_dir, "boom", method="lora", length_chunks=3,
              lr=1e30, max_steps=6)  # fmt: skip
+
+
+def test_one_chunk_loss_is_the_mean_bit_for_bit() -> None:
+    """The loop writes every micro-batch's NLL as a sum over its chunks divided by the batch
+    size; with one chunk that must be the mean cross-entropy of runs made before chunks
+    existed, bit for bit, in value and gradient (so a resumed old run takes the same steps)."""
+    import torch.nn.functional as F
+
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        n, c = (
+            int(torch.randint(1, 17, (1,), generator=g)),
+            int(torch.randint(2, 6, (1,), generator=g)),
+        )
+        x = (torch.randn(n, c, generator=g) * 30).requires_grad_()
+        y = torch.randint(0, c, (n,), generator=g)
+        mean = F.cross_entropy(x, y)
+        (g_mean,) = torch.autograd.grad(mean, x)
+        summed = F.cross_entropy(x, y, reduction="sum") / n
+        (g_sum,) = torch.autograd.grad(summed, x)
+        assert torch.equal(mean, summed) and torch.equal(g_mean, g_sum), seed

@@ -558,7 +558,10 @@ class TrainingLoop:
                 kl_value = full_tensors(method.kl(self.unwrapped))
         n = len(batch["labels"])
         chunks = split_by_length(batch, cfg.loop.length_chunks)
-        bad, nll_sum = None, 0.0  # bad: the first non-finite chunk loss
+        # read once after the chunks: one device sync per micro-batch, not one per chunk
+        losses: list[torch.Tensor] = []
+        nll_total: torch.Tensor | float = 0.0
+        correct: torch.Tensor | int = 0
         for j, chunk in enumerate(chunks):
             last = j == len(chunks) - 1
             # gradients are synchronised once per optimiser step: on the last chunk of the
@@ -572,38 +575,40 @@ class TrainingLoop:
                     record_function("train.forward"),
                 ):
                     logits = answer_logits(self.model, chunk, self.option_ids)
-                # the micro-batch's mean NLL, summed over its chunks (one chunk: the mean
-                # itself, the very computation of runs made before chunks existed); the KL once
-                labels = chunk["labels"]
-                nll = (
-                    F.cross_entropy(logits, labels, reduction="sum") / n
-                    if len(chunks) > 1
-                    else F.cross_entropy(logits, labels)
-                )
+                # the micro-batch's mean NLL, summed over its chunks (one chunk: bit for bit
+                # the mean of runs made before chunks existed); the KL once
+                nll = F.cross_entropy(logits, chunk["labels"], reduction="sum") / n
                 loss = nll if kl_value is None or j > 0 else nll + pi * kl_value
-                if bad is None and not bool(torch.isfinite(loss)):
-                    bad = loss.item()
-                # one collective decision per micro-batch, before the backward that syncs
-                if last and not all_true(accelerator, bad is None):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item() if bad is None else bad} at step "
-                        f"{self.step + 1} (on at least one "
-                        "process); the last good checkpoint "
-                        f"is kept in {self.ckpt_root} (lower --lr or check the data)"
-                    )
+                losses.append(loss.detach())
+                if last:
+                    self._stop_if_not_finite(torch.stack(losses))
                 # mean over the micro-batches of this window: the last window of an epoch may
                 # hold fewer than --grad-accum, and its NLL must not be shrunk against pi * KL
                 with record_function("train.backward"):
                     accelerator.backward(loss / self._window_size(micro))
-            nll_sum += nll.item()
-            self.window["correct"] += (logits.argmax(-1) == labels).sum().item()
-        self.window["nll"] += nll_sum
+            nll_total = nll_total + nll.detach()
+            correct = correct + (logits.argmax(-1) == chunk["labels"]).sum()
+        self.window["nll"] += float(nll_total)
+        self.window["correct"] += int(correct)
         self.window["micro"] += 1
         self.window["n"] += n
         if not boundary:
             return False
         self._optimizer_step(kl_value, pi, micro, signals)
         return self.step >= self.plan.total_steps
+
+    def _stop_if_not_finite(self, losses: torch.Tensor) -> None:
+        """Stop the run on every process alike if a loss of this micro-batch is not finite: one
+        collective decision, before the backward that synchronises the gradients."""
+        finite = torch.isfinite(losses)
+        if all_true(self.accelerator, bool(finite.all())):
+            return
+        bad = losses[~finite]  # empty when only another process diverged
+        value = (bad[0] if len(bad) else losses[-1]).item()
+        raise TrainingDiverged(
+            f"loss became {value} at step {self.step + 1} (on at least one process); the last "
+            f"good checkpoint is kept in {self.ckpt_root} (lower --lr or check the data)"
+        )
 
     def _window_size(self, micro: int) -> int:
         """How many micro-batches the accumulation window of the 1-based ``micro`` holds:
