@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,9 @@ from common import REPO, ensure_src_on_path, format_table, machine_info, summary
 
 ensure_src_on_path()
 
+from eval_cost import counted_blocks  # noqa: E402
 from train_full_step import SETTINGS, Run, load_base, prepare, shape_targets  # noqa: E402
 
-from blob_lora.models.prefix import block_lists  # noqa: E402
 from blob_lora.training import TrainConfig  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
@@ -76,19 +77,6 @@ def train_config(args: argparse.Namespace, method: str, chunks: int, out: Path, 
     )
 
 
-def count_top_tokens(run: Run) -> dict[str, int]:
-    """A hook on the top block adding up the positions (padding included) it runs over."""
-    (layers,) = block_lists(run.loop.unwrapped).values()
-    counts = {"tokens": 0}
-
-    def hook(module, args, kwargs) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        counts["tokens"] += int(hidden.shape[0]) * int(hidden.shape[1])
-
-    layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
-    return counts
-
-
 def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     setting = SETTINGS[args.setting]
     torch.manual_seed(0)
@@ -108,14 +96,18 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for _ in range(warmup):
             run.step()
         print(f"  warm-up done: {label[0]} x{label[1]}", flush=True)
-    counters = {label: count_top_tokens(run) for label, run in runs.items()}
     times: dict[tuple[str, int], list[float]] = {label: [] for label in labels}
-    for i in range(args.steps):
-        order = labels if i % 2 == 0 else labels[::-1]
-        for label in order:
-            times[label].append(runs[label].step()[0])
-        print(f"  round {i + 1}/{args.steps}: "
-              + ", ".join(f"{m} x{k} {times[(m, k)][-1]:.3f}s" for m, k in order), flush=True)  # fmt: skip
+    with ExitStack() as hooks:  # the top block's positions, padding included, while timed
+        counters = {
+            label: hooks.enter_context(counted_blocks(run.loop.unwrapped))
+            for label, run in runs.items()
+        }
+        for i in range(args.steps):
+            order = labels if i % 2 == 0 else labels[::-1]
+            for label in order:
+                times[label].append(runs[label].step()[0])
+            print(f"  round {i + 1}/{args.steps}: "
+                  + ", ".join(f"{m} x{k} {times[(m, k)][-1]:.3f}s" for m, k in order), flush=True)  # fmt: skip
     rows = []
     for method, chunks in labels:
         stats = summary(times[(method, chunks)])
@@ -126,7 +118,7 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "step_s": stats,
             "times_s": times[(method, chunks)],
             "over_first": stats["median"] / ref,
-            "top_tokens_per_step": counters[(method, chunks)]["tokens"] / args.steps,
+            "top_tokens_per_step": counters[(method, chunks)]["top_tokens"] / args.steps,
         })  # fmt: skip
     for run in runs.values():
         run.steps.close()

@@ -26,8 +26,9 @@ DEMO_TARGETS = r".*\.layers\.(2[2-9])\.self_attn\.(q_proj|v_proj)|.*lm_head"
 # Chosen on held-out ARC-Easy training examples (paper/demo_regime*.yaml, paper/ablate.py).
 DEMO_LENGTH_NORM = "none"
 DEMO_KL_RESCALE = False
-# Not a modelling choice: the gradient is the same (bench/length_chunks.py: 4 chunks of a batch
-# of 8 take 0.73x the step on 2 CPU cores, 8 take ~1.0x).
+# Not a modelling choice: the gradient is the same (bench/length_chunks.py, measured on ARC-C
+# batches of 8 on 2 CPU cores: 4 chunks take 0.73x the step, 8 take ~1.0x; the demo's own
+# step was not timed against one chunk in one process).
 DEMO_LENGTH_CHUNKS = 4
 
 
@@ -65,7 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEMO_LENGTH_CHUNKS,
         help="forward each batch as this many chunks of similar length: the same gradient with "
-        f"less padding (default {DEMO_LENGTH_CHUNKS}: ~0.73x the step on 2 CPU cores)",
+        f"less padding (default {DEMO_LENGTH_CHUNKS}; ARC-C on 2 CPU cores: 0.73x the step)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument(
