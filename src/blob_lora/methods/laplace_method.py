@@ -66,8 +66,12 @@ def _make_lora_trainable(model: nn.Module) -> None:
 
 
 def _option_logits_fn(option_ids: torch.Tensor | None):
+    """The forward KFAC's hooks watch. Cloze batches keep the head's input whole
+    (``gather_head=False``): KFAC reads which head positions are real from the attention
+    mask's last columns, which a per-row gather of the head's positions would not match."""
+
     def logits_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return answer_logits(model, batch, option_ids)
+        return answer_logits(model, batch, option_ids, gather_head=False)
 
     return logits_fn
 

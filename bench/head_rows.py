@@ -1,0 +1,301 @@
+"""The output head on each row's predicting positions only, against the whole kept suffix
+(cloze scoring; ``blob_lora.models.forward.head_rows``).
+
+Under cloze scoring the vocabulary logits are needed only where a scored token is predicted.
+The model computes them on the suffix of the batch that holds every such position
+(``logits_to_keep``); in a batch that suffix also covers the other rows' longer option spans,
+padding, and WinoGrande's unscored option contexts. ``gather_head`` (the default) hands the head
+only each row's own positions. The scores are the same (tested in
+``tests/models/test_head_rows.py``); this script measures what it saves.
+
+1. **Counted** (the tokenizer only; every task of ``--tasks``, the regime table's splits and
+   max length 256): head positions per question, needed (distinct predicting positions), run on
+   with the whole suffix and run on with the gather, for evaluation (batches of
+   ``--eval-batch`` of similar length, as ``evaluate_on_task``) and training (random batches of
+   ``--train-batch`` in ``--chunks`` chunks, as ``--length-chunks``).
+2. **Timed** (the real SmolLM2-135M; each task of ``--time-tasks``): the regime table's adapters
+   (r=8 on q/v of the top 8 blocks + ``lm_head``), LoRA and BLoB, on the first
+   ``--n-questions`` of the evaluation split in batches of similar length, and the same number
+   of training questions in training batches. The frozen blocks' output is cached first (as
+   evaluation and training do), then rounds alternate the two arms (order reversed every round)
+   and time the forward every loop of the project runs, ``answer_logits``:
+   * evaluation, BLoB N = ``--samples``: the folded batch in BLoB's sampling mode (what
+     ``Method.predict_samples`` runs per batch), and LoRA's single forward;
+   * training, LoRA and BLoB: each chunk's forward, cross-entropy and backward (the trainer's
+     chunk loop; BLoB's KL, the same in both arms, left out).
+
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/head_rows.py
+    .venv/bin/python bench/head_rows.py --setting tiny          # seconds, random tiny model
+
+Writes ``bench/results/head_rows_cpu.json`` (``--setting cpu``) or ``bench/out/...`` (``tiny``),
+``--out`` to change it, and prints two Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+
+ensure_src_on_path()
+
+from train_full_step import SETTINGS, load_base, shape_targets  # noqa: E402
+
+from blob_lora.models.forward import answer_logits, repeat_batch  # noqa: E402
+from blob_lora.models.prefix_cache import PrefixFeatureCache  # noqa: E402
+from blob_lora.tasks import Scoring, get_task  # noqa: E402
+from blob_lora.tasks.dataset import (  # noqa: E402
+    length_sorted_batches,
+    split_by_length,
+    task_inputs,
+)
+from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
+
+CPU = torch.device("cpu")
+#: the regime table's splits and length normalisation (paper/regime_tables.yaml)
+TABLE = {
+    "winogrande_s": ("train", "validation", "none"),
+    "winogrande_m": ("train", "validation", "none"),
+    "arc_challenge": ("train", "test", "char"),
+    "arc_easy": ("train", "test", "token"),
+    "openbookqa": ("train", "test", "char"),
+    "boolq": ("validation[:2270]", "validation[2270:]", "char"),
+}
+
+
+def head_positions(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(needed, whole suffix, gathered): head positions of one cloze batch."""
+    target = batch["target_option"]
+    rows, cols = (target >= 0).nonzero(as_tuple=True)
+    t = target.shape[1]
+    predictor = cols - batch["prev_offset"][rows, cols]
+    keep = int(t - predictor.min())
+    per_row = torch.zeros(target.shape[0], dtype=torch.long)
+    pairs = torch.unique(rows * t + predictor)
+    per_row.index_add_(0, pairs // t, torch.ones_like(pairs))
+    return int(pairs.numel()), target.shape[0] * keep, target.shape[0] * int(per_row.max())
+
+
+def count(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+    rows = []
+    for name in args.tasks:
+        train_split, eval_split, norm = TABLE[name]
+        task = get_task(name, args.data_root)
+        for phase, split in (("evaluate", eval_split), ("train", train_split)):
+            inp = task_inputs(task, split, tokenizer, args.max_length,
+                              scoring=Scoring("cloze", norm))  # fmt: skip
+            ds = inp.dataset
+            if phase == "evaluate":
+                batches = [inp.collator([ds[i] for i in b])
+                           for b in length_sorted_batches(ds.lengths, args.eval_batch)]  # fmt: skip
+            else:
+                order = list(range(len(ds)))
+                random.Random(args.seed).shuffle(order)
+                batches = [chunk
+                           for s in range(0, len(order), args.train_batch)
+                           for chunk in split_by_length(
+                               inp.collator([ds[i] for i in order[s : s + args.train_batch]]),
+                               args.chunks)]  # fmt: skip
+            totals = [sum(v) for v in zip(*(head_positions(b) for b in batches), strict=True)]
+            n = len(ds)
+            rows.append({"task": name, "phase": phase, "split": split, "questions": n,
+                         "needed_per_q": totals[0] / n, "suffix_per_q": totals[1] / n,
+                         "gathered_per_q": totals[2] / n,
+                         "gathered_over_suffix": totals[2] / totals[1]})  # fmt: skip
+            print(f"  counted {name} {phase}", flush=True)
+    return rows
+
+
+def adapted(base: nn.Module, method: str, targets: list[str]) -> nn.Module:
+    """The regime table's adapter on a copy-free ``base`` (the weights' values do not matter
+    for the cost; ``lora_B`` is drawn so that the adapters are not zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from blob_lora.tuners.blob import BlobConfig, get_blob_model
+
+    pattern = targets[0] if len(targets) == 1 else targets  # one string: a regular expression
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=pattern, init_lora_weights=False)
+    if method == "blob":
+        return get_blob_model(base, lora, BlobConfig(init_std=0.05, prior_std=0.2))
+    return get_peft_model(base, lora)
+
+
+def batches_of(args: argparse.Namespace, tokenizer: Any, name: str, phase: str):
+    train_split, eval_split, norm = TABLE[name]
+    task = get_task(name, args.data_root)
+    split = f"{eval_split if phase == 'evaluate' else train_split}"
+    inp = task_inputs(task, split, tokenizer, args.max_length, scoring=Scoring("cloze", norm))
+    ds = inp.dataset
+    n = min(args.n_questions, len(ds))
+    if phase == "evaluate":
+        groups = [
+            [int(i) for i in b] for b in length_sorted_batches(ds.lengths[:n], args.eval_batch)
+        ]
+    else:
+        order = list(range(n))
+        random.Random(args.seed).shuffle(order)
+        groups = [order[s : s + args.train_batch] for s in range(0, n, args.train_batch)]
+    out = []
+    for g in groups:
+        batch = inp.collator([ds[i] for i in g])
+        batch["index"] = torch.tensor(g)
+        out.append(batch)
+    return ds, out
+
+
+def injector(model: nn.Module, ds: Any) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """``inject(batch)``: a context in which ``model`` starts from the cached output of its
+    frozen blocks for ``batch`` (rows ``batch["index"]`` of ``ds``), as evaluation and
+    training do; features are computed on first use and kept."""
+    cache = PrefixFeatureCache.for_dataset(model, ds, None, keep=True)
+
+    def inject(batch: dict[str, torch.Tensor]) -> Any:
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        if cache is None:
+            return nullcontext(inputs)
+        return _injected(cache, model, inputs, batch["index"])
+
+    return inject
+
+
+@contextmanager
+def _injected(cache: PrefixFeatureCache, model: nn.Module, inputs: dict, index: torch.Tensor):
+    with cache.injected(model, inputs, index):
+        yield inputs
+
+
+def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: str):
+    import copy
+
+    from blob_lora.methods import get_method
+
+    num_layers = int(base.config.num_hidden_layers)
+    targets = shape_targets("demo", num_layers, args.top_blocks)
+    rows = []
+    for method in ("lora", "blob"):
+        model = adapted(copy.deepcopy(base), method, targets)
+        sampler = get_method(method)
+        for phase in ("evaluate", "train"):
+            ds, batches = batches_of(args, tokenizer, name, phase)
+            inject = injector(model, ds)
+            n = args.samples if method == "blob" and phase == "evaluate" else 0
+
+            @torch.no_grad()
+            def evaluate(gather: bool, model=model, sampler=sampler, n=n, batches=batches,
+                         inject=inject) -> None:  # fmt: skip
+                model.eval()
+                for batch in batches:
+                    with inject(batch) as b:
+                        if n == 0:
+                            answer_logits(model, b, None, gather_head=gather)
+                            continue
+                        with sampler.sampling_mode(model, n):
+                            answer_logits(model, repeat_batch(b, n), None, gather_head=gather)
+
+            def train(gather: bool, model=model, batches=batches, inject=inject) -> None:
+                model.train()
+                for batch in batches:
+                    for chunk in split_by_length(batch, args.chunks):
+                        with inject(chunk) as b:
+                            logits = answer_logits(model, b, None, gather_head=gather)
+                            loss = nn.functional.cross_entropy(logits, b["labels"])
+                        loss.backward()
+                    model.zero_grad(set_to_none=True)
+
+            run = evaluate if phase == "evaluate" else train
+            run(True)  # warm-up: fills the prefix cache
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(args.repeats):
+                for gather in (False, True) if i % 2 == 0 else (True, False):
+                    start = time.perf_counter()
+                    run(gather)
+                    times[gather].append(time.perf_counter() - start)
+            whole, gathered = summary(times[False]), summary(times[True])
+            label = f"{method} N={n}" if phase == "evaluate" else method
+            rows.append({"task": name, "phase": phase, "method": label,
+                         "questions": min(args.n_questions, len(ds)),
+                         "whole_s": whole, "gathered_s": gathered,
+                         "ratio": gathered["median"] / whole["median"]})  # fmt: skip
+            print(f"  {name} {phase} {label}: {whole['median']:.2f} s -> "
+                  f"{gathered['median']:.2f} s", flush=True)  # fmt: skip
+        del model
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    p.add_argument("--tasks", nargs="+", default=None, choices=list(TABLE),
+                   help="tasks counted (default all six; tiny: winogrande_s, whose sentences "
+                   "fit the char tokenizer's budget)")  # fmt: skip
+    p.add_argument("--time-tasks", nargs="*", default=None, choices=list(TABLE),
+                   help="tasks timed (default winogrande_s arc_challenge; tiny: winogrande_s)")  # fmt: skip
+    p.add_argument("--n-questions", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--chunks", type=int, default=4, help="--length-chunks of training batches")
+    p.add_argument("--samples", type=int, default=10, help="BLoB's N at evaluation")
+    p.add_argument("--repeats", type=int, default=4, help="timed rounds per arm")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.data_root is None:
+        args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
+    if args.max_length is None:  # the char tokenizer spends a token per character
+        args.max_length = SETTINGS["tiny"].max_length if args.setting == "tiny" else 256
+    args.top_blocks = SETTINGS[args.setting].top_blocks
+    tiny = args.setting == "tiny"
+    if args.tasks is None:
+        args.tasks = ["winogrande_s"] if tiny else list(TABLE)
+    if args.time_tasks is None:
+        args.time_tasks = ["winogrande_s"] if tiny else ["winogrande_s", "arc_challenge"]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    where = "results" if args.setting == "cpu" else "out"
+    out_path = args.out or REPO / "bench" / where / f"head_rows_{args.setting}.json"
+    load_start = list(os.getloadavg())
+    torch.manual_seed(0)
+    base, tokenizer = load_base(SETTINGS[args.setting])
+    counted = count(args, tokenizer)
+    timed = [row for name in args.time_tasks for row in time_task(args, base, tokenizer, name)]
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
+    load = {"start": load_start, "end": list(os.getloadavg())}
+    report = {"machine": machine_info(CPU), "load_average": load, "config": config,
+              "counted": counted, "timed": timed}  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_path, report)
+    print(format_table(
+        ["task", "phase", "split", "needed/q", "suffix/q", "gathered/q", "gathered / suffix"],
+        [[r["task"], r["phase"], r["split"], round(r["needed_per_q"], 1),
+          round(r["suffix_per_q"], 1), round(r["gathered_per_q"], 1),
+          round(r["gathered_over_suffix"], 2)] for r in counted]))  # fmt: skip
+    if timed:
+        print()
+        print(format_table(
+            ["task", "phase", "method", "questions", "whole suffix s", "gathered s", "ratio"],
+            [[r["task"], r["phase"], r["method"], r["questions"], r["whole_s"]["median"],
+              r["gathered_s"]["median"], round(r["ratio"], 3)] for r in timed]))  # fmt: skip
+    print(f"wrote {out_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
