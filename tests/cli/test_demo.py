@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 
 from blob_lora.cli.main import main
-from tests.factories import tiny_model_folder
+from tests.factories import save_model_folder, tiny_llama, tiny_tokenizer
 
 
 def test_demo_runs_and_reports_its_metrics(tmp_path, data_root) -> None:
     length_norm = "char"
-    model = tiny_model_folder(tmp_path / "tiny")
+    # 24 blocks, so that the demo's targets (q/v of blocks 22-29, the head) leave 22 frozen
+    tok = tiny_tokenizer()
+    base = tiny_llama(
+        0, vocab_size=len(tok), num_hidden_layers=24, max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = save_model_folder(tmp_path / "tiny", base, tok)
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(model), "--data-root", str(data_root), "--out", str(out)]
     argv += ["--train-split", "train[:8]", "--eval-size", "4", "--epochs", "1"]
@@ -36,5 +42,11 @@ def test_demo_runs_and_reports_its_metrics(tmp_path, data_root) -> None:
             assert f"{saved['ece']:.3f}" in table and f"{saved['mean_confidence']:.3f}" in table
         assert r["eval"]["arc_easy"]["eval_samples"] == (2 if method == "blob" else 0)
     assert "| blob (N=2) |" in table and "| lora |" in table
+    # both runs share one cache: LoRA's run wrote the frozen blocks' output for the training
+    # split and the two evaluation splits, and BLoB's found them there (no new entry)
+    for method in results:
+        config = json.loads((out / method / "run_config.json").read_text())
+        assert config["cache_dir"] == str(out / "cache")
+    assert len(list((out / "cache" / "prefix").glob("*.safetensors"))) == 3
     for task in ("arc_easy", "arc_challenge"):
         assert (out / f"reliability_{task}.png").stat().st_size > 0

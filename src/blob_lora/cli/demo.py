@@ -168,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
             target_modules=[DEMO_TARGETS],
             eval_tasks=[],
             evaluate=False,
+            # one folder for both runs: BLoB reads the tokenised splits and the frozen
+            # blocks' output that LoRA's run wrote (the same blocks, the same questions)
+            cache_dir=str(out / "cache"),
         )
         print(
             f"\n== {method}: training on {args.task} {args.train_split} for {args.epochs} epochs",
@@ -231,6 +234,7 @@ def _evaluate_both(cfg, model_base, tokenizer, args, eval_split, probs_for_plot,
             batch_size=cfg.evaluation.eval_batch_size,
             progress=not args.no_progress,
             scoring=cfg.data.scoring_spec,
+            cache_dir=cfg.data.cache_dir,
         )
         out[task_name] = metrics
         rows = [
