@@ -64,15 +64,21 @@ from blob_lora.tasks.dataset import (  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 CPU = torch.device("cpu")
-#: the regime table's splits and length normalisation (paper/regime_tables.yaml)
+#: the regime table's splits ("train"/"eval": the task's own) and length normalisation
+#: (paper/regime_tables.yaml)
 TABLE = {
-    "winogrande_s": ("train", "validation", "none"),
-    "winogrande_m": ("train", "validation", "none"),
-    "arc_challenge": ("train", "test", "char"),
-    "arc_easy": ("train", "test", "token"),
-    "openbookqa": ("train", "test", "char"),
+    "winogrande_s": ("train", "eval", "none"),
+    "winogrande_m": ("train", "eval", "none"),
+    "arc_challenge": ("train", "eval", "char"),
+    "arc_easy": ("train", "eval", "token"),
+    "openbookqa": ("train", "eval", "char"),
     "boolq": ("validation[:2270]", "validation[2270:]", "char"),
 }
+
+
+def table_split(task: Any, split: str) -> str:
+    """``split`` with the aliases ``train``/``eval`` replaced by the task's own split."""
+    return {"train": task.train_split, "eval": task.eval_split}.get(split, split)
 
 
 def head_positions(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
@@ -93,7 +99,8 @@ def count(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
     for name in args.tasks:
         train_split, eval_split, norm = TABLE[name]
         task = get_task(name, args.data_root)
-        for phase, split in (("evaluate", eval_split), ("train", train_split)):
+        for phase, alias in (("evaluate", eval_split), ("train", train_split)):
+            split = table_split(task, alias)
             inp = task_inputs(task, split, tokenizer, args.max_length,
                               scoring=Scoring("cloze", norm))  # fmt: skip
             ds = inp.dataset
@@ -135,7 +142,7 @@ def adapted(base: nn.Module, method: str, targets: list[str]) -> nn.Module:
 def batches_of(args: argparse.Namespace, tokenizer: Any, name: str, phase: str):
     train_split, eval_split, norm = TABLE[name]
     task = get_task(name, args.data_root)
-    split = f"{eval_split if phase == 'evaluate' else train_split}"
+    split = table_split(task, eval_split if phase == "evaluate" else train_split)
     inp = task_inputs(task, split, tokenizer, args.max_length, scoring=Scoring("cloze", norm))
     ds = inp.dataset
     n = min(args.n_questions, len(ds))
