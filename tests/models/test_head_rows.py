@@ -156,3 +156,26 @@ def test_a_head_that_sees_an_unexpected_input_is_left_alone(tok) -> None:
         want = cloze_logits(base, batch, gather_head=False)
         got = cloze_logits(Wrapper(base), batch)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_head_is_found_through_a_distributed_wrapper(tok) -> None:
+    """Under DDP the forward gets ``DistributedDataParallel(model)``, which has no
+    ``get_output_embeddings``: the head is looked up through ``.module`` and still gathered."""
+
+    class DataParallelLike(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    model = tiny_base(tok, seed=14)
+    batch = _batch(WG, WG_EXAMPLES, tok, 2)
+    seen = _HeadInputs(model)
+    with torch.no_grad():
+        want = cloze_logits(model, batch, gather_head=False)
+        got = cloze_logits(DataParallelLike(model), batch)
+    seen.close()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert seen.shapes[1][1] == max(_needed_per_row(batch)) < seen.shapes[0][1]
