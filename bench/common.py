@@ -6,6 +6,7 @@ script can be copied to a bare GPU machine together with ``src/`` and run there.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import datetime as _dt
@@ -228,3 +229,38 @@ LLAMA2_7B_SHAPE = {
     "vocab_size": 32000,
     "max_position_embeddings": 4096,
 }
+
+
+def add_table_options(p: argparse.ArgumentParser) -> None:
+    """The options of a bench on the regime table's setting: token budget, seed, data, report."""
+    p.add_argument("--max-length", type=int, default=None,
+                   help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
+    p.add_argument("--out", type=Path, default=None)
+
+
+def resolve_table_options(args: argparse.Namespace, tiny_max_length: int) -> None:
+    """Fill the defaults of :func:`add_table_options` (the char tokenizer of ``--setting tiny``
+    spends a token per character, hence its longer budget)."""
+    if args.data_root is None:
+        args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
+    if args.max_length is None:
+        args.max_length = tiny_max_length if args.setting == "tiny" else 256
+
+
+def write_report(args: argparse.Namespace, name: str, load_start: list[float],
+                 result: dict[str, Any]) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """``bench/results/<name>_cpu.json`` (``--setting cpu``) or ``bench/out/...``, or ``--out``:
+    the machine, the load average over the run, the settings and ``result``."""
+    where = "results" if args.setting == "cpu" else "out"
+    out_path = args.out or REPO / "bench" / where / f"{name}_{args.setting}.json"
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
+    load = {"start": load_start, "end": list(os.getloadavg())}
+    report = {"machine": machine_info(torch.device("cpu")), "load_average": load,
+              "config": config, **result}  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    from blob_lora.utils.atomic import atomic_write_json
+
+    atomic_write_json(out_path, report)
+    return out_path, report

@@ -34,6 +34,7 @@ Writes ``bench/results/head_rows_cpu.json`` (``--setting cpu``) or ``bench/out/.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
@@ -47,13 +48,25 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+from common import (  # noqa: E402
+    add_table_options,
+    ensure_src_on_path,
+    format_table,
+    resolve_table_options,
+    summary,
+    write_report,
+)
 
 ensure_src_on_path()
 
 from train_full_step import SETTINGS, load_base, shape_targets  # noqa: E402
 
-from blob_lora.models.forward import answer_logits, repeat_batch  # noqa: E402
+from blob_lora.models.forward import (  # noqa: E402
+    answer_logits,
+    head_plan,
+    predicting_positions,
+    repeat_batch,
+)
 from blob_lora.models.prefix_cache import PrefixFeatureCache  # noqa: E402
 from blob_lora.tasks import Scoring, get_task  # noqa: E402
 from blob_lora.tasks.dataset import (  # noqa: E402
@@ -61,9 +74,7 @@ from blob_lora.tasks.dataset import (  # noqa: E402
     split_by_length,
     task_inputs,
 )
-from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
-CPU = torch.device("cpu")
 #: the regime table's splits ("train"/"eval": the task's own) and length normalisation
 #: (paper/regime_tables.yaml)
 TABLE = {
@@ -82,16 +93,12 @@ def table_split(task: Any, split: str) -> str:
 
 
 def head_positions(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """(needed, whole suffix, gathered): head positions of one cloze batch."""
-    target = batch["target_option"]
-    rows, cols = (target >= 0).nonzero(as_tuple=True)
-    t = target.shape[1]
-    predictor = cols - batch["prev_offset"][rows, cols]
-    keep = int(t - predictor.min())
-    per_row = torch.zeros(target.shape[0], dtype=torch.long)
-    pairs = torch.unique(rows * t + predictor)
-    per_row.index_add_(0, pairs // t, torch.ones_like(pairs))
-    return int(pairs.numel()), target.shape[0] * keep, target.shape[0] * int(per_row.max())
+    """(needed, whole suffix, gathered): head positions of one cloze batch, from the plan
+    ``cloze_logits`` itself makes (``predicting_positions``, ``head_plan``)."""
+    rows, _, at, keep = predicting_positions(batch)
+    b = batch["target_option"].shape[0]
+    plan = head_plan(rows, at, b)
+    return int(plan.counts.sum()), b * keep, b * plan.index.shape[1]
 
 
 def count(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
@@ -184,8 +191,6 @@ def _injected(cache: PrefixFeatureCache, model: nn.Module, inputs: dict, index: 
 
 
 def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: str):
-    import copy
-
     from blob_lora.methods import get_method
 
     num_layers = int(base.config.num_hidden_layers)
@@ -255,16 +260,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=4, help="--length-chunks of training batches")
     p.add_argument("--samples", type=int, default=10, help="BLoB's N at evaluation")
     p.add_argument("--repeats", type=int, default=4, help="timed rounds per arm")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
-    p.add_argument("--out", type=Path, default=None)
+    add_table_options(p)
     args = p.parse_args(argv)
-    if args.data_root is None:
-        args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
-    if args.max_length is None:  # the char tokenizer spends a token per character
-        args.max_length = SETTINGS["tiny"].max_length if args.setting == "tiny" else 256
+    resolve_table_options(args, SETTINGS["tiny"].max_length)
     args.top_blocks = SETTINGS[args.setting].top_blocks
     tiny = args.setting == "tiny"
     if args.tasks is None:
@@ -276,19 +274,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    where = "results" if args.setting == "cpu" else "out"
-    out_path = args.out or REPO / "bench" / where / f"head_rows_{args.setting}.json"
     load_start = list(os.getloadavg())
     torch.manual_seed(0)
     base, tokenizer = load_base(SETTINGS[args.setting])
     counted = count(args, tokenizer)
     timed = [row for name in args.time_tasks for row in time_task(args, base, tokenizer, name)]
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
-    load = {"start": load_start, "end": list(os.getloadavg())}
-    report = {"machine": machine_info(CPU), "load_average": load, "config": config,
-              "counted": counted, "timed": timed}  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, report)
+    out_path, report = write_report(
+        args, "head_rows", load_start, {"counted": counted, "timed": timed}
+    )
     print(format_table(
         ["task", "phase", "split", "needed/q", "suffix/q", "gathered/q", "gathered / suffix"],
         [[r["task"], r["phase"], r["split"], round(r["needed_per_q"], 1),

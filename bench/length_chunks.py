@@ -40,7 +40,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+from common import (  # noqa: E402
+    add_table_options,
+    ensure_src_on_path,
+    format_table,
+    resolve_table_options,
+    summary,
+    write_report,
+)
 
 ensure_src_on_path()
 
@@ -48,10 +55,8 @@ from eval_cost import counted_blocks  # noqa: E402
 from train_full_step import SETTINGS, Run, load_base, prepare, shape_targets  # noqa: E402
 
 from blob_lora.training import TrainConfig  # noqa: E402
-from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 METHODS = ("lora", "blob")
-CPU = torch.device("cpu")
 
 
 def train_config(args: argparse.Namespace, method: str, chunks: int, out: Path, model: str,
@@ -135,32 +140,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--length-norm", default="char")
     p.add_argument("--n-train", type=int, default=64, help="training examples (train[:N])")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="timed steps per loop")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
-    p.add_argument("--out", type=Path, default=None)
+    add_table_options(p)
     args = p.parse_args(argv)
-    if args.data_root is None:
-        args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
-    if args.max_length is None:  # the char tokenizer spends a token per character
-        args.max_length = SETTINGS["tiny"].max_length if args.setting == "tiny" else 256
+    resolve_table_options(args, SETTINGS["tiny"].max_length)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    where = "results" if args.setting == "cpu" else "out"
-    out_path = args.out or REPO / "bench" / where / f"length_chunks_{args.setting}.json"
     load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="length_chunks_") as tmp:
         result = bench(args, Path(tmp))
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
-    load = {"start": load_start, "end": list(os.getloadavg())}
-    report = {"machine": machine_info(CPU), "load_average": load, "config": config, **result}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path, report)
+    out_path, report = write_report(args, "length_chunks", load_start, result)
     header = ["method", "length chunks", "s/step", "min-max", f"x chunks={args.chunks[0]}",
               "top-block tokens/step"]  # fmt: skip
     table = [

@@ -117,13 +117,7 @@ def cloze_logits(
     """
     impl, dtype = _attention_setup(model)
     target = batch["target_option"]
-    rows, cols = (target >= 0).nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        raise ValueError("a cloze batch has no scored token")
-    t = target.shape[1]
-    predictor = cols - batch["prev_offset"][rows, cols]
-    keep = int(t - predictor.min())
-    at = predictor - (t - keep)  # position in the kept suffix
+    rows, cols, at, keep = predicting_positions(batch)
     inputs = {
         "input_ids": batch["input_ids"],
         "attention_mask": cloze_attention_mask(batch, impl, dtype),
@@ -150,6 +144,22 @@ def cloze_logits(
     return scores.masked_fill(~mask, float("-inf"))
 
 
+def predicting_positions(
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Where a cloze batch's scored tokens are and which positions predict them:
+    ``(rows, cols, at, keep)``, one entry per scored token at ``(rows, cols)``, predicted by
+    position ``at`` of the last ``keep`` positions (the shortest suffix holding them all)."""
+    target = batch["target_option"]
+    rows, cols = (target >= 0).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        raise ValueError("a cloze batch has no scored token")
+    t = target.shape[1]
+    predictor = cols - batch["prev_offset"][rows, cols]
+    keep = int(t - predictor.min())
+    return rows, cols, predictor - (t - keep), keep
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
     """The module that maps the last hidden states to vocabulary logits, or None.
 
@@ -173,6 +183,7 @@ class HeadRows:
 
     index: torch.Tensor  # (B, K): suffix positions handed to the head, row by row
     slot: torch.Tensor  # (M,): the column of ``index`` that holds entry m's position
+    counts: torch.Tensor  # (B,): distinct positions each row needs (K = their maximum)
     applied: bool = False
 
 
@@ -180,20 +191,16 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
     """Each row's distinct positions of ``at`` (entries ``rows``), left-aligned in a (B, K)
     index, K = the most any row needs; a row's spare slots repeat its last position (their
     logits are computed and never read)."""
-    key = rows * (int(at.max()) + 1) + at
-    uniq, inverse = torch.unique(key, return_inverse=True)  # sorted: row-major, then position
-    urow = torch.div(uniq, int(at.max()) + 1, rounding_mode="floor")
-    upos = uniq - urow * (int(at.max()) + 1)
+    span = int(at.max()) + 1
+    uniq, inverse = torch.unique(rows * span + at, return_inverse=True)  # row-major, sorted
+    urow, upos = torch.div(uniq, span, rounding_mode="floor"), uniq % span
     counts = torch.bincount(urow, minlength=batch_size)
-    starts = torch.cumsum(counts, 0) - counts
-    col = torch.arange(uniq.numel(), device=uniq.device) - starts[urow]
-    width = int(counts.max())
-    index = torch.zeros(batch_size, width, dtype=torch.long, device=at.device)
+    col = torch.arange(uniq.numel(), device=uniq.device) - (torch.cumsum(counts, 0) - counts)[urow]
     last = torch.zeros(batch_size, dtype=torch.long, device=at.device)
     last[urow] = upos  # uniq is sorted, so the last write per row is its largest position
-    index[:] = last.unsqueeze(1)
+    index = last.unsqueeze(1).repeat(1, int(counts.max()))
     index[urow, col] = upos
-    return HeadRows(index=index, slot=col[inverse])
+    return HeadRows(index=index, slot=col[inverse], counts=counts)
 
 
 @contextmanager
