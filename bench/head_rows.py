@@ -1,28 +1,36 @@
-"""The output head on each row's predicting positions only, against the whole kept suffix
-(cloze scoring; ``blob_lora.models.forward.head_rows``).
+"""The output head on each row's predicting positions only, and its vocabulary matrix on the
+positions that are read only, against the whole kept suffix (cloze scoring;
+``blob_lora.models.forward.cloze_logits``'s ``head_positions``).
 
 Under cloze scoring the vocabulary logits are needed only where a scored token is predicted.
 The model computes them on the suffix of the batch that holds every such position
-(``logits_to_keep``); in a batch that suffix also covers the other rows' longer option spans,
-padding, and WinoGrande's unscored option contexts. ``gather_head`` (the default) hands the head
-only each row's own positions. The scores are the same (tested in
-``tests/models/test_head_rows.py``); this script measures what it saves.
+(``logits_to_keep``, arm ``suffix``); in a batch that suffix also covers the other rows' longer
+option spans, padding, and WinoGrande's unscored option contexts. Arm ``rows`` hands the head
+only each row's own positions, padded to the row that needs most; arm ``flat`` (the default)
+also runs the head's base layer (the vocabulary matrix, under the adapter) on the read
+positions only. The scores are the same (tested in ``tests/models/test_head_rows.py``); this
+script measures what each saves.
 
 1. **Counted** (the tokenizer only; every task of ``--tasks``, the regime table's splits and
-   max length 256): head positions per question, needed (distinct predicting positions), run on
-   with the whole suffix and run on with the gather, for evaluation (batches of
+   max length 256): head positions per question, needed (distinct predicting positions: what
+   ``flat``'s vocabulary matrix runs on), run on with the whole suffix and with the per-row
+   gather (``rows``; the adapter's low-rank part in ``flat``), for evaluation (batches of
    ``--eval-batch`` of similar length, as ``evaluate_on_task``) and training (random batches of
    ``--train-batch`` in ``--chunks`` chunks, as ``--length-chunks``).
 2. **Timed** (the real SmolLM2-135M; each task of ``--time-tasks``): the regime table's adapters
    (r=8 on q/v of the top 8 blocks + ``lm_head``), LoRA and BLoB, on the first
    ``--n-questions`` of the evaluation split in batches of similar length, and the same number
    of training questions in training batches. The frozen blocks' output is cached first (as
-   evaluation and training do), then rounds alternate the two arms (order reversed every round)
-   and time the forward every loop of the project runs, ``answer_logits``:
+   evaluation and training do), then rounds run the three arms (their order rotated every
+   round) and time the forward every loop of the project runs, ``answer_logits``:
    * evaluation, BLoB N = ``--samples``: the folded batch in BLoB's sampling mode (what
      ``Method.predict_samples`` runs per batch), and LoRA's single forward;
    * training, LoRA and BLoB: each chunk's forward, cross-entropy and backward (the trainer's
-     chunk loop; BLoB's KL, the same in both arms, left out).
+     chunk loop; BLoB's KL, the same in every arm, left out).
+
+   Before timing, the first evaluation batch is scored in every arm under one seed and the
+   largest score difference from ``flat`` is recorded (``score_max_abs_diff_from_flat``): the
+   arms compute the same scores on the real model, not only on the tests' tiny one.
 
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/head_rows.py
     .venv/bin/python bench/head_rows.py --setting tiny          # seconds, random tiny model
@@ -62,6 +70,7 @@ ensure_src_on_path()
 from train_full_step import SETTINGS, load_base, shape_targets  # noqa: E402
 
 from blob_lora.models.forward import (  # noqa: E402
+    HEAD_POSITIONS,
     answer_logits,
     head_plan,
     predicting_positions,
@@ -205,45 +214,77 @@ def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: s
             n = args.samples if method == "blob" and phase == "evaluate" else 0
 
             @torch.no_grad()
-            def evaluate(gather: bool, model=model, sampler=sampler, n=n, batches=batches,
+            def evaluate(where: str, model=model, sampler=sampler, n=n, batches=batches,
                          inject=inject) -> None:  # fmt: skip
                 model.eval()
                 for batch in batches:
                     with inject(batch) as b:
                         if n == 0:
-                            answer_logits(model, b, None, gather_head=gather)
+                            answer_logits(model, b, None, head_positions=where)
                             continue
                         with sampler.sampling_mode(model, n):
-                            answer_logits(model, repeat_batch(b, n), None, gather_head=gather)
+                            answer_logits(model, repeat_batch(b, n), None, head_positions=where)
 
-            def train(gather: bool, model=model, batches=batches, inject=inject) -> None:
+            def train(where: str, model=model, batches=batches, inject=inject) -> None:
                 model.train()
                 for batch in batches:
                     for chunk in split_by_length(batch, args.chunks):
                         with inject(chunk) as b:
-                            logits = answer_logits(model, b, None, gather_head=gather)
+                            logits = answer_logits(model, b, None, head_positions=where)
                             loss = nn.functional.cross_entropy(logits, b["labels"])
                         loss.backward()
                     model.zero_grad(set_to_none=True)
 
+            @torch.no_grad()
+            def first_scores(where: str, model=model, sampler=sampler, n=n, batches=batches,
+                             inject=inject) -> torch.Tensor:  # fmt: skip
+                model.eval()
+                torch.manual_seed(args.seed)  # BLoB: the same weight draws in every arm
+                with inject(batches[0]) as b:
+                    if n == 0:
+                        return answer_logits(model, b, None, head_positions=where)
+                    with sampler.sampling_mode(model, n):
+                        return answer_logits(model, repeat_batch(b, n), None, head_positions=where)
+
             run = evaluate if phase == "evaluate" else train
-            run(True)  # warm-up: fills the prefix cache
-            times: dict[bool, list[float]] = {False: [], True: []}
+            run("flat")  # warm-up: fills the prefix cache
+            diffs = score_differences(first_scores) if phase == "evaluate" else None
+            times: dict[str, list[float]] = {arm: [] for arm in HEAD_POSITIONS}
             for i in range(args.repeats):
-                for gather in (False, True) if i % 2 == 0 else (True, False):
+                shift = i % len(HEAD_POSITIONS)
+                for arm in HEAD_POSITIONS[shift:] + HEAD_POSITIONS[:shift]:
                     start = time.perf_counter()
-                    run(gather)
-                    times[gather].append(time.perf_counter() - start)
-            whole, gathered = summary(times[False]), summary(times[True])
+                    run(arm)
+                    times[arm].append(time.perf_counter() - start)
+            seconds = {arm: summary(t) for arm, t in times.items()}
+            med = {arm: v["median"] for arm, v in seconds.items()}
             label = f"{method} N={n}" if phase == "evaluate" else method
             rows.append({"task": name, "phase": phase, "method": label,
-                         "questions": min(args.n_questions, len(ds)),
-                         "whole_s": whole, "gathered_s": gathered,
-                         "ratio": gathered["median"] / whole["median"]})  # fmt: skip
-            print(f"  {name} {phase} {label}: {whole['median']:.2f} s -> "
-                  f"{gathered['median']:.2f} s", flush=True)  # fmt: skip
+                         "questions": min(args.n_questions, len(ds)), "seconds": seconds,
+                         "rows_over_suffix": med["rows"] / med["suffix"],
+                         "flat_over_suffix": med["flat"] / med["suffix"],
+                         "flat_over_rows": med["flat"] / med["rows"],
+                         "score_max_abs_diff_from_flat": diffs})  # fmt: skip
+            print(f"  {name} {phase} {label}: " + " / ".join(
+                f"{arm} {med[arm]:.2f} s" for arm in HEAD_POSITIONS), flush=True)  # fmt: skip
         del model
     return rows
+
+
+def score_differences(scores: Callable[[str], torch.Tensor]) -> dict[str, float]:
+    """Largest |score difference| of the first evaluation batch between ``flat`` and each other
+    arm (options a question lacks, -inf in every arm, left out). BLoB's evaluation noise (one
+    weight sample per sequence, ``eval_noise="sequence"``) draws the same weights in every arm
+    under one seed, so any difference is float rounding."""
+    flat = scores("flat")
+    out = {}
+    for arm in ("suffix", "rows"):
+        other = scores(arm)
+        if not torch.equal(torch.isfinite(other), torch.isfinite(flat)):
+            raise AssertionError(f"{arm} and flat disagree on which options exist")
+        keep = torch.isfinite(flat)
+        out[arm] = float((other - flat)[keep].abs().max())
+    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -290,9 +331,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if timed:
         print()
         print(format_table(
-            ["task", "phase", "method", "questions", "whole suffix s", "gathered s", "ratio"],
-            [[r["task"], r["phase"], r["method"], r["questions"], r["whole_s"]["median"],
-              r["gathered_s"]["median"], round(r["ratio"], 3)] for r in timed]))  # fmt: skip
+            ["task", "phase", "method", "questions", "suffix s", "rows s", "flat s",
+             "rows / suffix", "flat / suffix", "flat / rows"],
+            [[r["task"], r["phase"], r["method"], r["questions"],
+              *(r["seconds"][arm]["median"] for arm in HEAD_POSITIONS),
+              round(r["rows_over_suffix"], 3), round(r["flat_over_suffix"], 3),
+              round(r["flat_over_rows"], 3)] for r in timed]))  # fmt: skip
     print(f"wrote {out_path}")
     return report
 

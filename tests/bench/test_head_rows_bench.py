@@ -1,5 +1,5 @@
 """Smoke test of bench/head_rows.py on its tiny setting: the counted head positions are ordered
-as the gather promises (needed <= gathered < whole suffix) and both arms are timed alike."""
+as the gather promises (needed <= gathered < whole suffix) and the three arms are timed alike."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from tests.conftest import load_script
 
 
-def test_head_rows_bench_counts_and_times_both_arms(tmp_path, data_root) -> None:
+def test_head_rows_bench_counts_and_times_the_three_arms(tmp_path, data_root) -> None:
     module = load_script("bench/head_rows.py", "bench_head_rows")
     out = tmp_path / "report.json"
     module.main(
@@ -36,5 +36,15 @@ def test_head_rows_bench_counts_and_times_both_arms(tmp_path, data_root) -> None
     assert timed == [("evaluate", "lora N=0"), ("train", "lora"),
                      ("evaluate", "blob N=3"), ("train", "blob")]  # fmt: skip
     for r in report["timed"]:
-        assert r["whole_s"]["n"] == 2 and r["gathered_s"]["n"] == 2 and r["questions"] == 8
-        assert r["ratio"] == r["gathered_s"]["median"] / r["whole_s"]["median"]
+        assert sorted(r["seconds"]) == ["flat", "rows", "suffix"] and r["questions"] == 8
+        assert all(v["n"] == 2 for v in r["seconds"].values())
+        med = {arm: v["median"] for arm, v in r["seconds"].items()}
+        assert r["flat_over_suffix"] == med["flat"] / med["suffix"]
+        assert r["flat_over_rows"] == med["flat"] / med["rows"]
+        assert r["rows_over_suffix"] == med["rows"] / med["suffix"]
+        diffs = r["score_max_abs_diff_from_flat"]
+        if r["phase"] == "train":
+            assert diffs is None
+            continue
+        # the same scores in every arm (BLoB: one weight sample per sequence, the same draws)
+        assert diffs["rows"] < 1e-4 and diffs["suffix"] < 1e-4

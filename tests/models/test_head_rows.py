@@ -1,9 +1,10 @@
 """The cloze forward hands the output head only each row's predicting positions
-(``models.forward.head_rows``): the same scores and gradients as the whole kept suffix, with
-the head run on exactly the positions that are read."""
+(``models.forward.head_rows``), and with ``head_positions="flat"`` its vocabulary matrix only the
+positions that are read: the same scores and gradients as the whole kept suffix."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -43,12 +44,15 @@ def _batch(task, examples, tok, n_options):
 
 
 class _HeadInputs:
-    """Records the shape of every input the model's output head ran on (a hook on its output,
-    so it sees the input after any pre-hook changed it)."""
+    """Records the shape of every input the model's output head (or, ``base=True``, the
+    layer under its adapter) ran on (a hook on its output, so it sees the input after any
+    pre-hook changed it)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, base: bool = False) -> None:
         self.shapes: list[tuple[int, ...]] = []
         head = model.get_output_embeddings()
+        if base and hasattr(head, "get_base_layer"):
+            head = head.get_base_layer()
         self._handle = head.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -76,55 +80,153 @@ def test_gathered_head_gives_the_same_scores_on_fewer_positions(
     batch = _batch(task, examples, tok, n_options)
     seen = _HeadInputs(model)
     with torch.no_grad():
-        whole = cloze_logits(model, batch, gather_head=False)
-        gathered = cloze_logits(model, batch)
+        whole = cloze_logits(model, batch, head_positions="suffix")
+        gathered = cloze_logits(model, batch, head_positions="rows")
+        flat = cloze_logits(model, batch)
     seen.close()
     torch.testing.assert_close(gathered, whole, rtol=0, atol=1e-5)
-    suffix_shape, gathered_shape = seen.shapes
+    torch.testing.assert_close(flat, whole, rtol=0, atol=1e-5)
+    suffix_shape, gathered_shape, flat_shape = seen.shapes
     needed = _needed_per_row(batch)
     assert gathered_shape[:2] == (len(examples), max(needed))
     # the whole suffix reaches back to the row that starts its scored span earliest
     assert suffix_shape[1] > gathered_shape[1]
     assert sum(needed) < suffix_shape[0] * suffix_shape[1]
+    # an unadapted head is its own vocabulary matrix: flat, it runs on the read positions only
+    assert flat_shape == (sum(needed), suffix_shape[2])
+    assert sum(needed) < len(examples) * max(needed)  # the rows' spare slots were dropped
+
+
+def _adapted(tok, seed: int, method: str = "lora") -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from blob_lora.tuners.blob import BlobConfig, get_blob_model
+
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
+    )
+    base = tiny_base(tok, seed=seed)
+    if method == "blob":
+        return get_blob_model(base, lora, BlobConfig(init_std=0.9, prior_std=1.0))
+    return get_peft_model(base, lora)
+
+
+@pytest.mark.parametrize("task,examples,n_options", [(MC, MC_EXAMPLES, 3), (WG, WG_EXAMPLES, 2)])
+def test_flat_head_runs_the_vocabulary_matrix_on_the_read_positions_only(
+    tok, task, examples, n_options
+) -> None:
+    """An adapted head: its ``lora_A`` keeps the (B, K) rows, the base layer under it and its
+    ``lora_B`` get exactly the T positions that are read, the model's logits are (T, V), and
+    the scores are those of the whole suffix."""
+    model = _adapted(tok, seed=15)
+    batch = _batch(task, examples, tok, n_options)
+    head = model.get_output_embeddings()
+    on_head, on_base = _HeadInputs(model), _HeadInputs(model, base=True)
+    seen: dict[str, list[tuple[int, ...]]] = {"A": [], "B": [], "logits": []}
+    hooks = [
+        head.lora_A["default"].register_forward_hook(lambda m, a, o: seen["A"].append(a[0].shape)),
+        head.lora_B["default"].register_forward_hook(lambda m, a, o: seen["B"].append(a[0].shape)),
+        head.register_forward_hook(lambda m, a, o: seen["logits"].append(o.shape)),
+    ]
+    with torch.no_grad():
+        whole = cloze_logits(model, batch, head_positions="suffix")
+        flat = cloze_logits(model, batch, head_positions="flat")
+    for h in hooks:
+        h.remove()
+    on_head.close()
+    on_base.close()
+    torch.testing.assert_close(flat, whole, rtol=0, atol=1e-5)
+    needed = _needed_per_row(batch)
+    hidden, vocab = on_head.shapes[0][2], seen["logits"][0][2]
+    assert on_head.shapes[1] == (len(examples), max(needed), hidden)
+    assert seen["A"][1] == (len(examples), max(needed), hidden)
+    assert on_base.shapes[1] == (sum(needed), hidden)
+    assert seen["B"][1] == (sum(needed), 4)
+    assert seen["logits"][1] == (sum(needed), vocab)
+
+
+@pytest.mark.parametrize("kind", ["dora", "bayesian-lora"])
+def test_a_head_that_computes_its_own_product_keeps_its_rows(tok, kind) -> None:
+    """A LoRA variant (DoRA) or an adapter layer whose forward does not add up ``lora_B``'s
+    output (Bayesian-LoRA draws its factors and multiplies them itself): ``flat`` leaves its
+    rows alone (the head returns (B, K, V)) and the scores stay the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from blob_lora.tuners.bayesian_lora import get_bayesian_lora_model, sampling
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], use_dora=kind == "dora",
+                      init_lora_weights=False)  # fmt: skip
+    base = tiny_base(tok, seed=19)
+    if kind == "dora":
+        model = get_peft_model(base, lora)
+    else:
+        model = get_bayesian_lora_model(base, lora)
+        torch.manual_seed(0)
+        with torch.no_grad():  # a mean that is not zero, so the adapter's part is in the logits
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+    batch = _batch(WG, WG_EXAMPLES, tok, 2)
+    seen = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    mean_weights = nullcontext() if kind == "dora" else sampling(model, False)
+    with torch.no_grad(), mean_weights:
+        whole = cloze_logits(model, batch, head_positions="suffix")
+        flat = cloze_logits(model, batch, head_positions="flat")
+    hook.remove()
+    torch.testing.assert_close(flat, whole, rtol=0, atol=1e-5)
+    assert seen[1][:2] == (len(WG_EXAMPLES), max(_needed_per_row(batch)))
 
 
 def test_gathered_head_gives_the_same_gradients(tok) -> None:
     model = tiny_base(tok, seed=12)
     batch = _batch(MC, MC_EXAMPLES, tok, 3)
     grads = []
-    for gather in (False, True):
+    for where in ("suffix", "rows", "flat"):
         model.zero_grad()
-        logits = answer_logits(model, batch, None, gather_head=gather)
+        logits = answer_logits(model, batch, None, head_positions=where)
         torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[2][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_flat_head_gives_the_same_adapter_gradients(tok) -> None:
+    """Through an adapted head (LoRA on ``lm_head`` and q/v), as in training."""
+    model = _adapted(tok, seed=16)
+    batch = _batch(WG, WG_EXAMPLES, tok, 2)
+    grads = []
+    for where in ("suffix", "flat"):
+        model.zero_grad()
+        logits = answer_logits(model, batch, None, head_positions=where)
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert any("lm_head" in n for n in grads[0]) and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
 def test_gathered_head_keeps_one_blob_sample_per_row(tok) -> None:
     """BLoB draws one A per sequence in the head too: a folded 4-sample batch scores every
-    sample the same with and without the gather (same seed, same draws)."""
-    from peft import LoraConfig
-
+    sample the same with and without the gather and the flat base (same seed, same draws)."""
     from blob_lora.methods import get_method
-    from blob_lora.tuners.blob import BlobConfig, get_blob_model
 
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
-    )
-    model = get_blob_model(tiny_base(tok, seed=6), lora, BlobConfig(init_std=0.9, prior_std=1.0))
+    model = _adapted(tok, seed=6, method="blob")
     model.eval()
     batch = repeat_batch(_batch(MC, MC_EXAMPLES, tok, 3), 4)
     method = get_method("blob")
     out = []
-    for gather in (False, True):
+    for where in ("suffix", "rows", "flat"):
         torch.manual_seed(5)
         with torch.no_grad(), method.sampling_mode(model, 1):
-            out.append(cloze_logits(model, batch, gather_head=gather))
+            out.append(cloze_logits(model, batch, head_positions=where))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2], out[0], rtol=0, atol=1e-5)
     # the copies of a question are scored by different samples
-    assert (out[1][0] - out[1][3]).abs().max() > 1e-3
+    assert (out[2][0] - out[2][3]).abs().max() > 1e-3
 
 
 def test_head_plan_lists_each_rows_positions_once_and_maps_every_entry() -> None:
@@ -153,7 +255,7 @@ def test_a_head_that_sees_an_unexpected_input_is_left_alone(tok) -> None:
     base = tiny_base(tok, seed=13)
     batch = _batch(MC, MC_EXAMPLES, tok, 3)
     with torch.no_grad():
-        want = cloze_logits(base, batch, gather_head=False)
+        want = cloze_logits(base, batch, head_positions="suffix")
         got = cloze_logits(Wrapper(base), batch)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -174,8 +276,38 @@ def test_the_head_is_found_through_a_distributed_wrapper(tok) -> None:
     batch = _batch(WG, WG_EXAMPLES, tok, 2)
     seen = _HeadInputs(model)
     with torch.no_grad():
-        want = cloze_logits(model, batch, gather_head=False)
-        got = cloze_logits(DataParallelLike(model), batch)
+        want = cloze_logits(model, batch, head_positions="suffix")
+        got = cloze_logits(DataParallelLike(model), batch, head_positions="rows")
     seen.close()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert seen.shapes[1][1] == max(_needed_per_row(batch)) < seen.shapes[0][1]
+
+
+def test_an_unknown_head_positions_value_is_refused(tok) -> None:
+    model = tiny_base(tok, seed=17)
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    with pytest.raises(ValueError, match="head_positions"):
+        cloze_logits(model, batch, head_positions="gathered")  # type: ignore[arg-type]
+
+
+def test_laplace_predictive_is_the_same_on_the_rows_positions(tok) -> None:
+    """Laplace-LoRA fits on the whole suffix and predicts on each row's positions: the linearised
+    logits' mean and covariance are those of the whole suffix (a position whose logits are
+    not read has a zero output gradient, so it adds nothing to the Jacobian)."""
+    pytest.importorskip("blob_lora.methods.laplace")
+    from blob_lora.methods.laplace import LaplaceLoRA
+    from blob_lora.methods.laplace_method import _make_lora_trainable, _option_logits_fn
+
+    model = _adapted(tok, seed=18)
+    _make_lora_trainable(model)
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    la = LaplaceLoRA(model, _option_logits_fn(None, "suffix"))
+    la.fit([batch])
+    moments = {}
+    for where in ("suffix", "rows"):
+        la.logits_fn = _option_logits_fn(None, where)
+        moments[where] = la.predictive_logit_moments(batch)
+    mean, cov = moments["rows"]
+    torch.testing.assert_close(mean, moments["suffix"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cov, moments["suffix"][1], rtol=1e-4, atol=1e-6)
+    assert cov.diagonal(dim1=1, dim2=2).min() > 0  # a real spread, on every option

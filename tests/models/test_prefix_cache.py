@@ -139,7 +139,7 @@ def test_cached_laplace_predictive_equals_the_full_forward(
     dataset, collator, option_ids = arc
     _, model = _model("lora", len(smollm2_tokenizer))
     _make_lora_trainable(model)
-    la = LaplaceLoRA(model, _option_logits_fn(option_ids))
+    la = LaplaceLoRA(model, _option_logits_fn(option_ids, "suffix"))
     la.fit(iter(DataLoader(dataset, batch_size=4, collate_fn=collator)))
     la.optimize_prior_precision()
     model.laplace_posterior = la

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,6 +20,10 @@ from blob_lora.utils.errors import ConfigError
 
 # attention implementations that take a custom boolean 4-D mask (True = may attend)
 _BOOL_MASK_ATTENTION = ("sdpa", "flex_attention")
+
+#: which positions of a cloze batch the output head runs on (see :func:`cloze_logits`)
+HeadPositions = Literal["suffix", "rows", "flat"]
+HEAD_POSITIONS: tuple[str, ...] = ("suffix", "rows", "flat")
 
 
 def position_ids_for_left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -36,7 +41,7 @@ def answer_logits(
     batch: dict[str, torch.Tensor],
     option_ids: torch.Tensor | None,
     *,
-    gather_head: bool = True,
+    head_positions: HeadPositions = "flat",
 ) -> torch.Tensor:
     """(B, C) class logits of a batch; absent options are -inf.
 
@@ -44,10 +49,10 @@ def answer_logits(
     that position's vocabulary logits are computed, ``logits_to_keep=1``: the full (B, T, V)
     tensor would dominate time and memory for a 50k-token vocabulary). Cloze scoring (the
     batch says which): the options' log-likelihoods, see :func:`cloze_logits` (and its
-    ``gather_head``); ``option_ids`` is not used.
+    ``head_positions``); ``option_ids`` is not used.
     """
     if is_cloze_batch(batch):
-        return cloze_logits(model, batch, gather_head=gather_head)
+        return cloze_logits(model, batch, head_positions=head_positions)
     if option_ids is None:
         raise ValueError("letter scoring needs the answer-token ids (option_ids)")
     mask = batch["attention_mask"]
@@ -97,24 +102,35 @@ def _attention_setup(model: nn.Module) -> tuple[str, torch.dtype]:
 
 
 def cloze_logits(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, gather_head: bool = True
+    model: nn.Module, batch: dict[str, torch.Tensor], *, head_positions: HeadPositions = "flat"
 ) -> torch.Tensor:
     """(B, C) option log-likelihoods of packed cloze sequences, divided by ``divisor``.
 
     Score of option k = sum over its scored tokens i of log p(token_i | the token
     ``prev_offset[i]`` places back and everything it sees). The vocabulary logits are computed
-    in float32 and only where a scored token is predicted: the model keeps the suffix that
-    holds every such position (``logits_to_keep``), and with ``gather_head`` (the default)
-    :func:`head_rows` hands the output head only each row's own predicting positions.
+    in float32 and only where a scored token is predicted. ``head_positions`` says on which
+    positions the output head runs; the logits of the positions read are the same for all three:
 
-    Why the gather: the head (a vocabulary-wide matrix, as costly per position as several
-    blocks) would otherwise run on every position of the suffix of every row, i.e. also on the
-    other rows' longer option spans, on padding and on WinoGrande's unscored option contexts:
-    2-3x the positions that are read (counted on the paper's tasks, ``bench/head_rows.py``).
-    The logits of the positions read are the same either way. ``gather_head=False`` keeps
-    the suffix whole (Laplace-LoRA's KFAC maps the head's input positions onto the attention
-    mask's last columns, so its fit uses this).
+    * ``"suffix"``: the suffix of the batch that holds every predicting position
+      (``logits_to_keep``), every row of it;
+    * ``"rows"``: :func:`head_rows` hands the head only each row's own predicting positions,
+      padded to the most any row needs (B, K);
+    * ``"flat"`` (the default): as ``"rows"``, and every vocabulary-wide product of the head
+      (its base matrix and a LoRA adapter's ``B``) runs only on the positions that are read,
+      with no row padding (:func:`head_rows`); the adapter's ``A`` and any weight noise still
+      see (B, K), one row per sequence, so a Bayesian adapter draws one weight sample per row
+      as before.
+
+    Why: the head (a vocabulary-wide matrix, as costly per position as several blocks) would
+    otherwise run on every position of the suffix of every row, i.e. also on the other rows'
+    longer option spans, on padding and on WinoGrande's unscored option contexts: 2-3x the
+    positions that are read, and ``"rows"`` still ~2x (counted on the paper's tasks,
+    ``bench/head_rows.py``). ``"suffix"`` is what Laplace-LoRA's KFAC fit uses: it maps the
+    head's input positions onto the attention mask's last columns; its predictive uses
+    ``"rows"`` (KFAC's hooks need every watched layer's batch dimension).
     """
+    if head_positions not in HEAD_POSITIONS:
+        raise ValueError(f"head_positions must be one of {HEAD_POSITIONS}, not {head_positions!r}")
     impl, dtype = _attention_setup(model)
     target = batch["target_option"]
     rows, cols, at, keep = predicting_positions(batch)
@@ -125,14 +141,20 @@ def cloze_logits(
         "logits_to_keep": keep,
         "use_cache": False,
     }
-    head = _output_head(model) if gather_head else None
+    head = _output_head(model) if head_positions != "suffix" else None
+    logit_rows = rows
     if head is None:
         logits = model(**inputs).logits  # (B, keep, V): positions t - keep .. t - 1
     else:
-        with head_rows(head, rows, at, target.shape[0], keep) as plan:
+        flat = head_positions == "flat"
+        with head_rows(head, rows, at, target.shape[0], keep, flat=flat) as plan:
             logits = model(**inputs).logits
-        at = plan.slot if plan.applied else at
-    picked = logits[rows, at].float()  # (M, V), one row per scored token
+        if plan.flattened:  # (T, V): the read positions, row after row
+            logits = logits.reshape(1, -1, logits.shape[-1])
+            at, logit_rows = plan.flat_slot, torch.zeros_like(rows)
+        elif plan.applied:
+            at = plan.slot
+    picked = logits[logit_rows, at].float()  # (M, V), one row per scored token
     token_logp = picked.gather(-1, batch["input_ids"][rows, cols].unsqueeze(-1)).squeeze(-1)
     token_logp = token_logp - torch.logsumexp(picked, -1)
     n_options = batch["option_mask"].shape[1]
@@ -179,12 +201,22 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 @dataclass
 class HeadRows:
     """What :func:`head_rows` did: ``slot[m]`` is where entry m's logits sit in each row of
-    the head's output when ``applied`` (the head saw the expected (B, keep, H) input)."""
+    the head's output when ``applied`` (the head saw the expected (B, keep, H) input); when
+    ``flattened`` the head's output is (T, V), the read positions only, row after row, and
+    entry m's logits are at ``flat_slot[m]``."""
 
     index: torch.Tensor  # (B, K): suffix positions handed to the head, row by row
     slot: torch.Tensor  # (M,): the column of ``index`` that holds entry m's position
     counts: torch.Tensor  # (B,): distinct positions each row needs (K = their maximum)
+    rows: torch.Tensor  # (M,): entry m's row
     applied: bool = False
+    flattened: bool = False
+
+    @property
+    def flat_slot(self) -> torch.Tensor:
+        """(M,): entry m's position among the T = ``counts.sum()`` read positions."""
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        return starts[self.rows] + self.slot
 
 
 def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows:
@@ -200,19 +232,67 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
     last[urow] = upos  # uniq is sorted, so the last write per row is its largest position
     index = last.unsqueeze(1).repeat(1, int(counts.max()))
     index[urow, col] = upos
-    return HeadRows(index=index, slot=col[inverse], counts=counts)
+    return HeadRows(index=index, slot=col[inverse], counts=counts, rows=rows)
+
+
+#: An adapter layer class sets this class attribute to True to declare that its forward is
+#: ``base_layer(x) + sum over active adapters a of lora_B[a](h_a) * scaling`` (the modules
+#: called), with ``h_a`` computed from ``x`` row by row, as PEFT's own LoRA forward is:
+#: ``head_positions="flat"`` may then cut the input of ``base_layer`` and ``lora_B`` to the
+#: positions that are read (``tuners.blob``'s layers set it).
+ADDITIVE_LORA_B = "additive_lora_b"
+
+
+def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
+    """The modules of ``head`` whose input can be cut to the read positions, so that the head
+    returns (T, V): a plain head itself; for a LoRA head whose forward adds up its base layer
+    and its adapters' ``lora_B`` outputs (PEFT's own, or a class that declares
+    :data:`ADDITIVE_LORA_B`), the base layer (the vocabulary matrix) and each active adapter's
+    ``lora_B``. Its ``lora_A``, dropout and any weight noise keep the (B, K) rows, so a
+    Bayesian adapter still draws one sample per row. None for any other head (a LoRA variant
+    such as DoRA, an adapter that computes its product itself): its rows are kept."""
+    get = getattr(head, "get_base_layer", None)
+    base = get() if callable(get) else head
+    if base is head:
+        return [head]
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(head, LoraLayer) or not isinstance(base, nn.Module):
+        return None
+    additive = getattr(type(head), ADDITIVE_LORA_B, False) is True
+    if not additive and type(head).forward is not LoraLinear.forward:
+        return None
+    active = [a for a in head.active_adapters if a in head.lora_B]
+    if any(a in getattr(head, "lora_variant", {}) or head.use_dora.get(a) for a in active):
+        return None
+    return [base, *(head.lora_B[a] for a in active)]
 
 
 @contextmanager
 def head_rows(
-    head: nn.Module, rows: torch.Tensor, at: torch.Tensor, batch_size: int, keep: int
+    head: nn.Module,
+    rows: torch.Tensor,
+    at: torch.Tensor,
+    batch_size: int,
+    keep: int,
+    *,
+    flat: bool = False,
 ) -> Iterator[HeadRows]:
     """While active, ``head`` receives only the positions of :func:`head_plan` of its
     (B, keep, H) input. A forward pre-hook (removed on exit) rather than a second call of the
     head outside the model, so whatever the model does to the logits after the head (logit
     scaling, soft-capping) still happens. An input of any other shape passes unchanged
-    (``applied`` stays False) and the caller reads the suffix as it is."""
+    (``applied`` stays False) and the caller reads the suffix as it is.
+
+    ``flat``: the rows' spare slots are dropped too, where the head allows it
+    (:func:`_flat_parts`): pre-hooks cut the (B, K, .) input of the vocabulary matrix and of
+    each adapter's ``lora_B`` to the T read positions, so every vocabulary-wide tensor of the
+    head is (T, V) rather than (B, K, V), and so are the logits the model returns
+    (``flattened``).
+    """
     plan = head_plan(rows, at, batch_size)
+    width = plan.index.shape[1]
 
     def gather(module: nn.Module, args: tuple) -> tuple | None:
         x = args[0] if args else None
@@ -223,11 +303,28 @@ def head_rows(
         index = plan.index.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
         return (x.gather(1, index), *args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
+    handles = [head.register_forward_pre_hook(gather)]
+    read = torch.arange(width, device=plan.counts.device) < plan.counts.unsqueeze(1)
+    parts = _flat_parts(head) if flat and not bool(read.all()) else None
+    if parts:
+        slots = read.flatten().nonzero().squeeze(1)  # the read slots of the (B * K) rows
+
+        def cut(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0] if args else None
+            if not plan.applied or not isinstance(x, torch.Tensor) or x.dim() != 3:
+                return None
+            if tuple(x.shape[:2]) != (batch_size, width):
+                return None
+            plan.flattened = True
+            flat_x = x.reshape(-1, x.shape[-1]).index_select(0, slots.to(x.device))
+            return (flat_x, *args[1:])
+
+        handles += [m.register_forward_pre_hook(cut) for m in parts]
     try:
         yield plan
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def repeat_batch(batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:

@@ -111,6 +111,11 @@ class BlobLayerMixin:
 class BlobLinear(BlobLayerMixin, LoraLinear):
     """BLoB on a floating-point ``nn.Linear`` (fp32, bf16, fp16 bases)."""
 
+    #: its forward (sampling or not) is the base layer's output plus each adapter's ``lora_B``
+    #: of a row-wise hidden activation: a cloze forward may cut the vocabulary-wide products
+    #: of an adapted head to the positions it reads (``models.forward.ADDITIVE_LORA_B``)
+    additive_lora_b = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, *, blob_config: BlobConfig, **kw):
         self._blob_setup(blob_config)
         super().__init__(base_layer, adapter_name, **kw)
