@@ -311,3 +311,26 @@ def test_laplace_predictive_is_the_same_on_the_rows_positions(tok) -> None:
     torch.testing.assert_close(mean, moments["suffix"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(cov, moments["suffix"][1], rtol=1e-4, atol=1e-6)
     assert cov.diagonal(dim1=1, dim2=2).min() > 0  # a real spread, on every option
+
+
+def test_a_model_that_reshapes_the_flat_logits_gets_a_clear_error(tok) -> None:
+    """The flat head hands the model (T, V) logits; a model whose forward reshapes them
+    afterwards cannot be read by position, and says so instead of scoring wrong slots."""
+
+    class Reshaping(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = out.logits.unsqueeze(0)
+            return out
+
+    model = Reshaping(tiny_base(tok, seed=20))
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="head_positions='rows'"):
+        cloze_logits(model, batch)

@@ -150,7 +150,12 @@ def cloze_logits(
         with head_rows(head, rows, at, target.shape[0], keep, flat=flat) as plan:
             logits = model(**inputs).logits
         if plan.flattened:  # (T, V): the read positions, row after row
-            logits = logits.reshape(1, -1, logits.shape[-1])
+            if logits.dim() != 2 or logits.shape[0] != plan.n_read:
+                raise RuntimeError(
+                    f"the output head's logits have shape {tuple(logits.shape)} where the flat "
+                    f"head gives ({plan.n_read}, vocabulary); pass head_positions='rows'"
+                )
+            logits = logits.unsqueeze(0)
             at, logit_rows = plan.flat_slot, torch.zeros_like(rows)
         elif plan.applied:
             at = plan.slot
@@ -209,6 +214,7 @@ class HeadRows:
     slot: torch.Tensor  # (M,): the column of ``index`` that holds entry m's position
     counts: torch.Tensor  # (B,): distinct positions each row needs (K = their maximum)
     rows: torch.Tensor  # (M,): entry m's row
+    n_read: int  # T: the read positions, all rows together (``counts.sum()``)
     applied: bool = False
     flattened: bool = False
 
@@ -232,7 +238,7 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
     last[urow] = upos  # uniq is sorted, so the last write per row is its largest position
     index = last.unsqueeze(1).repeat(1, int(counts.max()))
     index[urow, col] = upos
-    return HeadRows(index=index, slot=col[inverse], counts=counts, rows=rows)
+    return HeadRows(index=index, slot=col[inverse], counts=counts, rows=rows, n_read=uniq.numel())
 
 
 #: An adapter layer class sets this class attribute to True to declare that its forward is
