@@ -414,7 +414,7 @@ def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):
     )
     started = []
 
-    def interrupted(r, progress):
+    def interrupted(r, runs, progress):
         started.append(r.method)
         raise TrainingInterrupted("stopped by signal 15 after step 3")
 

@@ -84,6 +84,9 @@ HELP: dict[str, str] = {
     "kl_gamma": "gamma of the dataset rescaling",
     "ensemble_size": "number of independently initialised adapters for --method ensemble "
     "(multiswag: of SWAG posteriors)",
+    "ensemble_share_seed": "ensemble/multiswag: train member 0 with the run's own --seed, so it "
+    "is the plain run of that seed (blob-lora compare then takes that finished run instead of "
+    "training it again); off: every member gets seed 1000 * seed + k",
     "swag_start": "swag: fraction of the optimiser steps trained as plain LoRA before SWAG "
     "collects iterates",
     "swag_every": "swag: collect the LoRA weights every N optimiser steps (0: once per epoch, "

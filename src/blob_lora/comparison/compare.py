@@ -170,9 +170,13 @@ def config_differences(r: PlannedRun) -> list[str]:
 # ------------------------------------------------------------------------------ executing
 
 
-def _train(r: PlannedRun, progress: bool) -> None:
+def _train(r: PlannedRun, runs: list[PlannedRun], progress: bool) -> None:
+    """Train (or resume) ``r``; a composite method may take any trained run of the
+    experiment that trained exactly as one of its sub-runs would (an ensemble's member 0 under
+    ``ensemble_share_seed``: the LoRA run of the same seed) instead of training it again."""
     cfg = TrainConfig.from_dict(r.settings)
-    train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress)
+    trained = [o.dir for o in runs if o is not r and (o.dir / SUMMARY).is_file()]
+    train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress, finished_runs=trained)
 
 
 def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
@@ -257,7 +261,7 @@ def run_compare(
             start = time.perf_counter()
             try:
                 if r.status in ("train", "resume"):
-                    _train(r, progress)
+                    _train(r, runs, progress)
                 _evaluate_missing(r, progress)
             except BlobLoraError as exc:
                 if isinstance(exc, TrainingInterrupted):

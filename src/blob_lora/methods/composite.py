@@ -38,6 +38,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+#: key of a sub-run's summary.json that names the finished run it was taken from (relative to
+#: the sub-run's folder) when ``pipeline.composite`` reused one instead of training
+SHARED_FROM = "shared_from"
+
+
 @dataclass(frozen=True)
 class SubRun:
     """One ordinary run of a composite method: its folder under the run folder and the

@@ -7,6 +7,16 @@ initialisation *and* a different data order per member, and no member is shared 
 ensembles of different ``--seed`` values (``seed + k`` would make seed 1's second member seed
 2's first), so mean ± std over seeds stays a spread over independent ensembles.
 
+``--ensemble-share-seed``: member 0 uses the run's own ``--seed`` instead (members 1.. keep
+``1000 * seed + k``), so it *is* the plain LoRA run of that seed with the same settings. A
+composite run reuses a finished run whose training settings equal a sub-run's instead of
+training it again (``pipeline.composite``; ``blob-lora compare`` offers its experiment's
+finished runs), which saves one of the K trainings wherever the experiment also has that LoRA
+run. The ensembles of different seeds stay independent (seed s's member 0 is LoRA's seed s,
+never another ensemble's member, for seeds below 1001); the ensemble and the LoRA run of one
+seed share that member, a paired design. Off by default, so ensembles trained before keep
+their members.
+
 Assembly: the members' adapters are copied to ``RUN/adapter/member-<k>/`` (PEFT folders) and
 loaded into one ``PeftModel`` as adapters ``m0`` .. ``m<K-1>`` over a single base model.
 
@@ -27,12 +37,18 @@ from peft import PeftModel
 from torch import nn
 
 from blob_lora.methods.base import RunSettings, unwrapped
-from blob_lora.methods.composite import Assembly, CompositeMethod, SubRun, link_tree
+from blob_lora.methods.composite import (
+    SHARED_FROM,
+    Assembly,
+    CompositeMethod,
+    SubRun,
+    link_tree,
+)
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits
 from blob_lora.tuners.blob import adapter_state_shapes, read_adapter_weights
 from blob_lora.utils.errors import CheckpointError
-from blob_lora.utils.settings import check_int
+from blob_lora.utils.settings import check_bool, check_int
 
 MEMBERS_DIR = "members"
 MEMBER_PREFIX = "member-"
@@ -41,13 +57,16 @@ MEMBER_METHOD = "lora"
 
 @dataclass
 class EnsembleConfig:
-    """The ensemble's option: ``size`` is ``--ensemble-size`` K (``ensemble``: K LoRA adapters,
-    ``multiswag``: K SWAG posteriors); one section of ``training.TrainConfig``
-    (``cfg.ensemble``), read by those two methods only."""
+    """The ensemble's options: ``size`` is ``--ensemble-size`` K (``ensemble``: K LoRA
+    adapters, ``multiswag``: K SWAG posteriors), ``share_seed`` is ``--ensemble-share-seed``
+    (member 0 trained with the run's own seed, see the module doc); one section of
+    ``training.TrainConfig`` (``cfg.ensemble``), read by those two methods only, never by
+    their members' runs."""
 
     KEY_PREFIX: ClassVar[str] = "ensemble_"
 
     size: int = 3
+    share_seed: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,10 +74,13 @@ class EnsembleConfig:
     def validate(self) -> None:
         """Refuse a bad value, naming its option."""
         check_int(self, "size")
+        check_bool(self, "share_seed")
 
 
-def member_seed(seed: int, k: int) -> int:
+def member_seed(seed: int, k: int, share_seed: bool = False) -> int:
     """Seed of ensemble member ``k`` of the run with ``--seed seed`` (see module doc)."""
+    if share_seed and k == 0:
+        return seed
     return 1000 * seed + k
 
 
@@ -104,7 +126,10 @@ class EnsembleMethod(CompositeMethod):
         return [
             SubRun(
                 f"{MEMBERS_DIR}/{k}",
-                {"method": self.member_method, "seed": member_seed(cfg.loop.seed, k)},
+                {
+                    "method": self.member_method,
+                    "seed": member_seed(cfg.loop.seed, k, cfg.ensemble.share_seed),
+                },
             )
             for k in range(cfg.ensemble.size)
         ]
@@ -137,10 +162,11 @@ class EnsembleMethod(CompositeMethod):
             "members": [
                 {
                     "index": k,
-                    "seed": member_seed(cfg.loop.seed, k),
+                    "seed": member_seed(cfg.loop.seed, k, cfg.ensemble.share_seed),
                     "run": f"{MEMBERS_DIR}/{k}",
                     "steps": m["steps"],
                     "train_seconds": m["train_seconds"],
+                    **({"shared_from": m[SHARED_FROM]} if SHARED_FROM in m else {}),
                 }
                 for k, m in enumerate(members)
             ],

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,13 +20,20 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from blob_lora.methods import METHODS, get_method
-from blob_lora.methods.composite import Assembly, CompositeMethod
+from blob_lora.methods.composite import SHARED_FROM, Assembly, CompositeMethod
+from blob_lora.methods.ensemble import EnsembleConfig
 from blob_lora.models.loading import to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import fsdp_requested
-from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY, prepare_run_dir
+from blob_lora.training.run_dir import (
+    ADAPTER_DIR,
+    RUN_CONFIG,
+    SUMMARY,
+    TRAIN_LOG,
+    prepare_run_dir,
+)
 from blob_lora.training.trainer import RunStart, build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
@@ -40,6 +50,10 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     out = Path(cfg.out)
     progress = start.progress
     sub_runs = method.sub_runs(cfg)
+    if state.is_main_process:
+        for sub in sub_runs:
+            share_finished_run(cfg, out / sub.folder, sub.overrides, start.finished_runs)
+    state.wait_for_everyone()
     sub_summaries = [
         train_sub_run(cfg, out / sub.folder, start, **sub.overrides) for sub in sub_runs
     ]
@@ -108,7 +122,7 @@ def train_sub_run(
     summary_path = sub_dir / SUMMARY
     if summary_path.is_file():
         return read_summary(sub_dir)
-    sub_cfg = cfg.replace(out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
+    sub_cfg = sub_run_config(cfg, sub_dir, overrides)
     method = get_method(sub_cfg.method)
     if isinstance(method, CompositeMethod):
         raise ConfigError(f"a sub-run cannot itself be composite ({sub_cfg.method})")
@@ -117,6 +131,72 @@ def train_sub_run(
         start, overwrite=False, resume=(sub_dir / RUN_CONFIG).is_file(), base_model=base
     )
     return train_plain(sub_cfg, method, start=sub_start)
+
+
+def sub_run_config(cfg: TrainConfig, sub_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The settings a sub-run trains with: the composite run's, written into ``sub_dir``, not
+    evaluated, with the sub-run's ``overrides``."""
+    return cfg.replace(out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
+
+
+#: settings that do not change what a run learns: where it is written and evaluated, its
+#: caches and learning curve (``TrainConfig.RESUMABLE_CHANGES``), where the data is read from,
+#: and how it is evaluated (a sub-run never is)
+NOT_TRAINING = frozenset(
+    {*TrainConfig.RESUMABLE_CHANGES, "data_root", "eval_split", "eval_samples", "eval_noise"}
+)
+
+
+def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Settings of a stored run (``run_config.json``) that would make it learn something
+    other than a run with ``wanted`` (a ``TrainConfig.to_dict()`` of a plain run). The
+    ensemble section is read only by the composite methods, never by the runs they train."""
+    previous = TrainConfig.stored_with_defaults(stored)
+    return sorted(
+        k
+        for k in set(previous) | set(wanted)
+        if k not in NOT_TRAINING
+        and not k.startswith(EnsembleConfig.KEY_PREFIX)
+        and previous.get(k) != wanted.get(k)
+    )
+
+
+def share_finished_run(
+    cfg: TrainConfig, sub_dir: Path, overrides: dict[str, Any], finished: Sequence[Path]
+) -> bool:
+    """Fill a sub-run that has not started from the first run of ``finished`` that trained
+    exactly as it would (:func:`training_differences` empty; the run's summary and adapter
+    present): its adapter, settings, summary and training log are copied into ``sub_dir`` in
+    one atomic step, and the summary records where they came from (``SHARED_FROM``). Returns
+    whether it did. Why: an experiment that has the plain LoRA run of a seed need not train
+    it again as an ensemble's member (``--ensemble-share-seed``); the copy keeps the
+    composite run a self-contained folder."""
+    sub_dir = Path(sub_dir)
+    if sub_dir.exists() or not finished:
+        return False
+    wanted = sub_run_config(cfg, sub_dir, overrides).to_dict()
+    for run in finished:
+        run = Path(run)
+        try:
+            stored = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(stored, dict) or stored.get("method") != wanted["method"]:
+            continue
+        if not (run / SUMMARY).is_file() or not (run / ADAPTER_DIR).is_dir():
+            continue
+        if training_differences(stored, wanted):
+            continue
+        summary = read_summary(run)
+        summary[SHARED_FROM] = os.path.relpath(run, sub_dir)
+        with atomic_directory(sub_dir) as tmp:
+            shutil.copytree(run / ADAPTER_DIR, tmp / ADAPTER_DIR)
+            shutil.copy2(run / RUN_CONFIG, tmp / RUN_CONFIG)
+            if (run / TRAIN_LOG).is_file():
+                shutil.copy2(run / TRAIN_LOG, tmp / TRAIN_LOG)
+            atomic_write_json(tmp / SUMMARY, summary)
+        return True
+    return False
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

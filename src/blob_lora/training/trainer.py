@@ -130,6 +130,9 @@ class RunStart:
     progress: bool = True
     base_model: nn.Module | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
+    #: finished plain runs a composite run may take as sub-runs that would train exactly as
+    #: they did (``pipeline.composite.share_finished_run``)
+    finished_runs: tuple[Path, ...] = ()
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""A composite run takes a finished run that trained exactly as one of its sub-runs would
+(``pipeline.composite.share_finished_run``): an ensemble under ``--ensemble-share-seed`` takes
+the LoRA run of its seed as member 0. The copy is what training the member again gives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from blob_lora.cli.main import main
+from blob_lora.methods.ensemble import member_seed
+from blob_lora.pipeline.composite import training_differences
+from tests.factories import tiny_model_folder, tiny_run_config, train_tiny
+
+torch.set_num_threads(1)
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    (weights,) = list((run / "adapter").glob("*.safetensors"))
+    return load_file(str(weights))
+
+
+def test_member_seeds_with_and_without_sharing() -> None:
+    assert [member_seed(7, k) for k in range(3)] == [7000, 7001, 7002]
+    assert [member_seed(7, k, share_seed=True) for k in range(3)] == [7, 7001, 7002]
+
+
+def test_only_settings_that_change_learning_count(tmp_path, data_root) -> None:
+    lora = tiny_run_config(tmp_path / "a", data_root, "lora", seed=7).to_dict()
+    member = tiny_run_config(
+        tmp_path / "b", tmp_path, "lora", seed=7, evaluate=False, eval_tasks=[],
+        eval_split="validation[:2]", eval_samples=0, ensemble_share_seed=True, ensemble_size=5,
+        cache_dir=str(tmp_path / "cache"),
+    ).to_dict()  # fmt: skip
+    assert training_differences(lora, member) == []
+    other = tiny_run_config(tmp_path / "c", data_root, "lora", seed=7, lr=0.02).to_dict()
+    assert training_differences(lora, other) == ["lr"]
+    assert training_differences(lora, {**member, "seed": 8}) == ["seed"]
+
+
+def test_an_ensemble_takes_the_lora_run_of_its_seed_as_member_0(
+    tmp_path, data_root, char_base, char_tok
+) -> None:
+    lora_dir, other_dir = tmp_path / "lora", tmp_path / "lora_lr"
+    train_tiny(tiny_run_config(lora_dir, data_root, "lora", seed=7), char_base, char_tok)
+    # the same seed at another learning rate trained differently: never taken
+    train_tiny(tiny_run_config(other_dir, data_root, "lora", seed=7, lr=0.02), char_base, char_tok)
+
+    shared_dir, own_dir = tmp_path / "shared", tmp_path / "own"
+    shared = train_tiny(
+        tiny_run_config(shared_dir, data_root, "ensemble", seed=7, ensemble_share_seed=True),
+        char_base, char_tok, finished_runs=[other_dir, lora_dir],
+    )  # fmt: skip
+    own = train_tiny(
+        tiny_run_config(own_dir, data_root, "ensemble", seed=7, ensemble_share_seed=True),
+        char_base, char_tok,
+    )  # fmt: skip
+
+    member0 = shared_dir / "members" / "0"
+    assert shared["members"][0]["shared_from"] == os.path.relpath(lora_dir, member0)
+    assert json.loads((member0 / "summary.json").read_text())["shared_from"]
+    assert "shared_from" not in shared["members"][1] and "shared_from" not in own["members"][0]
+    assert [m["seed"] for m in shared["members"]] == [7, 7001]
+    # the method's cost still counts the shared member's training
+    lora_seconds = json.loads((lora_dir / "summary.json").read_text())["train_seconds"]
+    assert shared["members"][0]["train_seconds"] == lora_seconds
+    # member 0 trained again is the LoRA run: the same weights, so the same ensemble
+    trained_again, taken = _adapter(own_dir / "members" / "0"), _adapter(member0)
+    assert trained_again.keys() == taken.keys()
+    for name in taken:
+        torch.testing.assert_close(taken[name], trained_again[name], rtol=0, atol=1e-6)
+    lora = _adapter(lora_dir)
+    assert all(torch.equal(taken[name], lora[name]) for name in taken)  # a copy
+    (task,) = shared["evaluations"]
+    for metric in ("accuracy", "nll", "ece", "brier"):
+        assert abs(shared["evaluations"][task][metric] - own["evaluations"][task][metric]) < 1e-5
+
+
+def test_compare_shares_the_lora_run_with_the_ensemble(tmp_path, data_root) -> None:
+    model_dir = tiny_model_folder(tmp_path / "model")
+    exp = {
+        "methods": ["lora", "ensemble"],
+        "tasks": ["winogrande_s"],
+        "seeds": [1],
+        "train": {
+            "model": str(model_dir),
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_length": 256,
+            "lr": 0.01,
+            "target_modules": ["q_proj", "v_proj"],
+            "train_split": "train_s[:8]",
+        },
+        "method_options": {"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
+        "eval_split_overrides": {"winogrande_s": "validation[:6]"},
+    }
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*args, "--data-root", str(data_root)]) == 0
+    runs = out / "runs" / "winogrande_s"
+    ensemble = json.loads((runs / "ensemble/seed1/summary.json").read_text())
+    member0 = runs / "ensemble/seed1/members/0"
+    assert ensemble["members"][0]["shared_from"] == os.path.relpath(runs / "lora/seed1", member0)
+    taken, lora = _adapter(member0), _adapter(runs / "lora/seed1")
+    assert taken.keys() == lora.keys() and all(torch.equal(taken[n], lora[n]) for n in taken)
+    assert [m["seed"] for m in ensemble["members"]] == [1, 1001]
