@@ -290,27 +290,64 @@ def test_an_unknown_head_positions_value_is_refused(tok) -> None:
         cloze_logits(model, batch, head_positions="gathered")  # type: ignore[arg-type]
 
 
+def _suffix_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    return answer_logits(model, batch, None, head_positions="suffix")
+
+
 def test_laplace_predictive_is_the_same_on_the_rows_positions(tok) -> None:
-    """Laplace-LoRA fits on the whole suffix and predicts on each row's positions: the linearised
-    logits' mean and covariance are those of the whole suffix (a position whose logits are
-    not read has a zero output gradient, so it adds nothing to the Jacobian)."""
+    """Laplace-LoRA predicts on each row's positions: the linearised logits' mean and
+    covariance are those of the whole suffix (a position whose logits are not read has a zero
+    output gradient, so it adds nothing to the Jacobian)."""
     pytest.importorskip("blob_lora.methods.laplace")
     from blob_lora.methods.laplace import LaplaceLoRA
-    from blob_lora.methods.laplace_method import _make_lora_trainable, _option_logits_fn
+    from blob_lora.methods.laplace_method import (
+        _head_mask,
+        _make_lora_trainable,
+        _option_logits_fn,
+    )
 
     model = _adapted(tok, seed=18)
     _make_lora_trainable(model)
     batch = _batch(MC, MC_EXAMPLES, tok, 3)
-    la = LaplaceLoRA(model, _option_logits_fn(None, "suffix"))
+    la = LaplaceLoRA(model, _option_logits_fn(None), head_mask_fn=_head_mask)
     la.fit([batch])
-    moments = {}
-    for where in ("suffix", "rows"):
-        la.logits_fn = _option_logits_fn(None, where)
-        moments[where] = la.predictive_logit_moments(batch)
-    mean, cov = moments["rows"]
-    torch.testing.assert_close(mean, moments["suffix"][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(cov, moments["suffix"][1], rtol=1e-4, atol=1e-6)
-    assert cov.diagonal(dim1=1, dim2=2).min() > 0  # a real spread, on every option
+    rows = la.predictive_logit_moments(batch)
+    la.logits_fn = _suffix_logits
+    suffix = la.predictive_logit_moments(batch)
+    torch.testing.assert_close(rows[0], suffix[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(rows[1], suffix[1], rtol=1e-4, atol=1e-6)
+    assert rows[1].diagonal(dim1=1, dim2=2).min() > 0  # a real spread, on every option
+
+
+def test_laplace_fit_does_not_depend_on_which_questions_share_a_batch(tok) -> None:
+    """The fit counts the head's read positions only: the same questions fitted in one batch
+    or one by one give the same posterior. Counting the whole kept suffix (the fit before)
+    did not: a row's unread suffix positions are set by the batch's widest row."""
+    pytest.importorskip("blob_lora.methods.laplace")
+    from blob_lora.methods.laplace import LaplaceLoRA
+    from blob_lora.methods.laplace_method import (
+        _head_mask,
+        _make_lora_trainable,
+        _option_logits_fn,
+    )
+
+    model = _adapted(tok, seed=21)
+    _make_lora_trainable(model)
+    together = [_batch(MC, MC_EXAMPLES, tok, 3)]
+    alone = [_batch(MC, [ex], tok, 3) for ex in MC_EXAMPLES]
+
+    def evidence(batches, **kw) -> float:
+        la = LaplaceLoRA(model, **kw)
+        la.fit(batches)
+        return la.log_marginal_likelihood(1.0)
+
+    now = {"logits_fn": _option_logits_fn(None), "head_mask_fn": _head_mask}
+    a, b = evidence(together, **now), evidence(alone, **now)
+    assert abs(a - b) <= 1e-6 * abs(a)
+    before = {"logits_fn": _suffix_logits}
+    c, d = evidence(together, **before), evidence(alone, **before)
+    assert abs(c - d) > 1e-3 * abs(c)
+    assert abs(a - c) > 1e-3 * abs(a)  # the head's factors changed
 
 
 def test_a_model_that_reshapes_the_flat_logits_gets_a_clear_error(tok) -> None:

@@ -134,12 +134,16 @@ def test_cached_laplace_predictive_equals_the_full_forward(
     from torch.utils.data import DataLoader
 
     from blob_lora.methods.laplace import LaplaceLoRA
-    from blob_lora.methods.laplace_method import _make_lora_trainable, _option_logits_fn
+    from blob_lora.methods.laplace_method import (
+        _head_mask,
+        _make_lora_trainable,
+        _option_logits_fn,
+    )
 
     dataset, collator, option_ids = arc
     _, model = _model("lora", len(smollm2_tokenizer))
     _make_lora_trainable(model)
-    la = LaplaceLoRA(model, _option_logits_fn(option_ids, "suffix"))
+    la = LaplaceLoRA(model, _option_logits_fn(option_ids), head_mask_fn=_head_mask)
     la.fit(iter(DataLoader(dataset, batch_size=4, collate_fn=collator)))
     la.optimize_prior_precision()
     model.laplace_posterior = la

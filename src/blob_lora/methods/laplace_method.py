@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from blob_lora.methods.base import RunSettings
 from blob_lora.methods.composite import Assembly, PostHocMethod, link_tree, training_split_inputs
 from blob_lora.methods.io import load_plain_adapter
-from blob_lora.models.forward import HeadPositions, answer_logits
+from blob_lora.models.forward import answer_logits, head_read_mask, is_cloze_batch
 from blob_lora.models.loading import to_device
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import CheckpointError
@@ -65,21 +65,29 @@ def _make_lora_trainable(model: nn.Module) -> None:
         p.requires_grad_("lora_" in name)
 
 
-def _option_logits_fn(option_ids: torch.Tensor | None, head_positions: HeadPositions):
-    """The forward KFAC's hooks watch.
-
-    The fit keeps the head's input whole (``"suffix"``): KFAC reads which head positions are
-    real from the attention mask's last columns, which a per-row gather of the head's positions
-    would not match. The predictive runs the head on each row's own positions (``"rows"``): its
-    Jacobian sums, per layer, output gradient times input over positions, and a position whose
-    logits are not read has a zero output gradient, so the gather changes nothing but the time
-    (tested). Not ``"flat"``: that cuts the head's ``lora_B`` input to (T, r), and KFAC needs
-    every watched layer's batch dimension."""
+def _option_logits_fn(option_ids: torch.Tensor | None):
+    """The forward KFAC's hooks watch, in the fit and the predictive: under cloze scoring the
+    output head gets each row's own predicting positions (``head_positions="rows"``), padded
+    to the row that needs the most. Not ``"flat"``: that cuts the head's ``lora_B`` input to
+    (T, r), and KFAC needs every watched layer's batch dimension. The fit counts only the read
+    ones among them as the head's inputs (:func:`_head_mask`)."""
 
     def logits_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return answer_logits(model, batch, option_ids, head_positions=head_positions)
+        return answer_logits(model, batch, option_ids, head_positions="rows")
 
     return logits_fn
+
+
+def _head_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which of the head's positions are read in a cloze batch (``head_read_mask``); None for
+    letter scoring, whose head sees the one last position.
+
+    Why only those: a position whose logits are not read has a zero output gradient, so it
+    adds nothing to the GGN, and counting its input in the Kronecker factor ``A`` would only
+    dilute it. Counting them also made the head's curvature depend on which questions shared
+    a batch: the kept suffix, and so the unread positions in it, is set by the batch's widest
+    row (a fit on the same questions in other batches gave another ``A``; tested)."""
+    return head_read_mask(batch) if is_cloze_batch(batch) else None
 
 
 class LaplaceMethod(PostHocMethod):
@@ -135,7 +143,7 @@ class LaplaceMethod(PostHocMethod):
     ) -> torch.Tensor:
         """(S, B, C) probabilities from the linearised predictive (S = 1 for the probit)."""
         la = _posterior(model)
-        la.logits_fn = _option_logits_fn(option_ids, "rows")
+        la.logits_fn = _option_logits_fn(option_ids)
         if n_samples == 0:
             return la.predictive(batch, 0).detach().unsqueeze(0)
         return la.predictive_samples(batch, n_samples).detach()
@@ -159,7 +167,7 @@ def fit_laplace(
     )
     option_ids = inputs.option_ids
     _make_lora_trainable(model)
-    la = LaplaceLoRA(model, _option_logits_fn(option_ids, "suffix"))
+    la = LaplaceLoRA(model, _option_logits_fn(option_ids), head_mask_fn=_head_mask)
     batches = (
         {k: v.to(device) for k, v in b.items()}
         for b in tqdm(loader, desc="laplace fit", disable=not progress, leave=False)

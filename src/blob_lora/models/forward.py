@@ -125,9 +125,8 @@ def cloze_logits(
     otherwise run on every position of the suffix of every row, i.e. also on the other rows'
     longer option spans, on padding and on WinoGrande's unscored option contexts: 2-3x the
     positions that are read, and ``"rows"`` still ~2x (counted on the paper's tasks,
-    ``bench/head_rows.py``). ``"suffix"`` is what Laplace-LoRA's KFAC fit uses: it maps the
-    head's input positions onto the attention mask's last columns; its predictive uses
-    ``"rows"`` (KFAC's hooks need every watched layer's batch dimension).
+    ``bench/head_rows.py``). Laplace-LoRA uses ``"rows"``: KFAC's hooks need every watched
+    layer's batch dimension, and its fit counts only the read slots (:func:`head_read_mask`).
     """
     if head_positions not in HEAD_POSITIONS:
         raise ValueError(f"head_positions must be one of {HEAD_POSITIONS}, not {head_positions!r}")
@@ -219,6 +218,13 @@ class HeadRows:
     flattened: bool = False
 
     @property
+    def read(self) -> torch.Tensor:
+        """(B, K) bool: which slots of ``index`` hold a position that is read (the others
+        repeat the row's last one)."""
+        width = self.index.shape[1]
+        return torch.arange(width, device=self.counts.device) < self.counts.unsqueeze(1)
+
+    @property
     def flat_slot(self) -> torch.Tensor:
         """(M,): entry m's position among the T = ``counts.sum()`` read positions."""
         starts = torch.cumsum(self.counts, 0) - self.counts
@@ -247,6 +253,14 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
 #: ``head_positions="flat"`` may then cut the input of ``base_layer`` and ``lora_B`` to the
 #: positions that are read (``tuners.blob``'s layers set it).
 ADDITIVE_LORA_B = "additive_lora_b"
+
+
+def head_read_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, K) bool of a cloze batch: which of the positions ``head_positions="rows"`` hands
+    the output head are read (the rest pad a row to the most any row needs). Why public:
+    Laplace-LoRA's KFAC counts only these as the head's inputs."""
+    rows, _, at, _ = predicting_positions(batch)
+    return head_plan(rows, at, batch["target_option"].shape[0]).read
 
 
 def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
@@ -310,7 +324,7 @@ def head_rows(
         return (x.gather(1, index), *args[1:])
 
     handles = [head.register_forward_pre_hook(gather)]
-    read = torch.arange(width, device=plan.counts.device) < plan.counts.unsqueeze(1)
+    read = plan.read
     parts = _flat_parts(head) if flat and not bool(read.all()) else None
     if parts:
         slots = read.flatten().nonzero().squeeze(1)  # the read slots of the (B * K) rows

@@ -82,16 +82,23 @@ def as_positions(x: Tensor, batch_size: int, name: str) -> Tensor:
     return x.reshape(batch_size, -1, x.shape[-1])
 
 
-def position_mask(mask: Tensor | None, batch_size: int, n_pos: int) -> Tensor | None:
+def position_mask(
+    mask: Tensor | None, batch_size: int, n_pos: int, head_mask: Tensor | None = None
+) -> Tensor | None:
     """Which of a layer's ``n_pos`` positions are real tokens (not padding).
 
     The batch's ``attention_mask`` is ``(B, L)``. A layer that sees fewer positions than ``L``
-    (``lm_head`` with ``logits_to_keep``) sees the last ones. Anything else: all positions count.
+    (the output head) sees ``head_mask``'s positions when that is ``(B, n_pos)`` (the positions
+    a cloze forward hands the head, ``models.forward.head_read_mask``), else the last ones
+    (``lm_head`` with ``logits_to_keep``). Anything else: all positions count.
     """
     if mask is None or mask.dim() != 2 or mask.shape[0] != batch_size:
         return None
     if mask.shape[1] < n_pos:
         return None
+    own = head_mask is not None and tuple(head_mask.shape) == (batch_size, n_pos)
+    if own and mask.shape[1] > n_pos:
+        return head_mask.to(device=mask.device, dtype=torch.bool)
     return mask[:, mask.shape[1] - n_pos :].to(torch.bool)
 
 

@@ -85,7 +85,10 @@ class LaplaceLoRA:
     """KFAC Laplace approximation over the trainable ``nn.Linear`` weights of ``model``.
 
     ``logits_fn(model, batch)`` must return ``(B, C)`` option logits, ``-inf`` for options an
-    example does not have; it receives the batch without its ``"labels"`` key. The model's
+    example does not have; it receives the batch without its ``"labels"`` key.
+    ``head_mask_fn(batch)``, if given, returns the ``(B, P)`` mask of the real positions among
+    the P a layer sees when it sees fewer than the attention mask's (the output head under a
+    per-row gather; :func:`kfac.position_mask`), or None. The model's
     trainable parameters must all be ``nn.Linear`` weights (or biases), e.g. a PEFT LoRA model.
     """
 
@@ -102,6 +105,7 @@ class LaplaceLoRA:
         max_rank: int | None = None,
         factor_dtype: torch.dtype = torch.float64,
         seed: int = 0,
+        head_mask_fn: Callable[[dict], Tensor | None] | None = None,
     ):
         if prior_precision <= 0 or temperature <= 0:
             raise ConfigError("prior_precision and temperature must be positive")
@@ -121,6 +125,7 @@ class LaplaceLoRA:
         self.max_rank = max_rank
         self.factor_dtype = factor_dtype
         self.seed = seed
+        self.head_mask_fn = head_mask_fn
         self.modules = trainable_linears(model)
         self.layers: dict[str, KronLayer] = {}
         self.n_data = 0
@@ -210,6 +215,7 @@ class LaplaceLoRA:
         v_proj lora_A both see the attention input) share one computation. Returns each layer's
         representative: the first layer that saw its input tensor."""
         mask = batch.get("attention_mask")
+        head_mask = self.head_mask_fn(batch) if self.head_mask_fn is not None else None
         seen: dict[tuple, str] = {}
         moments: dict[str, tuple[Tensor, float]] = {}
         reps: dict[str, str] = {}
@@ -225,7 +231,8 @@ class LaplaceLoRA:
             rep = reps[name] = seen.setdefault(key, name)
             if rep == name:
                 a = augment_input(as_positions(raw, bsz, name), module)
-                moments[name] = accs[name].input_moment(a, position_mask(mask, bsz, a.shape[1]))
+                valid = position_mask(mask, bsz, a.shape[1], head_mask)
+                moments[name] = accs[name].input_moment(a, valid)
             accs[name].add_input_moment(moments[rep])
         return reps
 
