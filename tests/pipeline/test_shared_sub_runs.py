@@ -1,6 +1,7 @@
 """A composite run takes a finished run that trained exactly as one of its sub-runs would
 (``pipeline.composite.share_finished_run``): an ensemble under ``--ensemble-share-seed`` takes
-the LoRA run of its seed as member 0. The copy is what training the member again gives."""
+the LoRA run of its seed as member 0, Laplace-LoRA takes it as its MAP run where the MAP's
+weight decay rounds away. The copy is what training the sub-run again gives."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from blob_lora.cli.main import main
 from blob_lora.methods.ensemble import member_seed
+from blob_lora.methods.lora import decay_is_inert
 from blob_lora.pipeline.composite import training_differences
 from tests.factories import tiny_model_folder, tiny_run_config, train_tiny
 
@@ -111,3 +114,46 @@ def test_compare_shares_the_lora_run_with_the_ensemble(tmp_path, data_root) -> N
     taken, lora = _adapter(member0), _adapter(runs / "lora/seed1")
     assert taken.keys() == lora.keys() and all(torch.equal(taken[n], lora[n]) for n in taken)
     assert [m["seed"] for m in ensemble["members"]] == [1, 1001]
+
+
+def test_decay_is_inert_exactly_where_torch_leaves_the_weight_alone() -> None:
+    for x in (1e-9, 1e-8, 2.9e-8, 2.0**-25, 3.0e-8, 4e-8, 5.9e-8, 6e-8, 1e-6):
+        weight = torch.ones(4)
+        weight.mul_(1 - x)  # AdamW's decoupled decay, as torch computes it
+        assert decay_is_inert(x, 1.0) == bool((weight == 1).all()), x
+    assert decay_is_inert(1e-3, 0.0)
+
+
+def test_a_map_run_whose_decay_rounds_away_is_the_lora_run(
+    tmp_path, data_root, char_base, char_tok
+) -> None:
+    """The paper's 1e-5 at lr 1e-3: the MAP run trains bit for bit as LoRA, so the two count as
+    the same training; at lr 1e-2 the decay acts, and they do not."""
+    runs = {}
+    for method, lr in (("lora", 1e-3), ("map", 1e-3), ("map", 1e-2), ("lora", 1e-2)):
+        out = tmp_path / f"{method}_{lr}"
+        cfg = tiny_run_config(out, data_root, method, seed=3, lr=lr)
+        train_tiny(cfg, char_base, char_tok)
+        runs[method, lr] = (cfg.to_dict(), _adapter(out))
+    (lora, lora_w), (map_, map_w) = runs["lora", 1e-3], runs["map", 1e-3]
+    assert all(torch.equal(lora_w[n], map_w[n]) for n in lora_w)
+    assert training_differences(map_, lora) == training_differences(lora, map_) == []
+    (lora2, lora2_w), (map2, map2_w) = runs["lora", 1e-2], runs["map", 1e-2]
+    assert not all(torch.equal(lora2_w[n], map2_w[n]) for n in lora2_w)
+    assert training_differences(map2, lora2) == ["method"]  # its decay is the default 1e-5
+
+
+def test_laplace_takes_the_lora_run_as_its_map_run(tmp_path, data_root, char_base, char_tok):
+    pytest.importorskip("blob_lora.methods.laplace")
+    lora_dir = tmp_path / "lora"
+    train_tiny(tiny_run_config(lora_dir, data_root, "lora", seed=3, lr=1e-3), char_base, char_tok)
+    summary = train_tiny(
+        tiny_run_config(tmp_path / "laplace", data_root, "laplace", seed=3, lr=1e-3),
+        char_base, char_tok, finished_runs=[lora_dir],
+    )  # fmt: skip
+    map_dir = tmp_path / "laplace" / "map"
+    shared = json.loads((map_dir / "summary.json").read_text())
+    assert shared["shared_from"] == os.path.relpath(lora_dir, map_dir)
+    taken, lora = _adapter(map_dir), _adapter(lora_dir)
+    assert all(torch.equal(taken[n], lora[n]) for n in lora)
+    assert summary["laplace"]["n_data"] == 8

@@ -157,6 +157,14 @@ class Method(ABC):
         """AdamW's weight decay for this run."""
         return cfg.loop.weight_decay
 
+    def training_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """A run's flat settings (``TrainConfig.to_dict()``) in the form that decides what its
+        training computes: two runs whose forms are equal train the same, so a composite run
+        may take one as the other's sub-run (``pipeline.composite.training_differences``).
+        By default the settings as they are; a method whose setting provably changes nothing
+        (LoRA's weight decay where it rounds away) says so here."""
+        return settings
+
     # --- along the training iterates --------------------------------------------------------
 
     def lr_factor(

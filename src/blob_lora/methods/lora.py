@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from blob_lora.methods.base import Method, RunSettings
 from blob_lora.methods.io import load_plain_adapter
+
+
+def decay_is_inert(lr: float, weight_decay: float, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether AdamW's decoupled decay at peak ``lr`` leaves every weight of ``dtype`` as it is.
+
+    AdamW multiplies each weight by ``1 - lr * weight_decay``, cast to the weight's dtype. The
+    numbers just below 1.0 are ``eps / 2`` apart, so the factor *is* 1.0 when
+    ``lr * weight_decay`` is at most ``eps / 4`` (half that spacing; a tie rounds to even, to
+    1.0): 2^-25 in float32, checked against torch's own product in the tests. A smaller lr later
+    in the schedule only makes it smaller. LoRA adapters train in float32.
+    """
+    return weight_decay <= 0 or lr * weight_decay <= torch.finfo(dtype).eps / 4
 
 
 class LoraMethod(Method):
@@ -33,3 +47,10 @@ class LoraMethod(Method):
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         return load_plain_adapter(base, adapter_dir)
+
+    def training_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """A weight decay that rounds away (:func:`decay_is_inert`) is no decay."""
+        decay = float(settings.get("weight_decay") or 0.0)
+        if decay > 0 and decay_is_inert(float(settings["lr"]), decay):
+            return {**settings, "weight_decay": 0.0}
+        return settings

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from blob_lora.methods.base import RunSettings
-from blob_lora.methods.lora import LoraMethod
+from blob_lora.methods.lora import LoraMethod, decay_is_inert
 
 #: the paper's decay, used when ``--weight-decay`` is left at 0
 DEFAULT_WEIGHT_DECAY = 1e-5
@@ -16,3 +18,13 @@ class MapMethod(LoraMethod):
 
     def weight_decay(self, cfg: RunSettings) -> float:
         return cfg.loop.weight_decay if cfg.loop.weight_decay > 0 else DEFAULT_WEIGHT_DECAY
+
+    def training_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Where its decay rounds away (the paper's 1e-5 at lr up to ~3e-3,
+        :func:`decay_is_inert`), a MAP run trains bit for bit as plain LoRA (tested): it is
+        one, so Laplace-LoRA's MAP sub-run may be the LoRA run of the same settings."""
+        given = float(settings.get("weight_decay") or 0.0)
+        decay = given if given > 0 else DEFAULT_WEIGHT_DECAY
+        if decay_is_inert(float(settings["lr"]), decay):
+            return {**settings, "method": "lora", "weight_decay": 0.0}
+        return settings

@@ -149,9 +149,12 @@ NOT_TRAINING = frozenset(
 
 def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Settings of a stored run (``run_config.json``) that would make it learn something
-    other than a run with ``wanted`` (a ``TrainConfig.to_dict()`` of a plain run). The
-    ensemble section is read only by the composite methods, never by the runs they train."""
-    previous = TrainConfig.stored_with_defaults(stored)
+    other than a run with ``wanted`` (a ``TrainConfig.to_dict()`` of a plain run), each as its
+    method trains it (``Method.training_settings``: a MAP run whose decay rounds away is plain
+    LoRA). The ensemble section is read only by the composite methods, never by the runs they
+    train."""
+    previous = _as_trained(TrainConfig.stored_with_defaults(stored))
+    wanted = _as_trained(wanted)
     return sorted(
         k
         for k in set(previous) | set(wanted)
@@ -159,6 +162,11 @@ def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list
         and not k.startswith(EnsembleConfig.KEY_PREFIX)
         and previous.get(k) != wanted.get(k)
     )
+
+
+def _as_trained(settings: dict[str, Any]) -> dict[str, Any]:
+    method = METHODS.get(str(settings.get("method")))
+    return method.training_settings(settings) if method is not None else settings
 
 
 def share_finished_run(
@@ -181,7 +189,7 @@ def share_finished_run(
             stored = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(stored, dict) or stored.get("method") != wanted["method"]:
+        if not isinstance(stored, dict):
             continue
         if not (run / SUMMARY).is_file() or not (run / ADAPTER_DIR).is_dir():
             continue

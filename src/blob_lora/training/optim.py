@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function
 
+from blob_lora.methods.lora import decay_is_inert
 from blob_lora.utils.errors import ConfigError
 
 OPTIMIZER_MODES = ("paper", "single")
@@ -210,15 +211,16 @@ def warn_if_decay_rounds_away(
 ) -> None:
     """Warn when AdamW's decoupled decay cannot change a weight at all.
 
-    AdamW multiplies each weight by ``1 - lr * weight_decay``, cast to the weight's dtype. Below
-    half the dtype's epsilon (2^-24 in fp32) that factor *is* 1.0, so the run is bitwise plain
-    LoRA: the paper's MAP baseline (wd 1e-5 at lr 1e-4, or our 1e-3) is such a case. Users who
-    want a prior that acts need ``lr * weight_decay`` above the threshold.
+    AdamW multiplies each weight by ``1 - lr * weight_decay``, cast to the weight's dtype. Up to
+    a quarter of the dtype's epsilon (2^-25 in fp32; ``methods.lora.decay_is_inert``) that
+    factor *is* 1.0, so the run is bitwise plain LoRA: the paper's MAP baseline (wd 1e-5 at lr
+    1e-4, or our 1e-3) is such a case. Users who want a prior that acts need
+    ``lr * weight_decay`` above the threshold.
     """
     if weight_decay <= 0:
         return
     dtypes = {p.dtype for p in params if p.is_floating_point()}
-    inert = sorted(str(d) for d in dtypes if lr * weight_decay < torch.finfo(d).eps / 2)
+    inert = sorted(str(d) for d in dtypes if decay_is_inert(lr, weight_decay, d))
     if inert:
         warnings.warn(
             f"weight decay {weight_decay:g} at peak lr {lr:g} is a no-op for {', '.join(inert)} "
