@@ -38,7 +38,7 @@ def test_only_settings_that_change_learning_count(tmp_path, data_root) -> None:
     member = tiny_run_config(
         tmp_path / "b", tmp_path, "lora", seed=7, evaluate=False, eval_tasks=[],
         eval_split="validation[:2]", eval_samples=0, ensemble_share_seed=True, ensemble_size=5,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(tmp_path / "cache"), log_every=7, checkpoint_every=2,
     ).to_dict()  # fmt: skip
     assert training_differences(lora, member) == []
     other = tiny_run_config(tmp_path / "c", data_root, "lora", seed=7, lr=0.02).to_dict()

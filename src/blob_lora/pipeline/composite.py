@@ -140,10 +140,17 @@ def sub_run_config(cfg: TrainConfig, sub_dir: Path, overrides: dict[str, Any]) -
 
 
 #: settings that do not change what a run learns: where it is written and evaluated, its
-#: caches and learning curve (``TrainConfig.RESUMABLE_CHANGES``), where the data is read from,
-#: and how it is evaluated (a sub-run never is)
+#: caches, logging and learning curve (``TrainConfig.RESUMABLE_CHANGES``), where the data is
+#: read from, and how it is evaluated (a sub-run never is)
 NOT_TRAINING = frozenset(
-    {*TrainConfig.RESUMABLE_CHANGES, "data_root", "eval_split", "eval_samples", "eval_noise"}
+    {
+        *TrainConfig.RESUMABLE_CHANGES,
+        "data_root",
+        "log_every",
+        "eval_split",
+        "eval_samples",
+        "eval_noise",
+    }
 )
 
 
