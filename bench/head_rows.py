@@ -214,16 +214,19 @@ def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: s
             n = args.samples if method == "blob" and phase == "evaluate" else 0
 
             @torch.no_grad()
-            def evaluate(where: str, model=model, sampler=sampler, n=n, batches=batches,
-                         inject=inject) -> None:  # fmt: skip
+            def score(batch: dict, where: str, model=model, sampler=sampler, n=n,
+                      inject=inject) -> torch.Tensor:  # fmt: skip
+                """One evaluation batch as the project scores it (BLoB: N samples folded)."""
                 model.eval()
+                with inject(batch) as b:
+                    if n == 0:
+                        return answer_logits(model, b, None, head_positions=where)
+                    with sampler.sampling_mode(model, n):
+                        return answer_logits(model, repeat_batch(b, n), None, head_positions=where)
+
+            def evaluate(where: str, batches=batches, score=score) -> None:
                 for batch in batches:
-                    with inject(batch) as b:
-                        if n == 0:
-                            answer_logits(model, b, None, head_positions=where)
-                            continue
-                        with sampler.sampling_mode(model, n):
-                            answer_logits(model, repeat_batch(b, n), None, head_positions=where)
+                    score(batch, where)
 
             def train(where: str, model=model, batches=batches, inject=inject) -> None:
                 model.train()
@@ -235,16 +238,9 @@ def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: s
                         loss.backward()
                     model.zero_grad(set_to_none=True)
 
-            @torch.no_grad()
-            def first_scores(where: str, model=model, sampler=sampler, n=n, batches=batches,
-                             inject=inject) -> torch.Tensor:  # fmt: skip
-                model.eval()
+            def first_scores(where: str, batches=batches, score=score) -> torch.Tensor:
                 torch.manual_seed(args.seed)  # BLoB: the same weight draws in every arm
-                with inject(batches[0]) as b:
-                    if n == 0:
-                        return answer_logits(model, b, None, head_positions=where)
-                    with sampler.sampling_mode(model, n):
-                        return answer_logits(model, repeat_batch(b, n), None, head_positions=where)
+                return score(batches[0], where)
 
             run = evaluate if phase == "evaluate" else train
             run("flat")  # warm-up: fills the prefix cache

@@ -229,6 +229,29 @@ def tiny_model_folder(path: Path, seed: int = 0) -> Path:
     return save_model_folder(path, tiny_base(tok, seed), tok)
 
 
+def tiny_compare_experiment(model_dir: Path, methods: list[str], **extra: Any) -> dict[str, Any]:
+    """A ``blob-lora compare`` experiment file's content: ``methods`` on WinoGrande-S seed 1,
+    2 steps of 4 of its first 8 training sentences on the tiny model in ``model_dir``, scored
+    on 6 validation sentences; ``extra`` adds or replaces top-level keys."""
+    exp: dict[str, Any] = {
+        "methods": methods,
+        "tasks": ["winogrande_s"],
+        "seeds": [1],
+        "train": {
+            "model": str(model_dir),
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_length": 256,
+            "lr": 0.01,
+            "target_modules": ["q_proj", "v_proj"],
+            "train_split": "train_s[:8]",
+        },
+        "eval_split_overrides": {"winogrande_s": "validation[:6]"},
+    }
+    exp.update(extra)
+    return exp
+
+
 # ---------------------------------------------------------------------------------------------
 # tiny runs
 

@@ -15,7 +15,7 @@ from blob_lora.comparison import load_spec, plan, run_compare, spec_from_dict
 from blob_lora.comparison.compare import config_differences
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError
-from tests.factories import tiny_model_folder
+from tests.factories import tiny_compare_experiment, tiny_model_folder
 
 torch.set_num_threads(1)
 
@@ -321,22 +321,12 @@ def test_variants_train_their_method_under_their_settings_in_their_own_runs(tmp_
 
 def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_root, monkeypatch):
     model_dir = tiny_model_folder(tmp_path / "model")
-    exp = {
-        "methods": ["lora", "blob", "blob-mean"],
-        "tasks": ["winogrande_s"],
-        "seeds": [1],
-        "train": {
-            "model": str(model_dir),
-            "max_steps": 2,
-            "batch_size": 4,
-            "max_length": 256,
-            "lr": 0.01,
-            "target_modules": ["q_proj", "v_proj"],
-            "train_split": "train_s[:8]",
-            "eval_samples": 2,
-        },
-        "eval_split_overrides": {"winogrande_s": "validation[:6]", "arc_easy": "validation[:4]"},
-    }
+    exp = tiny_compare_experiment(
+        model_dir,
+        ["lora", "blob", "blob-mean"],
+        eval_split_overrides={"winogrande_s": "validation[:6]", "arc_easy": "validation[:4]"},
+    )
+    exp["train"]["eval_samples"] = 2
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(exp))
     out = tmp_path / "out"

@@ -18,7 +18,12 @@ from blob_lora.cli.main import main
 from blob_lora.methods.ensemble import member_seed
 from blob_lora.methods.lora import decay_is_inert
 from blob_lora.pipeline.composite import training_differences
-from tests.factories import tiny_model_folder, tiny_run_config, train_tiny
+from tests.factories import (
+    tiny_compare_experiment,
+    tiny_model_folder,
+    tiny_run_config,
+    train_tiny,
+)
 
 torch.set_num_threads(1)
 
@@ -86,22 +91,11 @@ def test_an_ensemble_takes_the_lora_run_of_its_seed_as_member_0(
 
 def test_compare_shares_the_lora_run_with_the_ensemble(tmp_path, data_root) -> None:
     model_dir = tiny_model_folder(tmp_path / "model")
-    exp = {
-        "methods": ["lora", "ensemble"],
-        "tasks": ["winogrande_s"],
-        "seeds": [1],
-        "train": {
-            "model": str(model_dir),
-            "max_steps": 2,
-            "batch_size": 4,
-            "max_length": 256,
-            "lr": 0.01,
-            "target_modules": ["q_proj", "v_proj"],
-            "train_split": "train_s[:8]",
-        },
-        "method_options": {"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
-        "eval_split_overrides": {"winogrande_s": "validation[:6]"},
-    }
+    exp = tiny_compare_experiment(
+        model_dir,
+        ["lora", "ensemble"],
+        method_options={"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
+    )
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(exp))
     out = tmp_path / "out"

@@ -46,7 +46,7 @@ from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
 from blob_lora.metrics import reliability_diagram_multi
 from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
-from blob_lora.training.config import TrainConfig
+from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.training.saved_run import load_run
 from blob_lora.training.signals import TrainingInterrupted
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
@@ -59,7 +59,7 @@ PREDICTIONS = "predictions.jsonl"
 # Settings that do not change what a finished run learned or how it was scored: the ones the
 # trainer itself lets a resumed run change (caches, logging, the held-out curve), and where
 # the data is read from.
-IGNORED_DIFFERENCES = {*TrainConfig.RESUMABLE_CHANGES, "data_root", "log_every"}
+IGNORED_DIFFERENCES = frozenset(TrainConfig.NOT_LEARNED)
 
 
 def safe_name(name: str) -> str:
@@ -162,8 +162,7 @@ def config_differences(r: PlannedRun) -> list[str]:
     wanted = TrainConfig.from_dict(r.settings).to_dict()
     return [
         f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"
-        for k in sorted(set(previous) | set(wanted))
-        if k not in IGNORED_DIFFERENCES and previous.get(k) != wanted.get(k)
+        for k in setting_differences(previous, wanted, IGNORED_DIFFERENCES)
     ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ _BOOL_MASK_ATTENTION = ("sdpa", "flex_attention")
 
 #: which positions of a cloze batch the output head runs on (see :func:`cloze_logits`)
 HeadPositions = Literal["suffix", "rows", "flat"]
-HEAD_POSITIONS: tuple[str, ...] = ("suffix", "rows", "flat")
+HEAD_POSITIONS: tuple[str, ...] = get_args(HeadPositions)
 
 
 def position_ids_for_left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ def cloze_logits(
         "use_cache": False,
     }
     head = _output_head(model) if head_positions != "suffix" else None
-    logit_rows = rows
+    where: tuple[torch.Tensor, ...] = (rows, at)  # entry m's logits in the head's output
     if head is None:
         logits = model(**inputs).logits  # (B, keep, V): positions t - keep .. t - 1
     else:
@@ -154,11 +154,10 @@ def cloze_logits(
                     f"the output head's logits have shape {tuple(logits.shape)} where the flat "
                     f"head gives ({plan.n_read}, vocabulary); pass head_positions='rows'"
                 )
-            logits = logits.unsqueeze(0)
-            at, logit_rows = plan.flat_slot, torch.zeros_like(rows)
+            where = (plan.flat_slot,)
         elif plan.applied:
-            at = plan.slot
-    picked = logits[logit_rows, at].float()  # (M, V), one row per scored token
+            where = (rows, plan.slot)
+    picked = logits[where].float()  # (M, V), one row per scored token
     token_logp = picked.gather(-1, batch["input_ids"][rows, cols].unsqueeze(-1)).squeeze(-1)
     token_logp = token_logp - torch.logsumexp(picked, -1)
     n_options = batch["option_mask"].shape[1]

@@ -25,7 +25,7 @@ from blob_lora.methods.ensemble import EnsembleConfig
 from blob_lora.models.loading import to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
-from blob_lora.training.config import TrainConfig
+from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.training.distributed import fsdp_requested
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
@@ -37,6 +37,7 @@ from blob_lora.training.run_dir import (
 from blob_lora.training.trainer import RunStart, build_model
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.json_file import read_json_object
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -139,19 +140,10 @@ def sub_run_config(cfg: TrainConfig, sub_dir: Path, overrides: dict[str, Any]) -
     return cfg.replace(out=str(sub_dir), evaluate=False, eval_tasks=[], **overrides)
 
 
-#: settings that do not change what a run learns: where it is written and evaluated, its
-#: caches, logging and learning curve (``TrainConfig.RESUMABLE_CHANGES``), where the data is
-#: read from, and how it is evaluated (a sub-run never is)
-NOT_TRAINING = frozenset(
-    {
-        *TrainConfig.RESUMABLE_CHANGES,
-        "data_root",
-        "log_every",
-        "eval_split",
-        "eval_samples",
-        "eval_noise",
-    }
-)
+#: settings that do not change what a run learns (``TrainConfig.NOT_LEARNED``: where it is
+#: written, its caches, logging and learning curve, where the data is read from), and how it
+#: is evaluated (a sub-run never is)
+NOT_TRAINING = frozenset({*TrainConfig.NOT_LEARNED, "eval_split", "eval_samples", "eval_noise"})
 
 
 def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -162,13 +154,8 @@ def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list
     train."""
     previous = _as_trained(TrainConfig.stored_with_defaults(stored))
     wanted = _as_trained(wanted)
-    return sorted(
-        k
-        for k in set(previous) | set(wanted)
-        if k not in NOT_TRAINING
-        and not k.startswith(EnsembleConfig.KEY_PREFIX)
-        and previous.get(k) != wanted.get(k)
-    )
+    changed = setting_differences(previous, wanted, NOT_TRAINING)
+    return [k for k in changed if not k.startswith(EnsembleConfig.KEY_PREFIX)]
 
 
 def _as_trained(settings: dict[str, Any]) -> dict[str, Any]:
@@ -192,13 +179,11 @@ def share_finished_run(
     wanted = sub_run_config(cfg, sub_dir, overrides).to_dict()
     for run in finished:
         run = Path(run)
-        try:
-            stored = json.loads((run / RUN_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(stored, dict):
-            continue
         if not (run / SUMMARY).is_file() or not (run / ADAPTER_DIR).is_dir():
+            continue
+        try:
+            stored = read_json_object(run / RUN_CONFIG, CheckpointError)
+        except CheckpointError:  # not a run this can reuse; training the sub-run is safe
             continue
         if training_differences(stored, wanted):
             continue

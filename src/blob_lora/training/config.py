@@ -27,6 +27,7 @@ fields, routes each flat key to its section, so a new field is a new key with no
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -193,6 +194,23 @@ class TrainConfig:
         "curve_every",
         "curve_split",
         "curve_samples",
+    )
+    # Settings that do not change what a run learns: the resumable ones, where the data is
+    # read from, and the logging interval.
+    NOT_LEARNED: ClassVar[tuple[str, ...]] = (*RESUMABLE_CHANGES, "data_root", "log_every")
+
+
+def setting_differences(
+    previous: dict[str, Any], wanted: dict[str, Any], ignore: Collection[str] = ()
+) -> list[str]:
+    """The keys, sorted, whose values differ between two flat settings dicts (a missing key
+    counts as ``None``), leaving out ``ignore``. Why one function: resuming a run, a table
+    checking its finished runs and a composite run looking for a sub-run it may reuse all
+    compare stored settings this way, each with its own keys that may differ."""
+    return sorted(
+        k
+        for k in set(previous) | set(wanted)
+        if k not in ignore and previous.get(k) != wanted.get(k)
     )
 
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from blob_lora.training.config import TrainConfig
+from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 from blob_lora.utils.json_file import read_json_object
@@ -43,11 +43,7 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
             previous = read_json_object(cfg_path, BlobLoraError)
             previous = TrainConfig.stored_with_defaults(previous)
             allowed = (*TrainConfig.RESUMABLE_CHANGES, *BATCH_LAYOUT)
-            changed = sorted(
-                k
-                for k in set(previous) | set(config)
-                if k not in allowed and previous.get(k) != config.get(k)
-            )
+            changed = setting_differences(previous, config, allowed)
             if changed:
                 raise ConfigError(
                     f"cannot resume {out}: settings differ from the interrupted run: "
