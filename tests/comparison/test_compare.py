@@ -199,6 +199,44 @@ def test_run_first_methods_finish_every_seed_before_the_others(tmp_path):
         spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"], "run_first": ["laplace"]}, "m")
 
 
+def test_run_first_tiers_finish_every_seed_in_order(tmp_path):
+    spec = spec_from_dict(
+        {
+            "methods": ["lora", "blob", "blob-mean", "map", "ensemble", "laplace"],
+            "tasks": ["arc_easy"],
+            "seeds": [1, 2],
+            # blob-mean stands for blob, already placed in the first tier: not trained twice
+            "run_first": [["blob", "lora"], ["ensemble", "blob-mean"], ["map"]],
+        },
+        name="m",
+        out=tmp_path / "o",
+    )
+    assert [(r.seed, r.method) for r in plan(spec)] == [
+        (1, "lora"),
+        (1, "blob"),
+        (2, "lora"),
+        (2, "blob"),
+        (1, "ensemble"),
+        (2, "ensemble"),
+        (1, "map"),
+        (2, "map"),
+        (1, "laplace"),
+        (2, "laplace"),
+    ]
+    assert spec.to_dict()["run_first"] == [["blob", "lora"], ["ensemble", "blob-mean"], ["map"]]
+    with pytest.raises(ConfigError, match="in two tiers"):
+        spec_from_dict(
+            {"methods": ["lora", "map"], "tasks": ["arc_easy"], "run_first": [["lora"], ["lora"]]},
+            "m",
+        )
+    with pytest.raises(ConfigError, match=r"run_first names \['swag'\]"):
+        spec_from_dict(
+            {"methods": ["lora"], "tasks": ["arc_easy"], "run_first": [["lora"], ["swag"]]}, "m"
+        )
+    with pytest.raises(ConfigError, match="tier must not be empty"):
+        spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"], "run_first": [["lora"], []]}, "m")
+
+
 def test_a_run_made_before_a_setting_existed_ran_with_its_default(two_method_spec):
     """A new option must not orphan the finished runs of every experiment: a stored
     run_config.json without it compares as that option's default; another value still differs."""

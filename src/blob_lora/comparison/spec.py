@@ -10,6 +10,7 @@ YAML schema (every key but ``methods`` optional; unknown keys are refused)::
     tasks: [winogrande_s, arc_challenge]          # in-distribution: train + eval on each
     seeds: [1, 2, 3]                              # default [1, 2, 3]
     run_first: [lora, blob, map]                  # these methods' runs, every seed, go first
+    # or tiers: [[lora, blob], [mc-dropout, ensemble]]  each tier, every seed, before the next
     ood:                                          # train on train_task, evaluate elsewhere
       train_task: openbookqa
       eval_tasks: [arc_challenge, arc_easy, mmlu:college_chemistry, mmlu:college_physics]
@@ -30,7 +31,9 @@ variant's settings. Precedence of settings, lowest first: TrainConfig defaults, 
 
 Order of runs: seed, then method (as listed), then task; methods named in ``run_first`` run
 for every seed before the others start (the comparison a table exists for is then complete
-first, rather than every baseline on one seed).
+first, rather than every baseline on one seed). A list of lists in ``run_first`` is a sequence
+of tiers, each finished for every seed before the next starts, then the unnamed methods (an
+experiment that serves several questions completes the most pressing one's methods first).
 
 Evaluation split of a task T (own task or OOD): ``eval_split_overrides[T]``, else
 ``task_options[T].eval_split``, else ``train.eval_split`` for a run's own task, else T's
@@ -126,7 +129,8 @@ class CompareSpec:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_split_overrides: dict[str, str] = field(default_factory=dict)
-    run_first: list[str] = field(default_factory=list)
+    #: tiers of columns whose runs go first, each tier every seed before the next
+    run_first: list[list[str]] = field(default_factory=list)
     #: variant name -> {"method": a registered method, TrainConfig keys...}
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -150,11 +154,14 @@ class CompareSpec:
     @property
     def run_order(self) -> list[tuple[int, str]]:
         """(seed, training method) pairs in the order their runs go (see the module doc)."""
-        first = {column_for(m, self.variants).train_method for m in self.run_first}
-        groups = [
-            [m for m in self.train_methods if m in first],
-            [m for m in self.train_methods if m not in first],
+        tiers = [
+            {column_for(m, self.variants).train_method for m in tier} for tier in self.run_first
         ]
+        groups: list[list[str]] = []
+        placed: set[str] = set()  # a method trains in the first tier that names it
+        for tier in [*tiers, set(self.train_methods)]:
+            groups.append([m for m in self.train_methods if m in tier and m not in placed])
+            placed.update(tier)
         return [(seed, m) for group in groups for seed in self.seeds for m in group]
 
     @property
@@ -208,7 +215,8 @@ class CompareSpec:
             "method_options": self.method_options,
             "task_options": self.task_options,
             "eval_split_overrides": self.eval_split_overrides,
-            "run_first": self.run_first,
+            # as written: one tier stays the flat list older files (and compare.json) hold
+            "run_first": self.run_first[0] if len(self.run_first) == 1 else self.run_first,
             "variants": self.variants,
         }
 
@@ -246,6 +254,18 @@ def _str_list(value: Any, where: str, allow_empty: bool = False) -> list[str]:
     if len(set(value)) != len(value):
         raise ConfigError(f"compare: {where} lists a name twice: {value}")
     return list(value)
+
+
+def _run_tiers(value: Any) -> list[list[str]]:
+    """``run_first``: a list of names (one tier) or a list of such lists (tiers in order)."""
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        tiers = [_str_list(v, "run_first's tier", allow_empty=False) for v in value]
+    else:
+        tiers = [_str_list(value, "run_first", allow_empty=True)]
+    flat = [m for tier in tiers for m in tier]
+    if len(set(flat)) != len(flat):
+        raise ConfigError(f"compare: run_first names a method in two tiers: {tiers}")
+    return [tier for tier in tiers if tier]
 
 
 def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = None) -> CompareSpec:
@@ -299,8 +319,8 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
     overrides = data.get("eval_split_overrides") or {}
     if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
         raise ConfigError("compare: eval_split_overrides must map task names to split strings")
-    run_first = _str_list(data.get("run_first", []), "run_first", allow_empty=True)
-    stray = sorted(set(run_first) - set(methods))
+    run_first = _run_tiers(data.get("run_first", []))
+    stray = sorted({m for tier in run_first for m in tier} - set(methods))
     if stray:
         raise ConfigError(f"compare: run_first names {stray}, which are not in methods {methods}")
     out_path = Path(out) if out else Path(data.get("out") or Path("runs") / "compare" / name)
