@@ -234,7 +234,9 @@ def test_run_first_tiers_finish_every_seed_in_order(tmp_path):
             {"methods": ["lora"], "tasks": ["arc_easy"], "run_first": [["lora"], ["swag"]]}, "m"
         )
     with pytest.raises(ConfigError, match="tier must not be empty"):
-        spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"], "run_first": [["lora"], []]}, "m")
+        spec_from_dict(
+            {"methods": ["lora"], "tasks": ["arc_easy"], "run_first": [["lora"], []]}, "m"
+        )
 
 
 def test_a_run_made_before_a_setting_existed_ran_with_its_default(two_method_spec):
