@@ -180,6 +180,9 @@ def fit_laplace(
         "n_params": la.n_params,
         "log_marginal_likelihood": la.log_marginal_likelihood(),
         "fit_split": split,
+        # layers whose G was too wide to store (the head under cloze scoring): the share of
+        # its trace the rank-limited sketch kept (methods/laplace/kfac.py)
+        "g_sketch_trace_kept": la.g_sketch_kept,
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
     model.eval()

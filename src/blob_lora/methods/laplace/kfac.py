@@ -12,9 +12,21 @@ Conventions (used by :mod:`posterior` too):
 * Activations are seen as ``(B, T, in)``: ``T`` token positions share the weight. Inputs of rank
   2 are one position; higher ranks are flattened to positions.
 * Output gradients live on a *row support*: the output coordinates that ever received a nonzero
-  gradient. For LoRA's ``lm_head`` ``lora_B`` (``out`` = vocabulary) only the C option-token rows
-  do, so ``G`` is stored as an ``s × s`` matrix on that support instead of ``vocab × vocab``.
-  Rows outside the support have zero curvature: their posterior equals the prior.
+  gradient. For LoRA's ``lm_head`` ``lora_B`` (``out`` = vocabulary) under letter scoring only
+  the C option-token rows do, so ``G`` is stored as an ``s × s`` matrix on that support instead
+  of ``vocab × vocab``. Rows outside the support have zero curvature: their posterior equals the
+  prior.
+* A support wider than ``dense_limit`` (the head under cloze scoring: an option's score is a
+  log-softmax over the whole vocabulary, so every row gets a gradient) is not stored densely:
+  SmolLM2's 49,152² would be 19 GB in float64 and its eigendecomposition hours on a CPU.
+  ``G`` is then kept as a rank-``g_rank`` sketch ``F Fᵀ`` (``F``: ``out × g_rank``): gradient
+  rows are buffered and, whenever ``g_rank`` of them are waiting, ``[Fᵀ; rows]`` is reduced to
+  its top ``g_rank`` right singular directions (an incremental truncated SVD). The sketch is
+  exact while the rows seen span at most ``g_rank`` dimensions; beyond, it keeps the leading
+  directions and drops the rest, whose posterior then equals the prior (what the eigenbasis
+  truncation ``max_rank`` does anyway). Low-rank Kronecker factors are how KFAC is made to fit
+  large language models elsewhere too (Robeyns' ``bayesian-lora`` package, from the
+  Laplace-LoRA authors, offers them for the 4096-wide factors of 7B models).
 """
 
 from __future__ import annotations
@@ -29,6 +41,10 @@ from torch import Tensor, nn
 from blob_lora.utils.errors import ConfigError
 
 KFAC_TYPES = ("expand", "reduce")
+#: widest output support whose ``G`` is stored densely (float64: 134 MB, a ~10 s eigh)
+DENSE_LIMIT = 4096
+#: rank of ``G``'s sketch beyond that (the other factors of a q/v + head LoRA are <= 576 wide)
+G_RANK = 512
 
 
 def trainable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -163,6 +179,13 @@ class LayerCapture:
         }
 
 
+def _rank_tolerance(vals: Tensor, shape: torch.Size) -> float:
+    """Eigenvalues of a Gram matrix below this are rounding (the usual numerical-rank rule)."""
+    if vals.numel() == 0:
+        return 0.0
+    return float(vals.max().clamp_min(0.0)) * max(shape) * torch.finfo(vals.dtype).eps
+
+
 @dataclass
 class KronAccumulator:
     """Running sums of one layer's Kronecker factors.
@@ -179,14 +202,27 @@ class KronAccumulator:
     out_dim: int
     kfac_type: str
     dtype: torch.dtype = torch.float64
+    dense_limit: int = DENSE_LIMIT
+    g_rank: int = G_RANK
     a_sum: Tensor = field(init=False)
     a_count: float = 0.0
     support: Tensor = field(init=False)
     g_sum: Tensor = field(init=False)
+    #: ``out × k`` with ``G·N ≈ F Fᵀ`` once the support outgrew ``dense_limit`` (else None)
+    g_sketch: Tensor | None = field(init=False, default=None)
+    _pending: list[Tensor] = field(init=False, default_factory=list)
+    _n_pending: int = field(init=False, default=0)
+    #: trace of every row's ``g gᵀ`` that went into the sketch, and the part it dropped
+    g_trace: float = field(init=False, default=0.0)
+    g_trace_dropped: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.kfac_type not in KFAC_TYPES:
             raise ConfigError(f"kfac_type must be one of {KFAC_TYPES}, got {self.kfac_type!r}")
+        if self.dense_limit < 1 or self.g_rank < 1:
+            raise ConfigError(
+                f"dense_limit and g_rank must be at least 1, got {self.dense_limit}, {self.g_rank}"
+            )
         self.a_sum = torch.zeros(self.in_dim, self.in_dim, dtype=self.dtype)
         self.support = torch.zeros(0, dtype=torch.long)
         self.g_sum = torch.zeros(0, 0, dtype=self.dtype)
@@ -224,10 +260,76 @@ class KronAccumulator:
         """``g``: ``(B, T, out)`` output gradients of one backward pass (products in ``g``'s
         dtype, accumulated in ``self.dtype``)."""
         flat = g.reshape(-1, g.shape[-1]) if self.kfac_type == "expand" else g.sum(1)
-        if self.support.numel() < self.out_dim:  # full support: nothing left to discover
+        if self.g_sketch is None and self.support.numel() < self.out_dim:
             rows = torch.nonzero((flat != 0).any(0)).flatten().cpu()
             if rows.numel() == 0:
                 return
-            self._grow_support(rows)
+            if torch.unique(torch.cat([self.support, rows])).numel() > self.dense_limit:
+                self._start_sketch()
+            else:
+                self._grow_support(rows)
+        if self.g_sketch is not None:
+            self._sketch_rows(flat)
+            return
         sub = flat if self.support.numel() == self.out_dim else flat[:, self.support.to(g.device)]
         self.g_sum += (sub.T @ sub).to(self.dtype).cpu()
+
+    # --- the sketch of a G too wide to store (module doc) ----------------------------------
+
+    def _start_sketch(self) -> None:
+        """Carry the dense ``G`` gathered so far over into a sketch on the whole output."""
+        vals, vecs = torch.linalg.eigh((self.g_sum + self.g_sum.T) / 2)
+        keep = vals.flip(0)[: self.g_rank].clamp_min(0.0)
+        sketch = torch.zeros(self.out_dim, keep.numel(), dtype=self.dtype)
+        sketch[self.support] = vecs.flip(1)[:, : keep.numel()] * keep.sqrt()
+        self.g_sketch = sketch
+        self.g_trace = float(vals.clamp_min(0.0).sum())
+        self.g_trace_dropped = self.g_trace - float(keep.sum())
+        self.support = torch.arange(self.out_dim)
+        self.g_sum = torch.zeros(0, 0, dtype=self.dtype)
+
+    def _sketch_rows(self, flat: Tensor) -> None:
+        rows = flat[(flat != 0).any(1)].to(self.dtype).cpu()  # unread positions add nothing
+        if rows.shape[0] == 0:
+            return
+        self._pending.append(rows)
+        self._n_pending += rows.shape[0]
+        self.g_trace += float(rows.pow(2).sum())
+        if self._n_pending >= self.g_rank:
+            self._compress()
+
+    def _compress(self) -> None:
+        """``F`` := the top ``g_rank`` directions of ``[Fᵀ; pending rows]``: with ``M`` that
+        stack, ``M Mᵀ = U S² Uᵀ`` and ``Mᵀ U_k = V_k S_k``, so ``F Fᵀ`` is the best rank-k part
+        of ``Mᵀ M`` (= the old ``F Fᵀ`` plus the new rows' ``Σ g gᵀ``)."""
+        if self.g_sketch is None or not self._pending:
+            return
+        stack = torch.cat([self.g_sketch.T, *self._pending])
+        self._pending, self._n_pending = [], 0
+        vals, vecs = torch.linalg.eigh(stack @ stack.T)
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        self.g_trace_dropped += float(vals[self.g_rank :].clamp_min(0.0).sum())
+        # directions at rounding level are not directions of the data: keep the numerical rank
+        rank = int((vals[: self.g_rank] > _rank_tolerance(vals, stack.shape)).sum())
+        self.g_sketch = stack.T @ vecs[:, :rank]
+
+    @property
+    def g_kept(self) -> float | None:
+        """The share of ``G``'s trace its sketch keeps (None: ``G`` is dense, all of it)."""
+        if self.g_sketch is None:
+            return None
+        self._compress()
+        return 1.0 - self.g_trace_dropped / self.g_trace if self.g_trace > 0 else 1.0
+
+    def g_eig(self, n_data: int) -> tuple[Tensor, Tensor] | None:
+        """Eigenpairs of ``G`` (largest first, on the whole output) when it is sketched; None
+        when it is dense (``g_sum`` on ``support``)."""
+        if self.g_sketch is None:
+            return None
+        self._compress()
+        # F = V S up to rounding; the small eigenproblem of FᵀF gives V orthonormal exactly
+        vals, w = torch.linalg.eigh(self.g_sketch.T @ self.g_sketch)
+        vals, w = vals.flip(0), w.flip(1)
+        keep = vals > _rank_tolerance(vals, self.g_sketch.shape)
+        vals, w = vals[keep], w[:, keep]
+        return vals / max(n_data, 1), (self.g_sketch @ w) / vals.sqrt()

@@ -12,7 +12,8 @@ Approximations (see also :mod:`kfac` and :mod:`posterior`):
   columns of a square root of the softmax Hessian ``diag(p) − ppᵀ``; so ``Σ_c v_c v_cᵀ`` is that
   Hessian exactly. ``ggn="mc"``: ``mc_samples`` passes with ``v = p − e_y``, ``y ~ p``
   (unbiased, cheaper when C is large).
-* Block-diagonal over layers; each block ``(N/T)·A ⊗ G`` (KFAC; ``T`` = temperature).
+* Block-diagonal over layers; each block ``(N/T)·A ⊗ G`` (KFAC; ``T`` = temperature); a
+  ``G`` wider than ``g_dense_limit`` on its support is a rank-``g_rank`` sketch (:mod:`kfac`).
   Token positions share a LoRA weight; ``kfac_type="expand"`` (default) treats every real
   (non-padding) position's input and output gradient as a sample (cross-position terms
   dropped), ``"reduce"`` pools positions per example first. Both are exact for one position
@@ -34,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from blob_lora.methods.laplace.kfac import (
+    DENSE_LIMIT,
+    G_RANK,
     KFAC_TYPES,
     KronAccumulator,
     LayerCapture,
@@ -90,6 +93,10 @@ class LaplaceLoRA:
     the P a layer sees when it sees fewer than the attention mask's (the output head under a
     per-row gather; :func:`kfac.position_mask`), or None. The model's
     trainable parameters must all be ``nn.Linear`` weights (or biases), e.g. a PEFT LoRA model.
+    A layer whose output gradients reach more than ``g_dense_limit`` coordinates (the head's
+    vocabulary under cloze scoring) keeps its ``G`` as a rank-``g_rank`` sketch
+    (:mod:`kfac`); ``g_sketch_kept`` then says, per such layer, how much of ``G``'s trace the
+    sketch kept.
     """
 
     def __init__(
@@ -106,6 +113,8 @@ class LaplaceLoRA:
         factor_dtype: torch.dtype = torch.float64,
         seed: int = 0,
         head_mask_fn: Callable[[dict], Tensor | None] | None = None,
+        g_dense_limit: int = DENSE_LIMIT,
+        g_rank: int = G_RANK,
     ):
         if prior_precision <= 0 or temperature <= 0:
             raise ConfigError("prior_precision and temperature must be positive")
@@ -115,6 +124,8 @@ class LaplaceLoRA:
             raise ConfigError(f"ggn must be one of {_GGN_TYPES}, got {ggn!r}")
         if mc_samples < 1 or (max_rank is not None and max_rank < 1):
             raise ConfigError("mc_samples and max_rank must be at least 1")
+        if g_dense_limit < 1 or g_rank < 1:
+            raise ConfigError("g_dense_limit and g_rank must be at least 1")
         self.model = model
         self.logits_fn = logits_fn
         self.prior_precision = float(prior_precision)
@@ -126,8 +137,12 @@ class LaplaceLoRA:
         self.factor_dtype = factor_dtype
         self.seed = seed
         self.head_mask_fn = head_mask_fn
+        self.g_dense_limit = g_dense_limit
+        self.g_rank = g_rank
         self.modules = trainable_linears(model)
         self.layers: dict[str, KronLayer] = {}
+        #: per layer whose G was sketched (kfac.py), the share of G's trace the sketch kept
+        self.g_sketch_kept: dict[str, float] = {}
         self.n_data = 0
         self.log_likelihood = 0.0  # Σ_n log p(y_n | x_n, θ*), temperature not applied
         self.map_sq_norm = self._map_sq_norm()
@@ -168,7 +183,13 @@ class LaplaceLoRA:
         """Accumulate KFAC factors and the MAP log-likelihood over ``batches``; replaces any
         previous fit. Each batch needs ``"labels"``: ``(B,)`` long indices into the C options."""
         accs = {
-            n: KronAccumulator(*layer_dims(m), self.kfac_type, self.factor_dtype)
+            n: KronAccumulator(
+                *layer_dims(m),
+                self.kfac_type,
+                self.factor_dtype,
+                dense_limit=self.g_dense_limit,
+                g_rank=self.g_rank,
+            )
             for n, m in self.modules.items()
         }
         capture = LayerCapture(self.modules)
@@ -206,6 +227,7 @@ class LaplaceLoRA:
             shared = None if rep == name else layers[rep].a_eig
             layers[name] = KronLayer.from_accumulator(accs[name], n_data, self.max_rank, shared)
         self.layers = {n: layers[n] for n in accs}
+        self.g_sketch_kept = {n: a.g_kept for n, a in accs.items() if a.g_kept is not None}
         self.map_sq_norm = self._map_sq_norm()
 
     def _add_inputs(

@@ -64,8 +64,11 @@ class KronLayer:
             a_vals, a_vecs = _top_eig(acc.a_sum / max(acc.a_count, 1.0), max_rank)
         else:
             a_vals, a_vecs = a_eig
-        g = acc.g_sum / max(n_data, 1)
-        g_vals, g_vecs = _top_eig(g, max_rank)
+        sketched = acc.g_eig(n_data)
+        if sketched is None:
+            g_vals, g_vecs = _top_eig(acc.g_sum / max(n_data, 1), max_rank)
+        else:  # already the leading eigenpairs, largest first
+            g_vals, g_vecs = (t[..., :max_rank].contiguous() for t in sketched)
         return cls(acc.in_dim, acc.out_dim, a_vals, a_vecs, g_vals, g_vecs, acc.support.clone())
 
     @property

@@ -1,0 +1,176 @@
+"""Laplace-LoRA's fit under cloze scoring on the real model: what the sketched output factor
+costs, against the LoRA training that produced the MAP.
+
+Under cloze scoring an option's score is a log-softmax over the whole vocabulary, so every row
+of the output head's ``lora_B`` gets a gradient and KFAC's ``G`` for it would be
+vocabulary x vocabulary: 49,152² float64 numbers (19 GB) for SmolLM2, beyond this machine's
+24 GiB once copied, and an eigendecomposition of hours. ``methods/laplace/kfac.py`` keeps such
+a ``G`` as a rank-``g_rank`` sketch instead. This script fits the posterior on the first
+``--n-questions`` training questions of ``--task`` with the regime table's adapters (r = 8 on
+q/v of the top 8 blocks + ``lm_head``; a LoRA run's adapter with ``--adapter``, else fresh
+random ones) and reports:
+
+* the fit's time and peak memory, beside one LoRA training pass over the same questions
+  (forward, cross-entropy, backward: what each epoch of the MAP run costs them);
+* the share of the head's ``G`` trace the sketch kept, and its rank;
+* the prior-precision search and the linearised predictive (100 samples, as the method runs)
+  on the same questions.
+
+    OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/laplace_head.py \\
+        --adapter paper/out/regime_tables/runs/arc_challenge/lora/seed1/adapter
+    .venv/bin/python bench/laplace_head.py --setting tiny        # seconds, random tiny model
+
+Writes ``bench/results/laplace_head_cpu.json`` (``--setting cpu``) or ``bench/out/...``
+(``tiny``), and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    add_table_options,
+    ensure_src_on_path,
+    format_table,
+    measure_peak_memory,
+    resolve_table_options,
+    write_report,
+)
+
+ensure_src_on_path()
+
+from head_rows import TABLE, adapted, table_split  # noqa: E402
+from train_full_step import SETTINGS, load_base, shape_targets  # noqa: E402
+
+from blob_lora.methods.io import load_plain_adapter  # noqa: E402
+from blob_lora.methods.laplace import LaplaceLoRA  # noqa: E402
+from blob_lora.methods.laplace.kfac import DENSE_LIMIT, G_RANK  # noqa: E402
+from blob_lora.methods.laplace_method import (  # noqa: E402
+    _head_mask,
+    _make_lora_trainable,
+    _option_logits_fn,
+)
+from blob_lora.models.forward import answer_logits  # noqa: E402
+from blob_lora.tasks import Scoring, get_task  # noqa: E402
+from blob_lora.tasks.dataset import task_inputs  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    p.add_argument("--task", default="arc_challenge", choices=sorted(TABLE))
+    p.add_argument("--n-questions", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="the table's batch size")
+    p.add_argument("--g-rank", type=int, default=G_RANK, help="rank of the head's G sketch")
+    p.add_argument("--g-dense-limit", type=int, default=DENSE_LIMIT,
+                   help="widest G kept dense (the tiny model's vocabulary is under the default)")  # fmt: skip
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA run's adapter folder")
+    add_table_options(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    resolve_table_options(args, tiny_max_length=512)
+    load_start = list(os.getloadavg())
+    setting = SETTINGS[args.setting]
+    base, tokenizer = load_base(setting)
+    if args.adapter is not None:
+        model = load_plain_adapter(base, args.adapter)
+    else:
+        n_layers = base.config.num_hidden_layers
+        model = adapted(base, "lora", shape_targets("demo", n_layers, min(8, n_layers)))
+    _make_lora_trainable(model)
+    train_split, _, norm = TABLE[args.task]
+    task = get_task(args.task, args.data_root)
+    split = table_split(task, train_split)
+    inp = task_inputs(task, split, tokenizer, args.max_length, scoring=Scoring("cloze", norm))
+    n = min(args.n_questions, len(inp.dataset))
+    batches = [
+        inp.collator([inp.dataset[i] for i in range(s, min(s + args.batch, n))])
+        for s in range(0, n, args.batch)
+    ]
+    vocab = model.get_output_embeddings().out_features
+
+    def lora_pass() -> None:
+        model.train()
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = answer_logits(model, inputs, inp.option_ids)
+            torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    holder: dict[str, Any] = {}
+
+    def fit() -> None:
+        la = LaplaceLoRA(
+            model,
+            _option_logits_fn(inp.option_ids),
+            head_mask_fn=_head_mask,
+            g_rank=args.g_rank,
+            g_dense_limit=args.g_dense_limit,
+        )
+        la.fit(batches)
+        holder["la"] = la
+
+    t = time.perf_counter()
+    lora_memory = measure_peak_memory(lora_pass, torch.device("cpu"))
+    lora_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    fit_memory = measure_peak_memory(fit, torch.device("cpu"))
+    fit_seconds = time.perf_counter() - t
+    la: LaplaceLoRA = holder["la"]
+    t = time.perf_counter()
+    prior = la.optimize_prior_precision()
+    prior_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    for batch in batches:  # the linearised predictive differentiates: no no_grad here
+        probs = la.predictive({k: v for k, v in batch.items() if k != "labels"}, 100)
+        assert torch.isfinite(probs).all()
+    predictive_seconds = time.perf_counter() - t
+    head = next((name for name in la.layers if "lm_head" in name and "lora_B" in name), None)
+    result = {
+        "task": args.task,
+        "split": split,
+        "questions": n,
+        "vocab": vocab,
+        "dense_head_g_bytes": vocab * vocab * 8,
+        "lora_pass_seconds": round(lora_seconds, 2),
+        "lora_pass_peak_bytes": lora_memory.get("peak_bytes"),
+        "fit_seconds": round(fit_seconds, 2),
+        "fit_peak_bytes": fit_memory.get("peak_bytes"),
+        "fit_over_lora_pass": round(fit_seconds / lora_seconds, 2),
+        "head_g_rank": None if head is None else int(la.layers[head].g_vals.numel()),
+        "g_sketch_trace_kept": la.g_sketch_kept,
+        "prior_precision": prior,
+        "prior_search_seconds": round(prior_seconds, 2),
+        "predictive_seconds_per_question": round(predictive_seconds / n, 3),
+    }
+    args.adapter = None if args.adapter is None else str(args.adapter)  # JSON-able
+    path, _ = write_report(args, "laplace_head", load_start, result)
+    gib = 1024**3
+    rows = [[
+        args.task, n, result["lora_pass_seconds"], result["fit_seconds"],
+        result["fit_over_lora_pass"],
+        f"{(result['fit_peak_bytes'] or 0) / gib:.2f}",
+        result["head_g_rank"],
+        "-" if head is None or head not in la.g_sketch_kept else f"{la.g_sketch_kept[head]:.4f}",
+        result["predictive_seconds_per_question"],
+    ]]  # fmt: skip
+    header = ["task", "questions", "LoRA pass s", "fit s", "fit / LoRA pass", "fit peak GiB",
+              "head G rank", "head G trace kept", "predictive s/question"]  # fmt: skip
+    print(format_table(header, rows))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""KFAC's sketched output factor: a ``G`` whose support is too wide to store (the output head
+under cloze scoring, where every vocabulary row gets a gradient) is kept as a rank-limited
+sketch. Exact while the gradients span no more than its rank, the best rank-k part of one
+batch's ``G``, never more than the dense ``G``, and the same posterior end to end when the
+rank suffices."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blob_lora.methods.laplace import LaplaceLoRA
+from blob_lora.methods.laplace.kfac import KronAccumulator
+from blob_lora.methods.laplace.posterior import KronLayer
+from blob_lora.tasks import MCExample
+from blob_lora.tasks.dataset import MCCollator, encode_cloze_examples
+from blob_lora.utils.errors import ConfigError
+from tests.factories import tiny_base, tiny_tokenizer
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+def _dense_g(acc: KronAccumulator, n: int) -> torch.Tensor:
+    """The accumulated ``G`` as an ``out × out`` matrix, from a dense accumulator."""
+    full = torch.zeros(acc.out_dim, acc.out_dim, dtype=DT)
+    full[acc.support[:, None], acc.support[None, :]] = acc.g_sum / n
+    return full
+
+
+def _sketch_g(acc: KronAccumulator, n: int) -> torch.Tensor:
+    vals, vecs = acc.g_eig(n)
+    return vecs @ torch.diag(vals) @ vecs.T
+
+
+def _stream(seed: int, out: int, rank: int) -> list[torch.Tensor]:
+    """(B, T, out) gradient batches spanning ``rank`` directions; the first touches only 3
+    columns (a narrow support first, as the head's first batches under letter scoring)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, out, generator=gen, dtype=DT)
+    first = torch.zeros(2, 3, out, dtype=DT)
+    first[..., :3] = torch.randn(2, 3, 3, generator=gen, dtype=DT)
+    rest = [
+        torch.randn(2, 3, rank, generator=gen, dtype=DT) @ basis for _ in range(4)
+    ]  # fmt: skip
+    return [first, *rest]
+
+
+def _fill(stream: list[torch.Tensor], **kw) -> KronAccumulator:
+    acc = KronAccumulator(2, stream[0].shape[-1], "expand", DT, **kw)
+    for g in stream:
+        acc.add_output_grads(g)
+    return acc
+
+
+def test_the_sketch_equals_the_dense_g_while_its_rank_suffices() -> None:
+    stream = _stream(0, out=40, rank=6)
+    dense = _fill(stream)
+    sketch = _fill(stream, dense_limit=8, g_rank=12)  # 3 + 6 directions <= 12
+    assert dense.g_sketch is None and dense.support.numel() == 40
+    assert sketch.g_sketch is not None and sketch.g_sketch.shape[0] == 40
+    torch.testing.assert_close(_sketch_g(sketch, 7), _dense_g(dense, 7), rtol=1e-9, atol=1e-10)
+    assert sketch.g_kept == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_narrow_support_stays_dense() -> None:
+    """Under letter scoring the head's gradients touch C rows: stored densely, as before."""
+    stream = _stream(1, out=40, rank=6)[:1]
+    acc = _fill(stream, dense_limit=8, g_rank=2)
+    assert acc.g_sketch is None and acc.support.tolist() == [0, 1, 2]
+    assert acc.g_eig(3) is None and acc.g_kept is None
+
+
+def test_one_batch_beyond_the_rank_keeps_its_leading_eigenpairs() -> None:
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 10, 30, generator=gen, dtype=DT)  # 30 rows of rank 30 > 5
+    acc = _fill([g], dense_limit=4, g_rank=5)
+    rows = g.reshape(-1, 30)
+    exact_vals, exact_vecs = torch.linalg.eigh(rows.T @ rows / 2)
+    vals, vecs = acc.g_eig(2)
+    torch.testing.assert_close(vals, exact_vals.flip(0)[:5], rtol=1e-9, atol=1e-10)
+    overlap = (vecs.T @ exact_vecs.flip(1)[:, :5]).abs()  # the same directions, up to sign
+    torch.testing.assert_close(overlap, torch.eye(5, dtype=DT), rtol=0, atol=1e-8)
+    assert acc.g_kept == pytest.approx(float(vals.sum() / exact_vals.sum()), rel=1e-9)
+
+
+def test_a_stream_beyond_the_rank_never_exceeds_the_dense_g() -> None:
+    """Each compression drops the smallest directions: dense G - sketch is positive
+    semi-definite, and the share of the trace kept is what g_kept reports."""
+    gen = torch.Generator().manual_seed(3)
+    stream = [torch.randn(2, 4, 25, generator=gen, dtype=DT) for _ in range(6)]
+    dense, sketch = _fill(stream), _fill(stream, dense_limit=4, g_rank=6)
+    exact, approx = _dense_g(dense, 1), _sketch_g(sketch, 1)
+    assert torch.linalg.eigvalsh(exact - approx).min() > -1e-9
+    assert sketch.g_kept == pytest.approx(float(approx.trace() / exact.trace()), rel=1e-9)
+    assert 0.3 < sketch.g_kept < 1.0
+    layer = KronLayer.from_accumulator(sketch, 1, max_rank=4)
+    assert layer.g_vecs.shape == (25, 4) and layer.g_support.numel() == 25
+
+
+def test_bad_sketch_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="g_rank"):
+        KronAccumulator(2, 3, "expand", DT, g_rank=0)
+    with pytest.raises(ConfigError, match="g_dense_limit"):
+        LaplaceLoRA(torch.nn.Linear(2, 2), lambda m, b: m(b), g_dense_limit=0)
+
+
+# --- end to end: the output head under cloze scoring ------------------------------------------
+
+EXAMPLES = [
+    MCExample("a", "What is red?", ("apple", "the clear blue sky at noon", "grass"), 0),
+    MCExample("b", "Which is cold and very hard?", ("ice", "fire", "sun"), 0),
+    MCExample("c", "Pick one.", ("a b c d e f g h", "i", "j k"), 2, context="Some words."),
+]
+
+
+def _cloze_setup():
+    from peft import LoraConfig, get_peft_model
+
+    from blob_lora.methods.laplace_method import (
+        _head_mask,
+        _make_lora_trainable,
+        _option_logits_fn,
+    )
+
+    tok = tiny_tokenizer()
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
+    )
+    model = get_peft_model(tiny_base(tok, seed=5), lora)
+    _make_lora_trainable(model)
+    items, _ = encode_cloze_examples(SimpleNamespace(name="mc", style="mc"), EXAMPLES, tok, 600)
+    for it, ex in zip(items, EXAMPLES, strict=True):
+        it.update(label=ex.label, n_options=ex.n_options)
+    batch = MCCollator(tok.pad_token_id, 3)(items)
+
+    def fit(**kw) -> LaplaceLoRA:
+        la = LaplaceLoRA(model, _option_logits_fn(None), head_mask_fn=_head_mask, **kw)
+        la.fit([batch])
+        return la
+
+    return model, batch, fit
+
+
+def test_a_cloze_fit_with_a_sketched_head_matches_the_dense_one() -> None:
+    """Every vocabulary row of the head's lora_B gets a gradient under cloze scoring. A sketch
+    of sufficient rank gives the dense fit's evidence and predictive; a small one still fits
+    and predicts, reporting how much of G it kept."""
+    model, batch, fit = _cloze_setup()
+    head = "base_model.model.lm_head.lora_B.default"
+    vocab = model.get_output_embeddings().out_features
+    dense = fit()
+    assert dense.layers[head].g_support.numel() == vocab and dense.g_sketch_kept == {}
+    wide = fit(g_dense_limit=40, g_rank=vocab)  # the blocks' outputs are 32 wide
+    assert set(wide.g_sketch_kept) == {head}
+    assert wide.layers[head].g_vecs.shape[0] == vocab
+    a, b = dense.log_marginal_likelihood(1.0), wide.log_marginal_likelihood(1.0)
+    assert abs(a - b) <= 1e-8 * abs(a)
+    for x, y in zip(
+        dense.predictive_logit_moments(batch), wide.predictive_logit_moments(batch), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
+    small = fit(g_dense_limit=40, g_rank=4)
+    assert small.layers[head].g_vecs.shape == (vocab, 4)
+    assert 0.0 < small.g_sketch_kept[head] < 1.0
+    mean, cov = small.predictive_logit_moments(batch)
+    assert torch.isfinite(mean).all() and cov.diagonal(dim1=1, dim2=2).min() > 0
