@@ -47,6 +47,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from blob_lora.models.config import BaseModelConfig
 from blob_lora.models.forward import answer_logits, repeat_batch
 from blob_lora.tasks.config import DataConfig
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
@@ -79,6 +80,7 @@ class RunSettings(Protocol):
     methods use, and the others by their classes.
     """
 
+    base: BaseModelConfig
     data: DataConfig
     loop: LoopSettings
     evaluation: EvalSettings

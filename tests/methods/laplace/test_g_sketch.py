@@ -167,3 +167,66 @@ def test_a_cloze_fit_with_a_sketched_head_matches_the_dense_one() -> None:
     assert 0.0 < small.g_sketch_kept[head] < 1.0
     mean, cov = small.predictive_logit_moments(batch)
     assert torch.isfinite(mean).all() and cov.diagonal(dim1=1, dim2=2).min() > 0
+
+
+def test_the_fit_from_cached_frozen_blocks_equals_the_full_forward() -> None:
+    """fit_laplace forwards its batches from the training split's cached frozen-block
+    features: the frozen blocks hold no LoRA weight, so the fitted posterior is the full
+    forward's (to rounding), and the blocks below the adapters never run."""
+    from peft import LoraConfig, get_peft_model
+
+    from blob_lora.methods.laplace_method import (
+        _head_mask,
+        _make_lora_trainable,
+        _option_logits_fn,
+    )
+    from blob_lora.models.prefix_cache import PrefixFeatureCache
+    from blob_lora.tasks import Scoring
+    from blob_lora.tasks.dataset import (
+        EncodedDataset,
+        IndexedCollator,
+        IndexedDataset,
+        encode_split,
+    )
+
+    tok = tiny_tokenizer()
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r".*layers\.1\.self_attn\.(q_proj|v_proj)|.*lm_head",
+        init_lora_weights=False,
+    )
+    model = get_peft_model(tiny_base(tok, seed=7), lora)
+    _make_lora_trainable(model)
+    mc = SimpleNamespace(name="mc", style="mc")
+    dataset = EncodedDataset(encode_split(mc, EXAMPLES, tok, 600, Scoring("cloze", "none")))
+    collate = IndexedCollator(MCCollator(tok.pad_token_id, 3))
+    batches = [collate([IndexedDataset(dataset)[i] for i in rows]) for rows in ([0, 1], [2])]
+    cache = PrefixFeatureCache.for_dataset(model, dataset, None)
+    assert cache is not None and cache.start == 1
+    first_block = model.get_base_model().model.layers[0]
+    calls = []
+    handle = first_block.register_forward_hook(lambda *a: calls.append(1))
+
+    def fit(prefix) -> LaplaceLoRA:
+        la = LaplaceLoRA(model, _option_logits_fn(None, prefix), head_mask_fn=_head_mask)
+        la.fit(batches)
+        return la
+
+    full = fit(None)
+    assert len(calls) == 2  # one full forward per batch
+    cache.output_for(model, *_without_index(batches[0]))  # warm: features of the first batch
+    cache.output_for(model, *_without_index(batches[1]))
+    calls.clear()
+    cached = fit(cache)
+    handle.remove()
+    assert calls == []  # the frozen block never ran in the cached fit
+    a, b = full.log_marginal_likelihood(1.0), cached.log_marginal_likelihood(1.0)
+    assert abs(a - b) <= 1e-6 * abs(a)
+    for name, layer in full.layers.items():
+        torch.testing.assert_close(cached.layers[name].g_vals, layer.g_vals, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(cached.layers[name].a_vals, layer.a_vals, rtol=1e-4, atol=1e-8)
+
+
+def _without_index(batch: dict) -> tuple[dict, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "index"}, batch["index"]
