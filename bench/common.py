@@ -249,6 +249,16 @@ def resolve_table_options(args: argparse.Namespace, tiny_max_length: int) -> Non
         args.max_length = tiny_max_length if args.setting == "tiny" else 256
 
 
+def checkout_relative(path: str | Path) -> str:
+    """``path`` as it lies inside its git checkout (``paper/out/...``), so a report names no
+    folder of the machine it ran on; its last component alone outside any checkout."""
+    path = Path(path).resolve()
+    for root in path.parents:
+        if (root / ".git").exists():
+            return str(path.relative_to(root))
+    return path.name
+
+
 def write_report(args: argparse.Namespace, name: str, load_start: list[float],
                  result: dict[str, Any]) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """``bench/results/<name>_cpu.json`` (``--setting cpu``) or ``bench/out/...``, or ``--out``:

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_table_options,
+    checkout_relative,
     ensure_src_on_path,
     format_table,
     measure_peak_memory,
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "prior_search_seconds": round(prior_seconds, 2),
         "predictive_seconds_per_question": round(predictive_seconds / n, 3),
     }
-    args.adapter = None if args.adapter is None else str(args.adapter)  # JSON-able
+    args.adapter = None if args.adapter is None else checkout_relative(args.adapter)
     path, _ = write_report(args, "laplace_head", load_start, result)
     gib = 1024**3
     rows = [[

@@ -26,6 +26,7 @@ in ``blob-lora compare``).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +85,8 @@ def _option_logits_fn(option_ids: torch.Tensor | None, prefix: PrefixFeatureCach
     def logits_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         index = batch.get("index")
         inputs = {k: v for k, v in batch.items() if k != "index"}
-        if prefix is None or index is None:
-            return answer_logits(model, inputs, option_ids, head_positions="rows")
-        with prefix.injected(model, inputs, index):
+        cached = prefix is not None and index is not None
+        with prefix.injected(model, inputs, index) if cached else nullcontext():
             return answer_logits(model, inputs, option_ids, head_positions="rows")
 
     return logits_fn

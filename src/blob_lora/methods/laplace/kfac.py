@@ -247,8 +247,8 @@ class KronAccumulator:
     def add_inputs(self, a: Tensor, valid: Tensor | None) -> None:
         self.add_input_moment(self.input_moment(a, valid))
 
-    def _grow_support(self, rows: Tensor) -> None:
-        new = torch.unique(torch.cat([self.support, rows]))
+    def _grow_support(self, new: Tensor) -> None:
+        """``new``: the sorted union of the support and this batch's rows."""
         if new.numel() == self.support.numel():
             return
         pos = torch.searchsorted(new, self.support)
@@ -264,10 +264,11 @@ class KronAccumulator:
             rows = torch.nonzero((flat != 0).any(0)).flatten().cpu()
             if rows.numel() == 0:
                 return
-            if torch.unique(torch.cat([self.support, rows])).numel() > self.dense_limit:
+            grown = torch.unique(torch.cat([self.support, rows]))
+            if grown.numel() > self.dense_limit:
                 self._start_sketch()
             else:
-                self._grow_support(rows)
+                self._grow_support(grown)
         if self.g_sketch is not None:
             self._sketch_rows(flat)
             return
