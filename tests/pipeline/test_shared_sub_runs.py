@@ -110,6 +110,36 @@ def test_compare_shares_the_lora_run_with_the_ensemble(tmp_path, data_root) -> N
     assert [m["seed"] for m in ensemble["members"]] == [1, 1001]
 
 
+def test_compare_shares_a_composite_runs_sub_run_when_the_lora_run_is_missing(
+    tmp_path, data_root
+) -> None:
+    """No LoRA run in the experiment (or one published without its adapter): the ensemble
+    trains member 0 as the LoRA run of its seed, and Laplace's MAP run takes that member
+    instead of training the same run again."""
+    pytest.importorskip("blob_lora.methods.laplace")
+    model_dir = tiny_model_folder(tmp_path / "model")
+    exp = tiny_compare_experiment(
+        model_dir,
+        ["ensemble", "laplace"],
+        method_options={"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
+    )
+    exp["train"]["lr"] = 1e-3  # the MAP run's decay rounds away: it trains as LoRA
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*args, "--data-root", str(data_root)]) == 0
+    runs = out / "runs" / "winogrande_s"
+    member0, map_dir = runs / "ensemble/seed1/members/0", runs / "laplace/seed1/map"
+    ensemble = json.loads((runs / "ensemble/seed1/summary.json").read_text())
+    assert "shared_from" not in ensemble["members"][0]  # trained: nothing to take it from
+    shared = json.loads((map_dir / "summary.json").read_text())
+    assert shared["shared_from"] == os.path.relpath(member0, map_dir)
+    taken, member = _adapter(map_dir), _adapter(member0)
+    assert taken.keys() == member.keys()
+    assert all(torch.equal(taken[n], member[n]) for n in taken)
+
+
 def test_decay_is_inert_exactly_where_torch_leaves_the_weight_alone() -> None:
     for x in (1e-9, 1e-8, 2.9e-8, 2.0**-25, 3.0e-8, 4e-8, 5.9e-8, 6e-8, 1e-6):
         weight = torch.ones(4)

@@ -43,6 +43,8 @@ from blob_lora.comparison.tables import (
     table_json,
 )
 from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.methods import get_method
+from blob_lora.methods.composite import CompositeMethod
 from blob_lora.metrics import reliability_diagram_multi
 from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
@@ -174,8 +176,27 @@ def _train(r: PlannedRun, runs: list[PlannedRun], progress: bool) -> None:
     experiment that trained exactly as one of its sub-runs would (an ensemble's member 0 under
     ``ensemble_share_seed``: the LoRA run of the same seed) instead of training it again."""
     cfg = TrainConfig.from_dict(r.settings)
-    trained = [o.dir for o in runs if o is not r and (o.dir / SUMMARY).is_file()]
+    trained = shareable_runs(r, runs)
     train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress, finished_runs=trained)
+
+
+def shareable_runs(r: PlannedRun, runs: list[PlannedRun]) -> list[Path]:
+    """The trained run folders ``r``'s sub-runs may be copied from: every other finished run,
+    then the finished sub-runs of the other composite runs (which ``share_finished_run`` takes
+    only where they trained exactly as the sub-run would). Why the sub-runs: where the LoRA run
+    of a seed is gone or was published without its adapter, the first composite run to need it
+    (an ensemble's member 0) trains it once, and the next (Laplace's MAP run) takes that copy
+    instead of training it a third time."""
+    others = [o for o in runs if o is not r]
+    finished = [o.dir for o in others if (o.dir / SUMMARY).is_file()]
+    for o in others:
+        method = get_method(o.method)
+        if not isinstance(method, CompositeMethod) or not o.dir.is_dir():
+            continue
+        for sub in method.sub_runs(TrainConfig.from_dict(o.settings)):
+            if (o.dir / sub.folder / SUMMARY).is_file():
+                finished.append(o.dir / sub.folder)
+    return finished
 
 
 def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
