@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from blob_lora.tuners.blob.layer import std_from_param
+from blob_lora.utils.atomic import atomic_write_text
 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
@@ -50,6 +51,19 @@ def std_quantiles(run: Path) -> dict[str, Any]:
     }
 
 
+def kept_reports(path: Path, replaced: set[str]) -> list[dict[str, Any]]:
+    """The reports of ``path`` (an earlier ``--json``) for runs not in ``replaced``."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"--keep {path}: cannot read an earlier report: {exc}") from exc
+    if not isinstance(earlier, list) or not all(
+        isinstance(r, dict) and "run" in r for r in earlier
+    ):
+        raise SystemExit(f"--keep {path}: expected the list of reports std_report --json writes")
+    return [r for r in earlier if r["run"] not in replaced]
+
+
 def render(report: dict[str, Any]) -> str:
     eps = report["init_std"]
     lines = [
@@ -70,12 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="BLoB run folders")
     p.add_argument("--json", type=Path, default=None, help="also write the reports here")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="an earlier --json report whose runs not given here are kept (first, in their "
+        "order): BLoB adapters are not published, so the runs of an earlier machine can only "
+        "be read back from their report",
+    )
     args = p.parse_args(argv)
     reports = [std_quantiles(r) for r in args.runs]
+    if args.keep is not None:
+        reports = kept_reports(args.keep, {r["run"] for r in reports}) + reports
     for r in reports:
         print(render(r))
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=1), encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(reports, indent=1))
     return 0
 
 
