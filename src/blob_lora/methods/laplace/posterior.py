@@ -93,57 +93,63 @@ class KronLayer:
             torch.log(torch.tensor(prior_precision))
         )
 
-    def project(self, a: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def project(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
         """One option's Jacobian for this layer, in the posterior eigenbasis.
 
         ``a``: ``(B, T, in)`` layer inputs; ``g``: ``(B, T, out)`` output gradients of that
         option's logit, so ``J[b] = Σ_t g[b, t] a[b, t]ᵀ`` (``out × in``). Returns
-        ``Q_Gᵀ J Q_A`` ``(B, k_G, k_A)`` and the part of ``J`` outside the kept subspace as
-        ``(rows, (B, len(rows), in))``, or None when that part is zero (the usual case).
-        Projecting per option keeps only ``B × n_params`` numbers alive, not the output
-        gradients of every option and position.
+        ``Q_Gᵀ J Q_A`` ``(B, k_G, k_A)`` and ``J`` itself ``(B, out, in)`` when part of it may
+        lie outside the kept subspace (eigenpairs dropped or a sketched ``G``, or gradient on a
+        row outside the support), else None (the usual case for a dense factor pair).
+
+        Why ``J`` first: forming it costs ``B·T·out·in`` and projecting it
+        ``B·out·in·(k_G + k_A)``, where projecting ``g`` and ``a`` position by position costs
+        ``B·T·(out·k_G + in·k_A)``. A LoRA factor has ``in`` or ``out`` = r, far below the
+        ``T`` positions, so ``J`` is the cheap route: for the head's vocabulary-wide
+        ``lora_B`` under cloze scoring it also avoids copying the ``(B, T, vocabulary)``
+        gradients again and again (``bench/laplace_predictive.py``).
         """
         dt = self.a_vecs.dtype
-        a, g = a.to(dt), g.to(dt)
         dev = a.device
+        j = torch.einsum("bto,bti->boi", g.to(dt), a.to(dt))
         support = self.g_support.to(dev)
         a_vecs, g_vecs = self.a_vecs.to(dev), self.g_vecs.to(dev)
-        j_proj = torch.einsum("btg,bta->bga", g[..., support] @ g_vecs, a @ a_vecs)
-        in_support = torch.zeros(self.out_dim, dtype=torch.bool, device=dev)
-        in_support[support] = True
-        used = (g != 0).flatten(0, -2).any(0)
-        complete = self.a_vals.numel() == self.in_dim and self.g_vals.numel() == support.numel()
-        if complete and not bool((used & ~in_support).any()):
+        whole = support.numel() == self.out_dim  # a sorted support of every row: all of them
+        j_s = j if whole else j[:, support]
+        b, s, i = j_s.shape
+        left = (g_vecs.T @ j_s.transpose(0, 1).reshape(s, b * i)).reshape(-1, b, i)
+        j_proj = left.transpose(0, 1) @ a_vecs  # (B, k_G, k_A)
+        complete = self.a_vals.numel() == self.in_dim and self.g_vals.numel() == s
+        if complete and (whole or not bool(j.abs().sum((0, 2)).index_fill(0, support, 0).any())):
             return j_proj, None
-        rows = torch.nonzero(used | in_support).flatten()
-        j_rows = torch.einsum("btu,bti->bui", g[..., rows], a)
-        g_vecs_rows = torch.zeros(rows.numel(), g_vecs.shape[1], dtype=dt, device=dev)
-        g_vecs_rows[torch.searchsorted(rows, support)] = g_vecs
-        back = torch.einsum("ug,bga,ia->bui", g_vecs_rows, j_proj, a_vecs)
-        return j_proj, (rows, j_rows - back)
+        return j_proj, j
 
     def logit_cov(
         self,
-        parts: list[tuple[Tensor, tuple[Tensor, Tensor] | None]],
+        parts: list[tuple[Tensor, Tensor | None]],
         scale: float,
         prior_precision: float,
     ) -> Tensor:
-        """``J Σ Jᵀ`` ``(B, C, C)`` from the C options' :meth:`project` results."""
+        """``J Σ Jᵀ`` ``(B, C, C)`` from the C options' :meth:`project` results.
+
+        The part ``J_⊥`` of a Jacobian outside the kept subspace ``K`` has the prior's variance
+        ``1/δ``. ``K``'s basis being orthonormal, ``⟨J_⊥c, J_⊥d⟩ = ⟨J_c, J_d⟩ − ⟨Q_Gᵀ J_c Q_A,
+        Q_Gᵀ J_d Q_A⟩``, so ``J_⊥`` is never formed. An option whose :meth:`project` gave no
+        ``J`` has none (``J_⊥ = 0``), so its rows and columns of that part are zero."""
         j_proj = torch.stack([p[0] for p in parts], dim=1)  # (B, C, kG, kA)
         dev = j_proj.device
         var = 1.0 / (self.curvature_eigvals(scale).to(dev) + prior_precision)
         cov = torch.einsum("bcga,bdga,ga->bcd", j_proj, j_proj, var)
-        resids = [p[1] for p in parts]
-        present = [r for r in resids if r is not None]
-        if not present:
+        outside = [c for c, p in enumerate(parts) if p[1] is not None]
+        if not outside:
             return cov
-        # Part of the Jacobian outside the kept subspace: prior variance 1/δ there.
-        rows = torch.unique(torch.cat([r[0] for r in present]))
-        full = j_proj.new_zeros(j_proj.shape[0], len(parts), rows.numel(), self.in_dim)
-        for c, r in enumerate(resids):
-            if r is not None:
-                full[:, c, torch.searchsorted(rows, r[0])] = r[1]
-        return cov + torch.einsum("bcui,bdui->bcd", full, full) / prior_precision
+        full = torch.stack([parts[c][1] for c in outside], dim=1).flatten(2)  # (B, C', out·in)
+        kept = j_proj[:, outside].flatten(2)
+        gram = full @ full.transpose(1, 2) - kept @ kept.transpose(1, 2)
+        idx = torch.tensor(outside, device=dev)
+        resid = torch.zeros_like(cov)
+        resid[:, idx[:, None], idx[None, :]] = gram
+        return cov + resid / prior_precision
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {
