@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blob_lora.methods.laplace import LaplaceLoRA
-from blob_lora.methods.laplace.kfac import KronAccumulator
+from blob_lora.methods.laplace.kfac import KronAccumulator, fewest_rows
 from blob_lora.methods.laplace.posterior import KronLayer
 from blob_lora.tasks import MCExample
 from blob_lora.tasks.dataset import MCCollator, encode_cloze_examples
@@ -100,6 +100,45 @@ def test_a_stream_beyond_the_rank_never_exceeds_the_dense_g() -> None:
     assert layer.g_vecs.shape == (25, 4) and layer.g_support.numel() == 25
 
 
+def test_fewest_rows_keeps_the_gram_with_as_many_rows_as_each_position_spans() -> None:
+    gen = torch.Generator().manual_seed(4)
+    c, out = 4, 30
+    one = torch.randn(out, generator=gen, dtype=DT)
+    y = torch.zeros(5, c, out, dtype=DT)
+    y[1] = torch.tensor([1.0, -2.0, 0.0, 0.5], dtype=DT)[:, None] * one  # rank 1 (cloze head)
+    y[2, :2] = torch.randn(2, out, generator=gen, dtype=DT)  # rank 2
+    y[3] = torch.randn(c, out, generator=gen, dtype=DT)  # rank C
+    y[4] = 3.0 * y[1]  # rank 1; position 0 is all zero (an unread position): no row
+    rows = fewest_rows(y.float(), DT, chunk=2)
+    assert rows.shape == (1 + 2 + c + 1, out) and rows.dtype == DT
+    flat = y.reshape(-1, out)
+    torch.testing.assert_close(rows.T @ rows, flat.T @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_set_of_passes_sketches_as_the_passes_one_by_one_with_fewer_rows() -> None:
+    """The C backward passes of a cloze fit give each head position C multiples of one vector:
+    once sketched, the set enters as one row per position, with the same G."""
+    gen = torch.Generator().manual_seed(5)
+    out, c = 40, 3
+    basis = torch.randn(6, out, generator=gen, dtype=DT)
+    start = torch.randn(2, 3, out, generator=gen, dtype=DT)  # wide: starts the sketch
+    sets = []
+    for _ in range(3):
+        h = torch.randn(2, 3, 6, generator=gen, dtype=DT) @ basis  # (B, T, out)
+        weights = torch.randn(c, 2, 3, 1, generator=gen, dtype=DT)
+        sets.append([weights[k] * h for k in range(c)])
+    one_by_one = _fill([start] + [g for gs in sets for g in gs], dense_limit=8, g_rank=64)
+    grouped = _fill([start], dense_limit=8, g_rank=64)
+    for gs in sets:
+        grouped.add_output_grad_set(gs)
+    assert grouped._n_pending == 6 + 3 * 6  # the start's 6 rows, then one per position, not C
+    assert one_by_one._n_pending == 6 + 3 * c * 6
+    torch.testing.assert_close(
+        _sketch_g(grouped, 5), _sketch_g(one_by_one, 5), rtol=1e-9, atol=1e-10
+    )
+    assert grouped.g_kept == pytest.approx(1.0, abs=1e-12)
+
+
 def test_bad_sketch_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="g_rank"):
         KronAccumulator(2, 3, "expand", DT, g_rank=0)
@@ -138,7 +177,7 @@ def _cloze_setup():
 
     def fit(**kw) -> LaplaceLoRA:
         la = LaplaceLoRA(model, _option_logits_fn(None), head_mask_fn=_head_mask, **kw)
-        la.fit([batch])
+        la.fit([batch, batch])  # the second meets the sketch the first started
         return la
 
     return model, batch, fit

@@ -31,7 +31,7 @@ Conventions (used by :mod:`posterior` too):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -186,6 +186,25 @@ def _rank_tolerance(vals: Tensor, shape: torch.Size) -> float:
     return float(vals.max().clamp_min(0.0)) * max(shape) * torch.finfo(vals.dtype).eps
 
 
+def fewest_rows(y: Tensor, dtype: torch.dtype, chunk: int = 64) -> Tensor:
+    """``y``: ``(P, C, out)``, C rows per position. Returns rows ``R`` with ``Rᵀ R = Σ_p
+    y_pᵀ y_p`` (to rounding), as few as the rows of each position span: ``W_pᵀ y_p`` for the
+    eigenvectors ``W_p`` of ``y_p y_pᵀ`` (``C × C``) above the numerical-rank tolerance.
+    Positions go ``chunk`` at a time, in ``dtype``, so the float64 copy stays small."""
+    parts = []
+    for start in range(0, y.shape[0], chunk):
+        block = y[start : start + chunk].to(dtype)
+        vals, vecs = torch.linalg.eigh(block @ block.transpose(1, 2))  # (p, C), (p, C, C)
+        rows = vecs.transpose(1, 2) @ block  # (p, C, out): row i has squared norm vals[i]
+        tol = (
+            vals.amax(1, keepdim=True).clamp_min(0.0)
+            * max(block.shape[1:])
+            * torch.finfo(dtype).eps
+        )
+        parts.append(rows[vals > tol])
+    return torch.cat(parts) if parts else y.new_zeros(0, y.shape[-1], dtype=dtype)
+
+
 @dataclass
 class KronAccumulator:
     """Running sums of one layer's Kronecker factors.
@@ -274,6 +293,22 @@ class KronAccumulator:
             return
         sub = flat if self.support.numel() == self.out_dim else flat[:, self.support.to(g.device)]
         self.g_sum += (sub.T @ sub).to(self.dtype).cpu()
+
+    def add_output_grad_set(self, gs: Sequence[Tensor]) -> None:
+        """The output gradients ``(B, T, out)`` of one batch's backward passes, one per GGN
+        vector: the same ``G`` as :meth:`add_output_grads` on each in turn.
+
+        Once ``G`` is sketched, the rows the passes give one position (or one example, for
+        ``reduce``) are first replaced by the fewest rows with the same ``Σ g gᵀ``
+        (:func:`fewest_rows`). Why: under cloze scoring every position of the head belongs to
+        one option, so the C passes give it C multiples of one vector, and the sketch, whose
+        updates cost most of the fit, then takes one row instead of C (exact, tested)."""
+        if self.g_sketch is None or len(gs) < 2:
+            for g in gs:
+                self.add_output_grads(g)
+            return
+        flats = [g.reshape(-1, g.shape[-1]) if self.kfac_type == "expand" else g.sum(1) for g in gs]
+        self._sketch_rows(fewest_rows(torch.stack(flats, 1), self.dtype))
 
     # --- the sketch of a G too wide to store (module doc) ----------------------------------
 

@@ -211,10 +211,14 @@ class LaplaceLoRA:
                 loglik += float(picked.sum())
                 n_data += bsz
                 groups = _merge_groups(groups, self._add_inputs(capture, accs, batch, bsz))
-                for v in self._ggn_vectors(logits, gen):
-                    grads = capture.output_grads(logits, v.to(logits.dtype))
-                    for name, g in grads.items():
-                        accs[name].add_output_grads(as_positions(g, bsz, name))
+                per_vector = [
+                    capture.output_grads(logits, v.to(logits.dtype))
+                    for v in self._ggn_vectors(logits, gen)
+                ]
+                for name in per_vector[0] if per_vector else ():
+                    gs = [as_positions(grads[name], bsz, name) for grads in per_vector]
+                    accs[name].add_output_grad_set(gs)
+                del per_vector
                 capture.clear()
                 del logits
         if n_data == 0:
