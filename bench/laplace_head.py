@@ -14,7 +14,9 @@ random ones) and reports:
   (forward, cross-entropy, backward: what each epoch of the MAP run costs them), and the same
   fit from the frozen blocks' cached output (what ``fit_laplace`` does: the LoRA run of the
   split has written those features; its evidence is checked equal to the full fit's);
-* the share of the head's ``G`` trace the sketch kept, and its rank;
+* the share of the head's ``G`` trace the sketch kept, its rank, and a bound on the curvature
+  any direction it dropped lost, over the prior precision (``g_sketch_curvature_lost``: well
+  below 1, a larger ``--g-rank`` would not move the predictive);
 * the prior-precision search and the linearised predictive (100 samples, as the method runs)
   on the same questions.
 
@@ -173,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         "head_g_rank": None if head is None else int(la.layers[head].g_vals.numel()),
         "g_sketch_trace_kept": la.g_sketch_kept,
         "prior_precision": prior,
+        # a bound on the curvature a direction the sketch dropped lost, over the prior
+        # precision: well below 1, a larger --g-rank would not move the predictive
+        "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
         "prior_search_seconds": round(prior_seconds, 2),
         "predictive_seconds_per_question": round(predictive_seconds / n, 3),
     }

@@ -28,5 +28,7 @@ def test_laplace_head_bench_fits_with_a_sketched_head(tmp_path, data_root) -> No
     (head, kept), *rest = report["g_sketch_trace_kept"].items()
     assert not rest and "lm_head" in head and 0.0 < kept <= 1.0
     assert 1 <= report["head_g_rank"] <= 5
+    assert set(report["g_sketch_curvature_lost"]) == {head}
+    assert report["g_sketch_curvature_lost"][head] >= 0.0
     assert report["fit_seconds"] > 0 and report["lora_pass_seconds"] > 0
     assert report["predictive_seconds_per_question"] > 0

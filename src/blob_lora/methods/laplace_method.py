@@ -207,6 +207,9 @@ def fit_laplace(
         # layers whose G was too wide to store (the head under cloze scoring): the share of
         # its trace the rank-limited sketch kept (methods/laplace/kfac.py)
         "g_sketch_trace_kept": la.g_sketch_kept,
+        # and a bound on the curvature a dropped direction lost, over the prior precision:
+        # well below 1, a larger sketch would not move the predictive (LaplaceLoRA docs)
+        "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
     model.eval()

@@ -94,6 +94,9 @@ def test_a_stream_beyond_the_rank_never_exceeds_the_dense_g() -> None:
     dense, sketch = _fill(stream), _fill(stream, dense_limit=4, g_rank=6)
     exact, approx = _dense_g(dense, 1), _sketch_g(sketch, 1)
     assert torch.linalg.eigvalsh(exact - approx).min() > -1e-9
+    # the curvature any one direction lost is at most the sum of what each compression dropped
+    lost = float(torch.linalg.eigvalsh(exact - approx).max())
+    assert 0.0 < lost <= sketch.g_norm_dropped * (1 + 1e-9)
     assert sketch.g_kept == pytest.approx(float(approx.trace() / exact.trace()), rel=1e-9)
     assert 0.3 < sketch.g_kept < 1.0
     layer = KronLayer.from_accumulator(sketch, 1, max_rank=4)
@@ -204,6 +207,9 @@ def test_a_cloze_fit_with_a_sketched_head_matches_the_dense_one() -> None:
     small = fit(g_dense_limit=40, g_rank=4)
     assert small.layers[head].g_vecs.shape == (vocab, 4)
     assert 0.0 < small.g_sketch_kept[head] < 1.0
+    assert wide.g_sketch_curvature_lost() == {head: 0.0}  # nothing dropped
+    lost = small.g_sketch_curvature_lost(1.0)[head]
+    assert lost > 0.0 and small.g_sketch_curvature_lost(10.0)[head] == pytest.approx(lost / 10)
     mean, cov = small.predictive_logit_moments(batch)
     assert torch.isfinite(mean).all() and cov.diagonal(dim1=1, dim2=2).min() > 0
 

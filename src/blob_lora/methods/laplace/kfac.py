@@ -234,6 +234,10 @@ class KronAccumulator:
     #: trace of every row's ``g gᵀ`` that went into the sketch, and the part it dropped
     g_trace: float = field(init=False, default=0.0)
     g_trace_dropped: float = field(init=False, default=0.0)
+    #: Σ over compressions of the largest eigenvalue each dropped: a bound on the spectral norm
+    #: of ``G·N − F Fᵀ`` (the dropped parts are PSD), i.e. on the curvature any one direction
+    #: lost to the sketch
+    g_norm_dropped: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.kfac_type not in KFAC_TYPES:
@@ -321,6 +325,8 @@ class KronAccumulator:
         self.g_sketch = sketch
         self.g_trace = float(vals.clamp_min(0.0).sum())
         self.g_trace_dropped = self.g_trace - float(keep.sum())
+        dropped = vals.flip(0)[self.g_rank :]
+        self.g_norm_dropped = float(dropped.max().clamp_min(0.0)) if dropped.numel() else 0.0
         self.support = torch.arange(self.out_dim)
         self.g_sum = torch.zeros(0, 0, dtype=self.dtype)
 
@@ -345,6 +351,8 @@ class KronAccumulator:
         vals, vecs = torch.linalg.eigh(stack @ stack.T)
         vals, vecs = vals.flip(0), vecs.flip(1)
         self.g_trace_dropped += float(vals[self.g_rank :].clamp_min(0.0).sum())
+        if vals.numel() > self.g_rank:
+            self.g_norm_dropped += float(vals[self.g_rank].clamp_min(0.0))
         # directions at rounding level are not directions of the data: keep the numerical rank
         rank = int((vals[: self.g_rank] > _rank_tolerance(vals, stack.shape)).sum())
         self.g_sketch = stack.T @ vecs[:, :rank]

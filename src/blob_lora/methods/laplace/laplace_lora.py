@@ -143,6 +143,8 @@ class LaplaceLoRA:
         self.layers: dict[str, KronLayer] = {}
         #: per layer whose G was sketched (kfac.py), the share of G's trace the sketch kept
         self.g_sketch_kept: dict[str, float] = {}
+        #: per sketched layer, the bound on ‖G − G_sketch‖₂ (G per example; fit only)
+        self.g_sketch_norm_dropped: dict[str, float] = {}
         self.n_data = 0
         self.log_likelihood = 0.0  # Σ_n log p(y_n | x_n, θ*), temperature not applied
         self.map_sq_norm = self._map_sq_norm()
@@ -232,7 +234,30 @@ class LaplaceLoRA:
             layers[name] = KronLayer.from_accumulator(accs[name], n_data, self.max_rank, shared)
         self.layers = {n: layers[n] for n in accs}
         self.g_sketch_kept = {n: a.g_kept for n, a in accs.items() if a.g_kept is not None}
+        self.g_sketch_norm_dropped = {
+            n: a.g_norm_dropped / n_data for n, a in accs.items() if a.g_sketch is not None
+        }
         self.map_sq_norm = self._map_sq_norm()
+
+    def g_sketch_curvature_lost(self, prior_precision: float | None = None) -> dict[str, float]:
+        """Per layer whose ``G`` was sketched: a bound on the curvature any one direction of
+        its posterior precision lost to the sketch, over the prior precision,
+        ``(N/T)·‖G − G_sketch‖₂·λ_A,max / δ``.
+
+        Why: the sketch keeps the largest directions of ``G`` and gives the rest the prior's
+        precision ``δ``. Well below 1, every dropped direction would have had a precision within
+        that fraction of ``δ`` anyway, so a larger rank would not move the predictive; near or
+        above 1, some would have been tighter than the prior, and the posterior is wider along
+        them than a full ``G`` would make it. Computed from the fit alone (``‖·‖₂`` bounded by
+        the sum of the largest eigenvalue each compression dropped)."""
+        self._require_fit()
+        delta = self.prior_precision if prior_precision is None else float(prior_precision)
+        lost = {}
+        for name, dropped in self.g_sketch_norm_dropped.items():
+            a_vals = self.layers[name].a_vals
+            a_max = float(a_vals.max()) if a_vals.numel() else 0.0
+            lost[name] = self._scale * dropped * a_max / delta
+        return lost
 
     def _add_inputs(
         self, capture: LayerCapture, accs: dict[str, KronAccumulator], batch: dict, bsz: int
