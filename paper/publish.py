@@ -36,7 +36,6 @@ from summary import read_reference, render_summary
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
 RUN_FILES = ("run_config.json", "summary.json", "train_log.jsonl")
-ADAPTER = "adapter"
 
 
 def _git(*args: str) -> str:
@@ -64,15 +63,7 @@ def _machine() -> str:
     )
 
 
-def copy_run(run: Path, dest: Path, *, adapter: bool = False) -> None:
-    """Copy ``run``'s record into ``dest``; with ``adapter`` its trained ``adapter/`` folder
-    too (byte for byte), for runs that later runs build on: ``paper/out/`` does not survive a
-    new machine, and ``paper/restore.py`` puts the published runs back."""
-    if adapter and (run / ADAPTER).is_dir():
-        target = dest / ADAPTER
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(run / ADAPTER, target)
+def copy_run(run: Path, dest: Path) -> None:
     for name in RUN_FILES:
         if (run / name).is_file():
             dest.mkdir(parents=True, exist_ok=True)
@@ -136,29 +127,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="issue6",
         help="the criterion CRITERION.md checks (paper/criterion.py RULES; default: issue6)",
     )
-    p.add_argument(
-        "--adapters",
-        nargs="+",
-        default=[],
-        metavar="METHOD",
-        help="also publish the trained adapter/ of these methods' finished runs (~2 MB each "
-        "for SmolLM2 LoRA): the runs other methods take as a sub-run (an ensemble's member 0 "
-        "and Laplace's MAP run take the LoRA run of their seed), so a new machine restores "
-        "them with paper/restore.py instead of training them again",
-    )
     args = p.parse_args(argv)
     spec = load_spec(args.config)
     reference = read_reference(args.reference) if args.reference else None
     if not (spec.out / "compare.json").is_file():
         raise SystemExit(f"{spec.out}/compare.json not found: run blob-lora compare first")
-    compare = json.loads((spec.out / "compare.json").read_text(encoding="utf-8"))
-    trained = {str(r.get("method")) for r in compare.get("runs", [])}
-    unknown = sorted(set(args.adapters) - trained)
-    if unknown:
-        raise SystemExit(
-            f"--adapters {' '.join(unknown)}: not a method this experiment trains "
-            f"({', '.join(sorted(trained))})"
-        )
     if args.dest.exists():
         shutil.rmtree(args.dest)
     args.dest.mkdir(parents=True)
@@ -167,16 +140,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.copy2(spec.out / name, args.dest / name)
     for png in sorted(spec.out.glob("reliability_*.png")):
         shutil.copy2(png, args.dest / png.name)
+    compare = json.loads((spec.out / "compare.json").read_text(encoding="utf-8"))
     finished = finished_runs(compare)
     for r in finished:
         if (spec.out / r["dir"]).is_dir():
-            adapter = r.get("method") in args.adapters
-            copy_run(spec.out / r["dir"], args.dest / r["dir"], adapter=adapter)
+            copy_run(spec.out / r["dir"], args.dest / r["dir"])
     ref_flag = f" --reference {shown(args.reference)}" if args.reference else ""
     if args.criterion != "issue6":
         ref_flag += f" --criterion {args.criterion}"
-    if args.adapters:
-        ref_flag += " --adapters " + " ".join(args.adapters)
     done = len(finished)
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--", "src") else ""
     text = f"""# Provenance of {shown(args.dest)}

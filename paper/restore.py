@@ -3,12 +3,12 @@
 ``paper/out/`` is git-ignored, so a new machine starts a long table (``blob-lora compare``,
 resumable) with none of the runs an earlier sitting finished, and would train them all again.
 ``paper/publish.py`` keeps every finished run's record in git (settings, training log,
-summary, metrics, gzipped predictions, and with ``--adapters`` the trained adapter); this
-script copies those runs back into the experiment's ``out`` folder, predictions unzipped, so
-``compare`` counts them finished, its reliability diagrams pool them again, and where their
-adapter was published the methods that build on them (an ensemble's member 0, Laplace's MAP
-run) copy it instead of training it. A run folder already present is left alone: it is the
-newer one (publishing copies from it). Each run is written whole or not at all.
+summary, metrics, gzipped predictions; no weights); this script copies those runs back into
+the experiment's ``out`` folder, predictions unzipped, so ``compare`` counts them finished and
+its reliability diagrams pool them again. Their adapters are not restored: a method that
+builds on one (an ensemble's member 0, Laplace's MAP run) trains it once more, and the next
+copies that (``comparison.compare.shareable_runs``). A run folder already present is left
+alone: it is the newer one (publishing copies from it). Each run is written whole or not at all.
 
     .venv/bin/python paper/restore.py paper/regime_tables.yaml results/regime_tables
 """
@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blob_lora.comparison import load_spec
+from blob_lora.training.run_dir import SUMMARY
 from blob_lora.utils.atomic import atomic_directory
-
-SUMMARY = "summary.json"
 
 
 def published_runs(published: Path) -> list[Path]:

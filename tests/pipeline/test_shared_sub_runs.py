@@ -33,6 +33,23 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(weights))
 
 
+def _compare_tiny(tmp_path: Path, data_root: Path, methods: list[str], **train: object) -> Path:
+    """``blob-lora compare`` of ``methods`` (ensembles of 2 sharing the seed's LoRA run) on the
+    tiny experiment; returns the WinoGrande-S runs folder."""
+    exp = tiny_compare_experiment(
+        tiny_model_folder(tmp_path / "model"),
+        methods,
+        method_options={"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
+    )
+    exp["train"].update(train)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
+    assert main([*args, "--data-root", str(data_root)]) == 0
+    return out / "runs" / "winogrande_s"
+
+
 def test_member_seeds_with_and_without_sharing() -> None:
     assert [member_seed(7, k) for k in range(3)] == [7000, 7001, 7002]
     assert [member_seed(7, k, share_seed=True) for k in range(3)] == [7, 7001, 7002]
@@ -90,18 +107,7 @@ def test_an_ensemble_takes_the_lora_run_of_its_seed_as_member_0(
 
 
 def test_compare_shares_the_lora_run_with_the_ensemble(tmp_path, data_root) -> None:
-    model_dir = tiny_model_folder(tmp_path / "model")
-    exp = tiny_compare_experiment(
-        model_dir,
-        ["lora", "ensemble"],
-        method_options={"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
-    )
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(exp))
-    out = tmp_path / "out"
-    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
-    assert main([*args, "--data-root", str(data_root)]) == 0
-    runs = out / "runs" / "winogrande_s"
+    runs = _compare_tiny(tmp_path, data_root, ["lora", "ensemble"])
     ensemble = json.loads((runs / "ensemble/seed1/summary.json").read_text())
     member0 = runs / "ensemble/seed1/members/0"
     assert ensemble["members"][0]["shared_from"] == os.path.relpath(runs / "lora/seed1", member0)
@@ -117,19 +123,8 @@ def test_compare_shares_a_composite_runs_sub_run_when_the_lora_run_is_missing(
     trains member 0 as the LoRA run of its seed, and Laplace's MAP run takes that member
     instead of training the same run again."""
     pytest.importorskip("blob_lora.methods.laplace")
-    model_dir = tiny_model_folder(tmp_path / "model")
-    exp = tiny_compare_experiment(
-        model_dir,
-        ["ensemble", "laplace"],
-        method_options={"ensemble": {"ensemble_size": 2, "ensemble_share_seed": True}},
-    )
-    exp["train"]["lr"] = 1e-3  # the MAP run's decay rounds away: it trains as LoRA
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(exp))
-    out = tmp_path / "out"
-    args = ["compare", "--config", str(config), "--out", str(out), "--no-progress"]
-    assert main([*args, "--data-root", str(data_root)]) == 0
-    runs = out / "runs" / "winogrande_s"
+    # lr 1e-3: the MAP run's decay rounds away, so it trains as LoRA
+    runs = _compare_tiny(tmp_path, data_root, ["ensemble", "laplace"], lr=1e-3)
     member0, map_dir = runs / "ensemble/seed1/members/0", runs / "laplace/seed1/map"
     ensemble = json.loads((runs / "ensemble/seed1/summary.json").read_text())
     assert "shared_from" not in ensemble["members"][0]  # trained: nothing to take it from
