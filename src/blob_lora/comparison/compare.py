@@ -21,6 +21,13 @@ interrupted ones from their checkpoint and trains the rest. A finished run whose
 ``run_config.json`` differs from what the file now asks for is refused (delete it or restore
 the setting), so tables never silently mix settings.
 
+Several ``compare`` processes may work on one experiment at once (the same command started
+again: one per GPU, or one-thread processes on a small CPU). Each claims a run before it
+trains or evaluates it (``blob_lora.comparison.claims``: a lock the operating system drops when
+the process dies) and takes the first run in plan order that no other process holds; a
+composite run (ensemble, Laplace) waits while another process works on a run of its task and
+seed, whose training it may copy. A process stops when the runs left are held by others.
+
 Reliability diagrams pool the predictions of all finished seeds of a method (every seed's
 examples in one set of 15 bins), which is steadier than one seed on small evaluation sets.
 """
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blob_lora.comparison.claims import RunClaims
 from blob_lora.comparison.spec import Column, CompareSpec
 from blob_lora.comparison.tables import (
     METRICS,
@@ -62,6 +70,8 @@ PREDICTIONS = "predictions.jsonl"
 # trainer itself lets a resumed run change (caches, logging, the held-out curve), and where
 # the data is read from.
 IGNORED_DIFFERENCES = frozenset(TrainConfig.NOT_LEARNED)
+# how often a process whose remaining runs wait for another process's run looks again
+CLAIM_POLL_SECONDS = 30.0
 
 
 def safe_name(name: str) -> str:
@@ -190,9 +200,9 @@ def shareable_runs(r: PlannedRun, runs: list[PlannedRun]) -> list[Path]:
     others = [o for o in runs if o is not r]
     finished = [o.dir for o in others if (o.dir / SUMMARY).is_file()]
     for o in others:
-        method = get_method(o.method)
-        if not isinstance(method, CompositeMethod) or not o.dir.is_dir():
+        if not _is_composite(o) or not o.dir.is_dir():
             continue
+        method = get_method(o.settings["method"])  # o.method may name a variant
         for sub in method.sub_runs(TrainConfig.from_dict(o.settings)):
             if (o.dir / sub.folder / SUMMARY).is_file():
                 finished.append(o.dir / sub.folder)
@@ -247,7 +257,8 @@ def run_compare(
 
     Returns the compare.json content (also on a dry run, where nothing is written). A run
     that fails with a user-level error (e.g. diverged) is reported and skipped; the others
-    go on, and ``result["failed"]`` lists the failures.
+    go on, and ``result["failed"]`` lists the failures. Other ``compare`` processes may work
+    on the same folder at the same time: each run is worked on by one of them (``_work``).
     """
     runs = plan(spec)
     if not collect_only:
@@ -274,10 +285,68 @@ def run_compare(
             echo(f"  {verb:<10} {r.label}{extra}")
     if dry_run:
         return collect(spec, runs)
-    result: dict[str, Any] = {}
     if not collect_only:
-        for i, r in enumerate(todo, start=1):
-            echo(f"[{i}/{len(todo)}] {r.status} {r.label}")
+        _work(spec, runs, progress, echo)
+    return write_outputs(spec, runs, plots=True)
+
+
+def _is_composite(r: PlannedRun) -> bool:
+    return isinstance(get_method(r.settings["method"]), CompositeMethod)
+
+
+def waits_for(r: PlannedRun, held: list[PlannedRun]) -> bool:
+    """Whether ``r`` should wait while other processes hold the runs ``held``: it does while
+    one of them has its task and seed and either is composite. A composite run copies its
+    sub-runs from the finished runs of its task and seed (an ensemble's member 0 is the LoRA
+    run, Laplace's MAP run either of them); started now, it would train again what the other
+    process is training."""
+    return any(
+        o.task == r.task and o.seed == r.seed and (_is_composite(r) or _is_composite(o))
+        for o in held
+        if o is not r
+    )
+
+
+def _work(
+    spec: CompareSpec, runs: list[PlannedRun], progress: bool, echo: Callable[[str], None]
+) -> None:
+    """Bring the runs to finished, in plan order, sharing them with any other ``compare``
+    process on the same folder (``claims``): take the first unfinished run nobody holds,
+    re-read its state under the claim, work on it, repeat. Wait while the only runs left
+    wait for another process's run (``waits_for``); stop when the rest are held elsewhere.
+    Each process works on a run once: one that failed, or is still unfinished after its
+    turn, is reported and left."""
+    claims = RunClaims(spec.out)
+    tried: set[str] = set()
+    while True:
+        for r in runs:
+            if r.status != "failed":
+                _set_status(r)
+        left = [r for r in runs if r.status != "done" and r.label not in tried]
+        if not left:
+            return
+        held = [r for r in left if claims.held(r.label)]
+        waiting = [r for r in left if r not in held and waits_for(r, held)]
+        claim = r = None
+        for r in left:
+            if r in held or r in waiting:
+                continue
+            claim = claims.take(r.label)
+            if claim is not None:
+                break
+        if claim is None:
+            if not waiting:
+                echo(f"{len(held)} unfinished runs held by other processes; this one stops")
+                return
+            time.sleep(CLAIM_POLL_SECONDS)
+            continue
+        with claim:
+            _set_status(r)  # another process may have finished it since the state was read
+            if r.status == "done":
+                continue
+            tried.add(r.label)
+            finished = sum(o.status == "done" for o in runs)
+            echo(f"[{finished + 1}/{len(runs)}] {r.status} {r.label}")
             start = time.perf_counter()
             try:
                 if r.status in ("train", "resume"):
@@ -291,9 +360,7 @@ def run_compare(
                 continue
             _set_status(r)
             echo(f"  {r.status} in {time.perf_counter() - start:.1f} s")
-            result = write_outputs(spec, runs, plots=False)
-    result = write_outputs(spec, runs, plots=True)
-    return result
+        write_outputs(spec, runs, plots=False)
 
 
 # ------------------------------------------------------------------------------ collecting
