@@ -176,3 +176,52 @@ def test_laplace_takes_the_lora_run_as_its_map_run(tmp_path, data_root, char_bas
     taken, lora = _adapter(map_dir), _adapter(lora_dir)
     assert all(torch.equal(taken[n], lora[n]) for n in lora)
     assert summary["laplace"]["n_data"] == 8
+
+
+def _train_cli(model: Path, data_root: Path, out: Path, method: str, *extra: str) -> int:
+    argv = ["train", "--model", str(model), "--task", "winogrande_s", "--method", method]
+    argv += ["--train-split", "train_s[:8]", "--eval-split", "validation[:2]", "--max-steps", "2"]
+    argv += ["--batch-size", "4", "--lr", "0.001", "--target-modules", "q_proj,v_proj"]
+    argv += ["--data-root", str(data_root), "--out", str(out), "--no-progress", "--seed", "3"]
+    return main([*argv, *extra])
+
+
+def test_train_reuse_copies_a_finished_run_as_a_sub_run(tmp_path, data_root, capsys) -> None:
+    """``blob-lora train --reuse RUN``: the user's own LoRA run becomes the ensemble's member 0
+    and Laplace's MAP run, and the command says so; where nothing matches, it says that."""
+    model = tiny_model_folder(tmp_path / "model")
+    lora = tmp_path / "lora"
+    assert _train_cli(model, data_root, lora, "lora") == 0
+    share = ["--ensemble-size", "2", "--ensemble-share-seed", "true"]
+    ens = tmp_path / "ens"
+    assert _train_cli(model, data_root, ens, "ensemble", *share, "--reuse", str(lora)) == 0
+    said = capsys.readouterr().out
+    assert f"--reuse: {Path('members') / '0'}: copied from {os.path.normpath(lora)}" in said
+    taken, own = _adapter(ens / "members" / "0"), _adapter(lora)
+    assert taken.keys() == own.keys() and all(torch.equal(taken[n], own[n]) for n in taken)
+    assert "shared_from" not in json.loads((ens / "members/1/summary.json").read_text())
+
+    other = tmp_path / "ens_seed4"  # another seed: member 0 is not the LoRA run
+    argv = [*share, "--seed", "4", "--reuse", str(lora)]
+    assert _train_cli(model, data_root, other, "ensemble", *argv) == 0
+    assert "no run trained exactly as a sub-run would" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("method", "reuse", "needle"),
+    [
+        ("lora", "lora", "method 'lora' trains no sub-runs to copy"),
+        ("ensemble", "missing", "is not a finished run folder"),
+    ],
+)
+def test_train_reuse_refuses_what_it_cannot_use(
+    tmp_path, data_root, capsys, method, reuse, needle
+) -> None:
+    model = tiny_model_folder(tmp_path / "model")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "summary.json").write_text("{}")
+    (tmp_path / "lora" / "adapter").mkdir()
+    out = tmp_path / "run"
+    assert _train_cli(model, data_root, out, method, "--reuse", str(tmp_path / reuse)) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from blob_lora.cli.options import (
@@ -15,7 +16,7 @@ from blob_lora.cli.options import (
     scoring_override,
 )
 from blob_lora.cli.registry import command
-from blob_lora.utils.errors import BlobLoraError
+from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
 
@@ -31,6 +32,16 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the interrupted run in --out from its last checkpoint",
     )
+    p.add_argument(
+        "--reuse",
+        nargs="+",
+        metavar="RUN",
+        default=[],
+        help="finished run folders a composite method (ensemble, laplace, multiswag, tfb) copies "
+        "as its sub-runs where one trained exactly as the sub-run would (e.g. the LoRA run of "
+        "the same settings and seed as an ensemble's member 0 under --ensemble-share-seed, or "
+        "as Laplace's MAP run), instead of training them again",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_train_options(p)
 
@@ -43,13 +54,62 @@ def run_train(args: argparse.Namespace) -> int:
 
     file_values = read_config_file(args.config) if args.config else {}
     cfg = merge_config(file_values, vars(args))
+    reuse = _reusable_runs(cfg.method, args.reuse)
     summary = train(
-        cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
+        cfg,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+        finished_runs=reuse,
     )
     print(f"run folder: {cfg.out}")
+    if reuse:
+        _print_reused(Path(cfg.out))
     for task, m in summary["evaluations"].items():
         print(_metrics_line(task, m))
     return 0
+
+
+def _reusable_runs(method_name: str, runs: list[str]) -> list[Path]:
+    """``--reuse``'s folders, refused up front where they cannot be reused: a method without
+    sub-runs, a folder that is not a finished run."""
+    if not runs:
+        return []
+    from blob_lora.methods import get_method
+    from blob_lora.methods.composite import CompositeMethod
+
+    if not isinstance(get_method(method_name), CompositeMethod):
+        raise ConfigError(
+            f"--reuse: method {method_name!r} trains no sub-runs to copy; only a composite "
+            "method (ensemble, laplace, multiswag, tfb) does"
+        )
+    from blob_lora.training.run_dir import ADAPTER_DIR, SUMMARY
+
+    paths = [Path(r) for r in runs]
+    for path in paths:
+        if not (path / SUMMARY).is_file() or not (path / ADAPTER_DIR).is_dir():
+            raise ConfigError(
+                f"--reuse: {path} is not a finished run folder (summary.json and adapter/ "
+                "are written when 'blob-lora train' finishes)"
+            )
+    return paths
+
+
+def _print_reused(out: Path) -> None:
+    """Which sub-runs were copied, and from where; or that none could be."""
+    from blob_lora.methods.composite import SHARED_FROM
+    from blob_lora.training.run_dir import SUMMARY
+
+    copied = []
+    for summary in sorted(out.rglob(SUMMARY)):
+        source = json.loads(summary.read_text(encoding="utf-8")).get(SHARED_FROM)
+        if source and summary.parent != out:
+            where = os.path.normpath(summary.parent / source)
+            copied.append(f"{summary.parent.relative_to(out)}: copied from {where}")
+    if not copied:
+        print("--reuse: no run trained exactly as a sub-run would; every sub-run was trained")
+    for line in copied:
+        print(f"--reuse: {line}")
 
 
 def _metrics_line(task: str, m: dict) -> str:
