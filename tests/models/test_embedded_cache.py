@@ -114,8 +114,13 @@ def _fake_gguf_loading(monkeypatch, tmp_path):
     gguf.write_bytes(b"GGUF")
     tok = tiny_tokenizer()
     base = tiny_base(tok)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(location, **kwargs):
+        return base if "gguf_file" in kwargs else real(location, **kwargs)
+
     monkeypatch.setattr(loading, "_embedded_gguf", lambda name: gguf)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: base)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(loading, "_tokenizer_from", lambda *a, **k: tok)
     return base
 
@@ -159,15 +164,49 @@ def test_an_unwritable_cache_falls_back_to_the_gguf_file(tmp_path, monkeypatch):
     assert any("reading its GGUF file directly" in str(w.message) for w in caught)
 
 
-def test_a_converted_folder_loads_as_the_model_it_was_made_from(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
+def _same(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    real_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+def test_a_converted_folder_loads_as_the_model_it_was_made_from(tmp_path, monkeypatch):
     base = _fake_gguf_loading(monkeypatch, tmp_path)
     base.config.tie_word_embeddings = True
     base.tie_weights()
-    dest = loading.convert_embedded("smollm2-135m", tmp_path / "cache" / "m")
-    loaded = real_from_pretrained(str(dest), use_safetensors=True)
-    ours, theirs = loaded.state_dict(), base.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    monkeypatch.setenv("BLOB_LORA_CACHE", str(tmp_path / "cache"))
+    loaded, _ = loading.load_model_and_tokenizer("smollm2-135m")
+    assert (loading.embedded_folder("smollm2-135m") / "model.safetensors").is_file()
+    assert _same(loaded, base)
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted"])
+def test_a_damaged_converted_folder_is_converted_again(tmp_path, monkeypatch, damage):
+    base = _fake_gguf_loading(monkeypatch, tmp_path)
+    monkeypatch.setenv("BLOB_LORA_CACHE", str(tmp_path / "cache"))
+    loading.load_model_and_tokenizer("smollm2-135m")
+    weights = loading.embedded_folder("smollm2-135m") / "model.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="is damaged"):
+        loaded, _ = loading.load_model_and_tokenizer("smollm2-135m")
+    assert _same(loaded, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded, _ = loading.load_model_and_tokenizer("smollm2-135m")  # whole again
+    assert _same(loaded, base)
+
+
+def test_a_users_folder_with_cut_weights_is_a_clear_error(tmp_path):
+    from blob_lora.utils.errors import BlobLoraError
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "mine"
+    tiny_base(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BlobLoraError, match="could not load model"):
+        loading.load_model_and_tokenizer(str(folder))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from blob_lora.utils.errors import BlobLoraError
 
@@ -201,8 +202,6 @@ def load_model_and_tokenizer(
     device_map: Any = None,
 ):
     """Load a causal LM for fine-tuning; weights come through safetensors or GGUF only."""
-    from transformers import AutoModelForCausalLM
-
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise BlobLoraError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -217,8 +216,8 @@ def load_model_and_tokenizer(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as exc:
+        model = _from_pretrained(name_or_path, location, kwargs)
+    except (OSError, SafetensorError) as exc:
         pickled = Path(location).is_dir() and any(Path(location).glob("*.bin"))
         hint = (
             " The folder holds pickled *.bin weights: blob-lora loads safetensors only "
@@ -242,6 +241,30 @@ def load_model_and_tokenizer(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _from_pretrained(name_or_path: str, location: str, kwargs: dict[str, Any]) -> Any:
+    """``AutoModelForCausalLM.from_pretrained``; an embedded model's converted folder that
+    fails to load (a file deleted or cut short outside blob-lora) is converted again, once:
+    the folder is only a cache of the GGUF file, so nothing is lost by replacing it."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, SafetensorError) as exc:
+        if name_or_path not in EMBEDDED_MODELS or location != str(embedded_folder(name_or_path)):
+            raise
+        warnings.warn(
+            f"the converted copy of {name_or_path!r} in {location} is damaged ({exc}); "
+            "converting it again",
+            stacklevel=3,
+        )
+        shutil.rmtree(location, ignore_errors=True)
+        location, extra = _embedded_location(name_or_path)
+        retry = {**kwargs, **extra}
+        if "gguf_file" in extra:  # the cache could not be written again: the GGUF file
+            retry.pop("use_safetensors", None)
+        return AutoModelForCausalLM.from_pretrained(location, **retry)
 
 
 def to_device(model: Any, device: Any) -> Any:
