@@ -80,26 +80,22 @@ def test_the_converted_folder_is_the_gguf_model_bit_for_bit(tmp_path, monkeypatc
 
 
 def test_the_folder_is_made_again_when_its_sources_change(tmp_path, monkeypatch):
-    pytest.importorskip("gguf")
     import transformers
 
-    monkeypatch.setenv("BLOB_LORA_CACHE", str(tmp_path))
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(loading, "_embedded_gguf", lambda name: gguf)
+    monkeypatch.setenv("BLOB_LORA_CACHE", str(tmp_path / "cache"))
     first = loading.embedded_folder("smollm2-135m")
     assert first == loading.embedded_folder("smollm2-135m")
-    gguf = loading._embedded_gguf("smollm2-135m")
-    real_stat = Path.stat
-
-    def reinstalled(self, *a, **k):
-        st = real_stat(self, *a, **k)
-        if self == gguf:
-            return os.stat_result((*st[:8], st.st_mtime + 5, st.st_ctime))
-        return st
-
-    monkeypatch.setattr(Path, "stat", reinstalled)
-    assert loading.embedded_folder("smollm2-135m") != first  # a reinstalled package
-    monkeypatch.setattr(Path, "stat", real_stat)
+    assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("smollm2-135m-")
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a reinstalled package
+    reinstalled = loading.embedded_folder("smollm2-135m")
+    assert reinstalled != first
     monkeypatch.setattr(transformers, "__version__", "0.0.0-other")
-    assert loading.embedded_folder("smollm2-135m") != first  # another converter
+    assert loading.embedded_folder("smollm2-135m") not in (first, reinstalled)  # other converter
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("BLOB_LORA_CACHE")
     assert loading.cache_root() == tmp_path / "xdg" / "blob_lora"
