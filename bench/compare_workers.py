@@ -41,7 +41,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, format_table, machine_info  # noqa: E402
+from common import REPO, ensure_src_on_path, format_table, machine_info  # noqa: E402
+
+ensure_src_on_path()
+
+from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 METHODS = ("lora", "blob")
@@ -175,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out, payload)
     print(f"wrote {out}")
     return 0
 

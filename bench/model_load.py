@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from common import ensure_src_on_path, format_table, machine_info, summary  # no
 ensure_src_on_path()
 
 from blob_lora.models import loading  # noqa: E402
+from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 
 def load_gguf(name: str) -> None:
@@ -73,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "times_s": times,
         "folder_over_gguf": ratio,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

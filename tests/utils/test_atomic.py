@@ -27,3 +27,19 @@ def test_the_leftover_of_a_removal_cut_short_goes_with_the_next(tmp_path) -> Non
     leftover.mkdir()
     atomic_remove(tmp_path / "checkpoints")  # the folder is gone already: the leftover still goes
     assert os.listdir(tmp_path) == []
+
+
+def test_keep_existing_keeps_a_folder_made_meanwhile_and_drops_the_new_one(tmp_path) -> None:
+    from blob_lora.utils.atomic import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target, keep_existing=True) as tmp:
+        (tmp / "w").write_text("first")
+    assert (target / "w").read_text() == "first"  # nothing there: the new folder lands
+    with atomic_directory(target, keep_existing=True) as tmp:
+        (tmp / "w").write_text("second")
+    assert (target / "w").read_text() == "first"  # there: kept, the new one dropped
+    with atomic_directory(target) as tmp:
+        (tmp / "w").write_text("third")
+    assert (target / "w").read_text() == "third"  # the default replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left

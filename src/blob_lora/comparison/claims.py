@@ -1,7 +1,7 @@
 """Run claims: several ``blob-lora compare`` processes share out one experiment's runs.
 
 Why: one process leaves capacity idle wherever one run cannot use the whole machine (one
-process per GPU on a multi-GPU node; on a small CPU, two one-thread processes do ~1.3x the
+process per GPU on a multi-GPU node; on a small CPU, two one-thread processes do 1.1-1.3x the
 work of one two-thread process, ``bench/compare_workers.py``). Each process claims a run before
 it trains or evaluates it, and takes the first run no other process holds.
 

@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from blob_lora.utils.atomic import atomic_directory
 from blob_lora.utils.errors import BlobLoraError
 
 
@@ -94,18 +94,9 @@ def convert_embedded(name: str, dest: Path) -> Path:
     location, gguf_file = str(gguf.parent), gguf.name
     model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = _tokenizer_from(location, gguf_file=gguf_file)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with atomic_directory(dest, keep_existing=True) as tmp:
         _save_dequantized(model, tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -207,9 +198,8 @@ def load_model_and_tokenizer(
             raise BlobLoraError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     location, extra = _location(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
-    if "gguf_file" not in extra:
-        kwargs["use_safetensors"] = True
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs.update(_weights_source(extra))
     if load_in_8bit or load_in_4bit:
         kwargs["quantization_config"] = _bnb_config(load_in_8bit, load_in_4bit, dtype)
         kwargs["device_map"] = device_map or {"": 0}
@@ -261,10 +251,14 @@ def _from_pretrained(name_or_path: str, location: str, kwargs: dict[str, Any]) -
         )
         shutil.rmtree(location, ignore_errors=True)
         location, extra = _embedded_location(name_or_path)
-        retry = {**kwargs, **extra}
-        if "gguf_file" in extra:  # the cache could not be written again: the GGUF file
-            retry.pop("use_safetensors", None)
-        return AutoModelForCausalLM.from_pretrained(location, **retry)
+        retry = {k: v for k, v in kwargs.items() if k not in ("gguf_file", "use_safetensors")}
+        return AutoModelForCausalLM.from_pretrained(location, **retry, **_weights_source(extra))
+
+
+def _weights_source(extra: dict[str, Any]) -> dict[str, Any]:
+    """How ``from_pretrained`` reads a location's weights: the GGUF file ``extra`` names, else
+    safetensors only (never pickled ``*.bin``)."""
+    return dict(extra) if "gguf_file" in extra else {"use_safetensors": True}
 
 
 def to_device(model: Any, device: Any) -> Any:

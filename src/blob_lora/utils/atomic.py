@@ -68,11 +68,13 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Any], Any]
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds.
 
     An existing ``path`` is kept until the new one is complete; it is then swapped out and
-    removed, so at every moment one complete version exists on disk.
+    removed, so at every moment one complete version exists on disk. ``keep_existing``: a
+    ``path`` that is there when the block ends (another process made it meanwhile) is kept and
+    the new one dropped, so a reader never finds ``path`` missing between the swaps.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,16 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        if keep_existing:
+            try:
+                os.rename(tmp, path)  # fails on a non-empty folder that is there
+            except OSError:
+                if not path.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            _fsync_dir(path.parent)
+            return
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
