@@ -20,6 +20,7 @@ from blob_lora.metrics import (
 from blob_lora.prediction import reports
 from blob_lora.prediction.fast import EarlyStop
 from blob_lora.prediction.loop import predict_dataset
+from blob_lora.prediction.resume import PassCheckpoint, pass_key
 from blob_lora.tasks import (
     MCDataset,
     Scoring,
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 RELIABILITY_FILE = "reliability.png"
+#: a stopped evaluation's progress (``prediction.resume``); removed once metrics.json is written
+PROGRESS_FILE = ".progress.pt"
+#: how often that progress is written (a write is a few kB to MB; a batch of N = 10 samples on
+#: two CPU cores takes about a minute)
+PROGRESS_EVERY_SECONDS = 30.0
 
 
 def evaluate_on_task(
@@ -63,6 +69,7 @@ def evaluate_on_task(
     scoring: Scoring = LETTER,
     eval_noise: str | None = None,
     by_length: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -80,7 +87,9 @@ def evaluate_on_task(
     (``tasks.length_sorted_batches``: sequential batches carry 1.3-2.2x the real tokens on the
     regime table's splits; measured 0.76-0.80x the time on ARC-C, bench/README.md); the results
     come back in split order either way, and only which weight sample meets which question
-    differs.
+    differs. With ``resume`` (one process) the pass keeps its progress in
+    ``out_dir/.progress.pt`` and an evaluation stopped part-way goes on from there, with the
+    same result (``prediction.resume``).
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
@@ -102,6 +111,14 @@ def evaluate_on_task(
             prefix_cache=prefix_cache,
             cache_dir=cache_dir,
             by_length=by_length,
+            progress_file=out_dir / PROGRESS_FILE if resume else None,
+            key_settings={
+                "method": method.name,
+                "split": split,
+                "noise": noise,
+                "scoring": scoring.describe(),
+                "prefix_cache": prefix_cache,
+            },
         )
     metrics = _split_metrics(scored, inputs.dataset, predictive)
     metrics.update(
@@ -134,6 +151,7 @@ def evaluate_on_task(
             )
             metrics.update(reports.flat_ood_metrics(ood))
         atomic_write_json(out_dir / METRICS_FILE, metrics)
+        (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     return metrics
 
 
@@ -165,17 +183,34 @@ def _score_split(
     prefix_cache: bool,
     cache_dir: str | None,
     by_length: bool,
+    progress_file: Path | None = None,
+    key_settings: dict[str, Any] | None = None,
 ) -> _ScoredSplit:
     """The N-sample predictive over the whole split, through prediction's dataset loop.
 
     ``fold``, the reference, is scored from the float32 per-sample probabilities (its metrics
     always were); the other modes report the loop's own predictive and samples used. Batches
     of similar length when ``by_length`` and one process (sharding over processes is
-    Accelerate's, in split order).
+    Accelerate's, in split order). With a ``progress_file`` (one process) the pass is
+    checkpointed there, keyed by the model's weights, ``key_settings`` and the pass's own.
     """
     batches = None
     if by_length and accelerator is None:
         batches = length_sorted_batches(inputs.dataset.lengths, batch_size)
+    checkpoint = None
+    if progress_file is not None and (accelerator is None or accelerator.num_processes == 1):
+        settings = {
+            **(key_settings or {}),
+            "data": inputs.dataset.digest,
+            "n": n,
+            "mode": predictive,
+            "fold": fold,
+            "early": early,
+            "batch_size": batch_size,
+            "batches": batches,
+        }
+        key = pass_key(model, settings)
+        checkpoint = PassCheckpoint(progress_file, key, every_seconds=PROGRESS_EVERY_SECONDS)
     scored = predict_dataset(
         model,
         method,
@@ -193,6 +228,7 @@ def _score_split(
         prefix_cache=prefix_cache,
         cache_dir=cache_dir,
         batches=batches,
+        checkpoint=checkpoint,
     )
     if predictive == "fold":
         assert scored.sample_probs is not None  # every batch drew the same N

@@ -6,6 +6,8 @@
   ``prefix-early``, ``mean``), each measured in ``bench/predictive.py``.
 * :func:`predict` / :class:`Predictor` (``api``): questions in, one row per question out
   (predictive over the options, answer, confidence, total / aleatoric / epistemic uncertainty).
+* ``resume``: a long pass's saved progress (``PassCheckpoint``), so a stopped evaluation goes on
+  from its last saved batch to the uninterrupted pass's result.
 * ``reports``: selective prediction (AURC, accuracy at 80/90/95 % coverage) and OOD detection
   (AUROC/AUPR per uncertainty score) from prediction rows.
 """

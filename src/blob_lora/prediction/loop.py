@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from blob_lora.methods import Method
 from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.prediction.fast import BatchPredictive, EarlyStop, predict_batch, resolve_mode
+from blob_lora.prediction.resume import PassCheckpoint
 from blob_lora.tasks.dataset import (
     EncodedDataset,
     IndexedCollator,
@@ -118,6 +119,7 @@ def predict_dataset(
     prefix_cache: bool = False,
     cache_dir: str | None = None,
     feature_cache: PrefixFeatureCache | None = None,
+    checkpoint: PassCheckpoint | None = None,
 ) -> DatasetPredictive:
     """The ``n_samples``-sample predictive of every example of ``dataset`` in ``mode``.
 
@@ -139,8 +141,18 @@ def predict_dataset(
         cache = PrefixFeatureCache.for_dataset(model, dataset, cache_dir, keep=False)
     parts: dict[str, list[Tensor]] = {}
     samples: list[Tensor] | None = []
+    resumed = checkpoint.load() if checkpoint is not None else None
+    done = 0
+    if resumed is not None:
+        done = resumed.batches
+        parts = {k: [v] for k, v in resumed.columns.items()}
+        samples = [resumed.samples] if resumed.samples is not None else None
     label = f"{desc} ({resolved.mode})"
-    for batch in tqdm(loader, desc=label, disable=not progress, leave=False):
+    for i, batch in enumerate(tqdm(loader, desc=label, disable=not progress, leave=False)):
+        if i < done:  # scored before the stop; collating it again is all it costs
+            continue
+        if resumed is not None and i == done:
+            resumed.restore_rng()  # after the loader's own draw at its start, as then
         idx = batch.pop("index")
         batch = {k: v.to(device) for k, v in batch.items()}
         with cache.injected(model, batch, idx) if cache is not None else nullcontext():
@@ -156,6 +168,10 @@ def predict_dataset(
             samples.append(cols.pop("samples").cpu())
         for k, v in cols.items():
             parts.setdefault(k, []).append(v.cpu())
+        if checkpoint is not None and checkpoint.due():
+            checkpoint.save(i + 1, parts, samples)
+    if resumed is not None and resumed.batches >= len(loader):
+        resumed.restore_rng()  # every batch was scored before the stop
     if cache is not None:
         cache.save()
     cat = {k: torch.cat(v) for k, v in parts.items()}

@@ -1,0 +1,152 @@
+"""A long prediction pass that survives being stopped: what it has scored is kept on disk.
+
+Scoring a split with N weight samples is the longest step of many runs (BoolQ's 2,270
+questions with N = 10 take over an hour on two CPU cores), and a pass that is stopped (a
+session's end, a SIGTERM, a crash) used to start again from its first question. A
+:class:`PassCheckpoint` holds the per-example results of the batches scored so far and the
+random state after the last of them, written atomically every ``every_seconds``; the next pass
+with the same key skips those batches, restores the random state and goes on. Because the
+samples are drawn from the global generator in batch order, the resumed pass gives exactly
+the predictive the uninterrupted pass would have given (tested).
+
+The key names everything that decides the results: the model's weights (a fingerprint of
+every tensor of its state), the method, the samples, the predictive mode, the batches and the
+data. A checkpoint with another key, or one that cannot be read, is ignored (with a warning
+for the unreadable one): it only ever saves time, never decides a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blob_lora.utils.atomic import atomic_write_bytes
+
+#: values read from each tensor for the weight fingerprint (strided over the whole tensor)
+_FINGERPRINT_VALUES = 4096
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of ``model``'s state: every tensor's name, shape and dtype, and a strided
+    sample of its values (all of them for tensors up to ``_FINGERPRINT_VALUES`` elements).
+
+    Sampled, not hashed whole: it must tell a retrained adapter (every value differs) or
+    another base model from this one, in milliseconds rather than the seconds that hashing
+    every weight of a 135M-parameter model costs.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not torch.is_tensor(tensor):
+            continue
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        stride = max(1, flat.numel() // _FINGERPRINT_VALUES)
+        values = flat[::stride].to("cpu", copy=True)
+        if values.dtype == torch.bool:
+            values = values.to(torch.uint8)
+        h.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pass_key(model: nn.Module, settings: dict[str, Any]) -> str:
+    """The key of a pass: ``model``'s fingerprint and the JSON of ``settings`` (the method,
+    samples, mode, batches, data digest ... whatever decides the results)."""
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(f"{model_fingerprint(model)}:{text}".encode()).hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class PassProgress:
+    """What a stopped pass had scored: ``batches`` done, per-example ``columns`` (each one
+    tensor, the batches concatenated), the per-sample probabilities (``None`` when the batches
+    drew different numbers of samples) and the random state after the last batch."""
+
+    batches: int
+    columns: dict[str, Tensor]
+    samples: Tensor | None
+    rng: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        _set_rng_state(self.rng)
+
+
+class PassCheckpoint:
+    """The progress file of one prediction pass (see the module's docstring).
+
+    ``every_seconds`` spaces the writes (0: after every batch); the caller removes the file
+    with :meth:`clear` once the pass's results are safely stored elsewhere.
+    """
+
+    def __init__(self, path: str | Path, key: str, *, every_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.every_seconds = every_seconds
+        self._last = time.monotonic()
+
+    def load(self) -> PassProgress | None:
+        """The saved progress if the file exists, is readable and has this pass's key."""
+        if not self.path.is_file():
+            return None
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            if blob.get("key") != self.key:
+                return None
+            progress = PassProgress(
+                batches=int(blob["batches"]),
+                columns=dict(blob["columns"]),
+                samples=blob["samples"],
+                rng=dict(blob["rng"]),
+            )
+        except Exception as exc:  # noqa: BLE001 - a damaged file is ignored, never trusted
+            warnings.warn(
+                f"ignoring unreadable evaluation progress {self.path}: {exc}", stacklevel=2
+            )
+            return None
+        return progress
+
+    def due(self) -> bool:
+        """Whether ``every_seconds`` have passed since the last write (or the start)."""
+        return time.monotonic() - self._last >= self.every_seconds
+
+    def save(
+        self, batches: int, parts: dict[str, list[Tensor]], samples: list[Tensor] | None
+    ) -> None:
+        """Write the progress after ``batches`` batches, with the random state of now."""
+        blob = {
+            "key": self.key,
+            "batches": batches,
+            "columns": {k: torch.cat(v) for k, v in parts.items() if v},
+            "samples": torch.cat(samples) if samples else None,
+            "rng": _rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write_bytes(self.path, buf.getvalue())
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,157 @@
+"""A prediction pass stopped part-way goes on from its saved progress with the same result.
+
+The tiny BLoB model draws N weight samples per batch from the global generator, so a resumed
+pass that restarted its draws (or skipped no batch, or restored the wrong random state) would
+give different probabilities: the tests compare bit for bit against an uninterrupted pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blob_lora.evaluation import evaluate as evaluate_module
+from blob_lora.evaluation.evaluate import PROGRESS_FILE, evaluate_on_task
+from blob_lora.methods import get_method
+from blob_lora.prediction import EarlyStop, predict_dataset
+from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint, pass_key
+from blob_lora.tasks import get_task, length_sorted_batches, task_inputs
+from tests.prediction.conftest import blob_model
+
+SPLIT = "validation[:7]"  # 3 batches of 3 (the last one short)
+
+
+class Stop(Exception):
+    """Stands for a SIGTERM arriving in the middle of a pass."""
+
+
+def counting(method, stop_after: int | None = None):
+    """``method`` (same name and behaviour) that counts its batches and raises ``Stop`` on the
+    batch after ``stop_after``."""
+
+    class Counting(type(method)):
+        calls = 0
+
+        def predict_samples(self, model, batch, option_ids, n_samples, fold=None):
+            if stop_after is not None and Counting.calls == stop_after:
+                raise Stop
+            Counting.calls += 1
+            return super().predict_samples(model, batch, option_ids, n_samples, fold=fold)
+
+    return Counting()
+
+
+@pytest.fixture
+def inputs(data_root, tokenizer):
+    task = get_task("winogrande_s", data_root)
+    return task_inputs(task, SPLIT, tokenizer, 96)
+
+
+def run(model, method, inputs, checkpoint=None, mode="fold"):
+    return predict_dataset(
+        model, method, inputs.dataset, inputs.collator, inputs.option_ids, 4, 3, mode=mode,
+        early=EarlyStop(tol=1.0, min_samples=2), checkpoint=checkpoint,
+        batches=length_sorted_batches(inputs.dataset.lengths, 3),
+    )  # fmt: skip
+
+
+def key_of(model, mode="fold"):
+    return pass_key(model, {"mode": mode, "n": 4})
+
+
+@pytest.mark.parametrize("mode", ["fold", "early"])
+def test_resumed_pass_equals_uninterrupted(inputs, tmp_path, mode):
+    model, method = blob_model(bayesian_blocks=1), get_method("blob")
+    torch.manual_seed(0)
+    reference = run(model, method, inputs, mode=mode)
+
+    path = tmp_path / "progress.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        run(model, counting(method, stop_after=2), inputs, PassCheckpoint(path, key_of(model, mode), every_seconds=0), mode)  # fmt: skip
+    saved = PassCheckpoint(path, key_of(model, mode)).load()
+    assert saved is not None and saved.batches == 2 and len(saved.columns["probs"]) == 6
+
+    torch.manual_seed(123)  # another process, another random state: the saved one is restored
+    resumed_method = counting(method)
+    ckpt = PassCheckpoint(path, key_of(model, mode), every_seconds=0)
+    resumed = run(model, resumed_method, inputs, ckpt, mode)
+    assert type(resumed_method).calls == 1  # only the batch not scored before the stop
+    assert torch.equal(resumed.probs, reference.probs)
+    assert torch.equal(resumed.labels, reference.labels)
+    assert torch.equal(resumed.n_used, reference.n_used)
+    if mode == "fold":
+        assert torch.equal(resumed.sample_probs, reference.sample_probs)
+    else:  # early stopping drew 2 samples of 4 (tol 1): ragged runs keep no samples
+        assert int(resumed.n_used[0]) == 2
+    assert torch.equal(resumed.epistemic, reference.epistemic)
+    # different samples from another random state: the equality above is not an accident
+    torch.manual_seed(123)
+    assert not torch.equal(run(model, method, inputs, mode=mode).probs, reference.probs)
+
+
+def test_progress_of_other_weights_is_not_used(inputs, tmp_path):
+    path = tmp_path / "progress.pt"
+    first, method = blob_model(bayesian_blocks=1, seed=0), get_method("blob")
+    with pytest.raises(Stop):
+        run(first, counting(method, stop_after=2), inputs, PassCheckpoint(path, key_of(first), every_seconds=0))  # fmt: skip
+    retrained = blob_model(bayesian_blocks=1, seed=1)
+    assert model_fingerprint(retrained) != model_fingerprint(first)
+    torch.manual_seed(5)
+    reference = run(retrained, method, inputs)
+    torch.manual_seed(5)
+    fresh = counting(method)
+    result = run(retrained, fresh, inputs, PassCheckpoint(path, key_of(retrained)))
+    assert type(fresh).calls == 3 and torch.equal(result.probs, reference.probs)
+    # other settings of the same model: another key
+    assert key_of(first) != pass_key(first, {"mode": "fold", "n": 5})
+
+
+def test_unreadable_progress_is_ignored_with_a_warning(inputs, tmp_path):
+    model, method = blob_model(bayesian_blocks=1), get_method("blob")
+    path = tmp_path / "progress.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    torch.manual_seed(0)
+    reference = run(model, method, inputs)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="ignoring unreadable evaluation progress"):
+        result = run(model, method, inputs, PassCheckpoint(path, key_of(model)))
+    assert torch.equal(result.probs, reference.probs)
+
+
+def test_evaluation_resumes_and_removes_its_progress(data_root, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "PROGRESS_EVERY_SECONDS", 0.0)
+    task = get_task("winogrande_s", data_root)
+    model, method = blob_model(bayesian_blocks=1), get_method("blob")
+    kw = {"split": SPLIT, "n_samples": 4, "max_length": 96, "batch_size": 3}
+
+    torch.manual_seed(0)
+    reference = evaluate_on_task(model, method, tokenizer, task, tmp_path / "ref", **kw)
+    assert not (tmp_path / "ref" / PROGRESS_FILE).exists()  # removed once metrics are written
+
+    out = tmp_path / "stopped"
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        evaluate_on_task(model, counting(method, stop_after=1), tokenizer, task, out, **kw)
+    assert (out / PROGRESS_FILE).is_file() and not (out / "metrics.json").exists()
+
+    torch.manual_seed(99)
+    again = counting(method)
+    metrics = evaluate_on_task(model, again, tokenizer, task, out, **kw)
+    assert type(again).calls == 2
+    for k in ("accuracy", "ece", "nll", "brier", "aurc", "mean_epistemic_uncertainty"):
+        assert metrics[k] == reference[k], k
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").open()]
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "predictions.jsonl").open()]
+    assert rows == ref_rows
+    assert not (out / PROGRESS_FILE).exists()
+
+    # resume=False keeps nothing on the way
+    with pytest.raises(Stop):
+        evaluate_on_task(
+            model, counting(method, stop_after=1), tokenizer, task, tmp_path / "off",
+            resume=False, **kw,
+        )  # fmt: skip
+    assert not (tmp_path / "off" / PROGRESS_FILE).exists()
