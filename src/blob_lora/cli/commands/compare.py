@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 from blob_lora.cli.registry import command
+from blob_lora.utils.errors import ConfigError
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,20 @@ def _configure(p: argparse.ArgumentParser) -> None:
         help="print what would be trained/evaluated; write nothing",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the runs (default 1); the others log to DIR/workers/. On a CPU "
+        "two one-thread processes did 1.1-1.3x the work of one two-thread process "
+        "(bench/compare_workers.py)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each process (default: torch's, split equally among --workers)",
+    )
+    p.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set for the workers
 
 
 @command(
@@ -39,17 +56,35 @@ def _configure(p: argparse.ArgumentParser) -> None:
     "mean ± std tables (Markdown, CSV) and reliability diagrams; re-runs skip finished runs",
 )(_configure)
 def run(args: argparse.Namespace) -> int:
-    from blob_lora.comparison import load_spec, run_compare
+    import torch
 
+    from blob_lora.comparison import load_spec, run_compare
+    from blob_lora.comparison.workers import die_with_parent, threads_per_worker
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.worker_of is not None and not die_with_parent(args.worker_of):
+        return 0  # the command that started this worker is gone already
     spec = load_spec(args.config, out=args.out)
     if args.data_root:
         spec.train["data_root"] = args.data_root
-    result = run_compare(
-        spec,
-        collect_only=args.collect_only,
-        dry_run=args.dry_run,
-        progress=not args.no_progress,
-    )
+    parallel = args.workers > 1 and not (args.dry_run or args.collect_only)
+    threads = args.threads
+    if parallel:
+        threads = threads_per_worker(args.workers, args.threads, torch.get_num_threads())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if parallel:
+        result = _run_with_workers(args, spec, threads)
+    else:
+        result = run_compare(
+            spec,
+            collect_only=args.collect_only,
+            dry_run=args.dry_run,
+            progress=not args.no_progress,
+        )
     if not args.dry_run:
         print(
             f"tables: {spec.out / 'results_id.md'}"
@@ -58,3 +93,28 @@ def run(args: argparse.Namespace) -> int:
     for line in result.get("failed", []):
         print(f"failed: {line}")
     return 1 if result.get("failed") else 0
+
+
+def _run_with_workers(args: argparse.Namespace, spec: Any, threads: int) -> dict[str, Any]:
+    """Work on the experiment here and in ``--workers`` - 1 more processes, then write the
+    tables from every finished run (the workers' too)."""
+    from blob_lora.comparison import run_compare
+    from blob_lora.comparison.workers import WORKERS_DIR, Workers, worker_command
+
+    child = ["compare", "--config", args.config, "--no-progress", "--threads", str(threads)]
+    child += ["--worker-of", str(os.getpid())]
+    child += ["--out", str(args.out)] if args.out else []
+    child += ["--data-root", args.data_root] if args.data_root else []
+    n = args.workers - 1
+    with Workers([worker_command(child)] * n, threads, spec.out / WORKERS_DIR) as workers:
+        print(
+            f"{n} more worker(s) started, {threads} thread(s) each (this one too); "
+            f"their output: {spec.out / WORKERS_DIR}/"
+        )
+        own = run_compare(spec, progress=not args.no_progress)
+    result = run_compare(spec, collect_only=True, echo=lambda _: None)
+    result["failed"] = list(own.get("failed", []))
+    for log, code in zip(workers.logs, workers.returncodes, strict=True):
+        if code:
+            result["failed"].append(f"a worker exited with status {code}: see {log}")
+    return result

@@ -1,0 +1,127 @@
+"""``compare --workers K``: one command, K processes sharing one experiment's runs.
+
+Why: on a CPU, K processes with a K-th of the threads each do more work than one process with
+all of them (two one-thread processes did 1.19-1.24x the training steps and 1.08-1.15x the
+evaluation of one two-thread process on 2 cores, ``bench/compare_workers.py``), and the runs
+of an experiment are independent. The processes share the runs through ``claims`` exactly as
+separately started ``compare`` processes do; this module only starts the other K - 1, keeps
+their output in log files, and makes them stop with the command:
+
+* each worker gets ``--threads`` (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` too) and runs
+  in its own session, so a Ctrl-C at the terminal reaches the command only, which then sends
+  each worker one SIGTERM: a worker finishes its training step, checkpoints it and stops (an
+  evaluation keeps its saved progress), as a single ``compare`` does;
+* on Linux a worker also gets SIGTERM when the command dies without cleaning up (SIGKILL, a
+  crash): the worker asks for it itself at its start (``die_with_parent``, ``PR_SET_PDEATHSIG``;
+  in the worker, not in a ``preexec_fn``, which is unsafe in a process with threads).
+  Elsewhere such a worker goes on with the experiment alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+#: the workers' logs, under the experiment folder
+WORKERS_DIR = "workers"
+_PR_SET_PDEATHSIG = 1
+
+
+def threads_per_worker(workers: int, threads: int | None, available: int) -> int:
+    """Threads for each of ``workers`` processes: ``threads`` if given, else an equal share
+    of the ``available`` ones (at least one)."""
+    if threads is not None:
+        return threads
+    return max(1, available // workers)
+
+
+def worker_command(argv: list[str]) -> list[str]:
+    """The command line of a worker: this interpreter running ``blob-lora`` with ``argv``."""
+    return [sys.executable, "-m", "blob_lora.cli.main", *argv]
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask for SIGTERM when the process that started this one dies (Linux); return whether
+    ``parent`` is still this process's parent (``False``: it is gone already, stop now)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
+
+
+class Workers:
+    """Run ``commands`` as worker processes for the duration of a ``with`` block.
+
+    On leaving the block normally the workers are waited for (they stop when no unfinished
+    run is left to them); on an exception (a signal, Ctrl-C, an error) each live worker gets
+    one SIGTERM first, and a second Ctrl-C while waiting sends them another (which stops a
+    worker at once, without its checkpoint). ``returncodes`` and ``logs`` say how each ended.
+    """
+
+    def __init__(self, commands: list[list[str]], threads: int, log_dir: Path) -> None:
+        self.commands = commands
+        self.threads = threads
+        self.log_dir = Path(log_dir)
+        self.logs = [self.log_dir / f"worker{k + 1}.log" for k in range(len(commands))]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Workers:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+        }
+        try:
+            for cmd, log in zip(self.commands, self.logs, strict=True):
+                with log.open("ab") as f:
+                    self.procs.append(
+                        subprocess.Popen(
+                            cmd,
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=f,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+        except BaseException:
+            self._stop()
+            self._wait()
+            raise
+        return self
+
+    def _stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+
+    def _wait(self) -> None:
+        for p in self.procs:
+            p.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._stop()
+        try:
+            self._wait()
+        except KeyboardInterrupt:
+            self._stop()  # a second signal: the workers stop at once
+            self._wait()
+            raise
+
+    @property
+    def returncodes(self) -> list[int | None]:
+        return [p.returncode for p in self.procs]
