@@ -65,3 +65,32 @@ def test_sigint_saves_a_checkpoint_too(assets, tmp_path, sig) -> None:
     assert f"stopped by signal {int(sig)} after step {last}" in err
     assert ckpt.latest_checkpoint(run / "checkpoints").name == f"step-{last:08d}"
     assert "Traceback" not in err
+
+
+def test_another_sigterm_changes_nothing_and_a_second_sigint_stops_at_once() -> None:
+    """``pkill -f`` reaching a ``compare --workers`` worker directly and through its command
+    delivers SIGTERM twice: still one request (the step finishes and is checkpointed). Ctrl-C
+    after a first signal stops at once."""
+    import os
+    import time
+
+    from blob_lora.training.signals import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the forwarded copy, moments later
+        time.sleep(0.1)  # a handler raising would raise here
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back

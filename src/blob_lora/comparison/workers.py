@@ -60,8 +60,8 @@ class Workers:
 
     On leaving the block normally the workers are waited for (they stop when no unfinished
     run is left to them); on an exception (a signal, Ctrl-C, an error) each live worker gets
-    one SIGTERM first, and a second Ctrl-C while waiting sends them another (which stops a
-    worker at once, without its checkpoint). ``returncodes`` and ``logs`` say how each ended.
+    one SIGTERM first, and a second Ctrl-C while waiting sends them SIGINT (which stops a
+    worker at once, without its checkpoint; another SIGTERM would not). ``returncodes`` and ``logs`` say how each ended.
     """
 
     def __init__(self, commands: list[list[str]], threads: int, log_dir: Path) -> None:
@@ -97,11 +97,11 @@ class Workers:
             raise
         return self
 
-    def _stop(self) -> None:
+    def _stop(self, sig: int = signal.SIGTERM) -> None:
         for p in self.procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM)
+                    p.send_signal(sig)
 
     def _wait(self) -> None:
         for p in self.procs:
@@ -118,7 +118,7 @@ class Workers:
         try:
             self._wait()
         except KeyboardInterrupt:
-            self._stop()  # a second signal: the workers stop at once
+            self._stop(signal.SIGINT)  # Ctrl-C again: the workers stop at once, unsaved
             self._wait()
             raise
 

@@ -24,8 +24,14 @@ class TrainingInterrupted(BlobLoraError):
 @dataclass
 class StopSignals:
     """SIGINT/SIGTERM recorded, not raised, so every process stops at the same step boundary
-    after a checkpoint (a second signal stops at once). Outside the main thread no handler can
-    be installed and signals keep their default effect."""
+    after a checkpoint; a SIGINT after the first signal (Ctrl-C again) stops at once. Outside
+    the main thread no handler can be installed and signals keep their default effect.
+
+    Another SIGTERM only asks again for what is coming: schedulers escalate with SIGKILL, not a
+    second SIGTERM, and ``pkill -f`` matching ``compare --workers`` and its workers reaches a
+    worker twice (directly, then forwarded by the command once its own step is done), which
+    must not cost the worker its checkpoint.
+    """
 
     received: int | None = None
 
@@ -37,8 +43,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        if self.received is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
+        if self.received is not None:
+            if signum == signal.SIGTERM:
+                return  # the stop already asked for is coming (see the class docstring)
+            raise KeyboardInterrupt  # Ctrl-C again: give up at once
         self.received = signum
 
     def __exit__(self, *exc: Any) -> None:
