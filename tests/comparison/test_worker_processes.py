@@ -57,7 +57,7 @@ def test_workers_get_their_threads_own_sessions_and_logs(tmp_path):
         sys.exit(int(sys.argv[1]))
     """
     with Workers([python(code) + ["0"], python(code) + ["3"]], 2, tmp_path / "w") as workers:
-        pass
+        assert len(workers.poll()) == 2
     assert workers.returncodes == [0, 3]
     assert [p.name for p in workers.logs] == ["worker1.log", "worker2.log"]
     for log in workers.logs:

@@ -122,6 +122,10 @@ class Workers:
             self._wait()
             raise
 
+    def poll(self) -> list[int | None]:
+        """Each worker's exit status, ``None`` while it runs."""
+        return [p.poll() for p in self.procs]
+
     @property
     def returncodes(self) -> list[int | None]:
         return [p.returncode for p in self.procs]

@@ -112,6 +112,8 @@ def _run_with_workers(args: argparse.Namespace, spec: Any, threads: int) -> dict
             f"their output: {spec.out / WORKERS_DIR}/"
         )
         own = run_compare(spec, progress=not args.no_progress)
+        if any(code is None for code in workers.poll()):
+            print("waiting for the other worker(s) to finish their runs")
     result = run_compare(spec, collect_only=True, echo=lambda _: None)
     result["failed"] = list(own.get("failed", []))
     for log, code in zip(workers.logs, workers.returncodes, strict=True):
