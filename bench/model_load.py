@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,6 +42,21 @@ def load_gguf(name: str) -> None:
     loading._tokenizer_from(str(gguf.parent), gguf_file=gguf.name)
 
 
+@contextmanager
+def _cache_at(folder: str) -> Iterator[None]:
+    """``$BLOB_LORA_CACHE`` = ``folder`` for the block (a fresh conversion, never into the
+    user's cache), then as it was: the folder is deleted after, a caller must not keep it."""
+    previous = os.environ.get("BLOB_LORA_CACHE")
+    os.environ["BLOB_LORA_CACHE"] = folder
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("BLOB_LORA_CACHE", None)
+        else:
+            os.environ["BLOB_LORA_CACHE"] = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -50,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     times: dict[str, list[float]] = {"gguf": [], "folder": [], "convert (first use)": []}
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["BLOB_LORA_CACHE"] = cache
+    with tempfile.TemporaryDirectory() as cache, _cache_at(cache):
         start = time.perf_counter()
         loading.load_model_and_tokenizer(args.model)  # converts
         times["convert (first use)"].append(time.perf_counter() - start)
