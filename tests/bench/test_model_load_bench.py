@@ -1,6 +1,7 @@
 """Smoke test of bench/model_load.py on the real embedded model (slow: three GGUF reads of
-SmolLM2-135M: 1.5 minutes on an idle machine, 6 on a busy one): it converts into a private cache, times both ways alternately,
-and its report is the arithmetic of the times it took. No timing is asserted."""
+SmolLM2-135M, 1.5 minutes on an idle machine, 6 on a busy one): it converts into a private
+cache, times both ways alternately, and its report is the arithmetic of the times it took.
+No timing is asserted."""
 
 from __future__ import annotations
 
