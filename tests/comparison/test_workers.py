@@ -123,6 +123,38 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tmp_path, 
     assert trained == []
 
 
+def test_tables_show_runs_another_process_finished_meanwhile(tmp_path, monkeypatch):
+    """While this process trains seed 1, another finishes seed 2 (held by it: this one never
+    touches it). The compare.json written after seed 1, and the one at the end, must count
+    seed 2 as done: the states are read again before every write, not kept from the start
+    (the table experiment published a finished BoolQ run as unfinished that way)."""
+    spec = _spec(tmp_path, ["lora"], seeds=(1, 2))
+    claims = RunClaims(spec.out)
+    other = claims.take("arc_easy/lora/seed2")  # the other process's claim
+    written: list[dict[str, str]] = []
+    real_write = compare_mod.write_outputs
+
+    def train_seed1_while_the_other_finishes_seed2(r, runs, progress):
+        fabricate(spec, "arc_easy", "lora", 2, {"arc_easy": (0.5, 0.1, 1.0, 0.5)})
+        fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.1, 1.0, 0.5)})
+
+    def recording_write(spec_, runs, plots=True):
+        result = real_write(spec_, runs, plots=plots)
+        written.append({row["dir"]: row["status"] for row in result["runs"]})
+        return result
+
+    monkeypatch.setattr(compare_mod, "_train", train_seed1_while_the_other_finishes_seed2)
+    monkeypatch.setattr(compare_mod, "write_outputs", recording_write)
+    try:
+        run_compare(spec, progress=False, echo=lambda _: None)
+    finally:
+        other.release()
+    done = {"runs/arc_easy/lora/seed1": "done", "runs/arc_easy/lora/seed2": "done"}
+    assert written and all(w == done for w in written)
+    saved = json.loads((spec.out / "compare.json").read_text())
+    assert [r["status"] for r in saved["runs"]] == ["done", "done"]
+
+
 def test_waits_for_pairs_composite_runs_with_runs_of_their_task_and_seed(tmp_path):
     spec = spec_from_dict(
         {

@@ -165,6 +165,15 @@ def _set_status(r: PlannedRun) -> None:
         r.status = "resume" if (r.dir / RUN_CONFIG).is_file() else "train"
 
 
+def _refresh(runs: list[PlannedRun]) -> None:
+    """Read every run's state again (a failure this process recorded stays): other
+    ``compare`` processes finish runs meanwhile, and tables written from the states read
+    earlier would show those runs as unfinished."""
+    for r in runs:
+        if r.status != "failed":
+            _set_status(r)
+
+
 def config_differences(r: PlannedRun) -> list[str]:
     """Settings of an existing run folder that differ from what the experiment asks for."""
     previous = _read_json(r.dir / RUN_CONFIG)
@@ -287,6 +296,7 @@ def run_compare(
         return collect(spec, runs)
     if not collect_only:
         _work(spec, runs, progress, echo)
+        _refresh(runs)
     return write_outputs(spec, runs, plots=True)
 
 
@@ -319,9 +329,7 @@ def _work(
     claims = RunClaims(spec.out)
     tried: set[str] = set()
     while True:
-        for r in runs:
-            if r.status != "failed":
-                _set_status(r)
+        _refresh(runs)
         left = [r for r in runs if r.status != "done" and r.label not in tried]
         if not left:
             return
@@ -360,6 +368,7 @@ def _work(
                 continue
             _set_status(r)
             echo(f"  {r.status} in {time.perf_counter() - start:.1f} s")
+        _refresh(runs)
         write_outputs(spec, runs, plots=False)
 
 
