@@ -121,7 +121,9 @@ def test_unreadable_progress_is_ignored_with_a_warning(inputs, tmp_path):
     assert torch.equal(result.probs, reference.probs)
 
 
-def test_evaluation_resumes_and_removes_its_progress(data_root, tokenizer, tmp_path, monkeypatch):
+def test_evaluation_resumes_and_removes_its_progress(
+    data_root, tokenizer, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(evaluate_module, "PROGRESS_EVERY_SECONDS", 0.0)
     task = get_task("winogrande_s", data_root)
     model, method = blob_model(bayesian_blocks=1), get_method("blob")
@@ -141,6 +143,9 @@ def test_evaluation_resumes_and_removes_its_progress(data_root, tokenizer, tmp_p
     again = counting(method)
     metrics = evaluate_on_task(model, again, tokenizer, task, out, **kw)
     assert type(again).calls == 2
+    assert f"evaluate: resuming from {out / PROGRESS_FILE} (1 of 3 batches scored)" in (
+        capsys.readouterr().err
+    )
     for k in ("accuracy", "ece", "nll", "brier", "aurc", "mean_epistemic_uncertainty"):
         assert metrics[k] == reference[k], k
     rows = [json.loads(x) for x in (out / "predictions.jsonl").open()]

@@ -15,6 +15,7 @@ per-example results in dataset order. What its callers differ in is a parameter,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -145,6 +146,10 @@ def predict_dataset(
     done = 0
     if resumed is not None:
         done = resumed.batches
+        print(
+            f"{desc}: resuming from {checkpoint.path} ({done} of {len(loader)} batches scored)",
+            file=sys.stderr,
+        )
         parts = {k: [v] for k, v in resumed.columns.items()}
         samples = [resumed.samples] if resumed.samples is not None else None
     label = f"{desc} ({resolved.mode})"
