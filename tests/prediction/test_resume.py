@@ -160,3 +160,24 @@ def test_evaluation_resumes_and_removes_its_progress(
             resume=False, **kw,
         )  # fmt: skip
     assert not (tmp_path / "off" / PROGRESS_FILE).exists()
+
+
+def test_model_fingerprint_tells_weights_apart_in_every_dtype():
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 4)
+    fp = model_fingerprint(base)
+    assert model_fingerprint(base) == fp  # deterministic
+    changed = nn.Linear(8, 4)
+    changed.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        changed.bias[2] += 1e-3  # one value of a small tensor: hashed whole
+    assert model_fingerprint(changed) != fp
+    assert model_fingerprint(base.to(torch.bfloat16)) != fp  # bfloat16 hashes (no numpy dtype)
+    flags = [nn.Module(), nn.Module()]
+    flags[0].register_buffer("mask", torch.tensor([True, False]))
+    flags[1].register_buffer("mask", torch.tensor([True, True]))
+    assert model_fingerprint(flags[0]) != model_fingerprint(flags[1])
+    with torch.device("meta"):  # offloaded weights: names and shapes only, no failure
+        assert len(model_fingerprint(nn.Linear(8, 4))) == 64
