@@ -296,7 +296,6 @@ def run_compare(
         return collect(spec, runs)
     if not collect_only:
         _work(spec, runs, progress, echo)
-        _refresh(runs)
     return write_outputs(spec, runs, plots=True)
 
 
@@ -368,7 +367,6 @@ def _work(
                 continue
             _set_status(r)
             echo(f"  {r.status} in {time.perf_counter() - start:.1f} s")
-        _refresh(runs)
         write_outputs(spec, runs, plots=False)
 
 
@@ -469,7 +467,9 @@ def _note(spec: CompareSpec, setting: str) -> str:
 
 
 def write_outputs(spec: CompareSpec, runs: list[PlannedRun], plots: bool = True) -> dict[str, Any]:
-    """Write the tables, compare.json and (``plots``) the reliability diagrams."""
+    """Write the tables, compare.json and (``plots``) the reliability diagrams, from the
+    runs' states as they are on disk now (``_refresh``)."""
+    _refresh(runs)
     result = collect(spec, runs)
     names = [c.name for c in spec.columns]
     out = spec.out

@@ -48,7 +48,11 @@ def worker_command(argv: list[str]) -> list[str]:
 
 def die_with_parent(parent: int) -> bool:
     """Ask for SIGTERM when the process that started this one dies (Linux); return whether
-    ``parent`` is still this process's parent (``False``: it is gone already, stop now)."""
+    ``parent`` is still this process's parent (``False``: it is gone already, stop now).
+    Checked before (nothing is asked of a process that is no worker) and after (the parent
+    may have died in between)."""
+    if os.getppid() != parent:
+        return False
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -61,7 +65,8 @@ class Workers:
     On leaving the block normally the workers are waited for (they stop when no unfinished
     run is left to them); on an exception (a signal, Ctrl-C, an error) each live worker gets
     one SIGTERM first, and a second Ctrl-C while waiting sends them SIGINT (which stops a
-    worker at once, without its checkpoint; another SIGTERM would not). ``returncodes`` and ``logs`` say how each ended.
+    worker at once, without its checkpoint; another SIGTERM would not). ``returncodes`` and
+    ``logs`` say how each ended.
     """
 
     def __init__(self, commands: list[list[str]], threads: int, log_dir: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blob_lora.training.checkpoint import rng_state, set_rng_state
 from blob_lora.utils.atomic import atomic_write_bytes
 
 #: values read from each tensor for the weight fingerprint (strided over the whole tensor)
@@ -40,8 +41,9 @@ def model_fingerprint(model: nn.Module) -> str:
     sample of its values (all of them for tensors up to ``_FINGERPRINT_VALUES`` elements).
 
     Sampled, not hashed whole: it must tell a retrained adapter (every value differs) or
-    another base model from this one, in milliseconds rather than the seconds that hashing
-    every weight of a 135M-parameter model costs.
+    another base model from this one, and it runs before every evaluation. Measured on
+    SmolLM2-135M (idle 2-core machine): 0.02-0.07 s, against 0.64 s for a SHA-256 of every
+    weight, which grows with the model (and would copy a GPU model to the host whole).
     """
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -66,19 +68,6 @@ def pass_key(model: nn.Module, settings: dict[str, Any]) -> str:
     return hashlib.sha256(f"{model_fingerprint(model)}:{text}".encode()).hexdigest()
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class PassProgress:
     """What a stopped pass had scored: ``batches`` done, per-example ``columns`` (each one
@@ -91,7 +80,7 @@ class PassProgress:
     rng: dict[str, Any]
 
     def restore_rng(self) -> None:
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
 
 
 class PassCheckpoint:
@@ -141,7 +130,7 @@ class PassCheckpoint:
             "batches": batches,
             "columns": {k: torch.cat(v) for k, v in parts.items() if v},
             "samples": torch.cat(samples) if samples else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),  # torch, CUDA, NumPy, Python: as training checkpoints keep
         }
         buf = io.BytesIO()
         torch.save(blob, buf)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blob_lora.cli.registry import command
 from blob_lora.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blob_lora.comparison import CompareSpec
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result.get("failed") else 0
 
 
-def _run_with_workers(args: argparse.Namespace, spec: Any, threads: int) -> dict[str, Any]:
+def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int) -> dict[str, Any]:
     """Work on the experiment here and in ``--workers`` - 1 more processes, then write the
     tables from every finished run (the workers' too)."""
     from blob_lora.comparison import run_compare
