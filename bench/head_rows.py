@@ -18,15 +18,16 @@ script measures what each saves.
    ``--eval-batch`` of similar length, as ``evaluate_on_task``) and training (random batches of
    ``--train-batch`` in ``--chunks`` chunks, as ``--length-chunks``).
 2. **Timed** (the real SmolLM2-135M; each task of ``--time-tasks``): the regime table's adapters
-   (r=8 on q/v of the top 8 blocks + ``lm_head``), LoRA and BLoB, on the first
+   (r=8 on q/v of the top 8 blocks + ``lm_head``), LoRA and BLoB (``--methods``; also
+   ``bayesian-lora``, whose head names its own parts, ``flat_parts``), on the first
    ``--n-questions`` of the evaluation split in batches of similar length, and the same number
    of training questions in training batches. The frozen blocks' output is cached first (as
    evaluation and training do), then rounds run the three arms (their order rotated every
    round) and time the forward every loop of the project runs, ``answer_logits``:
-   * evaluation, BLoB N = ``--samples``: the folded batch in BLoB's sampling mode (what
-     ``Method.predict_samples`` runs per batch), and LoRA's single forward;
-   * training, LoRA and BLoB: each chunk's forward, cross-entropy and backward (the trainer's
-     chunk loop; BLoB's KL, the same in every arm, left out).
+   * evaluation, BLoB (or Bayesian-LoRA) N = ``--samples``: the folded batch in the method's
+     sampling mode (what ``Method.predict_samples`` runs per batch), and LoRA's single forward;
+   * training: each chunk's forward, cross-entropy and backward (the trainer's chunk loop; the
+     KL of BLoB or Bayesian-LoRA, the same in every arm, left out).
 
    Before timing, the first evaluation batch is scored in every arm under one seed and the
    largest score difference from ``flat`` is recorded (``score_max_abs_diff_from_flat``): the
@@ -146,12 +147,15 @@ def adapted(base: nn.Module, method: str, targets: list[str]) -> nn.Module:
     for the cost; ``lora_B`` is drawn so that the adapters are not zero)."""
     from peft import LoraConfig, get_peft_model
 
+    from blob_lora.tuners.bayesian_lora import get_bayesian_lora_model
     from blob_lora.tuners.blob import BlobConfig, get_blob_model
 
     pattern = targets[0] if len(targets) == 1 else targets  # one string: a regular expression
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=pattern, init_lora_weights=False)
     if method == "blob":
         return get_blob_model(base, lora, BlobConfig(init_std=0.05, prior_std=0.2))
+    if method == "bayesian-lora":
+        return get_bayesian_lora_model(base, lora)
     return get_peft_model(base, lora)
 
 
@@ -205,13 +209,13 @@ def time_task(args: argparse.Namespace, base: nn.Module, tokenizer: Any, name: s
     num_layers = int(base.config.num_hidden_layers)
     targets = shape_targets("demo", num_layers, args.top_blocks)
     rows = []
-    for method in ("lora", "blob"):
+    for method in args.methods:
         model = adapted(copy.deepcopy(base), method, targets)
         sampler = get_method(method)
         for phase in ("evaluate", "train"):
             ds, batches = batches_of(args, tokenizer, name, phase)
             inject = injector(model, ds)
-            n = args.samples if method == "blob" and phase == "evaluate" else 0
+            n = args.samples if method != "lora" and phase == "evaluate" else 0
 
             @torch.no_grad()
             def score(batch: dict, where: str, model=model, sampler=sampler, n=n,
@@ -295,7 +299,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--chunks", type=int, default=4, help="--length-chunks of training batches")
-    p.add_argument("--samples", type=int, default=10, help="BLoB's N at evaluation")
+    p.add_argument("--samples", type=int, default=10,
+                   help="N at evaluation of the sampled methods")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=["lora", "blob"],
+                   choices=["lora", "blob", "bayesian-lora"], help="adapters timed")  # fmt: skip
     p.add_argument("--repeats", type=int, default=4, help="timed rounds per arm")
     add_table_options(p)
     args = p.parse_args(argv)

@@ -21,6 +21,7 @@ def test_head_rows_bench_counts_and_times_the_three_arms(tmp_path, data_root) ->
             "--chunks", "2",
             "--samples", "3",
             "--repeats", "2",
+            "--methods", "lora", "blob", "bayesian-lora",
             "--out", str(out),
         ]
     )  # fmt: skip
@@ -34,7 +35,8 @@ def test_head_rows_bench_counts_and_times_the_three_arms(tmp_path, data_root) ->
     assert counted[("winogrande_s", "evaluate")]["questions"] == 1267  # the whole split
     timed = [(r["phase"], r["method"]) for r in report["timed"]]
     assert timed == [("evaluate", "lora N=0"), ("train", "lora"),
-                     ("evaluate", "blob N=3"), ("train", "blob")]  # fmt: skip
+                     ("evaluate", "blob N=3"), ("train", "blob"),
+                     ("evaluate", "bayesian-lora N=3"), ("train", "bayesian-lora")]  # fmt: skip
     for r in report["timed"]:
         assert sorted(r["seconds"]) == ["flat", "rows", "suffix"] and r["questions"] == 8
         assert all(v["n"] == 2 for v in r["seconds"].values())
@@ -46,5 +48,6 @@ def test_head_rows_bench_counts_and_times_the_three_arms(tmp_path, data_root) ->
         if r["phase"] == "train":
             assert diffs is None
             continue
-        # the same scores in every arm (BLoB: one weight sample per sequence, the same draws)
+        # the same scores in every arm (BLoB, Bayesian-LoRA: one weight sample per sequence,
+        # the same draws)
         assert diffs["rows"] < 1e-4 and diffs["suffix"] < 1e-4

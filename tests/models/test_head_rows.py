@@ -4,7 +4,6 @@ positions that are read: the same scores and gradients as the whole kept suffix.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -145,38 +144,89 @@ def test_flat_head_runs_the_vocabulary_matrix_on_the_read_positions_only(
     assert seen["logits"][1] == (sum(needed), vocab)
 
 
-@pytest.mark.parametrize("kind", ["dora", "bayesian-lora"])
-def test_a_head_that_computes_its_own_product_keeps_its_rows(tok, kind) -> None:
-    """A LoRA variant (DoRA) or an adapter layer whose forward does not add up ``lora_B``'s
-    output (Bayesian-LoRA draws its factors and multiplies them itself): ``flat`` leaves its
-    rows alone (the head returns (B, K, V)) and the scores stay the same."""
+def test_a_head_that_computes_its_own_product_keeps_its_rows(tok) -> None:
+    """A LoRA variant (DoRA) whose forward does not add up ``lora_B``'s output and says
+    nothing of its parts: ``flat`` leaves its rows alone (the head returns (B, K, V)) and the
+    scores stay the same."""
     from peft import LoraConfig, get_peft_model
 
-    from blob_lora.tuners.bayesian_lora import get_bayesian_lora_model, sampling
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], use_dora=kind == "dora",
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], use_dora=True,
                       init_lora_weights=False)  # fmt: skip
-    base = tiny_base(tok, seed=19)
-    if kind == "dora":
-        model = get_peft_model(base, lora)
-    else:
-        model = get_bayesian_lora_model(base, lora)
-        torch.manual_seed(0)
-        with torch.no_grad():  # a mean that is not zero, so the adapter's part is in the logits
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.5)
+    model = get_peft_model(tiny_base(tok, seed=19), lora)
     batch = _batch(WG, WG_EXAMPLES, tok, 2)
     seen = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda m, a, o: seen.append(o.shape))
-    mean_weights = nullcontext() if kind == "dora" else sampling(model, False)
-    with torch.no_grad(), mean_weights:
+    with torch.no_grad():
         whole = cloze_logits(model, batch, head_positions="suffix")
         flat = cloze_logits(model, batch, head_positions="flat")
     hook.remove()
     torch.testing.assert_close(flat, whole, rtol=0, atol=1e-5)
     assert seen[1][:2] == (len(WG_EXAMPLES), max(_needed_per_row(batch)))
+
+
+def _bayesian_lora(tok) -> nn.Module:
+    from peft import LoraConfig
+
+    from blob_lora.tuners.bayesian_lora import get_bayesian_lora_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                      init_lora_weights=False)  # fmt: skip
+    model = get_bayesian_lora_model(tiny_base(tok, seed=19), lora)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a mean that is not zero, so the adapter's part is in the logits
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("mode", [None, "shared", "independent"])
+def test_bayesian_lora_head_runs_its_vocabulary_matrix_on_the_read_positions(tok, mode) -> None:
+    """Bayesian-LoRA multiplies the factors it draws itself, and names its parts
+    (``flat_parts``): flat, its base layer gets the T read positions and the head returns
+    (T, V), while its factors are still drawn per (B, K) row, so under one seed the sampled
+    scores equal those of the whole suffix and of the per-row gather (``None``: mean weights)."""
+    from blob_lora.tuners.bayesian_lora import sampling
+
+    model = _bayesian_lora(tok)
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    on_base = _HeadInputs(model, base=True)
+    logits_shapes = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, o: logits_shapes.append(o.shape))
+    scores = {}
+    with torch.no_grad(), sampling(model, mode is not None, mode):
+        for where in ("suffix", "rows", "flat"):
+            torch.manual_seed(3)
+            scores[where] = cloze_logits(model, batch, head_positions=where)
+    hook.remove()
+    on_base.close()
+    torch.testing.assert_close(scores["rows"], scores["suffix"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores["flat"], scores["suffix"], rtol=0, atol=1e-5)
+    needed = _needed_per_row(batch)
+    assert on_base.shapes[1] == (len(MC_EXAMPLES), max(needed), on_base.shapes[0][2])
+    assert on_base.shapes[2] == (sum(needed), on_base.shapes[0][2])
+    assert logits_shapes[2] == (sum(needed), logits_shapes[0][2])
+    if mode is not None:  # the draws matter: another seed gives other scores
+        with torch.no_grad(), sampling(model, True, mode):
+            torch.manual_seed(4)
+            other = cloze_logits(model, batch)
+        assert (other - scores["flat"]).abs().max() > 1e-4  # 10x the tolerance above
+
+
+def test_bayesian_lora_head_with_a_plain_lora_adapter_beside_keeps_its_rows(tok) -> None:
+    """Merged or disabled, only the base layer runs (flat); with a plain LoRA adapter active
+    beside the Bayesian one, PEFT's forward would run that adapter's ``lora_B`` on the rows, so
+    the head says nothing (None) and keeps them."""
+    model = _bayesian_lora(tok)
+    head = model.get_output_embeddings()
+    assert head.flat_parts() == [head.get_base_layer(), head.bl_adapter_output]
+    with model.disable_adapter():
+        assert head.flat_parts() == [head.get_base_layer()]
+    head.lora_A["plain"] = nn.Linear(head.in_features, 4, bias=False)
+    head.set_adapter(["default", "plain"])
+    assert head.flat_parts() is None
 
 
 def test_gathered_head_gives_the_same_gradients(tok) -> None:
@@ -205,6 +255,29 @@ def test_flat_head_gives_the_same_adapter_gradients(tok) -> None:
         torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert any("lm_head" in n for n in grads[0]) and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_flat_bayesian_lora_head_gives_the_same_gradients(tok) -> None:
+    """Training draws one sample for the whole forward (``shared``): under one seed the
+    inducing weights of the head and of q get the gradients of the whole suffix."""
+    from blob_lora.tuners.bayesian_lora import sampling
+
+    model = _bayesian_lora(tok)
+    batch = _batch(WG, WG_EXAMPLES, tok, 2)
+    grads = []
+    with sampling(model, True, "shared"):
+        for where in ("suffix", "flat"):
+            model.zero_grad()
+            torch.manual_seed(5)
+            logits = answer_logits(model, batch, None, head_positions=where)
+            torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+            grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
+    assert any("lm_head.lora_inducing" in n for n in grads[0])
+    assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 

@@ -253,6 +253,14 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
 #: positions that are read (``tuners.blob``'s layers set it).
 ADDITIVE_LORA_B = "additive_lora_b"
 
+#: An adapter layer whose forward is additive but does not call ``lora_B`` (it multiplies
+#: factors it draws itself) defines a method of this name instead: it returns the modules whose
+#: outputs its forward adds up, each called on a (B, K, .) input that is computed row by row
+#: (the base layer, and a parameter-free module the adapters' summed output passes through),
+#: or None while it cannot say (another adapter kind is active beside it): those inputs may be
+#: cut to the positions that are read (``tuners.bayesian_lora``'s layers define it).
+FLAT_PARTS = "flat_parts"
+
 
 def head_read_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, K) bool of a cloze batch: which of the positions ``head_positions="rows"`` hands
@@ -267,9 +275,10 @@ def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
     returns (T, V): a plain head itself; for a LoRA head whose forward adds up its base layer
     and its adapters' ``lora_B`` outputs (PEFT's own, or a class that declares
     :data:`ADDITIVE_LORA_B`), the base layer (the vocabulary matrix) and each active adapter's
-    ``lora_B``. Its ``lora_A``, dropout and any weight noise keep the (B, K) rows, so a
-    Bayesian adapter still draws one sample per row. None for any other head (a LoRA variant
-    such as DoRA, an adapter that computes its product itself): its rows are kept."""
+    ``lora_B``; for a layer that defines :data:`FLAT_PARTS`, what that returns. Its
+    ``lora_A``, dropout and any weight noise keep the (B, K) rows, so a Bayesian adapter still
+    draws one sample per row. None for any other head (a LoRA variant such as DoRA, an adapter
+    that computes its product itself and says nothing): its rows are kept."""
     get = getattr(head, "get_base_layer", None)
     base = get() if callable(get) else head
     if base is head:
@@ -279,6 +288,9 @@ def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
 
     if not isinstance(head, LoraLayer) or not isinstance(base, nn.Module):
         return None
+    own = getattr(head, FLAT_PARTS, None)
+    if callable(own):
+        return own()
     additive = getattr(type(head), ADDITIVE_LORA_B, False) is True
     if not additive and type(head).forward is not LoraLinear.forward:
         return None

@@ -47,6 +47,10 @@ class BayesianLoraLayerMixin:
         if "lora_inducing_A" not in self.__dict__.get("_modules", {}):
             self.lora_inducing_A = nn.ModuleDict({})
             self.lora_inducing_B = nn.ModuleDict({})
+            # the adapters' summed output passes through it (no parameters, nothing saved), so
+            # a cloze forward can cut it to the positions it reads, as it cuts the base layer's
+            # input (``flat_parts``)
+            self.bl_adapter_output = nn.Identity()
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
         cfg = self._bayesian_lora_init
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -96,6 +100,21 @@ class BayesianLoraLayerMixin:
             return a_post.mean_weight(), b_post.mean_weight()
         return a_post.sample_weight(n), b_post.sample_weight(n)
 
+    def flat_parts(self) -> list[nn.Module] | None:
+        """The modules whose outputs this layer's forward adds up, each on a row-wise input
+        (``models.forward.FLAT_PARTS``): the base layer and ``bl_adapter_output``; the base
+        layer alone while merged or disabled (PEFT's forward then runs it only). The factors
+        are still drawn per row of the uncut input, so the sampling is that of the whole rows.
+        None where another kind of adapter is active beside these (PEFT's forward would run its
+        ``lora_B`` on the cut rows)."""
+        base = self.get_base_layer()
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or self.disable_adapters or not active:
+            return [base]
+        if all(a in self.lora_inducing_A for a in active):
+            return [base, self.bl_adapter_output]
+        return None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._bl_active() or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
@@ -103,6 +122,7 @@ class BayesianLoraLayerMixin:
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         mode = self.bl_mode_override or "shared"
+        total: torch.Tensor | None = None
         for adapter in self.active_adapters:
             if adapter not in self.lora_inducing_A:
                 continue
@@ -115,7 +135,10 @@ class BayesianLoraLayerMixin:
             else:
                 a, b = self.factor_weights(adapter, None)
                 out = F.linear(F.linear(x_in, a), b)
-            result = result + (out * self.scaling[adapter]).to(result_dtype)
+            part = out * self.scaling[adapter]
+            total = part if total is None else total + part
+        if total is not None:
+            result = result + self.bl_adapter_output(total).to(result_dtype)
         return result.to(result_dtype)
 
 
