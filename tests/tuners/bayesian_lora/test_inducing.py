@@ -187,3 +187,35 @@ def test_one_sample_per_sequence_in_independent_mode():
     with torch.no_grad(), sampling(model, True, mode="shared"):
         y = model(x)
     torch.testing.assert_close(y[0], y[1], rtol=0, atol=1e-6)  # one draw for the batch
+
+
+@pytest.mark.parametrize("n", [None, 2])
+def test_a_sample_has_the_gradients_of_finite_differences_in_every_parameter(n) -> None:
+    """The draw is reparameterised: under one seed a sample is a smooth function of every
+    parameter (prior structure, q(V), lambda), and backward gives its derivative (checked by
+    central differences, each parameter moved along a random direction)."""
+    config = BayesianLoraConfig(inducing_rows=3, inducing_cols=2, max_lamda=1.0, max_u_std=1.0)
+    module = InducingWeight(6, 4, config)
+    set_spread(module, 0.7, 0.4)  # inside the clamps, which would stop these gradients
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+
+    def objective() -> torch.Tensor:
+        torch.manual_seed(5)
+        return (module.sample_weight(n) * weights).sum()
+
+    module.zero_grad()
+    objective().backward()
+    gen = torch.Generator().manual_seed(2)
+    for name, p in module.named_parameters():
+        direction = torch.randn(p.shape, generator=gen)
+        analytic = float((p.grad * direction).sum())
+        step = 1e-2
+        with torch.no_grad():
+            p.add_(step * direction)
+            up = float(objective())
+            p.sub_(2 * step * direction)
+            down = float(objective())
+            p.add_(step * direction)
+        numeric = (up - down) / (2 * step)
+        assert analytic != 0.0, name
+        assert abs(analytic - numeric) <= 2e-2 * abs(numeric) + 1e-4, (name, analytic, numeric)

@@ -124,7 +124,7 @@ class InducingWeight(nn.Module):
         rows, cols = z_row.shape[0], z_col.shape[0]
         device = z_row.device
         v = self.u_mean.float() + self.u_std() * torch.randn((*batch, rows, cols), device=device)
-        mean = t_row @ (l_row @ v @ l_col.T) @ t_col
+        u_mean = l_row @ v @ l_col.T  # the mean of W is T_r u_mean T_c
         # Matheron's rule: W = e1 is the W-block of a joint sample of the augmented matrix and
         # u_bar = Z_r e1 Z_c^T + L_zr e2 D_c + D_r e3 L_zc^T + D_r e4 D_c its U-block, where
         # L_zr L_zr^T = Z_r Z_r^T stands in for the (d_out x q) block Z_r E_12 in distribution;
@@ -141,8 +141,13 @@ class InducingWeight(nn.Module):
             + d_row.unsqueeze(-1) * e3 @ l_zc.T
             + d_row.unsqueeze(-1) * e4 * d_col
         )
-        noise = e1 - t_row @ u_bar @ t_col
-        return self.prior_std * (mean + self.lamda() * noise)
+        # mean + lambda (e1 - T_r u_bar T_c), with the two (d_out x d_in) products of T_r and
+        # T_c folded into one and T_c applied first: the draws of a head's B (49,152 x r, one
+        # per sequence) are the largest tensors of an evaluation, and each product or pass
+        # over them costs (bench/head_rows.py --methods bayesian-lora)
+        lam = self.lamda()
+        core = self.prior_std * ((u_mean - lam * u_bar) @ t_col)  # (p x d_in): small
+        return torch.addcmul(t_row @ core, self.prior_std * lam, e1)
 
     # --- KL ---------------------------------------------------------------------------------
 
