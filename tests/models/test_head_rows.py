@@ -215,15 +215,18 @@ def test_bayesian_lora_head_runs_its_vocabulary_matrix_on_the_read_positions(tok
         assert (other - scores["flat"]).abs().max() > 1e-4  # 10x the tolerance above
 
 
-def test_bayesian_lora_head_with_a_plain_lora_adapter_beside_keeps_its_rows(tok) -> None:
+def test_bayesian_lora_head_names_its_parts_only_when_they_are_all_its_own(tok) -> None:
     """Merged or disabled, only the base layer runs (flat); with a plain LoRA adapter active
     beside the Bayesian one, PEFT's forward would run that adapter's ``lora_B`` on the rows, so
-    the head says nothing (None) and keeps them."""
+    the head says nothing (None) and ``flat`` keeps them."""
     model = _bayesian_lora(tok)
     head = model.get_output_embeddings()
     assert head.flat_parts() == [head.get_base_layer(), head.bl_adapter_output]
     with model.disable_adapter():
         assert head.flat_parts() == [head.get_base_layer()]
+    head.merge()
+    assert head.flat_parts() == [head.get_base_layer()]
+    head.unmerge()
     head.lora_A["plain"] = nn.Linear(head.in_features, 4, bias=False)
     head.set_adapter(["default", "plain"])
     assert head.flat_parts() is None
