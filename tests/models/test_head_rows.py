@@ -305,6 +305,43 @@ def test_gathered_head_keeps_one_blob_sample_per_row(tok) -> None:
     assert (out[2][0] - out[2][3]).abs().max() > 1e-3
 
 
+def test_blob_head_names_its_parts_and_its_vocabulary_matrix_gets_the_read_positions(tok):
+    """BLoB's head names its parts (``flat_parts``): the base layer and the active ``lora_B``;
+    flat, both get the T read positions while the path into ``A`` (where the std enters; its
+    dropout is the module it calls when sampling) keeps the (B, K) rows. Merged or disabled, the base layer alone; with DoRA active, nothing (PEFT
+    computes that product itself), so ``flat`` would keep its rows."""
+    from blob_lora.methods import get_method
+
+    model = _adapted(tok, seed=6, method="blob")
+    head = model.get_output_embeddings()
+    assert head.flat_parts() == [head.get_base_layer(), head.lora_B["default"]]
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    on_base = _HeadInputs(model, base=True)
+    seen: dict[str, list[tuple[int, ...]]] = {"A": [], "B": []}
+    hooks = [
+        head.lora_dropout["default"].register_forward_hook(
+            lambda m, a, o: seen["A"].append(a[0].shape)
+        ),
+        head.lora_B["default"].register_forward_hook(lambda m, a, o: seen["B"].append(a[0].shape)),
+    ]
+    with torch.no_grad(), get_method("blob").sampling_mode(model, 1):
+        cloze_logits(model, batch, head_positions="flat")
+    for h in hooks:
+        h.remove()
+    on_base.close()
+    needed = _needed_per_row(batch)
+    assert on_base.shapes == [(sum(needed), head.in_features)]
+    assert seen["A"][0][:2] == (len(MC_EXAMPLES), max(needed))
+    assert seen["B"][0] == (sum(needed), 4)
+    with model.disable_adapter():
+        assert head.flat_parts() == [head.get_base_layer()]
+    head.merge()
+    assert head.flat_parts() == [head.get_base_layer()]
+    head.unmerge()
+    head.use_dora["default"] = True
+    assert head.flat_parts() is None
+
+
 def test_head_plan_lists_each_rows_positions_once_and_maps_every_entry() -> None:
     rows = torch.tensor([0, 0, 0, 2, 2, 1])
     at = torch.tensor([5, 3, 5, 0, 7, 2])

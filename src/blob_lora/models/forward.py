@@ -246,19 +246,13 @@ def head_plan(rows: torch.Tensor, at: torch.Tensor, batch_size: int) -> HeadRows
     return HeadRows(index=index, slot=col[inverse], counts=counts, rows=rows, n_read=uniq.numel())
 
 
-#: An adapter layer class sets this class attribute to True to declare that its forward is
-#: ``base_layer(x) + sum over active adapters a of lora_B[a](h_a) * scaling`` (the modules
-#: called), with ``h_a`` computed from ``x`` row by row, as PEFT's own LoRA forward is:
-#: ``head_positions="flat"`` may then cut the input of ``base_layer`` and ``lora_B`` to the
-#: positions that are read (``tuners.blob``'s layers set it).
-ADDITIVE_LORA_B = "additive_lora_b"
-
-#: An adapter layer whose forward is additive but does not call ``lora_B`` (it multiplies
-#: factors it draws itself) defines a method of this name instead: it returns the modules whose
-#: outputs its forward adds up, each called on a (B, K, .) input that is computed row by row
-#: (the base layer, and a parameter-free module the adapters' summed output passes through),
-#: or None while it cannot say (another adapter kind is active beside it): those inputs may be
-#: cut to the positions that are read (``tuners.bayesian_lora``'s layers define it).
+#: An adapter layer whose forward adds up the outputs of some of its modules, each called on a
+#: (B, K, .) input computed row by row, defines a method of this name: it returns those
+#: modules (the base layer and each active adapter's ``lora_B`` for BLoB; the base layer and a
+#: parameter-free module the adapters' summed output passes through for Bayesian-LoRA, which
+#: multiplies factors it draws itself), or None while it cannot say (a LoRA variant or another
+#: adapter kind is active beside it): ``head_positions="flat"`` may then cut those inputs to the
+#: positions that are read. PEFT's own ``lora.Linear`` is known without it.
 FLAT_PARTS = "flat_parts"
 
 
@@ -272,10 +266,10 @@ def head_read_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
     """The modules of ``head`` whose input can be cut to the read positions, so that the head
-    returns (T, V): a plain head itself; for a LoRA head whose forward adds up its base layer
-    and its adapters' ``lora_B`` outputs (PEFT's own, or a class that declares
-    :data:`ADDITIVE_LORA_B`), the base layer (the vocabulary matrix) and each active adapter's
-    ``lora_B``; for a layer that defines :data:`FLAT_PARTS`, what that returns. Its
+    returns (T, V): a plain head itself; for PEFT's own LoRA head, whose forward adds up its
+    base layer and its adapters' ``lora_B`` outputs, the base layer (the vocabulary matrix) and
+    each active adapter's ``lora_B``; for a layer that defines :data:`FLAT_PARTS`, what that
+    returns. Its
     ``lora_A``, dropout and any weight noise keep the (B, K) rows, so a Bayesian adapter still
     draws one sample per row. None for any other head (a LoRA variant such as DoRA, an adapter
     that computes its product itself and says nothing): its rows are kept."""
@@ -291,8 +285,7 @@ def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
     own = getattr(head, FLAT_PARTS, None)
     if callable(own):
         return own()
-    additive = getattr(type(head), ADDITIVE_LORA_B, False) is True
-    if not additive and type(head).forward is not LoraLinear.forward:
+    if type(head).forward is not LoraLinear.forward:
         return None
     active = [a for a in head.active_adapters if a in head.lora_B]
     if any(a in getattr(head, "lora_variant", {}) or head.use_dora.get(a) for a in active):

@@ -111,14 +111,24 @@ class BlobLayerMixin:
 class BlobLinear(BlobLayerMixin, LoraLinear):
     """BLoB on a floating-point ``nn.Linear`` (fp32, bf16, fp16 bases)."""
 
-    #: its forward (sampling or not) is the base layer's output plus each adapter's ``lora_B``
-    #: of a row-wise hidden activation: a cloze forward may cut the vocabulary-wide products
-    #: of an adapted head to the positions it reads (``models.forward.ADDITIVE_LORA_B``)
-    additive_lora_b = True
-
     def __init__(self, base_layer: nn.Module, adapter_name: str, *, blob_config: BlobConfig, **kw):
         self._blob_setup(blob_config)
         super().__init__(base_layer, adapter_name, **kw)
+
+    def flat_parts(self) -> list[nn.Module] | None:
+        """The modules whose outputs this layer's forward adds up, each on a row-wise input
+        (``models.forward.FLAT_PARTS``): the base layer and each active adapter's ``lora_B``
+        (sampling or not, the forward is ``base(x) + sum_a lora_B[a](h_a) * scaling``, ``h_a``
+        computed row by row: the std of ``A`` enters through ``h_a``, so the noise stays that
+        of the whole rows); the base layer alone while merged or disabled. None while an
+        adapter with a LoRA variant (DoRA) is active: PEFT computes that product itself."""
+        base = self.get_base_layer()
+        active = [a for a in self.active_adapters if a in self.lora_B]
+        if self.merged or self.disable_adapters or not active:
+            return [base]
+        if any(a in getattr(self, "lora_variant", {}) or self.use_dora.get(a) for a in active):
+            return None
+        return [base, *(self.lora_B[a] for a in active)]
 
     def __repr__(self) -> str:
         return "blob." + super().__repr__()
