@@ -14,7 +14,8 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -168,6 +169,24 @@ def custom_layers(model: nn.Module, kind: type[L]) -> Iterator[tuple[str, L]]:
     for name, module in model.named_modules():
         if isinstance(module, kind):
             yield name, module
+
+
+@contextmanager
+def layer_attributes(layers: Sequence[nn.Module], **values: Any) -> Iterator[None]:
+    """Within the block every layer of ``layers`` has the attributes ``values``; on exit, also
+    after an error, each gets back its own. Why one helper: every tuner switches its layers
+    this way (sampling on or off, the sample mode, the noise kind), and a restore that missed a
+    layer or an attribute would leave a model sampling after its block ended."""
+    saved = [{name: getattr(layer, name) for name in values} for layer in layers]
+    try:
+        for layer in layers:
+            for name, value in values.items():
+                setattr(layer, name, value)
+        yield
+    finally:
+        for layer, old in zip(layers, saved, strict=True):
+            for name, value in old.items():
+                setattr(layer, name, value)
 
 
 def check_plain_lora(lora_config: LoraConfig, method: str) -> None:

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -27,6 +28,7 @@ from blob_lora.tuners.peft_adapter import (
     CustomTuner,
     OptionsPeftMixin,
     custom_layers,
+    layer_attributes,
     load_adapter_folder,
 )
 from blob_lora.utils.errors import CheckpointError, ConfigError
@@ -91,18 +93,11 @@ def sampling(
     """
     if mode is not None and mode not in SAMPLE_MODES:
         raise ConfigError(f"sample mode must be one of {SAMPLE_MODES}, got {mode!r}")
-    layers = [layer for _, layer in abmll_layers(model)]
-    saved = [(lay.abmll_sampling, lay.abmll_mode, lay.abmll_generator) for lay in layers]
-    try:
-        for layer in layers:
-            layer.abmll_sampling = bool(enabled)
-            if mode is not None:
-                layer.abmll_mode = mode
-            layer.abmll_generator = generator
+    values: dict[str, Any] = {"abmll_sampling": bool(enabled), "abmll_generator": generator}
+    if mode is not None:
+        values["abmll_mode"] = mode
+    with layer_attributes([layer for _, layer in abmll_layers(model)], **values):
         yield model
-    finally:
-        for layer, (flag, m, gen) in zip(layers, saved, strict=True):
-            layer.abmll_sampling, layer.abmll_mode, layer.abmll_generator = flag, m, gen
 
 
 # --- task posteriors ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from blob_lora.tuners.peft_adapter import (
     CustomTuner,
     OptionsPeftMixin,
     custom_layers,
+    layer_attributes,
     load_adapter_folder,
 )
 from blob_lora.utils.errors import ConfigError
@@ -101,18 +102,11 @@ def sampling(model: nn.Module, enabled: bool, mode: str | None = None) -> Iterat
     """
     if mode is not None and mode not in SAMPLE_MODES:
         raise ConfigError(f"sample mode must be one of {SAMPLE_MODES}, got {mode!r}")
-    layers = [layer for _, layer in bayesian_lora_layers(model)]
-    saved = [(layer.bl_sampling, layer.bl_mode_override) for layer in layers]
-    try:
-        for layer in layers:
-            layer.bl_sampling = bool(enabled)
-            if mode is not None:
-                layer.bl_mode_override = mode
+    values: dict[str, Any] = {"bl_sampling": bool(enabled)}
+    if mode is not None:
+        values["bl_mode_override"] = mode
+    with layer_attributes([layer for _, layer in bayesian_lora_layers(model)], **values):
         yield model
-    finally:
-        for layer, (flag, override) in zip(layers, saved, strict=True):
-            layer.bl_sampling = flag
-            layer.bl_mode_override = override
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:

@@ -24,6 +24,7 @@ from blob_lora.tuners.peft_adapter import (
     CustomTuner,
     OptionsPeftMixin,
     custom_layers,
+    layer_attributes,
     load_adapter_folder,
 )
 from blob_lora.utils.errors import ConfigError
@@ -97,18 +98,11 @@ def sampling(model: nn.Module, enabled: bool, mode: str | None = None) -> Iterat
     Off gives the mean weights ``A = M`` through PEFT's own LoRA forward. ``mode`` overrides the
     noise mode for the block (e.g. ``"independent"`` when sample copies share a batch).
     """
-    layers = [layer for _, layer in blob_layers(model)]
-    saved = [(layer.blob_sampling, layer.blob_noise_mode_override) for layer in layers]
-    try:
-        for layer in layers:
-            layer.blob_sampling = bool(enabled)
-            if mode is not None:
-                layer.blob_noise_mode_override = mode
+    values: dict[str, Any] = {"blob_sampling": bool(enabled)}
+    if mode is not None:
+        values["blob_noise_mode_override"] = mode
+    with layer_attributes([layer for _, layer in blob_layers(model)], **values):
         yield model
-    finally:
-        for layer, (flag, override) in zip(layers, saved, strict=True):
-            layer.blob_sampling = flag
-            layer.blob_noise_mode_override = override
 
 
 def predictive_noise_mode(model: nn.Module) -> str:
@@ -125,16 +119,9 @@ def eval_noise(model: nn.Module, kind: str | None) -> Iterator[nn.Module]:
     (``flipout``) is not affected."""
     if kind is not None and kind not in EVAL_NOISE_MODES:
         raise ConfigError(f"eval noise must be one of {EVAL_NOISE_MODES}, got {kind!r}")
-    layers = [layer for _, layer in blob_layers(model)]
-    saved = [layer.blob_eval_noise for layer in layers]
-    try:
-        if kind is not None:
-            for layer in layers:
-                layer.blob_eval_noise = kind
+    values = {} if kind is None else {"blob_eval_noise": kind}
+    with layer_attributes([layer for _, layer in blob_layers(model)], **values):
         yield model
-    finally:
-        for layer, old in zip(layers, saved, strict=True):
-            layer.blob_eval_noise = old
 
 
 def std_parameters(model: nn.Module) -> list[nn.Parameter]:
