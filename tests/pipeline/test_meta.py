@@ -211,3 +211,38 @@ def test_a_config_file_cannot_set_what_the_command_line_chooses(meta_run, tmp_pa
     err = capsys.readouterr().err
     assert "--overwrite: command-line only, not a config-file key" in err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_question_that_cannot_fit_stops_the_run_first_or_is_left_out(tmp_path, capsys):
+    """Three tasks hold a question whose options alone exceed --max-length: by default
+    meta-train stops before anything is written, naming them and the length that fits; with
+    --overlong drop they are left out of their pools, listed in tasks.json, and the held-out
+    ones are neither scored nor drawn as support by meta-evaluate (listed there too)."""
+    model = tiny_model_folder(tmp_path / "model")
+    tasks = tiny_task_collection(tmp_path / "tasks", n_tasks=4, n_questions=10)
+    for t in (0, 1, 3):  # 2 of the 4 are held out: at least one of them holds one, and so
+        path = tasks / f"task{t}" / "validation.jsonl"  # does the meta-train side
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[4]["choices"] = [f"{c} is a very long option indeed" * 2 for c in "abc"]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(train_args(tasks, model, out)) == 2
+    err = capsys.readouterr().err
+    assert "3 question(s) of 3 task(s) cannot fit --max-length 96" in err
+    assert "--overlong drop leaves them out" in err
+    fits = int(re.search(r"--max-length (\d+) fits them all", err).group(1))
+    assert not out.exists()
+
+    assert main(train_args(tasks, model, out, "--overlong", "drop")) == 0
+    summary = json.loads((out / "tasks.json").read_text())
+    assert summary["overlong"] == {
+        str(tasks / f"task{t}"): {f"t{t}q4": fits} for t in (0, 1, 3)
+    }  # the same options in each, so the same length
+    assert fits > 96
+    assert main(["meta-evaluate", "--run", str(out), "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "meta_eval.json").read_text())
+    held_out = summary["meta_test"]
+    dropped = {name: summary["overlong"][name] for name in held_out if name in summary["overlong"]}
+    assert dropped and result["overlong"] == dropped
+    for name, metrics in result["tasks"].items():
+        assert metrics["n_examples"] == (6 if name in dropped else 7)  # 10 - 3 support (- 1)

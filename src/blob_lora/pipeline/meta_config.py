@@ -20,6 +20,8 @@ META_CONFIG_NAME = "meta_config.json"
 #: the methods the protocol meta-trains (the baselines run as ``meta-evaluate --baseline`` of
 #: such a run, on its own settings: ``meta_baselines.py``)
 META_METHODS = ("abmll",)
+#: ``MetaConfig.overlong``: stop on a question that cannot fit, or leave it out
+OVERLONG_CHOICES = ("error", "drop")
 
 
 @dataclass
@@ -50,6 +52,14 @@ class MetaConfig(
         lr: AdamW's learning rate on the global parameters (ours).
         batch_size: questions per forward pass (memory only: the losses are per-example means).
         max_length: prompt tokens, as ``--max-length`` of ``train``.
+        overlong: what becomes of a question that cannot fit ``max_length`` even with its
+            passage and question cut (its options alone are longer): ``error`` (the default:
+            the run stops before any training, naming the tasks, the questions and the
+            ``--max-length`` that fits them all) or ``drop`` (left out of its task's pool, so
+            of every draw and every evaluation; listed in ``tasks.json`` and ``meta_eval*.json``
+            as ``overlong``). Why a choice here and not in ``train``: one question of a
+            collection's thousands (MMLU: 27 of 14,042 at 256 tokens under cloze scoring)
+            should not have to stop a run over all of them.
         scoring: ``letter`` or ``cloze``, as ``--scoring`` of ``train``.
         seed: the task split, the draws of support / query / evaluation questions, the weight
             samples of adaptation and prediction.
@@ -77,6 +87,7 @@ class MetaConfig(
     lr: float = 1e-4
     batch_size: int = 8
     max_length: int = 256
+    overlong: str = "error"
     scoring: str = "letter"
     seed: int = 0
 
@@ -88,6 +99,7 @@ class MetaConfig(
         check_str(self, "data_root", optional=True)
         check_choice(self, "method", META_METHODS)
         check_choice(self, "scoring", SCORING_MODES)
+        check_choice(self, "overlong", OVERLONG_CHOICES)
         for name in ("meta_test_tasks", "query_size", "meta_steps", "meta_batch_tasks"):
             check_int(self, name)
         for name in ("batch_size", "max_length"):

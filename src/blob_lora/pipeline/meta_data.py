@@ -15,8 +15,9 @@ adapted top (``models.prefix_cache.BatchPrefixCache``): the same numbers, fewer 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,25 +26,33 @@ from blob_lora.methods.abmll import answer_nll
 from blob_lora.models.prefix_cache import BatchPrefixCache
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.tasks.collection import TaskPool, collection_names, load_pool, split_tasks
-from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split
+from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split, fitting_examples
 from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.scoring import Scoring, scoring_option_ids
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.tuners.abmll.meta import Batch, Nll
+from blob_lora.utils.errors import DataError
 
 
 @dataclass(frozen=True)
 class MetaSplit:
-    """The collection's tasks, loaded, by role."""
+    """The collection's tasks, loaded, by role; ``overlong``: per task, the questions
+    :func:`fit_split` left out (id -> the tokens each would need)."""
 
     train: list[TaskPool]
     test: list[TaskPool]
+    overlong: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def names(self) -> dict[str, list[str]]:
-        return {
+    def names(self) -> dict[str, Any]:
+        """The split as ``tasks.json`` records it (with ``overlong`` where questions were left
+        out)."""
+        out: dict[str, Any] = {
             "meta_train": [p.name for p in self.train],
             "meta_test": [p.name for p in self.test],
         }
+        if self.overlong:
+            out["overlong"] = self.overlong
+        return out
 
 
 def load_split(cfg: MetaConfig) -> MetaSplit:
@@ -55,6 +64,44 @@ def load_split(cfg: MetaConfig) -> MetaSplit:
     for pool in pools.values():
         pool.check_size(cfg.k_shot)
     return MetaSplit([pools[n] for n in train], [pools[n] for n in test])
+
+
+def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> MetaSplit:
+    """``split`` with every task's questions checked against the prompt budget of ``inputs``
+    before anything trains (a question is otherwise encoded only when a draw picks it, which
+    could be hours into a run). A question whose options alone exceed it: with ``cfg.overlong``
+    ``"error"`` a ``DataError`` naming the tasks, a question and the ``--max-length`` that fits
+    them all; with ``"drop"`` the split without them (``MetaSplit.overlong`` lists them). The
+    same run re-creates the same pools, so ``meta-evaluate`` draws the same support sets."""
+    fitted: dict[str, TaskPool] = {}
+    left_out: dict[str, dict[str, int]] = {}
+    for pool in [*split.train, *split.test]:
+        kept, out = fitting_examples(
+            pool.task, pool.examples, inputs.tokenizer, inputs.max_length, inputs.scoring
+        )
+        fitted[pool.name] = TaskPool(pool.name, pool.task, kept) if out else pool
+        if out:
+            left_out[pool.name] = out
+    if not left_out:
+        return split
+    if cfg.overlong != "drop":
+        n = sum(len(v) for v in left_out.values())
+        counts = ", ".join(f"{name} {len(v)}" for name, v in left_out.items())
+        name, ids = next(iter(left_out.items()))
+        first, needed = next(iter(ids.items()))
+        most = max(t for v in left_out.values() for t in v.values())
+        raise DataError(
+            f"{n} question(s) of {len(left_out)} task(s) cannot fit --max-length "
+            f"{inputs.max_length} even with their passage and question cut ({counts}; e.g. "
+            f"{first!r} of {name} needs {needed} tokens): --max-length {most} fits them all, "
+            "or --overlong drop leaves them out (listed in tasks.json)"
+        )
+    for pool in fitted.values():
+        if pool.name in left_out:
+            pool.check_size(cfg.k_shot)  # what is left must still hold a support set
+    return MetaSplit(
+        [fitted[p.name] for p in split.train], [fitted[p.name] for p in split.test], left_out
+    )
 
 
 def reusing_prefix(nll: Nll) -> Nll:

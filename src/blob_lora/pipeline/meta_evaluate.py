@@ -32,7 +32,7 @@ from blob_lora.pipeline.meta_baselines import (
     check_baseline,
 )
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
-from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, load_split
+from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, fit_split, load_split
 from blob_lora.pipeline.meta_train import (
     ADAPTER_DIR,
     device_of_choice,
@@ -107,6 +107,10 @@ def meta_evaluate(
         "seed": cfg.seed,
         "adaptation": {"steps": budget.inner_steps, "lr": budget.inner_lr},
     }
+    held_out = {p.name for p in meta_run.split.test}
+    overlong = {k: v for k, v in meta_run.split.overlong.items() if k in held_out}
+    if overlong:  # --overlong drop left these out of the scored questions
+        result["overlong"] = overlong
     name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
     atomic_write_json(Path(out or meta_run.folder) / name, result)
     return result
@@ -154,6 +158,7 @@ def open_run(
     inputs = TaskInputsFactory(
         tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
     )
+    split = fit_split(split, inputs, cfg)  # the pools the run was trained and split with
     return MetaRun(folder, cfg, budget, split, inputs), model.to(device)
 
 

@@ -38,7 +38,7 @@ import torch
 
 from blob_lora.models.loading import load_model_and_tokenizer
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
-from blob_lora.pipeline.meta_data import MetaSplit, TaskInputsFactory, load_split
+from blob_lora.pipeline.meta_data import MetaSplit, TaskInputsFactory, fit_split, load_split
 from blob_lora.pipeline.meta_loop import (
     DEFAULT_CHECKPOINT_EVERY,
     REPLACED,
@@ -191,12 +191,13 @@ def meta_train(
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     device = device_of_choice()
-    torch.manual_seed(cfg.seed)  # the initial A matrices
-    peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
-    peft_model.train()
     inputs = TaskInputsFactory(
         tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
     )
+    split = fit_split(split, inputs, cfg)  # every question fits, or is left out, before step 1
+    torch.manual_seed(cfg.seed)  # the initial A matrices
+    peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
+    peft_model.train()
     optimizer = outer_optimizer(peft_model, cfg.lr)
     loop = OuterLoop(
         peft_model,

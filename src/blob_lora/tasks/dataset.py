@@ -32,7 +32,7 @@ from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
 from blob_lora.tasks.scoring import LETTER, Scoring, scoring_option_ids
 from blob_lora.utils.atomic import atomic_write_text
-from blob_lora.utils.errors import ConfigError, DataError
+from blob_lora.utils.errors import ConfigError, DataError, OverlongError
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,13 @@ def encode_examples(
                 spans = _spans(sg)
                 ids, left = _truncate(ids, [tuple(o) for o in offs], spans, excess)
                 if left > 0:
-                    need = len(prefix) + len(ids) - left
-                    raise DataError(
+                    need = max_length + left  # what is left after every cut
+                    raise OverlongError(
                         f"task {task.name!r}, example {ex.id!r}: the prompt needs {need} tokens "
                         f"even with no passage or question text left (options and the "
-                        f"'Answer:' cue are never cut), more than max_length={max_length}"
+                        f"'Answer:' cue are never cut), more than max_length={max_length}",
+                        example_id=ex.id,
+                        needed=need,
                     )
                 n_truncated += 1
             out.append(prefix + ids)
@@ -222,10 +224,12 @@ def encode_cloze_examples(
             offsets = [tuple(o) for o in enc["offset_mapping"]]
             shared_ids, left = _truncate(shared_ids, offsets, _spans(prompt.shared), excess)
             if left > 0:
-                raise DataError(
+                raise OverlongError(
                     f"task {task.name!r}, example {ex.id!r}: the cloze sequence needs "
                     f"{max_length + left} tokens even with no passage or question text left "
-                    f"(the options are never cut), more than max_length={max_length}"
+                    f"(the options are never cut), more than max_length={max_length}",
+                    example_id=ex.id,
+                    needed=max_length + left,
                 )
             n_truncated += 1
         head = prefix + shared_ids
@@ -366,6 +370,32 @@ def encode_split(
         n_truncated,
         cloze,
     )
+
+
+def fitting_examples(
+    task, examples: Sequence[MCExample], tokenizer, max_length: int, scoring: Scoring = LETTER
+) -> tuple[list[MCExample], dict[str, int]]:
+    """``(kept, overlong)``: the examples whose prompt fits ``max_length`` once its passage or
+    question is cut (as :func:`encode_split` cuts them), in their order, and the ids of the
+    others with the tokens each would need. Why: a collection of many tasks (MMLU's 57) may
+    hold a few questions whose options alone exceed the budget; its caller decides whether to
+    stop or to leave them out. Encodes the examples once when all fit (the usual case), one by
+    one otherwise. Any other bad record still raises its ``DataError``."""
+    try:
+        encode_split(task, list(examples), tokenizer, max_length, scoring)
+        return list(examples), {}
+    except OverlongError:
+        pass
+    kept: list[MCExample] = []
+    overlong: dict[str, int] = {}
+    for ex in examples:
+        try:
+            encode_split(task, [ex], tokenizer, max_length, scoring)
+        except OverlongError as exc:
+            overlong[exc.example_id] = exc.needed
+        else:
+            kept.append(ex)
+    return kept, overlong
 
 
 class EncodedDataset(Dataset):

@@ -11,6 +11,18 @@ class DataError(BlobLoraError, ValueError):
     """A dataset file or record is missing or malformed."""
 
 
+class OverlongError(DataError):
+    """A question that cannot fit the prompt budget even with its passage and question cut:
+    what is left (options, cues) needs ``needed`` tokens. A ``DataError`` like any other bad
+    record; its own type so that a caller that may leave such questions out (a task collection,
+    ``--overlong drop``) can tell it from a malformed one."""
+
+    def __init__(self, message: str, *, example_id: str, needed: int) -> None:
+        super().__init__(message)
+        self.example_id = example_id
+        self.needed = needed
+
+
 class ConfigError(BlobLoraError, ValueError):
     """A configuration value is out of range or of the wrong type."""
 

@@ -39,6 +39,9 @@ META_HELP: dict[str, str] = {
     "lr": "AdamW learning rate of the global parameters",
     "batch_size": "questions per forward pass",
     "max_length": "maximum prompt length in tokens",
+    "overlong": "a question that cannot fit --max-length even with its passage and question "
+    "cut: 'error' stops before training and says which and what length fits; 'drop' leaves "
+    "it out of its task (listed as 'overlong' in tasks.json and meta_eval*.json)",
     "scoring": "letter or cloze, as train's --scoring",
     "seed": "the task split, the question draws and the weight samples",
     "lora_r": "rank of every ABMLL LoRA pair",
