@@ -34,6 +34,14 @@ Every stage is resumable: run the same command again after a stop.
 
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python paper/abmll_tables.py \
         paper/abmll_tables.yaml [--stage select|table|all] [--dry-run]
+
+**Across machines.** ``paper/out/`` is not in git. ``--publish DIR`` copies every *complete*
+run (meta-trained, and every contender it owes scored: a selection point's ABMLL, a seed's
+ABMLL and baselines) into ``DIR`` without its weights (``adapter/``, checkpoints, the
+multi-task LoRA's safetensors), with ``selection.*`` and ``table.*``; ``--restore DIR`` puts
+them back where ``out`` lacks them, so a new machine goes on from there instead of training
+them again. A restored run has no adapter: a contender added to the plan later makes it train
+again (delete its folder). An incomplete run is neither published nor restored.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -57,7 +66,7 @@ from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_eval
 from blob_lora.pipeline.meta_train import is_finished, meta_train
 from blob_lora.tasks.collection import collection_names, split_tasks
 from blob_lora.tuners.abmll import AbmllConfig
-from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.json_file import read_json_object
 
@@ -364,15 +373,93 @@ def table_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: what a published run leaves behind: its weights (``adapter/``, checkpoints) and any tensor file
+WEIGHT_DIRS = ("adapter", "checkpoints", "checkpoints-replaced")
+TOP_FILES = (SELECTION_FILE, "selection.md", "table.json", "table.md")
+
+
+def complete_runs(plan: Plan) -> list[Path]:
+    """The run folders of ``plan`` (relative to its ``out``) that are meta-trained and hold
+    every contender's result they owe: ABMLL's for a selection point, ABMLL's and each
+    baseline's for a seed."""
+    owed = [META_EVAL_FILE, *(f"meta_eval_{b}.json" for b in plan.baselines)]
+    wanted = [(plan.out / "runs" / f"seed{s}", owed) for s in plan.seeds]
+    if plan.select is not None:
+        wanted += [
+            (plan.out / "select" / point_name(p), [META_EVAL_FILE]) for p in plan.select.points()
+        ]
+    return [
+        folder.relative_to(plan.out)
+        for folder, files in wanted
+        if is_finished(folder) and all((folder / f).is_file() for f in files)
+    ]
+
+
+def _is_weight(rel: Path) -> bool:
+    return rel.suffix in (".safetensors", ".bin", ".pt") or any(
+        part in WEIGHT_DIRS for part in rel.parts[:-1]
+    )
+
+
+def publish(plan: Plan, dest: Path) -> list[Path]:
+    """Copy the complete runs (no weights) and the selection and table files into ``dest``,
+    each run replaced whole (``atomic_directory``); returns the runs copied."""
+    runs = complete_runs(plan)
+    for rel in runs:
+        source = plan.out / rel
+        with atomic_directory(dest / rel) as tmp:
+            for path in sorted(source.rglob("*")):
+                inner = path.relative_to(source)
+                if path.is_file() and not _is_weight(inner):
+                    (tmp / inner).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, tmp / inner)
+    for name in TOP_FILES:
+        if (plan.out / name).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(plan.out / name, dest / name)
+    return runs
+
+
+def restore(plan: Plan, source: Path) -> list[Path]:
+    """Copy the published runs of ``source`` back into ``out`` where ``out`` has no such
+    folder (a folder there is the newer one), and the selection where ``out`` has none;
+    returns the runs restored."""
+    restored = []
+    for tasks_file in sorted(source.glob("*/*/tasks.json")):
+        rel = tasks_file.parent.relative_to(source)
+        if (plan.out / rel).exists():
+            continue
+        with atomic_directory(plan.out / rel) as tmp:
+            shutil.copytree(tasks_file.parent, tmp, dirs_exist_ok=True)
+        restored.append(rel)
+    for name in (SELECTION_FILE, "selection.md"):
+        if (source / name).is_file() and not (plan.out / name).exists():
+            plan.out.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, plan.out / name)
+    return restored
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the experiment file (paper/abmll_tables.yaml)")
     p.add_argument("--stage", choices=("select", "table", "all"), default="all")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--publish", metavar="DIR",
+                   help="copy the complete runs (no weights) into DIR, run nothing")  # fmt: skip
+    p.add_argument("--restore", metavar="DIR",
+                   help="put DIR's published runs back where out lacks them, run nothing")  # fmt: skip
     args = p.parse_args(argv)
     try:
         plan = load_plan(args.config)
+        if args.publish:
+            runs = publish(plan, Path(args.publish))
+            print(f"published {len(runs)} runs: " + ", ".join(map(str, runs)))
+        if args.restore:
+            runs = restore(plan, Path(args.restore))
+            print(f"restored {len(runs)} runs: " + ", ".join(map(str, runs)))
+        if args.publish or args.restore:
+            return 0
         if args.dry_run:
             print(json.dumps(describe(plan), indent=2))
             return 0

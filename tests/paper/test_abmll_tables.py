@@ -4,7 +4,9 @@ the runs wrote, a second invocation runs nothing again, and bad plans are refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -151,3 +153,48 @@ def test_the_experiment_of_record_loads() -> None:
     plan = abmll_tables.load_plan(Path(abmll_tables.__file__).with_name("abmll_tables.yaml"))
     assert plan.select is not None and str(plan.out).startswith("paper/out/")
     assert plan.meta["scoring"] == "cloze"
+
+
+def test_published_runs_carry_no_weights_and_restore_to_a_table_that_runs_nothing(
+    finished, tmp_path
+) -> None:
+    """A new machine: the published runs (no weights) put back into an empty ``out`` make the
+    next invocation train and score only what was not published, and give the same table."""
+    root, path = finished
+    published = tmp_path / "published"
+    assert abmll_tables.main([str(path), "--publish", str(published)]) == 0
+    copied = {p.relative_to(published) for p in published.rglob("*") if p.is_file()}
+    assert not [p for p in copied if p.suffix == ".safetensors" or "adapter" in p.parts]
+    for rel in ("runs/seed1", "runs/seed2", "select/abmll_gamma=0.0", "select/abmll_gamma=1e-07"):
+        assert {Path(rel) / "meta_eval.json", Path(rel) / "tasks.json"} <= copied
+    assert Path("runs/seed1/meta_eval_lora-support.json") in copied
+    assert {Path("selection.json"), Path("table.json")} <= copied
+
+    shutil.rmtree(published / "runs" / "seed2")  # as if seed 2 had not finished then
+    plan = yaml.safe_load(path.read_text())
+    plan["out"] = str(tmp_path / "fresh")  # the same plan, a fresh out folder
+    moved = tmp_path / "plan.yaml"
+    moved.write_text(yaml.safe_dump(plan))
+    assert abmll_tables.main([str(moved), "--restore", str(published)]) == 0
+    fresh = tmp_path / "fresh"
+    assert (fresh / "selection.json").read_bytes() == (root / "out" / "selection.json").read_bytes()
+    assert not (fresh / "runs" / "seed2").exists()
+    timing = json.loads((fresh / "runs" / "seed1" / "timing.json").read_text())
+    assert abmll_tables.main([str(moved), "--no-progress"]) == 0
+    assert json.loads((fresh / "runs" / "seed1" / "timing.json").read_text()) == timing
+    assert "meta_train_s" in json.loads((fresh / "runs" / "seed2" / "timing.json").read_text())
+    again = json.loads((fresh / "table.json").read_text())["contenders"]
+    first = json.loads((root / "out" / "table.json").read_text())["contenders"]
+    for name in ("abmll", "zero-shot", "lora-support"):  # seed 2 made again: the same numbers
+        assert again[name]["per_seed"] == first[name]["per_seed"]
+
+
+def test_a_run_owing_a_contender_is_not_complete(finished) -> None:
+    _, path = finished
+    plan = abmll_tables.load_plan(path)
+    assert len(abmll_tables.complete_runs(plan)) == 4  # two seeds, two selection points
+    wider = dataclasses.replace(plan, baselines=[*plan.baselines, "blob-support"])
+    assert sorted(map(str, abmll_tables.complete_runs(wider))) == [
+        "select/abmll_gamma=0.0",
+        "select/abmll_gamma=1e-07",
+    ]
