@@ -111,6 +111,8 @@ def test_meta_evaluate_scores_each_held_out_task_and_is_deterministic(meta_run, 
         ({"--abmll-beta": "-1"}, "--abmll-beta must be a finite number >= 0, got -1.0"),
         ({"--meta-test-tasks": "4"}, "--meta-test-tasks must be between 1 and 3"),
         ({"--k-shot": "10"}, "has 10 questions; the protocol needs k-shot 10 plus"),
+        ({"--length-norm": "char"}, "--length-norm char applies to --scoring cloze only"),
+        ({"--overlong": "skip"}, "--overlong must be one of"),
     ],
 )
 def test_bad_input_is_refused_naming_the_option(meta_run, tmp_path, capsys, change, message):
@@ -246,3 +248,22 @@ def test_a_question_that_cannot_fit_stops_the_run_first_or_is_left_out(tmp_path,
     assert dropped and result["overlong"] == dropped
     for name, metrics in result["tasks"].items():
         assert metrics["n_examples"] == (6 if name in dropped else 7)  # 10 - 3 support (- 1)
+
+
+def test_cloze_length_normalisation_is_a_setting_of_the_run(tmp_path) -> None:
+    """``--length-norm`` as ``train`` has it: stored with the run, and the inputs meta-evaluate
+    re-creates divide each option's score by its scored characters."""
+    from blob_lora.pipeline.meta_evaluate import open_run
+
+    model = tiny_model_folder(tmp_path / "model")
+    tasks = tiny_task_collection(tmp_path / "tasks", n_tasks=4, n_questions=10)
+    out = tmp_path / "run"
+    argv = train_args(tasks, model, out, "--scoring", "cloze", "--length-norm", "char")
+    assert main(argv) == 0
+    assert json.loads((out / "meta_config.json").read_text())["length_norm"] == "char"
+    run, _ = open_run(out)
+    assert run.inputs.scoring.length_norm == "char"
+    pool = run.split.test[0]
+    (batch,) = run.inputs.batches(pool, pool.examples[:3])
+    chars = [[len(" " + c) for c in ("red", "blue", "green")]] * 3  # each option's scored text
+    assert batch["divisor"].tolist() == chars

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from blob_lora.tasks.scoring import SCORING_MODES
+from blob_lora.tasks.scoring import SCORING_MODES, Scoring
 from blob_lora.tuners.lora import LoraSettings
 from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import check_choice, check_float, check_int, check_str
@@ -61,6 +61,8 @@ class MetaConfig(
             collection's thousands (MMLU: 27 of 14,042 at 256 tokens under cloze scoring)
             should not have to stop a run over all of them.
         scoring: ``letter`` or ``cloze``, as ``--scoring`` of ``train``.
+        length_norm: cloze only: ``none``, ``token`` or ``char``, as ``--length-norm`` of
+            ``train`` (one setting for every task of the collection).
         seed: the task split, the draws of support / query / evaluation questions, the weight
             samples of adaptation and prediction.
 
@@ -89,7 +91,13 @@ class MetaConfig(
     max_length: int = 256
     overlong: str = "error"
     scoring: str = "letter"
+    length_norm: str = "none"
     seed: int = 0
+
+    @property
+    def scoring_spec(self) -> Scoring:
+        """How option scores are read, for every task of the run."""
+        return Scoring(self.scoring, self.length_norm)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the option of a bad value."""
@@ -99,6 +107,7 @@ class MetaConfig(
         check_str(self, "data_root", optional=True)
         check_choice(self, "method", META_METHODS)
         check_choice(self, "scoring", SCORING_MODES)
+        self.scoring_spec  # noqa: B018 (refuses a bad --length-norm, or one under letter)
         check_choice(self, "overlong", OVERLONG_CHOICES)
         for name in ("meta_test_tasks", "query_size", "meta_steps", "meta_batch_tasks"):
             check_int(self, name)

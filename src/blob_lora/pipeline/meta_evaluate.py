@@ -41,7 +41,6 @@ from blob_lora.pipeline.meta_train import (
 )
 from blob_lora.prediction.loop import predict_dataset
 from blob_lora.tasks.collection import TaskPool, task_seed
-from blob_lora.tasks.scoring import Scoring
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
@@ -156,7 +155,7 @@ def open_run(
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     device = device_of_choice()
     inputs = TaskInputsFactory(
-        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
+        tokenizer, cfg.max_length, cfg.batch_size, cfg.scoring_spec, device, prefix_cache
     )
     split = fit_split(split, inputs, cfg)  # the pools the run was trained and split with
     return MetaRun(folder, cfg, budget, split, inputs), model.to(device)

@@ -52,7 +52,6 @@ from blob_lora.pipeline.meta_loop import (
     settings_changes,
 )
 from blob_lora.tasks.collection import task_seed
-from blob_lora.tasks.scoring import Scoring
 from blob_lora.training.run_dir import CHECKPOINTS
 from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
 from blob_lora.tuners.abmll.meta import Task, meta_loss
@@ -192,7 +191,7 @@ def meta_train(
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     device = device_of_choice()
     inputs = TaskInputsFactory(
-        tokenizer, cfg.max_length, cfg.batch_size, Scoring(cfg.scoring), device, prefix_cache
+        tokenizer, cfg.max_length, cfg.batch_size, cfg.scoring_spec, device, prefix_cache
     )
     split = fit_split(split, inputs, cfg)  # every question fits, or is left out, before step 1
     torch.manual_seed(cfg.seed)  # the initial A matrices

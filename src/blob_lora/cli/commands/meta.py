@@ -43,6 +43,7 @@ META_HELP: dict[str, str] = {
     "cut: 'error' stops before training and says which and what length fits; 'drop' leaves "
     "it out of its task (listed as 'overlong' in tasks.json and meta_eval*.json)",
     "scoring": "letter or cloze, as train's --scoring",
+    "length_norm": "cloze only: none, token or char, as train's --length-norm (every task)",
     "seed": "the task split, the question draws and the weight samples",
     "lora_r": "rank of every ABMLL LoRA pair",
     "lora_dropout": "LoRA dropout on the adapted layers' input",
