@@ -12,6 +12,11 @@ standard error; chance is 1/options. Writes ``<out>/zero_shot.json`` and ``<out>
 model can stand beside the fine-tuned rows of the same table. That is a reported baseline, not
 a choice: nothing is selected on it.
 
+``--split`` scores that split of every task instead, for a choice that concerns tasks used
+for training only: the ABMLL table's length normalisation was chosen on ``eval[:20]`` of the
+MMLU subjects no seed holds out (its meta-train subjects; ``paper/abmll_tables.py --dry-run``
+lists the held-out ones), ``results/zero_shot_mmlu/``.
+
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python paper/zero_shot.py \
         --out results/zero_shot
 """
@@ -63,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         default="heldout",
         help="held-out training examples (default) or the tables' full evaluation splits",
     )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="score this split of every task instead of --on's (e.g. eval[:20] of a "
+        "collection's meta-train tasks)",
+    )
     p.add_argument("--max-length", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="paper/out/zero_shot")
@@ -75,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name in args.tasks:
         task = get_task(name, data_root=args.data_root)
-        split = held_out_split(name, args.n) if args.on == "heldout" else table_eval_split(name)
+        if args.split is not None:
+            split = args.split
+        elif args.on == "heldout":
+            split = held_out_split(name, args.n)
+        else:
+            split = table_eval_split(name)
         examples = task.load(split)
         chance = sum(1 / ex.n_options for ex in examples) / len(examples)
         labels = [ex.label for ex in examples]
