@@ -63,8 +63,10 @@ from blob_lora.cli.commands.meta import settings_from_values
 from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_evaluate
-from blob_lora.pipeline.meta_train import is_finished, meta_train
+from blob_lora.pipeline.meta_loop import REPLACED
+from blob_lora.pipeline.meta_train import ADAPTER_DIR, is_finished, meta_train
 from blob_lora.tasks.collection import collection_names, split_tasks
+from blob_lora.training.run_dir import CHECKPOINTS
 from blob_lora.tuners.abmll import AbmllConfig
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import ConfigError
@@ -374,7 +376,7 @@ def table_markdown(table: dict[str, Any]) -> str:
 
 
 #: what a published run leaves behind: its weights (``adapter/``, checkpoints) and any tensor file
-WEIGHT_DIRS = ("adapter", "checkpoints", "checkpoints-replaced")
+WEIGHT_DIRS = (ADAPTER_DIR, CHECKPOINTS, REPLACED)
 TOP_FILES = (SELECTION_FILE, "selection.md", "table.json", "table.md")
 
 

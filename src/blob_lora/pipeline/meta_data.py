@@ -73,15 +73,14 @@ def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> M
     ``"error"`` a ``DataError`` naming the tasks, a question and the ``--max-length`` that fits
     them all; with ``"drop"`` the split without them (``MetaSplit.overlong`` lists them). The
     same run re-creates the same pools, so ``meta-evaluate`` draws the same support sets."""
-    fitted: dict[str, TaskPool] = {}
+    kept_by: dict[str, list[MCExample]] = {}
     left_out: dict[str, dict[str, int]] = {}
     for pool in [*split.train, *split.test]:
         kept, out = fitting_examples(
             pool.task, pool.examples, inputs.tokenizer, inputs.max_length, inputs.scoring
         )
-        fitted[pool.name] = TaskPool(pool.name, pool.task, kept) if out else pool
         if out:
-            left_out[pool.name] = out
+            kept_by[pool.name], left_out[pool.name] = kept, out
     if not left_out:
         return split
     if cfg.overlong != "drop":
@@ -96,12 +95,15 @@ def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> M
             f"{first!r} of {name} needs {needed} tokens): --max-length {most} fits them all, "
             "or --overlong drop leaves them out (listed in tasks.json)"
         )
-    for pool in fitted.values():
-        if pool.name in left_out:
-            pool.check_size(cfg.k_shot)  # what is left must still hold a support set
-    return MetaSplit(
-        [fitted[p.name] for p in split.train], [fitted[p.name] for p in split.test], left_out
-    )
+
+    def fitted(pool: TaskPool) -> TaskPool:
+        if pool.name not in kept_by:
+            return pool
+        smaller = TaskPool(pool.name, pool.task, kept_by[pool.name])
+        smaller.check_size(cfg.k_shot)  # what is left must still hold a support set
+        return smaller
+
+    return MetaSplit([fitted(p) for p in split.train], [fitted(p) for p in split.test], left_out)
 
 
 def reusing_prefix(nll: Nll) -> Nll:
