@@ -171,11 +171,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 """
     atomic_write_text(args.dest / "PROVENANCE.md", text)
     ref_note = f" (reference columns: `{args.reference}`)" if reference else ""
+    rule = criterion.RULES[args.criterion]
+    versus = [(rule.candidate, baseline) for baseline in rule.baselines]
     summary = (
         f"# {spec.name}: summary\n\nMean ACC % / ECE % / NLL over the seeds finished "
-        f"(`(n/N)`: only n of the N seeds; `–`: none yet){ref_note}. Mean ± std, Brier and the "
-        "best cells: `results_id.md`, `results_ood.md`.\n\n"
-        + render_summary(compare, reference=reference)
+        f"(`(n/N)`: only n of the N seeds; `–`: none yet){ref_note}. `vs` columns (the "
+        "criterion's pairs): accuracy difference in points, ECE ratio, NLL difference, where "
+        "both have finished the same seeds. Mean ± std, Brier and the best cells: "
+        "`results_id.md`, `results_ood.md`.\n\n"
+        + render_summary(compare, reference=reference, versus=versus)
     )
     atomic_write_text(args.dest / "SUMMARY.md", summary)
     verdict = criterion.check_rule(compare, args.criterion)

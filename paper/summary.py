@@ -10,6 +10,8 @@ are added.
 
     .venv/bin/python paper/summary.py results/paper_tables/compare.json --methods lora blob \
         --reference paper/paper_reference.yaml
+    .venv/bin/python paper/summary.py results/regime_tables/compare.json \
+        --methods lora blob blob-mean --versus blob lora
 """
 
 from __future__ import annotations
@@ -26,16 +28,39 @@ from blob_lora.comparison.tables import METRICS, MISSING, build_table, table_jso
 CELL_METRICS = (("accuracy", 1), ("ece", 1), ("nll", 3))
 
 
-def _cell(table: Mapping[str, Any], task: str, method: str, n_seeds: int) -> str:
-    parts = []
-    n = 0
-    for key, decimals in CELL_METRICS:
+def _means(table: Mapping[str, Any], task: str, method: str) -> tuple[list[float], int] | None:
+    """The cell's means (ACC, ECE, NLL) and its number of seeds; None while any is missing."""
+    means, n = [], 0
+    for key, _ in CELL_METRICS:
         entry = table.get(key, {}).get(task, {}).get(method)
         if not entry or entry.get("mean") is None:
-            return MISSING
-        parts.append(f"{entry['mean']:.{decimals}f}")
+            return None
+        means.append(float(entry["mean"]))
         n = entry["n"]
-    text = " / ".join(parts)
+    return means, n
+
+
+def _versus_cell(table: Mapping[str, Any], task: str, candidate: str, baseline: str) -> str:
+    """``ACC difference (points) / ECE ratio / NLL difference``, candidate against baseline.
+
+    Only where both have finished the same number of seeds: a ratio of means over different
+    seeds mixes the seed-to-seed spread (several ECE points) into the comparison. The seeds
+    themselves are the same ones in a table that runs seeds in order; ``--seeds`` makes sure.
+    """
+    cand, base = _means(table, task, candidate), _means(table, task, baseline)
+    if cand is None or base is None or cand[1] != base[1]:
+        return MISSING
+    (acc_c, ece_c, nll_c), (acc_b, ece_b, nll_b) = cand[0], base[0]
+    ratio = f"{ece_c / ece_b:.2f}" if ece_b > 0 else MISSING
+    return f"{acc_c - acc_b:+.1f} / {ratio} / {nll_c - nll_b:+.3f}"
+
+
+def _cell(table: Mapping[str, Any], task: str, method: str, n_seeds: int) -> str:
+    found = _means(table, task, method)
+    if found is None:
+        return MISSING
+    means, n = found
+    text = " / ".join(f"{v:.{d}f}" for v, (_, d) in zip(means, CELL_METRICS, strict=True))
     return text if n >= n_seeds else f"{text} ({n}/{n_seeds})"
 
 
@@ -97,8 +122,13 @@ def render_summary(
     compare: Mapping[str, Any],
     methods: Sequence[str] | None = None,
     reference: Mapping[str, Mapping[str, str]] | None = None,
+    versus: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Markdown table: rows = tasks, cells = mean ACC % / ECE % / NLL over the seeds finished.
+
+    ``versus`` adds a column per ``(candidate, baseline)`` pair: the candidate's accuracy
+    difference in points, its ECE over the baseline's (the paper's effect is a ratio of about
+    1/3) and its NLL difference, from the same means the cells show.
 
     ``reference`` maps a column title to ``{row key: cell text}`` (row keys: the task, or
     ``ood:<task>``, see :func:`summary_rows`); rows it lacks show ``–``.
@@ -107,10 +137,12 @@ def render_summary(
     methods = list(methods or compare["spec"]["methods"])
     reference = reference or {}
     n_seeds = len(compare["spec"]["seeds"])
-    header = ["task", *methods, *reference]
+    header = ["task", *methods, *(f"{c} vs {b}: ΔACC / ECE ratio / ΔNLL" for c, b in versus)]
+    header += list(reference)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, label, task, table in summary_rows(compare):
         cells = [_cell(table, task, m, n_seeds) for m in methods]
+        cells += [_versus_cell(table, task, c, b) for c, b in versus]
         cells += [str(ref.get(key, MISSING)) for ref in reference.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -136,12 +168,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", help="columns, in order (default: every method)")
     p.add_argument("--reference", type=Path, help="YAML of reference columns")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (default: all finished)")
+    p.add_argument(
+        "--versus",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("CANDIDATE", "BASELINE"),
+        help="add a column: the candidate's ACC difference, ECE ratio and NLL difference "
+        "against the baseline (repeatable)",
+    )
     args = p.parse_args(argv)
     compare = json.loads(args.compare.read_text(encoding="utf-8"))
     if args.seeds:
         compare = restrict_seeds(compare, args.seeds)
     reference = read_reference(args.reference) if args.reference else None
-    print(render_summary(compare, args.methods, reference), end="")
+    versus = [tuple(pair) for pair in args.versus]
+    print(render_summary(compare, args.methods, reference, versus), end="")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,36 @@ def test_seed_restriction_compares_baselines_on_the_same_seeds() -> None:
     # all seeds: the same means as the tables compare.json was written with
     both = render_summary(restrict_seeds(compare, [1, 2])).splitlines()
     assert both[2] == "| obqa | 29.0 / 25.0 / 1.600 | 29.0 / 10.0 / 1.200 (1/2) |"
+
+
+def test_versus_column_gives_accuracy_difference_ece_ratio_and_nll_difference() -> None:
+    # obqa: blob finished 1 of 2 seeds, lora 2 -> no ratio of means over different seeds;
+    # OOD arc: both finished both seeds -> (60-60, 6/10, 0.85-1.0)
+    lines = render_summary(_compare(), versus=[("blob", "lora")]).splitlines()
+    assert lines[0] == "| task | lora | blob | blob vs lora: ΔACC / ECE ratio / ΔNLL |"
+    assert lines[2].endswith("| – |")
+    assert lines[3].endswith("| – | – |")
+    assert lines[4] == (
+        "| arc (OOD from obqa) | 60.0 / 10.0 / 1.000 | 60.0 / 6.0 / 0.850 | +0.0 / 0.60 / -0.150 |"
+    )
+    # on seed 1 alone both have obqa: (29-30, 10/20, 1.2-1.5), from the same runs
+    compare = _compare()
+    compare["runs"] = [
+        _run("obqa", "lora", 1, {"obqa": (0.30, 0.20, 1.5), "arc": (0.5, 0.1, 1.0)}),
+        _run("obqa", "blob", 1, {"obqa": (0.29, 0.10, 1.2), "arc": (0.6, 0.05, 0.9)}),
+    ]
+    one = render_summary(restrict_seeds(compare, [1]), versus=[("blob", "lora")]).splitlines()
+    assert one[2].endswith("| -1.0 / 0.50 / -0.300 |")
+
+
+def test_command_takes_versus_pairs(tmp_path, capsys) -> None:
+    import json
+
+    from summary import main
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(_compare()))
+    main([str(path), "--methods", "blob", "--versus", "blob", "lora"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 | +0.0 / 0.60 / -0.150 |"
+    )
