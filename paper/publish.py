@@ -36,6 +36,22 @@ from summary import read_reference, render_summary
 
 TOP_FILES = ("compare.json", "results_id.md", "results_ood.md", "results_id.csv", "results_ood.csv")
 RUN_FILES = ("run_config.json", "summary.json", "train_log.jsonl")
+#: written by people, not by this script: a table's reading and its log of events
+KEPT_FILES = ("README.md",)
+
+
+def fresh_destination(dest: Path) -> None:
+    """Empty ``dest`` for a new publication but keep ``KEPT_FILES``.
+
+    Everything else there is generated from the runs, so it is rebuilt from nothing (a run
+    withdrawn from the table must not linger); the hand-written reading beside it is not.
+    """
+    kept = {name: (dest / name).read_bytes() for name in KEPT_FILES if (dest / name).is_file()}
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name, data in kept.items():
+        (dest / name).write_bytes(data)
 
 
 def _git(*args: str) -> str:
@@ -132,9 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference = read_reference(args.reference) if args.reference else None
     if not (spec.out / "compare.json").is_file():
         raise SystemExit(f"{spec.out}/compare.json not found: run blob-lora compare first")
-    if args.dest.exists():
-        shutil.rmtree(args.dest)
-    args.dest.mkdir(parents=True)
+    fresh_destination(args.dest)
     for name in TOP_FILES:
         if (spec.out / name).is_file():
             shutil.copy2(spec.out / name, args.dest / name)

@@ -69,3 +69,19 @@ def test_provenance_never_names_an_absolute_path_of_the_machine(tmp_path: Path) 
     assert publish.shown(ROOT / "results" / "regime_tables") == "results/regime_tables"
     assert publish.shown(Path("paper/regime_tables.yaml")) == "paper/regime_tables.yaml"
     assert publish.shown(tmp_path / "elsewhere" / "table") == "table"
+
+
+def test_a_new_publication_rebuilds_the_folder_but_keeps_its_hand_written_readme(
+    tmp_path: Path,
+) -> None:
+    publish = _publish_module()
+    dest = tmp_path / "table"
+    (dest / "runs" / "withdrawn").mkdir(parents=True)
+    (dest / "runs" / "withdrawn" / "summary.json").write_text("{}")
+    (dest / "SUMMARY.md").write_text("old")
+    (dest / "README.md").write_text("the reading, by hand\n")
+    publish.fresh_destination(dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md"]
+    assert (dest / "README.md").read_text() == "the reading, by hand\n"
+    publish.fresh_destination(tmp_path / "new")  # a first publication: nothing to keep
+    assert list((tmp_path / "new").iterdir()) == []
