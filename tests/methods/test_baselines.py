@@ -55,7 +55,8 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, cha
     assert summary["method"] == method and m["method"] == method
     assert m["n_examples"] == 6.0 and m["split"] == TINY_EVAL_SPLIT
     assert 0.0 <= m["accuracy"] <= 1.0 and m["nll"] > 0 and 0 <= m["brier"] <= 2
-    expected_samples = {"lora": 4, "map": 4, "mc-dropout": 4, "ensemble": 2, "blob": 4}
+    # the run asks for 4; a deterministic forward (lora, map) is evaluated once, as N = 0
+    expected_samples = {"lora": 0, "map": 0, "mc-dropout": 4, "ensemble": 2, "blob": 4}
     assert m["eval_samples"] == expected_samples.get(method, 4)
     out = Path(cfg.out)
     saved = json.loads((out / "summary.json").read_text())
@@ -64,6 +65,23 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, cha
     assert json.loads((out / "run_config.json").read_text())["method"] == method
     if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb", "bayesian-lora"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
+
+
+def test_a_deterministic_method_asked_for_samples_runs_one_pass(
+    tmp_path, data_root, char_base, char_tok
+):
+    # N copies of LoRA's one forward would cost N times as much and say nothing more: any N
+    # becomes 0; the methods that sample keep the N asked for
+    cfg = tiny_run_config(tmp_path / "lora", data_root, "lora")
+    train_tiny(cfg, char_base, char_tok)
+    loaded = load_run(Path(cfg.out), base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    assert [loaded.method.eval_samples(loaded.model, n) for n in (None, 0, 7)] == [0, 0, 0]
+    assert REGISTERED["map"].eval_samples(loaded.model, 7) == 0
+    for sampling in ("mc-dropout", "swag"):
+        assert REGISTERED[sampling].eval_samples(loaded.model, 7) == 7
+    batch, option_ids = eval_batch(char_tok, data_root)
+    n = loaded.method.eval_samples(loaded.model, 7)
+    assert loaded.method.predict_samples(loaded.model, batch, option_ids, n).shape == (1, 6, 2)
 
 
 def test_mc_dropout_samples_differ_at_prediction(tmp_path, data_root, char_base, char_tok):

@@ -57,7 +57,8 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path, data_root, tiny_model_d
     assert last < first - 0.05, (first, last)
     m = summary["evaluations"]["arc_easy"]
     assert m["n_examples"] == 10 and 0 <= m["ece"] <= 1
-    assert m["eval_samples"] == 3  # --eval-samples is honoured by both methods
+    # --eval-samples is honoured by BLoB; LoRA's one deterministic pass is N = 0 whatever N
+    assert m["eval_samples"] == (3 if method == "blob" else 0)
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "eval" / "arc_easy" / "metrics.json").is_file()

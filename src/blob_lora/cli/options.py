@@ -65,7 +65,8 @@ HELP: dict[str, str] = {
     "length_norm": "cloze only: divide an option's log-likelihood by its token or char count "
     "(lm-evaluation-harness acc_norm = char); none (default) keeps the model's own probability",
     "eval_samples": "weight samples averaged at evaluation; 0 = mean weights (default: the "
-    f"method's, BLoB {BlobConfig.eval_samples})",
+    f"method's, BLoB {BlobConfig.eval_samples}); lora and map always run their one "
+    "deterministic pass (N = 0)",
     "eval_noise": "BLoB's weight noise at evaluation: sequence (one coherent weight sample per "
     "sequence, the posterior predictive) or token (the authors': token-wise Flipout); other "
     "methods ignore it",

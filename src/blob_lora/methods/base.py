@@ -120,6 +120,10 @@ class Method(ABC):
     #: comparisons report beside the sampled one: ``blob-lora compare`` then accepts the column
     #: ``<name>-mean`` (the paper's "BLoB-Mean"), its runs evaluated once more at N = 0.
     mean_column: ClassVar[bool] = False
+    #: Whether :meth:`sampling_mode` makes the forward random at all. Where it does not (plain
+    #: LoRA, MAP), N samples would be N copies of one pass at N times the cost, so any N asked
+    #: for is taken as N = 0, and the metrics say so (``samples=0``).
+    random_predictive: ClassVar[bool] = True
     #: Whether every call of :meth:`predict_samples` draws fresh, independent samples, so that
     #: they may be drawn a few at a time (early-stopped prediction). False for a fixed sample
     #: set such as an ensemble's members.
@@ -216,7 +220,10 @@ class Method(ABC):
     # --- prediction -------------------------------------------------------------------------
 
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
-        """N for prediction: ``requested``, or this method's (or this model's) default."""
+        """N for prediction: ``requested``, or this method's (or this model's) default; 0 for
+        a method whose forward is never random (:attr:`random_predictive`)."""
+        if not self.random_predictive:
+            return 0
         return self.samples_by_default if requested is None else requested
 
     @contextmanager

@@ -34,6 +34,13 @@ class LoraMethod(Method):
 
     name = "lora"
 
+    @property
+    def random_predictive(self) -> bool:  # type: ignore[override]
+        """Plain LoRA (and MAP) predict by one deterministic forward. A subclass samples when it
+        declares samples (a default N, or fresh draws per call, as MC-dropout and SWAG do), so a
+        new sampling method needs nothing more to keep the N it is asked for."""
+        return self.samples_by_default > 0 or self.iid_samples
+
     def lora_config(self, cfg: RunSettings) -> LoraConfig:
         """PEFT's ``LoraConfig`` from the run's LoRA section, with this method's dropout."""
         return cfg.lora.peft_config(dropout=self.lora_dropout(cfg))
