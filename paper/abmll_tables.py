@@ -64,7 +64,7 @@ from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_evaluate
 from blob_lora.pipeline.meta_loop import REPLACED
-from blob_lora.pipeline.meta_train import ADAPTER_DIR, is_finished, meta_train
+from blob_lora.pipeline.meta_train import ADAPTER_DIR, TASKS_FILE, is_finished, meta_train
 from blob_lora.tasks.collection import collection_names, split_tasks
 from blob_lora.training.run_dir import CHECKPOINTS
 from blob_lora.tuners.abmll import AbmllConfig
@@ -224,11 +224,13 @@ def timed(folder: Path, key: str) -> Iterator[None]:
     """Add the seconds the block ran to ``timing.json``'s list under ``key`` (one entry per
     invocation segment)."""
     start = time.perf_counter()
-    yield
-    path = folder / TIMING_FILE
-    timing = read_json_object(path, ConfigError) if path.exists() else {}
-    timing.setdefault(key, []).append(round(time.perf_counter() - start, 1))
-    atomic_write_json(path, timing)
+    try:
+        yield
+    finally:  # a segment a signal stops counts too (a SIGKILL's is lost)
+        path = folder / TIMING_FILE
+        timing = read_json_object(path, ConfigError) if path.exists() else {}
+        timing.setdefault(key, []).append(round(time.perf_counter() - start, 1))
+        atomic_write_json(path, timing)
 
 
 def train_and_evaluate(
@@ -317,6 +319,10 @@ def run_table(plan: Plan, chosen: dict[str, Any], *, progress: bool) -> dict[str
         per_seed[seed] = train_and_evaluate(folder, values, contenders, progress=progress)
         timed_file = folder / TIMING_FILE  # absent for a run made outside this script
         timing[seed] = read_json_object(timed_file, ConfigError) if timed_file.exists() else {}
+        # meta-training's own count over all its sittings, kills included (tasks.json)
+        trained = read_json_object(folder / TASKS_FILE, ConfigError).get("train_seconds")
+        if trained is not None:
+            timing[seed]["meta_train_all_sittings_s"] = trained
     table = summarise(per_seed, contenders)
     table.update({"name": plan.name, "chosen": chosen, "timing_s": timing})
     atomic_write_json(plan.out / "table.json", table)
@@ -368,9 +374,17 @@ def table_markdown(table: dict[str, Any]) -> str:
     first = next(iter(table["contenders"].values()))
     for seed in seeds:
         lines.append(f"- seed {seed}: " + ", ".join(first["held_out"][seed]))
-    lines += ["", "Wall seconds per stage (per invocation segment):", ""]
+    lines += [
+        "",
+        "Wall seconds per stage: per invocation segment of this script (a segment a SIGKILL "
+        "ended is missing), and meta-training's own total over all its sittings "
+        "(`meta_train_all_sittings_s`, runs made since it is recorded):",
+        "",
+    ]
     for seed, stages in table["timing_s"].items():
-        parts = ", ".join(f"{k} {'+'.join(map(str, v))}" for k, v in stages.items())
+        parts = ", ".join(
+            f"{k} {'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in stages.items()
+        )
         lines.append(f"- seed {seed}: {parts}")
     return "\n".join(lines) + "\n"
 

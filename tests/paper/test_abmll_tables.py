@@ -104,6 +104,11 @@ def test_table_runs_use_the_chosen_setting_and_average_what_they_wrote(finished)
         assert row["std"]["nll"] == pytest.approx(statistics.stdev(per_seed))
     md = (out / "table.md").read_text()
     assert "| zero-shot |" in md and "seed 2:" in md
+    for seed in (1, 2):  # meta-training's own count of all its sittings, beside the segments
+        trained = json.loads((out / "runs" / f"seed{seed}" / "tasks.json").read_text())
+        stages = table["timing_s"][str(seed)]
+        assert stages["meta_train_all_sittings_s"] == trained["train_seconds"] > 0
+        assert len(stages["meta_train_s"]) == 1  # one segment: the run was never stopped
 
 
 def test_second_invocation_runs_nothing_and_a_missing_result_is_redone(finished) -> None:

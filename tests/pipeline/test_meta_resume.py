@@ -15,13 +15,14 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from blob_lora.cli.main import main
-from blob_lora.pipeline import meta_multitask
+from blob_lora.pipeline import meta_loop, meta_multitask
 from blob_lora.pipeline import meta_train as meta_train_module
 from blob_lora.pipeline.meta_evaluate import meta_evaluate
 from blob_lora.training import checkpoint as ckpt
@@ -77,12 +78,19 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def tasks_without_time(run: Path) -> dict[str, object]:
+    """``tasks.json`` but its wall seconds, the one thing no two runs share."""
+    summary = json.loads((run / "tasks.json").read_text())
+    assert summary.pop("train_seconds") > 0
+    return summary
+
+
 def results(run: Path) -> dict[str, object]:
     """What a finished run is: its adapter tensors, its log and summary (text), its files."""
     return {
         "adapter": load_file(run / "adapter" / "adapter_model.safetensors"),
         "log": (run / "meta_train_log.jsonl").read_text(),
-        "tasks": (run / "tasks.json").read_text(),
+        "tasks": tasks_without_time(run),
         "config": (run / "meta_config.json").read_text(),
         "abmll": (run / "adapter" / "abmll_config.json").read_text(),
         "files": sorted(p.name for p in run.iterdir()),
@@ -144,6 +152,30 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run_bit_for_bit(
     assert main(args(tasks, model, run, "--resume", "--checkpoint-every", "3")) == 0
     assert f"resuming from {saved} (step {killed_at} of {STEPS})" in capsys.readouterr().err
     assert_same_run(run, reference)
+
+
+def test_the_time_of_every_sitting_is_counted(setup, tmp_path, monkeypatch):
+    """``train_seconds`` is the run's cost: the killed sitting's steps (to its checkpoint) plus
+    the resumed one's, not the last sitting's alone. A fake clock gives each sitting's ticks
+    their own size, so the sum says which sittings were counted."""
+    tasks, model, _ = setup
+    run = tmp_path / "run"
+    clock = {"now": 0.0, "tick": 1000.0}
+
+    def perf_counter() -> float:
+        clock["now"] += clock["tick"]
+        return clock["now"]
+
+    monkeypatch.setattr(meta_loop, "time", SimpleNamespace(perf_counter=perf_counter))
+    killed_run(monkeypatch, tasks, model, run, 4)
+    first = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))["state"]["seconds"]
+    assert first >= 1000.0  # the first sitting's steps, in its own large ticks
+    clock["tick"] = 0.5
+    assert main(args(tasks, model, run, "--resume")) == 0
+    total = json.loads((run / "tasks.json").read_text())["train_seconds"]
+    # the first sitting, plus a few of the second's small ticks (a second sitting counted
+    # alone would be under 100, and the first counted twice would add 1000s)
+    assert first < total < first + 100.0
 
 
 def test_the_rng_restore_is_what_makes_the_resume_exact(setup, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ Checkpoints are ``train``'s own (``training/checkpoint.py``: safetensors and JSO
 manifest written last, the folder renamed into place; nothing is ever unpickled), in
 ``<folder>/checkpoints/step-XXXXXXXX``. One holds the trainable tensors, AdamW's state, the
 RNG states (LoRA dropout draws from the global RNG) and, in ``state.json``, the step, the run's
-settings and the log so far. Every other draw of a step is a function of the seed and the step
+settings, the log so far and the wall seconds of the steps so far (``seconds``: all sittings,
+each counted to its last checkpoint; a step redone after a kill counts again, as it cost again). Every other draw of a step is a function of the seed and the step
 (``meta_train.draw_tasks``, ``meta_loss``'s per-step generator), and nothing else carries over
 from one step to the next, so a loop restored from step k takes exactly the steps k + 1, ... of
 the uninterrupted run: the finished run is the same, bit for bit.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -146,6 +148,8 @@ class OuterLoop:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.step, self.saved_step = 0, -1
         self.log: list[dict[str, Any]] = []
+        #: wall seconds of the earlier sittings (from the checkpoint resumed) and this one's start
+        self.seconds_before, self._started = 0.0, time.perf_counter()
         self.claimed = resume is not None  # resuming: the checkpoints are this run's
         self._rng: dict[str, Any] | None = None
         if resume is not None:
@@ -160,6 +164,7 @@ class OuterLoop:
         self.optimizer.load_state_dict(found.state["optim"])
         self.step = self.saved_step = found.step
         self.log = list(found.state["state"]["log"])
+        self.seconds_before = float(found.state["state"].get("seconds", 0.0))
         self._rng = found.state["rng"][0]  # set when the steps start: nothing may draw before
         print(
             f"resuming from {found.path} (step {found.step} of {self.total_steps})",
@@ -172,6 +177,7 @@ class OuterLoop:
         if self._rng is not None:
             ckpt.set_rng_state(self._rng)
             self._rng = None
+        self._started = time.perf_counter()
         # SIGINT / SIGTERM end the step in flight, checkpoint it and stop (as train does);
         # without a checkpoints folder there is nothing to save, and the signals act as usual
         signals = StopSignals() if self.root is not None else nullcontext(None)
@@ -201,6 +207,12 @@ class OuterLoop:
             self.save()
         return self.log
 
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of the steps of every sitting so far (see the module doc): what the
+        run cost, where one sitting's time would say only what its last sitting cost."""
+        return self.seconds_before + time.perf_counter() - self._started
+
     def save(self) -> None:
         """Checkpoint the current step (claiming ``root`` first; see the module doc)."""
         if self.root is None:
@@ -212,7 +224,7 @@ class OuterLoop:
             self.trainable,
             self.optimizer.state_dict(),
             [ckpt.rng_state()],
-            {"settings": self.settings, "log": self.log},
+            {"settings": self.settings, "log": self.log, "seconds": self.seconds},
         )
         self.saved_step = self.step
 

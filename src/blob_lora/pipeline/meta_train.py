@@ -9,8 +9,11 @@ posterior on the support set and steps AdamW on the meta-objective
     meta_config.json      the protocol (MetaConfig): collection, split seed, k-shot, ...
     adapter/              the global parameters (plain PEFT loads the global mean)
     meta_train_log.jsonl  the meta-objective and its parts per step
-    tasks.json            which tasks were meta-trained on and which are held out; written
-                          last: a folder without it is no finished run (meta-evaluate refuses)
+    tasks.json            which tasks were meta-trained on and which are held out, and the
+                          wall seconds meta-training took over all its sittings
+                          (``train_seconds``, the one thing a resumed run cannot repeat bit
+                          for bit); written last: a folder without it is no finished run
+                          (meta-evaluate refuses)
 
 While it trains, ``checkpoints/`` holds its checkpoints (``meta_loop.py``: every
 ``--checkpoint-every`` steps, with the settings and the log so far). The command refuses a
@@ -223,7 +226,12 @@ def meta_train(
         return {"loss": float(loss.detach()), **parts}
 
     log = loop.run(step_fn)
-    summary = {**split.names(), "steps": cfg.meta_steps, "final": log[-1] if log else None}
+    summary = {
+        **split.names(),
+        "steps": cfg.meta_steps,
+        "final": log[-1] if log else None,
+        "train_seconds": round(loop.seconds, 1),
+    }
     write_run(out, peft_model, cfg, log, summary)
     loop.discard_checkpoints()
     return summary
