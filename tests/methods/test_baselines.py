@@ -63,6 +63,10 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, cha
     assert saved["evaluations"][TINY_TASK]["accuracy"] == m["accuracy"]
     assert (out / "eval" / TINY_TASK / "predictions.jsonl").is_file()
     assert json.loads((out / "run_config.json").read_text())["method"] == method
+    if method == "blob":  # where the std of A ended, per layer and overall
+        std = summary["std_of_A"]
+        assert 0 < std["q01"] <= std["q99"] and std["spread"] >= 0 and std["layers"]
+        assert saved["std_of_A"] == std
     if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb", "bayesian-lora"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
 

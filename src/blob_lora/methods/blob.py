@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from blob_lora.methods.base import RunSettings
+from blob_lora.methods.base import RunSettings, StepSchedule
 from blob_lora.methods.sampled import SampledLoraMethod
 from blob_lora.tuners.blob import (
     BlobConfig,
@@ -25,6 +25,7 @@ from blob_lora.tuners.blob import (
     sampling,
 )
 from blob_lora.tuners.blob import eval_noise as set_eval_noise
+from blob_lora.tuners.blob.std_report import std_of_a
 
 
 def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
@@ -53,6 +54,13 @@ class BlobMethod(SampledLoraMethod):
 
     def kl(self, model: nn.Module) -> torch.Tensor:
         return kl_divergence(model)
+
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        # where the std of A ended: one value everywhere means the KL set it, not the data
+        report = std_of_a(model)
+        return {"std_of_A": report} if report else {}
 
     def weight_sampling(
         self, model: nn.Module, enabled: bool, mode: str | None

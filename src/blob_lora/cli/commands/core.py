@@ -67,6 +67,14 @@ def run_train(args: argparse.Namespace) -> int:
         _print_reused(Path(cfg.out))
     for task, m in summary["evaluations"].items():
         print(_metrics_line(task, m))
+    std = summary.get("std_of_A")
+    if std:  # one value everywhere: set by the KL, and the samples say little more than the mean
+        priors = sorted({row["prior_std"] for row in std["layers"].values()})
+        print(
+            f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of "
+            f"{len(std['layers'])} layers (q01-q99; prior {'/'.join(f'{p:g}' for p in priors)}; "
+            "per layer in summary.json)"
+        )
     return 0
 
 

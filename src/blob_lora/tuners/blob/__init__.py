@@ -1,5 +1,6 @@
 """BLoB as a PEFT tuner: ``config`` (settings), ``layer`` (Bayesian LoRA layers), ``noise``
-(the sampled ``A x``), ``kl`` (closed-form KL) and ``model`` (build, sample, save, load)."""
+(the sampled ``A x``), ``kl`` (closed-form KL), ``model`` (build, sample, save, load) and
+``std_report`` (where the std of ``A`` ended)."""
 
 from blob_lora.tuners.blob.config import BlobConfig, last_blocks_pattern
 from blob_lora.tuners.blob.kl import gaussian_kl, kl_divergence

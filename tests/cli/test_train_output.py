@@ -1,0 +1,29 @@
+"""What ``blob-lora train`` prints after a BLoB run: beside the metrics, the range the std of A
+ended in, the same numbers summary.json keeps per layer; a LoRA run prints no such line."""
+
+from __future__ import annotations
+
+import json
+
+from blob_lora.cli.main import main
+from tests.factories import tiny_model_folder
+
+
+def _train(model, data_root, out, method: str) -> int:
+    argv = ["train", "--model", str(model), "--task", "winogrande_s", "--method", method]
+    argv += ["--train-split", "train_s[:8]", "--eval-split", "validation[:2]", "--max-steps", "2"]
+    argv += ["--batch-size", "4", "--lr", "0.001", "--target-modules", "q_proj,v_proj"]
+    argv += ["--data-root", str(data_root), "--out", str(out), "--no-progress"]
+    return main(argv)
+
+
+def test_a_blob_run_prints_where_the_std_of_a_ended(tmp_path, data_root, capsys) -> None:
+    model = tiny_model_folder(tmp_path / "model")
+    assert _train(model, data_root, tmp_path / "blob", "blob") == 0
+    said = capsys.readouterr().out
+    std = json.loads((tmp_path / "blob" / "summary.json").read_text())["std_of_A"]
+    line = next(x for x in said.splitlines() if x.startswith("std of A:"))
+    assert line.startswith(f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of ")
+    assert f"of {len(std['layers'])} layers (q01-q99; prior 0.2;" in line
+    assert _train(model, data_root, tmp_path / "lora", "lora") == 0
+    assert "std of A" not in capsys.readouterr().out
