@@ -6,7 +6,7 @@ manifest written last, the folder renamed into place; nothing is ever unpickled)
 ``<folder>/checkpoints/step-XXXXXXXX``. One holds the trainable tensors, AdamW's state, the
 RNG states (LoRA dropout draws from the global RNG) and, in ``state.json``, the step, the run's
 settings, the log so far and the wall seconds so far (``seconds``: every sitting, each counted
-to its last checkpoint; a step redone after a kill counts again, as it cost again). Every other
+to its last checkpoint; what a kill cuts off after that is not counted, nor done). Every other
 draw of a step is a function of the seed and the step (``meta_train.draw_tasks``,
 ``meta_loss``'s per-step generator), and nothing else carries over from one step to the next,
 so a loop restored from step k takes exactly the steps k + 1, ... of the uninterrupted run: the
