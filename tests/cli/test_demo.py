@@ -10,7 +10,7 @@ from blob_lora.cli.main import main
 from tests.factories import save_model_folder, tiny_llama, tiny_tokenizer
 
 
-def test_demo_runs_and_reports_its_metrics(tmp_path, data_root) -> None:
+def test_demo_runs_and_reports_its_metrics(tmp_path, data_root, capsys) -> None:
     length_norm = "char"
     # 24 blocks, so that the demo's targets (q/v of blocks 22-29, the head) leave 22 frozen
     tok = tiny_tokenizer()
@@ -25,6 +25,7 @@ def test_demo_runs_and_reports_its_metrics(tmp_path, data_root) -> None:
     argv += ["--batch-size", "4", "--eval-samples", "2", "--max-length", "512"]
     argv += ["--length-norm", length_norm, "--no-kl-rescale", "--no-progress"]
     assert main(argv) == 0
+    said = capsys.readouterr().out
 
     results = json.loads((out / "demo_results.json").read_text())["results"]
     table = (out / "demo_table.md").read_text()
@@ -42,6 +43,10 @@ def test_demo_runs_and_reports_its_metrics(tmp_path, data_root) -> None:
             assert f"{saved['ece']:.3f}" in table and f"{saved['mean_confidence']:.3f}" in table
         assert r["eval"]["arc_easy"]["eval_samples"] == (2 if method == "blob" else 0)
     assert "| blob (N=2) |" in table and "| lora |" in table
+    # where BLoB's std of A ended, as its summary.json has it; LoRA has none
+    std = json.loads((out / "blob" / "summary.json").read_text())["std_of_A"]
+    assert results["blob"]["std_of_A"] == std and "std_of_A" not in results["lora"]
+    assert f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of" in said
     # both runs share one cache: LoRA's run wrote the frozen blocks' output for the training
     # split and the two evaluation splits, and BLoB's found them there (no new entry)
     for method in results:

@@ -135,6 +135,7 @@ def _check_data(task: str, data_root: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blob_lora.cli.commands.core import std_of_a_line
     from blob_lora.metrics import reliability_diagram_multi
     from blob_lora.models import load_model_and_tokenizer
     from blob_lora.models.loading import default_threads
@@ -194,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
             "train_seconds": summary["train_seconds"],
             "seconds_per_step": summary["seconds_per_step"],
         }
+        if summary.get("std_of_A"):
+            results[method]["std_of_A"] = summary["std_of_A"]
         del model_base
         fresh = copy.deepcopy(base)
         results[method]["eval"] = _evaluate_both(
@@ -204,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
         reliability_diagram_multi(series, out / f"reliability_{task}.png", title=f"{task} (demo)")
     table = _table(results, args)
     print("\n" + table)
+    if "std_of_A" in results.get("blob", {}):
+        print(std_of_a_line(results["blob"]["std_of_A"]))
     total = time.perf_counter() - wall
     print(f"\nwall time {total:.0f} s; reliability diagrams and metrics in {out}/")
     atomic_write_text(out / "demo_table.md", table + "\n")

@@ -67,15 +67,22 @@ def run_train(args: argparse.Namespace) -> int:
         _print_reused(Path(cfg.out))
     for task, m in summary["evaluations"].items():
         print(_metrics_line(task, m))
-    std = summary.get("std_of_A")
-    if std:  # one value everywhere: set by the KL, and the samples say little more than the mean
-        priors = sorted({row["prior_std"] for row in std["layers"].values()})
-        print(
-            f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of "
-            f"{len(std['layers'])} layers (q01-q99; prior {'/'.join(f'{p:g}' for p in priors)}; "
-            "per layer in summary.json)"
-        )
+    if summary.get("std_of_A"):
+        print(std_of_a_line(summary["std_of_A"]))
     return 0
+
+
+def std_of_a_line(std: dict) -> str:
+    """One line on where a BLoB run's std of A ended (``summary.json``'s ``std_of_A``): a
+    narrow range far from the prior means the KL set it, and the samples then say little more
+    than the mean weights."""
+    priors = "/".join(
+        f"{p:g}" for p in sorted({row["prior_std"] for row in std["layers"].values()})
+    )
+    return (
+        f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of "
+        f"{len(std['layers'])} layers (q01-q99; prior {priors}; per layer in summary.json)"
+    )
 
 
 def _reusable_runs(method_name: str, runs: list[str]) -> list[Path]:
