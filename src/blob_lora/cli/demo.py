@@ -135,7 +135,7 @@ def _check_data(task: str, data_root: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blob_lora.cli.commands.core import std_of_a_line
+    from blob_lora.cli.report_lines import std_of_a_line
     from blob_lora.metrics import reliability_diagram_multi
     from blob_lora.models import load_model_and_tokenizer
     from blob_lora.models.loading import default_threads

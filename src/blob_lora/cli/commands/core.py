@@ -16,6 +16,7 @@ from blob_lora.cli.options import (
     scoring_override,
 )
 from blob_lora.cli.registry import command
+from blob_lora.cli.report_lines import std_of_a_line
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
@@ -70,19 +71,6 @@ def run_train(args: argparse.Namespace) -> int:
     if summary.get("std_of_A"):
         print(std_of_a_line(summary["std_of_A"]))
     return 0
-
-
-def std_of_a_line(std: dict) -> str:
-    """One line on where a BLoB run's std of A ended (``summary.json``'s ``std_of_A``): a
-    narrow range far from the prior means the KL set it, and the samples then say little more
-    than the mean weights."""
-    priors = "/".join(
-        f"{p:g}" for p in sorted({row["prior_std"] for row in std["layers"].values()})
-    )
-    return (
-        f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of "
-        f"{len(std['layers'])} layers (q01-q99; prior {priors}; per layer in summary.json)"
-    )
 
 
 def _reusable_runs(method_name: str, runs: list[str]) -> list[Path]:
