@@ -270,8 +270,8 @@ def _flat_parts(head: nn.Module) -> list[nn.Module] | None:
     base layer and its adapters' ``lora_B`` outputs, the base layer (the vocabulary matrix) and
     each active adapter's ``lora_B``; for a layer that defines :data:`FLAT_PARTS`, what that
     returns. Its ``lora_A``, dropout and any weight noise keep the (B, K) rows, so a Bayesian
-    adapter still draws one sample per row. None for any other head (a LoRA variant such as DoRA, an adapter
-    that computes its product itself and says nothing): its rows are kept."""
+    adapter still draws one sample per row. None for any other head (a LoRA variant such as
+    DoRA, an adapter that computes its product itself and says nothing): its rows are kept."""
     get = getattr(head, "get_base_layer", None)
     base = get() if callable(get) else head
     if base is head:
