@@ -61,3 +61,12 @@ def test_a_model_without_std_reports_nothing() -> None:
     for _, layer in blob_layers(model):
         layer.make_deterministic("default")  # plain LoRA layers, as outside bayesian_layers
     assert std_of_a(model) == {}
+
+
+def test_a_std_of_zero_leaves_the_spread_undefined_instead_of_failing_the_run() -> None:
+    # the square parameterisation reaches std 0 at rho = 0; the report ends every BLoB run,
+    # so a division by that q01 would fail the run after its training
+    model = tiny_blob_model(0)
+    _set_std(model, lambda n: torch.cat([torch.zeros(n // 10), torch.full((n - n // 10,), 0.05)]))
+    report = std_of_a(model)
+    assert report["q01"] == 0.0 and report["q99"] > 0 and report["spread"] is None

@@ -41,8 +41,9 @@ def order_quantiles(values: torch.Tensor, quantiles: tuple[float, ...] = QUANTIL
 def std_of_a(model: nn.Module) -> dict[str, Any]:
     """Per Bayesian layer and active adapter: the std's quantiles (``q01``, ``q50``, ``q99``)
     and the prior std; overall: the lowest ``q01``, the highest ``q99`` and their relative
-    spread (``q99 / q01 - 1``: ~0 when one value holds everywhere). Empty for a model without
-    a BLoB std (every layer deterministic)."""
+    spread (``q99 / q01 - 1``: ~0 when one value holds everywhere; None when ``q01`` is 0, a
+    std the square parameterisation can reach). Empty for a model without a BLoB std (every
+    layer deterministic)."""
     layers: dict[str, dict[str, float]] = {}
     for name, layer in blob_layers(model):
         for adapter in layer.active_adapters:
@@ -63,4 +64,5 @@ def std_of_a(model: nn.Module) -> dict[str, Any]:
         return {}
     low = min(v["q01"] for v in layers.values())
     high = max(v["q99"] for v in layers.values())
-    return {"q01": low, "q99": high, "spread": high / low - 1.0, "layers": layers}
+    spread = high / low - 1.0 if low > 0 else None
+    return {"q01": low, "q99": high, "spread": spread, "layers": layers}
