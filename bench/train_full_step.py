@@ -1,7 +1,7 @@
 """The whole training step of ``blob-lora train``, LoRA against BLoB, interleaved (issue 22).
 
 ``bench/train_step.py`` times the adapter inside a hand-written step; this script times the step
-users actually run: the training loop of ``blob_lora.training.trainer`` itself, built by
+users actually run: the training loop of ``blob_lora.training.loop`` itself, built by
 ``prepare_training`` exactly as ``blob-lora train`` builds it (the task's tokenised split, the
 seeded loader, the method's adapter, the optimisers of ``--optimizer``, the KL schedule, the
 frozen-prefix cache, the train log) and driven one optimiser step at a time through

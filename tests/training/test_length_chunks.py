@@ -88,7 +88,7 @@ def test_blob_adds_its_kl_once_per_micro_batch(tmp_path, data_root, tiny_model_d
 
 def test_a_diverging_chunked_run_stops_with_a_clear_error(tmp_path, data_root, tiny_model_dir):
     """A loss gone non-finite in any chunk stops the run before the step is taken."""
-    from blob_lora.training.trainer import TrainingDiverged
+    from blob_lora.training.loop import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf|-inf) at step \d+ .*--lr"):
         _run(tmp_path, data_root, tiny_model_dir, "boom", method="lora", length_chunks=3,

@@ -34,7 +34,8 @@ from blob_lora.training.run_dir import (
     TRAIN_LOG,
     prepare_run_dir,
 )
-from blob_lora.training.trainer import RunStart, build_model
+from blob_lora.training.setup import build_model
+from blob_lora.training.trainer import RunStart
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.json_file import read_json_object

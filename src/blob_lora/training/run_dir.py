@@ -7,12 +7,13 @@ been read: a run that fails on bad input leaves no half-made run folder behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from blob_lora.training.config import TrainConfig, setting_differences
-from blob_lora.utils.atomic import atomic_write_json
+from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 from blob_lora.utils.json_file import read_json_object
 
@@ -88,3 +89,18 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise BlobLoraError(f"cannot write into {out}: {exc}") from exc
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines of a step log (``train_log.jsonl``, a learning curve) after ``step``:
+    a resumed run logs those steps again, from its checkpoint."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

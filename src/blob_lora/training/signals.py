@@ -2,7 +2,7 @@
 so the loop finishes its step, writes a checkpoint and stops with :class:`TrainingInterrupted`;
 the same command with ``--resume`` then continues from that step.
 
-Why one module: ``train``'s loop (``training.trainer``) and the meta-learning outer loop
+Why one module: ``train``'s loop (``training.loop``) and the meta-learning outer loop
 (``pipeline.meta_loop``) stop the same way, and a job scheduler's SIGTERM (a session's end, a
 pre-empted node) should cost neither of them more than the step in flight.
 """

@@ -1,0 +1,167 @@
+"""What a run builds before its first step: the base model, the task's tokenised training
+split, the method's adapter (initialised alike on every process), the seeded data order, the
+step plan with its KL schedule, and the hand-over of model and optimisers to Accelerate.
+
+Why a module of its own: ``training.trainer.prepare_training`` calls each of these once, in
+order, and the loop (``training.loop``) only reads the plan they make.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from blob_lora.methods.base import Method
+from blob_lora.models import load_model_and_tokenizer
+from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
+from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.distributed import uses_fsdp
+from blob_lora.training.kl_schedule import KLSchedule, make_schedule
+from blob_lora.training.optim import Updater, split_parameters
+from blob_lora.training.sampler import EpochShuffleSampler
+from blob_lora.utils.errors import BlobLoraError, ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class StepPlan:
+    """How many micro-batches and optimiser steps the run takes, and its KL schedule."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    schedule: KLSchedule
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The base model and tokenizer that ``cfg`` names (``--model``, dtype, quantisation)."""
+    base, tokenizer = load_model_and_tokenizer(
+        cfg.base.model,
+        dtype=cfg.base.dtype,
+        load_in_8bit=cfg.base.load_in_8bit,
+        load_in_4bit=cfg.base.load_in_4bit,
+        trust_remote_code=cfg.base.trust_remote_code,
+    )
+    return base, tokenizer
+
+
+def prepare_for_accelerate(
+    accelerator: Accelerator, model: nn.Module, updater: Updater
+) -> nn.Module:
+    """Hand the model and the optimisers to Accelerate (DDP wrapper, device, mixed precision).
+
+    FSDP2 shards the model in place, replacing every parameter by a DTensor, so Accelerate
+    takes model and optimisers together and points the optimisers at the new parameters; the
+    updater's own parameter lists (the paper step's KL gradient) are then rebuilt from the
+    sharded model, in the same order.
+    """
+    if not uses_fsdp(accelerator):
+        model = accelerator.prepare_model(model)
+        updater.optimizers = [accelerator.prepare_optimizer(o) for o in updater.optimizers]
+        return model
+    model, *optimizers = accelerator.prepare(model, *updater.optimizers)
+    updater.optimizers = optimizers
+    updater.point_params, updater.std_params = split_parameters(accelerator.unwrap_model(model))
+    return model
+
+
+def training_inputs(
+    cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
+) -> tuple[Task, str, TaskInputs]:
+    """The task, the training split's name and its tokenised dataset."""
+    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
+    if task.train_split is None and cfg.data.train_split is None:
+        raise BlobLoraError(f"task {task.name} has no training split; pass --train-split")
+    train_split = cfg.data.train_split or "train"
+    inputs = task_inputs(
+        task,
+        train_split,
+        tokenizer,
+        cfg.data.max_length,
+        scoring=cfg.data.scoring_spec,
+        cache_dir=cfg.data.cache_dir,
+        device=accelerator.device,
+    )
+    return task, train_split, inputs
+
+
+def build_adapter(
+    cfg: TrainConfig, method: Method, base_model: nn.Module, accelerator: Accelerator
+) -> nn.Module:
+    """The method's adapter on the base model, initialised identically on every process; the
+    global RNG is then reseeded per process so that weight noise is independent."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.loop.seed)  # identical adapter initialisation on every process
+    try:
+        model = method.build(base_model, cfg)
+    except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
+        if isinstance(exc, BlobLoraError):
+            raise
+        raise ConfigError(
+            f"cannot put a {cfg.method} adapter on {cfg.base.model}: {exc} "
+            f"(--target-modules {','.join(cfg.lora.target_modules)})"
+        ) from exc
+    set_seed(cfg.loop.seed + accelerator.process_index)  # independent noise per process
+    return model
+
+
+def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerator) -> DataLoader:
+    """The seeded, resumable data order, sharded over processes by Accelerate."""
+    dataset = inputs.dataset
+    # Items carry their dataset index so the prefix cache can look their features up.
+    collator = IndexedCollator(inputs.collator)
+    indexed = IndexedDataset(dataset)
+    # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
+    # from the global RNG instead would shift the weight-noise stream after a resume.
+    loader_rng = torch.Generator().manual_seed(cfg.loop.seed)
+    if cfg.data.bucket_by_length:
+        batch_sampler = length_bucketed_sampler(
+            dataset.lengths, cfg.loop.batch_size, seed=cfg.loop.seed
+        )
+        loader = DataLoader(
+            indexed, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
+        )
+    else:
+        sampler = EpochShuffleSampler(len(dataset), cfg.loop.seed)
+        loader = DataLoader(
+            indexed,
+            batch_size=cfg.loop.batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+            generator=loader_rng,
+        )
+    return accelerator.prepare_data_loader(loader)
+
+
+def plan_steps(
+    cfg: TrainConfig, loader: DataLoader, n_train: int, accelerator: Accelerator
+) -> StepPlan:
+    """Steps per epoch and in total (``--max-steps`` or ``--epochs``), and the KL schedule
+    computed from the global batch."""
+    micro_per_epoch = len(loader)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.loop.grad_accum))
+    if cfg.loop.max_steps is not None:
+        total_steps = cfg.loop.max_steps
+    else:
+        total_steps = max(1, int(round((cfg.loop.epochs or 1.0) * steps_per_epoch)))
+    global_batch = cfg.loop.batch_size * cfg.loop.grad_accum * accelerator.num_processes
+    schedule = make_schedule(
+        cfg.kl.kl_schedule,
+        n_train,
+        steps_per_epoch,
+        global_batch,
+        cfg.kl.kl_rescale,
+        cfg.kl.kl_gamma,
+    )
+    return StepPlan(micro_per_epoch, steps_per_epoch, total_steps, global_batch, schedule)
