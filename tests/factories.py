@@ -1,4 +1,4 @@
-"""The one place tests build tiny models and tokenizers: random 2-block Llamas and
+"""The one place tests build tiny models and tokenizers: random 2-block Llamas (and a GPT-2) and
 character-level tokenizers, nothing downloaded.
 
 Why: a unit test needs a model that runs in milliseconds on a CPU and a tokenizer that reads in
@@ -40,6 +40,16 @@ def tiny_llama(
     }
     settings.update(config)
     return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 128):
+    """A random 2-block GPT-2 (hidden 32, 4 heads), in eval mode: its attention and MLP
+    projections are transformers' ``Conv1D`` (weight stored ``in x out``), not ``nn.Linear``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
 
 
 #: the modules tiny LoRA and BLoB models adapt

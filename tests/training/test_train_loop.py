@@ -267,3 +267,39 @@ def test_steps_yields_every_optimizer_step_like_run(tmp_path, data_root, tiny_mo
     _, by_run = trained(str(tmp_path / "b"), stepwise=False)
     for name, value in by_steps.items():
         torch.testing.assert_close(value, by_run[name], rtol=0, atol=0)
+
+
+def test_a_target_suffix_that_adapts_nothing_is_named_in_a_warning(
+    tmp_path, data_root, tiny_model_dir
+) -> None:
+    """PEFT drops a ``--target-modules`` suffix that matches nothing as long as another one
+    matches: GPT-2's ``c_attn`` in a Llama list here (the default list on GPT-2 the other way
+    round) would otherwise leave the user believing those modules were adapted."""
+    import warnings
+
+    from blob_lora.methods import get_method
+    from blob_lora.training.trainer import RunStart, prepare_training
+
+    def warnings_of(targets: list[str], out: str) -> list[str]:
+        cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, out=str(tmp_path / out),
+                       target_modules=targets)  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            prepare_training(cfg, get_method("blob"), RunStart(progress=False))
+        return [str(w.message) for w in seen if "--target-modules" in str(w.message)]
+
+    said = warnings_of(["q_proj", "c_attn", "lm_head", "c_fc"], "a")
+    assert len(said) == 1
+    assert said[0].startswith("--target-modules c_attn,c_fc matched no module of ")
+    assert "adapted: lm_head,q_proj (3 modules)" in said[0]  # 2 blocks' q_proj + the head
+    assert warnings_of(["q_proj", "v_proj"], "b") == []
+    assert warnings_of([r".*\.(q_proj|c_attn)"], "c") == []  # a regex is PEFT's to match
+
+
+def test_unmatched_target_suffixes_are_the_ones_no_adapted_name_ends_with() -> None:
+    from blob_lora.tuners.lora import LoraSettings
+
+    adapted = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    settings = LoraSettings(target_modules=["q_proj", "v_proj", "lm_head", "proj"])
+    assert settings.unmatched(adapted) == ["v_proj", "proj"]  # a suffix ends at a dot
+    assert LoraSettings(target_modules=["self_attn.q_proj"]).unmatched(adapted) == []

@@ -11,7 +11,8 @@ def std_of_a_line(std: dict) -> str:
     priors = "/".join(
         f"{p:g}" for p in sorted({row["prior_std"] for row in std["layers"].values()})
     )
+    n = len(std["layers"])
     return (
         f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of "
-        f"{len(std['layers'])} layers (q01-q99; prior {priors}; per layer in summary.json)"
+        f"{n} layer{'' if n == 1 else 's'} (q01-q99; prior {priors}; per layer in summary.json)"
     )

@@ -9,6 +9,7 @@ order, and the loop (``training.loop``) only reads the plan they make.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,25 @@ def build_adapter(
             f"(--target-modules {','.join(cfg.lora.target_modules)})"
         ) from exc
     set_seed(cfg.loop.seed + accelerator.process_index)  # independent noise per process
+    _warn_unmatched_targets(cfg, model)
     return model
+
+
+def _warn_unmatched_targets(cfg: TrainConfig, model: nn.Module) -> None:
+    """Warn when an entry of ``--target-modules`` adapted nothing (``LoraSettings.unmatched``):
+    a warning, not an error, since a list written for several model families is legitimate."""
+    adapted = getattr(getattr(model, "base_model", None), "targeted_module_names", None)
+    if not adapted:
+        return
+    missing = cfg.lora.unmatched(list(adapted))
+    if missing:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+        warnings.warn(
+            f"--target-modules {','.join(missing)} matched no module of {cfg.base.model}; "
+            f"adapted: {','.join(kinds)} ({len(adapted)} modules)",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerator) -> DataLoader:

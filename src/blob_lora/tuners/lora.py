@@ -54,6 +54,20 @@ class LoraSettings:
         if not self.target_modules:
             raise refuse(self, "target_modules", "must name at least one module")
 
+    def unmatched(self, adapted: list[str]) -> list[str]:
+        """The name suffixes of ``--target-modules`` that no module of ``adapted`` (the qualified
+        names PEFT adapted) ends with; none for a regular expression, which PEFT matches whole.
+        Why: PEFT adapts what any suffix matches and drops the rest without a word, so the
+        default ``q_proj,v_proj,lm_head`` on a model whose projections are named otherwise
+        (GPT-2's ``c_attn``) would adapt ``lm_head`` alone."""
+        if isinstance(target_modules_arg(self.target_modules), str):
+            return []
+        return [
+            key
+            for key in self.target_modules
+            if not any(name == key or name.endswith("." + key) for name in adapted)
+        ]
+
     def peft_config(self, dropout: float | None = None) -> LoraConfig:
         """PEFT's ``LoraConfig`` of these settings; ``dropout`` replaces ``lora_dropout`` (a
         method with its own default, like mc-dropout's)."""

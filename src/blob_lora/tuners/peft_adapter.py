@@ -10,6 +10,7 @@ written once (a fault fixed here is fixed for all three).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -22,10 +23,12 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForSequenceClassification
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.options_file import OptionsFile
@@ -126,10 +129,16 @@ class CustomTuner:
     quantised_layers: bool = False
 
     def layer_classes(self, options: Any) -> dict[type, Any]:
-        """What PEFT injects per base module type, given the tuner's settings."""
+        """What PEFT injects per base module type, given the tuner's settings: the tuner's
+        layers, and its ``nn.Linear`` layer on transformers' ``Conv1D`` too (GPT-2's attention
+        and MLP projections), as PEFT's own LoRA does (``conv1d_layer``)."""
         if self.layers is not None:
-            return self.layers(options)
-        return {nn.Linear: functools.partial(self.linear, **{self.options_keyword: options})}
+            mapping = dict(self.layers(options))
+        else:
+            mapping = {nn.Linear: functools.partial(self.linear, **{self.options_keyword: options})}
+        if nn.Linear in mapping:
+            mapping.setdefault(Conv1D, conv1d_layer(mapping[nn.Linear]))
+        return mapping
 
     def model_class(self, task_type: str | None) -> type[PeftModel]:
         """The PEFT model class for ``task_type`` (``<prefix>PeftModel`` for another one)."""
@@ -146,12 +155,67 @@ class CustomTuner:
         options.validate()
         if not self.quantised_layers:
             refuse_quantised_base(model, self.method)
-        lora_config._register_custom_module(self.layer_classes(options))
+        mapping = self.layer_classes(options)
+        lora_config._register_custom_module(mapping)
         task_type = getattr(lora_config.task_type, "value", lora_config.task_type)
         cls = self.model_class(task_type)
         peft_model = cls(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+        self._refuse_foreign_layers(peft_model, mapping)
         setattr(peft_model, cls.OPTIONS_ATTR, {adapter_name: options})  # type: ignore[attr-defined]
         return peft_model
+
+    def _refuse_foreign_layers(self, peft_model: nn.Module, mapping: dict[type, Any]) -> None:
+        """``ConfigError`` when a targeted module got PEFT's own LoRA layer instead of the
+        tuner's: PEFT falls back to it for every base module type the tuner has no layer for
+        (an ``nn.Embedding``, a convolution), and that module would then train as plain,
+        deterministic LoRA inside a model the user asked to be Bayesian, silently."""
+        ours = tuple(_layer_class(v) for v in mapping.values())
+        foreign = [
+            (name, type(module.get_base_layer()).__name__)
+            for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer) and not isinstance(module, ours)
+        ]
+        if foreign:
+            shown = ", ".join(f"{name} ({kind})" for name, kind in foreign[:5])
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            kinds = ", ".join(sorted(_type_name(t) for t in mapping))
+            raise ConfigError(
+                f"{self.method} has layers for {kinds} modules only; --target-modules also "
+                f"matches {shown}{more}: leave those out of --target-modules"
+            )
+
+
+def _layer_class(factory: Any) -> type:
+    """The class a ``layer_classes`` value builds (a class, a ``functools.partial`` of one, or
+    a ``conv1d_layer`` wrapper of either)."""
+    while not isinstance(factory, type):
+        factory = factory.func if isinstance(factory, functools.partial) else factory.builds
+    return factory
+
+
+def _type_name(t: type) -> str:
+    """``torch.Linear``, ``transformers.Conv1D``: the class and the package it comes from."""
+    return f"{t.__module__.split('.')[0]}.{t.__name__}"
+
+
+def conv1d_layer(linear: Any) -> Callable[..., nn.Module]:
+    """A tuner's ``nn.Linear`` layer factory made to wrap transformers' ``Conv1D``, whose weight
+    is stored transposed (``in x out``): PEFT's LoRA ``Linear`` handles that with
+    ``fan_in_fan_out`` (merging transposes the delta) and ``is_target_conv_1d_layer``, and its
+    default dispatch sets both for a ``Conv1D``; a custom layer gets them here, on a copy of the
+    LoRA settings, so the ``nn.Linear`` layers of the same model keep ``fan_in_fan_out=False``.
+    The adapter's own ``A`` and ``B`` are ``nn.Linear`` either way, so the tuner's sampling and
+    KL are unchanged."""
+
+    def build(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any):
+        conv_config = copy.copy(config)
+        conv_config.fan_in_fan_out = True
+        return linear(
+            target, adapter_name, config=conv_config, is_target_conv_1d_layer=True, **kwargs
+        )
+
+    build.builds = linear  # type: ignore[attr-defined]
+    return build
 
 
 @functools.cache
