@@ -110,20 +110,6 @@ def check_fsdp_settings(accelerator: Accelerator, load_in_4bit: bool, load_in_8b
         )
 
 
-def full_tensors(obj: T) -> T:
-    """``obj`` (a tensor, or a state dict nesting them) with every DTensor replaced by its whole
-    value. A collective under FSDP: every process must call it on the same structure."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, DTensor):
-        return obj.full_tensor()  # type: ignore[return-value]
-    if isinstance(obj, dict):
-        return {k: full_tensors(v) for k, v in obj.items()}  # type: ignore[return-value]
-    if isinstance(obj, list | tuple):
-        return type(obj)(full_tensors(v) for v in obj)  # type: ignore[return-value]
-    return obj
-
-
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor, the same on every process) cut like ``param``: this process's
     shard when ``param`` is a DTensor (no communication), ``value`` itself otherwise."""

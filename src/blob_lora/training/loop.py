@@ -58,7 +58,6 @@ from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
     all_true,
-    full_tensors,
     gather_rng,
     on_main,
     reduce_window,
@@ -68,6 +67,7 @@ from blob_lora.training.restore import restore_checkpoint
 from blob_lora.training.run_dir import CHECKPOINTS, TRAIN_LOG, truncate_log
 from blob_lora.training.setup import StepPlan
 from blob_lora.training.signals import StopSignals, TrainingInterrupted
+from blob_lora.utils.dtensor import full_tensors
 from blob_lora.utils.errors import BlobLoraError
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
     check_fsdp_settings,
     check_launch,
-    full_tensors,
     on_main,
     uses_fsdp,
 )
@@ -39,6 +38,7 @@ from blob_lora.training.setup import (
     training_loader,
 )
 from blob_lora.utils.atomic import atomic_directory
+from blob_lora.utils.dtensor import full_tensors
 from blob_lora.utils.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:

@@ -16,16 +16,10 @@ import torch
 from torch import nn
 
 from blob_lora.tuners.blob.model import blob_layers
+from blob_lora.utils.dtensor import full_tensors
 
 #: the quantiles reported, as nearest-rank order statistics (exact at any size)
 QUANTILES = (0.01, 0.5, 0.99)
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A parameter sharded by FSDP2 (a DTensor) gathered whole; a collective, so every
-    process must ask for the same layers in the same order."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
 
 
 def order_quantiles(values: torch.Tensor, quantiles: tuple[float, ...] = QUANTILES) -> list[float]:
@@ -51,7 +45,7 @@ def std_of_a(model: nn.Module) -> dict[str, Any]:
                 continue
             with torch.no_grad():
                 std = layer.lora_A_std(adapter)
-            std = _whole(std)
+            std = full_tensors(std)
             q01, q50, q99 = order_quantiles(std)
             key = name if adapter == "default" else f"{name} [{adapter}]"
             layers[key] = {
