@@ -80,14 +80,18 @@ def measured(command: list[str], extra_env: dict[str, str]) -> dict[str, float]:
     """Run ``command`` as a child with ``extra_env`` added; its own rusage and wall time."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(extra_env)
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:3])} failed ({proc.returncode}):\n{err[-2000:]}")
+    # stderr to a file, not a pipe: a child writing more than the pipe holds would block
+    # while this process waits in wait4 without reading
+    with tempfile.TemporaryFile() as err_file:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err_file.seek(0)
+            err = err_file.read().decode(errors="replace")
+            raise SystemExit(f"{' '.join(command[:3])} failed ({proc.returncode}):\n{err[-2000:]}")
     return {
         "user_s": usage.ru_utime,
         "sys_s": usage.ru_stime,

@@ -34,9 +34,16 @@ def test_kept_blocks_spare_the_faults_of_refilling_them(bench, monkeypatch) -> N
 
 
 def test_each_mode_environment_reaches_the_child(bench, monkeypatch) -> None:
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "5")  # the caller's: would exit 5 if it leaked
     show = "import os, sys\nsys.exit(int(os.environ.get('MALLOC_MMAP_MAX_', '9')))"
     assert bench.MODES["kept (mmap off)"]["MALLOC_MMAP_MAX_"] == "0"
     bench.measured([sys.executable, "-c", show], bench.MODES["kept (mmap off)"])  # exit 0
     with pytest.raises(SystemExit, match=r"failed \(9\)"):  # nothing set: the default 9
         bench.measured([sys.executable, "-c", show], bench.MODES["glibc default"])
+
+
+def test_a_child_writing_more_than_a_pipe_holds_is_still_measured(bench) -> None:
+    """1 MiB on stderr (a pipe holds 64 KiB) and a failing exit: read back, no deadlock."""
+    loud = "import sys\nsys.stderr.write('x' * (1 << 20) + 'END')\nsys.exit(3)"
+    with pytest.raises(SystemExit, match=r"failed \(3\):\n.*END$"):
+        bench.measured([sys.executable, "-c", loud], {})
