@@ -95,6 +95,27 @@ def tiny_blob_model(seed: int = 0, std: tuple[float, float] = (0.2, 0.4), **blob
     return model
 
 
+def draw_adapter_weights(model, seed: int = 1):
+    """Every adapter weight of a BLoB, Bayesian-LoRA or ABMLL model drawn away from its start
+    (``B`` non-zero, the std of ``A`` large), as after training, so that both the mean adapter
+    and the samples reach the output; Bayesian-LoRA's mean copies refreshed. ``model``."""
+    from blob_lora.tuners.bayesian_lora.model import refresh_mean_weights
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_sigma_B" in name:
+                p.normal_(std=0.3)
+            elif "lora_inducing" in name:
+                p.add_(0.1 * torch.randn_like(p))
+                if name.endswith("u_mean"):
+                    p.mul_(30.0)
+            elif "lora_A_rho" in name:
+                p.uniform_(0.2, 0.4)
+    refresh_mean_weights(model)  # a no-op without Bayesian-LoRA layers
+    return model
+
+
 def one_layer_model(flipout: str, seed: int = 0):
     """BLoB (rank 3) on a single 6 -> 5 linear layer, its ``A``, ``B`` and std drawn large;
     returns the model and that ``BlobLinear`` (analytic checks of the sampled output)."""

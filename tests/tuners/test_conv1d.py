@@ -19,12 +19,11 @@ from blob_lora.tuners.abmll.layer import AbmllLayerMixin
 from blob_lora.tuners.abmll.model import sampling as abmll_sampling
 from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
 from blob_lora.tuners.bayesian_lora.layer import BayesianLoraLayerMixin
-from blob_lora.tuners.bayesian_lora.model import refresh_mean_weights
 from blob_lora.tuners.bayesian_lora.model import sampling as bl_sampling
 from blob_lora.tuners.blob.layer import BlobLayerMixin
 from blob_lora.tuners.blob.model import sampling as blob_sampling
 from blob_lora.utils.errors import ConfigError
-from tests.factories import tiny_gpt2, tiny_llama
+from tests.factories import draw_adapter_weights, tiny_gpt2, tiny_llama
 
 #: both Conv1D kinds of a GPT-2 block: c_attn 32 -> 96, c_fc 32 -> 128 (neither square, so a
 #: delta merged untransposed could not even be added)
@@ -51,21 +50,7 @@ def trained(name: str):
     """The tuner on a tiny GPT-2, every adapter weight drawn away from its start (B non-zero,
     as after training), the mean adapter refreshed where the tuner keeps a copy of it."""
     build, options, _, _ = TUNERS[name]
-    model = build(tiny_gpt2(0), gpt2_lora(), options)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname or "lora_sigma_B" in pname:
-                p.normal_(std=0.3)
-            elif "lora_inducing" in pname:
-                p.add_(0.1 * torch.randn_like(p))
-                if pname.endswith("u_mean"):
-                    p.mul_(30.0)
-            elif "lora_A_rho" in pname:
-                p.uniform_(0.2, 0.4)
-    if name == "bayesian-lora":
-        refresh_mean_weights(model)
-    return model
+    return draw_adapter_weights(build(tiny_gpt2(0), gpt2_lora(), options))
 
 
 @pytest.mark.parametrize("name", sorted(TUNERS))

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from blob_lora.tuners.tied_weights import mark_shared_base_weights, without_tied_warnings
 from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.options_file import OptionsFile
 
@@ -66,6 +67,17 @@ class OptionsPeftMixin:
             list(self.peft_config),  # type: ignore[attr-defined]
             write_options,
         )
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """PEFT's ``merge_and_unload``; a tied base weight merges into a copy of its own
+        (``tied_weights``), so PEFT's warning about merging tied modules is not shown."""
+        with without_tied_warnings():
+            return self.base_model.merge_and_unload(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``merge_adapter``, without its tied-module warning (as ``merge_and_unload``)."""
+        with without_tied_warnings():
+            self.base_model.merge_adapter(*args, **kwargs)  # type: ignore[attr-defined]
 
 
 def atomic_save_pretrained(
@@ -150,7 +162,9 @@ class CustomTuner:
     ) -> PeftModel:
         """Wrap ``model`` in the tuner's PEFT model, PEFT injecting ``layer_classes(options)``
         for every targeted module, with ``options`` (validated) under the class's
-        ``OPTIONS_ATTR``. Adapters are kept in float32 whatever the base dtype."""
+        ``OPTIONS_ATTR``. Adapters are kept in float32 whatever the base dtype. A layer whose
+        base weight is shared (a tied ``lm_head``) merges into a copy of it (``tied_weights``),
+        so PEFT's warning about merging tied modules does not apply and is not shown."""
         check_plain_lora(lora_config, self.method)
         options.validate()
         if not self.quantised_layers:
@@ -159,8 +173,12 @@ class CustomTuner:
         lora_config._register_custom_module(mapping)
         task_type = getattr(lora_config.task_type, "value", lora_config.task_type)
         cls = self.model_class(task_type)
-        peft_model = cls(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True)
+        with without_tied_warnings():
+            peft_model = cls(
+                model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=True
+            )
         self._refuse_foreign_layers(peft_model, mapping)
+        mark_shared_base_weights(peft_model)
         setattr(peft_model, cls.OPTIONS_ATTR, {adapter_name: options})  # type: ignore[attr-defined]
         return peft_model
 

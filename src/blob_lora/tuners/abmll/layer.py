@@ -33,6 +33,7 @@ from torch import nn
 
 from blob_lora.tuners.abmll.config import AbmllConfig
 from blob_lora.tuners.blob.noise import as_sequences
+from blob_lora.tuners.tied_weights import UntieOnMerge
 
 #: ``shared``: one weight sample for the whole forward; ``independent``: one per sequence (a
 #: cloze sequence packs all options of a question, so they share one sample)
@@ -151,7 +152,7 @@ class AbmllLayerMixin:
         return result.to(result_dtype)
 
 
-class AbmllLinear(AbmllLayerMixin, LoraLinear):
+class AbmllLinear(AbmllLayerMixin, UntieOnMerge, LoraLinear):
     """ABMLL on a floating-point ``nn.Linear`` (fp32, bf16, fp16 bases)."""
 
     def __init__(

@@ -21,6 +21,7 @@ from torch import nn
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
 from blob_lora.tuners.bayesian_lora.inducing import InducingWeight
 from blob_lora.tuners.blob.noise import as_sequences
+from blob_lora.tuners.tied_weights import UntieOnMerge
 
 #: ``shared``: one weight sample for the whole forward (the authors' training forward);
 #: ``independent``: one per sequence (prediction with several samples folded into a batch; a
@@ -142,7 +143,7 @@ class BayesianLoraLayerMixin:
         return result.to(result_dtype)
 
 
-class BayesianLoraLinear(BayesianLoraLayerMixin, LoraLinear):
+class BayesianLoraLinear(BayesianLoraLayerMixin, UntieOnMerge, LoraLinear):
     """Bayesian-LoRA on a floating-point ``nn.Linear`` (fp32, bf16, fp16 bases)."""
 
     def __init__(

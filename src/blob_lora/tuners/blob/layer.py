@@ -19,6 +19,7 @@ from torch import nn
 
 from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.tuners.blob.noise import sample_lora_hidden
+from blob_lora.tuners.tied_weights import UntieOnMerge
 
 
 def std_from_param(rho: torch.Tensor, std_param: str) -> torch.Tensor:
@@ -108,7 +109,7 @@ class BlobLayerMixin:
         return result.to(result_dtype)
 
 
-class BlobLinear(BlobLayerMixin, LoraLinear):
+class BlobLinear(BlobLayerMixin, UntieOnMerge, LoraLinear):
     """BLoB on a floating-point ``nn.Linear`` (fp32, bf16, fp16 bases)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, *, blob_config: BlobConfig, **kw):
