@@ -43,3 +43,43 @@ def test_a_sub_run_is_never_composite(tmp_path, data_root) -> None:
     cfg = tiny_run_config(tmp_path / "ensemble", data_root, "ensemble")
     with pytest.raises(ConfigError, match="cannot itself be composite"):
         composite.train_sub_run(cfg, tmp_path / "ensemble" / "sub", RunStart(), method="tfb")
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_settings_a_sub_run_refuses_leave_no_run_behind(tmp_path, data_root, char_base, char_tok):
+    """A composite claims its folder before its sub-runs read their settings; a refusal there
+    used to leave a run_config.json that blocked the corrected command (and that --resume
+    could not continue: the same settings fail again)."""
+    out = tmp_path / "multiswag"
+    refused = tiny_run_config(out, data_root, "multiswag", swag_every=0)  # once per epoch: 1
+    with pytest.raises(ConfigError, match="SWAG would collect 1 iterate"):
+        train_tiny(refused, char_base, char_tok)
+    assert not out.exists()
+    summary = train_tiny(tiny_run_config(out, data_root, "multiswag"), char_base, char_tok)
+    assert summary["evaluations"][TINY_TASK]["accuracy"] >= 0  # the corrected run starts
+
+
+def test_overwrite_with_refused_settings_keeps_the_run_it_was_to_replace(
+    tmp_path, data_root, char_base, char_tok
+):
+    out = tmp_path / "ensemble"
+    train_tiny(tiny_run_config(out, data_root, "ensemble"), char_base, char_tok)
+    before = files(out)
+    bad = tiny_run_config(out, data_root, "ensemble", target_modules=["no_such_module"])
+    with pytest.raises(ConfigError, match="no_such_module"):
+        train_tiny(bad, char_base, char_tok, overwrite=True)
+    assert files(out) == before  # put back, bit for bit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]  # nothing set aside left
+
+
+def test_overwrite_that_trains_deletes_the_replaced_run(tmp_path, data_root, char_base, char_tok):
+    out = tmp_path / "ensemble"
+    train_tiny(tiny_run_config(out, data_root, "ensemble"), char_base, char_tok)
+    train_tiny(
+        tiny_run_config(out, data_root, "ensemble", lr=5e-3), char_base, char_tok, overwrite=True
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]
+    assert '"lr": 0.005' in (out / "members" / "0" / "run_config.json").read_text()

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from blob_lora.training.run_dir import (
     RUN_CONFIG,
     SUMMARY,
     TRAIN_LOG,
+    check_run_dir,
     prepare_run_dir,
 )
 from blob_lora.training.setup import build_model
@@ -48,17 +49,27 @@ if TYPE_CHECKING:
 def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) -> dict[str, Any]:
     """Train ``method``'s sub-runs into ``cfg.out``, assemble its adapter, evaluate it."""
     refuse_under_fsdp(cfg)
-    state = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     out = Path(cfg.out)
-    progress = start.progress
     sub_runs = method.sub_runs(cfg)
+    state, claim = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
+    progress = start.progress
+    try:
+        if state.is_main_process:
+            for sub in sub_runs:
+                share_finished_run(cfg, out / sub.folder, sub.overrides, start.finished_runs)
+        state.wait_for_everyone()
+        sub_summaries = [
+            train_sub_run(cfg, out / sub.folder, start, **sub.overrides) for sub in sub_runs
+        ]
+    except BaseException:
+        if state.is_main_process:
+            if any((out / sub.folder).exists() for sub in sub_runs):
+                claim.settle()  # a sub-run began: --resume continues it
+            else:
+                claim.release()  # bad input (or a stop) before any training: as if never run
+        raise
     if state.is_main_process:
-        for sub in sub_runs:
-            share_finished_run(cfg, out / sub.folder, sub.overrides, start.finished_runs)
-    state.wait_for_everyone()
-    sub_summaries = [
-        train_sub_run(cfg, out / sub.folder, start, **sub.overrides) for sub in sub_runs
-    ]
+        claim.settle()
     base, tokenizer = load_base(cfg, start)
     model: nn.Module | None = None
     record: dict[str, Any] = {}
@@ -98,15 +109,62 @@ def refuse_under_fsdp(cfg: TrainConfig) -> None:
     )
 
 
-def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> PartialState:
-    """Create (or reuse, on ``resume``) ``cfg.out`` on the main process; return the state."""
+@dataclass
+class Claim:
+    """What claiming a composite's run folder changed, to be undone if no sub-run begins.
+
+    A composite run creates its folder before its sub-runs read the model and the data (a plain
+    run reads them first), so bad input (a malformed data row, settings a sub-run refuses)
+    would otherwise leave a "run" that ``--resume`` cannot continue, and, under
+    ``--overwrite``, would already have deleted the run it was to replace. So the replaced run
+    is only set aside (a hidden sibling folder), and deleted once a sub-run has begun."""
+
+    out: Path
+    existed: bool
+    resumed: bool
+    set_aside: Path | None = None
+
+    def release(self) -> None:
+        """Undo the claim: remove the settings file it wrote, and the folder if it made it;
+        put a replaced run back. A resumed run's folder is left as it was."""
+        if self.resumed:
+            return
+        (self.out / RUN_CONFIG).unlink(missing_ok=True)
+        if any(self.out.iterdir()):
+            return  # files the claim did not write (a non-run folder under --overwrite)
+        if self.set_aside is not None:
+            self.out.rmdir()
+            os.replace(self.set_aside, self.out)
+            self.set_aside = None
+        elif not self.existed:
+            self.out.rmdir()
+
+    def settle(self) -> None:
+        """A sub-run has begun: the replaced run is gone for good."""
+        if self.set_aside is not None:
+            shutil.rmtree(self.set_aside)
+            self.set_aside = None
+
+
+def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[PartialState, Claim]:
+    """Create (or reuse, on ``resume``) ``cfg.out`` on the main process, a run it replaces
+    (``overwrite``) set aside rather than deleted; the state and the :class:`Claim`."""
     from accelerate import PartialState
 
     state = PartialState()
+    out = Path(cfg.out)
+    claim = Claim(out, existed=out.exists(), resumed=False)
     if state.is_main_process:
-        prepare_run_dir(Path(cfg.out), cfg.to_dict(), overwrite=overwrite, resume=resume)
+        config = cfg.to_dict()
+        claim.resumed = check_run_dir(out, config, overwrite=overwrite, resume=resume)
+        if overwrite and not claim.resumed and (out / RUN_CONFIG).is_file():
+            claim.set_aside = out.with_name(f".{out.name}.replaced")
+            if claim.set_aside.exists():
+                shutil.rmtree(claim.set_aside)  # left by a replacement that was killed
+            os.replace(out, claim.set_aside)
+        prepare_run_dir(out, config, overwrite=False, resume=claim.resumed)
     state.wait_for_everyone()
-    return state
+    return state, claim
 
 
 def train_sub_run(
