@@ -48,6 +48,9 @@ HELP: dict[str, str] = {
     "batch_size": "examples per process per micro-batch",
     "eval_batch_size": "examples per evaluation batch (before weight samples are folded in)",
     "grad_accum": "micro-batches accumulated per optimiser step",
+    "gradient_checkpointing": "keep only each decoder block's input in the forward and run "
+    "the block again in the backward (transformers' activation checkpointing): less activation "
+    "memory for about one more forward per step, the same gradients",
     "length_chunks": "forward each micro-batch as this many chunks of similar length: the same "
     "gradient with less padding (2 CPU cores, batch 8 of ARC-C: 4 chunks take 0.73x the step, "
     "bench/length_chunks.py; default 1)",

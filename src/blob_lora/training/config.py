@@ -190,6 +190,9 @@ class TrainConfig:
         # the same gradient from other chunks of the batch (float rounding; its own draws of
         # the weight noise per chunk)
         "length_chunks",
+        # the backward recomputes the same forward (weight noise and dropout replayed from the
+        # saved RNG state): the same gradients
+        "gradient_checkpointing",
         # the curve is scored under a forked RNG: it does not change what is learned
         "curve_every",
         "curve_split",

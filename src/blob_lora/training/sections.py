@@ -45,6 +45,7 @@ class LoopConfig:
     batch_size: int = 4
     grad_accum: int = 1
     length_chunks: int = 1
+    gradient_checkpointing: bool = False
     lr: float = 1e-4
     optimizer: str = "paper"
     warmup_ratio: float = 0.06
@@ -61,6 +62,7 @@ class LoopConfig:
         """Refuse a bad value, naming its option: types, then counts, numbers, choices."""
         check_str(self, "optimizer")
         check_str(self, "log_with", optional=True)
+        check_bool(self, "gradient_checkpointing")
         for name in ("batch_size", "grad_accum", "length_chunks", "log_every"):
             check_int(self, name)
         check_int(self, "max_steps", allow_none=True)

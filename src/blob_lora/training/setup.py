@@ -56,6 +56,29 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return base, tokenizer
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' activation checkpointing in the base model under ``model`` (a
+    PEFT model): each decoder block keeps its input only and runs again in the backward.
+
+    Non-reentrant checkpointing (``use_reentrant=False``): it needs no input that requires a
+    gradient (the base is frozen, and below the first adapter nothing does), works under FSDP2,
+    and restores the RNG state before the recomputation, so BLoB's weight noise, Bayesian-LoRA's
+    samples and MC-dropout's masks are drawn again exactly as in the forward: the gradients
+    are those of the run without it (``tests/training/test_gradient_checkpointing.py``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"--gradient-checkpointing: {type(base).__name__} does not support transformers' "
+            "activation checkpointing; train without it"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_for_accelerate(
     accelerator: Accelerator, model: nn.Module, updater: Updater
 ) -> nn.Module:

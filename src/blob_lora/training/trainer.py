@@ -32,6 +32,7 @@ from blob_lora.training.run_dir import ADAPTER_DIR, CHECKPOINTS, check_run_dir, 
 from blob_lora.training.setup import (
     build_adapter,
     build_model,
+    enable_gradient_checkpointing,
     plan_steps,
     prepare_for_accelerate,
     training_inputs,
@@ -131,6 +132,8 @@ def prepare_training(
         base_model, tokenizer = build_model(cfg)
     task, train_split, inputs = training_inputs(cfg, tokenizer, accelerator)
     model = build_adapter(cfg, method, base_model, accelerator)
+    if cfg.loop.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     loader = training_loader(cfg, inputs, accelerator)
     plan = plan_steps(cfg, loader, len(inputs.dataset), accelerator)
     schedule = StepSchedule(plan.total_steps, plan.steps_per_epoch)
