@@ -306,3 +306,22 @@ def test_fp16_loss_scale_leaves_the_update_unchanged(tmp_path, mode) -> None:
     plain, scaled = results
     for n, p in plain.items():
         torch.testing.assert_close(scaled[n], p, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_trainer_gradient_checkpointing_learns_the_same_adapter(tmp_path) -> None:
+    """The Trainer's own ``gradient_checkpointing=True`` (transformers' non-reentrant kind,
+    which replays the random state): BLoB's noise is drawn again as in the forward, so the
+    adapter equals the one trained without it."""
+    trained = {}
+    for checkpointing in (False, True):
+        model = _blob_model(0)
+        args = _args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        BlobTrainer(model=model, args=args, train_dataset=_examples(16)).train()
+        blocks = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert all(b.gradient_checkpointing is checkpointing for b in blocks) and blocks
+        trained[checkpointing] = {
+            n: p.detach() for n, p in model.named_parameters() if p.requires_grad
+        }
+    assert any("lora_A_rho" in n for n in trained[False])
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-7, msg=name)
