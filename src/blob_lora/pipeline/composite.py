@@ -162,7 +162,12 @@ def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[P
             if claim.set_aside.exists():
                 shutil.rmtree(claim.set_aside)  # left by a replacement that was killed
             os.replace(out, claim.set_aside)
-        prepare_run_dir(out, config, overwrite=False, resume=claim.resumed)
+        try:
+            prepare_run_dir(out, config, overwrite=False, resume=claim.resumed)
+        except BaseException:
+            if claim.set_aside is not None and not out.exists():
+                os.replace(claim.set_aside, out)  # the new folder could not be made
+            raise
     state.wait_for_everyone()
     return state, claim
 
