@@ -165,8 +165,11 @@ def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[P
         try:
             prepare_run_dir(out, config, overwrite=False, resume=claim.resumed)
         except BaseException:
-            if claim.set_aside is not None and not out.exists():
-                os.replace(claim.set_aside, out)  # the new folder could not be made
+            if claim.set_aside is not None:  # the new folder could not be made: undo
+                if out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()
+                if not out.exists():
+                    os.replace(claim.set_aside, out)
             raise
     state.wait_for_everyone()
     return state, claim
