@@ -83,3 +83,25 @@ def test_overwrite_that_trains_deletes_the_replaced_run(tmp_path, data_root, cha
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]
     assert '"lr": 0.005' in (out / "members" / "0" / "run_config.json").read_text()
+
+
+def test_a_replaced_run_comes_back_when_the_new_folder_cannot_be_made(
+    tmp_path, data_root, monkeypatch
+) -> None:
+    out = tmp_path / "ensemble"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    (out / "summary.json").write_text('{"kept": true}')
+    before = files(out)
+
+    def fails(folder, *args, **kwargs):
+        folder.mkdir()  # made, but its settings file cannot be written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(composite, "prepare_run_dir", fails)
+    with pytest.raises(OSError, match="disk full"):
+        composite.claim_run_dir(
+            tiny_run_config(out, data_root, "ensemble"), overwrite=True, resume=False
+        )
+    assert files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble"]
