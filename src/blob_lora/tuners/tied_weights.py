@@ -83,9 +83,11 @@ class UntieOnMerge:
 def mark_shared_base_weights(model: nn.Module) -> list[str]:
     """Set ``base_weight_shared`` on every :class:`UntieOnMerge` layer of ``model`` whose base
     weight is also a parameter of another module (the same tensor, or another over the same
-    memory with the same shape); the names of those layers. Meta tensors (a model not yet
-    materialised) share nothing."""
-    owners: Counter[Any] = Counter(_storage_key(p) for _, p in _all_parameters(model))
+    memory with the same shape); the names of those layers. A tensor without memory (on the
+    meta device, a model not yet materialised) or a shard counts as shared only when it is
+    the same tensor."""
+    params = model.named_parameters(remove_duplicate=False)
+    owners: Counter[Any] = Counter(_storage_key(p) for _, p in params)
     shared = []
     for name, module in model.named_modules():
         if isinstance(module, UntieOnMerge):
@@ -94,10 +96,6 @@ def mark_shared_base_weights(model: nn.Module) -> list[str]:
             if module.base_weight_shared:
                 shared.append(name)
     return shared
-
-
-def _all_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(model.named_parameters(remove_duplicate=False))
 
 
 def _storage_key(t: torch.Tensor) -> Any:
