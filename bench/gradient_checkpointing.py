@@ -7,8 +7,8 @@ arms (LoRA and BLoB, each without and with it) are trained by the real loop (``p
 and ``TrainingLoop.steps()``, as ``bench/train_full_step.py``), each on its own copy of the base
 model, their steps interleaved in rotating order, and each measured one optimiser step at a
 time: wall seconds, and the memory the step adds over what the process held before it
-(``common.measure_peak_memory``: on the CPU the process RSS sampled every 0.5 ms after returning
-freed memory to the OS; on a GPU the caching allocator's exact peak). The ``paper`` shape (q/v of
+(``common.measure_peak_memory`` on the CPU: the process RSS sampled every 0.5 ms after returning
+freed memory to the OS). CPU only: no GPU arm is written yet. The ``paper`` shape (q/v of
 every block + ``lm_head``, no frozen prefix) is used: every block then keeps activations for the
 backward, which is where checkpointing acts.
 

@@ -7,6 +7,7 @@ the input embedding too, and the merged model's logits were off by ~10 from the 
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -50,8 +51,6 @@ def adapted(name: str, base=None):
 
 
 def tied_warnings(seen: list[warnings.WarningMessage]) -> list[str]:
-    import re
-
     return [
         str(w.message)
         for w in seen
