@@ -134,3 +134,23 @@ def test_a_saved_merged_model_reloads_with_its_own_head(tmp_path) -> None:
     assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, mean, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_an_adapter_added_after_the_build_on_the_tied_head_merges_into_a_copy(merge: str) -> None:
+    """The build marks the tied head only when it wraps it; an adapter added later with
+    ``add_adapter`` can wrap it first, so the shared weights are looked up at merge time."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_blob_model(tied_base(), lora, BlobConfig())
+    head_only = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], task_type="CAUSAL_LM")
+    head_only._custom_modules = lora._custom_modules  # the tuner's layers, as the build's
+    model.add_adapter("head", head_only)
+    model.set_adapter("head")
+    draw_adapter_weights(model)
+    original = embedding(model).detach().clone()
+    mean = mean_logits("blob", model)
+    assert (mean - tied_base()(IDS).logits).abs().max() > 1e-2  # the head's adapter acts
+    merged = getattr(model, merge)() or model
+    assert torch.equal(embedding(merged), original)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, mean, rtol=1e-5, atol=1e-5)

@@ -70,12 +70,16 @@ class OptionsPeftMixin:
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         """PEFT's ``merge_and_unload``; a tied base weight merges into a copy of its own
-        (``tied_weights``), so PEFT's warning about merging tied modules is not shown."""
+        (``tied_weights``), so PEFT's warning about merging tied modules is not shown. The
+        shared weights are looked up again first: an adapter added after the build
+        (``add_adapter``) may have wrapped a tied module that the build never saw."""
+        mark_shared_base_weights(self)  # type: ignore[arg-type]
         with without_tied_warnings():
             return self.base_model.merge_and_unload(*args, **kwargs)  # type: ignore[attr-defined]
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         """PEFT's ``merge_adapter``, without its tied-module warning (as ``merge_and_unload``)."""
+        mark_shared_base_weights(self)  # type: ignore[arg-type]
         with without_tied_warnings():
             self.base_model.merge_adapter(*args, **kwargs)  # type: ignore[attr-defined]
 
