@@ -4,6 +4,7 @@ ended in, the same numbers summary.json keeps per layer; a LoRA run prints no su
 from __future__ import annotations
 
 import json
+import warnings
 
 from blob_lora.cli.main import main
 from tests.factories import tiny_model_folder
@@ -27,3 +28,13 @@ def test_a_blob_run_prints_where_the_std_of_a_ended(tmp_path, data_root, capsys)
     assert f"of {len(std['layers'])} layers (q01-q99; prior 0.2;" in line
     assert _train(model, data_root, tmp_path / "lora", "lora") == 0
     assert "std of A" not in capsys.readouterr().out
+
+
+def test_a_run_shows_no_warning_about_the_dependencies_versions(tmp_path, data_root) -> None:
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap; the
+    command's user can do nothing about it, so it is not shown."""
+    model = tiny_model_folder(tmp_path / "model")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _train(model, data_root, tmp_path / "lora", "lora") == 0
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

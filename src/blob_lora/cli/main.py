@@ -10,11 +10,17 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from blob_lora.cli import commands
 from blob_lora.cli.registry import COMMANDS
 from blob_lora.utils.errors import BlobLoraError
+
+#: Warnings of the dependencies' own versions that a command's user can do nothing about: PEFT
+#: 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` whenever it wraps a
+#: model, so every training run printed a FutureWarning about code that is not the user's.
+DEPENDENCY_NOISE = (r"`is_gradient_checkpointing` is deprecated",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        result = args._run(args)
-    except BlobLoraError as exc:
-        print(f"blob-lora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"blob-lora {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        for message in DEPENDENCY_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        try:
+            result = args._run(args)
+        except BlobLoraError as exc:
+            print(f"blob-lora {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"blob-lora {args.command}: interrupted", file=sys.stderr)
+            return 130
     return int(result or 0)
 
 
