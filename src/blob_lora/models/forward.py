@@ -67,12 +67,26 @@ def answer_logits(
     return option_logits(last, option_ids.to(last.device), batch["option_mask"])
 
 
-def cloze_attention_mask(batch: dict[str, torch.Tensor], attn_implementation: str, dtype):
+def cloze_attention_mask(
+    batch: dict[str, torch.Tensor],
+    attn_implementation: str,
+    dtype: torch.dtype,
+    sliding: tuple[int, tuple[str, ...] | None] | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """(B, 1, T, T) mask of packed cloze sequences: a token sees the earlier tokens of the
     shared prompt and of its own option, never another option's or padding.
 
     Boolean (True = attend) for SDPA/flex attention, additive (0 / most negative) for eager.
     A padding position attends to itself only, so no attention row is empty (no NaN).
+
+    ``sliding`` is the model's sliding window and its layer types (:func:`sliding_window`).
+    A model handed a ready 4-D mask uses it as it is in every layer, so the window its
+    sliding layers would cut from a plain causal mask has to be cut here, by position (a
+    packed option sits further from its prompt in the sequence than in its own text): where
+    the window cuts nothing the one mask serves every layer; where it does, a model whose
+    layers all slide (no layer types: Mistral's kind) gets the windowed mask, and a model that
+    mixes full and sliding layers (Gemma 2/3, Qwen2 with ``use_sliding_window``) one mask per
+    layer type, which such models take as a dict.
     """
     branch = batch["branch"]
     real = batch["attention_mask"].bool()
@@ -80,18 +94,62 @@ def cloze_attention_mask(batch: dict[str, torch.Tensor], attn_implementation: st
     causal = torch.ones(t, t, dtype=torch.bool, device=branch.device).tril()
     same = (branch.unsqueeze(2) == branch.unsqueeze(1)) | (branch == 0).unsqueeze(1)
     allowed = causal & same & real.unsqueeze(1) & real.unsqueeze(2)
-    allowed |= torch.eye(t, dtype=torch.bool, device=branch.device)
-    allowed = allowed.unsqueeze(1)
+    if attn_implementation not in _BOOL_MASK_ATTENTION and attn_implementation != "eager":
+        raise ConfigError(
+            f"cloze scoring packs the options of a question into one sequence with a custom "
+            f"attention mask, which attention implementation {attn_implementation!r} does not "
+            "take; load the model with attn_implementation='sdpa' or 'eager', or use "
+            "--scoring letter"
+        )
+    if sliding is None:
+        return _mask_form(allowed, attn_implementation, dtype)
+    window, layer_types = sliding
+    position = batch["position_ids"].to(branch.device)
+    near = (position.unsqueeze(2) - position.unsqueeze(1)) < window
+    windowed = allowed & near
+    if torch.equal(windowed, allowed):
+        return _mask_form(allowed, attn_implementation, dtype)
+    if layer_types is None:
+        return _mask_form(windowed, attn_implementation, dtype)
+    unknown = sorted(set(layer_types) - set(_MASKED_LAYER_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"cloze scoring cannot mask the packed options for layers of type {unknown} when "
+            f"the sliding window ({window} positions) is shorter than a question; use a "
+            f"--max-length of at most {window} or --scoring letter"
+        )
+    forms = {"full_attention": allowed, "sliding_attention": windowed}
+    return {kind: _mask_form(forms[kind], attn_implementation, dtype) for kind in set(layer_types)}
+
+
+#: the layer types whose mask :func:`cloze_attention_mask` can build when a window cuts
+_MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _mask_form(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, T) allowed pairs as the 4-D mask the implementation takes; every position may see
+    itself (a padding row would otherwise be empty)."""
+    t = allowed.shape[-1]
+    allowed = (allowed | torch.eye(t, dtype=torch.bool, device=allowed.device)).unsqueeze(1)
     if attn_implementation in _BOOL_MASK_ATTENTION:
         return allowed
-    if attn_implementation == "eager":
-        zero = torch.zeros((), dtype=dtype, device=branch.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
-    raise ConfigError(
-        f"cloze scoring packs the options of a question into one sequence with a custom "
-        f"attention mask, which attention implementation {attn_implementation!r} does not "
-        "take; load the model with attn_implementation='sdpa' or 'eager', or use --scoring letter"
-    )
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def sliding_window(model: nn.Module) -> tuple[int, tuple[str, ...] | None] | None:
+    """The model's sliding attention window and its layer types (``None`` for a model that
+    slides in every layer), or ``None`` when no layer slides."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return window, None
+    layer_types = tuple(layer_types)
+    return (window, layer_types) if "sliding_attention" in layer_types else None
 
 
 def _attention_setup(model: nn.Module) -> tuple[str, torch.dtype]:
@@ -135,7 +193,7 @@ def cloze_logits(
     rows, cols, at, keep = predicting_positions(batch)
     inputs = {
         "input_ids": batch["input_ids"],
-        "attention_mask": cloze_attention_mask(batch, impl, dtype),
+        "attention_mask": cloze_attention_mask(batch, impl, dtype, sliding_window(model)),
         "position_ids": batch["position_ids"],
         "logits_to_keep": keep,
         "use_cache": False,
