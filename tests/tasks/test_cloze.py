@@ -8,7 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from blob_lora.models.forward import answer_logits, cloze_attention_mask, sliding_window
+from blob_lora.models.forward import (
+    AttentionSpans,
+    answer_logits,
+    attention_spans,
+    cloze_attention_mask,
+)
 from blob_lora.tasks import MCExample, Scoring
 from blob_lora.tasks.dataset import (
     MCCollator,
@@ -71,9 +76,10 @@ def test_cloze_scores_equal_per_option_log_likelihood_by_hand(tok, attn) -> None
 
 
 def _sliding_model(kind: str, tok, attn: str):
-    """A random tiny model whose attention window (8 positions) is shorter than the prompts:
-    every layer slides (Mistral), or full and sliding layers mixed (Qwen2 with
-    ``use_sliding_window``: layer 0 full), or all of Gemma 3's layers slide by layer type."""
+    """A random tiny model whose attention window or chunk (8 positions) is shorter than the
+    prompts: every layer slides (Mistral), or full and sliding layers mixed (Qwen2 with
+    ``use_sliding_window``: layer 0 full), or all of Gemma 3's layers slide by layer type, or
+    Llama 4's chunked layers beside a full one."""
     import transformers as tf
 
     sizes = dict(
@@ -91,20 +97,30 @@ def _sliding_model(kind: str, tok, attn: str):
             tf.Gemma3TextConfig(sliding_window=8, head_dim=8, **sizes),
             tf.Gemma3ForCausalLM,
         ),
+        "llama4": (
+            tf.Llama4TextConfig(
+                attention_chunk_size=8,
+                head_dim=8,
+                intermediate_size_mlp=64,
+                num_local_experts=2,
+                **{**sizes, "num_hidden_layers": 4},
+            ),
+            tf.Llama4ForCausalLM,
+        ),
     }[kind]
     torch.manual_seed(3)
     return model(config).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3"])
-def test_cloze_scores_follow_the_models_sliding_window(tok, kind, attn) -> None:
-    """A model given a ready 4-D mask applies no window of its own: the packed options must be
-    cut to the window by position, per layer type where full and sliding layers mix (before:
-    off by 0.12-0.46 nats from the model's own forward of each option)."""
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3", "llama4"])
+def test_cloze_scores_follow_the_models_sliding_window_or_chunks(tok, kind, attn) -> None:
+    """A model given a ready 4-D mask applies no window or chunk of its own: the packed options
+    must be cut by position, per layer type where kinds of layers mix (before: off by
+    0.12-0.46 nats from the model's own forward of each option)."""
     model = _sliding_model(kind, tok, attn)
     batch = _batch(MC, EXAMPLES, tok, 4)
-    assert batch["position_ids"].max() >= 8  # the window cuts these prompts
+    assert batch["position_ids"].max() >= 8  # the window or chunk cuts these prompts
     with torch.no_grad():
         scores = answer_logits(model, batch, None)
     for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
@@ -113,19 +129,21 @@ def test_cloze_scores_follow_the_models_sliding_window(tok, kind, attn) -> None:
             assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
 
 
-def test_sliding_window_of_a_model_and_its_layer_types(tok) -> None:
-    assert sliding_window(tiny_base(tok)) is None
-    assert sliding_window(_sliding_model("mistral", tok, "sdpa")) == (8, None)
-    window, types = sliding_window(_sliding_model("qwen2", tok, "sdpa"))
-    assert (window, types) == (8, ("full_attention", "sliding_attention", "sliding_attention"))
+def test_attention_spans_of_a_model_and_its_layer_types(tok) -> None:
+    assert attention_spans(tiny_base(tok)) is None
+    assert attention_spans(_sliding_model("mistral", tok, "sdpa")) == AttentionSpans(8)
+    spans = attention_spans(_sliding_model("qwen2", tok, "sdpa"))
+    assert spans == AttentionSpans(8, None, ("full_attention",) + ("sliding_attention",) * 2)
+    spans = attention_spans(_sliding_model("llama4", tok, "sdpa"))
+    assert (spans.window, spans.chunk) == (None, 8)
 
 
 def test_a_layer_type_cloze_cannot_mask_is_refused_when_the_window_cuts(tok) -> None:
     batch = _batch(MC, EXAMPLES, tok, 4)
     types = ("full_attention", "linear_attention", "sliding_attention")
     with pytest.raises(ConfigError, match=r"linear_attention.*--max-length of at most 8"):
-        cloze_attention_mask(batch, "sdpa", torch.float32, (8, types))
-    wide = cloze_attention_mask(batch, "sdpa", torch.float32, (4096, types))
+        cloze_attention_mask(batch, "sdpa", torch.float32, AttentionSpans(8, None, types))
+    wide = cloze_attention_mask(batch, "sdpa", torch.float32, AttentionSpans(4096, None, types))
     assert torch.equal(wide, cloze_attention_mask(batch, "sdpa", torch.float32))
 
 

@@ -67,11 +67,23 @@ def answer_logits(
     return option_logits(last, option_ids.to(last.device), batch["option_mask"])
 
 
+@dataclass(frozen=True)
+class AttentionSpans:
+    """How far a model's layers look back (:func:`attention_spans`): a sliding ``window`` (a
+    token sees the last ``window`` positions), attention in ``chunk``-position blocks (a
+    token sees its own block), and which kind each layer is (``layer_types``; ``None``: every
+    layer slides, as in Mistral and Phi-3, whose configs name no layer types)."""
+
+    window: int | None = None
+    chunk: int | None = None
+    layer_types: tuple[str, ...] | None = None
+
+
 def cloze_attention_mask(
     batch: dict[str, torch.Tensor],
     attn_implementation: str,
     dtype: torch.dtype,
-    sliding: tuple[int, tuple[str, ...] | None] | None = None,
+    spans: AttentionSpans | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """(B, 1, T, T) mask of packed cloze sequences: a token sees the earlier tokens of the
     shared prompt and of its own option, never another option's or padding.
@@ -79,13 +91,12 @@ def cloze_attention_mask(
     Boolean (True = attend) for SDPA/flex attention, additive (0 / most negative) for eager.
     A padding position attends to itself only, so no attention row is empty (no NaN).
 
-    ``sliding`` is the model's sliding window and its layer types (:func:`sliding_window`).
-    A model handed a ready 4-D mask uses it as it is in every layer, so the window its
-    sliding layers would cut from a plain causal mask has to be cut here, by position (a
-    packed option sits further from its prompt in the sequence than in its own text): where
-    the window cuts nothing the one mask serves every layer; where it does, a model whose
-    layers all slide (no layer types: Mistral's kind) gets the windowed mask, and a model that
-    mixes full and sliding layers (Gemma 2/3, Qwen2 with ``use_sliding_window``) one mask per
+    ``spans``: the model's sliding window or attention chunks. A model handed a ready 4-D mask
+    uses it as it is, so what its sliding or chunked layers would cut from a plain causal mask
+    has to be cut here, by position (a packed option sits further from its prompt in the
+    sequence than in its own text). Where nothing is cut, one mask serves every layer; where
+    something is, a model whose layers all slide gets the windowed mask, and a model that mixes
+    kinds of layers (Gemma 2/3, Qwen2 with ``use_sliding_window``, Llama 4's chunks) a mask per
     layer type, which such models take as a dict.
     """
     branch = batch["branch"]
@@ -101,29 +112,39 @@ def cloze_attention_mask(
             "take; load the model with attn_implementation='sdpa' or 'eager', or use "
             "--scoring letter"
         )
-    if sliding is None:
+    forms = _layer_masks(allowed, batch["position_ids"].to(branch.device), spans)
+    if all(torch.equal(m, allowed) for m in forms.values()):
         return _mask_form(allowed, attn_implementation, dtype)
-    window, layer_types = sliding
-    position = batch["position_ids"].to(branch.device)
-    near = (position.unsqueeze(2) - position.unsqueeze(1)) < window
-    windowed = allowed & near
-    if torch.equal(windowed, allowed):
-        return _mask_form(allowed, attn_implementation, dtype)
-    if layer_types is None:
-        return _mask_form(windowed, attn_implementation, dtype)
-    unknown = sorted(set(layer_types) - set(_MASKED_LAYER_TYPES))
+    assert spans is not None  # forms differ from allowed only where spans cut
+    if spans.layer_types is None:
+        return _mask_form(forms["sliding_attention"], attn_implementation, dtype)
+    unknown = sorted(set(spans.layer_types) - set(forms))
     if unknown:
+        limit = min(x for x in (spans.window, spans.chunk) if x)
         raise ConfigError(
             f"cloze scoring cannot mask the packed options for layers of type {unknown} when "
-            f"the sliding window ({window} positions) is shorter than a question; use a "
-            f"--max-length of at most {window} or --scoring letter"
+            f"the model's attention window or chunk ({limit} positions) is shorter than a "
+            f"question; use a --max-length of at most {limit} or --scoring letter"
         )
-    forms = {"full_attention": allowed, "sliding_attention": windowed}
-    return {kind: _mask_form(forms[kind], attn_implementation, dtype) for kind in set(layer_types)}
+    return {
+        kind: _mask_form(forms[kind], attn_implementation, dtype)
+        for kind in sorted(set(spans.layer_types))
+    }
 
 
-#: the layer types whose mask :func:`cloze_attention_mask` can build when a window cuts
-_MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+def _layer_masks(
+    allowed: torch.Tensor, position: torch.Tensor, spans: AttentionSpans | None
+) -> dict[str, torch.Tensor]:
+    """The allowed pairs per layer type transformers names, cut by position as its own masks
+    cut them by index (``q - kv < window``; the same ``position // chunk``)."""
+    forms = {"full_attention": allowed}
+    if spans is not None and spans.window:
+        near = (position.unsqueeze(2) - position.unsqueeze(1)) < spans.window
+        forms["sliding_attention"] = allowed & near
+    if spans is not None and spans.chunk:
+        block = torch.div(position, spans.chunk, rounding_mode="floor")
+        forms["chunked_attention"] = allowed & (block.unsqueeze(2) == block.unsqueeze(1))
+    return forms
 
 
 def _mask_form(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -137,19 +158,25 @@ def _mask_form(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dty
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def sliding_window(model: nn.Module) -> tuple[int, tuple[str, ...] | None] | None:
-    """The model's sliding attention window and its layer types (``None`` for a model that
-    slides in every layer), or ``None`` when no layer slides."""
+def attention_spans(model: nn.Module) -> AttentionSpans | None:
+    """The model's sliding window and attention chunks (:class:`AttentionSpans`), read from
+    its (text) config; ``None`` when every layer sees the whole sequence."""
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        return window, None
-    layer_types = tuple(layer_types)
-    return (window, layer_types) if "sliding_attention" in layer_types else None
+    layer_types = tuple(layer_types) if layer_types is not None else None
+
+    def span(attribute: str, kind: str) -> int | None:
+        value = getattr(config, attribute, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return None
+        return value if layer_types is None or kind in layer_types else None
+
+    window = span("sliding_window", "sliding_attention")
+    chunk = span("attention_chunk_size", "chunked_attention") if layer_types else None
+    if window is None and chunk is None:
+        return None
+    return AttentionSpans(window, chunk, layer_types)
 
 
 def _attention_setup(model: nn.Module) -> tuple[str, torch.dtype]:
@@ -193,7 +220,7 @@ def cloze_logits(
     rows, cols, at, keep = predicting_positions(batch)
     inputs = {
         "input_ids": batch["input_ids"],
-        "attention_mask": cloze_attention_mask(batch, impl, dtype, sliding_window(model)),
+        "attention_mask": cloze_attention_mask(batch, impl, dtype, attention_spans(model)),
         "position_ids": batch["position_ids"],
         "logits_to_keep": keep,
         "use_cache": False,
