@@ -325,3 +325,61 @@ def test_split_by_length_cuts_each_chunk_to_its_rows_and_keeps_their_scores(tok)
             assert torch.allclose(part, whole[c["index"]], atol=1e-5)
     assert split_by_length(batch, 1) == [batch]
     assert len(split_by_length(batch, 9)) == 4  # at most one chunk per row
+
+
+def _alibi_model(kind: str, tok):
+    import transformers as tf
+
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, attn_implementation="eager")
+    config, model = {
+        "bloom": (tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **ids), tf.BloomForCausalLM),
+        "mpt": (tf.MptConfig(d_model=32, n_layers=2, n_heads=4, **ids), tf.MptForCausalLM),
+        "falcon": (
+            tf.FalconConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, **ids
+            ),
+            tf.FalconForCausalLM,
+        ),
+    }[kind]
+    torch.manual_seed(3)
+    return model(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["bloom", "mpt", "falcon"])
+def test_cloze_refuses_a_model_with_alibi_biases_and_letter_still_scores(tok, kind) -> None:
+    """ALiBi takes distances from the sequence order, not from ``position_ids``, so packed
+    options would sit at the wrong distance from their prompt (a tiny MPT scored 0.06 nats off
+    its own forward; Bloom and Falcon failed on the 4-D mask)."""
+    model = _alibi_model(kind, tok)
+    with pytest.raises(ConfigError, match=rf"ALiBi attention biases \({kind}\).*--scoring letter"):
+        answer_logits(model, _batch(MC, EXAMPLES, tok, 4), None)
+    letters = ("A", "B", "C", "D")
+    task = SimpleNamespace(
+        name="mc", style="mc", prompt_segments=lambda ex: prompt_segments(ex, "mc", letters)
+    )
+    enc = encode_split(task, EXAMPLES, tok, 600)
+    items = [
+        {"input_ids": ids, "label": ex.label, "n_options": ex.n_options}
+        for ids, ex in zip(enc.input_ids, EXAMPLES, strict=True)
+    ]
+    batch = MCCollator(tok.pad_token_id, 4)(items)
+    option_ids = torch.tensor(tok.convert_tokens_to_ids([f"▁{c}" for c in letters]))
+    with torch.no_grad():
+        scores = answer_logits(model, batch, option_ids)
+    assert torch.isfinite(scores[1]).all() and torch.isfinite(scores[0, :3]).all()
+
+
+def test_training_with_cloze_on_an_alibi_model_is_refused_before_the_run_folder(
+    tmp_path, data_root, capsys
+) -> None:
+    from blob_lora.cli.main import main
+    from tests.factories import save_model_folder
+
+    tok = tiny_tokenizer()
+    model_dir = save_model_folder(tmp_path / "mpt", _alibi_model("mpt", tok), tok)
+    argv = ["train", "--model", str(model_dir), "--task", "winogrande_s", "--method", "lora"]
+    argv += ["--scoring", "cloze", "--train-split", "train_s[:8]", "--max-steps", "1"]
+    argv += ["--data-root", str(data_root), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    assert "ALiBi" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from types import SimpleNamespace
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -105,13 +106,7 @@ def cloze_attention_mask(
     causal = torch.ones(t, t, dtype=torch.bool, device=branch.device).tril()
     same = (branch.unsqueeze(2) == branch.unsqueeze(1)) | (branch == 0).unsqueeze(1)
     allowed = causal & same & real.unsqueeze(1) & real.unsqueeze(2)
-    if attn_implementation not in _BOOL_MASK_ATTENTION and attn_implementation != "eager":
-        raise ConfigError(
-            f"cloze scoring packs the options of a question into one sequence with a custom "
-            f"attention mask, which attention implementation {attn_implementation!r} does not "
-            "take; load the model with attn_implementation='sdpa' or 'eager', or use "
-            "--scoring letter"
-        )
+    _check_implementation(attn_implementation)
     forms = _layer_masks(allowed, batch["position_ids"].to(branch.device), spans)
     if all(torch.equal(m, allowed) for m in forms.values()):
         return _mask_form(allowed, attn_implementation, dtype)
@@ -158,11 +153,59 @@ def _mask_form(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dty
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def _check_implementation(attn_implementation: str) -> None:
+    if attn_implementation not in _BOOL_MASK_ATTENTION and attn_implementation != "eager":
+        raise ConfigError(
+            f"cloze scoring packs the options of a question into one sequence with a custom "
+            f"attention mask, which attention implementation {attn_implementation!r} does not "
+            "take; load the model with attn_implementation='sdpa' or 'eager', or use "
+            "--scoring letter"
+        )
+
+
+def check_cloze_support(model: nn.Module) -> None:
+    """``ConfigError`` unless ``model`` can score packed cloze sequences: an attention
+    implementation that takes a custom 4-D mask and no ALiBi biases
+    (:func:`refuse_position_bias`). Every cloze forward checks; training checks once more
+    before it creates the run folder, so a refused model leaves nothing behind."""
+    refuse_position_bias(model)
+    _check_implementation(_attention_setup(model)[0])
+
+
+def refuse_position_bias(model: nn.Module) -> None:
+    """``ConfigError`` for a model whose attention adds ALiBi biases (Bloom, MPT, Falcon with
+    ``alibi``): cloze scoring packs a question's options into one sequence and tells the model
+    each option's own positions through ``position_ids``, which such a model does not read (it
+    takes distances from the sequence order, or from a 2-D mask), so every option after the
+    first would be scored at the wrong distance from its prompt (a tiny MPT: 0.06 nats off;
+    Bloom and Falcon fail on the 4-D mask). Letter scoring is not affected."""
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", None)
+    attn_config = getattr(config, "attn_config", None)  # MPT's: an object, or a dict in its
+    if isinstance(attn_config, dict):  # remote-code configs
+        attn_config = SimpleNamespace(**attn_config)
+    alibi = (
+        model_type == "bloom"
+        or getattr(config, "alibi", False) is True
+        or getattr(attn_config, "alibi", False) is True
+    )
+    if alibi:
+        raise ConfigError(
+            f"cloze scoring packs the options of a question into one sequence with their own "
+            f"positions, which a model with ALiBi attention biases ({model_type}) does not take; "
+            "use --scoring letter"
+        )
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    return getattr(config, "get_text_config", lambda: config)() if config is not None else None
+
+
 def attention_spans(model: nn.Module) -> AttentionSpans | None:
     """The model's sliding window and attention chunks (:class:`AttentionSpans`), read from
     its (text) config; ``None`` when every layer sees the whole sequence."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    config = _text_config(model)
     layer_types = getattr(config, "layer_types", None)
     layer_types = tuple(layer_types) if layer_types is not None else None
 
@@ -215,6 +258,7 @@ def cloze_logits(
     """
     if head_positions not in HEAD_POSITIONS:
         raise ValueError(f"head_positions must be one of {HEAD_POSITIONS}, not {head_positions!r}")
+    check_cloze_support(model)
     impl, dtype = _attention_setup(model)
     target = batch["target_option"]
     rows, cols, at, keep = predicting_positions(batch)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from blob_lora.methods.base import Method, StepSchedule
+from blob_lora.models.forward import check_cloze_support
 from blob_lora.tasks import Task, TaskInputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
@@ -130,6 +131,8 @@ def prepare_training(
 
     if base_model is None:
         base_model, tokenizer = build_model(cfg)
+    if cfg.data.scoring_spec.is_cloze:
+        check_cloze_support(base_model)
     task, train_split, inputs = training_inputs(cfg, tokenizer, accelerator)
     model = build_adapter(cfg, method, base_model, accelerator)
     if cfg.loop.gradient_checkpointing:
