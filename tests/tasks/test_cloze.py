@@ -112,8 +112,16 @@ def _sliding_model(kind: str, tok, attn: str):
     return model(config).eval()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3", "llama4"])
+@pytest.mark.parametrize(
+    ("kind", "attn"),
+    [
+        ("mistral", "sdpa"),
+        ("qwen2", "sdpa"),
+        ("qwen2", "eager"),
+        ("gemma3", "sdpa"),
+        ("llama4", "sdpa"),
+    ],
+)  # the eager arm: the additive form of a mask per layer type
 def test_cloze_scores_follow_the_models_sliding_window_or_chunks(tok, kind, attn) -> None:
     """A model given a ready 4-D mask applies no window or chunk of its own: the packed options
     must be cut by position, per layer type where kinds of layers mix (before: off by
@@ -383,3 +391,58 @@ def test_training_with_cloze_on_an_alibi_model_is_refused_before_the_run_folder(
     assert main(argv) == 2
     assert "ALiBi" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _family_model(kind: str, tok):
+    """A random tiny model of another family than Llama: learned absolute positions (GPT-2,
+    OPT, GPT-BigCode), partial rotary (GPT-NeoX, GPT-J, CodeGen, Phi-3's fused qkv), parallel
+    blocks (Falcon), Gemma's scaled embeddings."""
+    import transformers as tf
+
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, attn_implementation="sdpa")
+    llama_like = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, **ids,
+    )  # fmt: skip
+    gpt = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+    config, model = {
+        "gpt2": (tf.GPT2Config(**gpt), tf.GPT2LMHeadModel),
+        "gpt_bigcode": (tf.GPTBigCodeConfig(**gpt), tf.GPTBigCodeForCausalLM),
+        "gptj": (tf.GPTJConfig(rotary_dim=4, **gpt), tf.GPTJForCausalLM),
+        "codegen": (tf.CodeGenConfig(rotary_dim=4, n_ctx=256, **gpt), tf.CodeGenForCausalLM),
+        "opt": (
+            tf.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **llama_like),
+            tf.OPTForCausalLM,
+        ),
+        "gpt_neox": (tf.GPTNeoXConfig(**llama_like), tf.GPTNeoXForCausalLM),
+        "phi3": (
+            tf.Phi3Config(original_max_position_embeddings=256, **llama_like),
+            tf.Phi3ForCausalLM,
+        ),
+        "falcon": (
+            tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **ids),
+            tf.FalconForCausalLM,
+        ),
+        "gemma": (
+            tf.GemmaConfig(head_dim=8, num_key_value_heads=2, **llama_like),
+            tf.GemmaForCausalLM,
+        ),
+    }[kind]
+    torch.manual_seed(3)
+    return model(config).eval()
+
+
+@pytest.mark.parametrize(
+    "kind", ["gpt2", "gpt_bigcode", "gptj", "codegen", "opt", "gpt_neox", "phi3", "falcon", "gemma"]
+)
+def test_cloze_scores_equal_the_models_own_forward_across_families(tok, kind) -> None:
+    """The packed sequences with their custom mask and position ids score every option as the
+    model's own forward of ``prompt + option`` does, whatever the family's position encoding."""
+    model = _family_model(kind, tok)
+    batch = _batch(MC, EXAMPLES, tok, 4)
+    with torch.no_grad():
+        scores = answer_logits(model, batch, None)
+    for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
+        for k, choice in enumerate(ex.choices):
+            want, _ = _continuation_logprob(model, tok, prompt, " " + choice)
+            assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
