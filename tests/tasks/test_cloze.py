@@ -61,17 +61,25 @@ EXAMPLES = [
 PROMPTS = ["Question: What is red?\nAnswer:", "Context: Heat.\nQuestion: Which is cold?\nAnswer:"]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_cloze_scores_equal_per_option_log_likelihood_by_hand(tok, attn) -> None:
-    model = tiny_base(tok, seed=3)
-    model.config._attn_implementation = attn
+def _scores_match_by_hand(model, tok) -> torch.Tensor:
+    """Score ``EXAMPLES`` packed; assert each option's score equals its log-likelihood by hand
+    (:func:`_continuation_logprob`); the (2, 4) scores."""
     batch = _batch(MC, EXAMPLES, tok, 4)
+    assert batch["position_ids"].max() >= 8  # longer than the windows and chunks used below
     with torch.no_grad():
         scores = answer_logits(model, batch, None)
     for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
         for k, choice in enumerate(ex.choices):
             want, _ = _continuation_logprob(model, tok, prompt, " " + choice)
             assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
+    return scores
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cloze_scores_equal_per_option_log_likelihood_by_hand(tok, attn) -> None:
+    model = tiny_base(tok, seed=3)
+    model.config._attn_implementation = attn
+    scores = _scores_match_by_hand(model, tok)
     assert scores[0, 3].item() == float("-inf")  # question a has 3 options
 
 
@@ -126,15 +134,7 @@ def test_cloze_scores_follow_the_models_sliding_window_or_chunks(tok, kind, attn
     """A model given a ready 4-D mask applies no window or chunk of its own: the packed options
     must be cut by position, per layer type where kinds of layers mix (before: off by
     0.12-0.46 nats from the model's own forward of each option)."""
-    model = _sliding_model(kind, tok, attn)
-    batch = _batch(MC, EXAMPLES, tok, 4)
-    assert batch["position_ids"].max() >= 8  # the window or chunk cuts these prompts
-    with torch.no_grad():
-        scores = answer_logits(model, batch, None)
-    for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
-        for k, choice in enumerate(ex.choices):
-            want, _ = _continuation_logprob(model, tok, prompt, " " + choice)
-            assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
+    _scores_match_by_hand(_sliding_model(kind, tok, attn), tok)
 
 
 def test_attention_spans_of_a_model_and_its_layer_types(tok) -> None:
@@ -438,11 +438,4 @@ def _family_model(kind: str, tok):
 def test_cloze_scores_equal_the_models_own_forward_across_families(tok, kind) -> None:
     """The packed sequences with their custom mask and position ids score every option as the
     model's own forward of ``prompt + option`` does, whatever the family's position encoding."""
-    model = _family_model(kind, tok)
-    batch = _batch(MC, EXAMPLES, tok, 4)
-    with torch.no_grad():
-        scores = answer_logits(model, batch, None)
-    for b, (ex, prompt) in enumerate(zip(EXAMPLES, PROMPTS, strict=True)):
-        for k, choice in enumerate(ex.choices):
-            want, _ = _continuation_logprob(model, tok, prompt, " " + choice)
-            assert scores[b, k].item() == pytest.approx(want, abs=2e-4)
+    _scores_match_by_hand(_family_model(kind, tok), tok)
