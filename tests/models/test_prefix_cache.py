@@ -195,6 +195,24 @@ def test_damaged_or_foreign_disk_cache_is_rebuilt(arc, smollm2_tokenizer, tmp_pa
     assert fresh.key != cache.key and not fresh.features
 
 
+def test_a_sliding_window_is_part_of_the_disk_key_and_no_window_keeps_the_old_key(
+    arc, smollm2_tokenizer
+) -> None:
+    """Cloze features of a windowed model made before the window was cut into the packed mask
+    are not reused; every other model's key is the one its caches already carry."""
+    import hashlib
+
+    dataset, _, _ = arc
+    _, model = _model("lora", len(smollm2_tokenizer))
+    plain = PrefixFeatureCache.for_dataset(model, dataset)
+    start, dtype = plain.start, next(model.parameters()).dtype
+    fp = prefix_fingerprint(model, start)
+    old = f"{dataset.digest}:{fp}:{start}:{dtype}"
+    assert plain.key == hashlib.sha256(old.encode()).hexdigest()
+    model.config.sliding_window = 8
+    assert PrefixFeatureCache.for_dataset(model, dataset).key != plain.key
+
+
 def test_memory_limit_turns_the_cache_off(arc, smollm2_tokenizer) -> None:
     dataset, _, _ = arc
     _, model = _model("lora", len(smollm2_tokenizer))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from blob_lora.models.forward import attention_spans
 from blob_lora.models.prefix import (
     PrefixPlan,
     block_index,
@@ -184,7 +185,11 @@ class PrefixFeatureCache:
             return None
         digest = getattr(dataset, "digest", None)
         fp = prefix_fingerprint(model, start)
-        key = hashlib.sha256(f"{digest}:{fp}:{start}:{dtype}".encode()).hexdigest()
+        # A model with a sliding window or attention chunks names them in the key: its cloze
+        # features before those were cut into the packed mask (2026-12-03) are not reused.
+        spans = attention_spans(model)
+        layout = f":{spans}" if spans is not None else ""
+        key = hashlib.sha256(f"{digest}:{fp}:{start}:{dtype}{layout}".encode()).hexdigest()
         on_disk = cache_dir is not None and digest is not None
         path = Path(cache_dir) / "prefix" / f"{key}.safetensors" if on_disk else None
         return cls(model, start, key, path, keep=keep)
