@@ -107,10 +107,11 @@ def cloze_attention_mask(
     same = (branch.unsqueeze(2) == branch.unsqueeze(1)) | (branch == 0).unsqueeze(1)
     allowed = causal & same & real.unsqueeze(1) & real.unsqueeze(2)
     _check_implementation(attn_implementation)
+    if spans is None:  # every layer sees the whole sequence (most models): nothing to cut
+        return _mask_form(allowed, attn_implementation, dtype)
     forms = _layer_masks(allowed, batch["position_ids"].to(branch.device), spans)
     if all(torch.equal(m, allowed) for m in forms.values()):
         return _mask_form(allowed, attn_implementation, dtype)
-    assert spans is not None  # forms differ from allowed only where spans cut
     if spans.layer_types is None:
         return _mask_form(forms["sliding_attention"], attn_implementation, dtype)
     unknown = sorted(set(spans.layer_types) - set(forms))
@@ -128,15 +129,15 @@ def cloze_attention_mask(
 
 
 def _layer_masks(
-    allowed: torch.Tensor, position: torch.Tensor, spans: AttentionSpans | None
+    allowed: torch.Tensor, position: torch.Tensor, spans: AttentionSpans
 ) -> dict[str, torch.Tensor]:
     """The allowed pairs per layer type transformers names, cut by position as its own masks
     cut them by index (``q - kv < window``; the same ``position // chunk``)."""
     forms = {"full_attention": allowed}
-    if spans is not None and spans.window:
+    if spans.window:
         near = (position.unsqueeze(2) - position.unsqueeze(1)) < spans.window
         forms["sliding_attention"] = allowed & near
-    if spans is not None and spans.chunk:
+    if spans.chunk:
         block = torch.div(position, spans.chunk, rounding_mode="floor")
         forms["chunked_attention"] = allowed & (block.unsqueeze(2) == block.unsqueeze(1))
     return forms
@@ -166,8 +167,9 @@ def _check_implementation(attn_implementation: str) -> None:
 def check_cloze_support(model: nn.Module) -> None:
     """``ConfigError`` unless ``model`` can score packed cloze sequences: an attention
     implementation that takes a custom 4-D mask and no ALiBi biases
-    (:func:`refuse_position_bias`). Every cloze forward checks; training checks once more
-    before it creates the run folder, so a refused model leaves nothing behind."""
+    (:func:`refuse_position_bias`). Every cloze forward checks both on its way
+    (:func:`cloze_logits`); training checks once more before it creates the run folder, so
+    a refused model leaves nothing behind."""
     refuse_position_bias(model)
     _check_implementation(_attention_setup(model)[0])
 
@@ -258,7 +260,7 @@ def cloze_logits(
     """
     if head_positions not in HEAD_POSITIONS:
         raise ValueError(f"head_positions must be one of {HEAD_POSITIONS}, not {head_positions!r}")
-    check_cloze_support(model)
+    refuse_position_bias(model)  # the implementation is checked by cloze_attention_mask
     impl, dtype = _attention_setup(model)
     target = batch["target_option"]
     rows, cols, at, keep = predicting_positions(batch)

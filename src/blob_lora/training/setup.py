@@ -61,10 +61,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     PEFT model): each decoder block keeps its input only and runs again in the backward.
 
     Non-reentrant checkpointing (``use_reentrant=False``): it needs no input that requires a
-    gradient (the base is frozen, and below the first adapter nothing does), is the kind PyTorch
-    recommends under FSDP2 (run by hand there on 2 CPU processes, not in the tests), and restores the RNG state before the recomputation, so BLoB's weight noise, Bayesian-LoRA's
-    samples and MC-dropout's masks are drawn again exactly as in the forward: the gradients
-    are those of the run without it (``tests/training/test_gradient_checkpointing.py``).
+    gradient (the base is frozen, and below the first adapter nothing does), is the kind
+    PyTorch recommends under FSDP2 (run by hand there on 2 CPU processes, not in the tests),
+    and restores the RNG state before the recomputation, so BLoB's weight noise,
+    Bayesian-LoRA's samples and MC-dropout's masks are drawn again exactly as in the forward:
+    the gradients are those of the run without it
+    (``tests/training/test_gradient_checkpointing.py``).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
