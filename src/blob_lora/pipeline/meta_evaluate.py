@@ -8,11 +8,14 @@ N-sample predictive of the posterior is scored with the project's metrics (ACC, 
 Brier). ``meta_eval.json`` holds each task's metrics and their unweighted mean over tasks.
 The baselines of ``meta_baselines.py`` go through the same steps with their own adaptation and
 predictive, into ``meta_eval_<baseline>.json``; every file records the adaptation budget.
+Each task's metrics are kept on disk as soon as it is scored, so a stopped evaluation resumes
+with the tasks it had not scored (``meta_progress.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +36,12 @@ from blob_lora.pipeline.meta_baselines import (
 )
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
 from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, fit_split, load_split
+from blob_lora.pipeline.meta_progress import (
+    ScoredTasks,
+    evaluation_key,
+    folder_digest,
+    partial_path,
+)
 from blob_lora.pipeline.meta_train import (
     ADAPTER_DIR,
     device_of_choice,
@@ -40,6 +49,7 @@ from blob_lora.pipeline.meta_train import (
     is_finished,
 )
 from blob_lora.prediction.loop import predict_dataset
+from blob_lora.prediction.resume import model_fingerprint
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
@@ -75,10 +85,13 @@ def meta_evaluate(
     the held-out tasks (and the multi-task baseline's training when it runs);
     ``prefix_cache``: the frozen blocks below the adapters run once per support batch of an
     adaptation and once per evaluation question, not once per inner step and weight sample
-    (the same metrics up to float rounding)."""
+    (the same metrics up to float rounding). The tasks a stopped evaluation of the same run,
+    contender and samples had scored are taken from its progress file and not scored again
+    (``meta_progress.ScoredTasks``), which the finished evaluation removes."""
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
     meta_run, model = open_run(run, model, tokenizer, prefix_cache)
+    base_model = model_fingerprint(model)  # before a contender's adapter wraps it
     if baseline is None:
         contender = abmll_contender(model, meta_run, eval_samples)
     else:
@@ -91,10 +104,30 @@ def meta_evaluate(
             eval_samples,
             baseline,
         )
-    per_task = {
-        pool.name: evaluate_task(contender, pool, meta_run)
-        for pool in tqdm(meta_run.split.test, desc="meta-evaluate", disable=not progress)
+    name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
+    path = Path(out or meta_run.folder) / name
+    settings = {
+        "protocol": meta_run.cfg.to_dict(),
+        "adapter": folder_digest(meta_run.folder / ADAPTER_DIR),
+        "base_model": base_model,
+        "contender": baseline or meta_run.cfg.method,
+        "eval_samples": contender.n_samples,
+        "prefix_cache": meta_run.inputs.prefix_cache,
     }
+    scored = ScoredTasks(partial_path(path), evaluation_key(settings))
+    done = set(scored.load())
+    pools = meta_run.split.test
+    if done:
+        kept = sum(p.name in done for p in pools)
+        print(
+            f"meta-evaluate: resuming from {scored.path} ({kept} of {len(pools)} held-out "
+            "tasks scored)",
+            file=sys.stderr,
+        )
+    for pool in tqdm(pools, desc="meta-evaluate", disable=not progress):
+        if pool.name not in done:
+            scored.add(pool.name, evaluate_task(contender, pool, meta_run))
+    per_task = {pool.name: scored.tasks[pool.name] for pool in pools}
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}
     cfg, budget = meta_run.cfg, meta_run.budget
     result = {
@@ -110,8 +143,8 @@ def meta_evaluate(
     overlong = {k: v for k, v in meta_run.split.overlong.items() if k in held_out}
     if overlong:  # --overlong drop left these out of the scored questions
         result["overlong"] = overlong
-    name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
-    atomic_write_json(Path(out or meta_run.folder) / name, result)
+    atomic_write_json(path, result)
+    scored.clear()
     return result
 
 

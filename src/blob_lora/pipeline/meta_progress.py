@@ -1,0 +1,108 @@
+"""The held-out tasks a stopped ``meta-evaluate`` had already scored, kept on disk.
+
+A meta-evaluation adapts to and scores every held-out task in turn, and one task can take long
+(MMLU subjects of 200 questions with 10 weight samples: 5-50 minutes each on two CPU cores, and
+``multitask-lora`` / ``blob-support`` fit per task too). A stop (a session's end, a SIGTERM, a
+crash) used to lose every task scored so far. :class:`ScoredTasks` writes each task's metrics
+next to the result file as soon as the task is scored (``meta_eval.partial.json`` beside
+``meta_eval.json``, ``meta_eval_<baseline>.partial.json`` beside a baseline's), atomically; the
+next evaluation with the same key takes them and scores only the others.
+
+Why this gives the uninterrupted result: every task is scored from its own seed
+(``task_seed(run seed, task name)`` seeds its support draw, its adaptation and its predictive),
+and a contender starts every task from the same state (ABMLL's global parameters, the reset
+adapters of the baselines), so a task's metrics do not depend on which tasks were scored before
+it in the same process (tested, ``tests/pipeline/test_meta_progress.py``).
+
+The key names what decides a task's metrics: the run's protocol (``meta_config.json``), its
+adapter folder's bytes (the global parameters and the adaptation budget), the base model's
+weights (a fingerprint), the contender, its weight samples and the prefix cache (which changes
+float rounding). Scored tasks under another key, or a file that cannot be read, are not used
+(a warning says so) and are replaced as the new evaluation goes: the file only ever saves time,
+never decides a result. The finished evaluation writes its result file, then removes this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from blob_lora.utils.atomic import atomic_remove, atomic_write_json
+from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.json_file import read_json_object
+
+logger = logging.getLogger(__name__)
+
+#: what the progress file's name puts in place of the result file's ``.json``
+PARTIAL_SUFFIX = ".partial.json"
+
+
+def partial_path(result: Path) -> Path:
+    """The progress file of result file ``result`` (``meta_eval.json`` ->
+    ``meta_eval.partial.json``)."""
+    return result.with_name(result.name.removesuffix(".json") + PARTIAL_SUFFIX)
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file of ``folder`` (names and bytes, in name order): an adapter
+    folder is a few MB, and a re-trained run differs in every byte."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}\0".encode())
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def evaluation_key(settings: dict[str, Any]) -> str:
+    """The key of one meta-evaluation: a digest of the JSON of ``settings`` (protocol, adapter
+    digest, the base model's fingerprint taken before any adapter wraps it, contender,
+    samples ...)."""
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ScoredTasks:
+    """The metrics of the held-out tasks scored so far by the evaluation of key ``key``,
+    stored in ``path`` (see the module doc). ``tasks`` holds what :meth:`load` found and
+    :meth:`add` added since, by task name."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.tasks: dict[str, dict[str, float]] = {}
+
+    def load(self) -> dict[str, dict[str, float]]:
+        """The tasks a stopped evaluation of this key scored (none when there is no file, it
+        cannot be read, or it holds another key; a warning names the last two)."""
+        if not self.path.exists():
+            return {}
+        try:
+            saved = read_json_object(self.path, ConfigError)
+            tasks = saved.get("tasks")
+            if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):
+                raise ConfigError(f"{self.path} holds no per-task metrics")
+        except ConfigError as exc:
+            logger.warning("scoring every held-out task again: %s", exc)
+            return {}
+        if saved.get("key") != self.key:
+            logger.warning(
+                "scoring every held-out task again: %s was written by an evaluation under "
+                "other settings (run, adapter, base model, contender or samples)",
+                self.path,
+            )
+            return {}
+        self.tasks = dict(tasks)
+        return self.tasks
+
+    def add(self, name: str, metrics: dict[str, float]) -> None:
+        """Record task ``name``'s metrics, on disk before this returns."""
+        self.tasks[name] = metrics
+        atomic_write_json(self.path, {"key": self.key, "tasks": self.tasks})
+
+    def clear(self) -> None:
+        """Remove the progress file (its tasks are in the result file now)."""
+        atomic_remove(self.path)

@@ -1,0 +1,137 @@
+"""``meta-evaluate`` stopped part way keeps the held-out tasks it had scored: the next
+evaluation of the same run, contender and samples scores only the others and writes what the
+uninterrupted evaluation writes, byte for byte; scores kept under other settings, or a damaged
+progress file, are not used. On the tiny model, 2 held-out tasks (``test_meta_baselines``' run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from blob_lora.cli.main import main
+from blob_lora.pipeline import meta_evaluate as meta_evaluate_module
+from blob_lora.pipeline.meta_evaluate import META_EVAL_FILE, meta_evaluate
+from blob_lora.pipeline.meta_progress import partial_path
+from tests.pipeline.test_meta_baselines import meta_run, run_copy  # noqa: F401 - fixtures
+
+torch.set_num_threads(1)
+
+
+class Killed(BaseException):
+    """The process dying in the middle of the second task: no ``except`` catches it."""
+
+
+def result_file(out, baseline):
+    return out / (META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json")
+
+
+def counting(monkeypatch, *, die_at: int | None = None) -> list[str]:
+    """Record the name of every task ``evaluate_task`` scores; die when it starts the
+    ``die_at``-th (1-based)."""
+    real = meta_evaluate_module.evaluate_task
+    scored: list[str] = []
+
+    def evaluate_task(contender, pool, run):
+        if die_at is not None and len(scored) + 1 == die_at:
+            raise Killed(f"killed while scoring {pool.name}")
+        scored.append(pool.name)
+        return real(contender, pool, run)
+
+    monkeypatch.setattr(meta_evaluate_module, "evaluate_task", evaluate_task)
+    return scored
+
+
+def evaluate(run, out, baseline, **kwargs):
+    return meta_evaluate(run, out, baseline=baseline, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("baseline", [None, "blob-support"])
+def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(
+    run_copy,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+    baseline,
+):
+    """ABMLL and BLoB draw weight noise in every task's fit and predictive: the second task,
+    scored alone in a later process (another global RNG state), gives what it gives after the
+    first task in one process."""
+    run, _ = run_copy
+    whole = tmp_path / "whole"
+    evaluate(run, whole, baseline)
+    held_out = json.loads((run / "tasks.json").read_text())["meta_test"]
+    assert len(held_out) == 2
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        counting(m, die_at=2)
+        with pytest.raises(Killed):
+            evaluate(run, out, baseline)
+    partial = partial_path(result_file(out, baseline))
+    assert not result_file(out, baseline).exists()
+    assert list(json.loads(partial.read_text())["tasks"]) == held_out[:1]
+
+    torch.manual_seed(12345)
+    capsys.readouterr()
+    scored = counting(monkeypatch)
+    evaluate(run, out, baseline)
+    assert scored == held_out[1:]  # the first task was taken from the progress file
+    assert "(1 of 2 held-out tasks scored)" in capsys.readouterr().err
+    assert result_file(out, baseline).read_text() == result_file(whole, baseline).read_text()
+    assert not partial.exists()
+
+
+def test_scores_kept_under_other_samples_are_not_used(run_copy, tmp_path, monkeypatch, caplog):  # noqa: F811
+    run, _ = run_copy
+    out = tmp_path / "eval"
+    with monkeypatch.context() as m:
+        counting(m, die_at=2)
+        with pytest.raises(Killed):
+            evaluate(run, out, None, eval_samples=2)
+    scored = counting(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        got = evaluate(run, out, None, eval_samples=3)
+    assert len(scored) == 2 and "under other settings" in caplog.text
+    monkeypatch.undo()
+    fresh = evaluate(run, tmp_path / "fresh", None, eval_samples=3)
+    assert got == fresh and got["eval_samples"] == 3
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"key": 1}', '{"tasks": [1]}'])
+def test_a_damaged_progress_file_is_ignored_with_a_warning(
+    run_copy,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+    damage,
+):
+    run, _ = run_copy
+    out = tmp_path / "eval"
+    partial = partial_path(out / "meta_eval_zero-shot.json")
+    partial.parent.mkdir(parents=True)
+    partial.write_text(damage)
+    scored = counting(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        evaluate(run, out, "zero-shot")
+    assert len(scored) == 2
+    assert "scoring every held-out task again" in caplog.text
+    assert not partial.exists() and (out / "meta_eval_zero-shot.json").is_file()
+
+
+def test_the_cli_resumes_too(run_copy, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The command the tables run: stopped, then the same command line again."""
+    run, _ = run_copy
+    argv = ["meta-evaluate", "--run", str(run), "--out", str(tmp_path), "--no-progress",
+            "--baseline", "lora-support"]  # fmt: skip
+    with monkeypatch.context() as m:
+        counting(m, die_at=2)
+        with pytest.raises(Killed):
+            main(argv)
+    scored = counting(monkeypatch)
+    assert main(argv) == 0
+    assert len(scored) == 1
+    assert "resuming from" in capsys.readouterr().err
