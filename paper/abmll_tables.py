@@ -28,7 +28,9 @@ checkpoints if a previous invocation was stopped; a finished run is kept), then
 ``<out>/table.md`` / ``table.json`` hold each contender's mean over the seed's held-out tasks,
 averaged over the finished seeds (± sample std over seeds), the per-seed values, and the wall
 seconds each stage took (``timing.json`` in each run folder: seconds per invocation segment,
-so a resumed stage sums its segments).
+so a resumed stage sums its segments; a segment a kill ended is missing). An evaluation
+stopped part way resumes with the held-out tasks it had not scored, and its cost over all
+sittings is the sum of its tasks' ``task_seconds`` (``eval_seconds`` in the table).
 
 Every stage is resumable: run the same command again after a stop.
 
@@ -343,9 +345,17 @@ def summarise(
             "mean": {k: statistics.fmean(v[k] for v in values.values()) for k in AVERAGED},
             "std": {k: _std([v[k] for v in values.values()]) for k in AVERAGED},
             "eval_samples": {s: per_seed[s][name].get("eval_samples") for s in per_seed},
+            "eval_seconds": {s: _eval_seconds(per_seed[s][name]) for s in per_seed},
             "held_out": {s: sorted(per_seed[s][name]["tasks"]) for s in per_seed},
         }
     return {"seeds": sorted(per_seed), "contenders": rows}
+
+
+def _eval_seconds(result: dict[str, Any]) -> float | None:
+    """A contender's evaluation wall seconds over all its sittings: the sum of its held-out
+    tasks' ``task_seconds`` (``None`` for a file written before they were recorded)."""
+    seconds = result.get("task_seconds")
+    return round(sum(seconds.values()), 1) if seconds else None
 
 
 def _std(values: list[float]) -> float | None:
@@ -385,6 +395,17 @@ def table_markdown(table: dict[str, Any]) -> str:
         parts = ", ".join(
             f"{k} {'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in stages.items()
         )
+        lines.append(f"- seed {seed}: {parts}")
+    lines += [
+        "",
+        "Evaluation wall seconds per contender over all its sittings (the sum of its "
+        "held-out tasks' `task_seconds`; `-`: written before they were recorded; "
+        "multitask-lora's training is in its segments above, not here):",
+        "",
+    ]
+    for seed in seeds:
+        spent = {name: row["eval_seconds"].get(seed) for name, row in table["contenders"].items()}
+        parts = ", ".join(f"{name} {'-' if s is None else s}" for name, s in spent.items())
         lines.append(f"- seed {seed}: {parts}")
     return "\n".join(lines) + "\n"
 

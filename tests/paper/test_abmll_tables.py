@@ -104,6 +104,11 @@ def test_table_runs_use_the_chosen_setting_and_average_what_they_wrote(finished)
         assert row["std"]["nll"] == pytest.approx(statistics.stdev(per_seed))
     md = (out / "table.md").read_text()
     assert "| zero-shot |" in md and "seed 2:" in md
+    for seed in (1, 2):  # evaluation cost over all sittings: the tasks' seconds summed
+        spent = json.loads((out / "runs" / f"seed{seed}" / "meta_eval.json").read_text())
+        total = round(sum(spent["task_seconds"].values()), 1)
+        assert table["contenders"]["abmll"]["eval_seconds"][str(seed)] == total
+        assert f"- seed {seed}: abmll {total}, zero-shot" in md
     for seed in (1, 2):  # meta-training's own count of all its sittings, beside the segments
         trained = json.loads((out / "runs" / f"seed{seed}" / "tasks.json").read_text())
         stages = table["timing_s"][str(seed)]

@@ -24,7 +24,7 @@ from blob_lora.tuners.blob import blob_layers, kl_divergence, std_parameters
 from blob_lora.tuners.peft_adapter import read_adapter_weights
 from blob_lora.utils.errors import ConfigError
 from tests.factories import tiny_model_folder, tiny_task_collection
-from tests.pipeline.test_meta import train_args
+from tests.pipeline.test_meta import timeless, train_args
 
 torch.set_num_threads(1)
 
@@ -85,7 +85,7 @@ def test_a_baseline_scores_every_held_out_task_deterministically(run_copy, tmp_p
         per_task = [m[key] for m in first["tasks"].values()]
         assert first["mean"][key] == pytest.approx(sum(per_task) / len(per_task))
     # again: the same fit, the same weight samples (multitask-lora: from its kept weights)
-    assert evaluate_cli(run, tmp_path / "e2", "--baseline", name) == first
+    assert timeless(evaluate_cli(run, tmp_path / "e2", "--baseline", name)) == timeless(first)
     # and not the pretrained model's predictive: the fit did something
     zero = evaluate_cli(run, tmp_path / "e0", "--baseline", "zero-shot")
     assert zero["mean"]["nll"] != first["mean"]["nll"]

@@ -1,6 +1,6 @@
 """``meta-evaluate`` stopped part way keeps the held-out tasks it had scored: the next
 evaluation of the same run, contender and samples scores only the others and writes what the
-uninterrupted evaluation writes, byte for byte; scores kept under other settings, or a damaged
+uninterrupted evaluation writes (but its wall seconds); scores kept under other settings, or a damaged
 progress file, are not used. On the tiny model, 2 held-out tasks (``test_meta_baselines``' run).
 """
 
@@ -16,6 +16,7 @@ from blob_lora.cli.main import main
 from blob_lora.pipeline import meta_evaluate as meta_evaluate_module
 from blob_lora.pipeline.meta_evaluate import META_EVAL_FILE, meta_evaluate
 from blob_lora.pipeline.meta_progress import partial_path
+from tests.pipeline.test_meta import timeless
 from tests.pipeline.test_meta_baselines import meta_run, run_copy  # noqa: F401 - fixtures
 
 torch.set_num_threads(1)
@@ -73,7 +74,8 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(
             evaluate(run, out, baseline)
     partial = partial_path(result_file(out, baseline))
     assert not result_file(out, baseline).exists()
-    assert list(json.loads(partial.read_text())["tasks"]) == held_out[:1]
+    kept = json.loads(partial.read_text())
+    assert list(kept["tasks"]) == list(kept["seconds"]) == held_out[:1]
 
     torch.manual_seed(12345)
     capsys.readouterr()
@@ -81,7 +83,10 @@ def test_a_stopped_evaluation_resumes_to_the_uninterrupted_result(
     evaluate(run, out, baseline)
     assert scored == held_out[1:]  # the first task was taken from the progress file
     assert "(1 of 2 held-out tasks scored)" in capsys.readouterr().err
-    assert result_file(out, baseline).read_text() == result_file(whole, baseline).read_text()
+    got, want = (json.loads(result_file(f, baseline).read_text()) for f in (out, whole))
+    assert timeless(got) == timeless(want)
+    # the cost of every sitting: the first task's seconds are the stopped evaluation's
+    assert got["task_seconds"][held_out[0]] == kept["seconds"][held_out[0]]
     assert not partial.exists()
 
 
@@ -98,10 +103,12 @@ def test_scores_kept_under_other_samples_are_not_used(run_copy, tmp_path, monkey
     assert len(scored) == 2 and "under other settings" in caplog.text
     monkeypatch.undo()
     fresh = evaluate(run, tmp_path / "fresh", None, eval_samples=3)
-    assert got == fresh and got["eval_samples"] == 3
+    assert timeless(got) == timeless(fresh) and got["eval_samples"] == 3
 
 
-@pytest.mark.parametrize("damage", ["not json", '{"key": 1}', '{"tasks": [1]}'])
+@pytest.mark.parametrize(
+    "damage", ["not json", '{"key": 1}', '{"tasks": [1]}', '{"tasks": {"t": {}}, "seconds": {}}']
+)
 def test_a_damaged_progress_file_is_ignored_with_a_warning(
     run_copy,  # noqa: F811
     tmp_path,

@@ -5,7 +5,8 @@ Per held-out task (the run's own split, re-created from its ``meta_config.json``
 set and the evaluation questions are drawn by the run's seed, the task posterior is adapted on
 the support set (ABMLL's ``inner_steps`` SGD steps from the global parameters, seeded), and the
 N-sample predictive of the posterior is scored with the project's metrics (ACC, ECE, NLL,
-Brier). ``meta_eval.json`` holds each task's metrics and their unweighted mean over tasks.
+Brier). ``meta_eval.json`` holds each task's metrics and their unweighted mean over tasks, and the
+wall seconds each task's adaptation and scoring took (``task_seconds``).
 The baselines of ``meta_baselines.py`` go through the same steps with their own adaptation and
 predictive, into ``meta_eval_<baseline>.json``; every file records the adaptation budget.
 Each task's metrics are kept on disk as soon as it is scored, so a stopped evaluation resumes
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +128,9 @@ def meta_evaluate(
         )
     for pool in tqdm(pools, desc="meta-evaluate", disable=not progress):
         if pool.name not in done:
-            scored.add(pool.name, evaluate_task(contender, pool, meta_run))
+            start = time.perf_counter()
+            metrics = evaluate_task(contender, pool, meta_run)
+            scored.add(pool.name, metrics, round(time.perf_counter() - start, 3))
     per_task = {pool.name: scored.tasks[pool.name] for pool in pools}
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}
     cfg, budget = meta_run.cfg, meta_run.budget
@@ -138,6 +142,8 @@ def meta_evaluate(
         "k_shot": cfg.k_shot,
         "seed": cfg.seed,
         "adaptation": {"steps": budget.inner_steps, "lr": budget.inner_lr},
+        # wall seconds per task, whichever sitting scored it
+        "task_seconds": {pool.name: scored.seconds[pool.name] for pool in pools},
     }
     held_out = {p.name for p in meta_run.split.test}
     overlong = {k: v for k, v in meta_run.split.overlong.items() if k in held_out}

@@ -20,6 +20,10 @@ weights (a fingerprint), the contender, its weight samples and the prefix cache 
 float rounding). Scored tasks under another key, or a file that cannot be read, are not used
 (a warning says so) and are replaced as the new evaluation goes: the file only ever saves time,
 never decides a result. The finished evaluation writes its result file, then removes this one.
+
+Each task's wall seconds (its adaptation and scoring) are kept with its metrics and end in the
+result file as ``task_seconds``: the cost of an evaluation made in several sittings, which the
+time of its last sitting alone would understate.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class ScoredTasks:
         self.path = Path(path)
         self.key = key
         self.tasks: dict[str, dict[str, float]] = {}
+        self.seconds: dict[str, float] = {}
 
     def load(self) -> dict[str, dict[str, float]]:
         """The tasks a stopped evaluation of this key scored (none when there is no file, it
@@ -82,9 +87,11 @@ class ScoredTasks:
             return {}
         try:
             saved = read_json_object(self.path, ConfigError)
-            tasks = saved.get("tasks")
+            tasks, seconds = saved.get("tasks"), saved.get("seconds")
             if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):
                 raise ConfigError(f"{self.path} holds no per-task metrics")
+            if not isinstance(seconds, dict) or set(seconds) != set(tasks):
+                raise ConfigError(f"{self.path} holds no seconds for its tasks")
         except ConfigError as exc:
             logger.warning("scoring every held-out task again: %s", exc)
             return {}
@@ -95,13 +102,17 @@ class ScoredTasks:
                 self.path,
             )
             return {}
-        self.tasks = dict(tasks)
+        self.tasks, self.seconds = dict(tasks), dict(seconds)
         return self.tasks
 
-    def add(self, name: str, metrics: dict[str, float]) -> None:
-        """Record task ``name``'s metrics, on disk before this returns."""
+    def add(self, name: str, metrics: dict[str, float], seconds: float) -> None:
+        """Record task ``name``'s metrics and the wall seconds its adaptation and scoring took,
+        on disk before this returns."""
         self.tasks[name] = metrics
-        atomic_write_json(self.path, {"key": self.key, "tasks": self.tasks})
+        self.seconds[name] = seconds
+        atomic_write_json(
+            self.path, {"key": self.key, "tasks": self.tasks, "seconds": self.seconds}
+        )
 
     def clear(self) -> None:
         """Remove the progress file (its tasks are in the result file now)."""
