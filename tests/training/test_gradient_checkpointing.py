@@ -73,3 +73,30 @@ def test_the_same_adapter_with_the_blocks_run_twice(
 def test_a_model_without_checkpointing_support_is_refused() -> None:
     with pytest.raises(ConfigError, match="does not support transformers' activation"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+class _Base(torch.nn.Module):
+    """A model that supports checkpointing under the old name only, or under both names."""
+
+    supports_gradient_checkpointing = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, dict]] = []
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.calls.append(("gradient", gradient_checkpointing_kwargs))
+
+
+class _NewBase(_Base):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None) -> None:
+        self.calls.append(("activation", activation_checkpointing_kwargs))
+
+
+@pytest.mark.parametrize(("base", "name"), [(_Base, "gradient"), (_NewBase, "activation")])
+def test_the_name_the_installed_transformers_has_is_called_non_reentrant(base, name) -> None:
+    """transformers 5.x renamed the call; an older one has only ``gradient_...``. Either way
+    once, non-reentrant (the RNG restore the exact gradients rely on)."""
+    model = base()
+    enable_gradient_checkpointing(model)
+    assert model.calls == [(name, {"use_reentrant": False})]
