@@ -1,7 +1,8 @@
-"""``meta-evaluate`` stopped part way keeps the held-out tasks it had scored: the next
-evaluation of the same run, contender and samples scores only the others and writes what the
-uninterrupted evaluation writes (but its wall seconds); scores kept under other settings, or a damaged
-progress file, are not used. On the tiny model, 2 held-out tasks (``test_meta_baselines``' run).
+"""``meta-evaluate`` stopped part way keeps the held-out tasks it had scored, and the batches
+of the task it was scoring: the next evaluation of the same run, contender and samples scores
+only the rest and writes what the uninterrupted evaluation writes (but its wall seconds);
+scores kept under other settings, or a damaged progress file, are not used. On the tiny model,
+2 held-out tasks (``test_meta_baselines``' run).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import torch
 
 from blob_lora.cli.main import main
 from blob_lora.pipeline import meta_evaluate as meta_evaluate_module
+from blob_lora.pipeline import meta_progress
 from blob_lora.pipeline.meta_evaluate import META_EVAL_FILE, meta_evaluate
 from blob_lora.pipeline.meta_progress import partial_path
-from tests.pipeline.test_meta import timeless
+from blob_lora.prediction import loop
+from blob_lora.prediction.resume import PassCheckpoint
+from tests.pipeline.test_meta import timeless, train_args
 from tests.pipeline.test_meta_baselines import meta_run, run_copy  # noqa: F401 - fixtures
 
 torch.set_num_threads(1)
@@ -36,11 +40,11 @@ def counting(monkeypatch, *, die_at: int | None = None) -> list[str]:
     real = meta_evaluate_module.evaluate_task
     scored: list[str] = []
 
-    def evaluate_task(contender, pool, run):
+    def evaluate_task(contender, pool, run, **kwargs):
         if die_at is not None and len(scored) + 1 == die_at:
             raise Killed(f"killed while scoring {pool.name}")
         scored.append(pool.name)
-        return real(contender, pool, run)
+        return real(contender, pool, run, **kwargs)
 
     monkeypatch.setattr(meta_evaluate_module, "evaluate_task", evaluate_task)
     return scored
@@ -142,3 +146,56 @@ def test_the_cli_resumes_too(run_copy, tmp_path, monkeypatch, capsys):  # noqa: 
     assert main(argv) == 0
     assert len(scored) == 1
     assert "resuming from" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_batches(meta_run):  # noqa: F811
+    """The same tiny collection meta-trained with 2 questions a batch: each held-out task's 7
+    scored questions take 4 batches, so a pass can stop inside a task."""
+    root, model, tasks, _ = meta_run
+    out = root / "small-batches"
+    assert main([*train_args(tasks, model, out), "--batch-size", "2"]) == 0
+    return out
+
+
+def test_a_task_stopped_inside_its_pass_goes_on_from_the_batch_after_the_last_kept(
+    small_batches, tmp_path, monkeypatch
+):
+    """ABMLL's weight samples: killed after the second batch of the second task, the next
+    evaluation adapts that task again, restores the random state and scores only its last two
+    batches, to the uninterrupted result; the task's seconds include the stopped sitting's."""
+    run = small_batches
+    monkeypatch.setattr(meta_progress, "PASS_EVERY_SECONDS", 0.0)  # a write after every batch
+    whole = evaluate(run, tmp_path / "whole", None)
+    out = tmp_path / "stopped"
+    real_save = PassCheckpoint.save
+    saves: list[float] = []
+
+    def save(self, batches, parts, samples):
+        real_save(self, batches, parts, samples)
+        saves.append(torch.load(self.path, weights_only=True)["seconds"])
+        if len(saves) == 6:  # 4 batches of the first task, 2 of the second
+            raise Killed("killed in the second task's pass")
+
+    with monkeypatch.context() as m:
+        m.setattr(PassCheckpoint, "save", save)
+        with pytest.raises(Killed):
+            evaluate(run, out, None)
+    kept = list(out.glob("meta_eval.partial.task-*.pt"))
+    assert len(kept) == 1  # the first task's pass file went once its metrics were kept
+
+    batches = []
+    real_batch = loop.predict_batch
+
+    def predict_batch(*args, **kwargs):
+        batches.append(1)
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "predict_batch", predict_batch)
+    torch.manual_seed(12345)
+    got = evaluate(run, out, None)
+    assert len(batches) == 2
+    assert timeless(got) == timeless(whole)
+    second = list(got["tasks"])[1]
+    assert got["task_seconds"][second] >= saves[-1] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta_eval.json"]

@@ -181,3 +181,26 @@ def test_model_fingerprint_tells_weights_apart_in_every_dtype():
     assert model_fingerprint(flags[0]) != model_fingerprint(flags[1])
     with torch.device("meta"):  # offloaded weights: names and shapes only, no failure
         assert len(model_fingerprint(nn.Linear(8, 4))) == 64
+
+
+def test_progress_counts_the_seconds_of_every_sitting(tmp_path, monkeypatch):
+    """A write records the seconds loaded from the progress before plus this sitting's since
+    the checkpoint was made; a file written before the seconds were recorded counts 0."""
+    clock = [100.0]
+    monkeypatch.setattr("blob_lora.prediction.resume.time.monotonic", lambda: clock[0])
+    path = tmp_path / "p.pt"
+    first = PassCheckpoint(path, "k", every_seconds=0)
+    clock[0] += 12.5
+    first.save(1, {"x": [torch.zeros(2)]}, None)
+    second = PassCheckpoint(path, "k", every_seconds=0)
+    assert second.seconds_before == 0.0 and second.load() is not None
+    assert second.seconds_before == 12.5
+    clock[0] += 4.0
+    second.save(2, {"x": [torch.zeros(4)]}, None)
+    assert torch.load(path, weights_only=True)["seconds"] == 16.5
+    old = torch.load(path, weights_only=True)
+    del old["seconds"]
+    torch.save(old, path)
+    third = PassCheckpoint(path, "k")
+    assert third.load() is not None and third.seconds_before == 0.0
+    assert PassCheckpoint(path, "other key").load() is None

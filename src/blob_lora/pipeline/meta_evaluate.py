@@ -51,7 +51,7 @@ from blob_lora.pipeline.meta_train import (
     is_finished,
 )
 from blob_lora.prediction.loop import predict_dataset
-from blob_lora.prediction.resume import model_fingerprint
+from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
@@ -127,10 +127,13 @@ def meta_evaluate(
             file=sys.stderr,
         )
     for pool in tqdm(pools, desc="meta-evaluate", disable=not progress):
+        checkpoint = scored.pass_checkpoint(pool.name)
         if pool.name not in done:
             start = time.perf_counter()
-            metrics = evaluate_task(contender, pool, meta_run)
-            scored.add(pool.name, metrics, round(time.perf_counter() - start, 3))
+            metrics = evaluate_task(contender, pool, meta_run, checkpoint=checkpoint)
+            seconds = checkpoint.seconds_before + time.perf_counter() - start
+            scored.add(pool.name, metrics, round(seconds, 3))
+        checkpoint.clear()  # the task's metrics are kept; so is a kill's leftover cleared
     per_task = {pool.name: scored.tasks[pool.name] for pool in pools}
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}
     cfg, budget = meta_run.cfg, meta_run.budget
@@ -225,9 +228,17 @@ def abmll_adaptation(model: nn.Module) -> Adaptation:
     return adapted
 
 
-def evaluate_task(contender: Contender, pool: TaskPool, run: MetaRun) -> dict[str, float]:
+def evaluate_task(
+    contender: Contender,
+    pool: TaskPool,
+    run: MetaRun,
+    *,
+    checkpoint: PassCheckpoint | None = None,
+) -> dict[str, float]:
     """One held-out task: adapt on its support set, score its evaluation questions.
-    Deterministic given the run's seed (the adaptation's and the predictive's draws).
+    Deterministic given the run's seed (the adaptation's and the predictive's draws), so a
+    pass stopped part way and resumed from ``checkpoint`` (the scored batches and the random
+    state after them) gives the uninterrupted pass's metrics.
 
     Under the inputs' ``prefix_cache`` the adaptation's NLL runs the frozen blocks once per
     support batch (``meta_data.reusing_prefix``) and the questions are scored through
@@ -248,5 +259,6 @@ def evaluate_task(contender: Contender, pool: TaskPool, run: MetaRun) -> dict[st
             contender.n_samples,
             cfg.batch_size,
             prefix_cache=inputs.prefix_cache,
+            checkpoint=checkpoint,
         )
     return classification_metrics(pred.probs, pred.labels)

@@ -21,9 +21,16 @@ float rounding). Scored tasks under another key, or a file that cannot be read, 
 (a warning says so) and are replaced as the new evaluation goes: the file only ever saves time,
 never decides a result. The finished evaluation writes its result file, then removes this one.
 
-Each task's wall seconds (its adaptation and scoring) are kept with its metrics and end in the
-result file as ``task_seconds``: the cost of an evaluation made in several sittings, which the
-time of its last sitting alone would understate.
+Inside a task, its scoring pass writes its own progress every 30 s
+(:meth:`ScoredTasks.pass_checkpoint`: ``prediction.resume.PassCheckpoint``, the batches scored
+and the random state after them, beside the progress file), so a stop in a long task (an MMLU
+subject of long questions: 18 minutes) loses at most those seconds: the next evaluation adapts
+again (seeded, the same posterior) and goes on from the batch after the last one kept.
+
+Each task's wall seconds (its adaptation and scoring, every sitting counted to its last
+progress write) are kept with its metrics and end in the result file as ``task_seconds``: the
+cost of an evaluation made in several sittings, which the time of its last sitting alone would
+understate.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from blob_lora.prediction.resume import PassCheckpoint
 from blob_lora.utils.atomic import atomic_remove, atomic_write_json
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.json_file import read_json_object
@@ -42,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: what the progress file's name puts in place of the result file's ``.json``
 PARTIAL_SUFFIX = ".partial.json"
+#: how often the task being scored writes its pass's progress (as ``evaluate`` does)
+PASS_EVERY_SECONDS = 30.0
 
 
 def partial_path(result: Path) -> Path:
@@ -112,6 +122,18 @@ class ScoredTasks:
         self.seconds[name] = seconds
         atomic_write_json(
             self.path, {"key": self.key, "tasks": self.tasks, "seconds": self.seconds}
+        )
+
+    def pass_checkpoint(self, name: str) -> PassCheckpoint:
+        """The progress of task ``name``'s scoring pass, beside the progress file (one file
+        per task, named by a digest of the task's name: a folder task's name is a path),
+        keyed by this evaluation's key and the task."""
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        stem = self.path.name.removesuffix(".json")
+        return PassCheckpoint(
+            self.path.with_name(f"{stem}.task-{digest}.pt"),
+            f"{self.key}:{name}",
+            every_seconds=PASS_EVERY_SECONDS,
         )
 
     def clear(self) -> None:

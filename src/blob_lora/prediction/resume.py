@@ -88,13 +88,20 @@ class PassCheckpoint:
 
     ``every_seconds`` spaces the writes (0: after every batch); the caller removes the file
     with :meth:`clear` once the pass's results are safely stored elsewhere.
+
+    Each write also records the wall seconds of the work it covers: those the loaded progress
+    had recorded (``seconds_before``, set by :meth:`load`) and this sitting's since the object
+    was made. A caller that makes it before work of its own that is redone after a stop (an
+    adaptation before the pass) has that counted too; what a stop cuts off after the last write
+    is not counted, as it is not kept.
     """
 
     def __init__(self, path: str | Path, key: str, *, every_seconds: float = 30.0) -> None:
         self.path = Path(path)
         self.key = key
         self.every_seconds = every_seconds
-        self._last = time.monotonic()
+        self._last = self._opened = time.monotonic()
+        self.seconds_before = 0.0
 
     def load(self) -> PassProgress | None:
         """The saved progress if the file exists, is readable and has this pass's key."""
@@ -110,11 +117,13 @@ class PassCheckpoint:
                 samples=blob["samples"],
                 rng=dict(blob["rng"]),
             )
+            seconds = float(blob.get("seconds", 0.0))  # absent in files written before
         except Exception as exc:  # noqa: BLE001 - a damaged file is ignored, never trusted
             warnings.warn(
                 f"ignoring unreadable evaluation progress {self.path}: {exc}", stacklevel=2
             )
             return None
+        self.seconds_before = seconds
         return progress
 
     def due(self) -> bool:
@@ -131,6 +140,7 @@ class PassCheckpoint:
             "columns": {k: torch.cat(v) for k, v in parts.items() if v},
             "samples": torch.cat(samples) if samples else None,
             "rng": rng_state(),  # torch, CUDA, NumPy, Python: as training checkpoints keep
+            "seconds": self.seconds_before + time.monotonic() - self._opened,
         }
         buf = io.BytesIO()
         torch.save(blob, buf)
