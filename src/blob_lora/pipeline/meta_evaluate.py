@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +37,7 @@ from blob_lora.pipeline.meta_baselines import (
 )
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
 from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, fit_split, load_split
-from blob_lora.pipeline.meta_progress import (
-    ScoredTasks,
-    evaluation_key,
-    folder_digest,
-    partial_path,
-)
+from blob_lora.pipeline.meta_progress import ScoredTasks, folder_digest, partial_path
 from blob_lora.pipeline.meta_train import (
     ADAPTER_DIR,
     device_of_choice,
@@ -51,7 +45,7 @@ from blob_lora.pipeline.meta_train import (
     is_finished,
 )
 from blob_lora.prediction.loop import predict_dataset
-from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint
+from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint, settings_key
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
@@ -116,7 +110,7 @@ def meta_evaluate(
         "eval_samples": contender.n_samples,
         "prefix_cache": meta_run.inputs.prefix_cache,
     }
-    scored = ScoredTasks(partial_path(path), evaluation_key(settings))
+    scored = ScoredTasks(partial_path(path), settings_key(settings))
     done = set(scored.load())
     pools = meta_run.split.test
     if done:
@@ -128,11 +122,9 @@ def meta_evaluate(
         )
     for pool in tqdm(pools, desc="meta-evaluate", disable=not progress):
         checkpoint = scored.pass_checkpoint(pool.name)
-        if pool.name not in done:
-            start = time.perf_counter()
+        if pool.name not in done:  # the checkpoint counts the task's seconds from here
             metrics = evaluate_task(contender, pool, meta_run, checkpoint=checkpoint)
-            seconds = checkpoint.seconds_before + time.perf_counter() - start
-            scored.add(pool.name, metrics, round(seconds, 3))
+            scored.add(pool.name, metrics, round(checkpoint.seconds, 3))
         checkpoint.clear()  # the task's metrics are kept; so is a kill's leftover cleared
     per_task = {pool.name: scored.tasks[pool.name] for pool in pools}
     mean = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in AVERAGED}

@@ -36,10 +36,8 @@ understate.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from blob_lora.prediction.resume import PassCheckpoint
 from blob_lora.utils.atomic import atomic_remove, atomic_write_json
@@ -69,14 +67,6 @@ def folder_digest(folder: Path) -> str:
         with path.open("rb") as f:
             h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
-
-
-def evaluation_key(settings: dict[str, Any]) -> str:
-    """The key of one meta-evaluation: a digest of the JSON of ``settings`` (protocol, adapter
-    digest, the base model's fingerprint taken before any adapter wraps it, contender,
-    samples ...)."""
-    text = json.dumps(settings, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class ScoredTasks:

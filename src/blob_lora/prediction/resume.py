@@ -61,11 +61,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def settings_key(settings: dict[str, Any], prefix: str = "") -> str:
+    """A digest of ``prefix`` and the JSON of ``settings`` (keys sorted): the key of saved
+    progress that is valid only under those settings."""
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(f"{prefix}:{text}".encode()).hexdigest()
+
+
 def pass_key(model: nn.Module, settings: dict[str, Any]) -> str:
     """The key of a pass: ``model``'s fingerprint and the JSON of ``settings`` (the method,
     samples, mode, batches, data digest ... whatever decides the results)."""
-    text = json.dumps(settings, sort_keys=True, default=repr)
-    return hashlib.sha256(f"{model_fingerprint(model)}:{text}".encode()).hexdigest()
+    return settings_key(settings, model_fingerprint(model))
 
 
 @dataclass
@@ -126,6 +132,12 @@ class PassCheckpoint:
         self.seconds_before = seconds
         return progress
 
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of the work this progress covers, every sitting so far: the loaded
+        ``seconds_before`` and this sitting's since the object was made."""
+        return self.seconds_before + time.monotonic() - self._opened
+
     def due(self) -> bool:
         """Whether ``every_seconds`` have passed since the last write (or the start)."""
         return time.monotonic() - self._last >= self.every_seconds
@@ -140,7 +152,7 @@ class PassCheckpoint:
             "columns": {k: torch.cat(v) for k, v in parts.items() if v},
             "samples": torch.cat(samples) if samples else None,
             "rng": rng_state(),  # torch, CUDA, NumPy, Python: as training checkpoints keep
-            "seconds": self.seconds_before + time.monotonic() - self._opened,
+            "seconds": self.seconds,
         }
         buf = io.BytesIO()
         torch.save(blob, buf)
