@@ -138,6 +138,9 @@ def test_evaluation_resumes_and_removes_its_progress(
     with pytest.raises(Stop):
         evaluate_on_task(model, counting(method, stop_after=1), tokenizer, task, out, **kw)
     assert (out / PROGRESS_FILE).is_file() and not (out / "metrics.json").exists()
+    saved = torch.load(out / PROGRESS_FILE, weights_only=True)
+    saved["seconds"] = 1000.0  # the stopped sitting, made long: the resumed one must count it
+    torch.save(saved, out / PROGRESS_FILE)
 
     torch.manual_seed(99)
     again = counting(method)
@@ -148,6 +151,7 @@ def test_evaluation_resumes_and_removes_its_progress(
     )
     for k in ("accuracy", "ece", "nll", "brier", "aurc", "mean_epistemic_uncertainty"):
         assert metrics[k] == reference[k], k
+    assert 1000.0 < metrics["eval_seconds"] < 1000.0 + 60 * reference["eval_seconds"] + 60
     rows = [json.loads(x) for x in (out / "predictions.jsonl").open()]
     ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "predictions.jsonl").open()]
     assert rows == ref_rows

@@ -89,7 +89,8 @@ def evaluate_on_task(
     come back in split order either way, and only which weight sample meets which question
     differs. With ``resume`` (one process) the pass keeps its progress in
     ``out_dir/.progress.pt`` and an evaluation stopped part-way goes on from there, with the
-    same result (``prediction.resume``).
+    same result (``prediction.resume``); its ``eval_seconds`` then counts the earlier
+    sittings too (up to their last kept batch: what a stop cut off is redone, and counted, here).
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
@@ -133,7 +134,7 @@ def evaluate_on_task(
             "mean_epistemic_uncertainty": float(scored.uncertainty["epistemic"].mean())
             if "epistemic" in scored.uncertainty
             else 0.0,
-            "eval_seconds": round(time.perf_counter() - start, 3),
+            "eval_seconds": round(scored.seconds_before + time.perf_counter() - start, 3),
             **({"eval_noise": noise} if noise is not None and n > 0 else {}),
             **(extra or {}),
         }
@@ -166,6 +167,8 @@ class _ScoredSplit:
     uncertainty: dict[str, torch.Tensor]
     #: mean samples drawn per example; only for the modes of ``prediction.fast``
     mean_used: float | None = None
+    #: wall seconds of the earlier sittings of a resumed pass (their batches are not redone)
+    seconds_before: float = 0.0
 
 
 def _score_split(
@@ -230,17 +233,21 @@ def _score_split(
         batches=batches,
         checkpoint=checkpoint,
     )
+    before = checkpoint.seconds_before if checkpoint is not None else 0.0
     if predictive == "fold":
         assert scored.sample_probs is not None  # every batch drew the same N
         sample_probs = scored.sample_probs.float()
         uncertainty = decompose_uncertainty(sample_probs)
-        return _ScoredSplit(sample_probs, scored.labels, sample_probs.mean(0), uncertainty)
+        return _ScoredSplit(
+            sample_probs, scored.labels, sample_probs.mean(0), uncertainty, seconds_before=before
+        )
     return _ScoredSplit(
         scored.sample_probs,
         scored.labels,
         scored.probs,
         scored.uncertainty(),
         mean_used=float(scored.n_used.double().mean()),
+        seconds_before=before,
     )
 
 
