@@ -42,8 +42,13 @@ run (meta-trained, and every contender it owes scored: a selection point's ABMLL
 ABMLL and baselines) into ``DIR`` without its weights (``adapter/``, checkpoints, the
 multi-task LoRA's safetensors), with ``selection.*`` and ``table.*``; ``--restore DIR`` puts
 them back where ``out`` lacks them, so a new machine goes on from there instead of training
-them again. A restored run has no adapter: a contender added to the plan later makes it train
-again (delete its folder). An incomplete run is neither published nor restored.
+them again. A meta-trained seed run whose ABMLL result is in but which still owes baselines is
+published too (with the baselines' per-task progress files), so a session that ends part way
+through the baselines does not cost the next machine the meta-training: no baseline reads the
+global parameters, only the adaptation budget (``adapter/*.json``, published; the progress key
+is the budget, not the weights' bytes). A run still meta-training or scoring ABMLL is neither
+published nor restored (both need the weights). A restored run has no weights: a baseline added
+to the plan later runs on it, ABMLL's evaluation cannot (delete the folder to meta-train again).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from blob_lora.pipeline.meta_baselines import BASELINES
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.pipeline.meta_evaluate import AVERAGED, META_EVAL_FILE, meta_evaluate
 from blob_lora.pipeline.meta_loop import REPLACED
+from blob_lora.pipeline.meta_multitask import MULTITASK_DIR
 from blob_lora.pipeline.meta_train import ADAPTER_DIR, TASKS_FILE, is_finished, meta_train
 from blob_lora.tasks.collection import collection_names, split_tasks
 from blob_lora.training.run_dir import CHECKPOINTS
@@ -249,6 +255,16 @@ def train_and_evaluate(
     for name in contenders:
         baseline = None if name == "abmll" else name
         path = folder / (META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json")
+        if (
+            baseline is None
+            and not path.exists()
+            and not any((folder / ADAPTER_DIR).glob("*.safetensors"))
+        ):
+            raise ConfigError(
+                f"{folder} owes ABMLL's evaluation but holds no global parameters (a run "
+                "restored from published results keeps no weights): delete the folder to "
+                "meta-train it again"
+            )
         if not path.exists():
             with timed(folder, f"meta_evaluate_{name}_s"):
                 meta_evaluate(folder, baseline=baseline, progress=progress)
@@ -410,8 +426,12 @@ def table_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: what a published run leaves behind: its weights (``adapter/``, checkpoints) and any tensor file
-WEIGHT_DIRS = (ADAPTER_DIR, CHECKPOINTS, REPLACED)
+#: what a published run leaves behind: any tensor file, and everything in checkpoints and in a
+#: replaced run's folder; of ``adapter/`` it keeps the settings (``*.json``: the adaptation
+#: budget every baseline reads), not the weights
+WEIGHT_DIRS = (CHECKPOINTS, REPLACED)
+#: the baseline that keeps its own weights in the run folder (``MULTITASK_DIR``)
+MULTITASK_BASELINE = "multitask-lora"
 TOP_FILES = (SELECTION_FILE, "selection.md", "table.json", "table.md")
 
 
@@ -432,22 +452,47 @@ def complete_runs(plan: Plan) -> list[Path]:
     ]
 
 
+def started_runs(plan: Plan) -> list[Path]:
+    """The seed run folders of ``plan`` (relative to its ``out``) that are meta-trained and
+    hold ABMLL's result but still owe a baseline's: what a new machine can finish without the
+    weights, since no baseline reads the global parameters."""
+    owed = [f"meta_eval_{b}.json" for b in plan.baselines]
+    folders = [plan.out / "runs" / f"seed{s}" for s in plan.seeds]
+    return [
+        folder.relative_to(plan.out)
+        for folder in folders
+        if is_finished(folder)
+        and (folder / META_EVAL_FILE).is_file()
+        and not all((folder / f).is_file() for f in owed)
+    ]
+
+
 def _is_weight(rel: Path) -> bool:
-    return rel.suffix in (".safetensors", ".bin", ".pt") or any(
-        part in WEIGHT_DIRS for part in rel.parts[:-1]
+    return (
+        rel.suffix in (".safetensors", ".bin", ".pt")
+        or any(part in WEIGHT_DIRS for part in rel.parts[:-1])
+        or (rel.parts[0] == ADAPTER_DIR and rel.suffix != ".json")
     )
 
 
+def _left_behind(run: Path, rel: Path) -> bool:
+    """Whether file ``rel`` of run folder ``run`` stays out of the published copy: weights, and
+    in a run still owing the multi-task baseline its half-made folder (its ``trained_under.json``
+    without the weights would claim weights a new machine lacks)."""
+    owes_multitask = not (run / f"meta_eval_{MULTITASK_BASELINE}.json").is_file()
+    return _is_weight(rel) or (owes_multitask and rel.parts[0] == MULTITASK_DIR)
+
+
 def publish(plan: Plan, dest: Path) -> list[Path]:
-    """Copy the complete runs (no weights) and the selection and table files into ``dest``,
-    each run replaced whole (``atomic_directory``); returns the runs copied."""
-    runs = complete_runs(plan)
+    """Copy the complete and the started runs (no weights) and the selection and table files
+    into ``dest``, each run replaced whole (``atomic_directory``); returns the runs copied."""
+    runs = complete_runs(plan) + started_runs(plan)
     for rel in runs:
         source = plan.out / rel
         with atomic_directory(dest / rel) as tmp:
             for path in sorted(source.rglob("*")):
                 inner = path.relative_to(source)
-                if path.is_file() and not _is_weight(inner):
+                if path.is_file() and not _left_behind(source, inner):
                     (tmp / inner).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, tmp / inner)
     for name in TOP_FILES:

@@ -174,7 +174,12 @@ def test_published_runs_carry_no_weights_and_restore_to_a_table_that_runs_nothin
     published = tmp_path / "published"
     assert abmll_tables.main([str(path), "--publish", str(published)]) == 0
     copied = {p.relative_to(published) for p in published.rglob("*") if p.is_file()}
-    assert not [p for p in copied if p.suffix == ".safetensors" or "adapter" in p.parts]
+    assert not [p for p in copied if p.suffix in (".safetensors", ".pt")]
+    # of the adapter only its settings (the adaptation budget the baselines read)
+    assert {p.name for p in copied if "adapter" in p.parts} == {
+        "abmll_config.json",
+        "adapter_config.json",
+    }
     for rel in ("runs/seed1", "runs/seed2", "select/abmll_gamma=0.0", "select/abmll_gamma=1e-07"):
         assert {Path(rel) / "meta_eval.json", Path(rel) / "tasks.json"} <= copied
     assert Path("runs/seed1/meta_eval_lora-support.json") in copied
@@ -197,6 +202,75 @@ def test_published_runs_carry_no_weights_and_restore_to_a_table_that_runs_nothin
     first = json.loads((root / "out" / "table.json").read_text())["contenders"]
     for name in ("abmll", "zero-shot", "lora-support"):  # seed 2 made again: the same numbers
         assert again[name]["per_seed"] == first[name]["per_seed"]
+
+
+def moved_plan(path: Path, out: Path, dest: Path) -> Path:
+    """``path``'s plan with ``out`` as its out folder, written to ``dest``."""
+    plan = yaml.safe_load(path.read_text())
+    plan["out"] = str(out)
+    dest.write_text(yaml.safe_dump(plan))
+    return dest
+
+
+def test_a_run_owing_only_baselines_is_published_and_finished_elsewhere(finished, tmp_path):
+    """A session ending while the baselines are scored: the meta-trained run is published
+    with ABMLL's result, its baselines' progress and its adapter's settings (no weights); a new
+    machine scores only the missing baseline, to the same numbers, and neither meta-trains nor
+    scores ABMLL again. A run still owing ABMLL's result is not published: it needs the
+    weights."""
+    root, path = finished
+    stopped = tmp_path / "stopped"
+    shutil.copytree(root / "out", stopped)
+    stopped_plan = moved_plan(path, stopped, tmp_path / "stopped.yaml")
+    (stopped / "runs" / "seed2" / "meta_eval_lora-support.json").unlink()
+    (stopped / "runs" / "seed1" / "meta_eval.json").unlink()
+    published = tmp_path / "published"
+    assert abmll_tables.main([str(stopped_plan), "--publish", str(published)]) == 0
+    assert not (published / "runs" / "seed1").exists()
+    seed2 = published / "runs" / "seed2"
+    assert (seed2 / "meta_eval.json").is_file() and (seed2 / "meta_eval_zero-shot.json").is_file()
+    assert not (seed2 / "meta_eval_lora-support.json").exists()
+    assert not list(seed2.rglob("*.safetensors"))
+
+    fresh = tmp_path / "fresh"
+    fresh_plan = moved_plan(path, fresh, tmp_path / "fresh.yaml")
+    assert abmll_tables.main([str(fresh_plan), "--restore", str(published)]) == 0
+    timing = json.loads((fresh / "runs" / "seed2" / "timing.json").read_text())
+    assert abmll_tables.main([str(fresh_plan), "--no-progress"]) == 0
+    again = json.loads((fresh / "runs" / "seed2" / "timing.json").read_text())
+    assert again["meta_train_s"] == timing["meta_train_s"]
+    assert again["meta_evaluate_abmll_s"] == timing["meta_evaluate_abmll_s"]
+    assert len(again["meta_evaluate_lora-support_s"]) == 2  # scored again here, and only it
+    for name in ("meta_eval.json", "meta_eval_lora-support.json"):
+        got, want = (
+            json.loads((o / "runs" / "seed2" / name).read_text()) for o in (fresh, root / "out")
+        )
+        assert got["mean"] == want["mean"] and got["tasks"] == want["tasks"]
+
+    (fresh / "runs" / "seed2" / "meta_eval.json").unlink()  # ABMLL owed, no weights here
+    with pytest.raises(ConfigError, match="holds no global parameters"):
+        abmll_tables.train_and_evaluate(
+            fresh / "runs" / "seed2",
+            {**yaml.safe_load(path.read_text())["meta"], "seed": 2},
+            ["abmll"],
+            progress=False,
+        )
+
+
+def test_a_half_made_multitask_folder_stays_behind(tmp_path) -> None:
+    """Its ``trained_under.json`` without the weights would tell a new machine the weights are
+    there; once the baseline's result is in, the folder (log, settings) is published."""
+    run = tmp_path / "run"
+    inner = Path("multitask-lora") / "trained_under.json"
+    assert abmll_tables._left_behind(run, inner)
+    assert abmll_tables._left_behind(run, Path("multitask-lora/adapter/adapter_model.safetensors"))
+    assert not abmll_tables._left_behind(run, Path("meta_eval.json"))
+    run.mkdir()
+    (run / "meta_eval_multitask-lora.json").write_text("{}")
+    assert not abmll_tables._left_behind(run, inner)
+    assert abmll_tables._left_behind(run, Path("multitask-lora/checkpoints/step-50/state.json"))
+    assert abmll_tables._left_behind(run, Path("adapter/adapter_model.safetensors"))
+    assert not abmll_tables._left_behind(run, Path("adapter/abmll_config.json"))
 
 
 def test_a_run_owing_a_contender_is_not_complete(finished) -> None:

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from blob_lora.cli.main import main
 from blob_lora.pipeline import meta_evaluate as meta_evaluate_module
@@ -108,6 +109,41 @@ def test_scores_kept_under_other_samples_are_not_used(run_copy, tmp_path, monkey
     monkeypatch.undo()
     fresh = evaluate(run, tmp_path / "fresh", None, eval_samples=3)
     assert timeless(got) == timeless(fresh) and got["eval_samples"] == 3
+
+
+def stop_after_first_task(run, out, baseline, monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        counting(m, die_at=2)
+        with pytest.raises(Killed):
+            evaluate(run, out, baseline)
+
+
+def test_a_baseline_keeps_its_progress_when_the_global_parameters_change(
+    run_copy,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+    """A baseline never reads ABMLL's weights: a run restored without them (a new machine, see
+    ``paper/abmll_tables.py``) resumes the baseline's progress; ABMLL's own progress, which
+    rests on those weights, is not used once they change."""
+    run, _ = run_copy
+    out = tmp_path / "eval"
+    stop_after_first_task(run, out, "zero-shot", monkeypatch)
+    stop_after_first_task(run, out, None, monkeypatch)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 for k, v in tensors.items()}, weights)  # other global parameters
+
+    scored = counting(monkeypatch)
+    evaluate(run, out, "zero-shot")
+    assert len(scored) == 1  # the first task came from the progress file
+    with caplog.at_level(logging.WARNING):
+        evaluate(run, out, None)
+    assert len(scored) == 1 + 2 and "under other settings" in caplog.text
+    weights.unlink()  # published without its weights and restored: a baseline still runs
+    evaluate(run, tmp_path / "restored", "zero-shot")
+    assert len(scored) == 1 + 2 + 2
 
 
 @pytest.mark.parametrize(

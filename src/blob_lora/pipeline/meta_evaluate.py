@@ -104,7 +104,13 @@ def meta_evaluate(
     path = Path(out or meta_run.folder) / name
     settings = {
         "protocol": meta_run.cfg.to_dict(),
-        "adapter": folder_digest(meta_run.folder / ADAPTER_DIR),
+        # ABMLL's result rests on the global parameters' bytes; a baseline's only on the
+        # adaptation budget, so a run restored without its weights keeps a baseline's progress
+        "adapter": (
+            folder_digest(meta_run.folder / ADAPTER_DIR)
+            if baseline is None
+            else meta_run.budget.to_dict()
+        ),
         "base_model": base_model,
         "contender": baseline or meta_run.cfg.method,
         "eval_samples": contender.n_samples,

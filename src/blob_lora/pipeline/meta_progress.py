@@ -14,10 +14,12 @@ and a contender starts every task from the same state (ABMLL's global parameters
 adapters of the baselines), so a task's metrics do not depend on which tasks were scored before
 it in the same process (tested, ``tests/pipeline/test_meta_progress.py``).
 
-The key names what decides a task's metrics: the run's protocol (``meta_config.json``), its
-adapter folder's bytes (the global parameters and the adaptation budget), the base model's
-weights (a fingerprint), the contender, its weight samples and the prefix cache (which changes
-float rounding). Scored tasks under another key, or a file that cannot be read, are not used
+The key names what decides a task's metrics: the run's protocol (``meta_config.json``), for
+ABMLL its adapter folder's bytes (the global parameters and the adaptation budget) and for a
+baseline the adaptation budget alone (a baseline never reads the global parameters, so a run
+published without its weights and restored elsewhere keeps its baselines' progress), the base
+model's weights (a fingerprint), the contender, its weight samples and the prefix cache (which
+changes float rounding). Scored tasks under another key, or a file that cannot be read, are not used
 (a warning says so) and are replaced as the new evaluation goes: the file only ever saves time,
 never decides a result. The finished evaluation writes its result file, then removes this one.
 
