@@ -25,6 +25,7 @@ in ``blob-lora compare``).
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 STATE_FILE = "laplace_state.safetensors"
 INFO_FILE = "laplace.json"
+
+logger = logging.getLogger(__name__)
 
 
 def _posterior(model: nn.Module) -> LaplaceLoRA:
@@ -208,9 +211,22 @@ def fit_laplace(
         # its trace the rank-limited sketch kept (methods/laplace/kfac.py)
         "g_sketch_trace_kept": la.g_sketch_kept,
         # and a bound on the curvature a dropped direction lost, over the prior precision:
-        # well below 1, a larger sketch would not move the predictive (LaplaceLoRA docs)
+        # well below 1, a larger sketch would not move the predictive; above it the dropped
+        # directions may hold most of the predictive's variance (LaplaceLoRA docs; the regime
+        # table's full training splits: 151-1,020, results/laplace_variance/)
         "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
+    for layer, lost in info["g_sketch_curvature_lost"].items():
+        if lost > 1.0:
+            logger.warning(
+                "Laplace fit: %s's output factor was kept as a rank-%d sketch that dropped "
+                "curvature up to %.3g times the prior precision; the posterior keeps the prior "
+                "there, so the predictive may be much broader than a full factor would make it "
+                "(paper/laplace_variance.py measures how much of it)",
+                layer,
+                int(la.layers[layer].g_vals.numel()),
+                lost,
+            )
     model.eval()
     return la, info

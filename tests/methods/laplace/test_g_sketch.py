@@ -214,6 +214,40 @@ def test_a_cloze_fit_with_a_sketched_head_matches_the_dense_one() -> None:
     assert torch.isfinite(mean).all() and cov.diagonal(dim1=1, dim2=2).min() > 0
 
 
+def test_the_covariance_split_by_layer_sums_to_the_predictive_and_puts_the_prior_outside() -> None:
+    """``logit_cov_by_layer``: the layers' kept and outside parts add up to the predictive's
+    covariance; the dense q/v factors leave nothing outside; the head's outside part (the
+    Jacobian's component where the fit kept no curvature: G's null space, and what a sketch
+    dropped) grows as the sketch shrinks, and is the prior's alone, so it scales as 1/δ while
+    the kept part does not."""
+    model, batch, fit = _cloze_setup()
+    head = "base_model.model.lm_head.lora_B.default"
+    vocab = model.get_output_embeddings().out_features
+    for la in (fit(g_dense_limit=40, g_rank=vocab), fit(g_dense_limit=40, g_rank=4)):
+        mean, cov = la.predictive_logit_moments(batch)
+        mean_parts, parts = la.logit_cov_by_layer(batch)
+        torch.testing.assert_close(mean_parts, mean)
+        summed = sum(kept + outside for kept, outside in parts.values())
+        torch.testing.assert_close(summed, cov, rtol=1e-6, atol=1e-10)
+        assert set(parts) == set(la.layers)
+    wide, small = fit(g_dense_limit=40, g_rank=vocab), fit(g_dense_limit=40, g_rank=4)
+    wide_parts = wide.logit_cov_by_layer(batch)[1]
+    assert all(not outside.any() for name, (_, outside) in wide_parts.items() if name != head)
+    # the smaller sketch drops directions of G, which fall back on the prior
+    wide_out, small_out = (
+        x.logit_cov_by_layer(batch)[1][head][1].diagonal(dim1=1, dim2=2).sum()
+        for x in (wide, small)
+    )
+    assert small_out > wide_out
+    small.prior_precision = 1.0
+    kept_1, outside_1 = small.logit_cov_by_layer(batch)[1][head]
+    small.prior_precision = 10.0
+    kept_10, outside_10 = small.logit_cov_by_layer(batch)[1][head]
+    assert outside_1.diagonal(dim1=1, dim2=2).min() > 0
+    torch.testing.assert_close(outside_10, outside_1 / 10)
+    assert not torch.allclose(kept_10, kept_1 / 10)
+
+
 def test_the_fit_from_cached_frozen_blocks_equals_the_full_forward() -> None:
     """fit_laplace forwards its batches from the training split's cached frozen-block
     features: the frozen blocks hold no LoRA weight, so the fitted posterior is the full

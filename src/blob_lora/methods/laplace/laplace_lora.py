@@ -352,6 +352,21 @@ class LaplaceLoRA:
         ``J`` comes from C backward passes (one per option) to the LoRA layer outputs. Masked
         options keep mean ``-inf`` and get zero rows/columns in the covariance.
         """
+        return self._logit_moments(batch, by_layer=None)
+
+    def logit_cov_by_layer(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """The linearised logits' mean ``(B, C)`` and, per layer, its share of their
+        covariance split as :meth:`KronLayer.logit_cov_parts` does: ``(kept, outside)``, each
+        ``(B, C, C)`` (zeros where no Jacobian leaves the kept subspace; masked options' rows
+        and columns zero). The shares sum to :meth:`predictive_logit_moments`' covariance."""
+        by_layer: dict[str, tuple[Tensor, Tensor]] = {}
+        mean, _ = self._logit_moments(batch, by_layer=by_layer)
+        return mean, by_layer
+
+    def _logit_moments(
+        self, batch: dict, by_layer: dict[str, tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`predictive_logit_moments`; with ``by_layer``, each layer's parts go there."""
         self._require_fit()
         capture = LayerCapture(self.modules)
         with _eval_mode(self.model), torch.enable_grad(), capture.active():
@@ -373,12 +388,23 @@ class LaplaceLoRA:
                     parts[name].append(self.layers[name].project(a, as_positions(g, bsz, name)))
                 del grads
             cov = torch.zeros(bsz, n_opt, n_opt, dtype=self.factor_dtype, device=logits.device)
+            split: dict[str, tuple[Tensor, Tensor | None]] = {}
             for name, layer_parts in parts.items():  # layers this forward did not use: J = 0
-                cov += self.layers[name].logit_cov(layer_parts, self._scale, self.prior_precision)
+                layer = self.layers[name]
+                kept, outside = layer.logit_cov_parts(
+                    layer_parts, self._scale, self.prior_precision
+                )
+                cov += kept if outside is None else kept + outside
+                split[name] = (kept, outside)
             mean = logits.detach()
         masked = _masked(mean)
         keep = (~masked).to(cov.dtype)
-        cov = cov * keep[:, :, None] * keep[:, None, :]
+        pair = keep[:, :, None] * keep[:, None, :]
+        if by_layer is not None:
+            for name, (kept, outside) in split.items():
+                out = torch.zeros_like(kept) if outside is None else outside
+                by_layer[name] = ((kept * pair).to(mean.dtype), (out * pair).to(mean.dtype))
+        cov = cov * pair
         return mean, cov.to(mean.dtype)
 
     def predictive(

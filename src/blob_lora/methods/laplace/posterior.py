@@ -130,7 +130,21 @@ class KronLayer:
         scale: float,
         prior_precision: float,
     ) -> Tensor:
-        """``J Σ Jᵀ`` ``(B, C, C)`` from the C options' :meth:`project` results.
+        """``J Σ Jᵀ`` ``(B, C, C)`` from the C options' :meth:`project` results: the sum of
+        :meth:`logit_cov_parts`."""
+        kept, outside = self.logit_cov_parts(parts, scale, prior_precision)
+        return kept if outside is None else kept + outside
+
+    def logit_cov_parts(
+        self,
+        parts: list[tuple[Tensor, Tensor | None]],
+        scale: float,
+        prior_precision: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``J Σ Jᵀ`` split into the kept subspace ``K``'s part and the part outside it (None
+        when no option's Jacobian leaves ``K``), each ``(B, C, C)``: how much of a layer's
+        predictive variance rests on curvature the fit measured and how much on the prior alone
+        (``paper/laplace_variance.py``).
 
         The part ``J_⊥`` of a Jacobian outside the kept subspace ``K`` has the prior's variance
         ``1/δ``. ``K``'s basis being orthonormal, ``⟨J_⊥c, J_⊥d⟩ = ⟨J_c, J_d⟩ − ⟨Q_Gᵀ J_c Q_A,
@@ -142,14 +156,14 @@ class KronLayer:
         cov = torch.einsum("bcga,bdga,ga->bcd", j_proj, j_proj, var)
         outside = [c for c, p in enumerate(parts) if p[1] is not None]
         if not outside:
-            return cov
+            return cov, None
         full = torch.stack([parts[c][1] for c in outside], dim=1).flatten(2)  # (B, C', out·in)
         kept = j_proj[:, outside].flatten(2)
         gram = full @ full.transpose(1, 2) - kept @ kept.transpose(1, 2)
         idx = torch.tensor(outside, device=dev)
         resid = torch.zeros_like(cov)
         resid[:, idx[:, None], idx[None, :]] = gram
-        return cov + resid / prior_precision
+        return cov, resid / prior_precision
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {
