@@ -45,7 +45,7 @@ them back where ``out`` lacks them, so a new machine goes on from there instead 
 them again. A meta-trained seed run whose ABMLL result is in but which still owes baselines is
 published too (with the baselines' per-task progress files), so a session that ends part way
 through the baselines does not cost the next machine the meta-training: no baseline reads the
-global parameters, only the adaptation budget (``adapter/*.json``, published; the progress key
+global parameters, only the adaptation budget (``adapter/abmll_config.json``, published; the progress key
 is the budget, not the weights' bytes). A run still meta-training or scoring ABMLL is neither
 published nor restored (both need the weights). A restored run has no weights: a baseline added
 to the plan later runs on it, ABMLL's evaluation cannot (delete the folder to meta-train again).
@@ -76,6 +76,7 @@ from blob_lora.pipeline.meta_train import ADAPTER_DIR, TASKS_FILE, is_finished, 
 from blob_lora.tasks.collection import collection_names, split_tasks
 from blob_lora.training.run_dir import CHECKPOINTS
 from blob_lora.tuners.abmll import AbmllConfig
+from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.json_file import read_json_object
@@ -427,8 +428,9 @@ def table_markdown(table: dict[str, Any]) -> str:
 
 
 #: what a published run leaves behind: any tensor file, and everything in checkpoints and in a
-#: replaced run's folder; of ``adapter/`` it keeps the settings (``*.json``: the adaptation
-#: budget every baseline reads), not the weights
+#: replaced run's folder; of ``adapter/`` it keeps only ``abmll_config.json`` (the adaptation
+#: budget every baseline reads): not the weights, nor PEFT's ``adapter_config.json``, which
+#: names the base model by this machine's path
 WEIGHT_DIRS = (CHECKPOINTS, REPLACED)
 #: the baseline that keeps its own weights in the run folder (``MULTITASK_DIR``)
 MULTITASK_BASELINE = "multitask-lora"
@@ -471,7 +473,7 @@ def _is_weight(rel: Path) -> bool:
     return (
         rel.suffix in (".safetensors", ".bin", ".pt")
         or any(part in WEIGHT_DIRS for part in rel.parts[:-1])
-        or (rel.parts[0] == ADAPTER_DIR and rel.suffix != ".json")
+        or (rel.parts[0] == ADAPTER_DIR and rel.name != ABMLL_CONFIG_NAME)
     )
 
 

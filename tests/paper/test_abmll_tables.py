@@ -175,10 +175,10 @@ def test_published_runs_carry_no_weights_and_restore_to_a_table_that_runs_nothin
     assert abmll_tables.main([str(path), "--publish", str(published)]) == 0
     copied = {p.relative_to(published) for p in published.rglob("*") if p.is_file()}
     assert not [p for p in copied if p.suffix in (".safetensors", ".pt")]
-    # of the adapter only its settings (the adaptation budget the baselines read)
-    assert {p.name for p in copied if "adapter" in p.parts} == {
-        "abmll_config.json",
-        "adapter_config.json",
+    # of the adapter only ABMLL's settings (the adaptation budget the baselines read), not
+    # PEFT's config, which holds the base model's local path
+    assert {p for p in copied if "adapter" in p.parts and p.parts[0] == "runs"} == {
+        Path(f"runs/seed{s}/adapter/abmll_config.json") for s in (1, 2)
     }
     for rel in ("runs/seed1", "runs/seed2", "select/abmll_gamma=0.0", "select/abmll_gamma=1e-07"):
         assert {Path(rel) / "meta_eval.json", Path(rel) / "tasks.json"} <= copied
@@ -271,6 +271,7 @@ def test_a_half_made_multitask_folder_stays_behind(tmp_path) -> None:
     assert abmll_tables._left_behind(run, Path("multitask-lora/checkpoints/step-50/state.json"))
     assert abmll_tables._left_behind(run, Path("adapter/adapter_model.safetensors"))
     assert not abmll_tables._left_behind(run, Path("adapter/abmll_config.json"))
+    assert abmll_tables._left_behind(run, Path("adapter/adapter_config.json"))
 
 
 def test_a_run_owing_a_contender_is_not_complete(finished) -> None:
