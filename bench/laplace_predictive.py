@@ -90,19 +90,21 @@ class PositionwiseLayer(KronLayer):
         back = torch.einsum("ug,bga,ia->bui", g_vecs_rows, j_proj, a_vecs)
         return j_proj, (rows, j_rows - back)
 
-    def logit_cov(self, parts: list, scale: float, prior_precision: float) -> Tensor:
+    def logit_cov_parts(
+        self, parts: list, scale: float, prior_precision: float
+    ) -> tuple[Tensor, Tensor | None]:
         j_proj = torch.stack([p[0] for p in parts], dim=1)
         var = 1.0 / (self.curvature_eigvals(scale) + prior_precision)
         cov = torch.einsum("bcga,bdga,ga->bcd", j_proj, j_proj, var)
         present = [p[1] for p in parts if p[1] is not None]
         if not present:
-            return cov
+            return cov, None
         rows = torch.unique(torch.cat([r[0] for r in present]))
         full = j_proj.new_zeros(j_proj.shape[0], len(parts), rows.numel(), self.in_dim)
         for c, p in enumerate(parts):
             if p[1] is not None:
                 full[:, c, torch.searchsorted(rows, p[1][0])] = p[1][1]
-        return cov + torch.einsum("bcui,bdui->bcd", full, full) / prior_precision
+        return cov, torch.einsum("bcui,bdui->bcd", full, full) / prior_precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

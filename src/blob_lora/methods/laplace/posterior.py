@@ -124,27 +124,17 @@ class KronLayer:
             return j_proj, None
         return j_proj, j
 
-    def logit_cov(
-        self,
-        parts: list[tuple[Tensor, Tensor | None]],
-        scale: float,
-        prior_precision: float,
-    ) -> Tensor:
-        """``J Σ Jᵀ`` ``(B, C, C)`` from the C options' :meth:`project` results: the sum of
-        :meth:`logit_cov_parts`."""
-        kept, outside = self.logit_cov_parts(parts, scale, prior_precision)
-        return kept if outside is None else kept + outside
-
     def logit_cov_parts(
         self,
         parts: list[tuple[Tensor, Tensor | None]],
         scale: float,
         prior_precision: float,
     ) -> tuple[Tensor, Tensor | None]:
-        """``J Σ Jᵀ`` split into the kept subspace ``K``'s part and the part outside it (None
-        when no option's Jacobian leaves ``K``), each ``(B, C, C)``: how much of a layer's
-        predictive variance rests on curvature the fit measured and how much on the prior alone
-        (``paper/laplace_variance.py``).
+        """``J Σ Jᵀ`` from the C options' :meth:`project` results, split into the kept subspace
+        ``K``'s part and the part outside it (None when no option's Jacobian leaves ``K``),
+        each ``(B, C, C)``; their sum is the layer's share of the predictive covariance. The
+        split says how much of it rests on curvature the fit measured and how much on the prior
+        alone (``paper/laplace_variance.py``).
 
         The part ``J_⊥`` of a Jacobian outside the kept subspace ``K`` has the prior's variance
         ``1/δ``. ``K``'s basis being orthonormal, ``⟨J_⊥c, J_⊥d⟩ = ⟨J_c, J_d⟩ − ⟨Q_Gᵀ J_c Q_A,
