@@ -217,8 +217,22 @@ def fit_laplace(
         "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
-    for layer, lost in info["g_sketch_curvature_lost"].items():
+    warn_dropped_curvature(la)
+    model.eval()
+    return la, info
+
+
+def warn_dropped_curvature(la: LaplaceLoRA) -> list[str]:
+    """Warn for every layer whose sketched ``G`` dropped curvature above the prior precision
+    (``g_sketch_curvature_lost`` > 1); returns those layers.
+
+    Why: the posterior keeps the prior's precision in the dropped directions, so there the
+    predictive can be far broader than a full factor would make it (the regime table's head
+    under cloze scoring: ~95 % of the logit variance, ``results/laplace_variance/``)."""
+    flagged = []
+    for layer, lost in la.g_sketch_curvature_lost().items():
         if lost > 1.0:
+            flagged.append(layer)
             logger.warning(
                 "Laplace fit: %s's output factor was kept as a rank-%d sketch that dropped "
                 "curvature up to %.3g times the prior precision; the posterior keeps the prior "
@@ -228,5 +242,4 @@ def fit_laplace(
                 int(la.layers[layer].g_vals.numel()),
                 lost,
             )
-    model.eval()
-    return la, info
+    return flagged

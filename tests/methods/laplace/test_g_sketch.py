@@ -6,6 +6,7 @@ rank suffices."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -246,6 +247,23 @@ def test_the_covariance_split_by_layer_sums_to_the_predictive_and_puts_the_prior
     assert outside_1.diagonal(dim1=1, dim2=2).min() > 0
     torch.testing.assert_close(outside_10, outside_1 / 10)
     assert not torch.allclose(kept_10, kept_1 / 10)
+
+
+def test_a_sketch_that_dropped_curvature_above_the_prior_is_warned(caplog) -> None:
+    from blob_lora.methods.laplace_method import warn_dropped_curvature
+
+    model, _, fit = _cloze_setup()
+    head = "base_model.model.lm_head.lora_B.default"
+    vocab = model.get_output_embeddings().out_features
+    small, wide = fit(g_dense_limit=40, g_rank=4), fit(g_dense_limit=40, g_rank=vocab)
+    lost = small.g_sketch_curvature_lost(1.0)[head]
+    small.prior_precision = wide.prior_precision = lost / 2  # the bound is then 2
+    with caplog.at_level(logging.WARNING):
+        assert warn_dropped_curvature(small) == [head]
+        assert warn_dropped_curvature(wide) == []  # nothing dropped
+    assert "rank-4 sketch" in caplog.text and caplog.text.count("Laplace fit") == 1
+    small.prior_precision = lost * 2  # the bound is 0.5: no warning
+    assert warn_dropped_curvature(small) == []
 
 
 def test_the_fit_from_cached_frozen_blocks_equals_the_full_forward() -> None:
