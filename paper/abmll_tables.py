@@ -477,12 +477,15 @@ def _is_weight(rel: Path) -> bool:
     )
 
 
-def _left_behind(run: Path, rel: Path) -> bool:
-    """Whether file ``rel`` of run folder ``run`` stays out of the published copy: weights, and
-    in a run still owing the multi-task baseline its half-made folder (its ``trained_under.json``
-    without the weights would claim weights a new machine lacks)."""
-    owes_multitask = not (run / f"meta_eval_{MULTITASK_BASELINE}.json").is_file()
+def _left_behind(rel: Path, owes_multitask: bool) -> bool:
+    """Whether a run's file ``rel`` stays out of the published copy: weights, and in a run still
+    owing the multi-task baseline (``owes_multitask``) its half-made folder (its
+    ``trained_under.json`` without the weights would claim weights a new machine lacks)."""
     return _is_weight(rel) or (owes_multitask and rel.parts[0] == MULTITASK_DIR)
+
+
+def _owes_multitask(run: Path) -> bool:
+    return not (run / f"meta_eval_{MULTITASK_BASELINE}.json").is_file()
 
 
 def publish(plan: Plan, dest: Path) -> list[Path]:
@@ -491,10 +494,11 @@ def publish(plan: Plan, dest: Path) -> list[Path]:
     runs = complete_runs(plan) + started_runs(plan)
     for rel in runs:
         source = plan.out / rel
+        owes_multitask = _owes_multitask(source)
         with atomic_directory(dest / rel) as tmp:
             for path in sorted(source.rglob("*")):
                 inner = path.relative_to(source)
-                if path.is_file() and not _left_behind(source, inner):
+                if path.is_file() and not _left_behind(inner, owes_multitask):
                     (tmp / inner).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, tmp / inner)
     for name in TOP_FILES:

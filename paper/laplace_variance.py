@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from blob_lora.methods.laplace.laplace_lora import sampled_softmax
 from blob_lora.methods.laplace_method import _option_logits_fn, _posterior
 from blob_lora.metrics.calibration import classification_metrics
 from blob_lora.tasks import get_task
@@ -51,20 +52,6 @@ def group_of(layer: str, part: str) -> str:
     """``head kept`` / ``head outside`` for the output head's layers, ``body`` for the rest
     (both parts: the q/v adapters' factors are dense, nothing lies outside)."""
     return f"head {part}" if "lm_head" in layer else "body"
-
-
-def predictive(mean: torch.Tensor, cov: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """The MC predictive, ``n`` Gaussian logit draws as ``LaplaceLoRA.predictive_samples``
-    takes them (the softmax of the mean where ``cov`` is zero)."""
-    masked = torch.isinf(mean) & (mean < 0)
-    if n == 0 or not bool(cov.abs().sum()):
-        return torch.softmax(mean, -1)
-    vals, vecs = torch.linalg.eigh(cov.double())
-    root = vecs * vals.clamp_min(0.0).sqrt()[:, None, :]
-    z = torch.randn((n, *mean.shape), generator=gen, dtype=torch.float64)
-    noise = torch.einsum("bck,sbk->sbc", root, z).to(mean.dtype)
-    logits = torch.where(masked, mean, mean.masked_fill(masked, 0.0) + noise)
-    return torch.softmax(logits, -1).mean(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,31 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     la.logits_fn = _option_logits_fn(inp.option_ids)
     n = min(args.questions, len(inp.dataset))
     groups = ("body", "head kept", "head outside")
-    variance = {g: 0.0 for g in groups}
     means, covs, labels = [], {g: [] for g in groups}, []
     for start in range(0, n, args.batch_size):
         batch = inp.collator(
             [inp.dataset[i] for i in range(start, min(start + args.batch_size, n))]
         )
-        batch_labels = batch.pop("labels")
+        labels.append(batch.pop("labels"))
         mean, by_layer = la.logit_cov_by_layer(batch)
         parts = {g: torch.zeros(mean.shape[0], mean.shape[1], mean.shape[1]) for g in groups}
         for layer, (kept, outside) in by_layer.items():
             parts[group_of(layer, "kept")] += kept.float()
             parts[group_of(layer, "outside")] += outside.float()
         for g in groups:
-            variance[g] += torch.diagonal(parts[g], dim1=-2, dim2=-1).sum().item()
             covs[g].append(parts[g])
         means.append(mean.float())
-        labels.append(batch_labels)
         print(f"{min(start + args.batch_size, n)}/{n} questions", file=sys.stderr)
-    n_options = sum(int((~torch.isinf(m)).sum()) for m in means)
     mean_all, label_all = torch.cat(means), torch.cat(labels)
+    cov_of = {g: torch.cat(covs[g]) for g in groups}
+    variance = {g: torch.diagonal(c, dim1=-2, dim2=-1).sum().item() for g, c in cov_of.items()}
+    n_options = int((~torch.isinf(mean_all)).sum())
     rows: dict[str, Any] = {}
     for name, keep in VARIANTS.items():
         gen = torch.Generator().manual_seed(args.seed)
-        cov = sum((torch.cat(covs[g]) for g in keep), torch.zeros_like(torch.cat(covs["body"])))
-        probs = predictive(mean_all, cov, args.samples, gen)
+        cov = sum((cov_of[g] for g in keep), torch.zeros_like(cov_of["body"]))
+        probs = (
+            sampled_softmax(mean_all, cov, args.samples, gen).mean(0)
+            if keep and args.samples > 0
+            else torch.softmax(mean_all, -1)
+        )
         metrics = classification_metrics(probs, label_all)
         rows[name] = {k: metrics[k] for k in ("accuracy", "ece", "nll", "mean_confidence")}
     total = sum(variance.values())

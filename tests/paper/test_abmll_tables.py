@@ -262,16 +262,21 @@ def test_a_half_made_multitask_folder_stays_behind(tmp_path) -> None:
     there; once the baseline's result is in, the folder (log, settings) is published."""
     run = tmp_path / "run"
     inner = Path("multitask-lora") / "trained_under.json"
-    assert abmll_tables._left_behind(run, inner)
-    assert abmll_tables._left_behind(run, Path("multitask-lora/adapter/adapter_model.safetensors"))
-    assert not abmll_tables._left_behind(run, Path("meta_eval.json"))
     run.mkdir()
+    assert abmll_tables._owes_multitask(run)
+    assert abmll_tables._left_behind(inner, owes_multitask=True)
+    weights = Path("multitask-lora/adapter/adapter_model.safetensors")
+    assert abmll_tables._left_behind(weights, owes_multitask=True)
+    assert not abmll_tables._left_behind(Path("meta_eval.json"), owes_multitask=True)
     (run / "meta_eval_multitask-lora.json").write_text("{}")
-    assert not abmll_tables._left_behind(run, inner)
-    assert abmll_tables._left_behind(run, Path("multitask-lora/checkpoints/step-50/state.json"))
-    assert abmll_tables._left_behind(run, Path("adapter/adapter_model.safetensors"))
-    assert not abmll_tables._left_behind(run, Path("adapter/abmll_config.json"))
-    assert abmll_tables._left_behind(run, Path("adapter/adapter_config.json"))
+    assert not abmll_tables._owes_multitask(run)
+    assert not abmll_tables._left_behind(inner, owes_multitask=False)
+    checkpoint = Path("multitask-lora/checkpoints/step-50/state.json")
+    assert abmll_tables._left_behind(checkpoint, owes_multitask=False)
+    adapter_weights = Path("adapter/adapter_model.safetensors")
+    assert abmll_tables._left_behind(adapter_weights, owes_multitask=False)
+    assert not abmll_tables._left_behind(Path("adapter/abmll_config.json"), owes_multitask=False)
+    assert abmll_tables._left_behind(Path("adapter/adapter_config.json"), owes_multitask=False)
 
 
 def test_a_run_owing_a_contender_is_not_complete(finished) -> None:

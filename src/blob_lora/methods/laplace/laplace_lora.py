@@ -84,6 +84,28 @@ def _masked(logits: Tensor) -> Tensor:
     return torch.isneginf(logits)
 
 
+def _option_pairs(mean: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, C, C)``: 1 where both options are real, 0 where either is masked."""
+    keep = (~_masked(mean)).to(dtype)
+    return keep[:, :, None] * keep[:, None, :]
+
+
+def sampled_softmax(
+    mean: Tensor, cov: Tensor, n_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``(S, B, C)`` softmax of ``n_samples`` logit vectors drawn from ``N(mean, cov)``; masked
+    options (``mean = -inf``) stay masked."""
+    masked = _masked(mean)
+    vals, vecs = torch.linalg.eigh(cov.double())
+    root = vecs * vals.clamp_min(0.0).sqrt()[:, None, :]  # (B, C, C), root rootᵀ = cov
+    z = torch.randn((n_samples, *mean.shape), generator=generator, dtype=torch.float64).to(
+        mean.device
+    )
+    noise = torch.einsum("bck,sbk->sbc", root, z).to(mean.dtype)
+    logits = torch.where(masked, mean, mean.masked_fill(masked, 0.0) + noise)
+    return torch.softmax(logits, dim=-1)
+
+
 class LaplaceLoRA:
     """KFAC Laplace approximation over the trainable ``nn.Linear`` weights of ``model``.
 
@@ -352,21 +374,29 @@ class LaplaceLoRA:
         ``J`` comes from C backward passes (one per option) to the LoRA layer outputs. Masked
         options keep mean ``-inf`` and get zero rows/columns in the covariance.
         """
-        return self._logit_moments(batch, by_layer=None)
+        mean, split = self._logit_cov_split(batch)
+        cov = torch.zeros(*mean.shape, mean.shape[1], dtype=self.factor_dtype, device=mean.device)
+        for kept, outside in split.values():
+            cov += kept if outside is None else kept + outside
+        return mean, (cov * _option_pairs(mean, cov.dtype)).to(mean.dtype)
 
     def logit_cov_by_layer(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
         """The linearised logits' mean ``(B, C)`` and, per layer, its share of their
         covariance split as :meth:`KronLayer.logit_cov_parts` does: ``(kept, outside)``, each
         ``(B, C, C)`` (zeros where no Jacobian leaves the kept subspace; masked options' rows
         and columns zero). The shares sum to :meth:`predictive_logit_moments`' covariance."""
-        by_layer: dict[str, tuple[Tensor, Tensor]] = {}
-        mean, _ = self._logit_moments(batch, by_layer=by_layer)
+        mean, split = self._logit_cov_split(batch)
+        by_layer = {}
+        for name, (kept, outside) in split.items():
+            pair = _option_pairs(mean, kept.dtype)
+            out = torch.zeros_like(kept) if outside is None else outside
+            by_layer[name] = ((kept * pair).to(mean.dtype), (out * pair).to(mean.dtype))
         return mean, by_layer
 
-    def _logit_moments(
-        self, batch: dict, by_layer: dict[str, tuple[Tensor, Tensor]] | None
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`predictive_logit_moments`; with ``by_layer``, each layer's parts go there."""
+    def _logit_cov_split(
+        self, batch: dict
+    ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor | None]]]:
+        """The logits' mean and each layer's :meth:`KronLayer.logit_cov_parts` (unmasked)."""
         self._require_fit()
         capture = LayerCapture(self.modules)
         with _eval_mode(self.model), torch.enable_grad(), capture.active():
@@ -387,25 +417,13 @@ class LaplaceLoRA:
                     g = torch.zeros_like(capture.outputs[name]) if g is None else g
                     parts[name].append(self.layers[name].project(a, as_positions(g, bsz, name)))
                 del grads
-            cov = torch.zeros(bsz, n_opt, n_opt, dtype=self.factor_dtype, device=logits.device)
-            split: dict[str, tuple[Tensor, Tensor | None]] = {}
-            for name, layer_parts in parts.items():  # layers this forward did not use: J = 0
-                layer = self.layers[name]
-                kept, outside = layer.logit_cov_parts(
+            split = {  # layers this forward did not use: J = 0
+                name: self.layers[name].logit_cov_parts(
                     layer_parts, self._scale, self.prior_precision
                 )
-                cov += kept if outside is None else kept + outside
-                split[name] = (kept, outside)
-            mean = logits.detach()
-        masked = _masked(mean)
-        keep = (~masked).to(cov.dtype)
-        pair = keep[:, :, None] * keep[:, None, :]
-        if by_layer is not None:
-            for name, (kept, outside) in split.items():
-                out = torch.zeros_like(kept) if outside is None else outside
-                by_layer[name] = ((kept * pair).to(mean.dtype), (out * pair).to(mean.dtype))
-        cov = cov * pair
-        return mean, cov.to(mean.dtype)
+                for name, layer_parts in parts.items()
+            }
+        return logits.detach(), split
 
     def predictive(
         self, batch: dict, n_samples: int = 0, generator: torch.Generator | None = None
@@ -425,15 +443,7 @@ class LaplaceLoRA:
         if n_samples < 1:
             raise ConfigError("n_samples must be at least 1")
         mean, cov = self.predictive_logit_moments(batch)
-        masked = _masked(mean)
-        vals, vecs = torch.linalg.eigh(cov.double())
-        root = vecs * vals.clamp_min(0.0).sqrt()[:, None, :]  # (B, C, C), root rootᵀ = cov
-        z = torch.randn((n_samples, *mean.shape), generator=generator, dtype=torch.float64).to(
-            mean.device
-        )
-        noise = torch.einsum("bck,sbk->sbc", root, z).to(mean.dtype)
-        logits = torch.where(masked, mean, mean.masked_fill(masked, 0.0) + noise)
-        return torch.softmax(logits, dim=-1)
+        return sampled_softmax(mean, cov, n_samples, generator)
 
     # ---------------------------------------------------------------- persistence
 
