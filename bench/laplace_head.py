@@ -20,7 +20,8 @@ random ones) and reports:
   regime table's full training splits it is 151-1,020 and the dropped directions hold most of
   the predictive's variance, ``results/laplace_variance/``);
 * the prior-precision search and the linearised predictive (100 samples, as the method runs)
-  on the same questions.
+  on the same questions, with the residual diagonal of the sketched ``G`` (the default) and
+  without it (the fit before 2026-12-04): what keeping the diagonal costs.
 
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/laplace_head.py \\
         --adapter paper/out/regime_tables/runs/arc_challenge/lora/seed1/adapter
@@ -36,6 +37,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +154,26 @@ def main(argv: list[str] | None = None) -> None:
         )
         assert abs(same[0] - same[1]) <= 1e-5 * abs(same[1]), same
     la: LaplaceLoRA = holder["la"]
-    t = time.perf_counter()
-    prior = la.optimize_prior_precision()
-    prior_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    for batch in batches:  # the linearised predictive differentiates: no no_grad here
-        probs = la.predictive({k: v for k, v in batch.items() if k != "labels"}, 100)
-        assert torch.isfinite(probs).all()
-    predictive_seconds = time.perf_counter() - t
+
+    def prior_and_predictive() -> tuple[float, float, float]:
+        t = time.perf_counter()
+        prior = la.optimize_prior_precision()
+        prior_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        for batch in batches:  # the linearised predictive differentiates: no no_grad here
+            probs = la.predictive({k: v for k, v in batch.items() if k != "labels"}, 100)
+            assert torch.isfinite(probs).all()
+        return prior, prior_seconds, time.perf_counter() - t
+
+    prior, prior_seconds, predictive_seconds = prior_and_predictive()
     head = next((name for name in la.layers if "lm_head" in name and "lora_B" in name), None)
+    without = None  # the same fit without the residual diagonal (what the fit did before it)
+    if head is not None and la.layers[head].has_resid:
+        with_resid = la.layers[head]
+        la.layers[head] = replace(with_resid, g_resid=with_resid.g_resid[:0])
+        without = prior_and_predictive()
+        la.layers[head] = with_resid
+        la.prior_precision = prior
     result = {
         "task": args.task,
         "split": split,
@@ -181,8 +194,17 @@ def main(argv: list[str] | None = None) -> None:
         # precision: well below 1, a larger --g-rank would not move the predictive (64
         # questions: yes; the table's full splits: 151-1,020, results/laplace_variance/)
         "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
+        "g_residual": la.g_residual,
         "prior_search_seconds": round(prior_seconds, 2),
         "predictive_seconds_per_question": round(predictive_seconds / n, 3),
+        # the head's G as its sketch alone (g_residual "none"): prior, search s, predictive s/q
+        "without_residual": None
+        if without is None
+        else {
+            "prior_precision": without[0],
+            "prior_search_seconds": round(without[1], 2),
+            "predictive_seconds_per_question": round(without[2] / n, 3),
+        },
     }
     args.adapter = None if args.adapter is None else checkout_relative(args.adapter)
     path, _ = write_report(args, "laplace_head", load_start, result)
@@ -193,11 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{(result['fit_peak_bytes'] or 0) / gib:.2f}",
         result["head_g_rank"],
         "-" if head is None or head not in la.g_sketch_kept else f"{la.g_sketch_kept[head]:.4f}",
+        result["prior_search_seconds"],
         result["predictive_seconds_per_question"],
+        "-" if without is None else f"{without[1]:.2f} / {without[2] / n:.3f}",
     ]]  # fmt: skip
     header = ["task", "questions", "LoRA pass s", "fit s", "fit / LoRA pass",
               "fit from cached blocks s", "fit peak GiB",
-              "head G rank", "head G trace kept", "predictive s/question"]  # fmt: skip
+              "head G rank", "head G trace kept", "prior search s", "predictive s/question",
+              "without residual diag: prior s / predictive s/q"]  # fmt: skip
     print(format_table(header, rows))
     print(f"\nwritten {path}")
 

@@ -32,3 +32,7 @@ def test_laplace_head_bench_fits_with_a_sketched_head(tmp_path, data_root) -> No
     assert report["g_sketch_curvature_lost"][head] >= 0.0
     assert report["fit_seconds"] > 0 and report["lora_pass_seconds"] > 0
     assert report["predictive_seconds_per_question"] > 0
+    # the default keeps the sketch's residual diagonal; the same fit without it is timed too
+    assert report["g_residual"] == "diag"
+    without = report["without_residual"]
+    assert without["predictive_seconds_per_question"] > 0 and without["prior_precision"] > 0

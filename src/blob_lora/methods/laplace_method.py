@@ -213,8 +213,10 @@ def fit_laplace(
         # and a bound on the curvature a dropped direction lost, over the prior precision:
         # well below 1, a larger sketch would not move the predictive; above it the dropped
         # directions may hold most of the predictive's variance (LaplaceLoRA docs; the regime
-        # table's full training splits: 151-1,020, results/laplace_variance/)
+        # table's full training splits: 151-1,020, results/laplace_variance/) unless the fit
+        # kept the dropped part's diagonal (g_residual "diag", the default)
         "g_sketch_curvature_lost": la.g_sketch_curvature_lost(),
+        "g_residual": la.g_residual,
         "fit_seconds": round(time.perf_counter() - start, 3),
     }
     warn_dropped_curvature(la)
@@ -224,14 +226,16 @@ def fit_laplace(
 
 def warn_dropped_curvature(la: LaplaceLoRA) -> list[str]:
     """Warn for every layer whose sketched ``G`` dropped curvature above the prior precision
-    (``g_sketch_curvature_lost`` > 1); returns those layers.
+    (``g_sketch_curvature_lost`` > 1) and kept no residual diagonal; returns those layers.
 
-    Why: the posterior keeps the prior's precision in the dropped directions, so there the
-    predictive can be far broader than a full factor would make it (the regime table's head
-    under cloze scoring: ~95 % of the logit variance, ``results/laplace_variance/``)."""
+    Why: without the diagonal the posterior keeps the prior's precision in the dropped
+    directions, so there the predictive can be far broader than a full factor would make it
+    (the regime table's head under cloze scoring: ~95 % of the logit variance,
+    ``results/laplace_variance/``). With it, every coordinate keeps its curvature and the
+    error is the dropped part's off-diagonal, measured in ``paper/laplace_head_fidelity.py``."""
     flagged = []
     for layer, lost in la.g_sketch_curvature_lost().items():
-        if lost > 1.0:
+        if lost > 1.0 and not la.layers[layer].has_resid:
             flagged.append(layer)
             logger.warning(
                 "Laplace fit: %s's output factor was kept as a rank-%d sketch that dropped "

@@ -219,19 +219,20 @@ def test_the_covariance_split_by_layer_sums_to_the_predictive_and_puts_the_prior
     """``logit_cov_by_layer``: the layers' kept and outside parts add up to the predictive's
     covariance; the dense q/v factors leave nothing outside; the head's outside part (the
     Jacobian's component where the fit kept no curvature: G's null space, and what a sketch
-    dropped) grows as the sketch shrinks, and is the prior's alone, so it scales as 1/δ while
-    the kept part does not."""
+    without a residual diagonal dropped) grows as the sketch shrinks, and is the prior's
+    alone, so it scales as 1/δ while the kept part does not."""
     model, batch, fit = _cloze_setup()
     head = "base_model.model.lm_head.lora_B.default"
     vocab = model.get_output_embeddings().out_features
-    for la in (fit(g_dense_limit=40, g_rank=vocab), fit(g_dense_limit=40, g_rank=4)):
+    none = {"g_dense_limit": 40, "g_residual": "none"}  # dropped directions: the prior's
+    for la in (fit(**none, g_rank=vocab), fit(**none, g_rank=4), fit(g_dense_limit=40, g_rank=4)):
         mean, cov = la.predictive_logit_moments(batch)
         mean_parts, parts = la.logit_cov_by_layer(batch)
         torch.testing.assert_close(mean_parts, mean)
         summed = sum(kept + outside for kept, outside in parts.values())
         torch.testing.assert_close(summed, cov, rtol=1e-6, atol=1e-10)
         assert set(parts) == set(la.layers)
-    wide, small = fit(g_dense_limit=40, g_rank=vocab), fit(g_dense_limit=40, g_rank=4)
+    wide, small = fit(**none, g_rank=vocab), fit(**none, g_rank=4)
     wide_parts = wide.logit_cov_by_layer(batch)[1]
     assert all(not outside.any() for name, (_, outside) in wide_parts.items() if name != head)
     # the smaller sketch drops directions of G, which fall back on the prior
@@ -255,7 +256,8 @@ def test_a_sketch_that_dropped_curvature_above_the_prior_is_warned(caplog) -> No
     model, _, fit = _cloze_setup()
     head = "base_model.model.lm_head.lora_B.default"
     vocab = model.get_output_embeddings().out_features
-    small, wide = fit(g_dense_limit=40, g_rank=4), fit(g_dense_limit=40, g_rank=vocab)
+    none = {"g_dense_limit": 40, "g_residual": "none"}
+    small, wide = fit(**none, g_rank=4), fit(**none, g_rank=vocab)
     lost = small.g_sketch_curvature_lost(1.0)[head]
     small.prior_precision = wide.prior_precision = lost / 2  # the bound is then 2
     with caplog.at_level(logging.WARNING):
@@ -264,6 +266,10 @@ def test_a_sketch_that_dropped_curvature_above_the_prior_is_warned(caplog) -> No
     assert "rank-4 sketch" in caplog.text and caplog.text.count("Laplace fit") == 1
     small.prior_precision = lost * 2  # the bound is 0.5: no warning
     assert warn_dropped_curvature(small) == []
+    kept_diag = fit(g_dense_limit=40, g_rank=4)  # the residual diagonal keeps what it dropped
+    kept_diag.prior_precision = lost / 2
+    assert kept_diag.g_sketch_curvature_lost()[head] == pytest.approx(2.0)
+    assert warn_dropped_curvature(kept_diag) == []
 
 
 def test_the_fit_from_cached_frozen_blocks_equals_the_full_forward() -> None:

@@ -14,11 +14,20 @@ rank limit and (ii) the output rows outside the gradient support (e.g. all non-o
 * the log determinant as the closed-form term ``(in·out − k_A·k_G)·log δ``;
 * the predictive as ``δ⁻¹·‖J_⊥‖²``, with ``J_⊥`` the part of the Jacobian outside ``K``
   (zero when the Jacobian lies in the support and no eigenpair was dropped, the usual case).
+
+Residual diagonal (a sketched ``G``, :mod:`kfac`): ``G`` may instead be kept as its leading
+eigenpairs plus the exact diagonal of the rest, ``G ≈ D + U Λ Uᵀ``. Then no direction falls
+back to the prior: per eigenpair ``(λ_A,i, q_i)`` of ``A`` the precision's block is
+``Δ_i + c_i U Λ Uᵀ`` with ``c_i = (N/T)·λ_A,i`` and the diagonal ``Δ_i = c_i·D + δ``, whose
+inverse and log determinant follow from Woodbury and the determinant lemma through the
+``k_G × k_G`` matrix ``K_i = I + c_i Λ^½ Uᵀ Δ_i⁻¹ U Λ^½`` (``O(out·k_G²)`` per ``i`` and
+``δ``, cached).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,6 +35,8 @@ from torch import Tensor
 from blob_lora.methods.laplace.kfac import KronAccumulator
 
 FIELDS = ("dims", "A_vals", "A_vecs", "G_vals", "G_vecs", "G_support")
+#: saved only by fits that kept a residual diagonal (states written before it lack it)
+OPTIONAL_FIELDS = ("G_resid",)
 
 
 def _top_eig(mat: Tensor, max_rank: int | None) -> tuple[Tensor, Tensor]:
@@ -41,7 +52,10 @@ def _top_eig(mat: Tensor, max_rank: int | None) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class KronLayer:
-    """Eigen-decomposed factors ``A`` (``in × in``) and ``G`` (on ``support``, ``s × s``)."""
+    """Eigen-decomposed factors ``A`` (``in × in``) and ``G`` (on ``support``, ``s × s``).
+
+    ``g_resid``: the diagonal ``D`` of ``G`` beyond its kept eigenpairs, on the whole output,
+    for a sketched ``G`` fitted with a residual diagonal (module doc); empty otherwise."""
 
     in_dim: int
     out_dim: int
@@ -50,6 +64,17 @@ class KronLayer:
     g_vals: Tensor
     g_vecs: Tensor
     g_support: Tensor
+    g_resid: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    #: ``(scale, δ)`` -> the Cholesky factors of every ``K_i`` (residual diagonal only)
+    _woodbury: dict[tuple[float, float], Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.has_resid and (
+            self.g_resid.numel() != self.out_dim or self.g_support.numel() != self.out_dim
+        ):
+            raise ValueError("a residual diagonal needs G on the whole output")
 
     @classmethod
     def from_accumulator(
@@ -58,18 +83,32 @@ class KronLayer:
         n_data: int,
         max_rank: int | None = None,
         a_eig: tuple[Tensor, Tensor] | None = None,
+        g_residual: bool = False,
     ) -> KronLayer:
-        """``a_eig``: eigenpairs of an identical ``A`` already decomposed for another layer."""
+        """``a_eig``: eigenpairs of an identical ``A`` already decomposed for another layer.
+        ``g_residual``: keep the diagonal of a sketched ``G`` beyond its kept eigenpairs (no
+        effect on a dense ``G``)."""
         if a_eig is None:
             a_vals, a_vecs = _top_eig(acc.a_sum / max(acc.a_count, 1.0), max_rank)
         else:
             a_vals, a_vecs = a_eig
         sketched = acc.g_eig(n_data)
+        resid = None
         if sketched is None:
             g_vals, g_vecs = _top_eig(acc.g_sum / max(n_data, 1), max_rank)
         else:  # already the leading eigenpairs, largest first
             g_vals, g_vecs = (t[..., :max_rank].contiguous() for t in sketched)
-        return cls(acc.in_dim, acc.out_dim, a_vals, a_vecs, g_vals, g_vecs, acc.support.clone())
+            if g_residual:
+                resid = acc.g_residual_diag(n_data, g_vals, g_vecs)
+        layer = cls(acc.in_dim, acc.out_dim, a_vals, a_vecs, g_vals, g_vecs, acc.support.clone())
+        if resid is not None:
+            layer.g_resid = resid.contiguous()
+            layer.__post_init__()
+        return layer
+
+    @property
+    def has_resid(self) -> bool:
+        return self.g_resid.numel() > 0
 
     @property
     def a_eig(self) -> tuple[Tensor, Tensor]:
@@ -81,17 +120,46 @@ class KronLayer:
 
     @property
     def n_kept(self) -> int:
-        return self.a_vals.numel() * self.g_vals.numel()
+        """Directions with measured curvature (with a residual diagonal: all of ``G``'s)."""
+        return self.a_vals.numel() * (self.out_dim if self.has_resid else self.g_vals.numel())
 
     def curvature_eigvals(self, scale: float) -> Tensor:
         """``scale·λ_G,j·λ_A,i`` as a ``(k_G, k_A)`` grid (``scale`` = N / temperature)."""
         return scale * self.g_vals[:, None] * self.a_vals[None, :]
 
     def log_det_precision(self, scale: float, prior_precision: float) -> float:
-        kept = torch.log(self.curvature_eigvals(scale) + prior_precision).sum().item()
-        return kept + (self.n_params - self.n_kept) * float(
-            torch.log(torch.tensor(prior_precision))
-        )
+        if self.has_resid:
+            kept = sum(
+                float(torch.log(scale * a * self.g_resid + prior_precision).sum())
+                + 2.0 * float(torch.log(torch.diagonal(chol)).sum())
+                for a, chol in zip(
+                    self.a_vals.tolist(), self._woodbury_chol(scale, prior_precision), strict=True
+                )
+            )
+        else:
+            kept = torch.log(self.curvature_eigvals(scale) + prior_precision).sum().item()
+        return kept + (self.n_params - self.n_kept) * math.log(prior_precision)
+
+    def _woodbury_chol(self, scale: float, prior_precision: float) -> Tensor:
+        """``(k_A, k_G, k_G)`` Cholesky factors of ``K_i = I + c_i Λ^½ Uᵀ Δ_i⁻¹ U Λ^½``
+        (module doc), computed once per ``(scale, δ)``; the last pair's only (a fit evaluates
+        the evidence at one ``δ`` after another, a predictive at one)."""
+        key = (float(scale), float(prior_precision))
+        if key not in self._woodbury:
+            root = self.g_vals.clamp_min(0.0).sqrt()
+            eye = torch.eye(root.numel(), dtype=self.g_vecs.dtype)
+            chols = []
+            for a in self.a_vals.tolist():
+                c = scale * a
+                inv = 1.0 / (c * self.g_resid + prior_precision)
+                inner = (self.g_vecs * inv[:, None]).T @ self.g_vecs
+                k_mat = eye + c * root[:, None] * inner * root[None, :]
+                chols.append(torch.linalg.cholesky((k_mat + k_mat.T) / 2))
+            self._woodbury.clear()
+            self._woodbury[key] = (
+                torch.stack(chols) if chols else eye.new_zeros(0, root.numel(), root.numel())
+            )
+        return self._woodbury[key]
 
     def project(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
         """One option's Jacobian for this layer, in the posterior eigenbasis.
@@ -108,10 +176,16 @@ class KronLayer:
         ``T`` positions, so ``J`` is the cheap route: for the head's vocabulary-wide
         ``lora_B`` under cloze scoring it also avoids copying the ``(B, T, vocabulary)``
         gradients again and again (``bench/laplace_predictive.py``).
+
+        With a residual diagonal the first result is ``J Q_A`` ``(B, out, k_A)`` instead, and
+        ``J`` comes only when ``A``'s eigenpairs were truncated.
         """
         dt = self.a_vecs.dtype
         dev = a.device
         j = torch.einsum("bto,bti->boi", g.to(dt), a.to(dt))
+        if self.has_resid:  # ``J Q_A`` (B, out, k_A): G is handled whole in logit_cov_parts
+            complete = self.a_vals.numel() == self.in_dim
+            return j @ self.a_vecs.to(dev), None if complete else j
         support = self.g_support.to(dev)
         a_vecs, g_vecs = self.a_vecs.to(dev), self.g_vecs.to(dev)
         whole = support.numel() == self.out_dim  # a sorted support of every row: all of them
@@ -139,11 +213,17 @@ class KronLayer:
         The part ``J_⊥`` of a Jacobian outside the kept subspace ``K`` has the prior's variance
         ``1/δ``. ``K``'s basis being orthonormal, ``⟨J_⊥c, J_⊥d⟩ = ⟨J_c, J_d⟩ − ⟨Q_Gᵀ J_c Q_A,
         Q_Gᵀ J_d Q_A⟩``, so ``J_⊥`` is never formed. An option whose :meth:`project` gave no
-        ``J`` has none (``J_⊥ = 0``), so its rows and columns of that part are zero."""
-        j_proj = torch.stack([p[0] for p in parts], dim=1)  # (B, C, kG, kA)
+        ``J`` has none (``J_⊥ = 0``), so its rows and columns of that part are zero.
+
+        With a residual diagonal, ``K`` is every direction along ``A``'s kept eigenvectors
+        (all of ``G`` has curvature), and only ``A``'s truncated eigenpairs lie outside."""
+        j_proj = torch.stack([p[0] for p in parts], dim=1)  # (B, C, kG, kA) or (B, C, out, kA)
         dev = j_proj.device
-        var = 1.0 / (self.curvature_eigvals(scale).to(dev) + prior_precision)
-        cov = torch.einsum("bcga,bdga,ga->bcd", j_proj, j_proj, var)
+        if self.has_resid:
+            cov = self._resid_cov(j_proj, scale, prior_precision)
+        else:
+            var = 1.0 / (self.curvature_eigvals(scale).to(dev) + prior_precision)
+            cov = torch.einsum("bcga,bdga,ga->bcd", j_proj, j_proj, var)
         outside = [c for c, p in enumerate(parts) if p[1] is not None]
         if not outside:
             return cov, None
@@ -155,6 +235,26 @@ class KronLayer:
         resid[:, idx[:, None], idx[None, :]] = gram
         return cov, resid / prior_precision
 
+    def _resid_cov(self, jq: Tensor, scale: float, prior_precision: float) -> Tensor:
+        """``Σ_i x_iᵀ (Δ_i + c_i U Λ Uᵀ)⁻¹ x_i`` over ``A``'s kept eigenvectors for ``jq``
+        ``(B, C, out, k_A)`` (``x_i = J q_i``), by Woodbury: ``Δ_i⁻¹ − Δ_i⁻¹ U Λ^½ c_i^½
+        K_i⁻¹ c_i^½ Λ^½ Uᵀ Δ_i⁻¹``."""
+        dev = jq.device
+        u_mat, resid = self.g_vecs.to(dev), self.g_resid.to(dev)
+        root = self.g_vals.clamp_min(0.0).sqrt().to(dev)
+        chols = self._woodbury_chol(scale, prior_precision).to(dev)
+        b, c_opt = jq.shape[:2]
+        cov = jq.new_zeros(b, c_opt, c_opt)
+        for i, a in enumerate(self.a_vals.tolist()):
+            c = scale * a
+            x = jq[..., i]  # (B, C, out)
+            w = x / (c * resid + prior_precision)
+            cov += w @ x.transpose(1, 2)
+            u = (w @ u_mat) * (math.sqrt(max(c, 0.0)) * root)  # (B, C, k_G)
+            sol = torch.cholesky_solve(u.reshape(-1, u.shape[-1]).T, chols[i])
+            cov -= u @ sol.T.reshape(b, c_opt, -1).transpose(1, 2)
+        return cov
+
     def to_tensors(self) -> dict[str, Tensor]:
         return {
             "dims": torch.tensor([self.in_dim, self.out_dim], dtype=torch.long),
@@ -163,6 +263,7 @@ class KronLayer:
             "G_vals": self.g_vals.contiguous().clone(),
             "G_vecs": self.g_vecs.contiguous().clone(),
             "G_support": self.g_support.contiguous().clone(),
+            "G_resid": self.g_resid.contiguous().clone(),
         }
 
     @classmethod
@@ -176,4 +277,5 @@ class KronLayer:
             t["G_vals"].clone(),
             t["G_vecs"].clone(),
             t["G_support"].to(torch.long).clone(),
+            t["G_resid"].clone() if "G_resid" in t else torch.zeros(0, dtype=torch.float64),
         )
