@@ -3,7 +3,9 @@
 Training: an ordinary ``map`` run (LoRA + weight decay, 1e-5 unless ``--weight-decay`` says
 otherwise) into ``RUN/map/``. Then, on the same training split, a KFAC Laplace approximation
 over every LoRA weight (:class:`blob_lora.methods.laplace.LaplaceLoRA`: exact GGN of the
-option softmax, prior precision by maximising the Laplace evidence over a log grid) is fitted
+option softmax, prior precision by maximising the Laplace evidence over a log grid; under cloze
+scoring the head's vocabulary-wide output factor kept as a rank-512 sketch plus the exact
+diagonal of the rest, ``results/laplace_head_fidelity/``) is fitted
 on the main process; where the adapters leave the lower blocks frozen, the fit starts from
 their cached output (``--prefix-cache``, the split's features the MAP run wrote: 0.69x the fit's
 time on ARC-C, ``bench/laplace_head.py``).
