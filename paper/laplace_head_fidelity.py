@@ -30,7 +30,6 @@ run folder). Only the MAP adapter of the run is used; its saved posterior is not
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,10 @@ import torch
 from torch import Tensor
 
 from blob_lora.methods.laplace import LaplaceLoRA
+from blob_lora.methods.laplace.laplace_lora import probit_softmax
 from blob_lora.methods.laplace.posterior import KronLayer
 from blob_lora.methods.laplace_method import _head_mask, _make_lora_trainable, _option_logits_fn
 from blob_lora.metrics.calibration import classification_metrics
-from blob_lora.tasks import get_task
-from blob_lora.tasks.dataset import task_inputs
 from blob_lora.training.saved_run import load_run
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError
@@ -99,12 +97,6 @@ def head_cov(layer: KronLayer, jq: Tensor, scale: float, delta: float) -> Tensor
     return kept if outside is None else kept + outside
 
 
-def probit(mean: Tensor, cov: Tensor) -> Tensor:
-    var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0.0)
-    scaled = mean / torch.sqrt(1.0 + math.pi / 8.0 * var)
-    return torch.softmax(scaled.masked_fill(torch.isneginf(mean), -math.inf), dim=-1)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a Laplace run folder (its adapter/ holds the MAP)")
@@ -119,15 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_run(args.run)
         cfg = loaded.config
-        task = get_task(cfg.data.task, data_root=cfg.data.data_root)
-        inp = task_inputs(
-            task,
-            "train",
-            loaded.tokenizer,
-            cfg.data.max_length,
-            scoring=cfg.data.scoring_spec,
-            cache_dir=cfg.data.cache_dir,
-        )
+        inp = loaded.split_inputs("train")
     except BlobLoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -234,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             cov = torch.cat([b + h for b, h in zip(body_covs, heads, strict=True)])
             head_var = torch.cat([torch.diagonal(h, dim1=1, dim2=2) for h in heads])
             real = ~torch.isneginf(mean_all)
-            probs = probit(mean_all, cov)
+            probs = probit_softmax(mean_all, cov)
             if name == "exact":
                 reference[delta] = probs
             ref = reference.get(delta)
             if ref is None:  # the exact posterior at this δ, for the distance
                 ex_heads = [head_cov(exact, jq, scale, delta) for jq in recorder.recorded]
-                ref = reference[delta] = probit(
+                ref = reference[delta] = probit_softmax(
                     mean_all, torch.cat([b + h for b, h in zip(body_covs, ex_heads, strict=True)])
                 )
             metrics = classification_metrics(probs.float(), label_all)

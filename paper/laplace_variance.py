@@ -33,8 +33,6 @@ import torch
 from blob_lora.methods.laplace.laplace_lora import sampled_softmax
 from blob_lora.methods.laplace_method import _option_logits_fn, _posterior
 from blob_lora.metrics.calibration import classification_metrics
-from blob_lora.tasks import get_task
-from blob_lora.tasks.dataset import task_inputs
 from blob_lora.training.saved_run import load_run
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import BlobLoraError
@@ -67,15 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_run(args.run)
         cfg = loaded.config
-        task = get_task(cfg.data.task, data_root=cfg.data.data_root)
-        inp = task_inputs(
-            task,
-            args.split,
-            loaded.tokenizer,
-            cfg.data.max_length,
-            scoring=cfg.data.scoring_spec,
-            cache_dir=cfg.data.cache_dir,
-        )
+        inp = loaded.split_inputs(args.split)
     except BlobLoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from blob_lora.methods import get_method
 from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer
+from blob_lora.tasks import get_task
+from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
 from blob_lora.utils.errors import CheckpointError
@@ -30,6 +32,19 @@ class LoadedRun:
     method: Method
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
+
+    def split_inputs(self, split: str) -> TaskInputs:
+        """A split of the run's task, tokenised and scored as the run was (its scoring, length
+        normalisation, max length and cache): what a script that re-reads a run scores."""
+        data = self.config.data
+        return task_inputs(
+            get_task(data.task, data_root=data.data_root),
+            split,
+            self.tokenizer,
+            data.max_length,
+            scoring=data.scoring_spec,
+            cache_dir=data.cache_dir,
+        )
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:

@@ -110,6 +110,13 @@ def sampled_softmax(
     return torch.softmax(logits, dim=-1)
 
 
+def probit_softmax(mean: Tensor, cov: Tensor) -> Tensor:
+    """``(B, C)`` probit approximation of the softmax of ``N(mean, cov)`` logits (MacKay):
+    ``softmax(μ_c / √(1 + π/8 · Σ_cc))``; masked options (``mean = -inf``) stay at 0."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0.0)
+    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+
+
 class LaplaceLoRA:
     """KFAC Laplace approximation over the trainable ``nn.Linear`` weights of ``model``.
 
@@ -468,9 +475,7 @@ class LaplaceLoRA:
         else the mean softmax over ``n_samples`` Gaussian logit samples."""
         if n_samples > 0:
             return self.predictive_samples(batch, n_samples, generator).mean(0)
-        mean, cov = self.predictive_logit_moments(batch)
-        var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0.0)
-        return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+        return probit_softmax(*self.predictive_logit_moments(batch))
 
     def predictive_samples(
         self, batch: dict, n_samples: int, generator: torch.Generator | None = None

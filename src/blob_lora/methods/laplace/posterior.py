@@ -27,7 +27,7 @@ inverse and log determinant follow from Woodbury and the determinant lemma throu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -101,10 +101,7 @@ class KronLayer:
             if g_residual:
                 resid = acc.g_residual_diag(n_data, g_vals, g_vecs)
         layer = cls(acc.in_dim, acc.out_dim, a_vals, a_vecs, g_vals, g_vecs, acc.support.clone())
-        if resid is not None:
-            layer.g_resid = resid.contiguous()
-            layer.__post_init__()
-        return layer
+        return layer if resid is None else replace(layer, g_resid=resid.contiguous())
 
     @property
     def has_resid(self) -> bool:
