@@ -134,10 +134,12 @@ def one_layer_model(flipout: str, seed: int = 0):
 def tiny_bayesian_lora_model(seed: int = 0, **settings: Any):
     """:func:`tiny_llama` with Bayesian-LoRA (rank 4) on q/v/lm_head, every posterior parameter
     moved away from its initial value (``u_mean`` scaled up so the factors reach the output),
-    as after training. ``settings`` are ``BayesianLoraConfig`` fields."""
+    as after training. ``settings`` are ``BayesianLoraConfig`` fields; every target is
+    Bayesian unless ``layers`` says otherwise (the method's default leaves v_proj plain)."""
     from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
 
-    model = _tiny_tuner(get_bayesian_lora_model, BayesianLoraConfig(**settings), seed)
+    options = BayesianLoraConfig(**{"layers": ".*", **settings})
+    model = _tiny_tuner(get_bayesian_lora_model, options, seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_inducing" in name:
@@ -153,7 +155,9 @@ def one_layer_bayesian_lora(seed: int = 0, **settings: Any):
     from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
     from blob_lora.tuners.bayesian_lora.layer import BayesianLoraLinear
 
-    options = BayesianLoraConfig(**{"inducing_rows": 2, "inducing_cols": 2, **settings})
+    options = BayesianLoraConfig(
+        **{"inducing_rows": 2, "inducing_cols": 2, "layers": ".*", **settings}
+    )
     return _one_layer_tuner(get_bayesian_lora_model, options, BayesianLoraLinear, seed)
 
 

@@ -93,9 +93,16 @@ def test_an_old_run_config_without_the_bayesian_lora_keys_loads(tmp_path) -> Non
     old = {k: v for k, v in TrainConfig(lr=2e-4).to_dict().items() if "bayes_lora" not in k}
     (tmp_path / "run_config.json").write_text(json.dumps(old))
     cfg = read_run_config(tmp_path)
-    assert cfg.loop.lr == 2e-4 and cfg.bayes_lora == BayesianLoraConfig()
+    # such a run made every LoRA target Bayesian: the later default (the authors' layers)
+    # would describe another model
+    assert cfg.loop.lr == 2e-4 and cfg.bayes_lora == BayesianLoraConfig(layers=".*")
     completed = TrainConfig.stored_with_defaults(old)
-    assert completed == TrainConfig(lr=2e-4).to_dict()  # resume and compare see no change
+    assert completed == TrainConfig(lr=2e-4, bayes_lora_layers=".*").to_dict()
+    assert completed != TrainConfig(lr=2e-4).to_dict()  # resuming it with the default is refused
+    new = TrainConfig(lr=2e-4).to_dict()
+    (tmp_path / "run_config.json").write_text(json.dumps(new))
+    assert read_run_config(tmp_path).bayes_lora == BayesianLoraConfig()
+    assert TrainConfig.stored_with_defaults(new) == new
 
 
 def test_a_bayesian_lora_option_on_the_cli_reaches_the_method(tmp_path) -> None:

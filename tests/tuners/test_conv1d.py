@@ -34,7 +34,7 @@ TUNERS = {
     "blob": (get_blob_model, BlobConfig(), BlobLayerMixin, blob_sampling),
     "bayesian-lora": (
         get_bayesian_lora_model,
-        BayesianLoraConfig(),
+        BayesianLoraConfig(layers=".*"),  # the default names Llama's layers, not GPT-2's
         BayesianLoraLayerMixin,
         bl_sampling,
     ),

@@ -129,6 +129,9 @@ HELP: dict[str, str] = {
     "bayes_lora_init_d": "bayesian-lora: initial diagonal of U's prior row/column covariances",
     "bayes_lora_kl_weight": "bayesian-lora: factor on the KL in the loss, on top of --kl-schedule",
     "bayes_lora_jitter": "bayesian-lora: relative diagonal jitter of the Cholesky factorisations",
+    "bayes_lora_layers": "bayesian-lora: regular expression on the LoRA targets' module names "
+    "(e.g. model.layers.3.self_attn.q_proj) that are Bayesian; the others stay plain LoRA "
+    "(default: the authors' q_proj, k_proj and lm_head; '.*': every target)",
 }
 
 

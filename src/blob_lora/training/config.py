@@ -38,7 +38,7 @@ from blob_lora.models.config import BaseModelConfig
 from blob_lora.tasks.config import DataConfig
 from blob_lora.training.recipes import RECIPES
 from blob_lora.training.sections import EvalConfig, LoopConfig, VariationalConfig
-from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+from blob_lora.tuners.bayesian_lora.config import EVERY_LAYER, BayesianLoraConfig
 from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.tuners.lora import LoraSettings
 from blob_lora.utils.errors import ConfigError
@@ -166,9 +166,16 @@ class TrainConfig:
     def stored_with_defaults(cls, stored: dict[str, Any]) -> dict[str, Any]:
         """A stored ``run_config.json`` completed with the defaults of settings added since it
         was written: such a run ran with that setting's default (what resume and ``compare``
-        compare against, so a new option does not orphan every existing run)."""
-        defaults = cls().to_dict()
+        compare against, so a new option does not orphan every existing run), or, for a
+        setting whose default is not what runs did before it existed, with
+        :attr:`VALUES_BEFORE_THE_SETTING`."""
+        defaults = {**cls().to_dict(), **cls.VALUES_BEFORE_THE_SETTING}
         return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+
+    #: what a run did before the setting existed, where its default differs: Bayesian-LoRA
+    #: made every LoRA target Bayesian until ``bayes_lora_layers`` (2026-12-04), whose
+    #: default is the authors' q_proj / k_proj / lm_head
+    VALUES_BEFORE_THE_SETTING: ClassVar[dict[str, Any]] = {"bayes_lora_layers": EVERY_LAYER}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -52,7 +52,8 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a blob-lora run folder ({RUN_CONFIG} missing)")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
 

@@ -9,13 +9,19 @@ was not available to us, see ``methods/bayesian_lora.py`` for what that leaves o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import check_bool, check_float, check_int, refuse
 
 BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
+#: the authors' Bayesian layers (``key_layers: [q_proj, k_proj, lm_head]`` of their
+#: ``inducing8.yaml``): LoRA targets named otherwise stay plain LoRA (their v_proj)
+AUTHORS_LAYERS = r"(.*\.)?(q_proj|k_proj|lm_head)"
+#: every LoRA target Bayesian: what a folder saved before ``layers`` existed holds
+EVERY_LAYER = ".*"
 
 
 @dataclass
@@ -47,6 +53,14 @@ class BayesianLoraConfig(
         eval_samples: default number of weight samples averaged at prediction (authors' code:
             4; 0 = the posterior-mean weights).
         jitter: relative diagonal jitter of the Cholesky factorisations.
+        layers: regular expression, matched whole against a LoRA target's module name in the
+            base model (``model.layers.3.self_attn.q_proj``): the targets that match are
+            Bayesian, the others plain LoRA layers trained by the same optimiser. The
+            authors' code makes only ``q_proj``, ``k_proj`` and ``lm_head`` Bayesian
+            (``key_layers``), so with their LoRA targets (q, v, head) the value projection is
+            plain LoRA and carries most of the learning; their default here. ``".*"`` makes
+            every target Bayesian (a Llama-style ``q_proj`` is not GPT-2's ``c_attn``: a
+            model whose targets match nothing is refused, naming this option).
     """
 
     #: errors name a field ``BayesianLoraConfig.<field>`` (``TrainConfig``: its option)
@@ -68,6 +82,7 @@ class BayesianLoraConfig(
     kl_weight: float = 0.1
     eval_samples: int = 4
     jitter: float = 1e-6
+    layers: str = AUTHORS_LAYERS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,3 +109,25 @@ class BayesianLoraConfig(
             )
         check_bool(self, "sqrt_width_scaling")
         check_int(self, "eval_samples", allow_zero=True)
+        if not isinstance(self.layers, str) or not self.layers:
+            raise refuse(
+                self, "layers", f"must be a non-empty regular expression, got {self.layers!r}"
+            )
+        try:
+            re.compile(self.layers)
+        except re.error as exc:
+            raise refuse(
+                self, "layers", f"({self.layers!r}) is not a regular expression: {exc}"
+            ) from exc
+
+    def is_bayesian(self, module_name: str) -> bool:
+        """Whether the LoRA target ``module_name`` (its name in the base model) is Bayesian."""
+        return re.fullmatch(self.layers, module_name) is not None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BayesianLoraConfig:
+        """The settings of ``data``; a file written before ``layers`` existed made every LoRA
+        target Bayesian, and loads so."""
+        if "layers" not in data:
+            data = {**data, "layers": EVERY_LAYER}
+        return super().from_dict(data)

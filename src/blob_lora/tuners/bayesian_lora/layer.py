@@ -66,6 +66,23 @@ class BayesianLoraLayerMixin:
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self.refresh_mean_weights(adapter_name)
 
+    def make_plain(self, adapter_name: str) -> None:
+        """Turn ``adapter_name`` of this layer into a plain LoRA adapter (a target outside
+        ``BayesianLoraConfig.layers``): its posteriors are dropped and PEFT's ``lora_A`` /
+        ``lora_B`` become its trainable weights again, initialised as PEFT initialises LoRA
+        (``B = 0``), so the layer's forward, save and merge are PEFT's own."""
+        if adapter_name not in self.lora_inducing_A:
+            return
+        del self.lora_inducing_A[adapter_name]
+        del self.lora_inducing_B[adapter_name]
+        self.reset_lora_parameters(adapter_name, True)
+        self.lora_A[adapter_name].weight.requires_grad_(True)
+        self.lora_B[adapter_name].weight.requires_grad_(True)
+
+    def is_bayesian(self) -> bool:
+        """Whether any adapter of this layer is Bayesian (holds inducing posteriors)."""
+        return len(self.lora_inducing_A) > 0
+
     def freeze_mean_copies(self) -> None:
         """PEFT marks ``lora_A`` / ``lora_B`` trainable; here they are derived copies."""
         for adapter in self.lora_inducing_A:
@@ -104,7 +121,9 @@ class BayesianLoraLayerMixin:
     def flat_parts(self) -> list[nn.Module] | None:
         """The modules whose outputs this layer's forward adds up, each on a row-wise input
         (``models.forward.FLAT_PARTS``): the base layer and ``bl_adapter_output``; the base
-        layer alone while merged or disabled (PEFT's forward then runs it only). The factors
+        layer alone while merged or disabled (PEFT's forward then runs it only); the base layer
+        and the ``lora_B`` of each adapter where all are plain (``make_plain``), as for PEFT's
+        own layer. The factors
         are still drawn per row of the uncut input, so the sampling is that of the whole rows.
         None where another kind of adapter is active beside these (PEFT's forward would run its
         ``lora_B`` on the cut rows)."""
@@ -114,6 +133,8 @@ class BayesianLoraLayerMixin:
             return [base]
         if all(a in self.lora_inducing_A for a in active):
             return [base, self.bl_adapter_output]
+        if not any(a in self.lora_inducing_A for a in active):  # plain LoRA: PEFT's forward
+            return [base, *(self.lora_B[a] for a in active)]
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -48,8 +48,11 @@ class BayesianLoraPeftMixin(OptionsPeftMixin):
 
 
 def bayesian_lora_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLoraLayerMixin]]:
-    """Every Bayesian-LoRA layer of ``model`` with its qualified name."""
-    return custom_layers(model, BayesianLoraLayerMixin)
+    """Every layer of ``model`` with a Bayesian adapter, with its qualified name (the targets
+    outside ``BayesianLoraConfig.layers`` are plain LoRA and not listed)."""
+    for name, layer in custom_layers(model, BayesianLoraLayerMixin):
+        if layer.is_bayesian():
+            yield name, layer
 
 
 _TUNER = CustomTuner(
@@ -81,16 +84,35 @@ def get_bayesian_lora_model(
     """
     config = config or BayesianLoraConfig()
     peft_model = _TUNER.build(model, lora_config, config, adapter_name)
-    layers = [layer for _, layer in bayesian_lora_layers(peft_model)]
-    if not layers:
+    targets = list(custom_layers(peft_model, BayesianLoraLayerMixin))
+    if not targets:
         warnings.warn(
             "no LoRA layer is Bayesian: LoraConfig.target_modules matched no nn.Linear "
             "(quantised bases are not supported by Bayesian-LoRA)",
             stacklevel=2,
         )
+        return peft_model
+    for name, layer in targets:
+        if not config.is_bayesian(base_model_key(name)):
+            layer.make_plain(adapter_name)
+    layers = [layer for _, layer in bayesian_lora_layers(peft_model)]
+    if not layers:
+        names = ", ".join(sorted(base_model_key(n) for n, _ in targets)[:4])
+        raise ConfigError(
+            f"no LoRA target is Bayesian: BayesianLoraConfig.layers ({config.layers!r}, "
+            f"--bayes-lora-layers) matches none of the targets ({names}, ...); the default "
+            "names the authors' Llama-style layers, pass '.*' to make every target Bayesian"
+        )
     for layer in layers:
         layer.freeze_mean_copies()
     return peft_model
+
+
+def base_model_key(name: str) -> str:
+    """A module's name in the base model (what ``LoraConfig.target_modules`` and
+    ``BayesianLoraConfig.layers`` match) from its name in the PEFT model."""
+    prefix = "base_model.model."
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 @contextmanager
