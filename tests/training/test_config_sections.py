@@ -93,13 +93,21 @@ def test_an_old_run_config_without_the_bayesian_lora_keys_loads(tmp_path) -> Non
     old = {k: v for k, v in TrainConfig(lr=2e-4).to_dict().items() if "bayes_lora" not in k}
     (tmp_path / "run_config.json").write_text(json.dumps(old))
     cfg = read_run_config(tmp_path)
-    # such a run made every LoRA target Bayesian: the later default (the authors' layers)
-    # would describe another model
-    assert cfg.loop.lr == 2e-4 and cfg.bayes_lora == BayesianLoraConfig(layers=".*")
+    assert cfg.loop.lr == 2e-4 and cfg.bayes_lora == BayesianLoraConfig()
     completed = TrainConfig.stored_with_defaults(old)
-    assert completed == TrainConfig(lr=2e-4, bayes_lora_layers=".*").to_dict()
-    assert completed != TrainConfig(lr=2e-4).to_dict()  # resuming it with the default is refused
-    new = TrainConfig(lr=2e-4).to_dict()
+    assert completed == TrainConfig(lr=2e-4).to_dict()  # resume and compare see no change
+
+
+def test_an_old_bayesian_lora_run_reads_as_every_target_bayesian(tmp_path) -> None:
+    """Such a run made every LoRA target Bayesian: the later default (the authors' layers)
+    would describe another model, so resuming or comparing it against the default differs,
+    while the runs of other methods, which never read the setting, do not."""
+    new = TrainConfig(method="bayesian-lora", lr=2e-4).to_dict()
+    old = {k: v for k, v in new.items() if k != "bayes_lora_layers"}
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    assert read_run_config(tmp_path).bayes_lora == BayesianLoraConfig(layers=".*")
+    completed = TrainConfig.stored_with_defaults(old)
+    assert completed == {**new, "bayes_lora_layers": ".*"} != new
     (tmp_path / "run_config.json").write_text(json.dumps(new))
     assert read_run_config(tmp_path).bayes_lora == BayesianLoraConfig()
     assert TrainConfig.stored_with_defaults(new) == new

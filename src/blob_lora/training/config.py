@@ -169,13 +169,19 @@ class TrainConfig:
         compare against, so a new option does not orphan every existing run), or, for a
         setting whose default is not what runs did before it existed, with
         :attr:`VALUES_BEFORE_THE_SETTING`."""
-        defaults = {**cls().to_dict(), **cls.VALUES_BEFORE_THE_SETTING}
+        defaults = cls().to_dict()
+        for key, (methods, value) in cls.VALUES_BEFORE_THE_SETTING.items():
+            if stored.get("method") in methods:
+                defaults[key] = value
         return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
-    #: what a run did before the setting existed, where its default differs: Bayesian-LoRA
-    #: made every LoRA target Bayesian until ``bayes_lora_layers`` (2026-12-04), whose
-    #: default is the authors' q_proj / k_proj / lm_head
-    VALUES_BEFORE_THE_SETTING: ClassVar[dict[str, Any]] = {"bayes_lora_layers": EVERY_LAYER}
+    #: what a run of the methods that read a setting did before it existed, where its default
+    #: differs (other methods' runs ignore it and take the default): Bayesian-LoRA made every
+    #: LoRA target Bayesian until ``bayes_lora_layers`` (2026-12-04), whose default is the
+    #: authors' q_proj / k_proj / lm_head
+    VALUES_BEFORE_THE_SETTING: ClassVar[dict[str, tuple[frozenset[str], Any]]] = {
+        "bayes_lora_layers": (frozenset({"bayesian-lora"}), EVERY_LAYER)
+    }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
