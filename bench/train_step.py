@@ -12,9 +12,13 @@ One step = forward (``logits_to_keep=1``), loss, backward, optimiser step, zeroi
   second moments in float64, the last 5 deviations) after *every* step: the upper bound of
   SWAG's training cost (``--method swag`` collects once per epoch by default, and only in the
   second half of training; its other steps are ``lora``'s).
-* ``bayesian-lora``: Bayesian-LoRA's step (``--method bayesian-lora``): both factors drawn
-  from their inducing-weight posteriors (one sample for the batch, as it trains), ``NLL + pi *
-  0.1 * KL``, one AdamW over the posterior parameters.
+* ``bayesian-lora``: Bayesian-LoRA's step (``--method bayesian-lora``): both factors of its
+  Bayesian layers (the default ``--bayes-lora-layers``: q_proj and lm_head here, v_proj plain
+  LoRA, as in the authors' code) drawn from their inducing-weight posteriors (one sample for
+  the batch, as it trains), ``NLL + pi * 0.1 * KL``, one AdamW over the posterior parameters
+  and the plain adapters.
+* ``bayesian-lora-every``: the same with every target Bayesian (``--bayes-lora-layers '.*'``,
+  the implementation before 2026-12-04).
 
 All methods share one base model. Each gets its own PEFT wrapper, built once and ``unload()``-ed
 straight away; its injected layers are then swapped in and out of the base model, so that the
@@ -74,6 +78,7 @@ METHODS = (
     "blob-token-2pass",
     "swag-collect",
     "bayesian-lora",
+    "bayesian-lora-every",
 )
 SWAG_RANK = 5  # SWAG-LoRA's deviation rank K
 TARGETS = ["q_proj", "v_proj", "lm_head"]
@@ -190,8 +195,9 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
     cfg = lora_config(args.rank, args.alpha)
     if method in ("lora", "swag-collect"):
         model = get_peft_model(base, cfg)
-    elif method == "bayesian-lora":
-        model = get_bayesian_lora_model(base, cfg, BayesianLoraConfig())
+    elif method.startswith("bayesian-lora"):
+        layers = {"layers": ".*"} if method == "bayesian-lora-every" else {}
+        model = get_bayesian_lora_model(base, cfg, BayesianLoraConfig(**layers))
     else:
         mode = method.removeprefix("blob-").removesuffix("-2pass")
         model = get_blob_model(base, cfg, BlobConfig(flipout=mode))
@@ -221,7 +227,7 @@ def wrap(base: nn.Module, method: str, args: argparse.Namespace) -> Variant:
             posterior.collect(binding.flat())
 
         optimizers = [opt]
-    elif method == "bayesian-lora":
+    elif method.startswith("bayesian-lora"):
         opt = torch.optim.AdamW(trainable, **ADAMW)
         weight = BayesianLoraConfig().kl_weight
 

@@ -16,6 +16,7 @@ ROWS = {
     "blob-token-2pass",
     "swag-collect",
     "bayesian-lora",
+    "bayesian-lora-every",
 }
 
 
@@ -45,6 +46,8 @@ def _check(report_path, batch_sizes, seq_len, dtype):
     assert params["blob-token"] > params["lora"]
     assert params["swag-collect"] == params["lora"]  # SWAG trains LoRA's tensors only
     assert params["bayesian-lora"] != params["lora"]  # inducing posteriors replace A and B
+    # v_proj's plain A and B (the default) in place of its two posteriors (every target)
+    assert params["bayesian-lora"] != params["bayesian-lora-every"]
     assert data["machine"]["torch"]
     assert data["machine"]["cpu_count"] >= 1
     assert len(data["tables_markdown"]) == len(batch_sizes)
