@@ -175,3 +175,11 @@ def test_the_pattern_is_matched_whole_against_the_name_in_the_base_model():
         "base_model.model.model.layers.1.self_attn.q_proj",
         "base_model.model.model.layers.1.self_attn.v_proj",
     ]
+
+
+def test_a_plain_layer_is_initialised_as_the_lora_config_says():
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_bayesian_lora_model(tiny_llama(0), lora, BayesianLoraConfig())
+    # init_lora_weights=False: PEFT draws B too (a model that starts away from its base)
+    assert torch.count_nonzero(v_proj(model).lora_B["default"].weight) > 0

@@ -66,16 +66,17 @@ class BayesianLoraLayerMixin:
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self.refresh_mean_weights(adapter_name)
 
-    def make_plain(self, adapter_name: str) -> None:
+    def make_plain(self, adapter_name: str, init_lora_weights: Any = True) -> None:
         """Turn ``adapter_name`` of this layer into a plain LoRA adapter (a target outside
         ``BayesianLoraConfig.layers``): its posteriors are dropped and PEFT's ``lora_A`` /
         ``lora_B`` become its trainable weights again, initialised as PEFT initialises LoRA
-        (``B = 0``), so the layer's forward, save and merge are PEFT's own."""
+        under ``init_lora_weights`` (the ``LoraConfig``'s; ``True``: ``B = 0``), so the
+        layer's forward, save and merge are PEFT's own."""
         if adapter_name not in self.lora_inducing_A:
             return
         del self.lora_inducing_A[adapter_name]
         del self.lora_inducing_B[adapter_name]
-        self.reset_lora_parameters(adapter_name, True)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
         self.lora_A[adapter_name].weight.requires_grad_(True)
         self.lora_B[adapter_name].weight.requires_grad_(True)
 

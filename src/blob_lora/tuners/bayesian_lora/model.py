@@ -94,7 +94,7 @@ def get_bayesian_lora_model(
         return peft_model
     for name, layer in targets:
         if not config.is_bayesian(base_model_key(name)):
-            layer.make_plain(adapter_name)
+            layer.make_plain(adapter_name, lora_config.init_lora_weights)
     layers = [layer for _, layer in bayesian_lora_layers(peft_model)]
     if not layers:
         names = ", ".join(sorted(base_model_key(n) for n, _ in targets)[:4])
