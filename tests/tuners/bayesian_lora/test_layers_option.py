@@ -23,25 +23,20 @@ from blob_lora.tuners.bayesian_lora import (
 )
 from blob_lora.tuners.bayesian_lora.config import AUTHORS_LAYERS, EVERY_LAYER
 from blob_lora.utils.errors import ConfigError
-from tests.factories import TARGETS, tiny_gpt2, tiny_llama
+from tests.factories import TARGETS, tiny_bayesian_lora_model, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
 IDS = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(5))
 
 
 def hybrid(seed: int = 0, **settings) -> PeftModel:
-    """The tiny Llama with LoRA on q/v/lm_head under the default ``layers``, every posterior
-    parameter and the plain adapters moved away from their initial values."""
-    torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_bayesian_lora_model(tiny_llama(seed), lora, BayesianLoraConfig(**settings))
+    """The tiny Llama with LoRA on q/v/lm_head under the default ``layers`` (``settings``
+    override it), every posterior parameter and the plain adapters moved away from their
+    initial values."""
+    model = tiny_bayesian_lora_model(seed, **{"layers": AUTHORS_LAYERS, **settings})
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_inducing" in name:
-                p.add_(0.1 * torch.randn_like(p))
-                if name.endswith("u_mean"):
-                    p.mul_(30.0)
-            elif "v_proj.lora_" in name:
+            if "v_proj.lora_" in name:
                 p.normal_(std=0.3)
     return model
 
