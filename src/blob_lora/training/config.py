@@ -170,8 +170,9 @@ class TrainConfig:
         setting whose default is not what runs did before it existed, with
         :attr:`VALUES_BEFORE_THE_SETTING`."""
         defaults = cls().to_dict()
+        method = stored.get("method")  # any JSON value: the file may have been edited by hand
         for key, (methods, value) in cls.VALUES_BEFORE_THE_SETTING.items():
-            if stored.get("method") in methods:
+            if isinstance(method, str) and method in methods:
                 defaults[key] = value
         return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
 
