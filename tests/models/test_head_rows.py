@@ -165,14 +165,15 @@ def test_a_head_that_computes_its_own_product_keeps_its_rows(tok) -> None:
     assert seen[1][:2] == (len(WG_EXAMPLES), max(_needed_per_row(batch)))
 
 
-def _bayesian_lora(tok) -> nn.Module:
+def _bayesian_lora(tok, **options) -> nn.Module:
+    """``options``: ``BayesianLoraConfig`` fields (``layers``: which targets are Bayesian)."""
     from peft import LoraConfig
 
-    from blob_lora.tuners.bayesian_lora import get_bayesian_lora_model
+    from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, get_bayesian_lora_model
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
                       init_lora_weights=False)  # fmt: skip
-    model = get_bayesian_lora_model(tiny_base(tok, seed=19), lora)
+    model = get_bayesian_lora_model(tiny_base(tok, seed=19), lora, BayesianLoraConfig(**options))
     torch.manual_seed(0)
     with torch.no_grad():  # a mean that is not zero, so the adapter's part is in the logits
         for p in model.parameters():
@@ -230,6 +231,28 @@ def test_bayesian_lora_head_names_its_parts_only_when_they_are_all_its_own(tok) 
     head.lora_A["plain"] = nn.Linear(head.in_features, 4, bias=False)
     head.set_adapter(["default", "plain"])
     assert head.flat_parts() is None
+
+
+def test_a_plain_head_of_a_bayesian_lora_model_cuts_as_peft_lora_does(tok) -> None:
+    """A head outside ``BayesianLoraConfig.layers`` is a plain LoRA layer: flat, its base layer
+    and its ``lora_B`` get the read positions (PEFT's own LoRA head's parts) and the scores
+    equal the whole suffix's, while the Bayesian q_proj layers still draw their weights."""
+    from blob_lora.tuners.bayesian_lora import bayesian_lora_layers, sampling
+
+    model = _bayesian_lora(tok, layers=r".*q_proj")
+    head = model.get_output_embeddings()
+    assert not head.is_bayesian() and len(list(bayesian_lora_layers(model))) > 0
+    assert head.flat_parts() == [head.get_base_layer(), head.lora_B["default"]]
+    batch = _batch(MC, MC_EXAMPLES, tok, 3)
+    on_base = _HeadInputs(model, base=True)
+    scores = {}
+    with torch.no_grad(), sampling(model, True, "independent"):
+        for where in ("suffix", "flat"):
+            torch.manual_seed(3)
+            scores[where] = cloze_logits(model, batch, head_positions=where)
+    on_base.close()
+    torch.testing.assert_close(scores["flat"], scores["suffix"], rtol=0, atol=1e-5)
+    assert on_base.shapes[1] == (sum(_needed_per_row(batch)), on_base.shapes[0][2])
 
 
 def test_gathered_head_gives_the_same_gradients(tok) -> None:

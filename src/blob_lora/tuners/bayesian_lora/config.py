@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from blob_lora.utils.options_file import OptionsFile
-from blob_lora.utils.settings import check_bool, check_float, check_int, refuse
+from blob_lora.utils.settings import check_bool, check_float, check_int, check_str, refuse
 
 BAYESIAN_LORA_CONFIG_NAME = "bayesian_lora_config.json"
 #: the authors' Bayesian layers (``key_layers: [q_proj, k_proj, lm_head]`` of their
@@ -109,10 +109,7 @@ class BayesianLoraConfig(
             )
         check_bool(self, "sqrt_width_scaling")
         check_int(self, "eval_samples", allow_zero=True)
-        if not isinstance(self.layers, str) or not self.layers:
-            raise refuse(
-                self, "layers", f"must be a non-empty regular expression, got {self.layers!r}"
-            )
+        check_str(self, "layers")
         try:
             re.compile(self.layers)
         except re.error as exc:
