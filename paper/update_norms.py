@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from blob_lora.utils.atomic import atomic_write_text
 
 A_KEY = ".lora_A.weight"
+INDUCING = ".lora_inducing_"
 
 
 def lora_scaling(config: dict[str, Any]) -> float:
@@ -53,6 +54,8 @@ def update_norms(run: Path) -> dict[str, Any]:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise SystemExit(f"{run}: per-module ranks or alphas are not supported")
     scaling = lora_scaling(config)
+    # a Bayesian-LoRA Bayesian layer saves its inducing parameters as <module>.lora_inducing_*
+    bayesian = {k.split(INDUCING)[0] for k in weights if INDUCING in k}
     layers: dict[str, Any] = {}
     for key in sorted(weights):
         if not key.endswith(A_KEY):
@@ -64,7 +67,7 @@ def update_norms(run: Path) -> dict[str, Any]:
         name = module.removeprefix("base_model.model.")
         layers[name] = {
             "norm": update_norm(weights[key], b, scaling),
-            "bayesian": any(k.startswith(f"{module}.") and "z_row" in k for k in weights),
+            "bayesian": module in bayesian,
         }
     if not layers:
         raise SystemExit(f"{run}: the adapter holds no lora_A/lora_B pairs")
