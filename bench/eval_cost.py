@@ -27,6 +27,13 @@ by default) and in the split's order (``<method> (split order)``), and reports t
 
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/eval_cost.py
     .venv/bin/python bench/eval_cost.py --setting tiny                  # seconds, random tiny model
+    PYTHONPATH=src python bench/eval_cost.py --setting gpu               # a GPU machine
+    .venv/bin/python bench/eval_cost.py --setting gpu --device cpu --tiny-shape   # its dry run
+
+The ``gpu`` setting runs the same code path on a randomly initialised LLaMA-2-7B-shaped Llama
+in bf16 on CUDA (no weights need to travel), with the tests' character tokenizer (one token
+per character, so the questions are longer in tokens than under a real tokenizer; the report
+gives the tokens per question).
 
 Writes ``bench/results/eval_cost_cpu.json`` (``--setting cpu``) or ``bench/out/...`` (``tiny``),
 ``--out`` to change it, and prints a Markdown table.
@@ -52,11 +59,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
     machine_info,
     measure_peak_memory,
+    release_device_memory,
     summary,
 )
 
@@ -71,24 +80,28 @@ from blob_lora.training.saved_run import LoadedRun, load_run  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 DEFAULT_METHODS = ("lora", "blob", "mc-dropout", "swag", "bayesian-lora")
-CPU = torch.device("cpu")
 MIB = 1024**2
 
 
 @dataclass(frozen=True)
 class Setting:
-    model: str  # "smollm2-135m" (embedded GGUF) or "tiny" (random 2-block Llama, char tokenizer)
+    #: "smollm2-135m" (embedded GGUF), "tiny" (random 2-block Llama, char tokenizer) or
+    #: "llama2-7b" (random LLaMA-2-7B shape, char tokenizer)
+    model: str
     top_blocks: int  # adapted blocks counted from the top (``--targets demo``)
     max_length: int
     n_questions: int
     batch_size: int
     repeats: int
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 SETTINGS = {
     "cpu": Setting("smollm2-135m", 8, 300, 48, 8, 5),
     # the char tokenizer spends a token per character: a longer budget keeps prompts whole
     "tiny": Setting("tiny", 1, 512, 8, 4, 2),
+    "gpu": Setting("llama2-7b", 8, 512, 48, 8, 5, device="cuda", dtype=torch.bfloat16),
 }
 #: the brief training run behind each adapter: 4 steps, so that SWAG collects twice
 #: (collection starts after half the steps, ``--swag-every 1``)
@@ -96,13 +109,26 @@ TRAIN_STEPS = 4
 TRAIN_BATCH = 4
 
 
-def load_base(setting: Setting) -> tuple[nn.Module, Any]:
-    if setting.model == "tiny":
+def load_base(setting: Setting, device: torch.device, tiny_shape: bool) -> tuple[nn.Module, Any]:
+    """The base model on ``device``: the setting's, or the tests' tiny Llama (``--tiny-shape``)."""
+    if setting.model in ("tiny", "llama2-7b"):
         sys.path.insert(0, str(REPO))
         from tests.factories import tiny_base, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        return tiny_base(tokenizer), tokenizer
+        if setting.model == "tiny" or tiny_shape:
+            return tiny_base(tokenizer).to(device=device, dtype=setting.dtype), tokenizer
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            **LLAMA2_7B_SHAPE,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
+        with torch.device(device):  # built where it runs: 13 GB never pass through the CPU
+            base = LlamaForCausalLM._from_config(config, dtype=setting.dtype)
+        return base.eval(), tokenizer
     from blob_lora.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(setting.model, dtype=torch.float32)
@@ -113,7 +139,7 @@ def target_modules(targets: str, num_layers: int, top_blocks: int) -> list[str]:
     (``blob-lora demo``'s targets, the same regular expression as ``train_full_step.py``)."""
     if targets == "all":
         return ["q_proj", "v_proj", "lm_head"]
-    blocks = "|".join(str(i) for i in range(num_layers - top_blocks, num_layers))
+    blocks = "|".join(str(i) for i in range(max(0, num_layers - top_blocks), num_layers))
     return [rf".*\.layers\.({blocks})\.self_attn\.(q_proj|v_proj)|.*lm_head"]
 
 
@@ -157,6 +183,8 @@ def timed_predictive(times: list[tuple[float, float]]) -> Iterator[None]:
         try:
             return real(*args, **kwargs)
         finally:
+            if torch.cuda.is_available():  # the queued kernels belong to this call's time
+                torch.cuda.synchronize()
             times.append((time.perf_counter() - start, time.process_time() - cpu))
 
     evaluate_module.predict_dataset = wrapper
@@ -254,7 +282,8 @@ def safe(label: str) -> str:
 
 def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, Any]:
     torch.manual_seed(0)
-    base, tokenizer = load_base(setting)
+    device = torch.device(args.device or setting.device)
+    base, tokenizer = load_base(setting, device, args.tiny_shape)
     num_layers = int(base.config.num_hidden_layers)
     task = get_task(args.task, data_root=args.data_root)
     n_questions = args.n_questions or setting.n_questions
@@ -273,7 +302,7 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
                 args.prefix_cache == "on", by_length,
             )  # fmt: skip
     del base
-    gc.collect()
+    release_device_memory(device)
     repeats, warmup = args.repeats or setting.repeats, args.warmup
     columns = ("eval_wall", "eval_cpu", "pred_wall", "pred_cpu")
     labels = list(evals)
@@ -294,7 +323,7 @@ def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, An
     probes: dict[str, dict[str, Any]] = {}
     for method, evaluation in evals.items():
         with counted_blocks(evaluation.loaded.model) as counts:
-            memory = measure_peak_memory(evaluation, CPU) if args.memory else None
+            memory = measure_peak_memory(evaluation, device) if args.memory else None
             if memory is None:
                 evaluation()
         n_batches = -(-n_questions // batch_size)
@@ -385,6 +414,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default per setting)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory pass (the block counts are still taken)")  # fmt: skip
+    p.add_argument("--device", default=None,
+                   help="where the model runs (default per setting: cuda for gpu, else cpu)")  # fmt: skip
+    p.add_argument("--tiny-shape", action="store_true",
+                   help="gpu: the tests' tiny Llama instead of the 7B shape (a dry run)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
     p.add_argument("--out", type=Path, default=None)
@@ -407,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # no output path in the report (it may be a path of this machine)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
     config.update(
-        model=setting.model,
+        model="tiny" if args.tiny_shape else setting.model,
+        dtype=str(setting.dtype).removeprefix("torch."),
         max_length=args.max_length or setting.max_length,
         n_questions=result["n_questions"],
         batch_size=result["batch_size"],
@@ -416,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_batch_size=TRAIN_BATCH,
     )
     load = {"start": load_start, "end": list(os.getloadavg())}
-    report = {"machine": machine_info(CPU), "load_average": load, "config": config, **result}
+    device = torch.device(args.device or setting.device)
+    report = {"machine": machine_info(device), "load_average": load, "config": config, **result}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, report)
     ref = result["reference"]

@@ -86,3 +86,29 @@ def test_eval_cost_bench_compares_batch_orders_in_one_run(tmp_path, data_root) -
         wall = fast["seconds"]["pred_wall"]["median"] / slow["seconds"]["pred_wall"]["median"]
         assert ratio["pred_wall"] == wall
         assert "over_split_order" not in slow
+
+
+def test_eval_cost_bench_gpu_setting_dry_run_in_bf16(tmp_path, data_root) -> None:
+    """``--setting gpu --device cpu --tiny-shape``: the GPU setting's code path (a bf16 base
+    built on the device, the character tokenizer, the real training and evaluation) on the
+    tests' tiny Llama, so that a lent GPU's minutes are not spent finding its bugs."""
+    module = load_script("bench/eval_cost.py", "bench_eval_cost")
+    out = tmp_path / "report.json"
+    module.main(
+        [
+            "--setting", "gpu", "--device", "cpu", "--tiny-shape",
+            "--methods", "lora", "bayesian-lora",
+            "--data-root", str(data_root),
+            "--n-questions", "4", "--batch-size", "4",
+            "--warmup", "0", "--repeats", "1",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["config"]["model"] == "tiny" and report["config"]["dtype"] == "bfloat16"
+    assert report["machine"]["device"] == "cpu"
+    rows = {r["method"]: r for r in report["rows"]}
+    assert {m: r["eval_samples"] for m, r in rows.items()} == {"lora": 0, "bayesian-lora": 4}
+    for r in rows.values():
+        assert r["metrics_eval_samples"] == r["eval_samples"] and r["n_examples"] == 4
+        assert r["top_rows_per_question"] == max(1, r["eval_samples"])

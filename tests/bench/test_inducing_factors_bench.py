@@ -1,0 +1,24 @@
+"""Smoke test of bench/inducing_factors.py on the CPU: every row is timed and reported."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import load_script
+
+
+def test_inducing_factors_bench_times_the_draw_and_the_small_operations(tmp_path) -> None:
+    module = load_script("bench/inducing_factors.py", "bench_inducing_factors")
+    out = tmp_path / "report.json"
+    report = module.main(["--device", "cpu", "--width", "64", "--iters", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["config"] == {"device": "cpu", "width": 64, "rank": 8, "iters": 2}
+    assert list(report["ms_per_call"]) == [
+        "draw (A and B, fwd + bwd)",
+        "linalg.cholesky (fwd + bwd)",
+        "linalg.cholesky_ex (fwd + bwd)",
+        "cholesky_solve (fwd + bwd)",
+        "2 x solve_triangular (fwd + bwd)",
+    ]
+    assert all(ms > 0 for ms in report["ms_per_call"].values())
+    assert report["syncing_ops_in_one_draw"] == []  # only looked for on CUDA
