@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from blob_lora.tuners.bayesian_lora import BayesianLoraConfig, InducingWeight, sampling
-from blob_lora.tuners.bayesian_lora.inducing import inverse_softplus
+from blob_lora.tuners.bayesian_lora.inducing import inverse_softplus, jittered_cholesky
 from tests.factories import one_layer_bayesian_lora
 
 torch.set_num_threads(1)
@@ -220,3 +220,24 @@ def test_a_sample_has_the_gradients_of_finite_differences_in_every_parameter(n) 
         numeric = (up - down) / (2 * step)
         assert analytic != 0.0, name
         assert abs(analytic - numeric) <= 0.1 * abs(numeric) + 1e-3, (name, analytic, numeric)
+
+
+def test_jittered_cholesky_is_the_jittered_factor_and_nan_where_it_fails() -> None:
+    """It factorises without reading a status back (``cholesky_ex``): the factor of a positive
+    definite matrix is ``linalg.cholesky``'s of the jittered one, bit for bit, with its
+    gradient; a matrix that is not positive definite gives NaN, which the trainer's
+    non-finite-loss check then reports, instead of a silent garbage factor."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    m = z @ z.T  # rank 4 of 9: positive definite only through the jitter
+    factor = jittered_cholesky(m, 1e-3)
+    eye = torch.eye(9, dtype=torch.float64)
+    expected = torch.linalg.cholesky(m + 1e-3 * m.detach().diagonal().mean() * eye)
+    assert torch.equal(factor, expected)
+    (grad,) = torch.autograd.grad(factor.sum(), z, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), z)
+    assert torch.equal(grad, expected_grad) and grad.abs().sum() > 0
+    batch = torch.stack([m.detach(), -torch.eye(9, dtype=torch.float64)])
+    factors = jittered_cholesky(batch, 1e-3)
+    assert torch.isfinite(factors[0]).all() and torch.isnan(factors[1]).all()
+    assert torch.isnan(jittered_cholesky(-torch.eye(3), 1e-3)).all()
