@@ -14,6 +14,8 @@ factorisations (``blob_lora.tuners.bayesian_lora.inducing``). This script isolat
   ``torch.linalg.cholesky`` (reads its status back), ``torch.linalg.cholesky_ex`` (does not),
   ``torch.cholesky_solve`` and two ``torch.linalg.solve_triangular`` against a 9 x ``in``
   right-hand side;
+* the ATen operations of one ``draw`` that have no sub-operations (about one kernel launch
+  each on a GPU, where a draw's time follows their number, not their arithmetic);
 * on CUDA, the operations of one ``draw`` that synchronise with the host, as
   ``torch.cuda.set_sync_debug_mode("warn")`` names them.
 
@@ -98,6 +100,17 @@ def op_fns(device: torch.device, width: int) -> dict[str, Callable[[], None]]:
     }
 
 
+def leaf_ops(step: Callable[[], None]) -> int:
+    """ATen operations without sub-operations in one call: on a GPU, about one kernel launch
+    each, so the count that a latency-bound draw's time follows (counted on any device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children)
+
+
 def syncing_ops(step: Callable[[], None]) -> list[str]:
     """The messages of ``set_sync_debug_mode("warn")`` during one call (CUDA only)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -133,16 +146,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, fn in op_fns(device, args.width).items():
         rows.append([f"{name} (fwd + bwd)", round(per_call(fn, device, args.iters * 4), 3)])
     syncs = syncing_ops(step) if device.type == "cuda" else []
+    n_ops = leaf_ops(step)
     report = {
         "machine": machine_info(device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "ms_per_call": {name: ms for name, ms in rows},
+        "leaf_ops_per_draw": n_ops,
         "syncing_ops_in_one_draw": syncs,
     }
     out = args.out or REPO / "bench" / "out" / f"inducing_factors_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report)
     print(format_table(["what", "ms per call"], rows))
+    print(f"\nATen leaf operations in one draw (forward + backward): {n_ops}")
     if device.type == "cuda":
         print(f"\nhost synchronisations in one draw: {len(syncs)}")
         for message in syncs:

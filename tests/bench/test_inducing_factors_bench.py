@@ -21,4 +21,6 @@ def test_inducing_factors_bench_times_the_draw_and_the_small_operations(tmp_path
         "2 x solve_triangular (fwd + bwd)",
     ]
     assert all(ms > 0 for ms in report["ms_per_call"].values())
+    # two factors, each with four factorisations, two solves and their backward: hundreds
+    assert report["leaf_ops_per_draw"] > 200
     assert report["syncing_ops_in_one_draw"] == []  # only looked for on CUDA
