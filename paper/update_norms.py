@@ -6,7 +6,10 @@ forward: Bayesian-LoRA's pilot (``results/bayes_lora_pilot/``) found its Bayesia
 updates hundreds of times smaller than its plain v_proj layers'. Any adapter folder whose
 ``adapter_model.safetensors`` holds PEFT's ``lora_A``/``lora_B`` works (LoRA, BLoB's and
 SWAG's means, Bayesian-LoRA's posterior mean); a Bayesian-LoRA layer (one with inducing
-parameters) is marked as such.
+parameters) is marked as such. A table first gives each run's range of Bayesian and plain
+layers' norms and their ratio; ``--initial-draws K`` adds the Bayesian layers' norms at
+initialisation (K fresh draws of their initial posterior mean, the run's saved settings), so
+that a layer that never moved shows as one.
 
     .venv/bin/python paper/update_norms.py paper/out/bayes_lora_pilot/runs/openbookqa/*/seed1 \
         --json results/bayes_lora_pilot/update_norms.json
@@ -68,14 +71,70 @@ def update_norms(run: Path) -> dict[str, Any]:
         layers[name] = {
             "norm": update_norm(weights[key], b, scaling),
             "bayesian": module in bayesian,
+            "shape": [int(b.shape[0]), int(b.shape[1]), int(weights[key].shape[1])],
         }
     if not layers:
         raise SystemExit(f"{run}: the adapter holds no lora_A/lora_B pairs")
     return {"run": str(run), "scaling": scaling, "layers": layers}
 
 
+def initial_norms(run: Path, shapes: dict[str, tuple[int, int, int]], draws: int) -> list[float]:
+    """The range (least, most) of the Bayesian layers' update norms at initialisation, over
+    ``draws`` draws of their initial posterior mean with the run's saved Bayesian-LoRA
+    settings: what a Bayesian layer that never moved would show. ``shapes``: module ->
+    (out, r, in) of each Bayesian layer."""
+    from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+    from blob_lora.tuners.bayesian_lora.inducing import InducingWeight
+
+    config = BayesianLoraConfig.load(run / "adapter")
+    scaling = lora_scaling(json.loads((run / "adapter" / "adapter_config.json").read_text()))
+    norms = []
+    with torch.no_grad():
+        for seed in range(draws):
+            torch.manual_seed(seed)
+            for d_out, r, d_in in shapes.values():
+                a = InducingWeight(r, d_in, config).mean_weight()
+                b = InducingWeight(d_out, r, config).mean_weight()
+                norms.append(update_norm(a, b, scaling))
+    return [min(norms), max(norms)]
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The range of the Bayesian and of the plain layers' norms and how many times larger
+    the plain ones are (least and most), or ``None`` when the run has not both kinds."""
+    rows = report["layers"].values()
+    bayes = [r["norm"] for r in rows if r["bayesian"]]
+    plain = [r["norm"] for r in rows if not r["bayesian"]]
+    if not bayes or not plain or min(bayes) <= 0:
+        return None
+    return {
+        "bayesian": [min(bayes), max(bayes)],
+        "plain": [min(plain), max(plain)],
+        "plain_over_bayesian": [min(plain) / max(bayes), max(plain) / min(bayes)],
+    }
+
+
+def summary_table(reports: list[dict[str, Any]]) -> str:
+    lines = [
+        "| run | Bayesian layers | at initialisation | plain layers | plain / Bayesian |",
+        "|---|---|---|---|---|",
+    ]
+    for rep in reports:
+        s = rep.get("summary")
+        if s is None:
+            lines.append(f"| {rep['run']} | - | - | - | - |")
+            continue
+        (b0, b1), (p0, p1), (r0, r1) = s["bayesian"], s["plain"], s["plain_over_bayesian"]
+        i = s.get("initial_bayesian")
+        init = f"{i[0]:.3g}-{i[1]:.3g}" if i else "-"
+        lines.append(
+            f"| {rep['run']} | {b0:.3g}-{b1:.3g} | {init} | {p0:.3g}-{p1:.3g} | {r0:.0f}-{r1:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(reports: list[dict[str, Any]]) -> str:
-    lines = []
+    lines = [summary_table(reports)]
     for rep in reports:
         lines += [
             f"### {rep['run']}",
@@ -93,8 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", type=Path, nargs="+", help="run folders (each with adapter/)")
     p.add_argument("--json", type=Path, default=None, help="also write the reports here")
+    p.add_argument(
+        "--initial-draws",
+        type=int,
+        default=0,
+        help="also the Bayesian layers' norms at initialisation, over this many draws",
+    )
     args = p.parse_args(argv)
     reports = [update_norms(run) for run in args.runs]
+    for rep in reports:
+        if (s := summary(rep)) is not None:
+            rep["summary"] = s
+            if args.initial_draws > 0:
+                shapes = {n: tuple(r["shape"]) for n, r in rep["layers"].items() if r["bayesian"]}
+                s["initial_bayesian"] = initial_norms(Path(rep["run"]), shapes, args.initial_draws)
     print(markdown(reports))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(reports, indent=1) + "\n")

@@ -45,6 +45,41 @@ def test_norms_and_bayesian_layers_of_a_saved_bayesian_lora_adapter(tmp_path: Pa
         b = saved[f"base_model.model.{name}.lora_B.weight"].double()
         dense = float(torch.linalg.matrix_norm(2.0 * b @ a))  # the update, formed
         assert dense > 0 and row["norm"] == pytest.approx(dense, rel=1e-9)
+    bayes = [row["norm"] for row in layers.values() if row["bayesian"]]
+    plain = [row["norm"] for row in layers.values() if not row["bayesian"]]
+    assert report["summary"] == {
+        "bayesian": [min(bayes), max(bayes)],
+        "plain": [min(plain), max(plain)],
+        "plain_over_bayesian": [min(plain) / max(bayes), max(plain) / min(bayes)],
+    }
+    assert norms.summary({"layers": {"x": {"norm": 1.0, "bayesian": False}}}) is None
+
+
+def test_initial_norms_are_those_of_freshly_drawn_posterior_means(tmp_path: Path) -> None:
+    """``--initial-draws``: each Bayesian layer rebuilt from its saved shape and settings, its
+    initial posterior mean's update norm; one draw, recomputed here by hand."""
+    from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+    from blob_lora.tuners.bayesian_lora.inducing import InducingWeight
+
+    norms = load_script("paper/update_norms.py", "update_norms")
+    model = tiny_bayesian_lora_model(0, layers=AUTHORS_LAYERS)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    report_path = tmp_path / "norms.json"
+    assert norms.main([str(run), "--json", str(report_path), "--initial-draws", "1"]) == 0
+    (report,) = json.loads(report_path.read_text())
+    config = BayesianLoraConfig.load(run / "adapter")
+    expected = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for row in report["layers"].values():
+            if row["bayesian"]:
+                d_out, r, d_in = row["shape"]
+                a = InducingWeight(r, d_in, config).mean_weight()
+                b = InducingWeight(d_out, r, config).mean_weight()
+                expected.append(norms.update_norm(a, b, report["scaling"]))
+    assert len(expected) == 3 and min(expected) > 0
+    assert report["summary"]["initial_bayesian"] == [min(expected), max(expected)]
 
 
 def test_scaling_follows_rslora() -> None:
