@@ -14,6 +14,9 @@ factorisations (``blob_lora.tuners.bayesian_lora.inducing``). This script isolat
   ``torch.linalg.cholesky`` (reads its status back), ``torch.linalg.cholesky_ex`` (does not),
   ``torch.cholesky_solve`` and two ``torch.linalg.solve_triangular`` against a 9 x ``in``
   right-hand side;
+* ``evaluation draw``: N draws of both factors with autograd off, as an evaluation batch
+  makes them, factorising each time or with the factorisations pinned for the pass
+  (``Method.frozen``, what ``predict_dataset`` does);
 * the ATen operations of one ``draw`` that have no sub-operations (about one kernel launch
   each on a GPU, where a draw's time follows their number, not their arithmetic);
 * on CUDA, the operations of one ``draw`` that synchronise with the host, as
@@ -28,10 +31,12 @@ Writes ``bench/out/inducing_factors_<device>.json`` (``--out`` to change it) and
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,9 @@ ensure_src_on_path()
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig  # noqa: E402
 from blob_lora.tuners.bayesian_lora.inducing import InducingWeight  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
+
+#: rounds of the two evaluation rows, alternating (the median is reported)
+ROUNDS = 5
 
 
 def per_call(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 3) -> float:
@@ -71,6 +79,26 @@ def draw_fn(factors: Sequence[InducingWeight], x: torch.Tensor) -> Callable[[], 
                 p.grad = None
 
     return step
+
+
+def eval_draw_fn(factors: Sequence[InducingWeight], n: int) -> Callable[[], None]:
+    """An evaluation batch's use of a layer's factors: ``n`` draws of each, autograd off."""
+
+    def draw() -> None:
+        with torch.no_grad():
+            for f in factors:
+                f.sample_weight(n)
+
+    return draw
+
+
+@contextmanager
+def pinned(factors: Sequence[InducingWeight]) -> Iterator[None]:
+    """What a prediction pass does (``Method.frozen``): the factorisations computed once."""
+    with ExitStack() as stack:
+        for f in factors:
+            stack.enter_context(f.pinned_factors())
+        yield
 
 
 def op_fns(device: torch.device, width: int) -> dict[str, Callable[[], None]]:
@@ -131,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--width", type=int, default=4096, help="the layer's in = out (7B: 4096)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--eval-samples", type=int, default=4, help="N of an evaluation draw")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -143,6 +172,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x = torch.randn(4, args.width, device=device)
     step = draw_fn(factors, x)
     rows = [["draw (A and B, fwd + bwd)", round(per_call(step, device, args.iters), 3)]]
+    evaluation = eval_draw_fn(factors, args.eval_samples)
+    n = args.eval_samples
+    # the two evaluation rows alternate in rounds, so drift of a shared machine hits both
+    unpinned_ms, pinned_ms = [], []
+    for _ in range(ROUNDS):
+        unpinned_ms.append(per_call(evaluation, device, args.iters))
+        with pinned(factors):
+            pinned_ms.append(per_call(evaluation, device, args.iters))
+    rows.append([f"evaluation draw (A and B, N = {n}, no grad)", round(statistics.median(unpinned_ms), 3)])  # fmt: skip
+    rows.append(["evaluation draw, factorisations pinned", round(statistics.median(pinned_ms), 3)])  # fmt: skip
+    with pinned(factors):
+        pinned_ops = leaf_ops(evaluation)
+    eval_ops = leaf_ops(evaluation)
     for name, fn in op_fns(device, args.width).items():
         rows.append([f"{name} (fwd + bwd)", round(per_call(fn, device, args.iters * 4), 3)])
     syncs = syncing_ops(step) if device.type == "cuda" else []
@@ -152,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "ms_per_call": {name: ms for name, ms in rows},
         "leaf_ops_per_draw": n_ops,
+        "leaf_ops_per_evaluation_draw": {"unpinned": eval_ops, "pinned": pinned_ops},
         "syncing_ops_in_one_draw": syncs,
     }
     out = args.out or REPO / "bench" / "out" / f"inducing_factors_{device.type}.json"
@@ -159,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     atomic_write_json(out, report)
     print(format_table(["what", "ms per call"], rows))
     print(f"\nATen leaf operations in one draw (forward + backward): {n_ops}")
+    print(f"in one evaluation draw: {eval_ops}, factorisations pinned: {pinned_ops}")
     if device.type == "cuda":
         print(f"\nhost synchronisations in one draw: {len(syncs)}")
         for message in syncs:

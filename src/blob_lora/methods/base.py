@@ -243,6 +243,13 @@ class Method(ABC):
         or ``None`` for a method without such a choice; by default ``kind`` is ignored."""
         yield None
 
+    @contextmanager
+    def frozen(self, model: nn.Module) -> Iterator[None]:
+        """Within the block the model's parameters do not change (a prediction pass over a
+        dataset), so a method may keep what it derives from them from batch to batch instead
+        of deriving it again for each; by default there is nothing to keep."""
+        yield
+
     def stochastic_modules(self, model: nn.Module) -> list[str] | None:
         """Qualified names of the modules whose forward is random under ``sampling_mode``.
 

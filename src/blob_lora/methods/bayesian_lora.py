@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,7 @@ from blob_lora.tuners.bayesian_lora import (
     get_bayesian_lora_model,
     kl_divergence,
     load_bayesian_lora_model,
+    pinned_factors,
     sampling,
 )
 from blob_lora.utils.errors import ConfigError
@@ -133,6 +134,14 @@ class BayesianLoraMethod(SampledLoraMethod):
         self, model: nn.Module, enabled: bool, mode: str | None
     ) -> AbstractContextManager[Any]:
         return sampling(model, enabled, mode)
+
+    @contextmanager
+    def frozen(self, model: nn.Module) -> Iterator[None]:
+        """The prior's factorisations of every factor, computed once for the whole pass
+        (``tuners.bayesian_lora.pinned_factors``): the same draws, without factorising each
+        layer's 9 x 9 matrices again for every batch."""
+        with pinned_factors(unwrapped(model)):
+            yield
 
     def sampling_layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         return bayesian_lora_layers(model)

@@ -153,28 +153,29 @@ def predict_dataset(
         parts = {k: [v] for k, v in resumed.columns.items()}
         samples = [resumed.samples] if resumed.samples is not None else None
     label = f"{desc} ({resolved.mode})"
-    for i, batch in enumerate(tqdm(loader, desc=label, disable=not progress, leave=False)):
-        if i < done:  # scored before the stop; collating it again is all it costs
-            continue
-        if resumed is not None and i == done:
-            resumed.restore_rng()  # after the loader's own draw at its start, as then
-        idx = batch.pop("index")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with cache.injected(model, batch, idx) if cache is not None else nullcontext():
-            res = predict_batch(method, model, batch, option_ids, resolved, fold, early)
-        cols = _columns(res, batch["labels"], idx)
-        if res.sample_probs is not None and samples is not None:
-            cols["samples"] = res.sample_probs.transpose(0, 1).contiguous()  # (B, S, C)
-        else:
-            samples = None
-        if accelerator is not None:
-            cols = accelerator.gather_for_metrics({k: v.to(device) for k, v in cols.items()})
-        if samples is not None:
-            samples.append(cols.pop("samples").cpu())
-        for k, v in cols.items():
-            parts.setdefault(k, []).append(v.cpu())
-        if checkpoint is not None and checkpoint.due():
-            checkpoint.save(i + 1, parts, samples)
+    with method.frozen(model):  # nothing trains during the pass
+        for i, batch in enumerate(tqdm(loader, desc=label, disable=not progress, leave=False)):
+            if i < done:  # scored before the stop; collating it again is all it costs
+                continue
+            if resumed is not None and i == done:
+                resumed.restore_rng()  # after the loader's own draw at its start, as then
+            idx = batch.pop("index")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with cache.injected(model, batch, idx) if cache is not None else nullcontext():
+                res = predict_batch(method, model, batch, option_ids, resolved, fold, early)
+            cols = _columns(res, batch["labels"], idx)
+            if res.sample_probs is not None and samples is not None:
+                cols["samples"] = res.sample_probs.transpose(0, 1).contiguous()  # (B, S, C)
+            else:
+                samples = None
+            if accelerator is not None:
+                cols = accelerator.gather_for_metrics({k: v.to(device) for k, v in cols.items()})
+            if samples is not None:
+                samples.append(cols.pop("samples").cpu())
+            for k, v in cols.items():
+                parts.setdefault(k, []).append(v.cpu())
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(i + 1, parts, samples)
     if resumed is not None and resumed.batches >= len(loader):
         resumed.restore_rng()  # every batch was scored before the stop
     if cache is not None:

@@ -241,3 +241,36 @@ def test_jittered_cholesky_is_the_jittered_factor_and_nan_where_it_fails() -> No
     factors = jittered_cholesky(batch, 1e-3)
     assert torch.isfinite(factors[0]).all() and torch.isnan(factors[1]).all()
     assert torch.isnan(jittered_cholesky(-torch.eye(3), 1e-3)).all()
+
+
+def test_pinned_factors_give_the_same_draws_and_are_reused_until_the_block_ends() -> None:
+    """Pinned, a draw without autograd is bit for bit the unpinned draw of the same seed; the
+    factorisations are computed once on entry and reused (the same tensors, even after a
+    parameter changed inside), a nested block pins its own, a draw with autograd on computes
+    its own and differentiates, and leaving restores the state before the block."""
+    _, layer = one_layer_bayesian_lora(0)
+    posterior = layer.lora_inducing_A["default"]
+    set_spread(posterior, 0.02, 0.05)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        reference = posterior.sample_weight(4)
+        mean = posterior.mean_weight()
+        with posterior.pinned_factors():
+            torch.manual_seed(3)
+            assert torch.equal(posterior.sample_weight(4), reference)
+            assert torch.equal(posterior.mean_weight(), mean)
+            pinned = (*posterior._factors(), *posterior._matheron_factors())
+            assert len(pinned) == 6
+            assert all(a is b for a, b in zip(pinned, posterior._pinned, strict=True))
+            posterior.z_row.mul_(2.0)  # the factorisations are not computed again
+            assert all(a is b for a, b in zip(pinned, posterior._factors(), strict=False))
+            with posterior.pinned_factors():  # nested: pins the changed parameters' own
+                assert not torch.equal(posterior._factors()[0], pinned[0])
+            assert posterior._factors()[0] is pinned[0]  # the outer pin again
+            with torch.enable_grad():
+                fresh = posterior.sample_weight(4)
+                assert not torch.equal(posterior._factors()[0], pinned[0])
+                fresh.sum().backward()
+            assert posterior.z_row.grad is not None and posterior.z_row.grad.abs().sum() > 0
+        assert posterior._pinned is None
+        assert not torch.equal(posterior._factors()[0], pinned[0])  # computed afresh

@@ -10,6 +10,7 @@ from blob_lora.tuners.bayesian_lora.model import (
     get_bayesian_lora_model,
     kl_divergence,
     load_bayesian_lora_model,
+    pinned_factors,
     refresh_mean_weights,
     sampling,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "get_bayesian_lora_model",
     "kl_divergence",
     "load_bayesian_lora_model",
+    "pinned_factors",
     "refresh_mean_weights",
     "sampling",
 ]

@@ -29,6 +29,8 @@ factor. That is the limit in which Bayesian-LoRA is plain LoRA.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,8 @@ class InducingWeight(nn.Module):
         self.u_mean = nn.Parameter(torch.randn(rows, cols))
         self.u_std_raw = nn.Parameter(torch.full((rows, cols), inverse_softplus(config.init_u_std)))
         self.lamda_raw = nn.Parameter(torch.full((1,), inverse_softplus(config.init_lamda)))
+        #: the factorisations held by :meth:`pinned_factors` (T_r, T_c, L_r, L_c, L_zr, L_zc)
+        self._pinned: tuple[torch.Tensor, ...] | None = None
 
     # --- constrained parameters -------------------------------------------------------------
 
@@ -97,7 +101,38 @@ class InducingWeight(nn.Module):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(T_r, T_c, L_r, L_c)``: ``T_r = Z_r^T K_r^-1`` (d_out x p), ``T_c = K_c^-1 Z_c``
-        (q x d_in) and the Cholesky factors of ``K_r``, ``K_c``; float32, computed in float64."""
+        (q x d_in) and the Cholesky factors of ``K_r``, ``K_c``; float32, computed in float64
+        (or the ones pinned by :meth:`pinned_factors`, when autograd is off)."""
+        if self._pinned is not None and not torch.is_grad_enabled():
+            return self._pinned[:4]
+        return self._compute_factors()
+
+    def _matheron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_zr, L_zc)``, the Cholesky factors of ``Z_r Z_r^T`` and ``Z_c Z_c^T`` (jittered)
+        that Matheron's rule in :meth:`sample_weight` needs; float32 (pinned likewise)."""
+        if self._pinned is not None and not torch.is_grad_enabled():
+            return self._pinned[4:]
+        z_row, z_col = self.z_row.double(), self.z_col.double()
+        l_zr = jittered_cholesky(z_row @ z_row.T, self.jitter).float()
+        l_zc = jittered_cholesky(z_col @ z_col.T, self.jitter).float()
+        return l_zr, l_zc
+
+    @contextmanager
+    def pinned_factors(self) -> Iterator[None]:
+        """Within the block, draws with autograd off reuse the factorisations of the prior,
+        computed once on entering it; the parameters must not change inside (a prediction pass
+        over a dataset). Without it every batch factorises again: ~2/3 of a draw's operations
+        without autograd, small ones whose launch latency is their cost on a GPU
+        (``bench/inducing_factors.py``). Draws with autograd on compute their own."""
+        previous = self._pinned
+        with torch.no_grad():
+            self._pinned = (*self._compute_factors(), *self._matheron_factors())
+        try:
+            yield
+        finally:
+            self._pinned = previous
+
+    def _compute_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         z_row, z_col = self.z_row.double(), self.z_col.double()
         k_row = z_row @ z_row.T + torch.diag(F.softplus(self.d_row_raw.double()).square())
         k_col = z_col @ z_col.T + torch.diag(F.softplus(self.d_col_raw.double()).square())
@@ -140,8 +175,7 @@ class InducingWeight(nn.Module):
         # e1 - T_r u_bar T_c is then distributed as N(0, Sigma_W).
         e1 = torch.randn((*batch, self.d_out, self.d_in), device=device)
         e2, e3, e4 = torch.randn((3, *batch, rows, cols), device=device)
-        l_zr = jittered_cholesky(z_row.double() @ z_row.double().T, self.jitter).float()
-        l_zc = jittered_cholesky(z_col.double() @ z_col.double().T, self.jitter).float()
+        l_zr, l_zc = self._matheron_factors()
         d_row = F.softplus(self.d_row_raw.float())
         d_col = F.softplus(self.d_col_raw.float())
         u_bar = (

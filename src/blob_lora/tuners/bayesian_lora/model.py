@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -128,6 +128,19 @@ def sampling(model: nn.Module, enabled: bool, mode: str | None = None) -> Iterat
     if mode is not None:
         values["bl_mode_override"] = mode
     with layer_attributes([layer for _, layer in bayesian_lora_layers(model)], **values):
+        yield model
+
+
+@contextmanager
+def pinned_factors(model: nn.Module) -> Iterator[nn.Module]:
+    """Pin the prior's factorisations of every Bayesian-LoRA factor inside the block
+    (:meth:`InducingWeight.pinned_factors`): for a prediction pass, during which the
+    parameters do not change; draws with autograd on are unaffected."""
+    with ExitStack() as stack:
+        for _, layer in bayesian_lora_layers(model):
+            for posteriors in (layer.lora_inducing_A, layer.lora_inducing_B):
+                for posterior in posteriors.values():
+                    stack.enter_context(posterior.pinned_factors())
         yield model
 
 
