@@ -259,11 +259,11 @@ def test_pinned_factors_give_the_same_draws_and_are_reused_until_the_block_ends(
             torch.manual_seed(3)
             assert torch.equal(posterior.sample_weight(4), reference)
             assert torch.equal(posterior.mean_weight(), mean)
-            pinned = (*posterior._factors(), *posterior._matheron_factors())
+            pinned = posterior._factors()
             assert len(pinned) == 6
             assert all(a is b for a, b in zip(pinned, posterior._pinned, strict=True))
             posterior.z_row.mul_(2.0)  # the factorisations are not computed again
-            assert all(a is b for a, b in zip(pinned, posterior._factors(), strict=False))
+            assert all(a is b for a, b in zip(pinned, posterior._factors(), strict=True))
             with posterior.pinned_factors():  # nested: pins the changed parameters' own
                 assert not torch.equal(posterior._factors()[0], pinned[0])
             assert posterior._factors()[0] is pinned[0]  # the outer pin again
@@ -274,3 +274,37 @@ def test_pinned_factors_give_the_same_draws_and_are_reused_until_the_block_ends(
             assert posterior.z_row.grad is not None and posterior.z_row.grad.abs().sum() > 0
         assert posterior._pinned is None
         assert not torch.equal(posterior._factors()[0], pinned[0])  # computed afresh
+
+
+@pytest.mark.parametrize("rows, cols", [(9, 9), (2, 3)])
+def test_factors_are_those_of_separate_float64_factorisations(rows, cols) -> None:
+    """The six factors, from one batched factorisation where p == q and from four separate
+    ones otherwise, are bit for bit those of the definition computed matrix by matrix."""
+    config = BayesianLoraConfig(inducing_rows=rows, inducing_cols=cols)
+    torch.manual_seed(0)
+    posterior = InducingWeight(7, 11, config)
+    with torch.no_grad():
+        for p in posterior.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def cholesky(m):
+        eye = torch.eye(m.shape[-1], dtype=m.dtype)
+        return torch.linalg.cholesky(m + config.jitter * m.diagonal().mean() * eye)
+
+    with torch.no_grad():
+        z_row, z_col = posterior.z_row.double(), posterior.z_col.double()
+        d_row = torch.nn.functional.softplus(posterior.d_row_raw.double())
+        d_col = torch.nn.functional.softplus(posterior.d_col_raw.double())
+        l_row = cholesky(z_row @ z_row.T + torch.diag(d_row.square()))
+        l_col = cholesky(z_col @ z_col.T + torch.diag(d_col.square()))
+        expected = (
+            torch.cholesky_solve(z_row, l_row).T,
+            torch.cholesky_solve(z_col, l_col),
+            l_row,
+            l_col,
+            cholesky(z_row @ z_row.T),
+            cholesky(z_col @ z_col.T),
+        )
+        got = posterior._factors()
+    assert [t.shape for t in got] == [t.shape for t in expected]
+    assert all(torch.equal(a, b.float()) for a, b in zip(got, expected, strict=True))

@@ -45,7 +45,8 @@ def inverse_softplus(y: float) -> float:
 
 
 def jittered_cholesky(m: torch.Tensor, jitter: float) -> torch.Tensor:
-    """Lower Cholesky factor of ``m + jitter * mean(diag m) * I`` (``m`` symmetric PSD).
+    """Lower Cholesky factor of ``m + jitter * mean(diag m) * I`` (``m`` symmetric PSD, or a
+    stack of such matrices, each factorised with its own jitter).
 
     ``torch.linalg.cholesky_ex``, not ``torch.linalg.cholesky``: the latter reads its status
     back to the host to raise, a wait for the device queue at each of the four calls per
@@ -55,7 +56,8 @@ def jittered_cholesky(m: torch.Tensor, jitter: float) -> torch.Tensor:
     training stops with the trainer's error for that.
     """
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    factor, info = torch.linalg.cholesky_ex(m + jitter * m.detach().diagonal().mean() * eye)
+    scale = jitter * m.detach().diagonal(dim1=-2, dim2=-1).mean(-1)  # one per matrix
+    factor, info = torch.linalg.cholesky_ex(m + scale[..., None, None] * eye)
     return torch.where((info == 0)[..., None, None], factor, torch.nan)
 
 
@@ -84,7 +86,7 @@ class InducingWeight(nn.Module):
         self.u_mean = nn.Parameter(torch.randn(rows, cols))
         self.u_std_raw = nn.Parameter(torch.full((rows, cols), inverse_softplus(config.init_u_std)))
         self.lamda_raw = nn.Parameter(torch.full((1,), inverse_softplus(config.init_lamda)))
-        #: the factorisations held by :meth:`pinned_factors` (T_r, T_c, L_r, L_c, L_zr, L_zc)
+        #: the factorisations held by :meth:`pinned_factors` (those of :meth:`_factors`)
         self._pinned: tuple[torch.Tensor, ...] | None = None
 
     # --- constrained parameters -------------------------------------------------------------
@@ -99,23 +101,15 @@ class InducingWeight(nn.Module):
 
     # --- the prior's structure --------------------------------------------------------------
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(T_r, T_c, L_r, L_c)``: ``T_r = Z_r^T K_r^-1`` (d_out x p), ``T_c = K_c^-1 Z_c``
-        (q x d_in) and the Cholesky factors of ``K_r``, ``K_c``; float32, computed in float64
-        (or the ones pinned by :meth:`pinned_factors`, when autograd is off)."""
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        """``(T_r, T_c, L_r, L_c, L_zr, L_zc)``, float32, computed in float64: ``T_r = Z_r^T
+        K_r^-1`` (d_out x p), ``T_c = K_c^-1 Z_c`` (q x d_in), the Cholesky factors of ``K_r``
+        and ``K_c``, and those of ``Z_r Z_r^T`` and ``Z_c Z_c^T`` (jittered) that Matheron's
+        rule in :meth:`sample_weight` needs. The ones pinned by :meth:`pinned_factors` when
+        autograd is off."""
         if self._pinned is not None and not torch.is_grad_enabled():
-            return self._pinned[:4]
+            return self._pinned
         return self._compute_factors()
-
-    def _matheron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L_zr, L_zc)``, the Cholesky factors of ``Z_r Z_r^T`` and ``Z_c Z_c^T`` (jittered)
-        that Matheron's rule in :meth:`sample_weight` needs; float32 (pinned likewise)."""
-        if self._pinned is not None and not torch.is_grad_enabled():
-            return self._pinned[4:]
-        z_row, z_col = self.z_row.double(), self.z_col.double()
-        l_zr = jittered_cholesky(z_row @ z_row.T, self.jitter).float()
-        l_zc = jittered_cholesky(z_col @ z_col.T, self.jitter).float()
-        return l_zr, l_zc
 
     @contextmanager
     def pinned_factors(self) -> Iterator[None]:
@@ -126,26 +120,34 @@ class InducingWeight(nn.Module):
         (``bench/inducing_factors.py``). Draws with autograd on compute their own."""
         previous = self._pinned
         with torch.no_grad():
-            self._pinned = (*self._compute_factors(), *self._matheron_factors())
+            self._pinned = self._compute_factors()
         try:
             yield
         finally:
             self._pinned = previous
 
-    def _compute_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _compute_factors(self) -> tuple[torch.Tensor, ...]:
+        """:meth:`_factors`, computed. The four 9 x 9 factorisations run as one batched call
+        where ``p == q`` (the default), each small operation being a kernel launch on a GPU
+        (``bench/inducing_factors.py``); the factors are those of four separate calls."""
         z_row, z_col = self.z_row.double(), self.z_col.double()
-        k_row = z_row @ z_row.T + torch.diag(F.softplus(self.d_row_raw.double()).square())
-        k_col = z_col @ z_col.T + torch.diag(F.softplus(self.d_col_raw.double()).square())
-        l_row = jittered_cholesky(k_row, self.jitter)
-        l_col = jittered_cholesky(k_col, self.jitter)
+        zz_row, zz_col = z_row @ z_row.T, z_col @ z_col.T
+        k_row = zz_row + torch.diag(F.softplus(self.d_row_raw.double()).square())
+        k_col = zz_col + torch.diag(F.softplus(self.d_col_raw.double()).square())
+        if k_row.shape == k_col.shape:
+            stacked = jittered_cholesky(torch.stack([k_row, k_col, zz_row, zz_col]), self.jitter)
+            l_row, l_col, l_zr, l_zc = stacked.unbind(0)
+        else:
+            l_row, l_col = (jittered_cholesky(k, self.jitter) for k in (k_row, k_col))
+            l_zr, l_zc = (jittered_cholesky(k, self.jitter) for k in (zz_row, zz_col))
         t_row = torch.cholesky_solve(z_row, l_row).T
         t_col = torch.cholesky_solve(z_col, l_col)
-        return t_row.float(), t_col.float(), l_row.float(), l_col.float()
+        return tuple(t.float() for t in (t_row, t_col, l_row, l_col, l_zr, l_zc))
 
     def conditional_covariance(self) -> torch.Tensor:
         """``Sigma_W`` as a dense ``(d_out d_in) x (d_out d_in)`` matrix, row-major ``vec(W)``
         (tests and small factors only: it is quadratic in the factor's size)."""
-        t_row, t_col, _, _ = self._factors()
+        t_row, t_col, *_ = self._factors()
         row = t_row @ self.z_row.float()  # Z_r^T K_r^-1 Z_r
         col = self.z_col.float().T @ t_col  # Z_c^T K_c^-1 Z_c
         n = self.d_out * self.d_in
@@ -155,7 +157,7 @@ class InducingWeight(nn.Module):
 
     def mean_weight(self) -> torch.Tensor:
         """The posterior mean of ``W`` (float32): ``prior_std * M_W(L_r m L_c^T)``."""
-        t_row, t_col, l_row, l_col = self._factors()
+        t_row, t_col, l_row, l_col, *_ = self._factors()
         u = l_row @ self.u_mean.float() @ l_col.T
         return self.prior_std * (t_row @ u @ t_col)
 
@@ -163,7 +165,7 @@ class InducingWeight(nn.Module):
         """One draw of ``W ~ q(W)`` (``d_out x d_in``), or ``n`` independent draws stacked
         (``n x d_out x d_in``); float32, differentiable in every parameter."""
         batch = () if n is None else (n,)
-        t_row, t_col, l_row, l_col = self._factors()
+        t_row, t_col, l_row, l_col, l_zr, l_zc = self._factors()
         z_row, z_col = self.z_row.float(), self.z_col.float()
         rows, cols = z_row.shape[0], z_col.shape[0]
         device = z_row.device
@@ -175,7 +177,6 @@ class InducingWeight(nn.Module):
         # e1 - T_r u_bar T_c is then distributed as N(0, Sigma_W).
         e1 = torch.randn((*batch, self.d_out, self.d_in), device=device)
         e2, e3, e4 = torch.randn((3, *batch, rows, cols), device=device)
-        l_zr, l_zc = self._matheron_factors()
         d_row = F.softplus(self.d_row_raw.float())
         d_col = F.softplus(self.d_col_raw.float())
         u_bar = (
