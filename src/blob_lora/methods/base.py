@@ -28,7 +28,9 @@ Prediction
     (which modules are random: prediction may run the deterministic blocks below them once),
     :attr:`~Method.prefix_cacheable` (whether the frozen blocks' output may be cached),
     :meth:`~Method.eval_noise` (the kind of weight noise the samples draw, where a method
-    offers a choice: BLoB's ``--eval-noise``).
+    offers a choice: BLoB's ``--eval-noise``), :meth:`~Method.frozen` (around a whole
+    prediction pass: what is derived from the unchanging parameters may be kept between
+    batches).
 
 A method trained as several ordinary runs plus an assembly step (an ensemble, Laplace, TFB) is
 a ``methods.composite.CompositeMethod``: it declares its sub-runs instead of ``build``.
