@@ -49,8 +49,8 @@ def jittered_cholesky(m: torch.Tensor, jitter: float) -> torch.Tensor:
     stack of such matrices, each factorised with its own jitter).
 
     ``torch.linalg.cholesky_ex``, not ``torch.linalg.cholesky``: the latter reads its status
-    back to the host to raise, a wait for the device queue at each of the four calls per
-    factor and draw (on an H200: 0.46 against 0.56 ms per call with its backward,
+    back to the host to raise, a wait for the device queue at every call (on an H200: 0.46
+    against 0.56 ms per call with its backward,
     ``bench/inducing_factors.py``). A factorisation that fails (a matrix not positive definite
     even with the jitter) gives a factor of NaN instead, so the loss turns non-finite and
     training stops with the trainer's error for that.
