@@ -280,9 +280,10 @@ def safe(label: str) -> str:
     return label.replace(" ", "_").replace("(", "").replace(")", "")
 
 
-def bench(args: argparse.Namespace, setting: Setting, tmp: Path) -> dict[str, Any]:
+def bench(
+    args: argparse.Namespace, setting: Setting, device: torch.device, tmp: Path
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    device = torch.device(args.device or setting.device)
     base, tokenizer = load_base(setting, device, args.tiny_shape)
     num_layers = int(base.config.num_hidden_layers)
     task = get_task(args.task, data_root=args.data_root)
@@ -435,8 +436,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     where = "results" if args.setting == "cpu" else "out"
     out_path = args.out or REPO / "bench" / where / f"eval_cost_{args.setting}.json"
     load_start = list(os.getloadavg())
+    device = torch.device(args.device or setting.device)
     with tempfile.TemporaryDirectory(prefix="eval_cost_") as tmp:
-        result = bench(args, setting, Path(tmp))
+        result = bench(args, setting, device, Path(tmp))
     # no output path in the report (it may be a path of this machine)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
     config.update(
@@ -450,7 +452,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train_batch_size=TRAIN_BATCH,
     )
     load = {"start": load_start, "end": list(os.getloadavg())}
-    device = torch.device(args.device or setting.device)
     report = {"machine": machine_info(device), "load_average": load, "config": config, **result}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_path, report)

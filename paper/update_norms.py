@@ -78,21 +78,22 @@ def update_norms(run: Path) -> dict[str, Any]:
     return {"run": str(run), "scaling": scaling, "layers": layers}
 
 
-def initial_norms(run: Path, shapes: dict[str, tuple[int, int, int]], draws: int) -> list[float]:
+def initial_norms(report: dict[str, Any], draws: int) -> list[float]:
     """The range (least, most) of the Bayesian layers' update norms at initialisation, over
     ``draws`` draws of their initial posterior mean with the run's saved Bayesian-LoRA
-    settings: what a Bayesian layer that never moved would show. ``shapes``: module ->
-    (out, r, in) of each Bayesian layer."""
+    settings and the report's scaling and layer shapes: what a Bayesian layer that never
+    moved would show."""
     from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
     from blob_lora.tuners.bayesian_lora.inducing import InducingWeight
 
-    config = BayesianLoraConfig.load(run / "adapter")
-    scaling = lora_scaling(json.loads((run / "adapter" / "adapter_config.json").read_text()))
+    config = BayesianLoraConfig.load(Path(report["run"]) / "adapter")
+    shapes = [row["shape"] for row in report["layers"].values() if row["bayesian"]]
+    scaling = report["scaling"]
     norms = []
     with torch.no_grad():
         for seed in range(draws):
             torch.manual_seed(seed)
-            for d_out, r, d_in in shapes.values():
+            for d_out, r, d_in in shapes:
                 a = InducingWeight(r, d_in, config).mean_weight()
                 b = InducingWeight(d_out, r, config).mean_weight()
                 norms.append(update_norm(a, b, scaling))
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if (s := summary(rep)) is not None:
             rep["summary"] = s
             if args.initial_draws > 0:
-                shapes = {n: tuple(r["shape"]) for n, r in rep["layers"].items() if r["bayesian"]}
-                s["initial_bayesian"] = initial_norms(Path(rep["run"]), shapes, args.initial_draws)
+                s["initial_bayesian"] = initial_norms(rep, args.initial_draws)
     print(markdown(reports))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(reports, indent=1) + "\n")

@@ -39,6 +39,9 @@ def test_norms_and_bayesian_layers_of_a_saved_bayesian_lora_adapter(tmp_path: Pa
         "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.v_proj",
     }
+    # (out, r, in): the head maps hidden 32 to the vocabulary's 128, rank 4
+    assert layers["lm_head"]["shape"] == [128, 4, 32]
+    assert layers["model.layers.0.self_attn.q_proj"]["shape"] == [32, 4, 32]
     saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for name, row in layers.items():
         a = saved[f"base_model.model.{name}.lora_A.weight"].double()
