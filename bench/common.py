@@ -231,6 +231,18 @@ LLAMA2_7B_SHAPE = {
 }
 
 
+def random_llama(shape: dict[str, int], device: torch.device, dtype: torch.dtype, **config: Any):
+    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (e.g. ``LLAMA2_7B_SHAPE``),
+    untied, without a KV cache, built directly on ``device`` in ``dtype``: a 7B model's 13 GB
+    never pass through a float32 CPU copy, and its random init runs where it lives. ``config``:
+    further ``LlamaConfig`` fields. The caller seeds the init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(**shape, tie_word_embeddings=False, use_cache=False, **config)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(llama, dtype=dtype)
+
+
 def add_table_options(p: argparse.ArgumentParser) -> None:
     """The options of a bench on the regime table's setting: token budget, seed, data, report."""
     p.add_argument("--max-length", type=int, default=None,

@@ -65,6 +65,7 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     measure_peak_memory,
+    random_llama,
     release_device_memory,
     summary,
 )
@@ -118,16 +119,9 @@ def load_base(setting: Setting, device: torch.device, tiny_shape: bool) -> tuple
         tokenizer = tiny_tokenizer()
         if setting.model == "tiny" or tiny_shape:
             return tiny_base(tokenizer).to(device=device, dtype=setting.dtype), tokenizer
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            **LLAMA2_7B_SHAPE,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-            use_cache=False,
+        base = random_llama(
+            LLAMA2_7B_SHAPE, device, setting.dtype, pad_token_id=tokenizer.pad_token_id
         )
-        with torch.device(device):  # built where it runs: 13 GB never pass through the CPU
-            base = LlamaForCausalLM._from_config(config, dtype=setting.dtype)
         return base.eval(), tokenizer
     from blob_lora.models import load_model_and_tokenizer
 

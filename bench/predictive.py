@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     measure_peak_memory,
+    random_llama,
     release_device_memory,
     synchronize,
 )
@@ -364,23 +365,18 @@ def cpu_table(report: dict[str, Any]) -> str:
 def build_7b_blob(device: torch.device, dtype: torch.dtype, tiny: bool, rank: int):
     """A random-init Llama (7B shape, or tiny) with BLoB on q/v/lm_head, all layers Bayesian."""
     from peft import LoraConfig
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from blob_lora import BlobConfig, get_blob_model
 
-    shape = TINY_SHAPE if tiny else LLAMA2_7B_SHAPE
-    config = LlamaConfig(**shape, tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
-    with torch.device(device):
-        base = LlamaForCausalLM._from_config(config, dtype=dtype)
-    base.eval()
+    base = random_llama(TINY_SHAPE if tiny else LLAMA2_7B_SHAPE, device, dtype).eval()
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_blob_model(base, lora, BlobConfig())
     with torch.no_grad():  # a trained-looking adapter: B != 0, so weight noise reaches the output
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
-    return model.eval(), config
+    return model.eval(), base.config
 
 
 def keep_last_blocks_bayesian(model: nn.Module, n_layers: int, k: int) -> None:

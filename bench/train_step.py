@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     format_table,
     machine_info,
     measure_peak_memory,
+    random_llama,
     release_device_memory,
     summary,
     timed,
@@ -128,13 +129,9 @@ def build_base_model(model: str, device: torch.device, dtype: torch.dtype) -> nn
     7B model first); the random init runs there too, which takes seconds on a GPU.
     """
     if model.startswith("config:"):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         shape = {"config:tiny": TINY_SHAPE, "config:llama2-7b": LLAMA2_7B_SHAPE}[model]
-        config = LlamaConfig(**shape, tie_word_embeddings=False, use_cache=False)
         torch.manual_seed(0)
-        with torch.device(device):
-            base = LlamaForCausalLM._from_config(config, dtype=dtype)
+        base = random_llama(shape, device, dtype)
     else:
         from blob_lora.models import loading
 
