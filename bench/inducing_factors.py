@@ -18,7 +18,8 @@ factorisations (``blob_lora.tuners.bayesian_lora.inducing``). This script isolat
   makes them, factorising each time or with the factorisations pinned for the pass
   (``Method.frozen``, what ``predict_dataset`` does);
 * the ATen operations of one ``draw`` that have no sub-operations (about one kernel launch
-  each on a GPU, where a draw's time follows their number, not their arithmetic);
+  each on a GPU, where a draw's time follows their number, not their arithmetic), and how
+  many of them the factorisations alone take (the part a step could batch across layers);
 * on CUDA, the operations of one ``draw`` that synchronise with the host, as
   ``torch.cuda.set_sync_debug_mode("warn")`` names them.
 
@@ -35,8 +36,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from common import REPO, ensure_src_on_path, format_table, machine_info, synchro
 ensure_src_on_path()
 
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig  # noqa: E402
-from blob_lora.tuners.bayesian_lora.inducing import InducingWeight  # noqa: E402
+from blob_lora.tuners.bayesian_lora.inducing import InducingWeight, pinned  # noqa: E402
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
 
 #: rounds of the two evaluation rows, alternating (the median is reported)
@@ -81,6 +81,21 @@ def draw_fn(factors: Sequence[InducingWeight], x: torch.Tensor) -> Callable[[], 
     return step
 
 
+def factorisations_fn(factors: Sequence[InducingWeight]) -> Callable[[], None]:
+    """The factorisations alone of a training draw (``_compute_factors`` of both factors),
+    forward and backward through a loss that sums them: the part of ``draw_fn`` that does not
+    depend on the batch (their count includes the summing, a few operations per factor)."""
+
+    def step() -> None:
+        loss = sum(t.sum() for f in factors for t in f._compute_factors())
+        loss.backward()
+        for f in factors:
+            for p in f.parameters():
+                p.grad = None
+
+    return step
+
+
 def eval_draw_fn(factors: Sequence[InducingWeight], n: int) -> Callable[[], None]:
     """An evaluation batch's use of a layer's factors: ``n`` draws of each, autograd off."""
 
@@ -90,15 +105,6 @@ def eval_draw_fn(factors: Sequence[InducingWeight], n: int) -> Callable[[], None
                 f.sample_weight(n)
 
     return draw
-
-
-@contextmanager
-def pinned(factors: Sequence[InducingWeight]) -> Iterator[None]:
-    """What a prediction pass does (``Method.frozen``): the factorisations computed once."""
-    with ExitStack() as stack:
-        for f in factors:
-            stack.enter_context(f.pinned_factors())
-        yield
 
 
 def op_fns(device: torch.device, width: int) -> dict[str, Callable[[], None]]:
@@ -189,11 +195,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows.append([f"{name} (fwd + bwd)", round(per_call(fn, device, args.iters * 4), 3)])
     syncs = syncing_ops(step) if device.type == "cuda" else []
     n_ops = leaf_ops(step)
+    factorisation_ops = leaf_ops(factorisations_fn(factors))
     report = {
         "machine": machine_info(device),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "ms_per_call": {name: ms for name, ms in rows},
         "leaf_ops_per_draw": n_ops,
+        "leaf_ops_of_its_factorisations": factorisation_ops,
         "leaf_ops_per_evaluation_draw": {"unpinned": eval_ops, "pinned": pinned_ops},
         "syncing_ops_in_one_draw": syncs,
     }
@@ -202,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     atomic_write_json(out, report)
     print(format_table(["what", "ms per call"], rows))
     print(f"\nATen leaf operations in one draw (forward + backward): {n_ops}")
+    print(f"of them its factorisations (with a loss summing them): {factorisation_ops}")
     print(f"in one evaluation draw: {eval_ops}, factorisations pinned: {pinned_ops}")
     if device.type == "cuda":
         print(f"\nhost synchronisations in one draw: {len(syncs)}")

@@ -31,6 +31,8 @@ def test_inducing_factors_bench_times_the_draw_and_the_small_operations(tmp_path
     assert all(ms > 0 for ms in report["ms_per_call"].values())
     # two factors, each with four factorisations, two solves and their backward: hundreds
     assert report["leaf_ops_per_draw"] > 200
+    # the factorisations are a part of the draw, a large one
+    assert 100 < report["leaf_ops_of_its_factorisations"] < report["leaf_ops_per_draw"]
     # pinned, an evaluation draw skips the factorisations: fewer operations, not none
     ops = report["leaf_ops_per_evaluation_draw"]
     assert 0 < ops["pinned"] < ops["unpinned"] < report["leaf_ops_per_draw"]

@@ -29,8 +29,8 @@ factor. That is the limit in which Bayesian-LoRA is plain LoRA.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,16 @@ def jittered_cholesky(m: torch.Tensor, jitter: float) -> torch.Tensor:
     scale = jitter * m.detach().diagonal(dim1=-2, dim2=-1).mean(-1)  # one per matrix
     factor, info = torch.linalg.cholesky_ex(m + scale[..., None, None] * eye)
     return torch.where((info == 0)[..., None, None], factor, torch.nan)
+
+
+@contextmanager
+def pinned(posteriors: Iterable[InducingWeight]) -> Iterator[None]:
+    """:meth:`InducingWeight.pinned_factors` of every posterior in ``posteriors``, for the
+    length of the block (a prediction pass over the whole model)."""
+    with ExitStack() as stack:
+        for posterior in posteriors:
+            stack.enter_context(posterior.pinned_factors())
+        yield
 
 
 class InducingWeight(nn.Module):

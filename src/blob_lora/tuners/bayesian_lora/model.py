@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 
 from blob_lora.tuners.bayesian_lora.config import BayesianLoraConfig
+from blob_lora.tuners.bayesian_lora.inducing import pinned
 from blob_lora.tuners.bayesian_lora.layer import (
     SAMPLE_MODES,
     BayesianLoraLayerMixin,
@@ -136,11 +137,13 @@ def pinned_factors(model: nn.Module) -> Iterator[nn.Module]:
     """Pin the prior's factorisations of every Bayesian-LoRA factor inside the block
     (:meth:`InducingWeight.pinned_factors`): for a prediction pass, during which the
     parameters do not change; draws with autograd on are unaffected."""
-    with ExitStack() as stack:
-        for _, layer in bayesian_lora_layers(model):
-            for posteriors in (layer.lora_inducing_A, layer.lora_inducing_B):
-                for posterior in posteriors.values():
-                    stack.enter_context(posterior.pinned_factors())
+    every = (
+        posterior
+        for _, layer in bayesian_lora_layers(model)
+        for posteriors in (layer.lora_inducing_A, layer.lora_inducing_B)
+        for posterior in posteriors.values()
+    )
+    with pinned(every):
         yield model
 
 
