@@ -35,7 +35,7 @@ from blob_lora.training.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from blob_lora.training.setup import build_model
+from blob_lora.training.setup import build_model, check_evaluation_inputs, load_tokenizer_of
 from blob_lora.training.trainer import RunStart
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
@@ -51,6 +51,8 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     refuse_under_fsdp(cfg)
     out = Path(cfg.out)
     sub_runs = method.sub_runs(cfg)
+    # the sub-runs are not evaluated: the assembled model's evaluation splits are checked here
+    check_evaluation_inputs(cfg, start.tokenizer or load_tokenizer_of(cfg))
     state, claim = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     progress = start.progress
     try:

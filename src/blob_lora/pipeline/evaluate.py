@@ -28,16 +28,16 @@ def evaluate_run_tasks(
     progress: bool = False,
     loaded_task: Task | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate a run on its own task and ``cfg.evaluation.eval_tasks`` into ``RUN/eval/<task>/``.
+    """Evaluate a run on its own task and ``cfg.evaluation.eval_tasks`` into ``RUN/eval/<task>/``
+    (``TrainConfig.evaluation_splits``; nothing without ``--evaluate``).
 
     Shared by plain and composite runs so every method is scored the same way.
     """
     results: dict[str, dict[str, Any]] = {}
-    for name in [cfg.data.task, *cfg.evaluation.eval_tasks]:
-        own = name == cfg.data.task
+    for name, split in cfg.evaluation_splits():
         task = (
             loaded_task
-            if own and loaded_task is not None
+            if name == cfg.data.task and loaded_task is not None
             else get_task(name, data_root=cfg.data.data_root)
         )
         results[name] = evaluate_on_task(
@@ -46,7 +46,7 @@ def evaluate_run_tasks(
             tokenizer,
             task,
             Path(cfg.out) / EVAL_DIR / task_dir_name(name),
-            split=cfg.evaluation.eval_split if (own and cfg.evaluation.eval_split) else "eval",
+            split=split,
             n_samples=cfg.evaluation.eval_samples,
             max_length=cfg.data.max_length,
             batch_size=cfg.evaluation.eval_batch_size,

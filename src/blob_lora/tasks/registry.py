@@ -123,7 +123,21 @@ class Task:
                     f"task {self.name!r}, split {spec.name!r}, example {ex.id!r}: "
                     f"{ex.n_options} options, more than the task's {self.n_options}"
                 )
-        return apply_split_slice(examples, spec)
+        examples = apply_split_slice(examples, spec)
+        if not examples:
+            raise DataError(
+                f"task {self.name!r}: split {str(spec)!r} holds no examples{self._where(spec)}"
+            )
+        return examples
+
+    def _where(self, spec: SplitSpec) -> str:
+        """`` (the file)`` of a local split, for a message that says where to look."""
+        if isinstance(self.source, LocalSource):
+            try:
+                return f" ({self.source.find(spec.name)})"
+            except DataError:
+                pass
+        return ""
 
     def source_fingerprint(self, split: str) -> str:
         """Identifies the data behind ``split`` (file name and content digest / Hub id) for caches."""

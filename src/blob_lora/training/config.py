@@ -157,6 +157,17 @@ class TrainConfig:
         """A copy with some flat settings changed (validated, the recipe applied again)."""
         return TrainConfig(**{**self.to_dict(), **changes})
 
+    def evaluation_splits(self) -> list[tuple[str, str]]:
+        """(task, split) of every evaluation the run makes after training: its own task on
+        ``--eval-split`` (else the task's eval split, ``"eval"``), then each ``--eval-tasks``
+        entry on its eval split; empty without ``--evaluate``. One list, read both by the
+        evaluation and by the check before training that these splits can be scored."""
+        if not self.evaluation.evaluate:
+            return []
+        own = self.data.task
+        splits = [(own, self.evaluation.eval_split or "eval")]
+        return splits + [(name, "eval") for name in self.evaluation.eval_tasks if name != own]
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every flat setting's default."""

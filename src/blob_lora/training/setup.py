@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from blob_lora.methods.base import Method
-from blob_lora.models import load_model_and_tokenizer
+from blob_lora.models import load_model_and_tokenizer, load_tokenizer
 from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.training.config import TrainConfig
@@ -54,6 +54,11 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         trust_remote_code=cfg.base.trust_remote_code,
     )
     return base, tokenizer
+
+
+def load_tokenizer_of(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``cfg.base.model`` alone, for checks that need no model."""
+    return load_tokenizer(cfg.base.model, trust_remote_code=cfg.base.trust_remote_code)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -119,6 +124,26 @@ def training_inputs(
         device=accelerator.device,
     )
     return task, train_split, inputs
+
+
+def check_evaluation_inputs(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Read and tokenise every split the run will be scored on after training
+    (``TrainConfig.evaluation_splits``) before the first step.
+
+    Why: an evaluation split that cannot be scored (empty, a prompt longer than
+    ``--max-length``, a malformed row, a missing file) would otherwise stop the run only after
+    all of its training. The tokenised splits stay in the in-process cache
+    (``tasks.dataset``), so the evaluation after training does not tokenise them again.
+    """
+    for name, split in cfg.evaluation_splits():
+        task_inputs(
+            get_task(name, data_root=cfg.data.data_root),
+            split,
+            tokenizer,
+            cfg.data.max_length,
+            scoring=cfg.data.scoring_spec,
+            cache_dir=cfg.data.cache_dir,
+        )
 
 
 def build_adapter(

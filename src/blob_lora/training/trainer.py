@@ -33,6 +33,7 @@ from blob_lora.training.run_dir import ADAPTER_DIR, CHECKPOINTS, check_run_dir, 
 from blob_lora.training.setup import (
     build_adapter,
     build_model,
+    check_evaluation_inputs,
     enable_gradient_checkpointing,
     plan_steps,
     prepare_for_accelerate,
@@ -134,6 +135,7 @@ def prepare_training(
     if cfg.data.scoring_spec.is_cloze:
         check_cloze_support(base_model)
     task, train_split, inputs = training_inputs(cfg, tokenizer, accelerator)
+    check_evaluation_inputs(cfg, tokenizer)
     model = build_adapter(cfg, method, base_model, accelerator)
     if cfg.loop.gradient_checkpointing:
         enable_gradient_checkpointing(model)

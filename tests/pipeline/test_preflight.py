@@ -1,0 +1,75 @@
+"""Evaluation splits that cannot be scored stop a run before its first step, not after all of
+its training (``training.setup.check_evaluation_inputs``), for plain and composite methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from blob_lora.tasks import get_task
+from blob_lora.training.config import TrainConfig
+from blob_lora.utils.errors import DataError
+from tests.factories import TINY_TASK, tiny_run_config, train_tiny
+
+torch.set_num_threads(1)
+
+
+def _task(folder: Path, n_train: int = 8, n_eval: int = 3, option: str = "yes") -> Path:
+    folder.mkdir(parents=True)
+    row = {"question": "Is it?", "choices": [option, "no"], "answer": 0}
+    (folder / "train.jsonl").write_text((json.dumps(row) + "\n") * n_train)
+    (folder / "validation.jsonl").write_text((json.dumps(row) + "\n") * n_eval)
+    return folder
+
+
+def test_an_empty_split_names_its_file(tmp_path):
+    task = get_task(str(_task(tmp_path / "t", n_eval=0)))
+    with pytest.raises(
+        DataError, match=r"split 'validation' holds no examples \(.*validation.jsonl\)"
+    ):
+        task.load("eval")
+    full = get_task(str(_task(tmp_path / "u", n_eval=4)))
+    with pytest.raises(DataError, match=r"split 'validation\[5:\]' holds no examples"):
+        full.load("validation[5:]")
+    assert len(full.load("validation[3:]")) == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "ensemble"])
+def test_an_empty_evaluation_split_stops_the_run_before_training(
+    tmp_path, data_root, char_base, char_tok, method
+):
+    empty = _task(tmp_path / "empty_eval", n_eval=0)
+    out = tmp_path / method
+    cfg = tiny_run_config(out, data_root, method, eval_tasks=[str(empty)])
+    with pytest.raises(DataError, match="holds no examples"):
+        train_tiny(cfg, char_base, char_tok)
+    assert not out.exists()  # nothing trained, no half-made run
+
+
+def test_an_overlong_evaluation_prompt_stops_the_run_before_training(
+    tmp_path, data_root, char_base, char_tok
+):
+    long = _task(tmp_path / "long", option="x" * 400)
+    out = tmp_path / "lora"
+    cfg = tiny_run_config(out, data_root, "lora", eval_tasks=[str(long)])
+    with pytest.raises(DataError, match="more than max_length=256"):
+        train_tiny(cfg, char_base, char_tok)
+    assert not out.exists()
+
+
+def test_evaluation_splits_follow_the_settings():
+    cfg = TrainConfig(task="a", eval_split="validation[:9]", eval_tasks=["b", "a", "c"])
+    assert cfg.evaluation_splits() == [("a", "validation[:9]"), ("b", "eval"), ("c", "eval")]
+    assert TrainConfig(task="a").evaluation_splits() == [("a", "eval")]
+    assert TrainConfig(task="a", evaluate=False, eval_tasks=["b"]).evaluation_splits() == []
+
+
+def test_the_checked_evaluation_is_the_one_made(tmp_path, data_root, char_base, char_tok):
+    """The split checked before training is the split scored after it."""
+    cfg = tiny_run_config(tmp_path / "lora", data_root, "lora")
+    summary = train_tiny(cfg, char_base, char_tok)
+    assert summary["evaluations"][TINY_TASK]["split"] == "validation[:6]"
+    assert summary["evaluations"][TINY_TASK]["n_examples"] == 6
