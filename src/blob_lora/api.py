@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task, task_dir_name
 from blob_lora.methods import METHODS, get_method
 from blob_lora.pipeline import train
 from blob_lora.prediction import Predictor, predict
@@ -49,6 +49,7 @@ def evaluate(
     eval_noise: str | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    seed: int | None = EVAL_SEED,
 ) -> dict[str, Any]:
     """Evaluate a trained run folder on ``task`` (default: its own) and return the metrics.
 
@@ -56,7 +57,9 @@ def evaluate(
     ``RUN/eval/<task>``). ``split`` is a split of that task (``eval``: its evaluation split, or
     the run's own ``eval_split`` for its own task); ``n_samples``, ``scoring`` and
     ``eval_noise`` (BLoB's weight noise of the samples: ``sequence`` or the authors' ``token``)
-    default to the run's settings. The same as ``blob-lora evaluate``.
+    default to the run's settings. ``seed`` seeds the weight samples (``None``: torch's
+    generator as it stands), so the same call gives the same numbers. The same as
+    ``blob-lora evaluate``.
     """
     loaded = load_run(Path(run_dir))
     cfg = loaded.config
@@ -78,4 +81,5 @@ def evaluate(
         prefix_cache=cfg.base.prefix_cache,
         scoring=scoring or cfg.data.scoring_spec,
         eval_noise=eval_noise or cfg.blob.eval_noise,
+        seed=seed,
     )

@@ -208,3 +208,27 @@ def test_progress_counts_the_seconds_of_every_sitting(tmp_path, monkeypatch):
     third = PassCheckpoint(path, "k")
     assert third.load() is not None and third.seconds_before == 0.0
     assert PassCheckpoint(path, "other key").load() is None
+
+
+def test_a_seeded_evaluation_gives_the_same_numbers_at_every_call(data_root, tokenizer, tmp_path):
+    """``blob-lora evaluate`` used to draw from torch's generator as the process started it:
+    two calls on the same run gave different metrics. Seeded, they agree bit for bit whatever
+    the generator held before; another seed draws other samples."""
+    task = get_task("winogrande_s", data_root)
+    model, method = blob_model(bayesian_blocks=1), get_method("blob")
+    kw = {"split": SPLIT, "n_samples": 4, "max_length": 96, "batch_size": 3}
+
+    def evaluated(name: str, before: int, seed: int | None) -> tuple[dict, list]:
+        torch.manual_seed(before)  # whatever the process drew before
+        metrics = evaluate_on_task(model, method, tokenizer, task, tmp_path / name, seed=seed, **kw)
+        rows = [json.loads(x)["probs"] for x in (tmp_path / name / "predictions.jsonl").open()]
+        return metrics, rows
+
+    first, rows_first = evaluated("a", 1, 0)
+    second, rows_second = evaluated("b", 2, 0)
+    assert rows_first == rows_second
+    assert first["nll"] == second["nll"] and first["eval_seed"] == 0
+    _, rows_other = evaluated("c", 1, 5)
+    assert rows_other != rows_first
+    unseeded, _ = evaluated("d", 3, None)
+    assert "eval_seed" not in unseeded

@@ -50,7 +50,7 @@ from blob_lora.comparison.tables import (
     render_markdown,
     table_json,
 )
-from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task, task_dir_name
 from blob_lora.methods import get_method
 from blob_lora.methods.composite import CompositeMethod
 from blob_lora.metrics import reliability_diagram_multi
@@ -249,6 +249,7 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             prefix_cache=cfg.base.prefix_cache,
             scoring=cfg.data.scoring_spec,
             eval_noise=cfg.blob.eval_noise,
+            seed=EVAL_SEED,
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)

@@ -41,6 +41,9 @@ PREDICTIONS_FILE = "predictions.jsonl"
 RELIABILITY_FILE = "reliability.png"
 #: a stopped evaluation's progress (``prediction.resume``); removed once metrics.json is written
 PROGRESS_FILE = ".progress.pt"
+#: the seed of the weight samples of an evaluation made after training (``blob-lora evaluate``,
+#: ``blob_lora.evaluate``, ``compare`` filling in a missing evaluation): the same as ``predict``'s
+EVAL_SEED = 0
 #: how often that progress is written (a write is a few kB to MB; a batch of N = 10 samples on
 #: two CPU cores takes about a minute)
 PROGRESS_EVERY_SECONDS = 30.0
@@ -70,6 +73,7 @@ def evaluate_on_task(
     eval_noise: str | None = None,
     by_length: bool = True,
     resume: bool = True,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -91,12 +95,19 @@ def evaluate_on_task(
     ``out_dir/.progress.pt`` and an evaluation stopped part-way goes on from there, with the
     same result (``prediction.resume``); its ``eval_seconds`` then counts the earlier
     sittings too (up to their last kept batch: what a stop cut off is redone, and counted, here).
+    ``seed`` (recorded as ``eval_seed``) seeds torch's generator before the pass, so the weight
+    samples and dropout masks, and so the metrics, are the same at every call
+    (``blob-lora evaluate`` passes :data:`EVAL_SEED` unless told otherwise, a composite run its
+    own seed); ``None`` draws from the generator as it stands (a plain run's evaluation after
+    training, which continues the training's seeded stream).
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
+    if seed is not None:  # each process its own stream, as in training
+        torch.manual_seed(seed + (accelerator.process_index if accelerator is not None else 0))
     with method.eval_noise(model, eval_noise) as noise:
         scored = _score_split(
             model,
@@ -119,6 +130,7 @@ def evaluate_on_task(
                 "noise": noise,
                 "scoring": scoring.describe(),
                 "prefix_cache": prefix_cache,
+                **({"seed": seed} if seed is not None else {}),
             },
         )
     metrics = _split_metrics(scored, inputs.dataset, predictive)
@@ -136,6 +148,7 @@ def evaluate_on_task(
             else 0.0,
             "eval_seconds": round(scored.seconds_before + time.perf_counter() - start, 3),
             **({"eval_noise": noise} if noise is not None and n > 0 else {}),
+            **({"eval_seed": seed} if seed is not None else {}),
             **(extra or {}),
         }
     )

@@ -291,7 +291,14 @@ def evaluate_assembled(
     *,
     progress: bool,
 ) -> dict[str, Any]:
-    """Evaluate the assembled model as a plain run is evaluated (own task + extras)."""
+    """Evaluate the assembled model as a plain run is evaluated (own task + extras), with
+    its weight samples seeded by the run's seed.
+
+    Why seeded here and not in a plain run: a plain run's evaluation continues the training's
+    own seeded stream, restored with its checkpoints; a composite's follows sub-runs that may
+    have been copied (``--reuse``) or finished in an earlier sitting, so the generator would
+    hold whatever the process started with, and the same run would report other numbers.
+    """
     if not cfg.evaluation.evaluate:
         return {}
     from accelerate import Accelerator
@@ -299,7 +306,13 @@ def evaluate_assembled(
     accelerator = Accelerator()
     to_device(model, accelerator.device)
     return evaluate_run_tasks(
-        model, method, tokenizer, cfg, accelerator=accelerator, progress=progress
+        model,
+        method,
+        tokenizer,
+        cfg,
+        accelerator=accelerator,
+        progress=progress,
+        seed=cfg.loop.seed,
     )
 
 

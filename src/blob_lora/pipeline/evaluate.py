@@ -27,9 +27,11 @@ def evaluate_run_tasks(
     accelerator: Accelerator | None = None,
     progress: bool = False,
     loaded_task: Task | None = None,
+    seed: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a run on its own task and ``cfg.evaluation.eval_tasks`` into ``RUN/eval/<task>/``
-    (``TrainConfig.evaluation_splits``; nothing without ``--evaluate``).
+    (``TrainConfig.evaluation_splits``; nothing without ``--evaluate``); ``seed`` seeds each
+    task's weight samples (``evaluate_on_task``).
 
     Shared by plain and composite runs so every method is scored the same way.
     """
@@ -56,5 +58,6 @@ def evaluate_run_tasks(
             prefix_cache=cfg.base.prefix_cache,
             scoring=cfg.data.scoring_spec,
             eval_noise=cfg.blob.eval_noise,
+            seed=seed,
         )
     return results

@@ -17,6 +17,7 @@ from blob_lora.cli.options import (
 )
 from blob_lora.cli.registry import command
 from blob_lora.cli.report_lines import std_of_a_line
+from blob_lora.evaluation.evaluate import EVAL_SEED
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
@@ -165,6 +166,12 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
         help="in-distribution evaluation folder (or its predictions.jsonl): score the evaluated "
         "task(s) as OOD against it (AUROC/AUPR per uncertainty score, ood.json, ood_roc.png)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=EVAL_SEED,
+        help=f"seed of the weight samples (default {EVAL_SEED}): the same numbers at every call",
+    )
     add_scoring_override(p)
     add_eval_noise_override(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -213,6 +220,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             ood_against=args.ood_reference,
             scoring=scoring,
             eval_noise=args.eval_noise or cfg.blob.eval_noise,
+            seed=args.seed,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out}")
     if args.out and len(tasks) > 1:
