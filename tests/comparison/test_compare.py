@@ -261,6 +261,33 @@ def test_a_changed_eval_split_counts_as_missing(two_method_spec):
     assert [e.task for e in r.missing] == ["arc_easy", "mmlu:college_physics"]
 
 
+def test_data_changed_since_a_run_is_scored_again_or_refused(two_method_spec):
+    """A finished run records the data it scored (metrics' ``data``) and trained on
+    (summary's ``train_data``): changed evaluation data is scored again; changed training
+    data makes the run stale, as changed settings do. Runs from before the record pass."""
+    from blob_lora.tasks import get_task
+
+    spec = two_method_spec
+    d = fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    r = next(r for r in plan(spec) if r.method == "lora" and r.seed == 1)
+    assert [e.task for e in r.missing] == ["mmlu:college_physics"]  # no record: as before
+    summary = json.loads((d / "summary.json").read_text())
+    task = get_task("arc_easy")
+    summary["evaluations"]["arc_easy"]["data"] = task.source_fingerprint("validation[:4]")
+    summary["train_data"] = task.source_fingerprint("train")
+    (d / "summary.json").write_text(json.dumps(summary))
+    r = next(r for r in plan(spec) if r.method == "lora" and r.seed == 1)
+    assert [e.task for e in r.missing] == ["mmlu:college_physics"]  # the same data
+    assert config_differences(r) == []
+
+    summary["evaluations"]["arc_easy"]["data"] = "file:ARC-Easy-Validation.jsonl:0ld|validation"
+    summary["train_data"] = "file:ARC-Easy-Train.jsonl:0ld|train"
+    (d / "summary.json").write_text(json.dumps(summary))
+    r = next(r for r in plan(spec) if r.method == "lora" and r.seed == 1)
+    assert [e.task for e in r.missing] == ["arc_easy", "mmlu:college_physics"]
+    assert config_differences(r) == ["the training data (changed since the run was trained)"]
+
+
 # ------------------------------------------------------------------ the experiment file
 
 

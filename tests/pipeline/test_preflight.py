@@ -11,7 +11,7 @@ import torch
 
 from blob_lora.tasks import get_task
 from blob_lora.training.config import TrainConfig
-from blob_lora.utils.errors import DataError
+from blob_lora.utils.errors import ConfigError, DataError
 from tests.factories import TINY_TASK, tiny_run_config, train_tiny
 
 torch.set_num_threads(1)
@@ -73,3 +73,28 @@ def test_the_checked_evaluation_is_the_one_made(tmp_path, data_root, char_base, 
     summary = train_tiny(cfg, char_base, char_tok)
     assert summary["evaluations"][TINY_TASK]["split"] == "validation[:6]"
     assert summary["evaluations"][TINY_TASK]["n_examples"] == 6
+
+
+def _rows(n: int, answer: int) -> str:
+    row = {"question": "Is it?", "choices": ["yes", "no"], "answer": answer}
+    return (json.dumps(row) + "\n") * n
+
+
+@pytest.mark.parametrize("method", ["lora", "ensemble"])
+def test_a_run_is_not_continued_on_changed_training_data(tmp_path, char_base, char_tok, method):
+    """A resumed run used to train on whatever the files held now, mixing two data sets
+    without a word; a composite reused its finished sub-runs of the old data."""
+    task = _task(tmp_path / "mine")
+    out = tmp_path / method
+    cfg = TrainConfig(
+        model="unused", task=str(task), method=method, out=str(out), max_steps=2,
+        batch_size=4, max_length=64, target_modules=["q_proj"], ensemble_size=2, eval_samples=2,
+    )  # fmt: skip
+    summary = train_tiny(cfg, char_base, char_tok)
+    assert summary["train_data"].startswith("file:train.jsonl:")
+    (out / "summary.json").unlink()  # as if stopped before its end
+    train_tiny(cfg, char_base, char_tok, resume=True)  # the same data: goes on
+    (out / "summary.json").unlink()
+    (task / "train.jsonl").write_text(_rows(8, answer=1))
+    with pytest.raises(ConfigError, match="training data of .* has changed since it was trained"):
+        train_tiny(cfg, char_base, char_tok, resume=True)

@@ -58,6 +58,7 @@ from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
 from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.training.saved_run import load_run
+from blob_lora.training.setup import training_data
 from blob_lora.training.signals import TrainingInterrupted
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
 from blob_lora.utils.errors import BlobLoraError, ConfigError
@@ -146,12 +147,20 @@ def _expected_split(ev: Evaluation, data_root: str | None) -> str:
 
 
 def _has(summary: dict[str, Any], ev: Evaluation, data_root: str | None) -> bool:
+    """Whether ``summary`` holds ``ev``: its column and task, the expected split and sample
+    count, and (metrics that record it) the data as it is now: an evaluation of data that has
+    changed since is made again."""
     m = (summary.get(ev.column.key) or {}).get(ev.task)
     if not isinstance(m, dict) or "accuracy" not in m:
         return False
     if ev.column.eval_samples is not None and m.get("eval_samples") != ev.column.eval_samples:
         return False
-    return str(m.get("split")) == _expected_split(ev, data_root)
+    if str(m.get("split")) != _expected_split(ev, data_root):
+        return False
+    scored = m.get("data")
+    if scored is None:  # from before the record
+        return True
+    return scored == get_task(ev.task, data_root=data_root).source_fingerprint(str(m["split"]))
 
 
 def _set_status(r: PlannedRun) -> None:
@@ -175,16 +184,23 @@ def _refresh(runs: list[PlannedRun]) -> None:
 
 
 def config_differences(r: PlannedRun) -> list[str]:
-    """Settings of an existing run folder that differ from what the experiment asks for."""
+    """Settings of an existing run folder that differ from what the experiment asks for, and
+    its training data where that has changed since it was trained (``summary.json``'s
+    ``train_data``; a run interrupted on changed data is refused by its resume)."""
     previous = _read_json(r.dir / RUN_CONFIG)
     if previous is None:
         return []
     previous = TrainConfig.stored_with_defaults(previous)
-    wanted = TrainConfig.from_dict(r.settings).to_dict()
-    return [
+    wanted_cfg = TrainConfig.from_dict(r.settings)
+    wanted = wanted_cfg.to_dict()
+    changed = [
         f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"
         for k in setting_differences(previous, wanted, IGNORED_DIFFERENCES)
     ]
+    trained_on = (_read_json(r.dir / SUMMARY) or {}).get("train_data")
+    if not changed and trained_on is not None and trained_on != training_data(wanted_cfg):
+        changed.append("the training data (changed since the run was trained)")
+    return changed
 
 
 # ------------------------------------------------------------------------------ executing

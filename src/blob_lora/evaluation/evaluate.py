@@ -141,6 +141,8 @@ def evaluate_on_task(
             "method": method.name,
             "eval_samples": n,
             "scoring": scoring.describe(),
+            # the data scored (file digest or Hub name): compare re-scores a run when it changes
+            "data": task.source_fingerprint(split),
             "n_truncated": inputs.dataset.n_truncated,
             "mean_total_uncertainty": float(scored.uncertainty["total"].mean()),
             "mean_epistemic_uncertainty": float(scored.uncertainty["epistemic"].mean())

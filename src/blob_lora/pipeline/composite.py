@@ -35,7 +35,13 @@ from blob_lora.training.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from blob_lora.training.setup import build_model, check_evaluation_inputs, load_tokenizer_of
+from blob_lora.training.setup import (
+    build_model,
+    check_evaluation_inputs,
+    check_same_training_data,
+    load_tokenizer_of,
+    training_data,
+)
 from blob_lora.training.trainer import RunStart
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
 from blob_lora.utils.errors import CheckpointError, ConfigError
@@ -93,6 +99,9 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     if not state.is_main_process:
         record = method.assembly_record(out / ADAPTER_DIR)
     summary = method.summarize(cfg, sub_summaries, record)
+    data = {sub.get("train_data") for sub in sub_summaries} - {None}
+    if len(data) == 1:  # what compare checks a finished run against
+        summary.setdefault("train_data", data.pop())
     summary["evaluations"] = evaluate_assembled(model, method, tokenizer, cfg, progress=progress)
     return write_summary(cfg, summary)
 
@@ -190,9 +199,11 @@ def train_sub_run(
     """
     sub_dir = Path(sub_dir)
     summary_path = sub_dir / SUMMARY
-    if summary_path.is_file():
-        return read_summary(sub_dir)
     sub_cfg = sub_run_config(cfg, sub_dir, overrides)
+    if summary_path.is_file():
+        summary = read_summary(sub_dir)
+        check_same_training_data(summary.get("train_data"), training_data(sub_cfg), sub_dir)
+        return summary
     method = get_method(sub_cfg.method)
     if isinstance(method, CompositeMethod):
         raise ConfigError(f"a sub-run cannot itself be composite ({sub_cfg.method})")

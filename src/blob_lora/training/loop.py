@@ -137,9 +137,17 @@ class TrainingLoop:
     def start(self, resuming: bool, dataset: MCDataset, progress: bool) -> None:
         """Restore a checkpoint, open trackers and logs, and build the frozen-prefix cache."""
         cfg, accelerator = self.cfg, self.accelerator
+        #: what the run trains on; a checkpoint records it, and resuming on other data is refused
+        self.train_data = dataset.task.source_fingerprint(dataset.split)
         if resuming:
             self.step, self.epoch, self.micro_done, self.seconds_before = restore_checkpoint(
-                self.ckpt_root, self.unwrapped, self.updater, accelerator, self.layout, self.method
+                self.ckpt_root,
+                self.unwrapped,
+                self.updater,
+                accelerator,
+                self.layout,
+                self.method,
+                train_data=self.train_data,
             )
         if cfg.loop.log_with:
             accelerator.init_trackers("blob-lora", config=_flat_config(cfg))
@@ -180,6 +188,7 @@ class TrainingLoop:
             "examples_in_epoch": micro * cfg.loop.batch_size * accelerator.num_processes,
             # summed over sittings, so a resumed run reports its whole training cost
             "train_seconds": self.seconds_before + time.perf_counter() - self.started,
+            "train_data": self.train_data,
             **self.layout,
         }
         on_main(

@@ -19,6 +19,7 @@ from blob_lora.methods.base import Method
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.distributed import shard_like, shard_optimizer_state, uses_fsdp
 from blob_lora.training.optim import Updater
+from blob_lora.training.setup import check_same_training_data
 from blob_lora.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,12 +33,20 @@ def restore_checkpoint(
     accelerator: Accelerator,
     layout: dict[str, int],
     method: Method,
+    *,
+    train_data: str | None = None,
 ) -> tuple[int, int, int, float]:
-    """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far)."""
+    """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far).
+
+    ``train_data`` (``Task.source_fingerprint`` of the training split): refused when the
+    checkpoint was written on other data (``setup.check_same_training_data``).
+    """
     path = ckpt.latest_checkpoint(root)
     if path is None:
         return 0, 0, 0, 0.0
     state = ckpt.load_checkpoint(path)
+    if train_data is not None:
+        check_same_training_data(state["state"].get("train_data"), train_data, root.parent)
     params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     saved = state["trainable"]
     ckpt.check_fits(path, params, saved)

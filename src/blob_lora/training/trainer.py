@@ -200,6 +200,7 @@ def run_training(
         "task": task.name,
         "train_split": prepared.train_split,
         "n_train": len(inputs.dataset),
+        "train_data": loop.train_data,
         "steps": loop.step,
         "steps_per_epoch": loop.plan.steps_per_epoch,
         "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
