@@ -20,6 +20,7 @@ from blob_lora.tasks.scoring import LENGTH_NORMS, SCORING_MODES, Scoring
 from blob_lora.training.config import SETTINGS, TrainConfig
 from blob_lora.tuners.blob.config import BlobConfig
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.yaml_file import load_yaml
 
 
 def _methods_help() -> str:
@@ -211,7 +212,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         else:
             data = json.loads(text)
     # ValueError: JSON integers beyond Python's digit limit; RecursionError: absurd nesting

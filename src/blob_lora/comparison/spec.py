@@ -49,6 +49,7 @@ from typing import Any
 from blob_lora.methods import METHODS, get_method
 from blob_lora.training.config import SETTINGS, TrainConfig
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.yaml_file import load_yaml
 
 MEAN_SUFFIX = "-mean"
 PER_RUN_KEYS = ("task", "method", "seed", "out")
@@ -384,7 +385,7 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> CompareSpec:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
     return spec_from_dict(data or {}, name=path.stem, out=out)
