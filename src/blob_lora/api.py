@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task, task_dir_name
+from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task
 from blob_lora.methods import METHODS, get_method
 from blob_lora.pipeline import train
 from blob_lora.prediction import Predictor, predict
 from blob_lora.tasks import Scoring, get_task
+from blob_lora.tasks.dir_names import task_dir_name
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.saved_run import LoadedRun, load_run
 

@@ -50,12 +50,13 @@ from blob_lora.comparison.tables import (
     render_markdown,
     table_json,
 )
-from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task, task_dir_name
+from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task
 from blob_lora.methods import get_method
 from blob_lora.methods.composite import CompositeMethod
 from blob_lora.metrics import reliability_diagram_multi
 from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
+from blob_lora.tasks.dir_names import task_dir_name
 from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.training.saved_run import load_run
 from blob_lora.training.setup import training_data

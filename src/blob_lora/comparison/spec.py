@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from blob_lora.methods import METHODS, get_method
+from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.training.config import SETTINGS, TrainConfig
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.yaml_file import load_yaml
@@ -372,7 +373,10 @@ def _variants(data: Any) -> dict[str, dict[str, Any]]:
 
 
 def _check_settings(spec: CompareSpec) -> None:
-    """Build every run's TrainConfig once, so a bad value fails before hours of training."""
+    """Build every run's TrainConfig once, so a bad value fails before hours of training; and
+    refuse tasks whose runs or evaluations would share a folder."""
+    tasks = [*spec.train_tasks, *(spec.ood.eval_tasks if spec.ood else [])]
+    check_distinct_dirs(tasks, "compare")
     for task in spec.train_tasks:
         for method in spec.train_methods:
             TrainConfig.from_dict(spec.run_settings(task, method, spec.seeds[0], Path("x")))

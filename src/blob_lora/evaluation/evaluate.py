@@ -306,8 +306,3 @@ def _write_rows_and_plots(
         probs, labels, out_dir / reports.RISK_COVERAGE_FILE, epistemic, title=title
     )
     return rows
-
-
-def task_dir_name(name: str) -> str:
-    """A task name as a folder name (``mmlu:college_physics`` -> ``mmlu__college_physics``)."""
-    return name.replace(":", "__").replace("/", "_")

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blob_lora.evaluation.evaluate import evaluate_on_task, task_dir_name
+from blob_lora.evaluation.evaluate import evaluate_on_task
 from blob_lora.methods.base import Method
 from blob_lora.tasks import Task, get_task
+from blob_lora.tasks.dir_names import task_dir_name
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import EVAL_DIR
 

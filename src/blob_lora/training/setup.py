@@ -22,6 +22,7 @@ from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer, load_tokenizer
 from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
+from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import uses_fsdp
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule
@@ -163,7 +164,9 @@ def check_evaluation_inputs(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase
     all of its training. The tokenised splits stay in the in-process cache
     (``tasks.dataset``), so the evaluation after training does not tokenise them again.
     """
-    for name, split in cfg.evaluation_splits():
+    splits = cfg.evaluation_splits()
+    check_distinct_dirs([name for name, _ in splits], "--eval-tasks")
+    for name, split in splits:
         task_inputs(
             get_task(name, data_root=cfg.data.data_root),
             split,

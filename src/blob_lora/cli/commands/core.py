@@ -18,6 +18,7 @@ from blob_lora.cli.options import (
 from blob_lora.cli.registry import command
 from blob_lora.cli.report_lines import std_of_a_line
 from blob_lora.evaluation.evaluate import EVAL_SEED
+from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
@@ -189,7 +190,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg = loaded.config
     scoring = scoring_override(args, cfg)
     data_root = args.data_root or cfg.data.data_root
-    tasks = _task_list(args.task or cfg.data.task)
+    tasks = _task_list(args.task) if args.task else [cfg.data.task]
+    check_distinct_dirs(tasks, "--task")
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     results = {}
@@ -242,7 +244,7 @@ def _task_list(text: str) -> list[str]:
 
 
 def _safe(name: str) -> str:
-    from blob_lora.evaluation.evaluate import task_dir_name
+    from blob_lora.tasks.dir_names import task_dir_name
 
     return task_dir_name(name)
 

@@ -1,0 +1,42 @@
+"""The folder a task's results are written to, and refusing two tasks that would share one.
+
+Why in ``tasks``: the training floor checks ``--eval-tasks`` before its first step, and
+evaluation, ``compare`` and the CLI name their folders the same way; all of them sit above.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from blob_lora.utils.errors import ConfigError
+
+
+def task_dir_name(name: str) -> str:
+    """A task name as a folder name: ``mmlu:college_physics`` -> ``mmlu__college_physics``, a
+    task folder's path -> its parts joined by ``_`` (``data/mine`` -> ``data_mine``); a path
+    that starts with a dot is written plainly first (``./mine`` -> ``mine``; ``.`` -> the
+    folder's own name), so that no task lands in the evaluation folder itself or in a hidden
+    one. Two tasks may still share a name (``x/y`` and ``x_y``): :func:`check_distinct_dirs`
+    refuses such a list."""
+    if name.startswith("."):
+        plain = os.path.normpath(name)
+        if plain.split(os.sep)[-1] in (".", ".."):
+            plain = Path(name).resolve().name or "task"
+        name = plain.lstrip("./") or "task"
+    return name.replace(":", "__").replace("/", "_")
+
+
+def check_distinct_dirs(names: Sequence[str], what: str) -> None:
+    """Refuse tasks whose results would share one folder (:func:`task_dir_name`): the second
+    would overwrite the first, or be taken for it."""
+    seen: dict[str, str] = {}
+    for name in names:
+        folder = task_dir_name(name)
+        if folder in seen and seen[folder] != name:
+            raise ConfigError(
+                f"{what}: tasks {seen[folder]!r} and {name!r} would write their results to the "
+                f"same folder {folder!r}; rename or move one of the task folders"
+            )
+        seen[folder] = name

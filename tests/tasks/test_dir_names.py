@@ -1,0 +1,34 @@
+"""Task result folders: readable, never the evaluation folder itself or a hidden one, and two
+tasks that would share one are refused before anything is trained or written."""
+
+from __future__ import annotations
+
+import pytest
+
+from blob_lora.comparison import spec_from_dict
+from blob_lora.tasks.dir_names import check_distinct_dirs, task_dir_name
+from blob_lora.training.config import TrainConfig
+from blob_lora.training.setup import check_evaluation_inputs
+from blob_lora.utils.errors import ConfigError
+
+
+def test_folder_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert task_dir_name("mmlu:college_physics") == "mmlu__college_physics"
+    assert task_dir_name("data/mine") == "data_mine"
+    assert task_dir_name("/abs/mine") == "_abs_mine"  # as before: existing runs keep their folders
+    assert task_dir_name("./mine") == "mine"  # was "._mine", a hidden folder
+    assert task_dir_name("./a/../mine/") == "mine"
+    assert task_dir_name(".") == tmp_path.name  # was ".": the evaluation folder itself
+    assert task_dir_name("../x/y") == "x_y"
+
+
+def test_tasks_sharing_a_folder_are_refused(tmp_path):
+    check_distinct_dirs(["arc_easy", "x/y", "arc_easy"], "--task")  # a repeat is the same task
+    with pytest.raises(ConfigError, match=r"tasks 'x/y' and 'x_y' would write .* folder 'x_y'"):
+        check_distinct_dirs(["x/y", "x_y"], "--task")
+    with pytest.raises(ConfigError, match="compare: tasks 'x/y' and 'x_y'"):
+        spec_from_dict({"methods": ["lora"], "tasks": ["x/y", "x_y"]}, name="c", out=tmp_path)
+    cfg = TrainConfig(task="x/y", eval_tasks=["x_y"])
+    with pytest.raises(ConfigError, match="--eval-tasks: tasks 'x/y' and 'x_y'"):
+        check_evaluation_inputs(cfg, tokenizer=None)  # refused before any data is read
