@@ -150,6 +150,11 @@ class Method(ABC):
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         """The predictive model saved in ``adapter_dir`` (``RUN/adapter/``), on ``base``."""
 
+    def check_saved(self, adapter_dir: Path, cfg: RunSettings) -> None:
+        """Refuse a saved adapter that cannot be the one the run's settings made (before the
+        base model is loaded); nothing to check by default."""
+        return None
+
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model`` is one this method built or loaded, recognised by what it
         carries; ``methods.registry.method_of`` asks every method in registry order."""

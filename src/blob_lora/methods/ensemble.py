@@ -172,6 +172,16 @@ class EnsembleMethod(CompositeMethod):
             ],
         }
 
+    def check_saved(self, adapter_dir: Path, cfg: RunSettings) -> None:
+        """As many members as the run trained: a member folder lost from ``RUN/adapter/``
+        would otherwise load as a smaller ensemble, without a word."""
+        found = len(member_dirs(adapter_dir))
+        if found != cfg.ensemble.size:
+            raise CheckpointError(
+                f"{adapter_dir} holds {found} ensemble members, the run trained "
+                f"{cfg.ensemble.size} (--ensemble-size): the adapter is incomplete"
+            )
+
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         """All members as adapters ``m0..`` of one ``PeftModel``, each checked like a run's."""
         dirs = member_dirs(adapter_dir)

@@ -6,7 +6,6 @@ beside its writer; evaluation, prediction (``Predictor.from_run``) and compariso
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
 from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.json_file import read_json_object
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -51,11 +51,8 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a blob-lora run folder ({RUN_CONFIG} missing)")
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        return TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    stored = read_json_object(path, CheckpointError)  # a JSON object, or one clear error
+    return TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored))
 
 
 def load_run(
@@ -73,6 +70,7 @@ def load_run(
             "'blob-lora train --resume' first"
         )
     method = get_method(cfg.method)
+    method.check_saved(adapter, cfg)
     if base_model is None:
         base_model, tokenizer = load_model_and_tokenizer(
             model or cfg.base.model,

@@ -77,6 +77,8 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise BlobLoraError(f"--out {out} is a folder; give a file name")
+    if out.exists() and out.resolve() == Path(args.input).resolve():
+        raise BlobLoraError(f"--out {out} is the --input file; writing would replace the questions")
     early = EarlyStop(args.early_tol, args.early_min, args.early_group)
     early.validate()
     if args.fold is not None and args.fold < 1:

@@ -1,0 +1,47 @@
+"""A saved run that cannot be what its settings made is refused with one clear error, before
+the base model is loaded: a lost ensemble member, a run_config.json that is not an object."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from blob_lora.cli.main import main
+from blob_lora.training.saved_run import load_run, read_run_config
+from blob_lora.utils.errors import CheckpointError
+from tests.factories import tiny_run_config, train_tiny
+
+torch.set_num_threads(1)
+
+
+def test_an_ensemble_missing_a_member_is_refused(tmp_path, data_root, char_base, char_tok):
+    out = tmp_path / "ensemble"
+    train_tiny(tiny_run_config(out, data_root, "ensemble"), char_base, char_tok)
+    loaded = load_run(out, base_model=char_base, tokenizer=char_tok)
+    assert len(loaded.model.ensemble_adapters) == 2
+    shutil.rmtree(out / "adapter" / "member-1")  # used to load as an ensemble of one
+    with pytest.raises(CheckpointError, match="holds 1 ensemble members, the run trained 2"):
+        load_run(out, base_model=char_base, tokenizer=char_tok)
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"run"'])
+def test_a_run_config_that_is_not_an_object(tmp_path, content):
+    (tmp_path / "run_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        read_run_config(tmp_path)
+
+
+def test_predict_will_not_write_over_its_questions(tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    row = {"question": "Q?", "choices": ["a", "b"]}
+    questions.write_text(json.dumps(row) + "\n")
+    before = questions.read_bytes()
+    code = main(["predict", "--run", str(tmp_path / "run"), "--input", str(questions),
+                 "--out", str(Path(tmp_path) / "." / "q.jsonl")])  # fmt: skip
+    assert code != 0
+    assert "is the --input file" in capsys.readouterr().err
+    assert questions.read_bytes() == before
