@@ -45,3 +45,45 @@ def test_predict_will_not_write_over_its_questions(tmp_path, capsys):
     assert code != 0
     assert "is the --input file" in capsys.readouterr().err
     assert questions.read_bytes() == before
+
+
+def _fabricated_run(proj: Path, **settings) -> Path:
+    from blob_lora.training.config import TrainConfig
+
+    run = proj / "runs" / "x"
+    run.mkdir(parents=True)
+    cfg = TrainConfig(out="runs/x", **settings)
+    (run / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    return run
+
+
+def test_relative_paths_of_a_run_work_from_another_folder(tmp_path, monkeypatch):
+    """A run trained with --model tiny --task mine from proj/ and re-opened from elsewhere used
+    to look 'tiny' up on the Hub and call 'mine' an unknown task."""
+    proj = tmp_path / "proj"
+    for folder in ("tiny", "mine", "data", "arc_easy"):
+        (proj / folder).mkdir(parents=True)
+    _fabricated_run(proj, model="tiny", task="mine", data_root="data")
+    monkeypatch.chdir(tmp_path)
+    cfg = read_run_config(Path("proj/runs/x"))
+    assert (cfg.base.model, cfg.data.task, cfg.data.data_root) == (
+        "proj/tiny",
+        "proj/mine",
+        "proj/data",
+    )
+    monkeypatch.chdir(proj)  # from the launch folder: as stored
+    assert read_run_config(Path("runs/x")).base.model == "tiny"
+
+
+def test_what_is_not_a_relative_folder_is_left_alone(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    (proj / "arc_easy").mkdir(parents=True)
+    _fabricated_run(proj, model="smollm2-135m", task="arc_easy")
+    monkeypatch.chdir(tmp_path)
+    cfg = read_run_config(Path("proj/runs/x"))
+    assert (cfg.base.model, cfg.data.task) == ("smollm2-135m", "arc_easy")  # a registered name
+    (proj / "tiny").mkdir()
+    moved = tmp_path / "elsewhere" / "y"
+    moved.parent.mkdir()
+    _fabricated_run(proj / "b", model="tiny", task="arc_easy").rename(moved)
+    assert read_run_config(moved).base.model == "tiny"  # its path no longer ends in runs/x

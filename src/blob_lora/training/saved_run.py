@@ -6,6 +6,7 @@ beside its writer; evaluation, prediction (``Predictor.from_run``) and compariso
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from blob_lora.methods import get_method
 from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer
-from blob_lora.tasks import get_task
+from blob_lora.tasks import get_task, list_tasks
 from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
@@ -48,11 +49,52 @@ class LoadedRun:
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:
+    """The run's settings, its relative paths made to work from here (:func:`from_here`)."""
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a blob-lora run folder ({RUN_CONFIG} missing)")
     stored = read_json_object(path, CheckpointError)  # a JSON object, or one clear error
-    return TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored))
+    return from_here(TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored)), run_dir)
+
+
+def launch_dir(run_dir: Path, stored_out: str) -> Path | None:
+    """The folder the run was launched from, read off its own path: ``--out runs/x`` stored,
+    the folder found at ``/home/me/proj/runs/x`` now -> ``/home/me/proj``. ``None`` when the
+    stored ``--out`` is absolute or is not how the folder's path ends (it was moved)."""
+    out = Path(os.path.normpath(stored_out))
+    if out.is_absolute() or ".." in out.parts or out == Path("."):
+        return None
+    here = Path(run_dir).resolve()
+    n = len(out.parts)
+    if here.parts[-n:] != out.parts:
+        return None
+    return Path(*here.parts[:-n])
+
+
+def from_here(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """``cfg`` with its relative ``--model``, ``--task`` and ``--data-root`` folders made to
+    work from the current folder, where they exist from the run's launch folder
+    (:func:`launch_dir`) and not from here.
+
+    Why: settings store paths as typed (so that run folders and published results hold no
+    machine's absolute paths), and a run trained with ``--model tiny --task mine`` from one
+    folder and evaluated from another used to look ``tiny`` up on the Hub and call ``mine`` an
+    unknown task.
+    """
+    root = launch_dir(run_dir, cfg.out)
+    if root is None or root == Path.cwd().resolve():
+        return cfg
+    changes = {}
+    for key in ("model", "task", "data_root"):
+        value = cfg.get(key)
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+            continue
+        if key == "task" and value.strip().lower() in list_tasks():
+            continue  # a registered name, not a folder
+        there = root / value
+        if there.exists():
+            changes[key] = os.path.relpath(there)
+    return cfg.replace(**changes) if changes else cfg
 
 
 def load_run(
