@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blob_lora.tasks import get_task
+from blob_lora.tasks import get_task, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError, DataError
 from tests.factories import TINY_TASK, tiny_run_config, train_tiny
@@ -25,16 +25,16 @@ def _task(folder: Path, n_train: int = 8, n_eval: int = 3, option: str = "yes") 
     return folder
 
 
-def test_an_empty_split_names_its_file(tmp_path):
+def test_an_empty_split_names_its_file(tmp_path, char_tok):
     task = get_task(str(_task(tmp_path / "t", n_eval=0)))
     with pytest.raises(
         DataError, match=r"split 'validation' holds no examples \(.*validation.jsonl\)"
     ):
-        task.load("eval")
+        task_inputs(task, "eval", char_tok, 64)
     full = get_task(str(_task(tmp_path / "u", n_eval=4)))
     with pytest.raises(DataError, match=r"split 'validation\[5:\]' holds no examples"):
-        full.load("validation[5:]")
-    assert len(full.load("validation[3:]")) == 1
+        task_inputs(full, "validation[5:]", char_tok, 64)
+    assert len(task_inputs(full, "validation[3:]", char_tok, 64).dataset) == 1
 
 
 @pytest.mark.parametrize("method", ["lora", "ensemble"])

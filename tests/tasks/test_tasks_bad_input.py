@@ -26,7 +26,18 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
         ('["not", "an", "object"]', "expected a JSON object, got list"),
         ('{"choices": ["a", "b"], "answer": 0}', "missing field 'question'"),
         ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}', "label 2 is out of range"),
-        ('{"question": "Q?", "choices": ["a", "b"], "answer": "C"}', "label 2 is out of range"),
+        (
+            '{"question": "Q?", "choices": ["a", "b"], "answer": "C"}',
+            "'C' is option 2 (0-based), but the row has 2 options (A-B)",
+        ),
+        (
+            '{"question": "Q?", "choices": ["yes", "no"], "answer": "no"}',
+            "it is the text of option 1: write 1",
+        ),
+        (
+            '{"question": "Q?", "choices": ["B", "A"], "answer": "A"}',
+            "'A' is ambiguous: letter A is option 0, but option 1's text is 'A'",
+        ),
         ('{"question": "Q?", "choices": ["a"], "answer": 0}', "at least 2 options, got 1"),
         ('{"question": "Q?", "choices": "a b", "answer": 0}', "'choices' must be list, got str"),
         ('{"question": "Q?", "choices": ["a", 3], "answer": 0}', "choices[1] must be str"),

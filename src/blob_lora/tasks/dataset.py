@@ -718,8 +718,11 @@ def task_inputs(
     cache_dir: str | Path | None = None,
     device: torch.device | str | None = None,
 ) -> TaskInputs:
-    """Tokenise ``task``'s ``split`` for ``scoring`` and build its collator and option ids."""
+    """Tokenise ``task``'s ``split`` for ``scoring`` and build its collator and option ids; an
+    empty split (nothing to train on or to score) is a ``DataError`` naming its file."""
     dataset = MCDataset(task, split, tokenizer, max_length, cache_dir=cache_dir, scoring=scoring)
+    if len(dataset) == 0:
+        raise task.no_examples(split)
     option_ids = scoring_option_ids(tokenizer, task, scoring)
     if option_ids is not None and device is not None:
         option_ids = option_ids.to(device)

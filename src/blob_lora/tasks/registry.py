@@ -8,6 +8,7 @@ paths looked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -123,21 +124,17 @@ class Task:
                     f"task {self.name!r}, split {spec.name!r}, example {ex.id!r}: "
                     f"{ex.n_options} options, more than the task's {self.n_options}"
                 )
-        examples = apply_split_slice(examples, spec)
-        if not examples:
-            raise DataError(
-                f"task {self.name!r}: split {str(spec)!r} holds no examples{self._where(spec)}"
-            )
-        return examples
+        return apply_split_slice(examples, spec)
 
-    def _where(self, spec: SplitSpec) -> str:
-        """`` (the file)`` of a local split, for a message that says where to look."""
+    def no_examples(self, split: str) -> DataError:
+        """The error for ``split`` holding no examples, naming the file of a local split:
+        raised where a split is to be trained on or scored (``tasks.task_inputs``)."""
+        spec = self.resolve_split(split)
+        where = ""
         if isinstance(self.source, LocalSource):
-            try:
-                return f" ({self.source.find(spec.name)})"
-            except DataError:
-                pass
-        return ""
+            with contextlib.suppress(DataError):  # a missing file is reported elsewhere
+                where = f" ({self.source.find(spec.name)})"
+        return DataError(f"task {self.name!r}: split {str(spec)!r} holds no examples{where}")
 
     def source_fingerprint(self, split: str) -> str:
         """Identifies the data behind ``split`` (file name and content digest / Hub id) for caches."""

@@ -225,17 +225,35 @@ def parse_generic(rec: dict[str, Any], fallback_id: str) -> MCExample:
         if not isinstance(c, str):
             raise RecordProblem(f"choices[{i}] must be str, got {_type_name(c)}")
     answer = _get(rec, "answer", (int, str))
-    if isinstance(answer, str):
-        letter = answer.strip().upper()
-        if len(letter) != 1 or letter not in LETTERS:
-            raise RecordProblem(f"answer {answer!r} is neither a 0-based index nor a letter A-Z")
-        label = LETTERS.index(letter)
-    else:
-        label = answer
+    label = _letter_label(answer, choices) if isinstance(answer, str) else answer
     context = rec.get("context")
     if context is not None and not isinstance(context, str):
         raise RecordProblem(f"field 'context' must be str or null, got {_type_name(context)}")
     return make_example(rid, question, list(choices), label, context or None)
+
+
+def _letter_label(answer: str, choices: list[str]) -> int:
+    """The 0-based label of a letter ``answer``, refusing what a reader would take otherwise:
+    a letter past the row's options, an option's text given as the answer, and a letter that
+    is also the text of another option (``choices: ["B", "A"], answer: "A"``)."""
+    letter = answer.strip().upper()
+    texts = [i for i, c in enumerate(choices) if c.strip() == answer.strip()]
+    if len(letter) != 1 or letter not in LETTERS:
+        hint = f"; it is the text of option {texts[0]}: write {texts[0]}" if texts else ""
+        raise RecordProblem(f"answer {answer!r} is neither a 0-based index nor a letter A-Z{hint}")
+    label = LETTERS.index(letter)
+    n = len(choices)
+    if label >= n and n >= MIN_OPTIONS:
+        raise RecordProblem(
+            f"answer {answer!r} is option {label} (0-based), but the row has {n} options "
+            f"(A-{LETTERS[n - 1]})"
+        )
+    if texts and texts[0] != label:
+        raise RecordProblem(
+            f"answer {answer!r} is ambiguous: letter {letter} is option {label}, but option "
+            f"{texts[0]}'s text is {choices[texts[0]]!r}; write the 0-based index"
+        )
+    return label
 
 
 # ---------------------------------------------------------------------------------------------
