@@ -98,3 +98,18 @@ def test_a_run_is_not_continued_on_changed_training_data(tmp_path, char_base, ch
     (task / "train.jsonl").write_text(_rows(8, answer=1))
     with pytest.raises(ConfigError, match="training data of .* has changed since it was trained"):
         train_tiny(cfg, char_base, char_tok, resume=True)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(
+    tmp_path, data_root, char_base, char_tok, capsys
+):
+    import shutil
+
+    cfg = tiny_run_config(tmp_path / "lora", data_root, "lora")
+    first = train_tiny(cfg, char_base, char_tok)
+    (tmp_path / "lora" / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "lora" / "checkpoints")  # killed before its first checkpoint
+    capsys.readouterr()
+    again = train_tiny(cfg, char_base, char_tok, resume=True)
+    assert "holds no checkpoint yet; training from step 0" in capsys.readouterr().err
+    assert again["steps"] == first["steps"] == 3

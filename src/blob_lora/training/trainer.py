@@ -10,6 +10,7 @@ step optimises, under DDP, accumulation, length chunks and FSDP2, is documented 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +159,15 @@ def prepare_training(
     unwrapped = accelerator.unwrap_model(model)
 
     # Everything that reads user input has run: only now is the run folder created.
-    resuming = on_main(
-        accelerator,
-        lambda: (
-            prepare_run_dir(out, config, overwrite=overwrite, resume=resume) and has_checkpoint(out)
-        ),
-    )
+    def claim() -> tuple[bool, bool]:
+        continued = prepare_run_dir(out, config, overwrite=overwrite, resume=resume)
+        return continued, continued and has_checkpoint(out)
+
+    continued, resuming = on_main(accelerator, claim)
+    if continued and not resuming:  # killed before its first checkpoint, or checkpoints removed
+        accelerator.print(
+            f"--resume: {out} holds no checkpoint yet; training from step 0", file=sys.stderr
+        )
     held_out = curve(cfg, unwrapped, method, task, tokenizer, accelerator, out) if curve else None
     loop = TrainingLoop(
         cfg, method, accelerator, model, updater, loader, inputs.option_ids, plan, held_out
