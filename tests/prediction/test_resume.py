@@ -232,3 +232,28 @@ def test_a_seeded_evaluation_gives_the_same_numbers_at_every_call(data_root, tok
     assert rows_other != rows_first
     unseeded, _ = evaluated("d", 3, None)
     assert "eval_seed" not in unseeded
+
+
+@pytest.mark.parametrize("method_name", ["laplace", "swag"])
+def test_saved_progress_is_keyed_on_a_posterior_beside_the_weights(
+    tmp_path, data_root, char_base, char_tok, method_name
+):
+    """Laplace's factors and SWAG's moments are not in the model's state_dict: progress saved
+    under one posterior was taken for another's with the same mean weights."""
+    from blob_lora.training.saved_run import load_run
+    from tests.factories import tiny_run_config, train_tiny
+
+    out = tmp_path / method_name
+    train_tiny(tiny_run_config(out, data_root, method_name), char_base, char_tok)
+    loaded = load_run(out, base_model=char_base, tokenizer=char_tok)
+    method, model = loaded.method, loaded.model
+    key = evaluate_module._posterior_key(method, model)
+    assert set(key) == {"posterior"}
+    assert evaluate_module._posterior_key(method, model) == key  # deterministic
+    if method_name == "laplace":
+        model.laplace_posterior.prior_precision *= 100
+    else:
+        (posterior,) = model.swag_posteriors.values()
+        posterior.sq_mean += 1.0
+    assert evaluate_module._posterior_key(method, model) != key
+    assert evaluate_module._posterior_key(get_method("lora"), model) == {}  # keys as before

@@ -20,7 +20,7 @@ from blob_lora.metrics import (
 from blob_lora.prediction import reports
 from blob_lora.prediction.fast import EarlyStop
 from blob_lora.prediction.loop import predict_dataset
-from blob_lora.prediction.resume import PassCheckpoint, pass_key
+from blob_lora.prediction.resume import PassCheckpoint, pass_key, tensors_fingerprint
 from blob_lora.tasks import (
     MCDataset,
     Scoring,
@@ -131,6 +131,7 @@ def evaluate_on_task(
                 "scoring": scoring.describe(),
                 "prefix_cache": prefix_cache,
                 **({"seed": seed} if seed is not None else {}),
+                **_posterior_key(method, model),
             },
         )
     metrics = _split_metrics(scored, inputs.dataset, predictive)
@@ -169,6 +170,14 @@ def evaluate_on_task(
         atomic_write_json(out_dir / METRICS_FILE, metrics)
         (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     return metrics
+
+
+def _posterior_key(method: Method, model: torch.nn.Module) -> dict[str, str]:
+    """``{"posterior": digest}`` of a posterior the model carries beside its weights
+    (Laplace, SWAG), so that saved progress of one posterior is not taken for another's with
+    the same mean weights; ``{}`` for the others (their keys stay as they were)."""
+    tensors = method.posterior_tensors(model)
+    return {"posterior": tensors_fingerprint(tensors)} if tensors else {}
 
 
 @dataclass

@@ -155,6 +155,12 @@ class Method(ABC):
         base model is loaded); nothing to check by default."""
         return None
 
+    def posterior_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors of a posterior ``model`` carries beside its weights (not in its
+        ``state_dict``: Laplace's factors, SWAG's moments), by name; what a saved evaluation
+        progress is keyed on besides the weights. None by default."""
+        return {}
+
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model`` is one this method built or loaded, recognised by what it
         carries; ``methods.registry.method_of`` asks every method in registry order."""

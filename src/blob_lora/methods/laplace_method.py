@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from blob_lora.methods.base import RunSettings
+from blob_lora.methods.base import RunSettings, unwrapped
 from blob_lora.methods.composite import Assembly, PostHocMethod, link_tree, training_split_inputs
 from blob_lora.methods.io import load_plain_adapter
 from blob_lora.models.forward import answer_logits, head_read_mask, is_cloze_batch
@@ -151,6 +151,10 @@ class LaplaceMethod(PostHocMethod):
         model.laplace_posterior = la
         model.eval()
         return model
+
+    def posterior_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        la = getattr(unwrapped(model), "laplace_posterior", None)
+        return dict(la.state_dict()) if la is not None else {}
 
     def predict_samples(
         self,

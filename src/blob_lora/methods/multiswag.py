@@ -29,6 +29,7 @@ from blob_lora.methods.swag.method import (
     POSTERIORS,
     SwagMethod,
     attach_posterior,
+    moments_of,
     sample_predictive,
 )
 from blob_lora.methods.swag.posterior import POSTERIOR_FILE, SwagPosterior
@@ -49,6 +50,9 @@ class MultiSwagMethod(EnsembleMethod):
             posterior = SwagPosterior.load(folder / POSTERIOR_FILE, device)
             attach_posterior(model, name, posterior)
         return model
+
+    def posterior_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return moments_of(model)
 
     def owns(self, model: nn.Module) -> bool:
         inner = unwrapped(model)

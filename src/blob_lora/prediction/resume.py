@@ -45,8 +45,14 @@ def model_fingerprint(model: nn.Module) -> str:
     SmolLM2-135M (idle 2-core machine): 0.02-0.07 s, against 0.64 s for a SHA-256 of every
     weight, which grows with the model (and would copy a GPU model to the host whole).
     """
+    return tensors_fingerprint(model.state_dict())
+
+
+def tensors_fingerprint(tensors: dict[str, Any]) -> str:
+    """The digest of :func:`model_fingerprint` over named ``tensors`` (a state dict, or a
+    posterior's own tensors: ``Method.posterior_tensors``)."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         if not torch.is_tensor(tensor):
             continue
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())

@@ -95,6 +95,17 @@ def collection(cfg: RunSettings, schedule: StepSchedule) -> Collection:
     return plan
 
 
+def moments_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every SWAG posterior's moments on ``model``, named ``<adapter>.<moment>`` (SWAG and
+    MultiSWAG's ``Method.posterior_tensors``)."""
+    found = getattr(unwrapped(model), POSTERIORS, None) or {}
+    return {
+        f"{adapter}.{key}": value
+        for adapter, posterior in sorted(found.items())
+        for key, value in posterior.state_tensors().items()
+    }
+
+
 def swag_lr(cfg: RunSettings) -> float:
     """The constant learning rate while iterates are collected."""
     return cfg.swag.lr if cfg.swag.lr is not None else cfg.loop.lr / LR_DIVISOR
@@ -268,6 +279,9 @@ class SwagMethod(LoraMethod):
                 "max_std": float(posterior.variance().sqrt().max()),
             }
         }
+
+    def posterior_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return moments_of(model)
 
     def save_extras(self, model: nn.Module, adapter_dir: Path) -> None:
         posteriors(model)["default"].save(Path(adapter_dir) / POSTERIOR_FILE)
