@@ -38,3 +38,30 @@ def test_a_run_shows_no_warning_about_the_dependencies_versions(tmp_path, data_r
         warnings.simplefilter("always")
         assert _train(model, data_root, tmp_path / "lora", "lora") == 0
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_evaluate_is_reproducible_takes_max_length_and_works_from_elsewhere(
+    tmp_path, data_root, capsys, monkeypatch
+) -> None:
+    """``blob-lora evaluate`` on a BLoB run: the same numbers at every call (seeded), another
+    --seed other samples, --max-length read, and a run trained with relative paths evaluated
+    from another folder."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    tiny_model_folder(proj / "model")
+    monkeypatch.chdir(proj)
+    assert _train("model", data_root, "runs/blob", "blob") == 0
+    monkeypatch.chdir(tmp_path)  # the run stored --model 'model' and --out 'runs/blob'
+
+    def evaluate(name: str, *extra: str) -> list:
+        argv = ["evaluate", "--run", "proj/runs/blob", "--eval-samples", "4", "--no-progress"]
+        assert main([*argv, "--out", name, *extra]) == 0
+        return [json.loads(x)["probs"] for x in open(f"{name}/predictions.jsonl")]
+
+    first, second = evaluate("a"), evaluate("b")
+    assert first == second
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["eval_seed"] == 0
+    assert evaluate("c", "--seed", "7") != first
+    assert evaluate("d", "--max-length", "512") == first  # the prompts fit either way
+    assert main(["evaluate", "--run", "proj/runs/blob", "--max-length", "0"]) != 0
+    assert "--max-length must be >= 1" in capsys.readouterr().err

@@ -222,9 +222,10 @@ def _row(
         "answer": letters[pred],
         "answer_text": ex.choices[pred],
         "confidence": float(probs[pred]),
-        "total": float(res.total[j]),
-        "aleatoric": None if res.aleatoric is None else float(res.aleatoric[j]),
-        "epistemic": None if res.epistemic is None else float(res.epistemic[j]),
+        # + 0.0: the entropy of a certain prediction comes out as -0.0, written "-0.0"
+        "total": float(res.total[j]) + 0.0,
+        "aleatoric": None if res.aleatoric is None else float(res.aleatoric[j]) + 0.0,
+        "epistemic": None if res.epistemic is None else float(res.epistemic[j]) + 0.0,
         "n_samples": int(res.n_used[j]),
     }
     if label is not None:

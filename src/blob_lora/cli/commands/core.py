@@ -160,6 +160,13 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weight samples per forward pass (default: all N at once)",
     )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="max prompt tokens, for a split with longer prompts than the run's data "
+        "(default: the run's)",
+    )
     p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
     p.add_argument(
         "--ood-reference",
@@ -194,6 +201,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_distinct_dirs(tasks, "--task")
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.max_length is not None and args.max_length < 1:
+        raise BlobLoraError(f"--max-length must be >= 1, got {args.max_length}")
     results = {}
     for name in tasks:
         task = get_task(name, data_root=data_root)
@@ -214,7 +223,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             n_samples=args.eval_samples
             if args.eval_samples is not None
             else cfg.evaluation.eval_samples,
-            max_length=cfg.data.max_length,
+            max_length=args.max_length or cfg.data.max_length,
             batch_size=args.batch_size or cfg.evaluation.eval_batch_size,
             fold=args.fold,
             cache_dir=cfg.data.cache_dir,
