@@ -7,6 +7,7 @@ give different probabilities: the tests compare bit for bit against an uninterru
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -245,7 +246,7 @@ def test_saved_progress_is_keyed_on_a_posterior_beside_the_weights(
 
     out = tmp_path / method_name
     train_tiny(tiny_run_config(out, data_root, method_name), char_base, char_tok)
-    loaded = load_run(out, base_model=char_base, tokenizer=char_tok)
+    loaded = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     method, model = loaded.method, loaded.model
     key = evaluate_module._posterior_key(method, model)
     assert set(key) == {"posterior"}

@@ -3,6 +3,7 @@ the base model is loaded: a lost ensemble member, a run_config.json that is not 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -21,11 +22,11 @@ torch.set_num_threads(1)
 def test_an_ensemble_missing_a_member_is_refused(tmp_path, data_root, char_base, char_tok):
     out = tmp_path / "ensemble"
     train_tiny(tiny_run_config(out, data_root, "ensemble"), char_base, char_tok)
-    loaded = load_run(out, base_model=char_base, tokenizer=char_tok)
+    loaded = load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
     assert len(loaded.model.ensemble_adapters) == 2
     shutil.rmtree(out / "adapter" / "member-1")  # used to load as an ensemble of one
     with pytest.raises(CheckpointError, match="holds 1 ensemble members, the run trained 2"):
-        load_run(out, base_model=char_base, tokenizer=char_tok)
+        load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
 
 
 @pytest.mark.parametrize("content", ["[]", "3", '"run"'])
