@@ -17,8 +17,9 @@ from blob_lora.evaluation import evaluate as evaluate_module
 from blob_lora.evaluation.evaluate import PROGRESS_FILE, evaluate_on_task
 from blob_lora.methods import get_method
 from blob_lora.prediction import EarlyStop, predict_dataset
-from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint, pass_key
+from blob_lora.prediction.resume import PassCheckpoint, pass_key
 from blob_lora.tasks import get_task, length_sorted_batches, task_inputs
+from blob_lora.utils.fingerprint import model_fingerprint
 from tests.prediction.conftest import blob_model
 
 SPLIT = "validation[:7]"  # 3 batches of 3 (the last one short)

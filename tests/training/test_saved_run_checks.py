@@ -88,3 +88,24 @@ def test_what_is_not_a_relative_folder_is_left_alone(tmp_path, monkeypatch):
     moved.parent.mkdir()
     _fabricated_run(proj / "b", model="tiny", task="arc_easy").rename(moved)
     assert read_run_config(moved).base.model == "tiny"  # its path no longer ends in runs/x
+
+
+def test_reloading_on_other_weights_of_the_same_shapes_warns(
+    tmp_path, data_root, char_base, char_tok
+):
+    """An adapter of the right shapes loads on any model of the same architecture; the run
+    records its base model's fingerprint, so other weights are noticed (a warning)."""
+    import warnings
+
+    from tests.factories import tiny_llama
+
+    out = tmp_path / "lora"
+    summary = train_tiny(tiny_run_config(out, data_root, "lora"), char_base, char_tok)
+    assert len(summary["base_model"]) == 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights: no warning
+        load_run(out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    other = tiny_llama(seed=5, vocab_size=char_base.config.vocab_size)
+    assert other.state_dict().keys() == char_base.state_dict().keys()
+    with pytest.warns(UserWarning, match="not the ones .* was trained on"):
+        load_run(out, base_model=other, tokenizer=char_tok)

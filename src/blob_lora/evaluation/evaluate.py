@@ -20,7 +20,7 @@ from blob_lora.metrics import (
 from blob_lora.prediction import reports
 from blob_lora.prediction.fast import EarlyStop
 from blob_lora.prediction.loop import predict_dataset
-from blob_lora.prediction.resume import PassCheckpoint, pass_key, tensors_fingerprint
+from blob_lora.prediction.resume import PassCheckpoint, pass_key
 from blob_lora.tasks import (
     MCDataset,
     Scoring,
@@ -31,6 +31,7 @@ from blob_lora.tasks import (
 )
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+from blob_lora.utils.fingerprint import tensors_fingerprint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -99,9 +99,10 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     if not state.is_main_process:
         record = method.assembly_record(out / ADAPTER_DIR)
     summary = method.summarize(cfg, sub_summaries, record)
-    data = {sub.get("train_data") for sub in sub_summaries} - {None}
-    if len(data) == 1:  # what compare checks a finished run against
-        summary.setdefault("train_data", data.pop())
+    for key in ("train_data", "base_model"):  # what compare and load_run check a run against
+        values = {sub.get(key) for sub in sub_summaries} - {None}
+        if len(values) == 1:
+            summary.setdefault(key, values.pop())
     summary["evaluations"] = evaluate_assembled(model, method, tokenizer, cfg, progress=progress)
     return write_summary(cfg, summary)
 

@@ -45,13 +45,14 @@ from blob_lora.pipeline.meta_train import (
     is_finished,
 )
 from blob_lora.prediction.loop import predict_dataset
-from blob_lora.prediction.resume import PassCheckpoint, model_fingerprint, settings_key
+from blob_lora.prediction.resume import PassCheckpoint, settings_key
 from blob_lora.tasks.collection import TaskPool, task_seed
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
 from blob_lora.utils.atomic import atomic_write_json
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.fingerprint import model_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -31,40 +31,7 @@ from torch import Tensor, nn
 
 from blob_lora.training.checkpoint import rng_state, set_rng_state
 from blob_lora.utils.atomic import atomic_write_bytes
-
-#: values read from each tensor for the weight fingerprint (strided over the whole tensor)
-_FINGERPRINT_VALUES = 4096
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A digest of ``model``'s state: every tensor's name, shape and dtype, and a strided
-    sample of its values (all of them for tensors up to ``_FINGERPRINT_VALUES`` elements).
-
-    Sampled, not hashed whole: it must tell a retrained adapter (every value differs) or
-    another base model from this one, and it runs before every evaluation. Measured on
-    SmolLM2-135M (idle 2-core machine): 0.02-0.07 s, against 0.64 s for a SHA-256 of every
-    weight, which grows with the model (and would copy a GPU model to the host whole).
-    """
-    return tensors_fingerprint(model.state_dict())
-
-
-def tensors_fingerprint(tensors: dict[str, Any]) -> str:
-    """The digest of :func:`model_fingerprint` over named ``tensors`` (a state dict, or a
-    posterior's own tensors: ``Method.posterior_tensors``)."""
-    h = hashlib.sha256()
-    for name, tensor in tensors.items():
-        if not torch.is_tensor(tensor):
-            continue
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() == 0 or flat.is_meta:  # an offloaded weight has no values here
-            continue
-        stride = max(1, flat.numel() // _FINGERPRINT_VALUES)
-        values = flat[::stride].to("cpu", copy=True)
-        if values.dtype == torch.bool:
-            values = values.to(torch.uint8)
-        h.update(values.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+from blob_lora.utils.fingerprint import model_fingerprint
 
 
 def settings_key(settings: dict[str, Any], prefix: str = "") -> str:

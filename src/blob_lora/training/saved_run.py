@@ -6,7 +6,9 @@ beside its writer; evaluation, prediction (``Predictor.from_run``) and compariso
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,8 +19,9 @@ from blob_lora.models import load_model_and_tokenizer
 from blob_lora.tasks import get_task, list_tasks
 from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
-from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG
+from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY
 from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.fingerprint import model_fingerprint
 from blob_lora.utils.json_file import read_json_object
 
 if TYPE_CHECKING:
@@ -121,5 +124,24 @@ def load_run(
             load_in_4bit=cfg.base.load_in_4bit,
             trust_remote_code=cfg.base.trust_remote_code,
         )
+    _warn_other_base(run_dir, base_model)
     peft_model = method.load(base_model, adapter)
     return LoadedRun(cfg, method, peft_model, tokenizer)
+
+
+def _warn_other_base(run_dir: Path, base_model: nn.Module) -> None:
+    """Warn when ``base_model``'s weights are not those the run trained on (summary.json's
+    ``base_model`` fingerprint): an adapter of the right shapes loads on any model of the same
+    architecture, and would then predict something else than the run measured. A warning, not
+    an error: a base saved again in another format may legitimately differ in its last bits."""
+    try:
+        recorded = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return  # an unfinished or older run: nothing recorded to compare with
+    if recorded and recorded != model_fingerprint(base_model):
+        warnings.warn(
+            f"the base model's weights are not the ones {run_dir} was trained on (another "
+            "model of the same shapes?): its predictions will not be the run's",
+            UserWarning,
+            stacklevel=3,
+        )

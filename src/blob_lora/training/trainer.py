@@ -44,6 +44,7 @@ from blob_lora.training.setup import (
 from blob_lora.utils.atomic import atomic_directory
 from blob_lora.utils.dtensor import full_tensors
 from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -102,6 +103,9 @@ class PreparedTraining:
     accelerator: Accelerator
     unwrapped: nn.Module
     resuming: bool
+    #: ``utils.fingerprint.model_fingerprint`` of the base model before the adapter went on:
+    #: recorded in summary.json, so that reloading the run on other weights is noticed
+    base_fingerprint: str = ""
 
 
 def prepare_training(
@@ -133,6 +137,7 @@ def prepare_training(
 
     if base_model is None:
         base_model, tokenizer = build_model(cfg)
+    base_fingerprint = model_fingerprint(base_model)
     if cfg.data.scoring_spec.is_cloze:
         check_cloze_support(base_model)
     task, train_split, inputs = training_inputs(cfg, tokenizer, accelerator)
@@ -173,8 +178,9 @@ def prepare_training(
         cfg, method, accelerator, model, updater, loader, inputs.option_ids, plan, held_out
     )
     return PreparedTraining(
-        loop, task, train_split, inputs, tokenizer, accelerator, unwrapped, resuming
-    )
+        loop, task, train_split, inputs, tokenizer, accelerator, unwrapped, resuming,
+        base_fingerprint,
+    )  # fmt: skip
 
 
 def run_training(
@@ -205,6 +211,7 @@ def run_training(
         "train_split": prepared.train_split,
         "n_train": len(inputs.dataset),
         "train_data": loop.train_data,
+        "base_model": prepared.base_fingerprint,
         "steps": loop.step,
         "steps_per_epoch": loop.plan.steps_per_epoch,
         "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
