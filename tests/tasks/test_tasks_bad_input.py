@@ -44,6 +44,7 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
         ('{"question": 7, "choices": ["a", "b"], "answer": 0}', "'question' must be str"),
         ('{"question": "Q?", "choices": ["a", "b"], "answer": true}', "'answer' must be int"),
         ('{"question": "Q?", "choices": ["a", "b"], "answer": "maybe"}', "neither a 0-based"),
+        ('{"question": "Q?", "choices": ["a", " "], "answer": 0}', "choices[1] is empty"),
     ],
 )
 def test_byo_bad_record(tmp_path, bad, problem):
@@ -53,6 +54,14 @@ def test_byo_bad_record(tmp_path, bad, problem):
     msg = str(err.value)
     assert msg.startswith(f"{path}, line 3: ")
     assert problem in msg
+
+
+def test_a_repeated_id_names_both_lines(tmp_path):
+    row = json.dumps({**GOOD, "id": "x"})
+    path = tmp_path / "validation.jsonl"
+    path.write_text("\n".join([row, json.dumps(GOOD), row]) + "\n")
+    with pytest.raises(DataError, match=rf"{path}, line 3: id 'x' repeats line 1's"):
+        get_task(str(tmp_path))
 
 
 def test_too_many_options(tmp_path):

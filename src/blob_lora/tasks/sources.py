@@ -224,6 +224,9 @@ def parse_generic(rec: dict[str, Any], fallback_id: str) -> MCExample:
     for i, c in enumerate(choices):
         if not isinstance(c, str):
             raise RecordProblem(f"choices[{i}] must be str, got {_type_name(c)}")
+    for i, c in enumerate(choices):
+        if not c.strip():  # a letter would still score it; cloze has nothing to score
+            raise RecordProblem(f"choices[{i}] is empty")
     answer = _get(rec, "answer", (int, str))
     label = _letter_label(answer, choices) if isinstance(answer, str) else answer
     context = rec.get("context")
@@ -308,16 +311,21 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
 
 
 def parse_rows(rows: Any, parser: Parser, where: str, id_prefix: str, unit: str) -> list[MCExample]:
-    """Run ``parser`` over ``(number, record)`` pairs; errors name ``where`` and the number."""
+    """Run ``parser`` over ``(number, record)`` pairs; errors name ``where`` and the number.
+    Ids must be unique: they name the rows of ``predictions.jsonl`` and of error messages."""
     out: list[MCExample] = []
+    seen: dict[str, int] = {}
     for number, rec in rows:
         try:
             if not isinstance(rec, dict):
                 raise RecordProblem(f"expected a JSON object, got {_type_name(rec)}")
             ex = parser(rec, f"{id_prefix}{number}")
+            if ex is not None and ex.id in seen:
+                raise RecordProblem(f"id {ex.id!r} repeats {unit} {seen[ex.id]}'s")
         except RecordProblem as e:
             raise DataError(f"{where}, {unit} {number}: {e}") from None
         if ex is not None:
+            seen[ex.id] = number
             out.append(ex)
     return out
 
