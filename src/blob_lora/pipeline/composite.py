@@ -33,12 +33,12 @@ from blob_lora.training.run_dir import (
     SUMMARY,
     TRAIN_LOG,
     check_run_dir,
+    check_same_training_data,
     prepare_run_dir,
 )
 from blob_lora.training.setup import (
     build_model,
     check_evaluation_inputs,
-    check_same_training_data,
     load_tokenizer_of,
     training_data,
 )

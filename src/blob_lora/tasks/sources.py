@@ -224,7 +224,6 @@ def parse_generic(rec: dict[str, Any], fallback_id: str) -> MCExample:
     for i, c in enumerate(choices):
         if not isinstance(c, str):
             raise RecordProblem(f"choices[{i}] must be str, got {_type_name(c)}")
-    for i, c in enumerate(choices):
         if not c.strip():  # a letter would still score it; cloze has nothing to score
             raise RecordProblem(f"choices[{i}] is empty")
     answer = _get(rec, "answer", (int, str))

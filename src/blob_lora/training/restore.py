@@ -19,7 +19,7 @@ from blob_lora.methods.base import Method
 from blob_lora.training import checkpoint as ckpt
 from blob_lora.training.distributed import shard_like, shard_optimizer_state, uses_fsdp
 from blob_lora.training.optim import Updater
-from blob_lora.training.setup import check_same_training_data
+from blob_lora.training.run_dir import check_same_training_data
 from blob_lora.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def restore_checkpoint(
     """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far).
 
     ``train_data`` (``Task.source_fingerprint`` of the training split): refused when the
-    checkpoint was written on other data (``setup.check_same_training_data``).
+    checkpoint was written on other data (``run_dir.check_same_training_data``).
     """
     path = ckpt.latest_checkpoint(root)
     if path is None:

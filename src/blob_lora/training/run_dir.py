@@ -62,6 +62,26 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
     return False
 
 
+def check_same_training_data(stored: str | None, now: str, where: Path | str) -> None:
+    """Refuse to continue (or to reuse) a run whose training data has changed since it was
+    trained: a resumed run would otherwise mix two data sets, and a reused one report results
+    of data the user no longer has. ``stored`` ``None``: a run from before the record."""
+    if stored is not None and stored != now:
+        raise ConfigError(
+            f"the training data of {where} has changed since it was trained "
+            f"({_short(stored)} -> {_short(now)}); restore the data, or train a new run "
+            "(--overwrite, or another --out)"
+        )
+
+
+def _short(fingerprint: str) -> str:
+    """``file:train.jsonl:<12 hex>…|split`` for a message (a digest is 64 hex digits)."""
+    head, _, split = fingerprint.partition("|")
+    kind, _, rest = head.partition(":")
+    name, _, digest = rest.rpartition(":")
+    return f"{kind}:{name}:{digest[:12]}|{split}" if kind == "file" else fingerprint
+
+
 def prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -> bool:
     """Check ``out`` (see ``check_run_dir``), then create it; return True when resuming."""
     resuming = check_run_dir(out, config, overwrite, resume)

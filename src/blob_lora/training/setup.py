@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -133,26 +132,6 @@ def training_data(cfg: TrainConfig) -> str:
     training split: the file's content digest, or the Hub dataset's name)."""
     task = get_task(cfg.data.task, data_root=cfg.data.data_root)
     return task.source_fingerprint(cfg.data.train_split or "train")
-
-
-def check_same_training_data(stored: str | None, now: str, where: Path | str) -> None:
-    """Refuse to continue (or to reuse) a run whose training data has changed since it was
-    trained: a resumed run would otherwise mix two data sets, and a reused one report results
-    of data the user no longer has. ``stored`` ``None``: a run from before the record."""
-    if stored is not None and stored != now:
-        raise ConfigError(
-            f"the training data of {where} has changed since it was trained "
-            f"({_short(stored)} -> {_short(now)}); restore the data, or train a new run "
-            "(--overwrite, or another --out)"
-        )
-
-
-def _short(fingerprint: str) -> str:
-    """``file:train.jsonl:<12 hex>…|split`` for a message (a digest is 64 hex digits)."""
-    head, _, split = fingerprint.partition("|")
-    kind, _, rest = head.partition(":")
-    name, _, digest = rest.rpartition(":")
-    return f"{kind}:{name}:{digest[:12]}|{split}" if kind == "file" else fingerprint
 
 
 def check_evaluation_inputs(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -105,7 +105,7 @@ class PreparedTraining:
     resuming: bool
     #: ``utils.fingerprint.model_fingerprint`` of the base model before the adapter went on:
     #: recorded in summary.json, so that reloading the run on other weights is noticed
-    base_fingerprint: str = ""
+    base_fingerprint: str
 
 
 def prepare_training(
