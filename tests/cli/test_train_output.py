@@ -63,5 +63,9 @@ def test_evaluate_is_reproducible_takes_max_length_and_works_from_elsewhere(
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["eval_seed"] == 0
     assert evaluate("c", "--seed", "7") != first
     assert evaluate("d", "--max-length", "512") == first  # the prompts fit either way
-    assert main(["evaluate", "--run", "proj/runs/blob", "--max-length", "0"]) != 0
+    capsys.readouterr()
+    argv = ["evaluate", "--run", "proj/runs/blob", "--out", "e", "--no-progress"]
+    assert main([*argv, "--max-length", "8"]) != 0  # read: the run's own (256) fits them
+    assert "more than max_length=8" in capsys.readouterr().err
+    assert main([*argv, "--max-length", "0"]) != 0
     assert "--max-length must be >= 1" in capsys.readouterr().err

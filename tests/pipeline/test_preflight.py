@@ -12,7 +12,7 @@ import torch
 from blob_lora.tasks import get_task, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.utils.errors import ConfigError, DataError
-from tests.factories import TINY_TASK, tiny_run_config, train_tiny
+from tests.factories import TINY_TASK, TINY_TRAIN_SPLIT, tiny_run_config, train_tiny
 
 torch.set_num_threads(1)
 
@@ -67,11 +67,31 @@ def test_evaluation_splits_follow_the_settings():
     assert TrainConfig(task="a", evaluate=False, eval_tasks=["b"]).evaluation_splits() == []
 
 
-def test_the_checked_evaluation_is_the_one_made(tmp_path, data_root, char_base, char_tok):
-    """The split checked before training is the split scored after it."""
-    cfg = tiny_run_config(tmp_path / "lora", data_root, "lora")
+def test_the_checked_evaluation_is_the_one_made(
+    tmp_path, data_root, char_base, char_tok, monkeypatch
+):
+    """The splits checked before training are the splits scored after it, in order."""
+    import blob_lora.evaluation.evaluate as evaluation
+    import blob_lora.training.setup as setup
+
+    def spy(module, calls):
+        real = module.task_inputs
+
+        def recording(task, split, *args, **kwargs):
+            calls.append((task.name, split))
+            return real(task, split, *args, **kwargs)
+
+        monkeypatch.setattr(module, "task_inputs", recording)
+
+    checked: list = []
+    scored: list = []
+    spy(setup, checked)
+    spy(evaluation, scored)
+    own_slice = _task(tmp_path / "extra", n_eval=2)
+    cfg = tiny_run_config(tmp_path / "lora", data_root, "lora", eval_tasks=[str(own_slice)])
     summary = train_tiny(cfg, char_base, char_tok)
-    assert summary["evaluations"][TINY_TASK]["split"] == "validation[:6]"
+    assert scored == [(TINY_TASK, "validation[:6]"), (str(own_slice), "eval")]
+    assert checked == [(TINY_TASK, TINY_TRAIN_SPLIT), *scored]  # the training split, then these
     assert summary["evaluations"][TINY_TASK]["n_examples"] == 6
 
 
