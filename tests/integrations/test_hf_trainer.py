@@ -255,6 +255,9 @@ def test_options_are_validated(tmp_path) -> None:
         ({"std_lr": 0.0}, "std_lr"),
         ({"kl_lr": float("nan")}, "kl_lr"),
         ({"kl_n_train": 0}, "kl_n_train"),
+        # each learning rate of the mode that would not use it
+        ({"optimizer": "paper", "std_lr": 0.1}, "std_lr is the std group"),
+        ({"kl_lr": 0.1}, "kl_lr is the KL SGD"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ConfigError, match=match):
@@ -325,3 +328,156 @@ def test_trainer_gradient_checkpointing_learns_the_same_adapter(tmp_path) -> Non
     assert any("lora_A_rho" in n for n in trained[False])
     for name, value in trained[False].items():
         torch.testing.assert_close(trained[True][name], value, rtol=0, atol=1e-7, msg=name)
+
+
+def _zero_std(model) -> None:
+    """std = G**2 = 0 (std_param "square"): every weight sample is the mean weights."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_A_rho" in n:
+                p.zero_()
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+
+
+def test_eval_loss_shifts_labels_for_a_causal_lm_subclass(tmp_path) -> None:
+    """A user's subclass of a causal LM (transformers lists only its own class names) is
+    scored as a causal LM: position i predicts token i + 1. With the std at 0 one weight
+    sample is the mean weights, so eval_loss is the shifted NLL computed by hand."""
+    from transformers import LlamaForCausalLM
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    base = tiny_llama(0)
+    sub = MyLlama(base.config)
+    sub.load_state_dict(base.state_dict())
+    sub.lm_head.weight.data.mul_(20)  # peaked predictions: shifted and unshifted NLL differ
+    model = get_blob_model(
+        sub.eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), BlobConfig()
+    )
+    _zero_std(model)
+    data = _examples(4, seed=1)
+    ids = torch.stack([e["input_ids"] for e in data])
+    with torch.no_grad(), sampling(model, False):
+        log_p = torch.log_softmax(model(input_ids=ids).logits, -1)
+    shifted = -log_p[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    unshifted = -log_p.gather(-1, ids[..., None]).mean()
+    assert abs(float(shifted - unshifted)) > 1e-3  # 1e-6 below tells the two apart
+    trainer = BlobTrainer(model=model, args=_args(tmp_path), eval_samples=1)
+    assert trainer.evaluate(data)["eval_loss"] == pytest.approx(float(shifted), rel=1e-6)
+
+
+def test_remote_code_causal_lm_is_known_by_its_auto_map() -> None:
+    from blob_lora.integrations.hf_trainer import _is_causal_lm
+
+    class RemoteLM(torch.nn.Module):  # a trust_remote_code class transformers does not list
+        def __init__(self, auto_map):
+            super().__init__()
+            self.config = tiny_llama(0).config
+            self.config.auto_map = auto_map
+
+    assert _is_causal_lm(RemoteLM({"AutoModelForCausalLM": "modeling_remote.RemoteLM"}))
+    assert not _is_causal_lm(RemoteLM({"AutoModel": "modeling_remote.RemoteLM"}))
+    assert not _is_causal_lm(RemoteLM({}))
+
+
+def test_kl_schedule_uses_the_batch_the_trainer_trains_with(tmp_path) -> None:
+    """DataParallel and auto_find_batch_size change the Trainer's batch (_train_batch_size)
+    away from per_device_train_batch_size: the KL cycle follows the Trainer's."""
+    model = _blob_model()
+    trainer = BlobTrainer(
+        model=model, args=_args(tmp_path), train_dataset=_examples(16), kl_rescale=False
+    )
+    assert trainer.kl_schedule().cycle == 4  # 16 examples / (2 x 2 accumulated)
+    trainer._train_batch_size = 1  # what the Trainer sets after an out-of-memory retry
+    assert trainer.kl_schedule().cycle == 8
+    trainer._train_batch_size = 4  # two GPUs under DataParallel, 2 each
+    assert trainer.kl_schedule().cycle == 2
+    rescaled = BlobTrainer(model=model, args=_args(tmp_path), train_dataset=_examples(16))
+    rescaled._train_batch_size = 4
+    # the authors' rescaled cycle int(100 * n^(pi/gamma) / global batch), global batch 4 x 2
+    expected = int(100 * 16 ** (math.pi / 8) / 8)
+    assert rescaled.kl_schedule().cycle == expected != int(100 * 16 ** (math.pi / 8) / 4)
+
+
+def _classifier(num_labels: int, **config):
+    from transformers import LlamaForSequenceClassification
+
+    base = tiny_llama(0)
+    cfg = base.config
+    cfg.num_labels, cfg.pad_token_id = num_labels, 0
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    return get_blob_model(
+        LlamaForSequenceClassification(cfg).eval(),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"),
+        BlobConfig(),
+    )
+
+
+def test_non_categorical_heads_are_refused_with_weight_samples(tmp_path) -> None:
+    """Averaging softmaxes is the predictive of a categorical head only: a regression head
+    (one output) or multi-label one gets a clear error with N > 0, and works with N = 0."""
+    args = _args(tmp_path)
+    ids = _examples(4)
+    regression = _classifier(1)
+    with pytest.raises(ConfigError, match="num_labels=1"):
+        BlobTrainer(model=regression, args=args, eval_samples=2)
+    trainer = BlobTrainer(model=regression, args=args, eval_samples=0)
+    rows = [{"input_ids": e["input_ids"], "labels": torch.tensor(0.5)} for e in ids]
+    assert math.isfinite(trainer.evaluate(rows)["eval_loss"])
+    with pytest.raises(ConfigError, match="regression"):  # the forward set problem_type
+        trainer.evaluate(rows, eval_samples=2)  # nothing averaged, no wrong numbers
+    with pytest.raises(ConfigError, match="multi_label"):
+        BlobTrainer(model=_classifier(3, problem_type="multi_label_classification"), args=args)
+    multi = BlobTrainer(model=_classifier(3), args=args, eval_samples=2)  # problem_type unset
+    hot = [{"input_ids": e["input_ids"], "labels": torch.tensor([1.0, 0.0, 1.0])} for e in ids]
+    with pytest.raises(ConfigError, match="floating-point labels"):
+        multi.evaluate(hot)
+    single = [
+        {"input_ids": e["input_ids"], "labels": torch.tensor(i % 3)} for i, e in enumerate(ids)
+    ]
+    assert math.isfinite(multi.evaluate(single)["eval_loss"])  # single-label: averaged
+
+
+def test_compute_loss_func_gets_the_models_output_class(tmp_path) -> None:
+    """A loss function written for the Trainer reads ``outputs.logits``; with N > 0 it gets
+    the averaged predictive in the model's own output class and gives the default's loss."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    seen = []
+
+    def token_nll(outputs, labels, num_items_in_batch=None):
+        seen.append(type(outputs))
+        logits = outputs.logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
+
+    data = _examples(4, seed=2)
+    losses = []
+    for loss_func in (None, token_nll):
+        model = _blob_model()
+        _zero_std(model)
+        trainer = BlobTrainer(
+            model=model, args=_args(tmp_path), eval_samples=2, compute_loss_func=loss_func
+        )
+        losses.append(trainer.evaluate(data)["eval_loss"])
+    assert seen and all(t is CausalLMOutputWithPast for t in seen)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_eval_samples_default_to_the_models_blob_config(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = get_blob_model(
+        tiny_llama(0), LoraConfig(r=4, target_modules=["q_proj"]), BlobConfig(eval_samples=4)
+    )
+    assert BlobTrainer(model=model, args=_args(tmp_path)).eval_samples == 4
+    assert BlobTrainer(model=model, args=_args(tmp_path), eval_samples=2).eval_samples == 2
+    model.save_pretrained(tmp_path / "adapter")
+    from blob_lora import load_blob_model
+
+    loaded = load_blob_model(tiny_llama(0), tmp_path / "adapter")
+    assert BlobTrainer(model=loaded, args=_args(tmp_path)).eval_samples == 4

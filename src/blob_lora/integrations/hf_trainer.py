@@ -8,8 +8,9 @@ BLoB options are extra keyword arguments, all with the paper's defaults). What c
   every Bayesian ``A``), counted once per optimiser step whatever the gradient accumulation.
   ``pi`` comes from the project's KL schedules (``blob_lora.training.kl_schedule``; default the
   paper's geometric schedule with dataset rescaling) with the training-set size and the global
-  batch ``per_device_train_batch_size * gradient_accumulation_steps * world_size`` taken from
-  the Trainer, at the Trainer's optimiser step. ``kl`` and ``pi`` (their means over the logging
+  batch the Trainer really trains with (its ``get_total_train_batch_size``: the batch after
+  DataParallel and ``auto_find_batch_size``, times accumulation and data-parallel processes),
+  at the Trainer's optimiser step. ``kl`` and ``pi`` (their means over the logging
   window) are logged next to ``loss``.
 * **Optimiser** (``create_optimizer``): ``optimizer="single"`` (default) builds the optimiser
   the Trainer would (``args.optim``, learning rate, betas, eps, weight decay) with the std
@@ -23,7 +24,11 @@ BLoB options are extra keyword arguments, all with the paper's defaults). What c
   average of the softmax of N forwards, each with an independent weight sample per sequence
   (or the authors' token-wise Flipout, when the model's ``BlobConfig.eval_noise`` is "token");
   the returned "logits" are the log of that averaged predictive (so ``compute_metrics``, argmax
-  or softmax, works unchanged) and ``eval_loss`` is its NLL (labels shifted for causal LMs).
+  or softmax, works unchanged) and ``eval_loss`` is its NLL (labels shifted for causal LMs,
+  subclasses and ``trust_remote_code`` models included; a ``compute_loss_func`` gets the
+  averaged predictive as the model's own output class). N defaults to the model's
+  ``BlobConfig.eval_samples``. Averaging softmaxes is only the predictive of a categorical
+  head: regression and multi-label heads are refused with N > 0 (use N = 0).
   N = 0 is exactly the Trainer's own step on the mean weights (BLoB-Mean, as plain LoRA).
 
 Nothing in ``transformers`` is patched: this is a ``Trainer`` subclass and one optimiser class.
@@ -40,12 +45,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+from transformers.utils import ModelOutput
 
 from blob_lora.training.kl_schedule import KL_SCHEDULES, KLSchedule, make_schedule
 from blob_lora.training.optim import OPTIMIZER_MODES, split_parameters
-from blob_lora.tuners.blob import blob_layers, kl_divergence, predictive_noise_mode, sampling
-from blob_lora.tuners.blob.config import BlobConfig
+from blob_lora.training.sections import VariationalConfig
+from blob_lora.tuners.blob import (
+    blob_layers,
+    kl_divergence,
+    predictive_noise_mode,
+    predictive_samples,
+    sampling,
+)
 from blob_lora.utils.errors import ConfigError
+
+PAPER_KL_LR = VariationalConfig.kl_lr  # the authors' KL SGD learning rate (0.01)
 
 __all__ = ["BlobPaperAdamW", "BlobTrainer"]
 
@@ -89,7 +103,18 @@ def _validate(
             "of your own goes in Trainer's optimizers=(optimizer, scheduler))"
         )
     _positive_float("std_lr", std_lr, allow_none=True)
-    _positive_float("kl_lr", kl_lr)
+    _positive_float("kl_lr", kl_lr, allow_none=True)
+    # each learning rate belongs to one mode: set in the other, it would be silently unused
+    if optimizer == "paper" and std_lr is not None:
+        raise ConfigError(
+            'std_lr is the std group\'s learning rate in optimizer="single"; in "paper" the std '
+            "is stepped by the KL SGD at kl_lr: pass kl_lr instead"
+        )
+    if optimizer == "single" and kl_lr is not None:
+        raise ConfigError(
+            'kl_lr is the KL SGD\'s learning rate in optimizer="paper"; in "single" the std '
+            "group's learning rate is std_lr: pass std_lr instead"
+        )
     if kl_n_train is not None and (
         isinstance(kl_n_train, bool) or not isinstance(kl_n_train, int) or kl_n_train < 1
     ):
@@ -205,14 +230,16 @@ class BlobTrainer(Trainer):
         kl_rescale: the authors' dataset rescaling of the KL cycle,
             ``K = int(100 * n^(pi/gamma) / global_batch)``; ``False``: K = steps per epoch.
         kl_gamma: gamma of that rescaling (paper: 8).
-        eval_samples: weight samples N averaged by ``evaluate``/``predict`` (0: the mean).
+        eval_samples: weight samples N averaged by ``evaluate``/``predict`` (0: the mean;
+            default: the model's ``BlobConfig.eval_samples``).
         optimizer: ``"single"`` (one optimiser on NLL + pi * KL) or ``"paper"``
             (``BlobPaperAdamW``: AdamW on the NLL, SGD at ``kl_lr`` on pi * KL; needs an AdamW
             ``args.optim``). A torch optimiser of your own goes in ``optimizers=`` as usual and
             must hold the std parameters.
         std_lr: learning rate of the std parameters in ``"single"`` (default:
-            ``args.learning_rate``).
-        kl_lr: the KL SGD's learning rate in ``"paper"`` (paper: 0.01).
+            ``args.learning_rate``); refused in ``"paper"``, where it would do nothing.
+        kl_lr: the KL SGD's learning rate in ``"paper"`` (default: the paper's 0.01); refused
+            in ``"single"``, where it would do nothing.
         kl_n_train: the training-set size n for the schedule when ``train_dataset`` has no
             length (a streaming dataset).
     """
@@ -223,10 +250,10 @@ class BlobTrainer(Trainer):
         kl_schedule: str = "geometric",
         kl_rescale: bool = True,
         kl_gamma: float = 8.0,
-        eval_samples: int = BlobConfig.eval_samples,
+        eval_samples: int | None = None,
         optimizer: str = "single",
         std_lr: float | None = None,
-        kl_lr: float = 0.01,
+        kl_lr: float | None = None,
         kl_n_train: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -234,7 +261,7 @@ class BlobTrainer(Trainer):
             kl_schedule=kl_schedule,
             kl_rescale=kl_rescale,
             kl_gamma=kl_gamma,
-            eval_samples=eval_samples,
+            eval_samples=0 if eval_samples is None else eval_samples,
             optimizer=optimizer,
             std_lr=std_lr,
             kl_lr=kl_lr,
@@ -243,10 +270,10 @@ class BlobTrainer(Trainer):
         self.kl_schedule_kind = kl_schedule
         self.kl_rescale = kl_rescale
         self.kl_gamma = float(kl_gamma)
-        self.eval_samples = eval_samples
+        self.eval_samples = eval_samples  # None until the model is known (below)
         self.optimizer_mode = optimizer
         self.std_lr = std_lr
-        self.kl_lr = float(kl_lr)
+        self.kl_lr = PAPER_KL_LR if kl_lr is None else float(kl_lr)
         self.kl_n_train = kl_n_train
         self._kl_meter = _KLMeter()
         super().__init__(*args, **kwargs)
@@ -255,6 +282,10 @@ class BlobTrainer(Trainer):
                 "BlobTrainer needs a BLoB model: wrap it with blob_lora.get_blob_model(model, "
                 "LoraConfig(...), BlobConfig(...)) (it has no BLoB layer)"
             )
+        if self.eval_samples is None:
+            self.eval_samples = predictive_samples(self.model) if self.model is not None else 0
+        if self.eval_samples > 0 and self.model is not None:
+            _check_softmax_head(self.model, None)
 
     # ---- the KL weight ---------------------------------------------------------------------
 
@@ -270,10 +301,13 @@ class BlobTrainer(Trainer):
                     "has no length (a streaming dataset?); pass kl_n_train=<number of examples>"
                 ) from None
         args = self.args
-        per_micro = args.per_device_train_batch_size * args.world_size
+        ga = args.gradient_accumulation_steps
+        # The Trainer's own count: its batch after DataParallel and auto_find_batch_size
+        # (_train_batch_size), times the data-parallel processes (not TP/CP/SP ranks).
+        global_batch = self.get_total_train_batch_size(args)
+        per_micro = global_batch // ga
         micro = n // per_micro if args.dataloader_drop_last else math.ceil(n / per_micro)
-        steps_per_epoch = max(1, math.ceil(micro / args.gradient_accumulation_steps))
-        global_batch = per_micro * args.gradient_accumulation_steps
+        steps_per_epoch = max(1, math.ceil(micro / ga))
         return make_schedule(
             self.kl_schedule_kind, n, steps_per_epoch, global_batch, self.kl_rescale, self.kl_gamma
         )
@@ -448,7 +482,8 @@ class BlobTrainer(Trainer):
         if has_labels:
             labels = tuple(inputs[k].detach() for k in self.label_names)
             labels = labels[0] if len(labels) == 1 else labels
-        log_mean = None
+        _check_softmax_head(model, labels)
+        log_mean = outputs = None
         with torch.no_grad(), sampling(model, True, mode=predictive_noise_mode(model)):
             for _ in range(n):
                 with self.compute_loss_context_manager():
@@ -464,17 +499,24 @@ class BlobTrainer(Trainer):
         log_mean = log_mean - math.log(n)
         loss = None
         if has_labels:
-            loss = self._predictive_nll(model, log_mean, labels).detach()
+            loss = self._predictive_nll(model, log_mean, labels, outputs).detach()
         if prediction_loss_only:
             return (loss, None, None)
         return (loss, log_mean, labels)
 
     def _predictive_nll(
-        self, model: nn.Module, log_probs: torch.Tensor, labels: Any
+        self, model: nn.Module, log_probs: torch.Tensor, labels: Any, outputs: Any
     ) -> torch.Tensor:
         """Mean NLL of the averaged predictive: the model's loss convention on log-probs."""
         if self.compute_loss_func is not None:
-            return self.compute_loss_func({"logits": log_probs}, labels, num_items_in_batch=None)
+            # what the Trainer hands it: the model's output class (``outputs.logits`` works),
+            # and no item count at evaluation
+            predictive = (
+                type(outputs)(logits=log_probs)
+                if isinstance(outputs, ModelOutput)
+                else {"logits": log_probs}
+            )
+            return self.compute_loss_func(predictive, labels, num_items_in_batch=None)
         if not isinstance(labels, torch.Tensor):
             raise ConfigError("eval_samples > 0 needs a single label tensor for its eval loss")
         if _is_causal_lm(model):  # position i predicts token i + 1
@@ -486,10 +528,67 @@ class BlobTrainer(Trainer):
         )
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+def _unwrapped(model: nn.Module) -> nn.Module:
     inner = getattr(model, "module", model)  # DDP
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
-    return type(inner).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return inner
+
+
+def _is_kind(model: nn.Module, auto_class: str, mapping_names: Any, peft_class: type) -> bool:
+    """Whether ``model`` is an ``auto_class`` model: PEFT's task wrapper says so, or a class of
+    the base model's MRO is one transformers maps there (a user's subclass counts), or its
+    config's ``auto_map`` names the class (``trust_remote_code`` models)."""
+    outer = getattr(model, "module", model)
+    if isinstance(outer, peft_class):
+        return True
+    inner = _unwrapped(model)
+    known = set(mapping_names.values())
+    if any(cls.__name__ in known for cls in type(inner).__mro__):
+        return True
+    remote = (getattr(getattr(inner, "config", None), "auto_map", None) or {}).get(auto_class)
+    remote = remote if isinstance(remote, list | tuple) else [remote]
+    return any(isinstance(r, str) and r.rsplit(".", 1)[-1] == type(inner).__name__ for r in remote)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from peft import PeftModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return _is_kind(
+        model, "AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, PeftModelForCausalLM
+    )
+
+
+def _is_sequence_classifier(model: nn.Module) -> bool:
+    from peft import PeftModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return _is_kind(
+        model,
+        "AutoModelForSequenceClassification",
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        PeftModelForSequenceClassification,
+    )
+
+
+def _check_softmax_head(model: nn.Module, labels: Any) -> None:
+    """Refuse N > 0 where the head is not a categorical (a softmax average is no predictive of
+    a regression value or of independent labels): by the config's ``problem_type``, a
+    one-output classifier (transformers' regression), or floating-point labels."""
+    config = getattr(_unwrapped(model), "config", None)
+    problem = getattr(config, "problem_type", None)
+    if problem in ("regression", "multi_label_classification"):
+        why = f"problem_type={problem!r}"
+    elif _is_sequence_classifier(model) and getattr(config, "num_labels", 2) == 1:
+        why = "num_labels=1 (regression)"
+    elif isinstance(labels, torch.Tensor) and labels.is_floating_point():
+        why = f"floating-point labels ({labels.dtype}: regression or multi-label)"
+    else:
+        return
+    raise ConfigError(
+        f"eval_samples > 0 averages softmax probabilities over the classes, which is not the "
+        f"predictive of this head ({why}); use eval_samples=0 (the mean weights)"
+    )

@@ -11,6 +11,7 @@ from blob_lora.tuners.blob.model import (
     get_blob_model,
     load_blob_model,
     predictive_noise_mode,
+    predictive_samples,
     sampling,
     std_parameters,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "last_blocks_pattern",
     "load_blob_model",
     "predictive_noise_mode",
+    "predictive_samples",
     "read_adapter_weights",
     "sampling",
     "std_parameters",

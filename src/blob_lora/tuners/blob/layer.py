@@ -58,6 +58,7 @@ class BlobLayerMixin:
         self.blob_sampling = True
         self.blob_noise_mode_override: str | None = None
         self.blob_eval_noise = blob_config.eval_noise  # of predictive samples (model.eval_noise)
+        self.blob_eval_samples = blob_config.eval_samples  # their default number
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs):
         if "lora_A_rho" not in self.__dict__.get("_modules", {}):

@@ -105,6 +105,14 @@ def sampling(model: nn.Module, enabled: bool, mode: str | None = None) -> Iterat
         yield model
 
 
+def predictive_samples(model: nn.Module) -> int:
+    """The model's default number of predictive weight samples (``BlobConfig.eval_samples``
+    it was built or loaded with; the class default without BLoB layers)."""
+    return next(
+        (layer.blob_eval_samples for _, layer in blob_layers(model)), BlobConfig.eval_samples
+    )
+
+
 def predictive_noise_mode(model: nn.Module) -> str:
     """The noise mode predictive samples use: ``PREDICTIVE_NOISE`` of the model's eval noise
     (``BlobConfig.eval_noise``, or what ``eval_noise`` set; ``sequence`` without BLoB layers)."""
