@@ -18,6 +18,7 @@ from blob_lora.metrics import (
     reliability_diagram,
 )
 from blob_lora.prediction import reports
+from blob_lora.prediction.api import PREDICT_SEED
 from blob_lora.prediction.fast import EarlyStop
 from blob_lora.prediction.loop import predict_dataset
 from blob_lora.prediction.resume import PassCheckpoint, pass_key
@@ -43,8 +44,8 @@ RELIABILITY_FILE = "reliability.png"
 #: a stopped evaluation's progress (``prediction.resume``); removed once metrics.json is written
 PROGRESS_FILE = ".progress.pt"
 #: the seed of the weight samples of an evaluation made after training (``blob-lora evaluate``,
-#: ``blob_lora.evaluate``, ``compare`` filling in a missing evaluation): the same as ``predict``'s
-EVAL_SEED = 0
+#: ``blob_lora.evaluate``, ``compare`` filling in a missing evaluation): ``predict``'s
+EVAL_SEED = PREDICT_SEED
 #: how often that progress is written (a write is a few kB to MB; a batch of N = 10 samples on
 #: two CPU cores takes about a minute)
 PROGRESS_EVERY_SECONDS = 30.0

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from blob_lora.utils.atomic import atomic_directory
-from blob_lora.utils.errors import BlobLoraError
+from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,20 @@ def _location(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if name_or_path.startswith((".", "/", "~")):
         raise BlobLoraError(f"--model {name_or_path}: no such folder")
     return name_or_path, {}  # a Hub name
+
+
+def check_model_pair(base_model: Any, tokenizer: Any) -> None:
+    """A caller's own base model comes with its tokenizer, and a tokenizer with its model:
+    one without the other would fail much later (a ``len(None)`` while tokenising) or be
+    silently replaced by the configured model's."""
+    if (base_model is None) != (tokenizer is None):
+        given, missing = (
+            ("base_model", "tokenizer") if tokenizer is None else ("tokenizer", "base_model")
+        )
+        raise ConfigError(
+            f"{given} was passed without {missing}: pass both (your model and its tokenizer), "
+            "or neither to load the configured model"
+        )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -46,6 +46,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+#: the seed of the weight samples of a prediction, and of an evaluation made after training
+#: (``evaluation.EVAL_SEED``): the same numbers at every call unless the caller says otherwise
+PREDICT_SEED = 0
+
+
 @dataclass
 class PredictionSummary:
     """What a prediction run did: the mode actually used, samples, time, accuracy if labelled."""
@@ -89,8 +94,11 @@ class Predictor:
         batch_size: questions per batch (before samples are folded in).
         max_length: prompt tokens; passages and questions are shortened, never the options.
         early: the stopping rule of the early modes.
-        seed: seeds torch's generator before predicting, for reproducible samples.
-        scoring: how option scores are read (letter or cloze); ``from_run`` uses the run's.
+        seed: seeds torch's generator before predicting, so every call gives the same
+            numbers (default :data:`PREDICT_SEED`, as ``blob-lora predict`` and ``evaluate``;
+            ``None``: torch's generator as it stands).
+        scoring: how option scores are read: a ``Scoring`` or a mode's name (``"letter"``,
+            ``"cloze"``); ``from_run`` uses the run's.
         eval_noise: BLoB's weight noise of the samples, ``sequence`` (one coherent sample per
             sequence) or ``token`` (the authors' token-wise Flipout); ``None``: the model's own
             (``BlobConfig.eval_noise``); ``from_run`` uses the run's. Other methods ignore it.
@@ -108,9 +116,9 @@ class Predictor:
         batch_size: int = 8,
         max_length: int = 300,
         early: EarlyStop | None = None,
-        seed: int | None = None,
+        seed: int | None = PREDICT_SEED,
         progress: bool = False,
-        scoring: Scoring = LETTER,
+        scoring: Scoring | str = LETTER,
         eval_noise: str | None = None,
     ) -> None:
         if mode not in MODES:
@@ -121,6 +129,8 @@ class Predictor:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if fold is not None and (not isinstance(fold, int) or fold < 1):
             raise ConfigError(f"fold must be a positive integer, got {fold!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed must be an integer or None, got {seed!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.method = _resolve_method(method, model)
@@ -133,7 +143,7 @@ class Predictor:
         self.early.validate()
         self.seed = seed
         self.progress = progress
-        self.scoring = scoring
+        self.scoring = Scoring.of(scoring)
         if eval_noise is not None and eval_noise not in EVAL_NOISE_MODES:
             raise ConfigError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {eval_noise!r}")
         self.eval_noise = eval_noise

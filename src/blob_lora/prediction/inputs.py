@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,9 @@ def parse_questions(
 
     Records without an ``id`` get their 1-based position; errors name that position.
     """
+    if isinstance(questions, str | bytes | Mapping):
+        kind = "one record (a dict)" if isinstance(questions, Mapping) else "a string"
+        raise DataError(f"{where}: expected a list of records, got {kind}; wrap it in a list")
     items = list(questions)
     if all(isinstance(q, MCExample) for q in items):
         return Questions(questions_task(items), items, [ex.label for ex in items])

@@ -106,6 +106,15 @@ class Scoring:
                 "(letter scoring reads one token per option)"
             )
 
+    @classmethod
+    def of(cls, value: Scoring | str) -> Scoring:
+        """``value`` itself, or the scoring of a mode's name (``"cloze"``: the plain sum)."""
+        if isinstance(value, Scoring):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        raise ConfigError(f"scoring must be a Scoring or one of {SCORING_MODES}, got {value!r}")
+
     @property
     def is_cloze(self) -> bool:
         return self.mode == "cloze"

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from blob_lora.methods import get_method
 from blob_lora.methods.base import Method
-from blob_lora.models import load_model_and_tokenizer
+from blob_lora.models import check_model_pair, load_model_and_tokenizer
 from blob_lora.tasks import get_task, list_tasks
 from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY
-from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.errors import CheckpointError, ConfigError
 from blob_lora.utils.fingerprint import model_fingerprint
 from blob_lora.utils.json_file import read_json_object
 
@@ -101,12 +101,17 @@ def from_here(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 
 
 def load_run(
-    run_dir: Path,
+    run_dir: str | os.PathLike[str],
     model: str | None = None,
     base_model: nn.Module | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LoadedRun:
-    """Base model from the run's ``--model`` (or ``model``), adapter from ``RUN/adapter``."""
+    """Base model from the run's ``--model`` (or ``model``; or the caller's ``base_model``
+    with its ``tokenizer``), adapter from ``RUN/adapter``."""
+    check_model_pair(base_model, tokenizer)
+    if model is not None and base_model is not None:
+        raise ConfigError("pass model (a name or folder to load) or base_model, not both")
+    run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     adapter = run_dir / ADAPTER_DIR
     if not adapter.is_dir():

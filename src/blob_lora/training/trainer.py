@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from blob_lora.methods.base import Method, StepSchedule
+from blob_lora.models import check_model_pair
 from blob_lora.models.forward import check_cloze_support
 from blob_lora.tasks import Task, TaskInputs
 from blob_lora.training.config import TrainConfig
@@ -73,6 +74,9 @@ class RunStart:
     #: finished plain runs a composite run may take as sub-runs that would train exactly as
     #: they did (``pipeline.composite.share_finished_run``)
     finished_runs: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_model_pair(self.base_model, self.tokenizer)
 
 
 @dataclass

@@ -182,6 +182,12 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     )
     add_scoring_override(p)
     add_eval_noise_override(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an evaluation already in the output folder (by default it is kept and "
+        "the command refuses: RUN/eval/<task> holds the one made at the end of training)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -189,51 +195,56 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _configure_evaluate
 )
 def run_evaluate(args: argparse.Namespace) -> int:
-    from blob_lora.evaluation.evaluate import evaluate_on_task
+    from blob_lora.pipeline.evaluate_saved import (
+        check_eval_out,
+        default_eval_dir,
+        evaluate_saved_run,
+    )
     from blob_lora.tasks import get_task
     from blob_lora.training.saved_run import load_run
 
+    tasks = _task_list(args.task) if args.task else None
+    if tasks is not None:
+        check_distinct_dirs(tasks, "--task")
+    for name, flag in (("eval_samples", "--eval-samples"), ("max_length", "--max-length")):
+        value, low = getattr(args, name), 0 if name == "eval_samples" else 1
+        if value is not None and value < low:
+            raise BlobLoraError(f"{flag} must be >= {low}, got {value}")
     loaded = load_run(Path(args.run), model=args.model)
     cfg = loaded.config
     scoring = scoring_override(args, cfg)
     data_root = args.data_root or cfg.data.data_root
-    tasks = _task_list(args.task) if args.task else [cfg.data.task]
-    check_distinct_dirs(tasks, "--task")
-    if args.eval_samples is not None and args.eval_samples < 0:
-        raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    if args.max_length is not None and args.max_length < 1:
-        raise BlobLoraError(f"--max-length must be >= 1, got {args.max_length}")
+    tasks = tasks or [cfg.data.task]
+
+    def out_dir(name: str) -> Path:
+        if args.out:
+            return Path(args.out) if len(tasks) == 1 else Path(args.out) / _safe(name)
+        return default_eval_dir(args.run, name)
+
+    for name in tasks:  # every task known and every folder free before the first pass
+        get_task(name, data_root=data_root)
+        check_eval_out(out_dir(name), args.overwrite)
     results = {}
     for name in tasks:
-        task = get_task(name, data_root=data_root)
-        if args.out:
-            out = Path(args.out) if len(tasks) == 1 else Path(args.out) / _safe(name)
-        else:
-            out = Path(args.run) / "eval" / _safe(name)
-        split = args.split
-        if split == "eval" and name == cfg.data.task and cfg.evaluation.eval_split:
-            split = cfg.evaluation.eval_split
-        results[name] = evaluate_on_task(
-            loaded.model,
-            loaded.method,
-            loaded.tokenizer,
-            task,
-            out,
-            split=split,
-            n_samples=args.eval_samples
-            if args.eval_samples is not None
-            else cfg.evaluation.eval_samples,
-            max_length=args.max_length or cfg.data.max_length,
-            batch_size=args.batch_size or cfg.evaluation.eval_batch_size,
-            fold=args.fold,
-            cache_dir=cfg.data.cache_dir,
-            progress=not args.no_progress,
-            ood_against=args.ood_reference,
+        results[name] = evaluate_saved_run(
+            loaded,
+            args.run,
+            name,
+            out_dir(name),
+            split=args.split,
+            n_samples=args.eval_samples,
             scoring=scoring,
-            eval_noise=args.eval_noise or cfg.blob.eval_noise,
+            eval_noise=args.eval_noise,
+            data_root=data_root,
+            batch_size=args.batch_size,
+            fold=args.fold,
+            max_length=args.max_length,
+            ood_reference=args.ood_reference,
             seed=args.seed,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
-        print(_metrics_line(name, results[name]) + f"  -> {out}")
+        print(_metrics_line(name, results[name]) + f"  -> {out_dir(name)}")
     if args.out and len(tasks) > 1:
         from blob_lora.utils.atomic import atomic_write_json
 

@@ -19,6 +19,7 @@ MODE_HELP = (
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
+    from blob_lora.prediction.api import PREDICT_SEED
     from blob_lora.prediction.fast import MODES, EarlyStop
 
     rule = EarlyStop()
@@ -60,7 +61,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch (run's)")
     p.add_argument("--max-length", type=int, default=None, help="max prompt tokens (run's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weight samples (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=PREDICT_SEED,
+        help=f"seed of the weight samples (default {PREDICT_SEED})",
+    )
     p.add_argument("--model", help="base model, if it moved since training (default: the run's)")
     add_scoring_override(p)
     add_eval_noise_override(p)

@@ -1,0 +1,111 @@
+"""Re-scoring a finished run (``blob-lora evaluate`` and ``blob_lora.evaluate``, one shared
+path): an earlier evaluation is never written over without ``overwrite``, the API checks its
+numbers and takes the command line's settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import blob_lora
+from blob_lora.cli.main import main
+from blob_lora.pipeline import train
+from blob_lora.prediction import Predictor
+from blob_lora.tasks import Scoring
+from blob_lora.utils.errors import ConfigError, DataError
+from tests.training.test_train_loop import tiny_cfg
+
+QUESTIONS = [
+    {"question": "Which is a colour?", "choices": ["red", "dog", "seven"], "answer": 0},
+    {"question": "Which is a number?", "choices": ["cat", "five"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_root, tiny_model_dir):
+    """A BLoB run evaluated at the end of training (RUN/eval/arc_easy)."""
+    tmp = tmp_path_factory.mktemp("evaluate_saved")
+    train(tiny_cfg(tmp, data_root, tiny_model_dir, method="blob", max_steps=2), progress=False)
+    return tmp / "run"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_end_of_training_evaluation_is_kept_unless_overwritten(run, tmp_path, capsys) -> None:
+    own = run / "eval" / "arc_easy"
+    before = _files(own)
+    summary = json.loads((run / "summary.json").read_text())["evaluations"]["arc_easy"]
+    assert json.loads(before["metrics.json"])["nll"] == summary["nll"]
+    with pytest.raises(ConfigError, match="already holds an evaluation"):
+        blob_lora.evaluate(run, split="validation[:4]", n_samples=2)
+    argv = ["evaluate", "--run", str(run), "--split", "validation[:4]", "--no-progress"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _files(own) == before  # nothing written over, the plots included
+    # several tasks: refused before the first pass, so the free folder gets nothing either
+    argv = ["evaluate", "--run", str(run), "--task", "openbookqa,arc_easy", "--no-progress"]
+    assert main([*argv, "--split", "validation[:4]"]) == 2
+    assert not (run / "eval" / "openbookqa").exists()
+    metrics = blob_lora.evaluate(run, split="validation[:4]", n_samples=2, overwrite=True)
+    assert metrics["n_examples"] == 4 and metrics["eval_samples"] == 2
+    assert json.loads((own / "metrics.json").read_text())["n_examples"] == 4
+    # a new folder is free, and the same call gives the same numbers there (seeded)
+    again = blob_lora.evaluate(run, split="validation[:4]", n_samples=2, out=tmp_path / "b")
+    assert again["nll"] == metrics["nll"]
+
+
+def test_the_api_checks_its_numbers_and_takes_the_clis_settings(run, tmp_path) -> None:
+    bad = [
+        ({"n_samples": -1}, "n_samples"),
+        ({"n_samples": 2.5}, "n_samples"),
+        ({"n_samples": "3"}, "n_samples"),
+        ({"seed": "1"}, "seed"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"scoring": 3}, "scoring"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            blob_lora.evaluate(run, out=tmp_path / "never", **kwargs)
+    assert not (tmp_path / "never").exists()
+    kw = {"split": "validation[:4]", "n_samples": 2}
+    named = blob_lora.evaluate(run, scoring="letter", out=tmp_path / "named", **kw)
+    spec = blob_lora.evaluate(run, scoring=Scoring("letter"), out=tmp_path / "spec", **kw)
+    assert named["nll"] == spec["nll"]
+    # the CLI's other settings: on the mean weights batch and fold change no number; a prompt
+    # budget too small for the options is refused, so max_length is read
+    mean = {"split": "validation[:4]", "n_samples": 0}
+    plain = blob_lora.evaluate(run, out=tmp_path / "plain", **mean)
+    folded = blob_lora.evaluate(run, batch_size=1, fold=1, out=tmp_path / "folded", **mean)
+    assert folded["nll"] == pytest.approx(plain["nll"], rel=1e-5)
+    with pytest.raises(DataError):
+        blob_lora.evaluate(run, max_length=8, out=tmp_path / "short", **mean)
+    model = json.loads((run / "run_config.json").read_text())["model"]
+    moved = blob_lora.evaluate(run, model=model, out=tmp_path / "model", **kw)
+    assert moved["nll"] == spec["nll"]
+
+
+def test_load_run_and_predictor_take_plain_strings_and_are_reproducible(run) -> None:
+    loaded = blob_lora.load_run(str(run))
+    assert loaded.config.method == "blob"
+    predictor = Predictor.from_run(str(run), n_samples=3)
+    first, second = predictor.predict(QUESTIONS), predictor.predict(QUESTIONS)
+    assert [r["probs"] for r in first] == [r["probs"] for r in second]  # seeded by default
+    unseeded = Predictor.from_run(str(run), n_samples=3, seed=None)
+    draws = [unseeded.predict(QUESTIONS)[0]["probs"] for _ in range(2)]
+    assert draws[0] != draws[1]  # seed=None: torch's generator as it stands
+    assert Predictor.from_run(str(run), scoring="letter").scoring == Scoring("letter")
+    with pytest.raises(DataError, match="wrap it in a list"):
+        predictor.predict(QUESTIONS[0])
+
+
+def test_a_base_model_comes_with_its_tokenizer(run, char_base) -> None:
+    with pytest.raises(ConfigError, match="base_model was passed without tokenizer"):
+        blob_lora.load_run(run, base_model=char_base)
+    with pytest.raises(ConfigError, match="base_model was passed without tokenizer"):
+        from blob_lora.training.trainer import RunStart
+
+        RunStart(base_model=char_base)
