@@ -34,6 +34,10 @@ BAD = [
     ("ensemble_size", True, "--ensemble-size must be an integer >= 1, got True"),
     ("eval_batch_size", "8", "--eval-batch-size must be an integer >= 1, got '8'"),
     ("method", "", "--method must be a non-empty string, got ''"),
+    # an optional string is unset (None) or a real value, never "" (read as unset by some)
+    ("eval_split", "", "--eval-split must be a non-empty string, got ''"),
+    ("train_split", " ", "--train-split must be a non-empty string, got ' '"),
+    ("prefix_cache", "no", "--prefix-cache must be true or false, got 'no'"),
 ]
 
 

@@ -40,3 +40,24 @@ def test_stored_config_reads_back_the_same() -> None:
 def test_unknown_recipe_is_refused_by_name(bad) -> None:
     with pytest.raises(ConfigError, match="--recipe must be one of"):
         TrainConfig(recipe=bad)
+
+
+def test_replacing_the_recipe_takes_back_what_the_old_one_set() -> None:
+    """``replace(recipe=...)`` gives what a fresh config with that recipe gives, not the new
+    name over the old recipe's values (run_config.json would have named the wrong recipe)."""
+    elbo = TrainConfig(recipe="elbo-adam", lr=5e-4)
+    paper = elbo.replace(recipe="paper")
+    assert paper == TrainConfig(recipe="paper", lr=5e-4)
+    assert (paper.loop.optimizer, paper.kl.kl_schedule, paper.kl.std_lr) == (
+        "paper",
+        "geometric",
+        None,
+    )
+    assert elbo.replace(recipe="no-rescale") == TrainConfig(recipe="no-rescale", lr=5e-4)
+    # a setting of the user's own (not the old recipe's value) stays; so does one changed
+    # in the same call
+    mine = TrainConfig(recipe="elbo-adam", std_lr=3e-2).replace(recipe="paper")
+    assert mine.kl.std_lr == 3e-2 and mine.loop.optimizer == "paper"
+    both = elbo.replace(recipe="paper", kl_schedule="elbo")
+    assert both.kl.kl_schedule == "elbo" and both.loop.optimizer == "paper"
+    assert elbo.replace(lr=1e-3).kl.kl_schedule == "elbo"  # the same recipe: nothing taken back

@@ -25,7 +25,6 @@ class BaseModelConfig:
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     trust_remote_code: bool = False
-    # not type-checked, as before the settings were split: any truthy value turns it on
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -34,6 +33,6 @@ class BaseModelConfig:
     def validate(self) -> None:
         """Refuse a bad value, naming its option."""
         check_str(self, "model")
-        for name in ("load_in_8bit", "load_in_4bit", "trust_remote_code"):
+        for name in ("load_in_8bit", "load_in_4bit", "trust_remote_code", "prefix_cache"):
             check_bool(self, name)
         check_choice(self, "dtype", DTYPES)

@@ -154,8 +154,19 @@ class TrainConfig:
         return getattr(self if s.section is None else getattr(self, s.section), s.name)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some flat settings changed (validated, the recipe applied again)."""
-        return TrainConfig(**{**self.to_dict(), **changes})
+        """A copy with some flat settings changed (validated, the recipe applied again).
+
+        A new ``recipe`` first takes back what the old one set: a setting that still holds the
+        old recipe's value (and is not among ``changes``) returns to its default, so that the
+        new recipe applies as in a fresh config instead of inheriting the old one's values.
+        """
+        current = self.to_dict()
+        new_recipe = changes.get("recipe", current["recipe"])
+        if new_recipe != current["recipe"]:
+            for key, value in RECIPES.get(current["recipe"], {}).items():
+                if key not in changes and current[key] == value:
+                    current[key] = SETTINGS[key].default
+        return TrainConfig(**{**current, **changes})
 
     def evaluation_splits(self) -> list[tuple[str, str]]:
         """(task, split) of every evaluation the run makes after training: its own task on

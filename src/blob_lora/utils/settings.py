@@ -84,12 +84,12 @@ def check_fraction(section: Any, name: str) -> None:
 
 
 def check_str(section: Any, name: str, *, optional: bool = False) -> None:
-    """A non-empty string, or (``optional``) any string or ``None``."""
+    """A non-empty string, or (``optional``) ``None`` for unset: an empty string is refused
+    either way, rather than read as unset by one caller and as a value by another."""
     v = getattr(section, name)
-    if optional:
-        if v is not None and not isinstance(v, str):
-            raise refuse(section, name, f"must be a string, got {v!r}")
-    elif not isinstance(v, str) or not v.strip():
+    if optional and v is None:
+        return
+    if not isinstance(v, str) or not v.strip():
         raise refuse(section, name, f"must be a non-empty string, got {v!r}")
 
 
