@@ -89,7 +89,9 @@ class Predictor:
         n_samples: weight samples N (``None``: the method's default, BLoB 10; 0: mean weights).
         mode: ``fold`` (default), ``prefix``, ``early``, ``prefix-early`` or ``mean`` (see
             ``blob_lora.prediction.fast``); a mode the method cannot run falls back, with a
-            warning, and the summary's ``mode`` says what ran.
+            warning, and the summary's ``mode`` says what ran. An ensemble has no single
+            mean model: ``mean`` there is every member on its own (deterministic) weights,
+            so ``n_samples`` counts the members and their spread is the epistemic part.
         fold: samples per forward pass (default: all N at once).
         batch_size: questions per batch (before samples are folded in).
         max_length: prompt tokens; passages and questions are shortened, never the options.

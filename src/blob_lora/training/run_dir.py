@@ -53,11 +53,13 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
             return True
         if not overwrite:
             raise BlobLoraError(
-                f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+                f"{out} already holds a run; pass --resume (resume=True) to continue it or "
+                "--overwrite (overwrite=True) to replace it"
             )
     elif out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BlobLoraError(
-            f"{out} is not empty and holds no blob-lora run; choose another --out or pass --overwrite"
+            f"{out} is not empty and holds no blob-lora run; choose another --out or pass "
+            "--overwrite (overwrite=True)"
         )
     return False
 
@@ -70,7 +72,7 @@ def check_same_training_data(stored: str | None, now: str, where: Path | str) ->
         raise ConfigError(
             f"the training data of {where} has changed since it was trained "
             f"({_short(stored)} -> {_short(now)}); restore the data, or train a new run "
-            "(--overwrite, or another --out)"
+            "(--overwrite / overwrite=True, or another --out)"
         )
 
 
