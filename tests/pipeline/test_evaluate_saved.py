@@ -109,3 +109,23 @@ def test_a_base_model_comes_with_its_tokenizer(run, char_base) -> None:
         from blob_lora.training.trainer import RunStart
 
         RunStart(base_model=char_base)
+
+
+def test_an_adapter_that_does_not_fit_the_named_model_says_how_to_give_another(
+    run, tmp_path
+) -> None:
+    """A run trained on a model passed in Python names the default ``--model``; re-opening it
+    on the model it names fails, and the error says how to give the right one."""
+    import shutil
+
+    from blob_lora.utils.errors import CheckpointError
+    from tests.factories import save_model_folder, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    wide = tiny_llama(0, vocab_size=len(tok), hidden_size=48, pad_token_id=tok.pad_token_id)
+    other = save_model_folder(tmp_path / "wide", wide, tok)
+    copy = shutil.copytree(run, tmp_path / "copy")
+    stored = json.loads((copy / "run_config.json").read_text())
+    (copy / "run_config.json").write_text(json.dumps({**stored, "model": str(other)}))
+    with pytest.raises(CheckpointError, match="--model / model="):
+        blob_lora.load_run(copy)

@@ -121,6 +121,7 @@ def load_run(
         )
     method = get_method(cfg.method)
     method.check_saved(adapter, cfg)
+    from_config = base_model is None and model is None  # the model the run names
     if base_model is None:
         base_model, tokenizer = load_model_and_tokenizer(
             model or cfg.base.model,
@@ -130,7 +131,16 @@ def load_run(
             trust_remote_code=cfg.base.trust_remote_code,
         )
     _warn_other_base(run_dir, base_model)
-    peft_model = method.load(base_model, adapter)
+    try:
+        peft_model = method.load(base_model, adapter)
+    except CheckpointError as exc:
+        if not from_config:
+            raise
+        raise CheckpointError(
+            f"{exc}. The run names the base model {cfg.base.model!r} (run_config.json); if it "
+            "was trained on another (a model passed to blob_lora.train, or a folder that "
+            "moved), give that one: --model / model="
+        ) from exc
     return LoadedRun(cfg, method, peft_model, tokenizer)
 
 
