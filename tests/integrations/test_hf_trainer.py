@@ -481,3 +481,76 @@ def test_eval_samples_default_to_the_models_blob_config(tmp_path) -> None:
 
     loaded = load_blob_model(tiny_llama(0), tmp_path / "adapter")
     assert BlobTrainer(model=loaded, args=_args(tmp_path)).eval_samples == 4
+
+
+def test_class_logits_of_a_causal_lm_subclass_are_not_shifted(tmp_path) -> None:
+    """A causal LM's subclass that returns one row of class logits per example (BLoB's own
+    multiple-choice layout: the answer letters' logits at the last position, labels (B,))
+    has no positions to shift: eval_loss is the plain NLL of each example's own label."""
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    letters = [5, 6, 7, 8]
+
+    class LetterClassifier(LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = super().forward(input_ids=input_ids).logits[:, -1, letters]
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    import torch.nn.functional as F
+
+    base = tiny_llama(0)
+    sub = LetterClassifier(base.config)
+    sub.load_state_dict(base.state_dict())
+    sub.lm_head.weight.data.mul_(20)
+    model = get_blob_model(
+        sub.eval(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), BlobConfig()
+    )
+    _zero_std(model)
+    gen = torch.Generator().manual_seed(3)
+    rows = [
+        {"input_ids": torch.randint(0, 128, (12,), generator=gen), "labels": torch.tensor(i % 4)}
+        for i in range(8)
+    ]
+    ids = torch.stack([r["input_ids"] for r in rows])
+    labels = torch.stack([r["labels"] for r in rows])
+    with torch.no_grad(), sampling(model, False):
+        right = float(F.cross_entropy(model(input_ids=ids).logits, labels))
+    args = _args(tmp_path, per_device_eval_batch_size=8)
+    trainer = BlobTrainer(model=model, args=args, eval_samples=1)
+    assert trainer.evaluate(rows)["eval_loss"] == pytest.approx(right, rel=1e-6)
+
+
+def test_compute_loss_func_gets_a_custom_output_class_with_fields_of_its_own(tmp_path) -> None:
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Out(ModelOutput):
+        hidden: torch.Tensor = None  # first field, required by the model's own code
+        logits: torch.Tensor = None
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            return Out(hidden=input_ids, logits=self.inner(input_ids=input_ids).logits)
+
+    seen = []
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        seen.append((type(outputs), outputs.hidden is not None))
+        logits = outputs.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    import torch.nn.functional as F
+
+    model = _blob_model()
+    trainer = BlobTrainer(model=model, args=_args(tmp_path), eval_samples=2, compute_loss_func=loss)
+    trainer.model = trainer.model_wrapped = Wrapped(model)
+    assert math.isfinite(trainer.evaluate(_examples(4))["eval_loss"])
+    assert seen and all(kind is Out and has_hidden for kind, has_hidden in seen)

@@ -39,16 +39,17 @@ def test_the_end_of_training_evaluation_is_kept_unless_overwritten(run, tmp_path
     before = _files(own)
     summary = json.loads((run / "summary.json").read_text())["evaluations"]["arc_easy"]
     assert json.loads(before["metrics.json"])["nll"] == summary["nll"]
-    with pytest.raises(ConfigError, match="already holds an evaluation"):
+    with pytest.raises(ConfigError, match="already holds another evaluation"):
         blob_lora.evaluate(run, split="validation[:4]", n_samples=2)
     argv = ["evaluate", "--run", str(run), "--split", "validation[:4]", "--no-progress"]
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert _files(own) == before  # nothing written over, the plots included
-    # several tasks: refused before the first pass, so the free folder gets nothing either
+    # several tasks: the free folder is scored, the taken one refused (and kept)
     argv = ["evaluate", "--run", str(run), "--task", "openbookqa,arc_easy", "--no-progress"]
     assert main([*argv, "--split", "validation[:4]"]) == 2
-    assert not (run / "eval" / "openbookqa").exists()
+    assert (run / "eval" / "openbookqa" / "metrics.json").exists()
+    assert _files(own) == before
     metrics = blob_lora.evaluate(run, split="validation[:4]", n_samples=2, overwrite=True)
     assert metrics["n_examples"] == 4 and metrics["eval_samples"] == 2
     assert json.loads((own / "metrics.json").read_text())["n_examples"] == 4
@@ -129,3 +130,104 @@ def test_an_adapter_that_does_not_fit_the_named_model_says_how_to_give_another(
     (copy / "run_config.json").write_text(json.dumps({**stored, "model": str(other)}))
     with pytest.raises(CheckpointError, match="--model / model="):
         blob_lora.load_run(copy)
+
+
+def test_the_same_evaluation_made_again_returns_the_finished_one(
+    run, tmp_path, monkeypatch
+) -> None:
+    """A stopped multi-task evaluation is re-run as it was: the tasks it finished are not
+    scored again (their metrics come back as written), the one it stopped in goes on, and a
+    change of settings is refused instead of taken for the same evaluation."""
+    import blob_lora.evaluation.evaluate as evaluation
+
+    out = tmp_path / "multi"
+    argv = ["evaluate", "--run", str(run), "--task", "arc_easy,openbookqa", "--out", str(out)]
+    argv += ["--split", "validation[:4]", "--eval-samples", "2", "--no-progress"]
+    assert main(argv) == 0
+    first = {t: _files(out / t) for t in ("arc_easy", "openbookqa")}
+    (out / "openbookqa" / "metrics.json").unlink()  # as if stopped during the second task
+    passes = []
+    real = evaluation._score_split
+    monkeypatch.setattr(
+        evaluation, "_score_split", lambda *a, **k: passes.append(1) or real(*a, **k)
+    )
+    assert main(argv) == 0
+    assert len(passes) == 1  # only the unfinished task was scored
+    assert _files(out / "arc_easy") == first["arc_easy"]
+    again = json.loads((out / "openbookqa" / "metrics.json").read_text())
+    assert again["nll"] == json.loads(first["openbookqa"]["metrics.json"])["nll"]
+    assert main([*argv[:-2], "3", "--no-progress"]) == 2  # N = 3 is another evaluation
+    assert _files(out / "arc_easy") == first["arc_easy"]
+
+
+def test_the_api_hands_every_setting_on(run, tmp_path, monkeypatch) -> None:
+    """What the API is given reaches the scoring pass (not only the defaults' numbers)."""
+    import blob_lora.pipeline.evaluate_saved as evaluate_saved
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs, task=args[3])
+        return {}
+
+    monkeypatch.setattr(evaluate_saved, "evaluate_on_task", spy)
+    reference = tmp_path / "id"
+    blob_lora.evaluate(
+        run,
+        "openbookqa",
+        split="validation[:2]",
+        batch_size=3,
+        fold=2,
+        max_length=64,
+        data_root=tmp_path / "data",
+        ood_reference=reference,
+        n_samples=5,
+        seed=7,
+        overwrite=True,
+        out=tmp_path / "o",
+    )
+    assert (seen["batch_size"], seen["fold"], seen["max_length"]) == (3, 2, 64)
+    assert (seen["n_samples"], seen["seed"], seen["keep_finished"]) == (5, 7, False)
+    assert seen["ood_against"] == reference and seen["split"] == "validation[:2]"
+    assert seen["task"].name == "openbookqa"
+
+
+def test_another_base_model_is_used_when_given(run, tmp_path, tiny_model_dir) -> None:
+    """``model=`` loads that model (here: other weights of the same shapes, which the run's
+    fingerprint tells apart with a warning), not the one the run names."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    kw = {"split": "validation[:4]", "n_samples": 0}
+    own = blob_lora.evaluate(run, out=tmp_path / "own", **kw)
+    with pytest.warns(UserWarning, match="not the ones"):
+        moved = blob_lora.evaluate(run, model=str(other), out=tmp_path / "moved", **kw)
+    assert moved["nll"] != own["nll"]
+
+
+def test_predictor_leaves_the_callers_random_stream_alone(run) -> None:
+    import torch
+
+    predictor = Predictor.from_run(run, n_samples=2)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        predictor.predict(QUESTIONS)
+        draws.append(torch.rand(3))
+    torch.manual_seed(123)
+    assert torch.equal(draws[0], torch.rand(3)) and torch.equal(draws[0], draws[1])
+
+
+def test_a_scoring_name_keeps_the_runs_length_normalisation() -> None:
+    run_spec = Scoring("cloze", "char")
+    assert Scoring.of("cloze", like=run_spec) == run_spec
+    assert Scoring.of("letter", like=run_spec) == Scoring("letter")
+    assert Scoring.of("cloze") == Scoring("cloze", "none")

@@ -147,3 +147,17 @@ def test_lora_section_builds_pefts_lora_config() -> None:
     assert (peft.r, peft.lora_alpha, peft.lora_dropout) == (4, 8, 0.1)
     assert peft.target_modules == ".*q_proj"  # one regular expression: PEFT's full match
     assert get_method("mc-dropout").lora_config(cfg).lora_dropout == 0.1
+
+
+def test_an_old_run_config_with_empty_strings_and_a_truthy_prefix_cache_loads() -> None:
+    """Files written when "" meant unset and any truthy prefix_cache turned the cache on read
+    back as what they meant (today's config refuses both spellings when given fresh)."""
+    stored = {**TrainConfig().to_dict(), "eval_split": "", "data_root": "", "prefix_cache": 1}
+    cfg = TrainConfig.from_dict(TrainConfig.stored_with_defaults(stored))
+    assert (cfg.evaluation.eval_split, cfg.data.data_root, cfg.base.prefix_cache) == (
+        None,
+        None,
+        True,
+    )
+    off = TrainConfig.stored_with_defaults({"prefix_cache": 0, "train_split": "train[:8]"})
+    assert off["prefix_cache"] is False and off["train_split"] == "train[:8]"

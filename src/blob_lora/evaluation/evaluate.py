@@ -32,7 +32,9 @@ from blob_lora.tasks import (
 )
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.utils.atomic import atomic_write_json, atomic_write_text
+from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.fingerprint import tensors_fingerprint
+from blob_lora.utils.json_file import read_json_object
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -76,6 +78,7 @@ def evaluate_on_task(
     by_length: bool = True,
     resume: bool = True,
     seed: int | None = None,
+    keep_finished: bool = False,
 ) -> dict[str, Any]:
     """Score ``task``'s ``split`` and write metrics.json, predictions.jsonl, reliability.png
     and risk_coverage.png (selective prediction: ``aurc``, ``acc_at_80/90/95`` in the metrics).
@@ -102,12 +105,43 @@ def evaluate_on_task(
     (``blob-lora evaluate`` passes :data:`EVAL_SEED` unless told otherwise, a composite run its
     own seed); ``None`` draws from the generator as it stands (a plain run's evaluation after
     training, which continues the training's seeded stream).
+
+    ``keep_finished``: an evaluation already finished in ``out_dir`` is never written over. If
+    it was made with this very call (the same weights, data and settings: its recorded
+    ``evaluation_key``), its metrics are returned as they are, so a stopped multi-task
+    evaluation goes on where it stopped; otherwise ``ConfigError`` says so before any scoring.
+    Without it (training, ``compare``) the folder is the caller's to write.
     """
     start = time.perf_counter()
     # read the ID reference first: a wrong path fails before the (long) evaluation
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
+    evaluation_key = None
+    if keep_finished:
+        evaluation_key = pass_key(
+            model,
+            {
+                "method": method.name,
+                "split": split,
+                "data": inputs.dataset.digest,
+                "n": n,
+                "scoring": scoring.describe(),
+                "eval_noise": eval_noise,
+                "seed": seed,
+                "mode": predictive,
+                "fold": fold,
+                "early": early,
+                "batch_size": batch_size,
+                "by_length": by_length,
+                "prefix_cache": prefix_cache,
+                "ood": str(ood_against) if isinstance(ood_against, str | Path) else None,
+                **_posterior_key(method, model),
+            },
+        )
+        finished = _finished_evaluation(out_dir, evaluation_key)
+        if finished is not None:
+            return finished
     if seed is not None:  # each process its own stream, as in training
         torch.manual_seed(seed + (accelerator.process_index if accelerator is not None else 0))
     with method.eval_noise(model, eval_noise) as noise:
@@ -154,6 +188,7 @@ def evaluate_on_task(
             "eval_seconds": round(scored.seconds_before + time.perf_counter() - start, 3),
             **({"eval_noise": noise} if noise is not None and n > 0 else {}),
             **({"eval_seed": seed} if seed is not None else {}),
+            **({"evaluation_key": evaluation_key} if evaluation_key is not None else {}),
             **(extra or {}),
         }
     )
@@ -172,6 +207,22 @@ def evaluate_on_task(
         atomic_write_json(out_dir / METRICS_FILE, metrics)
         (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     return metrics
+
+
+def _finished_evaluation(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The metrics finished in ``out_dir`` by the same evaluation (``key``); ``None`` when
+    none is there; ``ConfigError`` when another evaluation is (see ``keep_finished``)."""
+    path = out_dir / METRICS_FILE
+    if not path.exists():
+        return None
+    stored = read_json_object(path, ConfigError)
+    if stored.get("evaluation_key") == key:
+        return stored
+    raise ConfigError(
+        f"{out_dir} already holds another evaluation ({METRICS_FILE}; a run's own eval/ "
+        "folders hold the one made at the end of training): write to another folder "
+        "(--out / out=) to keep it, or pass --overwrite / overwrite=True to replace it"
+    )
 
 
 def _posterior_key(method: Method, model: torch.nn.Module) -> dict[str, str]:

@@ -37,6 +37,7 @@ Nothing in ``transformers`` is patched: this is a ``Trainer`` subclass and one o
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,6 +59,7 @@ from blob_lora.tuners.blob import (
     sampling,
 )
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.rng import forked_rng
 
 PAPER_KL_LR = VariationalConfig.kl_lr  # the authors' KL SGD learning rate (0.01)
 
@@ -450,12 +452,7 @@ class BlobTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     def _training_rng_kept(self) -> contextlib.AbstractContextManager:
-        if not self.is_in_train:
-            return contextlib.nullcontext()
-        device = self.args.device
-        if device.type == "cpu":
-            return torch.random.fork_rng(devices=[])
-        return torch.random.fork_rng(devices=[device], device_type=device.type)
+        return forked_rng(self.model, enabled=self.is_in_train)
 
     def predict(self, *args: Any, eval_samples: int | None = None, **kwargs: Any) -> Any:
         """``Trainer.predict``; ``eval_samples`` overrides the trainer's N for this call."""
@@ -511,15 +508,19 @@ class BlobTrainer(Trainer):
         if self.compute_loss_func is not None:
             # what the Trainer hands it: the model's output class (``outputs.logits`` works),
             # and no item count at evaluation
-            predictive = (
-                type(outputs)(logits=log_probs)
-                if isinstance(outputs, ModelOutput)
-                else {"logits": log_probs}
-            )
+            # (a copy of the last sample's output with the logits replaced: a custom output
+            # class may require fields of its own)
+            if isinstance(outputs, ModelOutput):
+                predictive = copy.copy(outputs)
+                predictive["logits"] = log_probs
+            else:
+                predictive = {"logits": log_probs}
             return self.compute_loss_func(predictive, labels, num_items_in_batch=None)
         if not isinstance(labels, torch.Tensor):
             raise ConfigError("eval_samples > 0 needs a single label tensor for its eval loss")
-        if _is_causal_lm(model):  # position i predicts token i + 1
+        # position i predicts token i + 1, where there are positions: a causal LM's subclass
+        # may return one row of class logits per example (labels (B,), logits (B, C))
+        if _is_causal_lm(model) and labels.dim() >= 2 and log_probs.dim() == labels.dim() + 1:
             log_probs, labels = log_probs[..., :-1, :], labels[..., 1:]
         return F.nll_loss(
             log_probs.reshape(-1, log_probs.shape[-1]),

@@ -5,9 +5,10 @@ settings, check them the same way and write to the same places.
 Why a module of its own: the two entry points had drifted (the API had no ``model``,
 ``data_root``, ``batch_size``, ``fold``, ``max_length`` or OOD reference, and checked none of
 its numbers), and both wrote over an earlier evaluation, the one made at the end of training
-included, without a word. An existing ``metrics.json`` in the output folder is now refused
-unless ``overwrite`` says to replace it; a stopped evaluation (no ``metrics.json`` yet) still
-goes on from its saved progress.
+included, without a word. Now an evaluation already in the output folder is kept: the same
+call made again returns its metrics (so a stopped multi-task evaluation goes on where it
+stopped, and a stopped task from its saved progress), another one is refused unless
+``overwrite`` says to replace it (``evaluation.evaluate_on_task``'s ``keep_finished``).
 """
 
 from __future__ import annotations
@@ -16,30 +17,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from blob_lora.evaluation.evaluate import EVAL_SEED, METRICS_FILE, evaluate_on_task
+from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task
 from blob_lora.tasks import Scoring, get_task
 from blob_lora.tasks.dir_names import task_dir_name
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import EVAL_DIR
 from blob_lora.training.saved_run import LoadedRun
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.rng import forked_rng
 
 
 def default_eval_dir(run_dir: str | os.PathLike[str], task: str) -> Path:
     """Where an evaluation of ``task`` goes without ``out``: ``RUN/eval/<task>``, the folder
     the end-of-training evaluation of that task also uses."""
     return Path(run_dir) / EVAL_DIR / task_dir_name(task)
-
-
-def check_eval_out(out: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished evaluation unless told to: the folder may hold the one
-    made at the end of training, which ``summary.json`` reports."""
-    if (out / METRICS_FILE).exists() and not overwrite:
-        raise ConfigError(
-            f"{out} already holds an evaluation ({METRICS_FILE}; the run's own eval/ folders "
-            "hold the one made at the end of training): write to another folder (--out / "
-            "out=) to keep it, or pass --overwrite / overwrite=True to replace it"
-        )
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = True) -> None:
@@ -54,10 +45,7 @@ def resolve_scoring(cfg: TrainConfig, scoring: Scoring | str | None) -> Scoring:
     run's length normalisation when it is the run's own mode (as ``--scoring`` does)."""
     if scoring is None:
         return cfg.data.scoring_spec
-    if isinstance(scoring, str):
-        norm = cfg.data.length_norm if scoring == cfg.data.scoring else "none"
-        return Scoring(scoring, norm)
-    return Scoring.of(scoring)
+    return Scoring.of(scoring, like=cfg.data.scoring_spec)
 
 
 def evaluate_saved_run(
@@ -98,26 +86,28 @@ def evaluate_saved_run(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed must be an integer or None, got {seed!r}")
     target = Path(out) if out is not None else default_eval_dir(run_dir, name)
-    check_eval_out(target, overwrite)
     resolved = resolve_scoring(cfg, scoring)
     if split == "eval" and name == cfg.data.task and cfg.evaluation.eval_split:
         split = cfg.evaluation.eval_split
-    return evaluate_on_task(
-        loaded.model,
-        loaded.method,
-        loaded.tokenizer,
-        get_task(name, data_root=data_root if data_root is not None else cfg.data.data_root),
-        target,
-        split=split,
-        n_samples=n_samples if n_samples is not None else cfg.evaluation.eval_samples,
-        max_length=max_length or cfg.data.max_length,
-        batch_size=batch_size or cfg.evaluation.eval_batch_size,
-        fold=fold,
-        cache_dir=cfg.data.cache_dir,
-        progress=progress,
-        ood_against=ood_reference,
-        prefix_cache=cfg.base.prefix_cache,
-        scoring=resolved,
-        eval_noise=eval_noise or cfg.blob.eval_noise,
-        seed=seed,
-    )
+    task_obj = get_task(name, data_root=data_root if data_root is not None else cfg.data.data_root)
+    with forked_rng(loaded.model, seed is not None):  # the caller's stream left as it was
+        return evaluate_on_task(
+            loaded.model,
+            loaded.method,
+            loaded.tokenizer,
+            task_obj,
+            target,
+            split=split,
+            n_samples=n_samples if n_samples is not None else cfg.evaluation.eval_samples,
+            max_length=max_length or cfg.data.max_length,
+            batch_size=batch_size or cfg.evaluation.eval_batch_size,
+            fold=fold,
+            cache_dir=cfg.data.cache_dir,
+            progress=progress,
+            ood_against=ood_reference,
+            prefix_cache=cfg.base.prefix_cache,
+            scoring=resolved,
+            eval_noise=eval_noise or cfg.blob.eval_noise,
+            seed=seed,
+            keep_finished=not overwrite,
+        )

@@ -41,6 +41,7 @@ from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.rng import forked_rng
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -162,7 +163,9 @@ class Predictor:
         kwargs.setdefault("n_samples", cfg.evaluation.eval_samples)
         kwargs.setdefault("batch_size", cfg.evaluation.eval_batch_size)
         kwargs.setdefault("max_length", cfg.data.max_length)
-        kwargs.setdefault("scoring", cfg.data.scoring_spec)
+        kwargs["scoring"] = Scoring.of(
+            kwargs.get("scoring", cfg.data.scoring_spec), like=cfg.data.scoring_spec
+        )
         kwargs.setdefault("eval_noise", cfg.blob.eval_noise)
         return cls(loaded.model, loaded.tokenizer, loaded.method, **kwargs)
 
@@ -190,9 +193,15 @@ class Predictor:
             return self._run_questions(q)
 
     def _run_questions(self, q: Questions) -> list[dict]:
+        # a seed of our own leaves the caller's random stream as it was (a training loop, a
+        # notebook): the pass runs on a forked generator
+        with forked_rng(self.model, self.seed is not None):
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            return self._score_questions(q)
+
+    def _score_questions(self, q: Questions) -> list[dict]:
         start = time.perf_counter()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         task, examples = q.task, q.examples
         enc = encode_split(task, examples, self.tokenizer, self.max_length, self.scoring)
         pad = self.tokenizer.pad_token_id

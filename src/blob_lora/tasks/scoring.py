@@ -107,12 +107,15 @@ class Scoring:
             )
 
     @classmethod
-    def of(cls, value: Scoring | str) -> Scoring:
-        """``value`` itself, or the scoring of a mode's name (``"cloze"``: the plain sum)."""
+    def of(cls, value: Scoring | str, like: Scoring | None = None) -> Scoring:
+        """``value`` itself, or the scoring of a mode's name: ``like``'s (a run's scoring)
+        length normalisation when it is ``like``'s own mode, as ``--scoring`` does, else the
+        plain sum."""
         if isinstance(value, Scoring):
             return value
         if isinstance(value, str):
-            return cls(value)
+            same = like is not None and like.mode == value
+            return cls(value, like.length_norm if same else "none")
         raise ConfigError(f"scoring must be a Scoring or one of {SCORING_MODES}, got {value!r}")
 
     @property

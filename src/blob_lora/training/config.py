@@ -192,11 +192,24 @@ class TrainConfig:
         setting whose default is not what runs did before it existed, with
         :attr:`VALUES_BEFORE_THE_SETTING`."""
         defaults = cls().to_dict()
+        stored = {key: cls._as_now_read(key, value) for key, value in stored.items()}
         method = stored.get("method")  # any JSON value: the file may have been edited by hand
         for key, (methods, value) in cls.VALUES_BEFORE_THE_SETTING.items():
             if isinstance(method, str) and method in methods:
                 defaults[key] = value
         return {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+
+    @staticmethod
+    def _as_now_read(key: str, value: Any) -> Any:
+        """A stored value in today's spelling of what it meant then: an empty string of an
+        optional setting was read as unset (now refused, so stored as ``None``), and any
+        truthy ``prefix_cache`` turned the cache on (now a bool)."""
+        setting = SETTINGS.get(key)
+        if setting is not None and setting.default is None and value == "":
+            return None
+        if key == "prefix_cache" and not isinstance(value, bool):
+            return bool(value)
+        return value
 
     #: what a run of the methods that read a setting did before it existed, where its default
     #: differs (other methods' runs ignore it and take the default): Bayesian-LoRA made every

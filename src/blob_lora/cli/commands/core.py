@@ -195,11 +195,7 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _configure_evaluate
 )
 def run_evaluate(args: argparse.Namespace) -> int:
-    from blob_lora.pipeline.evaluate_saved import (
-        check_eval_out,
-        default_eval_dir,
-        evaluate_saved_run,
-    )
+    from blob_lora.pipeline.evaluate_saved import default_eval_dir, evaluate_saved_run
     from blob_lora.tasks import get_task
     from blob_lora.training.saved_run import load_run
 
@@ -221,9 +217,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             return Path(args.out) if len(tasks) == 1 else Path(args.out) / _safe(name)
         return default_eval_dir(args.run, name)
 
-    for name in tasks:  # every task known and every folder free before the first pass
+    for name in tasks:  # every task known before the first pass
         get_task(name, data_root=data_root)
-        check_eval_out(out_dir(name), args.overwrite)
     results = {}
     for name in tasks:
         results[name] = evaluate_saved_run(
