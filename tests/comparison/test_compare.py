@@ -456,7 +456,13 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     exp["train"]["lr"] = 0.02
     config.write_text(yaml.safe_dump(exp))
     assert main(args) == 2
-    assert main([*args, "--collect-only"]) == 0  # collecting still works
+    # collecting still works, and leaves those runs out instead of labelling their numbers
+    # with settings they were not made with
+    assert main([*args, "--collect-only"]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert all(r["status"] == "stale" and "lr" in r["differences"][0] for r in saved["runs"])
+    cells = [c for by_task in saved["id"]["table"]["accuracy"].values() for c in by_task.values()]
+    assert cells and all(not c["values"] for c in cells)
 
 
 def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):

@@ -265,3 +265,19 @@ def test_claims_live_outside_the_run_folders(tmp_path, monkeypatch):
     run = spec.out / "runs" / "arc_easy" / "lora" / "seed1"
     assert not [p for p in run.rglob("*") if p.suffix == ".lock"]
     assert (spec.out / ".claims").is_dir()
+
+
+def test_failures_seen_by_another_process_reach_compare_json(tmp_path, monkeypatch):
+    """``--workers``: the tables are written last from a fresh plan, which alone would list a
+    run that failed in this process as still to train; ``failed`` marks it."""
+    spec = _spec(tmp_path, ["lora", "blob"])
+    monkeypatch.setattr(compare_mod, "_train", _fake_training(spec, []))
+    run_compare(spec, progress=False, echo=lambda _: None)
+    (spec.out / "runs" / "arc_easy" / "blob" / "seed1" / "summary.json").unlink()
+    result = run_compare(
+        spec, collect_only=True, echo=lambda _: None, failed={"arc_easy/blob/seed1": "diverged"}
+    )
+    saved = json.loads((spec.out / "compare.json").read_text())
+    status = {r["method"]: (r["status"], r["error"]) for r in saved["runs"]}
+    assert status == {"lora": ("done", None), "blob": ("failed", "diverged")}
+    assert saved["failed"] == result["failed"] == ["arc_easy/blob/seed1: diverged"]

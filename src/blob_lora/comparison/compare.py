@@ -95,9 +95,12 @@ class PlannedRun:
     dir: Path
     settings: dict[str, Any]
     evaluations: list[Evaluation]
-    status: str = "train"  # done | evaluate | resume | train | failed
+    status: str = "train"  # done | evaluate | resume | train | failed | stale
     missing: list[Evaluation] = field(default_factory=list)
     error: str | None = None
+    #: how the folder's settings differ from the experiment's (``--collect-only`` leaves such
+    #: a run out of the tables instead of refusing it)
+    stale: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -165,6 +168,9 @@ def _has(summary: dict[str, Any], ev: Evaluation, data_root: str | None) -> bool
 
 
 def _set_status(r: PlannedRun) -> None:
+    if r.stale:
+        r.status = "stale"
+        return
     summary = _read_json(r.dir / SUMMARY)
     data_root = r.settings.get("data_root")
     if summary is not None:
@@ -279,6 +285,7 @@ def run_compare(
     dry_run: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Bring every run to finished (unless ``collect_only``/``dry_run``), then write outputs.
 
@@ -286,17 +293,31 @@ def run_compare(
     that fails with a user-level error (e.g. diverged) is reported and skipped; the others
     go on, and ``result["failed"]`` lists the failures. Other ``compare`` processes may work
     on the same folder at the same time: each run is worked on by one of them (``_work``).
+    ``failed`` (run label -> error) marks runs that failed in such a process, so that the
+    tables written after them record it.
     """
     runs = plan(spec)
-    if not collect_only:
-        stale = [(r, config_differences(r)) for r in runs if r.dir.exists()]
-        stale = [(r, d) for r, d in stale if d]
-        if stale:
-            lines = [f"  {r.dir}: " + ", ".join(d) for r, d in stale]
+    for r in runs:
+        if failed and r.label in failed:
+            r.status, r.error = "failed", failed[r.label]
+    stale = [(r, config_differences(r)) for r in runs if r.dir.exists()]
+    stale = [(r, d) for r, d in stale if d]
+    if stale:
+        lines = [f"  {r.dir}: " + ", ".join(d) for r, d in stale]
+        if not collect_only:
             raise ConfigError(
                 "these run folders were made with other settings than the experiment file now "
                 "asks for; delete them or restore the settings:\n" + "\n".join(lines)
             )
+        # collecting never mixes settings either: such runs are left out of the tables, and
+        # compare.json names them (status "stale", "differences")
+        for r, d in stale:
+            r.stale = d
+            _set_status(r)
+        echo(
+            "left out of the tables, made with other settings than the experiment file now "
+            "asks for:\n" + "\n".join(lines)
+        )
     todo = [r for r in runs if r.status != "done"]
     echo(
         f"compare {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
@@ -410,7 +431,7 @@ def _table_values(
         for column in spec.columns:
             for seed in spec.seeds:
                 r = index.get((train_task_of(task), column.train_method, seed))
-                m = None if r is None else _metrics(r, column, task)
+                m = None if r is None or r.stale else _metrics(r, column, task)
                 if m is None:
                     continue
                 for metric in METRICS:
@@ -438,6 +459,7 @@ def collect(spec: CompareSpec, runs: list[PlannedRun]) -> dict[str, Any]:
                 "dir": str(r.dir.relative_to(spec.out)),
                 "status": r.status,
                 "error": r.error,
+                **({"differences": r.stale} if r.stale else {}),
                 "train_seconds": summary.get("train_seconds"),
                 "eval_seconds": {
                     col: {t: m.get("eval_seconds") for t, m in by_task.items()}
@@ -521,7 +543,7 @@ def _pooled_predictions(
     probs: list[list[float]] = []
     labels: list[int] = []
     for r in runs:
-        if r.task != train_task or r.method != column.train_method:
+        if r.task != train_task or r.method != column.train_method or r.stale:
             continue
         if _metrics(r, column, task) is None:
             continue

@@ -103,6 +103,7 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
     tables from every finished run (the workers' too)."""
     from blob_lora.comparison import run_compare
     from blob_lora.comparison.workers import WORKERS_DIR, Workers, worker_command
+    from blob_lora.utils.atomic import atomic_write_json
 
     child = ["compare", "--config", args.config, "--no-progress", "--threads", str(threads)]
     child += ["--worker-of", str(os.getpid())]
@@ -117,9 +118,20 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
         own = run_compare(spec, progress=not args.no_progress)
         if any(code is None for code in workers.poll()):
             print("waiting for the other worker(s) to finish their runs")
-    result = run_compare(spec, collect_only=True, echo=lambda _: None)
-    result["failed"] = list(own.get("failed", []))
-    for log, code in zip(workers.logs, workers.returncodes, strict=True):
-        if code:
-            result["failed"].append(f"a worker exited with status {code}: see {log}")
+    own_failures = {
+        f"{row['task']}/{row['method']}/seed{row['seed']}": row["error"]
+        for row in own.get("runs", [])
+        if row.get("status") == "failed"
+    }
+    # the tables and compare.json are written once more, from every finished run, with the
+    # failures this process saw marked (a fresh plan alone would list them as still to train)
+    result = run_compare(spec, collect_only=True, echo=lambda _: None, failed=own_failures)
+    crashed = [
+        f"a worker exited with status {code}: see {log}"
+        for log, code in zip(workers.logs, workers.returncodes, strict=True)
+        if code
+    ]
+    if crashed:
+        result["failed"] = [*result.get("failed", []), *crashed]
+        atomic_write_json(spec.out / "compare.json", result)
     return result
