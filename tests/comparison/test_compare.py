@@ -318,6 +318,28 @@ def test_data_changed_since_a_run_is_scored_again_or_refused(two_method_spec):
             {"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "blob", "lr": -1}}},
             "--lr",
         ),
+        # the wrong kind of value: a clear refusal, not a traceback
+        ({"methods": ["lora"], "tasks": ["a"], "method_options": ["lora"]}, "must map names"),
+        ({"methods": ["lora"], "tasks": ["a"], "task_options": ["a"]}, "must map names"),
+        ({"methods": ["lora"], "tasks": ["a"], "out": 5}, "out must be a folder path"),
+        # a task the experiment never uses (a typo) would silently change nothing
+        (
+            {"methods": ["lora"], "tasks": ["arc_easy"], "eval_split_overrides": {"arc-easy": "x"}},
+            r"eval_split_overrides names \['arc-easy'\]",
+        ),
+        (
+            {"methods": ["lora"], "tasks": ["arc_easy"], "task_options": {"arc-easy": {}}},
+            r"task_options names \['arc-easy'\]",
+        ),
+        (
+            {
+                "methods": ["lora"],
+                "tasks": ["arc_easy"],
+                "ood": {"train_task": "arc_easy", "eval_tasks": ["openbookqa"]},
+                "task_options": {"openbookqa": {"lr": 0.1}},
+            },
+            "only evaluated",
+        ),
     ],
 )
 def test_bad_experiment_files_are_refused(tmp_path, data, message):
@@ -391,7 +413,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     exp = tiny_compare_experiment(
         model_dir,
         ["lora", "blob", "blob-mean"],
-        eval_split_overrides={"winogrande_s": "validation[:6]", "arc_easy": "validation[:4]"},
+        eval_split_overrides={"winogrande_s": "validation[:6]"},
     )
     exp["train"]["eval_samples"] = 2
     config = tmp_path / "tiny.yaml"
@@ -435,6 +457,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
 
     # Adding the OOD protocol evaluates the existing runs on the new task, no training.
     exp["ood"] = {"train_task": "winogrande_s", "eval_tasks": ["arc_easy"]}
+    exp["eval_split_overrides"]["arc_easy"] = "validation[:4]"
     config.write_text(yaml.safe_dump(exp))
     assert main(args) == 0
     assert sorted(evaluated) == ["arc_easy"] * 3  # lora, blob, blob-mean

@@ -303,6 +303,12 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
     ):
         raise ConfigError(f"compare: seeds must be distinct integers >= 0, got {seeds!r}")
     train = _train_keys(data.get("train"), "train")
+    for key in ("method_options", "task_options", "eval_split_overrides"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ConfigError(
+                f"compare: {key} must map names to settings, got {type(data[key]).__name__} "
+                f"{data[key]!r}"
+            )
     method_options = {
         str(m): _train_keys(v, f"method_options.{m}")
         for m, v in (data.get("method_options") or {}).items()
@@ -319,12 +325,31 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         for t, v in (data.get("task_options") or {}).items()
     }
     overrides = data.get("eval_split_overrides") or {}
-    if not isinstance(overrides, dict) or not all(isinstance(v, str) for v in overrides.values()):
+    if not all(isinstance(v, str) for v in overrides.values()):
         raise ConfigError("compare: eval_split_overrides must map task names to split strings")
+    # a task named here but nowhere else (a typo: arc-easy) would silently score the default
+    # split, or train with the file's settings
+    evaluated = set(tasks) | set(ood.eval_tasks if ood else [])
+    for key, named in (("task_options", task_options), ("eval_split_overrides", overrides)):
+        stray = sorted(set(map(str, named)) - evaluated)
+        if stray:
+            raise ConfigError(
+                f"compare: {key} names {stray}, which the experiment neither trains on nor "
+                f"evaluates (its tasks: {sorted(evaluated)})"
+            )
+    for task, options in task_options.items():
+        training = sorted(set(options) - {"eval_split"})
+        if task not in tasks and training:
+            raise ConfigError(
+                f"compare: task_options.{task} sets {training}, but {task} is only evaluated "
+                "(nothing is trained on it): only eval_split applies there"
+            )
     run_first = _run_tiers(data.get("run_first", []))
     stray = sorted({m for tier in run_first for m in tier} - set(methods))
     if stray:
         raise ConfigError(f"compare: run_first names {stray}, which are not in methods {methods}")
+    if data.get("out") is not None and not (isinstance(data["out"], str) and data["out"].strip()):
+        raise ConfigError(f"compare: out must be a folder path, got {data['out']!r}")
     out_path = Path(out) if out else Path(data.get("out") or Path("runs") / "compare" / name)
     spec = CompareSpec(
         name=name,

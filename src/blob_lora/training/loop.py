@@ -360,7 +360,8 @@ class TrainingLoop:
             what = f"signal {signals.received}" if signals.received else "a signal"
             raise TrainingInterrupted(
                 f"stopped by {what} after step {step}; checkpoint saved in "
-                f"{self.ckpt_root}, continue with --resume"
+                f"{self.ckpt_root}, continue with --resume (blob-lora compare: run the same "
+                "command again)"
             )
 
     def _report(self, record: dict[str, Any]) -> None:

@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.worker_of is not None and not die_with_parent(args.worker_of):
         return 0  # the command that started this worker is gone already
     spec = load_spec(args.config, out=args.out)
-    if args.data_root:
-        spec.train["data_root"] = args.data_root
+    if args.data_root:  # for every run, over the file's data_root wherever it is set
+        for options in (spec.train, *spec.method_options.values(), *spec.task_options.values()):
+            options["data_root"] = args.data_root
+        for variant in spec.variants.values():
+            variant.pop("data_root", None)
     parallel = args.workers > 1 and not (args.dry_run or args.collect_only)
     threads = args.threads
     if parallel:
