@@ -444,10 +444,11 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     monkeypatch.setattr(compare_mod, "train", no_training)
     stamp = (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns
     real_eval = compare_mod.evaluate_on_task
-    evaluated = []
+    evaluated, batches = [], []
 
     def counting_eval(*a, **k):
         evaluated.append(a[4].name)
+        batches.append(k["batch_size"])
         return real_eval(*a, **k)
 
     monkeypatch.setattr(compare_mod, "evaluate_on_task", counting_eval)
@@ -455,12 +456,15 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert evaluated == []
     assert (out / "runs/winogrande_s/lora/seed1/summary.json").stat().st_mtime_ns == stamp
 
-    # Adding the OOD protocol evaluates the existing runs on the new task, no training.
+    # Adding the OOD protocol evaluates the existing runs on the new task, no training, with
+    # the file's evaluation batch as it is now (the runs were trained with another)
     exp["ood"] = {"train_task": "winogrande_s", "eval_tasks": ["arc_easy"]}
     exp["eval_split_overrides"]["arc_easy"] = "validation[:4]"
+    exp["train"]["eval_batch_size"] = 3
     config.write_text(yaml.safe_dump(exp))
     assert main(args) == 0
     assert sorted(evaluated) == ["arc_easy"] * 3  # lora, blob, blob-mean
+    assert batches == [3, 3, 3]
     ood = (out / "results_ood.md").read_text()
     assert "| method | winogrande_s (ID) | arc_easy |" in ood and "| –" not in ood
     saved = json.loads((out / "compare.json").read_text())

@@ -250,6 +250,9 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
         return
     loaded = load_run(r.dir)
     cfg = loaded.config
+    # how to run the pass (batch, caches) is the experiment file's as it is now: a setting
+    # that changes no number, so editing it (a smaller batch for a long OOD task) must work
+    now = TrainConfig.from_dict(r.settings)
     for ev in missing:
         task = get_task(ev.task, data_root=data_root or cfg.data.data_root)
         n = (
@@ -266,10 +269,10 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             split=ev.split or "eval",
             n_samples=n,
             max_length=cfg.data.max_length,
-            batch_size=cfg.evaluation.eval_batch_size,
-            cache_dir=cfg.data.cache_dir,
+            batch_size=now.evaluation.eval_batch_size,
+            cache_dir=now.data.cache_dir,
             progress=progress,
-            prefix_cache=cfg.base.prefix_cache,
+            prefix_cache=now.base.prefix_cache,
             scoring=cfg.data.scoring_spec,
             eval_noise=cfg.blob.eval_noise,
             seed=EVAL_SEED,
