@@ -480,6 +480,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert all(config_differences(r) == [] for r in plan(spec))
 
     # A finished run made with other settings is refused instead of mixed into the tables.
+    lr = exp["train"].get("lr")
     exp["train"]["lr"] = 0.02
     config.write_text(yaml.safe_dump(exp))
     assert main(args) == 2
@@ -490,6 +491,17 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert all(r["status"] == "stale" and "lr" in r["differences"][0] for r in saved["runs"])
     cells = [c for by_task in saved["id"]["table"]["accuracy"].values() for c in by_task.values()]
     assert cells and all(not c["values"] for c in cells)
+
+    # Dropping the OOD protocol drops its tables and diagrams too (not left beside the new)
+    exp["train"]["lr"] = lr
+    config.write_text(yaml.safe_dump(exp))
+    assert main([*args, "--collect-only"]) == 0
+    assert (out / "results_ood.md").exists() and list(out.glob("reliability_ood_*.png"))
+    del exp["ood"], exp["eval_split_overrides"]["arc_easy"]
+    config.write_text(yaml.safe_dump(exp))
+    assert main([*args, "--collect-only"]) == 0
+    assert not (out / "results_ood.md").exists() and not (out / "results_ood.csv").exists()
+    assert not list(out.glob("reliability_ood_*.png")) and (out / "results_id.md").exists()
 
 
 def test_an_interrupted_run_stops_the_whole_experiment(tmp_path, monkeypatch):

@@ -530,6 +530,7 @@ def write_outputs(spec: CompareSpec, runs: list[PlannedRun], plots: bool = True)
         atomic_write_text(out / f"results_{setting}.csv", render_csv(setting, table, names, tasks))
     if plots:
         result["plots"] = _reliability_plots(spec, runs)
+    _remove_outdated_outputs(out, [s for s, _ in settings], result.get("plots") if plots else None)
     serial = dict(result)
     for setting, _ in settings:
         serial[setting] = {
@@ -538,6 +539,21 @@ def write_outputs(spec: CompareSpec, runs: list[PlannedRun], plots: bool = True)
         }
     atomic_write_json(out / "compare.json", serial)
     return serial
+
+
+def _remove_outdated_outputs(out: Path, settings: list[str], plots: list[str] | None) -> None:
+    """Remove tables (and, when ``plots`` were written, diagrams) of an earlier version of the
+    experiment file that this one no longer makes (``ood`` dropped, a task removed): left
+    beside the new ones they would read as current. Only the names this module writes."""
+    keep = {f"results_{s}.{ext}" for s in settings for ext in ("md", "csv")}
+    patterns = ["results_*.md", "results_*.csv"]
+    if plots is not None:
+        keep |= set(plots)
+        patterns.append("reliability_*.png")
+    for pattern in patterns:
+        for path in out.glob(pattern):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
 
 
 def _pooled_predictions(
