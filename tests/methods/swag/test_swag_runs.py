@@ -282,7 +282,9 @@ def test_cli_trains_and_evaluates_swag_with_the_same_metrics(tmp_path, data_root
     assert again["method"] == "swag" and again["eval_samples"] == 3
     # the same metrics, and the seed 'evaluate' draws its samples with (the evaluation after
     # training continues the run's own stream, so the values themselves differ)
-    assert again.keys() == trained.keys() | {"eval_seed"} and again["n_examples"] == 6.0
+    # (and the key by which the same evaluate made again returns this one)
+    expected = trained.keys() | {"eval_seed", "evaluation_key"}
+    assert again.keys() == expected and again["n_examples"] == 6.0
     assert again["eval_seed"] == 0
     assert 0 <= again["accuracy"] <= 1 and again["nll"] > 0
     assert again["mean_epistemic_uncertainty"] > 0
