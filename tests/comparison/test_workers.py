@@ -281,3 +281,33 @@ def test_failures_seen_by_another_process_reach_compare_json(tmp_path, monkeypat
     status = {r["method"]: (r["status"], r["error"]) for r in saved["runs"]}
     assert status == {"lora": ("done", None), "blob": ("failed", "diverged")}
     assert saved["failed"] == result["failed"] == ["arc_easy/blob/seed1: diverged"]
+
+
+def test_a_run_that_failed_in_one_process_is_not_tried_again_by_the_others(tmp_path, monkeypatch):
+    """The processes of one ``--workers`` command share their failures: the second process
+    does not train the run the first saw fail (it would fail again, after as long), reports it
+    with the first one's error, and a cleared board (a new command) tries it again."""
+    from blob_lora.comparison.workers import SharedFailures
+    from blob_lora.utils.errors import BlobLoraError
+
+    spec = _spec(tmp_path, ["lora", "blob"])
+    trained = []
+    fake = _fake_training(spec, trained)
+
+    def failing_blob(r, runs, progress):
+        if r.method == "blob":
+            trained.append(r.label)
+            raise BlobLoraError("diverged at step 3")
+        fake(r, runs, progress)
+
+    monkeypatch.setattr(compare_mod, "_train", failing_blob)
+    board = SharedFailures(spec.out / "workers" / "failed")
+    first = run_compare(spec, progress=False, echo=lambda _: None, shared_failures=board)
+    assert first["failed"] == ["arc_easy/blob/seed1: diverged at step 3"]
+    assert board.all() == {"arc_easy/blob/seed1": "diverged at step 3"}
+    trained.clear()
+    second = run_compare(spec, progress=False, echo=lambda _: None, shared_failures=board)
+    assert trained == [] and second["failed"] == first["failed"]
+    board.clear()
+    run_compare(spec, progress=False, echo=lambda _: None, shared_failures=board)
+    assert trained == ["arc_easy/blob/seed1"]

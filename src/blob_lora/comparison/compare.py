@@ -50,6 +50,7 @@ from blob_lora.comparison.tables import (
     render_markdown,
     table_json,
 )
+from blob_lora.comparison.workers import SharedFailures
 from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task
 from blob_lora.methods import get_method
 from blob_lora.methods.composite import CompositeMethod
@@ -289,6 +290,7 @@ def run_compare(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     failed: dict[str, str] | None = None,
+    shared_failures: SharedFailures | None = None,
 ) -> dict[str, Any]:
     """Bring every run to finished (unless ``collect_only``/``dry_run``), then write outputs.
 
@@ -297,7 +299,8 @@ def run_compare(
     go on, and ``result["failed"]`` lists the failures. Other ``compare`` processes may work
     on the same folder at the same time: each run is worked on by one of them (``_work``).
     ``failed`` (run label -> error) marks runs that failed in such a process, so that the
-    tables written after them record it.
+    tables written after them record it; ``shared_failures`` (the processes of one
+    ``--workers`` command) records this process's failures and skips the others'.
     """
     runs = plan(spec)
     for r in runs:
@@ -337,7 +340,7 @@ def run_compare(
     if dry_run:
         return collect(spec, runs)
     if not collect_only:
-        _work(spec, runs, progress, echo)
+        _work(spec, runs, progress, echo, shared_failures)
     return write_outputs(spec, runs, plots=True)
 
 
@@ -359,7 +362,11 @@ def waits_for(r: PlannedRun, held: list[PlannedRun]) -> bool:
 
 
 def _work(
-    spec: CompareSpec, runs: list[PlannedRun], progress: bool, echo: Callable[[str], None]
+    spec: CompareSpec,
+    runs: list[PlannedRun],
+    progress: bool,
+    echo: Callable[[str], None],
+    shared_failures: SharedFailures | None = None,
 ) -> None:
     """Bring the runs to finished, in plan order, sharing them with any other ``compare``
     process on the same folder (``claims``): take the first unfinished run nobody holds,
@@ -394,6 +401,9 @@ def _work(
             if r.status == "done":
                 continue
             tried.add(r.label)
+            if shared_failures is not None and shared_failures.has(r.label):
+                r.status, r.error = "failed", shared_failures.error(r.label)
+                continue  # another process of this command tried it already
             finished = sum(o.status == "done" for o in runs)
             echo(f"[{finished + 1}/{len(runs)}] {r.status} {r.label}")
             start = time.perf_counter()
@@ -406,6 +416,8 @@ def _work(
                     raise  # a signal stops the whole experiment; its checkpoint is saved
                 r.status, r.error = "failed", str(exc)
                 echo(f"  failed: {exc}")
+                if shared_failures is not None:
+                    shared_failures.add(r.label, str(exc))
                 continue
             _set_status(r)
             echo(f"  {r.status} in {time.perf_counter() - start:.1f} s")

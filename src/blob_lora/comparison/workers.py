@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import TracebackType
+
+from blob_lora.utils.atomic import atomic_write_json
 
 #: the workers' logs, under the experiment folder
 WORKERS_DIR = "workers"
@@ -134,3 +139,43 @@ class Workers:
     @property
     def returncodes(self) -> list[int | None]:
         return [p.returncode for p in self.procs]
+
+
+#: runs that failed in one process of a ``--workers`` command, under the workers' folder
+FAILED_DIR = "failed"
+
+
+class SharedFailures:
+    """The runs that failed in any process of one ``--workers`` command, one small JSON file
+    each: the others then do not train a failed run again (each process used to try it once,
+    K trainings of a run that diverges late), and the command's compare.json lists the
+    workers' failures with their errors, not only that a worker exited non-zero. The command
+    clears the folder before it starts its workers, so a later command tries them again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _path(self, label: str) -> Path:
+        return self.root / f"{hashlib.sha256(label.encode()).hexdigest()[:20]}.json"
+
+    def add(self, label: str, error: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self._path(label), {"run": label, "error": error})
+
+    def has(self, label: str) -> bool:
+        return self._path(label).is_file()
+
+    def error(self, label: str) -> str:
+        return self.all().get(label, "failed in another process")
+
+    def all(self) -> dict[str, str]:
+        """run label -> error, for every failure recorded so far."""
+        found = {}
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text(encoding="utf-8"))
+                found[str(record["run"])] = str(record["error"])
+        return found

@@ -62,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from blob_lora.comparison import load_spec, run_compare
-    from blob_lora.comparison.workers import die_with_parent, threads_per_worker
+    from blob_lora.comparison.workers import (
+        FAILED_DIR,
+        WORKERS_DIR,
+        SharedFailures,
+        die_with_parent,
+        threads_per_worker,
+    )
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -90,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             collect_only=args.collect_only,
             dry_run=args.dry_run,
             progress=not args.no_progress,
+            # a worker shares its failures with the command's other processes
+            shared_failures=SharedFailures(spec.out / WORKERS_DIR / FAILED_DIR)
+            if args.worker_of is not None
+            else None,
         )
     if not args.dry_run:
         print(
@@ -105,7 +115,13 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
     """Work on the experiment here and in ``--workers`` - 1 more processes, then write the
     tables from every finished run (the workers' too)."""
     from blob_lora.comparison import run_compare
-    from blob_lora.comparison.workers import WORKERS_DIR, Workers, worker_command
+    from blob_lora.comparison.workers import (
+        FAILED_DIR,
+        WORKERS_DIR,
+        SharedFailures,
+        Workers,
+        worker_command,
+    )
     from blob_lora.utils.atomic import atomic_write_json
 
     child = ["compare", "--config", args.config, "--no-progress", "--threads", str(threads)]
@@ -113,26 +129,23 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
     child += ["--out", str(args.out)] if args.out else []
     child += ["--data-root", args.data_root] if args.data_root else []
     n = args.workers - 1
+    failures = SharedFailures(spec.out / WORKERS_DIR / FAILED_DIR)
+    failures.clear()  # this command tries every unfinished run again, failed ones included
     with Workers([worker_command(child)] * n, threads, spec.out / WORKERS_DIR) as workers:
         print(
             f"{n} more worker(s) started, {threads} thread(s) each (this one too); "
             f"their output: {spec.out / WORKERS_DIR}/"
         )
-        own = run_compare(spec, progress=not args.no_progress)
+        run_compare(spec, progress=not args.no_progress, shared_failures=failures)
         if any(code is None for code in workers.poll()):
             print("waiting for the other worker(s) to finish their runs")
-    own_failures = {
-        f"{row['task']}/{row['method']}/seed{row['seed']}": row["error"]
-        for row in own.get("runs", [])
-        if row.get("status") == "failed"
-    }
     # the tables and compare.json are written once more, from every finished run, with the
-    # failures this process saw marked (a fresh plan alone would list them as still to train)
-    result = run_compare(spec, collect_only=True, echo=lambda _: None, failed=own_failures)
-    crashed = [
+    # failures of every process marked (a fresh plan alone would list them as still to train)
+    result = run_compare(spec, collect_only=True, echo=lambda _: None, failed=failures.all())
+    crashed = [  # status 1 is a worker's failed runs, listed above; anything else is not
         f"a worker exited with status {code}: see {log}"
         for log, code in zip(workers.logs, workers.returncodes, strict=True)
-        if code
+        if code not in (0, 1)
     ]
     if crashed:
         result["failed"] = [*result.get("failed", []), *crashed]
