@@ -117,6 +117,7 @@ def evaluate_on_task(
     id_rows = reports.read_predictions(ood_against) if ood_against is not None else None
     n = method.eval_samples(model, n_samples)
     inputs = task_inputs(task, split, tokenizer, max_length, scoring=scoring, cache_dir=cache_dir)
+    posterior = _posterior_key(method, model)  # one digest of a posterior, for both keys
     evaluation_key = None
     if keep_finished:
         evaluation_key = pass_key(
@@ -136,7 +137,7 @@ def evaluate_on_task(
                 "by_length": by_length,
                 "prefix_cache": prefix_cache,
                 "ood": str(ood_against) if isinstance(ood_against, str | Path) else None,
-                **_posterior_key(method, model),
+                **posterior,
             },
         )
         finished = _finished_evaluation(out_dir, evaluation_key)
@@ -167,7 +168,7 @@ def evaluate_on_task(
                 "scoring": scoring.describe(),
                 "prefix_cache": prefix_cache,
                 **({"seed": seed} if seed is not None else {}),
-                **_posterior_key(method, model),
+                **posterior,
             },
         )
     metrics = _split_metrics(scored, inputs.dataset, predictive)
