@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -10,7 +11,7 @@ from peft import get_peft_model
 
 from blob_lora.cli.main import main
 from blob_lora.prediction import EarlyStop, Predictor, predict, read_questions
-from blob_lora.utils.errors import DataError
+from blob_lora.utils.errors import ConfigError, DataError
 from tests.factories import TARGETS, tiny_llama
 from tests.prediction.conftest import blob_model
 
@@ -108,7 +109,7 @@ def test_cli_predict_writes_rows_atomically(run_dir, tmp_path, records, capsys):
     assert "accuracy on the 2 labelled" in printed
     assert not list(out.parent.glob(".*"))  # no temporary files left behind
     # same seed, fold mode, N from the command line: reproducible, same answers as prefix
-    assert main([*argv, "--mode", "mean", "--no-progress"]) == 0
+    assert main([*argv, "--mode", "mean", "--no-progress", "--overwrite"]) == 0
     mean_rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["n_samples"] == 0 and r["epistemic"] is None for r in mean_rows)
 
@@ -119,3 +120,70 @@ def test_cli_predict_input_errors(run_dir, tmp_path, capsys):
                  "--out", str(out)])  # fmt: skip
     assert code == 2 and "input file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_existing_output_is_refused_before_any_question_is_scored(run_dir, tmp_path, records):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("precious\n")
+    argv = ["predict", "--run", str(run_dir), "--input", str(inp), "--no-progress"]
+    assert main([*argv, "--out", str(kept)]) == 2
+    assert kept.read_text() == "precious\n"
+    # the questions' own file: refused even with --overwrite
+    assert main([*argv, "--out", str(inp), "--overwrite"]) == 2
+    assert json.loads(inp.read_text().splitlines()[0]) == records[0]
+    # a file where a folder of --out should be: a clear error, not a traceback after scoring
+    assert main([*argv, "--out", str(kept / "o.jsonl")]) == 2
+    # the Python API refuses the same, before scoring
+    predictor = Predictor.from_run(run_dir)
+    for out, kwargs in ((kept, {}), (inp, {"overwrite": True})):
+        with pytest.raises(ConfigError):
+            predictor.predict_file(inp, out, **kwargs)
+        assert predictor.last_summary is None
+    assert kept.read_text() == "precious\n" and json.loads(inp.read_text().splitlines()[0])
+    summary = predictor.predict_file(inp, kept, overwrite=True)
+    assert summary.n_examples == 4 and len(kept.read_text().splitlines()) == 4
+
+
+def test_a_gz_output_is_compressed_and_notes_say_what_ran(run_dir, tmp_path, records, capsys):
+    inp = tmp_path / "in.jsonl"
+    long = {"question": "Why? " * 60, "choices": ["a", "b"], "context": "Text. " * 80}
+    inp.write_text("\n".join(json.dumps(r) for r in [*records, long]) + "\n")
+    out = tmp_path / "o.jsonl.gz"
+    argv = ["predict", "--run", str(run_dir), "--input", str(inp), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--mode", "prefix", "--eval-samples", "0"]) == 0
+    rows = [json.loads(line) for line in gzip.decompress(out.read_bytes()).splitlines()]
+    assert len(rows) == 5 and all(r["n_samples"] == 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert printed.count("N = 0: one pass with the mean weights") == 1  # prefix asked, mean ran
+    assert "1 of 5 prompts were longer than --max-length 128" in printed
+    # --mode mean with samples or a fold contradicts itself
+    assert main([*argv, "--overwrite", "--mode", "mean", "--eval-samples", "3"]) == 2
+    assert main([*argv, "--overwrite", "--mode", "mean", "--fold", "2"]) == 2
+
+
+def test_ensemble_notes_where_n_differs_from_the_one_asked(tokenizer, records, tmp_path):
+    from peft import LoraConfig
+
+    from blob_lora.methods.ensemble import EnsembleMethod
+
+    for k in range(2):
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+        get_peft_model(tiny_llama(k), cfg).save_pretrained(tmp_path / f"member-{k}")
+    ens = EnsembleMethod().load(tiny_llama(0), tmp_path)
+    capped = Predictor(ens, tokenizer, n_samples=5, max_length=64)
+    capped.predict(records)
+    assert capped.n_samples == 2 and "N = 5 asked, 2 run" in capped.last_summary.note
+    zero = Predictor(ens, tokenizer, n_samples=0, max_length=64)
+    zero.predict(records)
+    assert "no mean weights" in zero.last_summary.note
+
+
+def test_a_record_without_id_whose_position_is_taken_says_so(tokenizer):
+    recs = [
+        {"id": 2, "question": "a", "choices": ["x", "y"]},
+        {"question": "b", "choices": ["x", "y"]},
+    ]
+    with pytest.raises(DataError, match="has no id, and the one it is given by position, '2'"):
+        predict(blob_model(), tokenizer, recs)

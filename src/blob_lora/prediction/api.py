@@ -19,7 +19,6 @@ weights). Methods or settings without samples (plain LoRA, N = 0) report ``total
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -34,12 +33,12 @@ from blob_lora.methods import Method, get_method, method_of
 from blob_lora.prediction.fast import MODES, EarlyStop
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
 from blob_lora.prediction.loop import DatasetPredictive, predict_dataset
+from blob_lora.prediction.outputs import check_output_path, write_rows
 from blob_lora.tasks import EncodedDataset, MCCollator, MCExample, Scoring, scoring_option_ids
 from blob_lora.tasks.dataset import encode_split, length_sorted_batches
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
-from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.rng import forked_rng
 
@@ -134,10 +133,27 @@ class Predictor:
             raise ConfigError(f"fold must be a positive integer, got {fold!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an integer or None, got {seed!r}")
+        if mode == "mean" and (n_samples or fold is not None):
+            given = f"n_samples {n_samples}" if n_samples else f"fold {fold}"
+            raise ConfigError(
+                f"mode 'mean' is one pass with the mean weights (N = 0); {given} contradicts "
+                "it: drop it, or choose another mode"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.method = _resolve_method(method, model)
         self.n_samples = self.method.eval_samples(model, 0 if mode == "mean" else n_samples)
+        #: where the method runs other than asked (said in the summary's ``note``)
+        self.setting_notes: list[str] = []
+        if n_samples and 0 < self.n_samples < n_samples:
+            self.setting_notes.append(
+                f"N = {n_samples} asked, {self.n_samples} run: the method has no more samples"
+            )
+        elif n_samples == 0 and self.n_samples > 0:
+            self.setting_notes.append(
+                f"N = 0 asked, but the method has no mean weights: its {self.n_samples} "
+                "members run, each on its own weights"
+            )
         self.mode = mode
         self.fold = fold
         self.batch_size = batch_size
@@ -160,7 +176,8 @@ class Predictor:
         """
         loaded = load_run(Path(run_dir), model=model)
         cfg = loaded.config
-        kwargs.setdefault("n_samples", cfg.evaluation.eval_samples)
+        if kwargs.get("mode") != "mean":  # mean: N = 0, whatever the run's N
+            kwargs.setdefault("n_samples", cfg.evaluation.eval_samples)
         kwargs.setdefault("batch_size", cfg.evaluation.eval_batch_size)
         kwargs.setdefault("max_length", cfg.data.max_length)
         kwargs["scoring"] = Scoring.of(
@@ -177,12 +194,18 @@ class Predictor:
         return self._run(parsed)
 
     def predict_file(
-        self, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+        self,
+        input_path: str | os.PathLike[str],
+        output_path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
     ) -> PredictionSummary:
-        """Read BYO JSONL questions, write one JSON row per question atomically."""
+        """Read BYO JSONL questions, write one JSON row per question atomically (gzip under a
+        ``.gz`` name). An existing ``output_path`` is refused unless ``overwrite``, and the
+        questions' own file always: both are checked before any question is scored."""
+        check_output_path(output_path, input_path, overwrite=overwrite)
         rows = self._run(read_questions(input_path))
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        atomic_write_text(output_path, text)
+        write_rows(output_path, rows)
         assert self.last_summary is not None
         return self.last_summary
 
@@ -227,6 +250,7 @@ class Predictor:
             for i, (ex, label) in enumerate(zip(examples, q.labels, strict=True))
         ]
         self.last_summary = _summary(rows, scored, self.n_samples, enc.n_truncated, start)
+        self.last_summary.note = "; ".join(n for n in (*self.setting_notes, scored.note) if n)
         return rows
 
 

@@ -266,8 +266,12 @@ def resolve_mode(method: Method, model: nn.Module, mode: str, n_samples: int) ->
     """
     if mode not in MODES:
         raise ConfigError(f"unknown predictive mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "mean" or n_samples == 0:
-        return ResolvedMode("mean", 0)
+    if mode == "mean" or (mode == "fold" and n_samples == 0):
+        return ResolvedMode("mean", 0)  # N = 0 is the mean weights: fold asks nothing else
+    if n_samples == 0:  # prefix or early reuse / stop over samples there are none of
+        note = "N = 0: one pass with the mean weights"
+        warnings.warn(f"predictive mode {mode!r} runs as 'mean': {note}", stacklevel=2)
+        return ResolvedMode("mean", 0, note=note)
     wants_prefix = mode in ("prefix", "prefix-early")
     wants_early = mode in ("early", "prefix-early")
     notes = []
@@ -277,7 +281,12 @@ def resolve_mode(method: Method, model: nn.Module, mode: str, n_samples: int) ->
         if plan is None:
             notes.append(f"no prefix reuse ({reason})")
     if wants_early and (n_samples < 2 or not method.iid_samples):
-        why = "N < 2" if n_samples < 2 else f"method {method.name!r} has a fixed sample set"
+        why = (
+            "N < 2"
+            if n_samples < 2
+            else f"method {method.name!r}'s samples are not independent draws of one "
+            "distribution (fixed members, or members taken in turn)"
+        )
         notes.append(f"no early stopping ({why})")
         wants_early = False
     name = {(True, True): "prefix-early", (True, False): "prefix", (False, True): "early"}.get(

@@ -320,7 +320,13 @@ def parse_rows(rows: Any, parser: Parser, where: str, id_prefix: str, unit: str)
                 raise RecordProblem(f"expected a JSON object, got {_type_name(rec)}")
             ex = parser(rec, f"{id_prefix}{number}")
             if ex is not None and ex.id in seen:
-                raise RecordProblem(f"id {ex.id!r} repeats {unit} {seen[ex.id]}'s")
+                given = rec.get("id") is not None
+                raise RecordProblem(
+                    f"id {ex.id!r} repeats {unit} {seen[ex.id]}'s"
+                    if given
+                    else f"it has no id, and the one it is given by position, {ex.id!r}, is "
+                    f"{unit} {seen[ex.id]}'s own id: give every {unit} an id, or none"
+                )
         except RecordProblem as e:
             raise DataError(f"{where}, {unit} {number}: {e}") from None
         if ex is not None:

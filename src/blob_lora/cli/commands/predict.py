@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import warnings
 from pathlib import Path
 
 from blob_lora.cli.options import add_eval_noise_override, add_scoring_override, scoring_override
@@ -29,7 +29,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
         required=True,
         help="JSONL questions: {question, choices, [context], [id], [answer]} per line",
     )
-    p.add_argument("--out", required=True, help="JSONL file to write, one row per question")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="JSONL file to write, one row per question (gzip-compressed if it ends in .gz)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
         "--eval-samples",
         type=int,
@@ -38,7 +43,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", choices=MODES, default="fold", help=MODE_HELP)
     p.add_argument(
-        "--fold", type=int, default=None, help="samples per forward pass (default: all N at once)"
+        "--fold",
+        type=int,
+        default=None,
+        help="samples per forward pass (default: all N at once); it changes which random draws "
+        "each question gets, so numbers move by Monte-Carlo noise, as with --batch-size",
     )
     p.add_argument(
         "--early-tol",
@@ -76,15 +85,16 @@ def _configure(p: argparse.ArgumentParser) -> None:
 @command("predict", "answer your own questions (JSONL) with confidence and uncertainty")(_configure)
 def run_predict(args: argparse.Namespace) -> int:
     from blob_lora.prediction import EarlyStop, Predictor, read_questions
+    from blob_lora.prediction.outputs import check_output_path, write_rows
 
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    questions = read_questions(args.input)  # before the (slow) model load: fail fast
-    out = Path(args.out)
-    if out.is_dir():
-        raise BlobLoraError(f"--out {out} is a folder; give a file name")
-    if out.exists() and out.resolve() == Path(args.input).resolve():
-        raise BlobLoraError(f"--out {out} is the --input file; writing would replace the questions")
+    # before the (slow) model load and the pass over every question: fail fast
+    questions = read_questions(args.input)
+    out = check_output_path(args.out, args.input, overwrite=args.overwrite)
+    if args.mode == "mean" and (args.eval_samples or args.fold is not None):
+        given = f"--eval-samples {args.eval_samples}" if args.eval_samples else "--fold"
+        raise BlobLoraError(f"--mode mean is one pass with the mean weights (N = 0); drop {given}")
     early = EarlyStop(args.early_tol, args.early_min, args.early_group)
     early.validate()
     if args.fold is not None and args.fold < 1:
@@ -109,10 +119,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
         kwargs["scoring"] = scoring_override(args, read_run_config(Path(args.run)))
     predictor = Predictor.from_run(args.run, model=args.model, **kwargs)
-    rows = predictor.predict(questions)
-    from blob_lora.utils.atomic import atomic_write_text
-
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with warnings.catch_warnings():  # a mode's fallback is said once, as the note below
+        warnings.filterwarnings("ignore", message="predictive mode")
+        rows = predictor.predict(questions)
+    write_rows(out, rows)
     s = predictor.last_summary
     assert s is not None
     line = (
@@ -124,4 +134,10 @@ def run_predict(args: argparse.Namespace) -> int:
     print(line)
     if s.note:
         print(f"note: {s.note}")
+    if s.n_truncated:
+        print(
+            f"note: {s.n_truncated} of {s.n_examples} prompts were longer than --max-length "
+            f"{predictor.max_length} tokens; their passage or question was cut (never the "
+            "options): pass a larger --max-length to score them whole"
+        )
     return 0
