@@ -19,7 +19,7 @@ from blob_lora.methods import method_of
 from blob_lora.models.loading import load_model_and_tokenizer
 from blob_lora.pipeline.meta_evaluate import meta_evaluate
 from blob_lora.tuners.abmll import load_abmll_model
-from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.errors import ConfigError, DataError
 from tests.factories import tiny_model_folder, tiny_task_collection
 
 torch.set_num_threads(1)
@@ -121,6 +121,8 @@ def test_meta_evaluate_scores_each_held_out_task_and_is_deterministic(meta_run, 
         ({"--k-shot": "10"}, "has 10 questions; the protocol needs k-shot 10 plus"),
         ({"--length-norm": "char"}, "--length-norm char applies to --scoring cloze only"),
         ({"--overlong": "skip"}, "--overlong must be one of"),
+        ({"--abmll-std-constant": "0"}, "--abmll-std-constant must be a finite number > 0"),
+        ({"--target-modules": "nonexistent"}, "cannot put ABMLL's adapters on .*nonexistent"),
     ],
 )
 def test_bad_input_is_refused_naming_the_option(meta_run, tmp_path, capsys, change, message):
@@ -275,3 +277,70 @@ def test_cloze_length_normalisation_is_a_setting_of_the_run(tmp_path) -> None:
     (batch,) = run.inputs.batches(pool, pool.examples[:3])
     chars = [[len(" " + c) for c in ("red", "blue", "green")]] * 3  # each option's scored text
     assert batch["divisor"].tolist() == chars
+
+
+def test_meta_evaluate_never_replaces_another_evaluation_without_overwrite(meta_run, tmp_path):
+    root, _, _, out = meta_run
+    shared = tmp_path / "shared"
+    first = meta_evaluate(out, shared, baseline="zero-shot", progress=False)
+    assert isinstance(first["evaluation_key"], str)
+    path = shared / "meta_eval_zero-shot.json"
+    # the same evaluation again: scored afresh, the same numbers
+    again = meta_evaluate(out, shared, baseline="zero-shot", progress=False)
+    assert timeless(again) == timeless(first)
+    # another evaluation (here another protocol: a copy of the run with another seed)
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    cfg = json.loads((other / "meta_config.json").read_text())
+    (other / "meta_config.json").write_text(json.dumps({**cfg, "seed": 2}))
+    with pytest.raises(ConfigError, match="already holds another evaluation"):
+        meta_evaluate(other, shared, baseline="zero-shot", progress=False)
+    assert json.loads(path.read_text()) == again
+    replaced = meta_evaluate(other, shared, baseline="zero-shot", progress=False, overwrite=True)
+    assert replaced["seed"] == 2 and replaced["evaluation_key"] != first["evaluation_key"]
+    # a file without a key (written by hand, or before keys were recorded): refused before loads
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="not known to be this evaluation's"):
+        meta_evaluate(out, shared, baseline="zero-shot", progress=False)
+    with pytest.raises(ConfigError, match="--eval-samples must be an integer >= 0, got -3"):
+        meta_evaluate(out, tmp_path / "neg", eval_samples=-3)
+
+
+def test_task_folders_seed_by_their_own_name_and_one_task_twice_is_refused(
+    meta_run, tmp_path, monkeypatch, capsys
+):
+    from blob_lora.tasks.collection import collection_names, seed_name, task_seed
+
+    root, model, tasks, _ = meta_run
+    assert seed_name(str(tasks / "task0")) == seed_name("./x/task0/") == "task0"
+    assert seed_name("mmlu:college_physics") == "mmlu:college_physics"
+    assert task_seed(3, str(tasks / "task0")) == task_seed(3, "task0")
+    monkeypatch.chdir(root)
+    with pytest.raises(ConfigError, match="names a task twice"):
+        collection_names("tasks/task0,./tasks/task0/,tasks/task1")
+    # a relative collection and its absolute spelling make the same run
+    rel, absolute = tmp_path / "rel", tmp_path / "abs"
+    steps = ("--meta-steps", "2")
+    assert main([*train_args("tasks", model, rel), *steps]) == 0
+    assert main([*train_args(tasks, model, absolute), *steps]) == 0
+    a = load_file(rel / "adapter" / "adapter_model.safetensors")
+    b = load_file(absolute / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # evaluated from a folder whose own tasks/ holds other questions: refused, naming them
+    elsewhere = tmp_path / "elsewhere"
+    tiny_task_collection(elsewhere / "tasks", n_tasks=4, n_questions=12)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError, match="differ from those .* was meta-trained on"):
+        meta_evaluate(rel, tmp_path / "e", baseline="zero-shot", progress=False)
+
+
+def test_settings_the_run_cannot_honour_are_noted_before_step_one(meta_run, tmp_path, capsys):
+    _, model, tasks, _ = meta_run
+    argv = train_args(tasks, model, tmp_path / "r", "--meta-batch-tasks", "5")
+    argv[argv.index("--query-size") + 1] = "9"
+    argv[argv.index("--meta-steps") + 1] = "1"
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--meta-batch-tasks 5 but only 2 meta-train task(s)" in err
+    assert "--query-size 9 but" in err
+    assert re.search(r"task\d 7", err)

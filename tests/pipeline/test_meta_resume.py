@@ -358,6 +358,21 @@ def test_a_folder_of_something_else_is_never_replaced(setup, tmp_path, capsys):
     assert snapshot(other) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
+def test_a_train_run_folder_is_never_replaced_though_it_has_checkpoints(setup, tmp_path, capsys):
+    tasks, model, _ = setup
+    run = tmp_path / "trainrun"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010" / "state.pt").write_bytes(b"train state")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"train adapter")
+    (run / "run_config.json").write_text("{}")  # what blob-lora train writes
+    before = snapshot(run)
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        assert main(args(tasks, model, run, *extra)) == 2
+        assert "holds a 'blob-lora train' run, no meta-train run" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
 def test_bad_checkpoint_every_is_refused_naming_the_option(setup, tmp_path, capsys):
     tasks, model, _ = setup
     argv = args(tasks, model, tmp_path / "run")

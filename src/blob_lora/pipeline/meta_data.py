@@ -49,6 +49,9 @@ class MetaSplit:
         out: dict[str, Any] = {
             "meta_train": [p.name for p in self.train],
             "meta_test": [p.name for p in self.test],
+            # the questions each task had (TaskPool.digest): meta-evaluate checks it reads the
+            # same data, which a relative path, from another folder, may not
+            "task_data": {p.name: p.digest() for p in [*self.train, *self.test]},
         }
         if self.overlong:
             out["overlong"] = self.overlong
@@ -64,6 +67,23 @@ def load_split(cfg: MetaConfig) -> MetaSplit:
     for pool in pools.values():
         pool.check_size(cfg.k_shot)
     return MetaSplit([pools[n] for n in train], [pools[n] for n in test])
+
+
+def check_same_data(split: MetaSplit, recorded: Any, run: Path) -> None:
+    """``DataError`` naming the tasks whose questions differ from those ``run`` was trained on
+    (``recorded``: its ``tasks.json``'s ``task_data``; runs from before it was recorded are
+    not checked): a collection given by relative paths reads other data from another folder,
+    or the data were edited since."""
+    if not isinstance(recorded, dict):
+        return
+    now = {p.name: p.digest() for p in [*split.train, *split.test]}
+    changed = sorted(name for name, digest in recorded.items() if now.get(name) != digest)
+    if changed:
+        raise DataError(
+            f"the questions of {', '.join(changed)} differ from those {run} was meta-trained "
+            "on: the data were edited, or its relative task paths (meta_config.json) found "
+            "other folders from here; run from the folder meta-train ran in"
+        )
 
 
 def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> MetaSplit:

@@ -15,6 +15,7 @@ with the tasks it had not scored (``meta_progress.py``).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -36,10 +37,17 @@ from blob_lora.pipeline.meta_baselines import (
     check_baseline,
 )
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
-from blob_lora.pipeline.meta_data import MetaRun, TaskInputsFactory, fit_split, load_split
+from blob_lora.pipeline.meta_data import (
+    MetaRun,
+    TaskInputsFactory,
+    check_same_data,
+    fit_split,
+    load_split,
+)
 from blob_lora.pipeline.meta_progress import ScoredTasks, folder_digest, partial_path
 from blob_lora.pipeline.meta_train import (
     ADAPTER_DIR,
+    TASKS_FILE,
     device_of_choice,
     holds_meta_run,
     is_finished,
@@ -51,8 +59,9 @@ from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_po
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
 from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import ConfigError
+from blob_lora.utils.errors import ConfigError, DataError
 from blob_lora.utils.fingerprint import model_fingerprint
+from blob_lora.utils.json_file import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ def meta_evaluate(
     tokenizer: Any = None,
     progress: bool = True,
     prefix_cache: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Adapt the run's global parameters (or, with ``baseline``, a baseline: see
     ``meta_baselines.py``) to every held-out task and score it; writes and returns
@@ -84,7 +94,18 @@ def meta_evaluate(
     adaptation and once per evaluation question, not once per inner step and weight sample
     (the same metrics up to float rounding). The tasks a stopped evaluation of the same run,
     contender and samples had scored are taken from its progress file and not scored again
-    (``meta_progress.ScoredTasks``), which the finished evaluation removes."""
+    (``meta_progress.ScoredTasks``), which the finished evaluation removes. The result records
+    its evaluation's key (``evaluation_key``: the protocol, the adapter's or the budget's
+    digest, the base model, the contender, N): a file of another evaluation (another run's,
+    or one made before keys were recorded) is refused unless ``overwrite``, before any
+    model loads; the same evaluation again is scored afresh and written over its own."""
+    if eval_samples is not None and (
+        isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 0
+    ):
+        raise ConfigError(f"--eval-samples must be an integer >= 0, got {eval_samples!r}")
+    name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
+    path = Path(out or run) / name
+    check_result_path(path, overwrite)  # before the slow loads
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
     meta_run, model = open_run(run, model, tokenizer, prefix_cache)
@@ -101,8 +122,6 @@ def meta_evaluate(
             eval_samples,
             baseline,
         )
-    name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
-    path = Path(out or meta_run.folder) / name
     settings = {
         "protocol": meta_run.cfg.to_dict(),
         # ABMLL's result rests on the global parameters' bytes; a baseline's only on the
@@ -117,9 +136,20 @@ def meta_evaluate(
         "eval_samples": contender.n_samples,
         "prefix_cache": meta_run.inputs.prefix_cache,
     }
-    scored = ScoredTasks(partial_path(path), settings_key(settings))
+    key = settings_key(settings)
+    if not overwrite:
+        check_same_evaluation(path, key)
+    scored = ScoredTasks(partial_path(path), key)
     done = set(scored.load())
     pools = meta_run.split.test
+    size = meta_run.cfg.eval_size
+    short = [f"{p.name} {len(p.examples) - meta_run.cfg.k_shot}" for p in pools]
+    if size is not None and any(len(p.examples) - meta_run.cfg.k_shot < size for p in pools):
+        print(
+            f"note: eval_size {size} but the held-out tasks have fewer questions beyond their "
+            f"support sets, all of which are scored: {', '.join(short)}",
+            file=sys.stderr,
+        )
     if done:
         kept = sum(p.name in done for p in pools)
         print(
@@ -146,6 +176,7 @@ def meta_evaluate(
         "adaptation": {"steps": budget.inner_steps, "lr": budget.inner_lr},
         # wall seconds per task, whichever sitting scored it
         "task_seconds": {pool.name: scored.seconds[pool.name] for pool in pools},
+        "evaluation_key": key,
     }
     held_out = {p.name for p in meta_run.split.test}
     overlong = {k: v for k, v in meta_run.split.overlong.items() if k in held_out}
@@ -154,6 +185,42 @@ def meta_evaluate(
     atomic_write_json(path, result)
     scored.clear()
     return result
+
+
+def check_result_path(path: Path, overwrite: bool) -> None:
+    """Refuse a result file that cannot be written, or one that holds no key (written before
+    keys were recorded, or not by meta-evaluate) unless ``overwrite``: never replace an
+    evaluation that cannot be told to be this one."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"--out {path.parent} exists and is not a folder")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; cannot write the results there")
+    if path.exists() and not overwrite and _stored_key(path) is None:
+        raise ConfigError(
+            f"{path} already holds results that are not known to be this evaluation's; pass "
+            "--overwrite (overwrite=True) to replace them, or choose another --out"
+        )
+
+
+def check_same_evaluation(path: Path, key: str) -> None:
+    """Refuse to write over ``path`` when it holds another evaluation's results (another run,
+    contender or N): the user would lose them without a word."""
+    stored = _stored_key(path) if path.exists() else None
+    if stored is not None and stored != key:
+        raise ConfigError(
+            f"{path} already holds another evaluation (another run, baseline or "
+            "--eval-samples); pass --overwrite (overwrite=True) to replace it, or choose "
+            "another --out"
+        )
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    key = data.get("evaluation_key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) else None
 
 
 def check_run(run: Path) -> None:
@@ -191,7 +258,15 @@ def open_run(
     check_run(folder)
     cfg = MetaConfig.load(folder)
     budget = AbmllConfig.load(folder / ADAPTER_DIR)
-    split = load_split(cfg)
+    try:
+        split = load_split(cfg)
+    except DataError as exc:
+        if cfg.tasks.strip().lower() in ("mmlu", "paper") or Path(cfg.tasks).is_absolute():
+            raise
+        raise DataError(
+            f"{exc} (relative paths in {folder / META_CONFIG_NAME} are read from the current "
+            "folder: run meta-evaluate from the folder meta-train ran in)"
+        ) from exc
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
     device = device_of_choice()
@@ -199,6 +274,8 @@ def open_run(
         tokenizer, cfg.max_length, cfg.batch_size, cfg.scoring_spec, device, prefix_cache
     )
     split = fit_split(split, inputs, cfg)  # the pools the run was trained and split with
+    recorded = read_json_object(folder / TASKS_FILE, ConfigError).get("task_data")
+    check_same_data(split, recorded, folder)
     return MetaRun(folder, cfg, budget, split, inputs), model.to(device)
 
 

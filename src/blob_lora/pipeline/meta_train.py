@@ -55,7 +55,7 @@ from blob_lora.pipeline.meta_loop import (
     settings_changes,
 )
 from blob_lora.tasks.collection import task_seed
-from blob_lora.training.run_dir import CHECKPOINTS
+from blob_lora.training.run_dir import CHECKPOINTS, RUN_CONFIG
 from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
 from blob_lora.tuners.abmll.meta import Task, meta_loss
 from blob_lora.utils.atomic import (
@@ -94,7 +94,10 @@ def is_finished(out: Path) -> bool:
 
 def holds_meta_run(out: Path) -> bool:
     """Whether ``out`` holds a meta-train run, finished or not (what ``--overwrite`` may
-    replace)."""
+    replace). A ``train`` run folder (``run_config.json``) never does, though it too has a
+    ``checkpoints/``: ``--overwrite`` once deleted its checkpoints and replaced its adapter."""
+    if (out / RUN_CONFIG).exists():
+        return False
     names = (TASKS_FILE, META_CONFIG_NAME, CHECKPOINTS, REPLACED)
     return any((out / name).exists() for name in names)
 
@@ -119,6 +122,11 @@ def check_out(out: Path, settings: dict[str, Any], *, overwrite: bool, resume: b
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
+    if (out / RUN_CONFIG).exists():
+        raise ConfigError(
+            f"--out {out} holds a 'blob-lora train' run, no meta-train run; choose another "
+            "folder (--overwrite / --resume only take a meta-train run)"
+        )
     root = out / CHECKPOINTS
     if resume and has_checkpoints(root):
         found = newest_checkpoint(root)
@@ -197,8 +205,18 @@ def meta_train(
         tokenizer, cfg.max_length, cfg.batch_size, cfg.scoring_spec, device, prefix_cache
     )
     split = fit_split(split, inputs, cfg)  # every question fits, or is left out, before step 1
+    for line in capped_settings(split, cfg):
+        print(f"note: {line}", file=sys.stderr)
     torch.manual_seed(cfg.seed)  # the initial A matrices
-    peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
+    try:
+        peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
+    except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"cannot put ABMLL's adapters on {cfg.model}: {exc} "
+            f"(--target-modules {','.join(cfg.target_modules)})"
+        ) from exc
     peft_model.train()
     optimizer = outer_optimizer(peft_model, cfg.lr)
     loop = OuterLoop(
@@ -217,7 +235,7 @@ def meta_train(
         loss, parts = meta_loss(peft_model, tasks, seed=cfg.seed * 1_000_003 + step)
         if not torch.isfinite(loss):
             raise ConfigError(
-                f"meta-training diverged at step {step} (loss {float(loss)}, parts {parts}): "
+                f"meta-training diverged at step {step + 1} (loss {float(loss)}, parts {parts}): "
                 "lower --lr, --abmll-inner-lr or --abmll-beta"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -252,6 +270,30 @@ def write_run(
     cfg.save(out)
     atomic_write_text(out / LOG_FILE, "".join(json.dumps(row) + "\n" for row in log))
     atomic_write_json(out / TASKS_FILE, summary)
+
+
+def capped_settings(split: MetaSplit, cfg: MetaConfig) -> list[str]:
+    """What the run will do short of what its settings ask (said before step 1, not found
+    in the log afterwards): fewer tasks per step than ``--meta-batch-tasks``, fewer query
+    questions than ``--query-size`` where a task has too few beyond its support set."""
+    lines = []
+    if cfg.meta_batch_tasks > len(split.train):
+        lines.append(
+            f"--meta-batch-tasks {cfg.meta_batch_tasks} but only {len(split.train)} "
+            f"meta-train task(s): every step draws {len(split.train)}"
+        )
+    short = {
+        p.name: len(p.examples) - cfg.k_shot
+        for p in split.train
+        if len(p.examples) - cfg.k_shot < cfg.query_size
+    }
+    if short:
+        listed = ", ".join(f"{name} {n}" for name, n in short.items())
+        lines.append(
+            f"--query-size {cfg.query_size} but these tasks have fewer questions beyond the "
+            f"--k-shot {cfg.k_shot} support set, so their queries are smaller: {listed}"
+        )
+    return lines
 
 
 def draw_tasks(

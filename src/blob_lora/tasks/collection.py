@@ -18,6 +18,8 @@ query / evaluation questions, so a saved run re-creates exactly the split it was
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -54,7 +56,9 @@ def collection_names(spec: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
     else:
         names = _folder_tasks(Path(text).expanduser())
-    if len(set(names)) != len(names):
+    keys = [_identity(name) for name in names]
+    if len(set(keys)) != len(keys):
+        # one task under two spellings (tasks/a, ./tasks/a/) could be held out and trained on
         raise ConfigError(f"task collection {spec!r} names a task twice")
     if len(names) < MIN_TASKS:
         raise ConfigError(
@@ -62,6 +66,23 @@ def collection_names(spec: str) -> list[str]:
             f"{MIN_TASKS} (one to meta-train on, one held out)"
         )
     return names
+
+
+def _identity(name: str) -> str:
+    """What a collection entry refers to: a task folder's resolved path (however it was
+    spelled), else the registered name as the registry reads it."""
+    path = Path(name).expanduser()
+    return f"path:{path.resolve()}" if path.is_dir() else f"name:{name.strip().lower()}"
+
+
+def seed_name(name: str) -> str:
+    """The part of a task's name its seeds are drawn from: a task folder's own name
+    (``tasks/a``, ``./tasks/a/`` and ``/abs/tasks/a`` all give ``a``), a registered name as it
+    is. Why: the draws of a run must not depend on how its task paths were spelled, nor on the
+    folder it was launched from."""
+    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
+        return name
+    return Path(os.path.normpath(Path(name).expanduser())).name or Path(name).resolve().name
 
 
 def _folder_tasks(folder: Path) -> list[str]:
@@ -106,6 +127,14 @@ class TaskPool:
     task: Task
     examples: list[MCExample]
 
+    def digest(self) -> str:
+        """A digest of the questions (ids, texts, options, answers): a saved run compares it
+        with the data it is evaluated on, which a relative path may find elsewhere."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            h.update(json.dumps([ex.id, ex.question, ex.choices, ex.context, ex.label]).encode())
+        return h.hexdigest()[:16]
+
     def check_size(self, k_shot: int) -> None:
         """``DataError`` naming the task unless it has ``k_shot`` questions and one more."""
         if len(self.examples) < k_shot + 1:
@@ -137,5 +166,7 @@ def load_pool(
 
 def task_seed(seed: int, name: str) -> int:
     """A seed for ``name`` under the protocol's ``seed`` that does not depend on the task's
-    position in a list (nor on Python's per-process string hashing)."""
-    return (seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(name))) % (2**31)
+    position in a list, on Python's per-process string hashing, nor on how a task folder's
+    path was spelled (:func:`seed_name`)."""
+    key = seed_name(name)
+    return (seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(key))) % (2**31)

@@ -201,6 +201,11 @@ def _configure_meta_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder written by 'blob-lora meta-train'")
     p.add_argument("--out", help="folder for meta_eval.json (default: the run folder)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a meta_eval*.json of another evaluation (another run, baseline or N)",
+    )
+    p.add_argument(
         "--eval-samples",
         type=int,
         default=None,
@@ -240,6 +245,7 @@ def run_meta_evaluate(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         progress=not args.no_progress,
         prefix_cache=args.prefix_cache is not False,
+        overwrite=args.overwrite,
     )
     print(f"method: {result['method']}  (N = {result['eval_samples']}, k = {result['k_shot']})")
     for name, m in result["tasks"].items():
