@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 
 import pytest
 from peft import get_peft_model
@@ -135,6 +136,11 @@ def test_an_existing_output_is_refused_before_any_question_is_scored(run_dir, tm
     assert json.loads(inp.read_text().splitlines()[0]) == records[0]
     # a file where a folder of --out should be: a clear error, not a traceback after scoring
     assert main([*argv, "--out", str(kept / "o.jsonl")]) == 2
+    # a FIFO (as a device, /dev/stdout): the atomic rename would replace it, so refused
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main([*argv, "--out", str(fifo), "--overwrite"]) == 2
+    assert fifo.is_fifo()
     # the Python API refuses the same, before scoring
     predictor = Predictor.from_run(run_dir)
     for out, kwargs in ((kept, {}), (inp, {"overwrite": True})):
@@ -175,9 +181,10 @@ def test_ensemble_notes_where_n_differs_from_the_one_asked(tokenizer, records, t
     capped = Predictor(ens, tokenizer, n_samples=5, max_length=64)
     capped.predict(records)
     assert capped.n_samples == 2 and "N = 5 asked, 2 run" in capped.last_summary.note
-    zero = Predictor(ens, tokenizer, n_samples=0, max_length=64)
-    zero.predict(records)
-    assert "no mean weights" in zero.last_summary.note
+    for kwargs in ({"n_samples": 0}, {"mode": "mean"}):
+        zero = Predictor(ens, tokenizer, max_length=64, **kwargs)
+        zero.predict(records)
+        assert "no mean weights" in zero.last_summary.note
 
 
 def test_a_record_without_id_whose_position_is_taken_says_so(tokenizer):

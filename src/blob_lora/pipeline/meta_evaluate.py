@@ -97,8 +97,9 @@ def meta_evaluate(
     (``meta_progress.ScoredTasks``), which the finished evaluation removes. The result records
     its evaluation's key (``evaluation_key``: the protocol, the adapter's or the budget's
     digest, the base model, the contender, N): a file of another evaluation (another run's,
-    or one made before keys were recorded) is refused unless ``overwrite``, before any
-    model loads; the same evaluation again is scored afresh and written over its own."""
+    or one made before keys were recorded) is refused unless ``overwrite`` (a file without a
+    key before any model loads); the same evaluation again is scored afresh and written over
+    its own."""
     if eval_samples is not None and (
         isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 0
     ):
@@ -136,15 +137,17 @@ def meta_evaluate(
         "eval_samples": contender.n_samples,
         "prefix_cache": meta_run.inputs.prefix_cache,
     }
-    key = settings_key(settings)
+    # the result's key leaves the prefix cache out: the same metrics up to float rounding
+    key = settings_key({k: v for k, v in settings.items() if k != "prefix_cache"})
     if not overwrite:
         check_same_evaluation(path, key)
-    scored = ScoredTasks(partial_path(path), key)
+    scored = ScoredTasks(partial_path(path), settings_key(settings))
     done = set(scored.load())
     pools = meta_run.split.test
     size = meta_run.cfg.eval_size
-    short = [f"{p.name} {len(p.examples) - meta_run.cfg.k_shot}" for p in pools]
-    if size is not None and any(len(p.examples) - meta_run.cfg.k_shot < size for p in pools):
+    left = {p.name: len(p.examples) - meta_run.cfg.k_shot for p in pools}
+    short = [f"{name} {n}" for name, n in left.items() if size is not None and n < size]
+    if short:
         print(
             f"note: eval_size {size} but the held-out tasks have fewer questions beyond their "
             f"support sets, all of which are scored: {', '.join(short)}",

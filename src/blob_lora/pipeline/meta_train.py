@@ -193,6 +193,11 @@ def meta_train(
     out = Path(out)
     abmll = abmll or AbmllConfig()
     check_checkpoint_every(checkpoint_every)
+    if abmll.std_constant == 0:  # allowed in a layer (c = 0 with B_sigma = 0 is plain LoRA)
+        raise ConfigError(
+            "--abmll-std-constant must be > 0 to meta-train: with c = 0 every std starts at "
+            "0 and the KL between prior and task posterior (log sigma) is not finite"
+        )
     start = check_out(out, run_settings(cfg, abmll), overwrite=overwrite, resume=resume)
     if start.finished is not None:
         print(f"{out} is finished: nothing to resume", file=sys.stderr)

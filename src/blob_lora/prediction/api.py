@@ -149,7 +149,7 @@ class Predictor:
             self.setting_notes.append(
                 f"N = {n_samples} asked, {self.n_samples} run: the method has no more samples"
             )
-        elif n_samples == 0 and self.n_samples > 0:
+        elif (n_samples == 0 or mode == "mean") and self.n_samples > 0:
             self.setting_notes.append(
                 f"N = 0 asked, but the method has no mean weights: its {self.n_samples} "
                 "members run, each on its own weights"

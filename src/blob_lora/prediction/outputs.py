@@ -26,8 +26,10 @@ def check_output_path(
     overwrite: bool = False,
 ) -> Path:
     """``out`` as a ``Path``, or ``ConfigError`` when writing it would fail or lose something:
-    it is a folder; a folder on its way is a file; it is the questions' own file (the answers
-    would replace them); it exists and ``overwrite`` is not given."""
+    it is a folder; a folder on its way is a file; it exists but is no regular file (a device,
+    a FIFO: the rename would replace it, with ``/dev/null`` for every user of the machine); it
+    is the questions' own file (the answers would replace them); it exists and ``overwrite``
+    is not given."""
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name")
@@ -38,6 +40,11 @@ def check_output_path(
         raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
     if not out.exists():
         return out
+    if not out.is_file():  # a device, a FIFO, /dev/stdout: an atomic rename would replace it
+        raise ConfigError(
+            f"--out {out} is not a regular file; predictions are written to a file (by an "
+            "atomic rename, which would replace it): give a file name"
+        )
     same = input_path is not None and Path(input_path).exists()
     if same and os.path.samefile(out, input_path):
         raise ConfigError(f"--out {out} is the --input file; writing would replace the questions")

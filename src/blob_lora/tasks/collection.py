@@ -75,16 +75,6 @@ def _identity(name: str) -> str:
     return f"path:{path.resolve()}" if path.is_dir() else f"name:{name.strip().lower()}"
 
 
-def seed_name(name: str) -> str:
-    """The part of a task's name its seeds are drawn from: a task folder's own name
-    (``tasks/a``, ``./tasks/a/`` and ``/abs/tasks/a`` all give ``a``), a registered name as it
-    is. Why: the draws of a run must not depend on how its task paths were spelled, nor on the
-    folder it was launched from."""
-    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
-        return name
-    return Path(os.path.normpath(Path(name).expanduser())).name or Path(name).resolve().name
-
-
 def _folder_tasks(folder: Path) -> list[str]:
     """Every sub-folder of ``folder`` with an evaluation split, as a path, sorted by name."""
     if not folder.is_dir():
@@ -166,7 +156,8 @@ def load_pool(
 
 def task_seed(seed: int, name: str) -> int:
     """A seed for ``name`` under the protocol's ``seed`` that does not depend on the task's
-    position in a list, on Python's per-process string hashing, nor on how a task folder's
-    path was spelled (:func:`seed_name`)."""
-    key = seed_name(name)
-    return (seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(key))) % (2**31)
+    position in a list (nor on Python's per-process string hashing). A task folder's name is
+    its path as the collection spells it (``tasks/a``), so another spelling of the same
+    folders draws other support sets: valid draws, but not the same run. Left so because
+    seeding by anything else would change the numbers of every run made before."""
+    return (seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(name))) % (2**31)

@@ -91,10 +91,9 @@ class AbmllConfig(
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the field (or, in a ``TrainConfig``, its option)."""
-        for name in ("beta", "gamma"):
+        for name in ("std_constant", "beta", "gamma"):
             check_float(self, name, allow_zero=True)
-        # c = 0 takes the std's floor away: the KL's log-sigma is -inf at the first step
-        for name in ("std_constant", "hyper_prior_std", "hyper_shape", "hyper_rate", "inner_lr"):
+        for name in ("hyper_prior_std", "hyper_shape", "hyper_rate", "inner_lr"):
             check_float(self, name)
         check_int(self, "inner_steps", allow_zero=True)
         check_int(self, "inner_samples")
