@@ -58,6 +58,7 @@ from blob_lora.tasks.collection import task_seed
 from blob_lora.training.run_dir import CHECKPOINTS, RUN_CONFIG
 from blob_lora.tuners.abmll import AbmllConfig, get_abmll_model
 from blob_lora.tuners.abmll.meta import Task, meta_loss
+from blob_lora.tuners.lora import refuse_adapter
 from blob_lora.utils.atomic import (
     atomic_directory,
     atomic_remove,
@@ -216,12 +217,7 @@ def meta_train(
     try:
         peft_model = get_abmll_model(model.to(device), cfg.peft_config(), abmll)
     except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(
-            f"cannot put ABMLL's adapters on {cfg.model}: {exc} "
-            f"(--target-modules {','.join(cfg.target_modules)})"
-        ) from exc
+        refuse_adapter(exc, "ABMLL's adapters", cfg.model, cfg.target_modules)
     peft_model.train()
     optimizer = outer_optimizer(peft_model, cfg.lr)
     loop = OuterLoop(

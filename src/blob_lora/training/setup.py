@@ -27,6 +27,7 @@ from blob_lora.training.distributed import uses_fsdp
 from blob_lora.training.kl_schedule import KLSchedule, make_schedule
 from blob_lora.training.optim import Updater, split_parameters
 from blob_lora.training.sampler import EpochShuffleSampler
+from blob_lora.tuners.lora import refuse_adapter
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 if TYPE_CHECKING:
@@ -167,12 +168,7 @@ def build_adapter(
     try:
         model = method.build(base_model, cfg)
     except ValueError as exc:  # PEFT: no module matches --target-modules, unsupported layer
-        if isinstance(exc, BlobLoraError):
-            raise
-        raise ConfigError(
-            f"cannot put a {cfg.method} adapter on {cfg.base.model}: {exc} "
-            f"(--target-modules {','.join(cfg.lora.target_modules)})"
-        ) from exc
+        refuse_adapter(exc, f"a {cfg.method} adapter", cfg.base.model, cfg.lora.target_modules)
     set_seed(cfg.loop.seed + accelerator.process_index)  # independent noise per process
     _warn_unmatched_targets(cfg, model)
     return model

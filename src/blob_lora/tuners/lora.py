@@ -9,10 +9,11 @@ gets its ``LoraConfig`` from :meth:`LoraSettings.peft_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from peft import LoraConfig
 
+from blob_lora.utils.errors import BlobLoraError, ConfigError
 from blob_lora.utils.settings import (
     check_float,
     check_fraction,
@@ -22,6 +23,17 @@ from blob_lora.utils.settings import (
 )
 
 REGEX_CHARS = set("*()|[]\\")
+
+
+def refuse_adapter(exc: ValueError, what: str, model: str, targets: list[str]) -> NoReturn:
+    """Re-raise PEFT's ``ValueError`` from putting ``what`` on ``model`` (no module matches
+    ``--target-modules``, an unsupported layer) as a ``ConfigError`` naming the option, so the
+    CLI says it in one line instead of a traceback; our own errors pass unchanged."""
+    if isinstance(exc, BlobLoraError):
+        raise exc
+    raise ConfigError(
+        f"cannot put {what} on {model}: {exc} (--target-modules {','.join(targets)})"
+    ) from exc
 
 
 def target_modules_arg(targets: list[str]) -> list[str] | str:
