@@ -303,3 +303,42 @@ def test_unmatched_target_suffixes_are_the_ones_no_adapted_name_ends_with() -> N
     settings = LoraSettings(target_modules=["q_proj", "v_proj", "lm_head", "proj"])
     assert settings.unmatched(adapted) == ["v_proj", "proj"]  # a suffix ends at a dot
     assert LoraSettings(target_modules=["self_attn.q_proj"]).unmatched(adapted) == []
+
+
+def test_bucketed_batches_resume_only_at_their_per_process_batch_size(
+    tmp_path, data_root, tiny_model_dir, monkeypatch
+) -> None:
+    kw = dict(method="lora", max_steps=4, checkpoint_every=2, evaluate=False)
+    cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, bucket_by_length=True, **kw)
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated kill right after the step-2 checkpoint")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    # the same global batch (2 x 2 accumulated), other length buckets: refused, naming the size
+    relaid = cfg.replace(batch_size=2, grad_accum=2)
+    with (
+        pytest.warns(UserWarning, match="--bucket-by-length forms batches"),
+        pytest.raises(BlobLoraError, match="formed at --batch-size 4 per process"),
+    ):
+        train(relaid, resume=True, progress=False)
+    assert train(cfg, resume=True, progress=False)["steps"] == 4
+
+
+def test_layouts_a_global_batch_does_not_fix_are_warned_about(tmp_path, data_root, tiny_model_dir):
+    import warnings
+
+    from blob_lora.training.setup import _warn_layout_dependence
+
+    cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, batch_size=2)
+    with pytest.warns(UserWarning, match="10 training examples are not a multiple of 2 processes"):
+        _warn_layout_dependence(cfg, 10, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_layout_dependence(cfg, 12, 2)  # a multiple: the same steps as one process
+        _warn_layout_dependence(cfg, 11, 1)  # one process takes the short batch as it is

@@ -148,6 +148,7 @@ class TrainingLoop:
                 self.layout,
                 self.method,
                 train_data=self.train_data,
+                bucketed=bool(cfg.data.bucket_by_length),
             )
         if cfg.loop.log_with:
             accelerator.init_trackers("blob-lora", config=_flat_config(cfg))

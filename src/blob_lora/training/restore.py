@@ -35,11 +35,14 @@ def restore_checkpoint(
     method: Method,
     *,
     train_data: str | None = None,
+    bucketed: bool = False,
 ) -> tuple[int, int, int, float]:
     """Load the latest checkpoint: (step, epoch, micro-batch in epoch, training seconds so far).
 
     ``train_data`` (``Task.source_fingerprint`` of the training split): refused when the
-    checkpoint was written on other data (``run_dir.check_same_training_data``).
+    checkpoint was written on other data (``run_dir.check_same_training_data``). ``bucketed``
+    (``--bucket-by-length``): refused unless the per-process batch size is the checkpoint's,
+    since length buckets are formed at it.
     """
     path = ckpt.latest_checkpoint(root)
     if path is None:
@@ -59,6 +62,15 @@ def restore_checkpoint(
             f"{loop.get('world_size')} processes), this launch has {layout['global_batch']} "
             f"({layout['batch_size']} x {layout['grad_accum']} x {layout['world_size']}); "
             "choose --batch-size/--grad-accum to match"
+        )
+    saved_micro = loop.get("batch_size")
+    if bucketed and saved_micro is not None and int(saved_micro) != layout["batch_size"]:
+        # length buckets are formed at the per-process batch size: another one makes other
+        # batches, and the mid-epoch skip would repeat some examples and never show others
+        raise ConfigError(
+            f"cannot resume from {path}: --bucket-by-length batches were formed at --batch-size "
+            f"{saved_micro} per process, this launch has {layout['batch_size']}; resume with "
+            f"--batch-size {saved_micro} (and --grad-accum / processes to keep the global batch)"
         )
     with torch.no_grad():
         for name, value in saved.items():
