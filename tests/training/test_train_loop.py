@@ -101,7 +101,7 @@ def test_resume_after_interruption_equals_uninterrupted(
 
     monkeypatch.setattr(ckpt, "load_checkpoint", load_after_an_hour)
     resumed = train(cfg_b, resume=True, progress=False)
-    assert resumed["steps"] == 7
+    assert resumed["steps"] == 7 and resumed["mixed_precision"] == "no"
     # the summary counts both sittings, not only the time after the resume
     assert 3600 < resumed["train_seconds"] < 3600 + 600
 
@@ -342,3 +342,13 @@ def test_layouts_a_global_batch_does_not_fix_are_warned_about(tmp_path, data_roo
         warnings.simplefilter("error")
         _warn_layout_dependence(cfg, 12, 2)  # a multiple: the same steps as one process
         _warn_layout_dependence(cfg, 11, 1)  # one process takes the short batch as it is
+
+
+def test_a_mixed_precision_without_autocast_is_recorded_as_none() -> None:
+    from blob_lora.training.distributed import effective_precision
+
+    # Accelerate on a CPU accepts fp16 but has no autocast for it (native_amp false): the steps
+    # run in float32, and summary.json must not say fp16
+    assert effective_precision("fp16", native_amp=False) == "no"
+    assert effective_precision("bf16", native_amp=True) == "bf16"
+    assert effective_precision("no", native_amp=False) == "no"

@@ -8,6 +8,7 @@ the others waiting at the next collective forever. On one process each helper is
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +26,28 @@ T = TypeVar("T")
 def uses_fsdp(accelerator: Accelerator) -> bool:
     """Whether Accelerate shards the model with FSDP2 (``fully_shard``: DTensor parameters)."""
     return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def effective_precision(requested: str, native_amp: bool) -> str:
+    """The mixed precision a run actually trains in: Accelerate's ``requested`` setting, or
+    ``"no"`` where it has no autocast for it (``native_amp`` false: fp16 on a CPU, which
+    Accelerate accepts and then runs in float32, measured step for step)."""
+    return requested if requested != "no" and native_amp else "no"
+
+
+def warn_ineffective_precision(accelerator: Accelerator) -> str:
+    """Warn when the launch's mixed precision does not take effect; return the effective one
+    (what ``summary.json`` records as ``mixed_precision``)."""
+    requested = str(accelerator.mixed_precision)
+    effective = effective_precision(requested, bool(getattr(accelerator, "native_amp", False)))
+    if effective != requested:
+        warnings.warn(
+            f"mixed precision {requested} has no effect on {accelerator.device.type}: "
+            "Accelerate trains in float32 there (on a CPU, bf16 does take effect)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return effective
 
 
 def _launched_for_fsdp() -> bool:

@@ -26,8 +26,10 @@ from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
     check_fsdp_settings,
     check_launch,
+    effective_precision,
     on_main,
     uses_fsdp,
+    warn_ineffective_precision,
 )
 from blob_lora.training.loop import LearningCurve, TrainingLoop
 from blob_lora.training.optim import build_updater
@@ -134,6 +136,7 @@ def prepare_training(
     out = Path(cfg.out)
     accelerator = Accelerator(log_with=cfg.loop.log_with, project_dir=str(out))
     check_launch(accelerator)
+    warn_ineffective_precision(accelerator)
     check_fsdp_settings(accelerator, cfg.base.load_in_4bit, cfg.base.load_in_8bit)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
@@ -221,6 +224,10 @@ def run_training(
         "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
         "world_size": accelerator.num_processes,
         "fsdp": uses_fsdp(accelerator),
+        # what the steps ran in: "no" where a requested fp16 had no autocast (a CPU)
+        "mixed_precision": effective_precision(
+            str(accelerator.mixed_precision), bool(getattr(accelerator, "native_amp", False))
+        ),
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)
