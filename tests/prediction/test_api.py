@@ -166,7 +166,9 @@ def test_a_gz_output_is_compressed_and_notes_say_what_ran(run_dir, tmp_path, rec
     assert "1 of 5 prompts were longer than --max-length 128" in printed
     # --mode mean with samples or a fold contradicts itself
     assert main([*argv, "--overwrite", "--mode", "mean", "--eval-samples", "3"]) == 2
+    assert "(--eval-samples) 3 contradicts it" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--mode", "mean", "--fold", "2"]) == 2
+    assert "(--fold) 2 contradicts it" in capsys.readouterr().err
 
 
 def test_ensemble_notes_where_n_differs_from_the_one_asked(tokenizer, records, tmp_path):

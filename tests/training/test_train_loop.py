@@ -352,3 +352,18 @@ def test_a_mixed_precision_without_autocast_is_recorded_as_none() -> None:
     assert effective_precision("fp16", native_amp=False) == "no"
     assert effective_precision("bf16", native_amp=True) == "bf16"
     assert effective_precision("no", native_amp=False) == "no"
+    # and train warns where the requested precision does not take effect
+    from types import SimpleNamespace
+
+    from blob_lora.training.distributed import warn_ineffective_precision
+
+    cpu = torch.device("cpu")
+    fp16 = SimpleNamespace(mixed_precision="fp16", native_amp=False, device=cpu)
+    with pytest.warns(UserWarning, match="mixed precision fp16 has no effect on cpu"):
+        assert warn_ineffective_precision(fp16) == "no"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf16 = SimpleNamespace(mixed_precision="bf16", native_amp=True, device=cpu)
+        assert warn_ineffective_precision(bf16) == "bf16"

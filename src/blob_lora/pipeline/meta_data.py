@@ -69,6 +69,13 @@ def load_split(cfg: MetaConfig) -> MetaSplit:
     return MetaSplit([pools[n] for n in train], [pools[n] for n in test])
 
 
+def short_pools(pools: Sequence[TaskPool], k_shot: int, wanted: int) -> dict[str, int]:
+    """Task -> questions beyond its ``k_shot`` support set, for the tasks with fewer than
+    ``wanted`` (a query or evaluation size the protocol then cannot draw in full)."""
+    left = {p.name: len(p.examples) - k_shot for p in pools}
+    return {name: n for name, n in left.items() if n < wanted}
+
+
 def check_same_data(split: MetaSplit, recorded: Any, run: Path) -> None:
     """``DataError`` naming the tasks whose questions differ from those ``run`` was trained on
     (``recorded``: its ``tasks.json``'s ``task_data``; runs from before it was recorded are

@@ -43,6 +43,7 @@ from blob_lora.pipeline.meta_data import (
     check_same_data,
     fit_split,
     load_split,
+    short_pools,
 )
 from blob_lora.pipeline.meta_progress import ScoredTasks, folder_digest, partial_path
 from blob_lora.pipeline.meta_train import (
@@ -106,7 +107,7 @@ def meta_evaluate(
         raise ConfigError(f"--eval-samples must be an integer >= 0, got {eval_samples!r}")
     name = META_EVAL_FILE if baseline is None else f"meta_eval_{baseline}.json"
     path = Path(out or run) / name
-    check_result_path(path, overwrite)  # before the slow loads
+    stored = stored_result_key(path, overwrite)  # before the slow loads
     if baseline is not None:
         check_baseline(baseline)  # before the slow loads
     meta_run, model = open_run(run, model, tokenizer, prefix_cache)
@@ -139,18 +140,22 @@ def meta_evaluate(
     }
     # the result's key leaves the prefix cache out: the same metrics up to float rounding
     key = settings_key({k: v for k, v in settings.items() if k != "prefix_cache"})
-    if not overwrite:
-        check_same_evaluation(path, key)
+    if stored is not None and stored != key and not overwrite:
+        raise ConfigError(
+            f"{path} already holds another evaluation (another run, baseline or "
+            "--eval-samples); pass --overwrite (overwrite=True) to replace it, or choose "
+            "another --out"
+        )
     scored = ScoredTasks(partial_path(path), settings_key(settings))
     done = set(scored.load())
     pools = meta_run.split.test
     size = meta_run.cfg.eval_size
-    left = {p.name: len(p.examples) - meta_run.cfg.k_shot for p in pools}
-    short = [f"{name} {n}" for name, n in left.items() if size is not None and n < size]
+    short = short_pools(pools, meta_run.cfg.k_shot, size) if size is not None else {}
     if short:
+        listed = ", ".join(f"{name} {n}" for name, n in short.items())
         print(
             f"note: eval_size {size} but the held-out tasks have fewer questions beyond their "
-            f"support sets, all of which are scored: {', '.join(short)}",
+            f"support sets, all of which are scored: {listed}",
             file=sys.stderr,
         )
     if done:
@@ -190,40 +195,28 @@ def meta_evaluate(
     return result
 
 
-def check_result_path(path: Path, overwrite: bool) -> None:
-    """Refuse a result file that cannot be written, or one that holds no key (written before
-    keys were recorded, or not by meta-evaluate) unless ``overwrite``: never replace an
-    evaluation that cannot be told to be this one."""
+def stored_result_key(path: Path, overwrite: bool) -> str | None:
+    """The ``evaluation_key`` a result file already at ``path`` holds (``None``: no file, or
+    ``overwrite``), refusing one that cannot be written, or one that holds no key (written
+    before keys were recorded, or not by meta-evaluate) unless ``overwrite``: never replace
+    an evaluation that cannot be told to be this one."""
     if path.parent.exists() and not path.parent.is_dir():
         raise ConfigError(f"--out {path.parent} exists and is not a folder")
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; cannot write the results there")
-    if path.exists() and not overwrite and _stored_key(path) is None:
+    if overwrite or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    key = data.get("evaluation_key") if isinstance(data, dict) else None
+    if not isinstance(key, str):
         raise ConfigError(
             f"{path} already holds results that are not known to be this evaluation's; pass "
             "--overwrite (overwrite=True) to replace them, or choose another --out"
         )
-
-
-def check_same_evaluation(path: Path, key: str) -> None:
-    """Refuse to write over ``path`` when it holds another evaluation's results (another run,
-    contender or N): the user would lose them without a word."""
-    stored = _stored_key(path) if path.exists() else None
-    if stored is not None and stored != key:
-        raise ConfigError(
-            f"{path} already holds another evaluation (another run, baseline or "
-            "--eval-samples); pass --overwrite (overwrite=True) to replace it, or choose "
-            "another --out"
-        )
-
-
-def _stored_key(path: Path) -> str | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    key = data.get("evaluation_key") if isinstance(data, dict) else None
-    return key if isinstance(key, str) else None
+    return key
 
 
 def check_run(run: Path) -> None:

@@ -41,7 +41,13 @@ import torch
 
 from blob_lora.models.loading import load_model_and_tokenizer
 from blob_lora.pipeline.meta_config import META_CONFIG_NAME, MetaConfig
-from blob_lora.pipeline.meta_data import MetaSplit, TaskInputsFactory, fit_split, load_split
+from blob_lora.pipeline.meta_data import (
+    MetaSplit,
+    TaskInputsFactory,
+    fit_split,
+    load_split,
+    short_pools,
+)
 from blob_lora.pipeline.meta_loop import (
     DEFAULT_CHECKPOINT_EVERY,
     REPLACED,
@@ -95,10 +101,8 @@ def is_finished(out: Path) -> bool:
 
 def holds_meta_run(out: Path) -> bool:
     """Whether ``out`` holds a meta-train run, finished or not (what ``--overwrite`` may
-    replace). A ``train`` run folder (``run_config.json``) never does, though it too has a
-    ``checkpoints/``: ``--overwrite`` once deleted its checkpoints and replaced its adapter."""
-    if (out / RUN_CONFIG).exists():
-        return False
+    replace). A ``train`` run folder, which has a ``checkpoints/`` too, is refused before
+    this is asked (``check_out``)."""
     names = (TASKS_FILE, META_CONFIG_NAME, CHECKPOINTS, REPLACED)
     return any((out / name).exists() for name in names)
 
@@ -283,11 +287,7 @@ def capped_settings(split: MetaSplit, cfg: MetaConfig) -> list[str]:
             f"--meta-batch-tasks {cfg.meta_batch_tasks} but only {len(split.train)} "
             f"meta-train task(s): every step draws {len(split.train)}"
         )
-    short = {
-        p.name: len(p.examples) - cfg.k_shot
-        for p in split.train
-        if len(p.examples) - cfg.k_shot < cfg.query_size
-    }
+    short = short_pools(split.train, cfg.k_shot, cfg.query_size)
     if short:
         listed = ", ".join(f"{name} {n}" for name, n in short.items())
         lines.append(

@@ -72,6 +72,17 @@ class PredictionSummary:
         return out
 
 
+def check_mean_request(mode: str, n_samples: int | None, fold: int | None) -> None:
+    """``ConfigError`` when ``mode`` ``mean`` (one pass with the mean weights, N = 0) comes
+    with samples or a fold, which it would drop without a word."""
+    if mode == "mean" and (n_samples or fold is not None):
+        given = f"n_samples (--eval-samples) {n_samples}" if n_samples else f"fold (--fold) {fold}"
+        raise ConfigError(
+            f"mode 'mean' is one pass with the mean weights (N = 0); {given} contradicts it: "
+            "drop it, or choose another mode"
+        )
+
+
 def _resolve_method(method: Method | str | None, model: nn.Module) -> Method:
     if method is None:
         return method_of(model)
@@ -133,12 +144,7 @@ class Predictor:
             raise ConfigError(f"fold must be a positive integer, got {fold!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed must be an integer or None, got {seed!r}")
-        if mode == "mean" and (n_samples or fold is not None):
-            given = f"n_samples {n_samples}" if n_samples else f"fold {fold}"
-            raise ConfigError(
-                f"mode 'mean' is one pass with the mean weights (N = 0); {given} contradicts "
-                "it: drop it, or choose another mode"
-            )
+        check_mean_request(mode, n_samples, fold)
         self.model = model
         self.tokenizer = tokenizer
         self.method = _resolve_method(method, model)
@@ -174,6 +180,8 @@ class Predictor:
 
         ``n_samples``, ``batch_size`` and ``max_length`` default to the run's settings.
         """
+        # before the load: a request that contradicts itself fails fast
+        check_mean_request(kwargs.get("mode", "fold"), kwargs.get("n_samples"), kwargs.get("fold"))
         loaded = load_run(Path(run_dir), model=model)
         cfg = loaded.config
         if kwargs.get("mode") != "mean":  # mean: N = 0, whatever the run's N

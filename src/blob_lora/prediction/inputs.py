@@ -8,8 +8,6 @@ in-memory ``Task`` (its source holds the examples) plus the labels that were giv
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from blob_lora.tasks import MCExample, Task
+from blob_lora.tasks.examples import examples_digest
 from blob_lora.tasks.prompts import STYLE_MC
 from blob_lora.tasks.sources import LETTERS, parse_generic, parse_rows, read_jsonl_examples
 from blob_lora.tasks.splits import SplitSpec
@@ -53,10 +52,7 @@ class InMemorySource:
 
     def __init__(self, examples: list[MCExample]) -> None:
         self.examples = list(examples)
-        digest = hashlib.sha256()
-        for ex in self.examples:
-            digest.update(json.dumps([ex.id, ex.question, ex.choices, ex.context]).encode())
-        self._digest = digest.hexdigest()
+        self._digest = examples_digest(self.examples, with_labels=False)
 
     def read(self, spec: SplitSpec) -> list[MCExample]:
         if spec.name != INPUT_SPLIT:

@@ -18,14 +18,12 @@ query / evaluation questions, so a saved run re-creates exactly the split it was
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from blob_lora.tasks.examples import MCExample
+from blob_lora.tasks.examples import MCExample, examples_digest
 from blob_lora.tasks.registry import MMLU_SUBJECTS, Task, get_task
 from blob_lora.tasks.sources import split_candidates
 from blob_lora.utils.errors import ConfigError, DataError
@@ -120,10 +118,7 @@ class TaskPool:
     def digest(self) -> str:
         """A digest of the questions (ids, texts, options, answers): a saved run compares it
         with the data it is evaluated on, which a relative path may find elsewhere."""
-        h = hashlib.sha256()
-        for ex in self.examples:
-            h.update(json.dumps([ex.id, ex.question, ex.choices, ex.context, ex.label]).encode())
-        return h.hexdigest()[:16]
+        return examples_digest(self.examples, with_labels=True)[:16]
 
     def check_size(self, k_shot: int) -> None:
         """``DataError`` naming the task unless it has ``k_shot`` questions and one more."""

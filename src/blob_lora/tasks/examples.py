@@ -7,6 +7,9 @@ batching are written once.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MIN_OPTIONS = 2
@@ -31,3 +34,13 @@ class MCExample:
     @property
     def n_options(self) -> int:
         return len(self.choices)
+
+
+def examples_digest(examples: Iterable[MCExample], *, with_labels: bool) -> str:
+    """sha256 over the questions' ids, texts, options and passages (and answers when
+    ``with_labels``): what a set of questions held in memory, not in a file, is told apart by."""
+    h = hashlib.sha256()
+    for ex in examples:
+        fields = [ex.id, ex.question, ex.choices, ex.context]
+        h.update(json.dumps([*fields, ex.label] if with_labels else fields).encode())
+    return h.hexdigest()

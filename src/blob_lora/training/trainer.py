@@ -26,7 +26,6 @@ from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
     check_fsdp_settings,
     check_launch,
-    effective_precision,
     on_main,
     uses_fsdp,
     warn_ineffective_precision,
@@ -112,6 +111,8 @@ class PreparedTraining:
     #: ``utils.fingerprint.model_fingerprint`` of the base model before the adapter went on:
     #: recorded in summary.json, so that reloading the run on other weights is noticed
     base_fingerprint: str
+    #: the mixed precision the steps run in ("no" where a requested fp16 has no autocast)
+    precision: str
 
 
 def prepare_training(
@@ -136,7 +137,7 @@ def prepare_training(
     out = Path(cfg.out)
     accelerator = Accelerator(log_with=cfg.loop.log_with, project_dir=str(out))
     check_launch(accelerator)
-    warn_ineffective_precision(accelerator)
+    precision = warn_ineffective_precision(accelerator)
     check_fsdp_settings(accelerator, cfg.base.load_in_4bit, cfg.base.load_in_8bit)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
@@ -186,7 +187,7 @@ def prepare_training(
     )
     return PreparedTraining(
         loop, task, train_split, inputs, tokenizer, accelerator, unwrapped, resuming,
-        base_fingerprint,
+        base_fingerprint, precision,
     )  # fmt: skip
 
 
@@ -224,10 +225,7 @@ def run_training(
         "kl_cycle": loop.plan.schedule.cycle if method.has_kl else None,
         "world_size": accelerator.num_processes,
         "fsdp": uses_fsdp(accelerator),
-        # what the steps ran in: "no" where a requested fp16 had no autocast (a CPU)
-        "mixed_precision": effective_precision(
-            str(accelerator.mixed_precision), bool(getattr(accelerator, "native_amp", False))
-        ),
+        "mixed_precision": prepared.precision,
         "train_seconds": round(train_seconds, 3),
         "seconds_per_step": round(train_seconds / max(1, loop.step), 4),
         # blocks whose output was computed once per example and reused (0: none)

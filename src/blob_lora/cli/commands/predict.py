@@ -92,9 +92,6 @@ def run_predict(args: argparse.Namespace) -> int:
     # before the (slow) model load and the pass over every question: fail fast
     questions = read_questions(args.input)
     out = check_output_path(args.out, args.input, overwrite=args.overwrite)
-    if args.mode == "mean" and (args.eval_samples or args.fold is not None):
-        given = f"--eval-samples {args.eval_samples}" if args.eval_samples else "--fold"
-        raise BlobLoraError(f"--mode mean is one pass with the mean weights (N = 0); drop {given}")
     early = EarlyStop(args.early_tol, args.early_min, args.early_group)
     early.validate()
     if args.fold is not None and args.fold < 1:
