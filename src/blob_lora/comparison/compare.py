@@ -59,6 +59,7 @@ from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
 from blob_lora.tasks.dir_names import task_dir_name
 from blob_lora.training.config import TrainConfig, setting_differences
+from blob_lora.training.run_dir import RUN_CONFIG
 from blob_lora.training.saved_run import load_run
 from blob_lora.training.setup import training_data
 from blob_lora.training.signals import TrainingInterrupted
@@ -67,7 +68,6 @@ from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 RUNS_DIR = "runs"
 SUMMARY = "summary.json"
-RUN_CONFIG = "run_config.json"
 PREDICTIONS = "predictions.jsonl"
 # Settings that do not change what a finished run learned or how it was scored: the ones the
 # trainer itself lets a resumed run change (caches, logging, the held-out curve), and where

@@ -56,6 +56,7 @@ from blob_lora.pipeline.meta_train import (
 from blob_lora.prediction.loop import predict_dataset
 from blob_lora.prediction.resume import PassCheckpoint, settings_key
 from blob_lora.tasks.collection import TaskPool, task_seed
+from blob_lora.training.run_dir import RUN_CONFIG
 from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_posterior
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
@@ -69,8 +70,6 @@ logger = logging.getLogger(__name__)
 META_EVAL_FILE = "meta_eval.json"
 #: the metrics averaged over tasks
 AVERAGED = ("accuracy", "ece", "nll", "brier")
-#: what ``blob-lora train`` writes into its run folder (a single-task run)
-TRAIN_RUN_CONFIG = "run_config.json"
 
 
 def meta_evaluate(
@@ -230,7 +229,7 @@ def check_run(run: Path) -> None:
     ):
         return
     hint = "meta-evaluate takes a run folder written by 'blob-lora meta-train'"
-    if (run / TRAIN_RUN_CONFIG).is_file():
+    if (run / RUN_CONFIG).is_file():
         raise ConfigError(f"--run {run} is a single-task run of 'blob-lora train'; {hint}")
     if not is_finished(run) and holds_meta_run(run):
         raise ConfigError(
