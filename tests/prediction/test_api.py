@@ -94,6 +94,10 @@ def test_read_questions_from_jsonl(tmp_path, records):
     bad.write_text('{"question": "q", "choices": ["a"]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl, line 1: needs at least 2 options"):
         read_questions(bad)
+    # the answer is optional here, so a misspelled one would otherwise vanish with no word
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answr": 1}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'answr' .* did you mean 'answer'"):
+        read_questions(bad)
 
 
 def test_cli_predict_writes_rows_atomically(run_dir, tmp_path, records, capsys):

@@ -45,6 +45,14 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
         ('{"question": "Q?", "choices": ["a", "b"], "answer": true}', "'answer' must be int"),
         ('{"question": "Q?", "choices": ["a", "b"], "answer": "maybe"}', "neither a 0-based"),
         ('{"question": "Q?", "choices": ["a", " "], "answer": 0}', "choices[1] is empty"),
+        # a near miss of a field's name: the optional context would be dropped silently
+        (
+            '{"question": "Q?", "choices": ["a", "b"], "answer": 0, "contxt": "C."}',
+            "field 'contxt' is not one this schema reads; did you mean 'context'?",
+        ),
+        ('{"Question": "Q?", "choices": ["a", "b"], "answer": 0}', "did you mean 'question'?"),
+        ('{"question": "Q?", "choises": ["a", "b"], "answer": 0}', "did you mean 'choices'?"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answers": 0}', "did you mean 'answer'?"),
     ],
 )
 def test_byo_bad_record(tmp_path, bad, problem):
@@ -54,6 +62,24 @@ def test_byo_bad_record(tmp_path, bad, problem):
     msg = str(err.value)
     assert msg.startswith(f"{path}, line 3: ")
     assert problem in msg
+
+
+def test_own_metadata_fields_are_kept_out_of_the_way(tmp_path):
+    """Extra fields of the user's own (even ones a little like a schema field, or like a
+    present one) are not near misses: the rows load, their context read."""
+    row = {
+        **GOOD,
+        "idx": 7,
+        "qid": "q7",
+        "question_id": "x",
+        "context_id": 3,
+        "contexts": ["ignored: context is present"],
+        "context": "C.",
+        "source": "mine",
+    }
+    (tmp_path / "validation.jsonl").write_text(json.dumps(row) + "\n")
+    (ex,) = get_task(str(tmp_path)).load("eval")
+    assert ex.context == "C." and ex.id == "validation-1"
 
 
 def test_a_repeated_id_names_both_lines(tmp_path):

@@ -17,7 +17,13 @@ from typing import Any
 from blob_lora.tasks import MCExample, Task
 from blob_lora.tasks.examples import examples_digest
 from blob_lora.tasks.prompts import STYLE_MC
-from blob_lora.tasks.sources import LETTERS, parse_generic, parse_rows, read_jsonl_examples
+from blob_lora.tasks.sources import (
+    LETTERS,
+    check_field_names,
+    parse_generic,
+    parse_rows,
+    read_jsonl_examples,
+)
 from blob_lora.tasks.splits import SplitSpec
 from blob_lora.utils.errors import DataError
 
@@ -41,6 +47,7 @@ class _LabelOptional:
         self.labelled: list[bool] = []
 
     def __call__(self, rec: dict[str, Any], fallback_id: str) -> MCExample:
+        check_field_names(rec)  # before ``answer`` is filled in: ``answr`` is a near miss
         has = rec.get("answer") is not None
         ex = parse_generic(rec if has else {**rec, "answer": 0}, fallback_id)
         self.labelled.append(has)

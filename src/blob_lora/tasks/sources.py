@@ -9,6 +9,8 @@ every ``DataError`` points at the offending line.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import gzip
 import hashlib
 import json
@@ -215,9 +217,42 @@ def parse_mmlu_hub(rec: dict[str, Any], fallback_id: str) -> MCExample:
     return make_example(fallback_id, question, list(choices), _get(rec, "answer", int))
 
 
+#: the fields of the bring-your-own schema
+GENERIC_FIELDS = ("id", "question", "choices", "answer", "context")
+
+
+@functools.lru_cache(maxsize=64)
+def _misspelled(keys: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """``(key, field)`` for each key that is not a field of the schema but so close to one the
+    record lacks (``contxt``, ``Question``, ``answers``) that it is most likely that field
+    misspelled. Other extra keys (a user's own metadata) are left alone."""
+    absent = [f for f in GENERIC_FIELDS if f not in keys]
+    found = []
+    for key in sorted(keys - set(GENERIC_FIELDS)):
+        # 0.85: catches a dropped, doubled or swapped letter and a capital (contxt, answers,
+        # choises, Question) but not common metadata names (idx, qid, question_id: 0.8-0.84)
+        close = difflib.get_close_matches(key.lower(), absent, n=1, cutoff=0.85)
+        if close:
+            found.append((key, close[0]))
+    return tuple(found)
+
+
+def check_field_names(rec: dict[str, Any]) -> None:
+    """Refuse a record whose field name is a near miss of a schema field it lacks: read as
+    written, an optional field (``context``, ``id``, a prediction's ``answer``) would be
+    dropped without a word and the prompts built without it."""
+    keys = frozenset(k for k in rec if isinstance(k, str))
+    for key, field in _misspelled(keys):
+        raise RecordProblem(
+            f"field {key!r} is not one this schema reads; did you mean {field!r}? "
+            f"(fields: {', '.join(GENERIC_FIELDS)}; rename it if it is a field of your own)"
+        )
+
+
 def parse_generic(rec: dict[str, Any], fallback_id: str) -> MCExample:
     """Bring-your-own schema: question, choices [str, ...], answer (0-based int or letter),
-    optional context and id."""
+    optional context and id; a near miss of a field's name is refused (``check_field_names``)."""
+    check_field_names(rec)
     rid = _optional_str(rec, "id") or fallback_id
     question = _get(rec, "question", str)
     choices = _get(rec, "choices", list)
