@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -117,6 +118,25 @@ def test_cli_predict_writes_rows_atomically(run_dir, tmp_path, records, capsys):
     assert main([*argv, "--mode", "mean", "--no-progress", "--overwrite"]) == 0
     mean_rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["n_samples"] == 0 and r["epistemic"] is None for r in mean_rows)
+
+
+def test_cli_predict_reads_standard_input(run_dir, tmp_path, records, monkeypatch):
+    """``--input -``: the same rows as from a file (ids by line number, the same samples), and
+    an error in a piped row names ``<stdin>`` and the line."""
+    lines = "\n".join(json.dumps(r) for r in records) + "\n"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(lines)
+    argv = ["predict", "--run", str(run_dir), "--mode", "mean", "--no-progress"]
+    assert main([*argv, "--input", str(inp), "--out", str(tmp_path / "file.jsonl")]) == 0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    assert main([*argv, "--input", "-", "--out", str(tmp_path / "piped.jsonl")]) == 0
+    piped = (tmp_path / "piped.jsonl").read_text()
+    assert piped == (tmp_path / "file.jsonl").read_text() and '"id": "line-2"' in piped
+    bad = io.BytesIO(lines.encode() + b'{"question": "q", "choices": ["a"]}\n')
+    with pytest.raises(DataError, match=r"^<stdin>, line 5: needs at least 2 options"):
+        read_questions("-", stdin=bad)
+    with pytest.raises(DataError, match="<stdin> holds no questions"):
+        read_questions("-", stdin=io.BytesIO(b"\n"))
 
 
 def test_cli_predict_input_errors(run_dir, tmp_path, capsys):

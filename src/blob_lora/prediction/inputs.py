@@ -9,10 +9,11 @@ in-memory ``Task`` (its source holds the examples) plus the labels that were giv
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from blob_lora.tasks import MCExample, Task
 from blob_lora.tasks.examples import examples_digest
@@ -20,6 +21,7 @@ from blob_lora.tasks.prompts import STYLE_MC
 from blob_lora.tasks.sources import (
     LETTERS,
     check_field_names,
+    decode_jsonl,
     parse_generic,
     parse_rows,
     read_jsonl_examples,
@@ -99,15 +101,26 @@ def parse_questions(
     return Questions(questions_task(examples), examples, labels)
 
 
-def read_questions(path: str | os.PathLike[str]) -> Questions:
-    """Questions from a JSONL file (``.jsonl`` or ``.jsonl.gz``); records without ``id`` are
-    named by line number, and every error names the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"input file {path} not found")
+#: the ``--input`` that reads standard input (``jq ... | blob-lora predict --input - ...``)
+STDIN = "-"
+
+
+def read_questions(path: str | os.PathLike[str], stdin: BinaryIO | None = None) -> Questions:
+    """Questions from a JSONL file (``.jsonl`` or ``.jsonl.gz``), or from standard input when
+    ``path`` is ``"-"`` (``stdin``: the stream to read instead of ``sys.stdin``); records
+    without ``id`` are named by line number, and every error names the file and line."""
     parser = _LabelOptional()
-    examples = read_jsonl_examples(path, parser, "line-")
+    if str(path) == STDIN:
+        where, name = "<stdin>", "stdin"
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        examples = parse_rows(decode_jsonl(stream, where), parser, where, "line-", "line")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"input file {path} not found")
+        where, name = str(path), path.stem
+        examples = read_jsonl_examples(path, parser, "line-")
     if not examples:
-        raise DataError(f"{path} holds no questions")
+        raise DataError(f"{where} holds no questions")
     labels = [ex.label if has else None for ex, has in zip(examples, parser.labelled, strict=True)]
-    return Questions(questions_task(examples, name=path.stem), examples, labels)
+    return Questions(questions_task(examples, name=name), examples, labels)

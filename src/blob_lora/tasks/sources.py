@@ -17,7 +17,7 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,29 @@ def _file_version(path: Path) -> tuple[str, int, int, int]:
 JSON_WHITESPACE = " \t\r\n"  # RFC 8259; str.strip() would also drop \x1c-\x1f, \x85, ...
 
 
+def decode_jsonl(lines: Iterable[bytes], where: str) -> list[tuple[int, Any]]:
+    """(line number, decoded JSON value) for every non-blank line of ``lines`` (a file opened
+    in binary, standard input's buffer); errors name ``where`` and the line."""
+    rows: list[tuple[int, Any]] = []
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            # utf-8-sig on the first line: editors on Windows start files with a BOM
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}, line {lineno}: not valid UTF-8 ({e.reason})") from e
+        if not line.strip(JSON_WHITESPACE):
+            continue  # blank; a line of other "spaces" (\x1c, \x85) is bad JSON
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            ) from e
+        except (ValueError, RecursionError) as e:  # 5000-digit numbers, deep nesting
+            raise DataError(f"{where}, line {lineno}: invalid JSON ({e})") from e
+    return rows
+
+
 def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, decoded JSON value) for every non-blank line; cached per file version so
     the 57 MMLU subjects share one parse of each file."""
@@ -316,26 +339,10 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
     if key in _FILE_CACHE:
         _FILE_CACHE.move_to_end(key)
         return _FILE_CACHE[key]
-    rows: list[tuple[int, Any]] = []
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    # utf-8-sig on the first line: editors on Windows start files with a BOM
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({e.reason})") from e
-                if not line.strip(JSON_WHITESPACE):
-                    continue  # blank; a line of other "spaces" (\x1c, \x85) is bad JSON
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                    ) from e
-                except (ValueError, RecursionError) as e:  # 5000-digit numbers, deep nesting
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e})") from e
+            rows = decode_jsonl(f, str(path))
     except (OSError, EOFError, zlib.error) as e:  # unreadable file, truncated or corrupt gzip
         raise DataError(f"{path}: cannot read ({e})") from e
     _FILE_CACHE[key] = rows

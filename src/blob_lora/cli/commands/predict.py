@@ -27,7 +27,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input",
         required=True,
-        help="JSONL questions: {question, choices, [context], [id], [answer]} per line",
+        help="JSONL questions: {question, choices, [context], [id], [answer]} per line; "
+        "'-' reads them from standard input",
     )
     p.add_argument(
         "--out",
@@ -85,13 +86,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
 @command("predict", "answer your own questions (JSONL) with confidence and uncertainty")(_configure)
 def run_predict(args: argparse.Namespace) -> int:
     from blob_lora.prediction import EarlyStop, Predictor, read_questions
+    from blob_lora.prediction.inputs import STDIN
     from blob_lora.prediction.outputs import check_output_path, write_rows
 
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     # before the (slow) model load and the pass over every question: fail fast
     questions = read_questions(args.input)
-    out = check_output_path(args.out, args.input, overwrite=args.overwrite)
+    source = None if args.input == STDIN else args.input
+    out = check_output_path(args.out, source, overwrite=args.overwrite)
     early = EarlyStop(args.early_tol, args.early_min, args.early_group)
     early.validate()
     if args.fold is not None and args.fold < 1:
