@@ -185,6 +185,7 @@ def test_a_gz_output_is_compressed_and_notes_say_what_ran(run_dir, tmp_path, rec
     assert main([*argv, "--no-progress", "--mode", "prefix", "--eval-samples", "0"]) == 0
     rows = [json.loads(line) for line in gzip.decompress(out.read_bytes()).splitlines()]
     assert len(rows) == 5 and all(r["n_samples"] == 0 for r in rows)
+    assert [r["truncated"] for r in rows] == [False] * 4 + [True]  # which one was cut
     printed = capsys.readouterr().out
     assert printed.count("N = 0: one pass with the mean weights") == 1  # prefix asked, mean ran
     assert "1 of 5 prompts were longer than --max-length 128" in printed

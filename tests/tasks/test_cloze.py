@@ -208,8 +208,8 @@ def test_truncation_cuts_the_shared_question_never_the_options(tok) -> None:
     long_q = "word " * 60
     ex = MCExample("t", long_q, ("short", "other"), 0)
     full, _ = encode_cloze_examples(MC, [ex], tok, 2000)
-    items, n_cut = encode_cloze_examples(MC, [ex], tok, 200)
-    assert n_cut == 1 and len(items[0]["input_ids"]) <= 200 < len(full[0]["input_ids"])
+    items, cut = encode_cloze_examples(MC, [ex], tok, 200)
+    assert cut == [True] and len(items[0]["input_ids"]) <= 200 < len(full[0]["input_ids"])
     # the options' tokens (branch > 0) are kept whole
     assert [t for t, b in zip(items[0]["input_ids"], items[0]["branch"], strict=True) if b] == [
         t for t, b in zip(full[0]["input_ids"], full[0]["branch"], strict=True) if b

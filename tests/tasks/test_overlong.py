@@ -31,8 +31,9 @@ def test_an_overlong_question_names_the_exact_length_it_needs(task, scoring) -> 
     assert info.value.example_id == "long"
     assert f"needs {need} tokens" in str(info.value) and need > 20
     # the smallest budget that fits: all of the question cut, nothing of the options
-    enc = encode_split(task, [LONG], tok, need, scoring)
-    assert enc.n_truncated == 1
+    short = MCExample("short", "Which?", ("x", "y"), 1)
+    enc = encode_split(task, [short, LONG, short], tok, need, scoring)
+    assert enc.truncated == [False, True, False] and enc.n_truncated == 1
     with pytest.raises(OverlongError):
         encode_split(task, [LONG], tok, need - 1, scoring)
 

@@ -47,7 +47,7 @@ def test_prompt_tokens_match_plain_tokenisation(data_root, smollm2_tokenizer):
     task = get_task("arc_easy", data_root)
     ex = task.load("validation")[0]
     ids, cut = encode_examples(task, [ex], tok, 512)
-    assert cut == 0
+    assert cut == [False]
     assert ids[0] == tok(task.render_prompt(ex), add_special_tokens=False)["input_ids"]
 
 
@@ -66,7 +66,7 @@ def test_boolq_truncation_cuts_the_passage_end(data_root, smollm2_tokenizer):
     ex = task.load("validation")[0]  # a long passage
     full, _ = encode_examples(task, [ex], tok, 4096)
     ids, cut = encode_examples(task, [ex], tok, 96)
-    assert cut == 1 and len(ids[0]) == 96 < len(full[0])
+    assert cut == [True] and len(ids[0]) == 96 < len(full[0])
     text = tok.decode(ids[0])
     assert text.startswith("Passage: Ethanol fuel -- All biomass goes through")
     assert text.endswith(
@@ -83,7 +83,7 @@ def test_question_truncation_keeps_options_and_cue(data_root, smollm2_tokenizer)
     long_q = "word " * 200 + "Which gas do plants take in?"
     ex = MCExample("long", long_q, ("oxygen", "carbon dioxide", "helium"), 1)
     ids, cut = encode_examples(task, [ex], tok, 40)
-    assert cut == 1 and len(ids[0]) == 40
+    assert cut == [True] and len(ids[0]) == 40
     text = tok.decode(ids[0])
     assert text.startswith("Question:")
     assert text.endswith(
@@ -119,6 +119,18 @@ def test_in_process_and_disk_cache(data_root, smollm2_tokenizer, tmp_path, monke
     assert from_disk.cache_hit == "disk"
     assert [from_disk[i] for i in range(20)] == [first[i] for i in range(20)]
     assert from_disk.example_ids == first.example_ids
+    assert from_disk.truncated == first.truncated and len(first.truncated) == 20
+    # a file of the format before per-example flags (a count) is rebuilt, not misread
+    obj = json.loads(files[0].read_text())
+    obj["n_truncated"] = first.n_truncated
+    del obj["truncated"]
+    files[0].write_text(json.dumps(obj))
+    dataset_mod.clear_cache()
+    monkeypatch.undo()
+    rebuilt = MCDataset(task, "validation[:20]", tok, 64, cache_dir=tmp_path)
+    assert rebuilt.cache_hit is None and rebuilt.truncated == first.truncated
+    assert "truncated" in json.loads(files[0].read_text())
+    monkeypatch.setattr(dataset_mod, "encode_examples", boom)
     # another max_length is another cache entry
     with pytest.raises(AssertionError, match="re-tokenised"):
         MCDataset(task, "validation[:20]", tok, 65, cache_dir=tmp_path)
@@ -146,7 +158,7 @@ def test_llama_style_truncation_keeps_bos_options_and_cue(data_root, llama_token
     ex = MCExample("l", "the " * 50 + "Which?", ("A", "B"), 0)
     full, _ = encode_examples(task, [ex], tok, 4096)
     ids, cut = encode_examples(task, [ex], tok, 30)
-    assert cut == 1 and len(ids[0]) == 30
+    assert cut == [True] and len(ids[0]) == 30
     assert ids[0][0] == tok.bos_token_id
     assert ids[0][-16:] == full[0][-16:]  # "▁Which ? \n A ) ▁A \n B ) ▁B \n Answer :" kept
     assert tok.convert_ids_to_tokens(ids[0][1:3]) == ["▁Question", ":"]

@@ -254,7 +254,7 @@ class Predictor:
             progress=self.progress,
         )
         rows = [
-            _row(ex, label, task.option_letters, scored, i)
+            _row(ex, label, task.option_letters, scored, i, enc.truncated[i])
             for i, (ex, label) in enumerate(zip(examples, q.labels, strict=True))
         ]
         self.last_summary = _summary(rows, scored, self.n_samples, enc.n_truncated, start)
@@ -263,7 +263,12 @@ class Predictor:
 
 
 def _row(
-    ex: MCExample, label: int | None, letters: tuple[str, ...], res: DatasetPredictive, j: int
+    ex: MCExample,
+    label: int | None,
+    letters: tuple[str, ...],
+    res: DatasetPredictive,
+    j: int,
+    truncated: bool,
 ) -> dict:
     k = ex.n_options
     probs = res.probs[j, :k]
@@ -280,6 +285,8 @@ def _row(
         "aleatoric": None if res.aleatoric is None else float(res.aleatoric[j]) + 0.0,
         "epistemic": None if res.epistemic is None else float(res.epistemic[j]) + 0.0,
         "n_samples": int(res.n_used[j]),
+        # the passage or question was cut to fit max_length: the answer is to a shorter text
+        "truncated": truncated,
     }
     if label is not None:
         row["label"] = label

@@ -130,12 +130,12 @@ def _check_encoding_args(tokenizer, max_length: int) -> None:
 
 def encode_examples(
     task, examples: Sequence[MCExample], tokenizer, max_length: int
-) -> tuple[list[list[int]], int]:
-    """Token ids of every example's prompt (special prefix included), and how many were cut."""
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of every example's prompt (special prefix included), and whether each was cut."""
     _check_encoding_args(tokenizer, max_length)
     prefix = special_prefix(tokenizer)
     out: list[list[int]] = []
-    n_truncated = 0
+    truncated: list[bool] = []
     for lo in range(0, len(examples), _ENCODE_CHUNK):
         chunk = examples[lo : lo + _ENCODE_CHUNK]
         segs = [task.prompt_segments(ex) for ex in chunk]
@@ -158,9 +158,9 @@ def encode_examples(
                         example_id=ex.id,
                         needed=need,
                     )
-                n_truncated += 1
+            truncated.append(excess > 0)
             out.append(prefix + ids)
-    return out, n_truncated
+    return out, truncated
 
 
 CLOZE_FIELDS = ("branch", "position", "target_option", "prev_offset", "divisor")
@@ -189,9 +189,9 @@ def _option_tokens(tokenizer, shared_text: str, shared_ids: list[int], text: str
 
 def encode_cloze_examples(
     task, examples: Sequence[MCExample], tokenizer, max_length: int, length_norm: str = "none"
-) -> tuple[list[dict[str, list]], int]:
-    """Every example as one packed cloze sequence (``blob_lora.tasks.cloze``), and how many
-    were cut.
+) -> tuple[list[dict[str, list]], list[bool]]:
+    """Every example as one packed cloze sequence (``blob_lora.tasks.cloze``), and whether each
+    was cut.
 
     An item holds, per token: ``input_ids``; ``branch`` (0: the special prefix and the shared
     prompt, ``k + 1``: option ``k``); ``position`` (its position id: an option's positions
@@ -204,7 +204,7 @@ def encode_cloze_examples(
     _check_encoding_args(tokenizer, max_length)
     prefix = special_prefix(tokenizer)
     items: list[dict[str, list]] = []
-    n_truncated = 0
+    truncated: list[bool] = []
     for ex in examples:
         prompt = cloze_prompt(ex, task.style)
         shared_text = "".join(seg.text for seg in prompt.shared)
@@ -231,7 +231,7 @@ def encode_cloze_examples(
                     example_id=ex.id,
                     needed=max_length + left,
                 )
-            n_truncated += 1
+        truncated.append(excess > 0)
         head = prefix + shared_ids
         item: dict[str, list] = {
             "input_ids": list(head),
@@ -261,7 +261,7 @@ def encode_cloze_examples(
         else:
             item["divisor"] = [1.0] * len(options)
         items.append(item)
-    return items, n_truncated
+    return items, truncated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +276,14 @@ class EncodedSplit:
     labels: list[int]
     n_options: list[int]
     example_ids: list[str]
-    n_truncated: int
+    #: per example, whether its passage or question was cut to fit ``max_length``
+    truncated: list[bool]
     #: cloze scoring: per item, the ``CLOZE_FIELDS`` lists; ``None`` under letter scoring
     cloze: list[dict[str, list]] | None = None
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated)
 
 
 _LRU: OrderedDict[str, EncodedSplit] = OrderedDict()
@@ -321,7 +326,7 @@ def _read_disk(path: Path, parts: dict[str, Any]) -> EncodedSplit | None:
             obj["labels"],
             obj["n_options"],
             obj["ids"],
-            obj["n_truncated"],
+            _truncated_flags(obj["truncated"], len(obj["ids"])),
             obj.get("cloze"),
         )
     except FileNotFoundError:
@@ -331,6 +336,18 @@ def _read_disk(path: Path, parts: dict[str, Any]) -> EncodedSplit | None:
         return None
 
 
+def _truncated_flags(value: Any, n: int) -> list[bool]:
+    """The cache's per-example flags, checked: a cache written before they were stored (it held
+    a count) or a damaged one raises ``KeyError``/``TypeError`` and is rebuilt."""
+    if (
+        not isinstance(value, list)
+        or len(value) != n
+        or not all(isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"'truncated' must be {n} booleans")
+    return value
+
+
 def _write_disk(path: Path, parts: dict[str, Any], enc: EncodedSplit) -> None:
     obj = {
         "key": parts,
@@ -338,7 +355,7 @@ def _write_disk(path: Path, parts: dict[str, Any], enc: EncodedSplit) -> None:
         "labels": enc.labels,
         "n_options": enc.n_options,
         "ids": enc.example_ids,
-        "n_truncated": enc.n_truncated,
+        "truncated": enc.truncated,
     }
     if enc.cloze is not None:
         obj["cloze"] = enc.cloze
@@ -355,19 +372,19 @@ def encode_split(
     """Tokenise ``examples`` for ``scoring`` (one item per example in either mode)."""
     cloze = None
     if scoring.is_cloze:
-        items, n_truncated = encode_cloze_examples(
+        items, truncated = encode_cloze_examples(
             task, examples, tokenizer, max_length, scoring.length_norm
         )
         ids = [it.pop("input_ids") for it in items]
         cloze = items
     else:
-        ids, n_truncated = encode_examples(task, examples, tokenizer, max_length)
+        ids, truncated = encode_examples(task, examples, tokenizer, max_length)
     return EncodedSplit(
         ids,
         [ex.label for ex in examples],
         [ex.n_options for ex in examples],
         [ex.id for ex in examples],
-        n_truncated,
+        truncated,
         cloze,
     )
 
@@ -403,7 +420,7 @@ class EncodedDataset(Dataset):
 
     ``input_ids`` is the (possibly truncated) prompt with the tokenizer's leading special
     tokens, ending at the answer cue. ``lengths`` gives each item's token count (for
-    bucketing), ``example_ids`` the source ids, ``n_truncated`` how many prompts were cut.
+    bucketing), ``example_ids`` the source ids, ``truncated`` which prompts were cut.
     Under cloze scoring an item is the packed sequence of the question and all its options
     and also carries the ``CLOZE_FIELDS`` (see ``encode_cloze_examples``). Built from
     :func:`encode_split` (``Predictor``'s in-memory questions); a task split is an
@@ -434,6 +451,11 @@ class EncodedDataset(Dataset):
     @property
     def n_truncated(self) -> int:
         return self._enc.n_truncated
+
+    @property
+    def truncated(self) -> list[bool]:
+        """Per item, whether its passage or question was cut to fit the prompt length."""
+        return list(self._enc.truncated)
 
 
 class MCDataset(EncodedDataset):
