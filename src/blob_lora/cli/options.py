@@ -149,7 +149,8 @@ def _kind(f) -> tuple[Any, bool]:
     return (args[0] if args else str), False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A ``BOOL`` option's value (``--kl-rescale false``): 1/0, true/false, yes/no, on/off."""
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -182,7 +183,7 @@ def add_setting_option(
         parser.add_argument(
             flag,
             dest=key,
-            type=_parse_bool,
+            type=parse_bool,
             nargs="?",
             const=True,
             default=None,
