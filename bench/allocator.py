@@ -27,7 +27,8 @@ and faults hardly do.
 
     OMP_NUM_THREADS=1 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/allocator.py
 
-Writes ``bench/results/allocator_cpu.json`` (or ``--out``) and prints a Markdown table.
+Writes ``bench/out/allocator_cpu.json`` (``--out bench/results/allocator_cpu.json`` for a
+run of record) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, format_table, summary  # noqa: E402
+from common import REPO, format_table, positive_int, summary  # noqa: E402
 
 #: the environment each mode adds to the child's (glibc's defaults: nothing added)
 MODES: dict[str, dict[str, str]] = {
@@ -104,10 +105,10 @@ def measured(command: list[str], extra_env: dict[str, str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="training steps per train run")
-    p.add_argument("--questions", type=int, default=48, help="questions per evaluation")
-    p.add_argument("--repeats", type=int, default=2, help="repetitions of both modes")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "allocator_cpu.json")
+    p.add_argument("--steps", type=positive_int, default=40, help="training steps per train run")
+    p.add_argument("--questions", type=positive_int, default=48, help="questions per evaluation")
+    p.add_argument("--repeats", type=positive_int, default=2, help="repetitions of both modes")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "allocator_cpu.json")
     args = p.parse_args(argv)
     if not sys.platform.startswith("linux"):
         raise SystemExit("glibc's allocator settings: Linux only")

@@ -243,9 +243,27 @@ def random_llama(shape: dict[str, int], device: torch.device, dtype: torch.dtype
         return LlamaForCausalLM._from_config(llama, dtype=dtype)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts and sizes: a 0 or a negative number would be taken for
+    "the setting's default" by ``x or default`` or run a meaningless measurement (a slice
+    ``[:-3]``, an empty batch), so it is refused with the option's name."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def natural_int(text: str) -> int:
+    """An argparse type for counts that may be 0 (warm-up rounds)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_table_options(p: argparse.ArgumentParser) -> None:
     """The options of a bench on the regime table's setting: token budget, seed, data, report."""
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="token budget (default 256, the table's; tiny: its setting's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
@@ -273,10 +291,10 @@ def checkout_relative(path: str | Path) -> str:
 
 def write_report(args: argparse.Namespace, name: str, load_start: list[float],
                  result: dict[str, Any]) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """``bench/results/<name>_cpu.json`` (``--setting cpu``) or ``bench/out/...``, or ``--out``:
-    the machine, the load average over the run, the settings and ``result``."""
-    where = "results" if args.setting == "cpu" else "out"
-    out_path = args.out or REPO / "bench" / where / f"{name}_{args.setting}.json"
+    """``bench/out/<name>_<setting>.json``, or ``--out``: the machine, the load average over
+    the run, the settings and ``result``. Never ``bench/results/`` by default: a run of record
+    is written there on purpose (``--out bench/results/...``), not by trying a script out."""
+    out_path = args.out or REPO / "bench" / "out" / f"{name}_{args.setting}.json"
     config = {k: v for k, v in vars(args).items() if k not in ("out", "data_root")}
     load = {"start": load_start, "end": list(os.getloadavg())}
     report = {"machine": machine_info(torch.device("cpu")), "load_average": load,

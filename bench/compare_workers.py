@@ -21,8 +21,8 @@ the whole-job wall times (loading and warm-up included, as in a real table) are 
     BLOB_LORA_DATA=../shared/data .venv/bin/python bench/compare_workers.py
     .venv/bin/python bench/compare_workers.py --setting tiny          # seconds, random tiny model
 
-Writes ``bench/results/compare_workers_cpu.json`` (``--setting cpu``) or ``bench/out/...``
-(``tiny``), ``--out`` to change it, and prints a Markdown table.
+Writes ``bench/out/compare_workers_<setting>.json`` and prints a Markdown table; ``--out`` writes
+elsewhere (``--out bench/results/compare_workers_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info  # noqa: E402
+from common import REPO, ensure_src_on_path, format_table, machine_info, positive_int  # noqa: E402
 
 ensure_src_on_path()
 
@@ -151,12 +151,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--setting", choices=("cpu", "tiny"), default="cpu")
     p.add_argument("--workloads", nargs="+", choices=("train", "eval"), default=["train", "eval"])
     p.add_argument("--task", default="arc_challenge")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
                    help="threads of the single process (default: the cores)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel processes (default: --threads, one thread each)")  # fmt: skip
-    p.add_argument("--train-steps", type=int, default=8, help="timed steps per child")
-    p.add_argument("--eval-questions", type=int, default=48, help="questions per child")
+    p.add_argument("--train-steps", type=positive_int, default=8, help="timed steps per child")
+    p.add_argument("--eval-questions", type=positive_int, default=48, help="questions per child")
     p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -168,8 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = "results" if args.setting == "cpu" else "out"
-    out = args.out or BENCH / folder / f"compare_workers_{args.setting}.json"
+    out = args.out or BENCH / "out" / f"compare_workers_{args.setting}.json"
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row for kind in args.workloads for row in measure(kind, args, Path(tmp))]
     table = render(rows)

@@ -35,8 +35,8 @@ in bf16 on CUDA (no weights need to travel), with the tests' character tokenizer
 per character, so the questions are longer in tokens than under a real tokenizer; the report
 gives the tokens per question).
 
-Writes ``bench/results/eval_cost_cpu.json`` (``--setting cpu``) or ``bench/out/...`` (``tiny``),
-``--out`` to change it, and prints a Markdown table.
+Writes ``bench/out/eval_cost_<setting>.json`` and prints a Markdown table; ``--out`` writes
+elsewhere (``--out bench/results/eval_cost_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -58,13 +58,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
     machine_info,
     measure_peak_memory,
+    natural_int,
+    positive_int,
     random_llama,
     release_device_memory,
     summary,
@@ -390,13 +392,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="methods to compare (the first one is the reference when lora is absent)")  # fmt: skip
     p.add_argument("--task", default="arc_easy")
     p.add_argument("--split", default="eval", help="split to evaluate (default: the task's eval)")
-    p.add_argument("--n-questions", type=int, default=None,
+    p.add_argument("--n-questions", type=positive_int, default=None,
                    help="questions evaluated (the split's first N; default per setting)")  # fmt: skip
     p.add_argument("--scoring", choices=("letter", "cloze"), default="letter")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="questions per evaluation batch (default per setting)")  # fmt: skip
     p.add_argument(
-        "--max-length", type=int, default=None, help="token budget (default per setting)"
+        "--max-length", type=positive_int, default=None, help="token budget (default per setting)"
     )
     p.add_argument("--targets", choices=("demo", "all"), default="demo",
                    help="LoRA on q/v of the top 8 blocks + lm_head (demo) or of every block")  # fmt: skip
@@ -405,8 +407,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-order", choices=("length", "split", "both"), default="length",
                    help="evaluation batches of similar length (evaluate_on_task's default), "
                    "the split's own order, or both as separate rows of one run")  # fmt: skip
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default per setting)")
+    p.add_argument("--warmup", type=natural_int, default=1, help="untimed rounds before timing")
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed rounds (default per setting)"
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory pass (the block counts are still taken)")  # fmt: skip
     p.add_argument("--device", default=None,
@@ -419,6 +423,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(set(args.methods)) != len(args.methods):
         p.error("--methods lists a method twice")
+    from blob_lora.methods.registry import METHODS
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:  # before the first method trains, not after
+        p.error(f"--methods: unknown {unknown}; known: {', '.join(sorted(METHODS))}")
     return args
 
 
@@ -427,8 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setting = SETTINGS[args.setting]
     if args.data_root is None:
         args.data_root = os.environ.get("BLOB_LORA_DATA") or str(REPO.parent / "shared" / "data")
-    where = "results" if args.setting == "cpu" else "out"
-    out_path = args.out or REPO / "bench" / where / f"eval_cost_{args.setting}.json"
+    out_path = args.out or REPO / "bench" / "out" / f"eval_cost_{args.setting}.json"
     load_start = list(os.getloadavg())
     device = torch.device(args.device or setting.device)
     with tempfile.TemporaryDirectory(prefix="eval_cost_") as tmp:

@@ -15,8 +15,8 @@ backward, which is where checkpointing acts.
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/gradient_checkpointing.py
     .venv/bin/python bench/gradient_checkpointing.py --setting tiny      # seconds, random tiny model
 
-Writes ``bench/results/gradient_checkpointing_cpu.json`` (``--setting cpu``) or
-``bench/out/...`` (``tiny``), ``--out`` to change it, and prints a Markdown table.
+Writes ``bench/out/gradient_checkpointing_<setting>.json`` and prints a Markdown table; ``--out``
+writes elsewhere (``--out bench/results/gradient_checkpointing_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, format_table, machine_info, measure_peak_memory, summary  # noqa: E402
+from common import REPO, format_table, machine_info, measure_peak_memory, positive_int, summary  # noqa: E402
 from train_full_step import SETTINGS, load_base, prepare, train_config  # noqa: E402
 
 from blob_lora.utils.atomic import atomic_write_json  # noqa: E402
@@ -53,12 +53,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--task", default="arc_easy")
     p.add_argument("--scoring", choices=("letter", "cloze"), default="cloze")
-    p.add_argument("--n-train", type=int, default=80, help="training examples (train[:N])")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="default: the setting's")
+    p.add_argument("--n-train", type=positive_int, default=80, help="training examples (train[:N])")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None, help="default: the setting's")
     p.add_argument("--flipout", default="token")
     p.add_argument("--optimizer", default="paper")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per arm")
+    p.add_argument("--steps", type=positive_int, default=None, help="measured steps per arm")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -128,10 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "memory_kind": "cpu_rss_sampled (the step's peak over the RSS before it)",
         **result,
     }
-    out = args.out or (
-        REPO / "bench" / ("results" if args.setting == "cpu" else "out")
-        / f"gradient_checkpointing_{args.setting}.json"
-    )  # fmt: skip
+    out = args.out or REPO / "bench" / "out" / f"gradient_checkpointing_{args.setting}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, report)
     print(f"wrote {out}")

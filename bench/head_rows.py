@@ -36,8 +36,8 @@ script measures what each saves.
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/head_rows.py
     .venv/bin/python bench/head_rows.py --setting tiny          # seconds, random tiny model
 
-Writes ``bench/results/head_rows_cpu.json`` (``--setting cpu``) or ``bench/out/...`` (``tiny``),
-``--out`` to change it, and prints two Markdown tables.
+Writes ``bench/out/head_rows_<setting>.json`` and prints two Markdown tables; ``--out`` writes
+elsewhere (``--out bench/results/head_rows_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     add_table_options,
     ensure_src_on_path,
     format_table,
+    positive_int,
     resolve_table_options,
     summary,
     write_report,
@@ -295,15 +296,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "fit the char tokenizer's budget)")  # fmt: skip
     p.add_argument("--time-tasks", nargs="*", default=None, choices=list(TABLE),
                    help="tasks timed (default winogrande_s arc_challenge; tiny: winogrande_s)")  # fmt: skip
-    p.add_argument("--n-questions", type=int, default=32)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--chunks", type=int, default=4, help="--length-chunks of training batches")
-    p.add_argument("--samples", type=int, default=10,
+    p.add_argument("--n-questions", type=positive_int, default=32)
+    p.add_argument("--eval-batch", type=positive_int, default=16)
+    p.add_argument("--train-batch", type=positive_int, default=8)
+    p.add_argument(
+        "--chunks", type=positive_int, default=4, help="--length-chunks of training batches"
+    )
+    p.add_argument("--samples", type=positive_int, default=10,
                    help="N at evaluation of the sampled methods")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=["lora", "blob"],
                    choices=["lora", "blob", "bayesian-lora"], help="adapters timed")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=4, help="timed rounds per arm")
+    p.add_argument("--repeats", type=positive_int, default=4, help="timed rounds per arm")
     add_table_options(p)
     args = p.parse_args(argv)
     resolve_table_options(args, SETTINGS["tiny"].max_length)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info, synchronize  # noqa: E402
+from common import REPO, ensure_src_on_path, format_table, machine_info, positive_int, synchronize  # noqa: E402
 
 ensure_src_on_path()
 
@@ -162,10 +162,12 @@ def syncing_ops(step: Callable[[], None]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--width", type=int, default=4096, help="the layer's in = out (7B: 4096)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--eval-samples", type=int, default=4, help="N of an evaluation draw")
+    p.add_argument(
+        "--width", type=positive_int, default=4096, help="the layer's in = out (7B: 4096)"
+    )
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--iters", type=positive_int, default=50)
+    p.add_argument("--eval-samples", type=positive_int, default=4, help="N of an evaluation draw")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)

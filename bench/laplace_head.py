@@ -27,8 +27,8 @@ random ones) and reports:
         --adapter paper/out/regime_tables/runs/arc_challenge/lora/seed1/adapter
     .venv/bin/python bench/laplace_head.py --setting tiny        # seconds, random tiny model
 
-Writes ``bench/results/laplace_head_cpu.json`` (``--setting cpu``) or ``bench/out/...``
-(``tiny``), and prints a Markdown table.
+Writes ``bench/out/laplace_head_<setting>.json`` and prints a Markdown table; ``--out`` writes
+elsewhere (``--out bench/results/laplace_head_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     add_table_options,
     checkout_relative,
     ensure_src_on_path,
     format_table,
     measure_peak_memory,
+    natural_int,
+    positive_int,
     resolve_table_options,
     write_report,
 )
@@ -77,10 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--task", default="arc_challenge", choices=sorted(TABLE))
-    p.add_argument("--n-questions", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8, help="the table's batch size")
-    p.add_argument("--g-rank", type=int, default=G_RANK, help="rank of the head's G sketch")
-    p.add_argument("--g-dense-limit", type=int, default=DENSE_LIMIT,
+    p.add_argument("--n-questions", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=8, help="the table's batch size")
+    p.add_argument(
+        "--g-rank", type=positive_int, default=G_RANK, help="rank of the head's G sketch"
+    )
+    p.add_argument("--g-dense-limit", type=natural_int, default=DENSE_LIMIT,
                    help="widest G kept dense (the tiny model's vocabulary is under the default)")  # fmt: skip
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA run's adapter folder")
     add_table_options(p)

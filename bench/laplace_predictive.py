@@ -18,8 +18,8 @@ evaluation (``prefix_cache``); those features are computed untimed first.
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/laplace_predictive.py
     .venv/bin/python bench/laplace_predictive.py --setting tiny        # seconds, random tiny model
 
-Writes ``bench/results/laplace_predictive_cpu.json`` (``--setting cpu``) or ``bench/out/...``
-(``tiny``), and prints a Markdown table.
+Writes ``bench/out/laplace_predictive_<setting>.json`` and prints a Markdown table; ``--out``
+writes elsewhere (``--out bench/results/laplace_predictive_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     add_table_options,
     checkout_relative,
     ensure_src_on_path,
     format_table,
+    natural_int,
+    positive_int,
     resolve_table_options,
     write_report,
 )
@@ -111,11 +113,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--task", default="arc_challenge", choices=sorted(TABLE))
-    p.add_argument("--n-fit", type=int, default=16, help="training questions the fit sees")
-    p.add_argument("--n-questions", type=int, default=32, help="questions timed (the next ones)")
-    p.add_argument("--batch", type=int, default=16, help="the table's evaluation batch size")
-    p.add_argument("--g-rank", type=int, default=G_RANK, help="rank of the head's G sketch")
-    p.add_argument("--g-dense-limit", type=int, default=DENSE_LIMIT,
+    p.add_argument("--n-fit", type=positive_int, default=16, help="training questions the fit sees")
+    p.add_argument(
+        "--n-questions", type=positive_int, default=32, help="questions timed (the next ones)"
+    )
+    p.add_argument(
+        "--batch", type=positive_int, default=16, help="the table's evaluation batch size"
+    )
+    p.add_argument(
+        "--g-rank", type=positive_int, default=G_RANK, help="rank of the head's G sketch"
+    )
+    p.add_argument("--g-dense-limit", type=natural_int, default=DENSE_LIMIT,
                    help="widest G kept dense (the tiny model's vocabulary is under the default)")  # fmt: skip
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA run's adapter folder")
     add_table_options(p)

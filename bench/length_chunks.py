@@ -20,8 +20,8 @@ block.
     OMP_NUM_THREADS=2 BLOB_LORA_DATA=../shared/data .venv/bin/python bench/length_chunks.py
     .venv/bin/python bench/length_chunks.py --setting tiny          # seconds, random tiny model
 
-Writes ``bench/results/length_chunks_cpu.json`` (``--setting cpu``) or ``bench/out/...``
-(``tiny``), ``--out`` to change it, and prints a Markdown table.
+Writes ``bench/out/length_chunks_<setting>.json`` and prints a Markdown table; ``--out`` writes
+elsewhere (``--out bench/results/length_chunks_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     add_table_options,
     ensure_src_on_path,
     format_table,
+    positive_int,
     resolve_table_options,
     summary,
     write_report,
@@ -134,13 +135,13 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    p.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4],
+    p.add_argument("--chunks", type=positive_int, nargs="+", default=[1, 2, 4],
                    help="values of --length-chunks (the first is the reference)")  # fmt: skip
     p.add_argument("--task", default="arc_challenge")
     p.add_argument("--length-norm", default="char")
-    p.add_argument("--n-train", type=int, default=64, help="training examples (train[:N])")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per loop")
+    p.add_argument("--n-train", type=positive_int, default=64, help="training examples (train[:N])")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per loop")
     add_table_options(p)
     args = p.parse_args(argv)
     resolve_table_options(args, SETTINGS["tiny"].max_length)

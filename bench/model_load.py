@@ -8,7 +8,8 @@ as the library calls it, against the model and tokenizer read from the GGUF file
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/model_load.py
 
-Writes ``bench/results/model_load_cpu.json`` (``--out`` to change it) and prints a table.
+Writes ``bench/out/model_load_cpu.json`` (``--out bench/results/model_load_cpu.json`` for a
+run of record) and prints a table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+from common import ensure_src_on_path, format_table, machine_info, positive_int, summary  # noqa: E402
 
 ensure_src_on_path()
 
@@ -60,10 +61,8 @@ def _cache_at(folder: str) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results/model_load_cpu.json"
-    )
+    p.add_argument("--repeats", type=positive_int, default=2)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "out/model_load_cpu.json")
     args = p.parse_args(argv)
     times: dict[str, list[float]] = {"gguf": [], "folder": [], "convert (first use)": []}
     with tempfile.TemporaryDirectory() as cache, _cache_at(cache):

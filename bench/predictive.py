@@ -37,13 +37,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
     machine_info,
     measure_peak_memory,
+    natural_int,
+    positive_int,
     random_llama,
     release_device_memory,
     synchronize,
@@ -209,7 +211,8 @@ def quality(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     from blob_lora.training.saved_run import load_run
 
-    threads = int(os.environ.get("OMP_NUM_THREADS") or args.threads or 2)
+    # the option first: the environment variable is only its default
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 2)
     torch.set_num_threads(threads)
     run_dir = Path(args.run) if args.run else None
     if run_dir is None:
@@ -525,32 +528,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", help="cpu: task to score (default: the run's)")
     p.add_argument("--eval-split", help="cpu: split (default: the run's eval split)")
     p.add_argument("--data-root", help="dataset folder (default: the run's, $BLOB_LORA_DATA)")
-    p.add_argument("--batch-size", type=int, default=8, help="cpu: examples per batch")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="cpu: examples per batch")
     p.add_argument(
         "--modes",
         nargs="+",
         help="rows as MODE[:N][@TOL][~], e.g. fold:10 prefix-early:10@0.02; '~' = same mode "
         "with other noise (the Monte-Carlo noise floor); lora always runs",
     )
-    p.add_argument("--n", type=int, default=10, help="N of the full predictive (default 10)")
+    p.add_argument(
+        "--n", type=positive_int, default=10, help="N of the full predictive (default 10)"
+    )
     p.add_argument("--early-tol", type=float, default=EarlyStop.tol)
-    p.add_argument("--early-min", type=int, default=EarlyStop.min_samples)
-    p.add_argument("--early-group", type=int, default=EarlyStop.group_size)
+    p.add_argument("--early-min", type=positive_int, default=EarlyStop.min_samples)
+    p.add_argument("--early-group", type=positive_int, default=EarlyStop.group_size)
     p.add_argument("--device", help="gpu: device (default cuda; cpu for a dry run)")
     p.add_argument("--tiny-shape", action="store_true", help="gpu: tiny Llama, same code path")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--gpu-batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, help="gpu: tokens per sequence (default 300)")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--gpu-batch", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, help="gpu: tokens per sequence (default 300)")
     p.add_argument(
         "--last-k",
-        type=int,
+        type=positive_int,
         nargs="+",
         help="gpu: Bayesian blocks at the top (default: all, 8, 4; tiny: all, 2, 1)",
     )
-    p.add_argument("--warmup", type=int, default=2, help="gpu: untimed rounds")
-    p.add_argument("--steps", type=int, default=10, help="gpu: timed rounds (median reported)")
-    p.add_argument("--threads", type=int, help="torch threads (cpu default: $OMP_NUM_THREADS or 2)")
+    p.add_argument("--warmup", type=natural_int, default=2, help="gpu: untimed rounds")
+    p.add_argument(
+        "--steps", type=positive_int, default=10, help="gpu: timed rounds (median reported)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help="torch threads (cpu default: $OMP_NUM_THREADS or 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default bench/out/predictive_<setting>.json)")
     args = p.parse_args(argv)

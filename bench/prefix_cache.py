@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, machine_info, summary, timed  # noqa: E402
+from common import REPO, ensure_src_on_path, machine_info, positive_int, summary, timed  # noqa: E402
 
 ensure_src_on_path()
 
@@ -158,9 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=DEMO_TARGETS, help="LoRA target regex (top blocks)")
     p.add_argument("--tasks", nargs="+", default=["openbookqa", "boolq"])
     p.add_argument("--data-root", default=os.environ.get("BLOB_LORA_DATA"))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=256)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "prefix_cache.json")
     return p.parse_args(argv)
 

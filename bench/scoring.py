@@ -41,7 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info, summary, timed  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    ensure_src_on_path,
+    format_table,
+    machine_info,
+    natural_int,
+    positive_int,
+    summary,
+    timed,
+)
 
 ensure_src_on_path()
 
@@ -385,13 +394,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--data-root", default=os.environ.get("BLOB_LORA_DATA"))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="default: the setting's")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up training steps")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps")
-    p.add_argument("--eval-warmup", type=int, default=None, help="default: 1")
-    p.add_argument("--eval-steps", type=int, default=None, help="default: --steps")
-    p.add_argument("--samples", type=int, default=10, help="BLoB's N at evaluation")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None, help="default: the setting's")
+    p.add_argument("--warmup", type=natural_int, default=None, help="warm-up training steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed training steps")
+    p.add_argument("--eval-warmup", type=natural_int, default=None, help="default: 1")
+    p.add_argument("--eval-steps", type=positive_int, default=None, help="default: --steps")
+    p.add_argument("--samples", type=positive_int, default=10, help="BLoB's N at evaluation")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "scoring.json")
     args = p.parse_args(argv)
     setting = SETTINGS[args.setting]

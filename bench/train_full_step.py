@@ -25,8 +25,8 @@ the medians (and the median of the per-round ratios). Two shapes (``--shapes``):
 
 ``--profile`` adds, per shape and method, a ``torch.profiler`` table of one more step (top
 operators by self CPU time) next to the JSON as ``<out>.profile.txt``. Writes
-``bench/results/train_full_step_cpu.json`` (``--setting cpu``) or ``bench/out/...`` (``tiny``),
-``--out`` to change it, and prints a Markdown table.
+``bench/out/train_full_step_<setting>.json`` and prints a Markdown table; ``--out`` writes
+elsewhere (``--out bench/results/train_full_step_cpu.json`` for a run of record).
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    ensure_src_on_path,
+    format_table,
+    machine_info,
+    natural_int,
+    positive_int,
+    summary,
+)
 
 ensure_src_on_path()
 
@@ -253,16 +261,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--task", default="arc_easy")
     p.add_argument("--scoring", choices=("letter", "cloze"), default="letter")
-    p.add_argument("--n-train", type=int, default=80, help="training examples (train[:N])")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-train", type=positive_int, default=80, help="training examples (train[:N])")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
-        "--max-length", type=int, default=None, help="token budget (default per setting)"
+        "--max-length", type=positive_int, default=None, help="token budget (default per setting)"
     )
     p.add_argument("--flipout", default="token", help="BLoB's training noise (default token)")
     p.add_argument("--optimizer", default="paper", help="paper (default) or single")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=natural_int, default=None,
                    help="untimed steps per method (default: one epoch for demo, else per setting)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="timed steps per method")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per method")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
     p.add_argument("--profile", action="store_true", help="profile one more step per method")
@@ -273,8 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setting = SETTINGS[args.setting]
-    where = "results" if args.setting == "cpu" else "out"
-    out_path = args.out or REPO / "bench" / where / f"train_full_step_{args.setting}.json"
+    out_path = args.out or REPO / "bench" / "out" / f"train_full_step_{args.setting}.json"
     load_start = list(os.getloadavg())
     torch.manual_seed(0)
     base, tokenizer = load_base(setting)

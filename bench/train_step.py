@@ -47,13 +47,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     LLAMA2_7B_SHAPE,
     REPO,
     ensure_src_on_path,
     format_table,
     machine_info,
     measure_peak_memory,
+    natural_int,
+    positive_int,
     random_llama,
     release_device_memory,
     summary,
@@ -539,15 +541,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="use a tiny Llama config instead of the setting's model (same code path)",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="override the batch sizes")
-    p.add_argument("--seq-len", type=int, help="override the sequence length")
-    p.add_argument("--warmup", type=int, help="untimed steps per method before timing")
-    p.add_argument("--steps", type=int, help="timed steps per method (the median is reported)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", help="override the batch sizes")
+    p.add_argument("--seq-len", type=positive_int, help="override the sequence length")
+    p.add_argument("--warmup", type=natural_int, help="untimed steps per method before timing")
+    p.add_argument(
+        "--steps", type=positive_int, help="timed steps per method (the median is reported)"
+    )
     p.add_argument("--methods", nargs="+", choices=METHODS, help="subset (lora always runs)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--alpha", type=positive_int, default=16)
     p.add_argument("--kl-weight", type=float, default=1e-3, help="pi (does not change the cost)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--profile",
