@@ -85,3 +85,41 @@ def test_bayesian_lora_under_fsdp_is_refused_before_it_builds(monkeypatch) -> No
         method.build(tiny_llama(0), TrainConfig(method="bayesian-lora"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert method.owns(method.build(tiny_llama(0), TrainConfig(method="bayesian-lora")))
+
+
+@pytest.mark.parametrize("name", ["swag", "bayesian-lora"])
+def test_a_method_that_cannot_shard_is_refused_by_the_trainer(name) -> None:
+    """Refused by ``prepare_training`` before the model loads and the folder is made (swag's
+    refusal came at its first step and left a folder that blocked the retry; a resumed run
+    past step 1 was not refused at all and crashed at the end)."""
+    from blob_lora.methods import get_method
+    from blob_lora.training.distributed import check_fsdp_method
+
+    method = get_method(name)
+    fsdp = _accelerator(DistributedType.FSDP, fsdp2=True)
+    with pytest.raises(ConfigError, match=rf"--method {name} is not supported under FSDP \(.+"):
+        check_fsdp_method(fsdp, method.name, method.fsdp_refusal)
+    check_fsdp_method(_accelerator(DistributedType.MULTI_GPU), method.name, method.fsdp_refusal)
+    blob = get_method("blob")
+    check_fsdp_method(fsdp, blob.name, blob.fsdp_refusal)  # BLoB shards
+
+
+def test_the_composite_refusal_names_only_methods_that_shard(monkeypatch) -> None:
+    from blob_lora.pipeline.composite import refuse_under_fsdp
+    from blob_lora.training import TrainConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError) as exc:
+        refuse_under_fsdp(TrainConfig(method="ensemble"))
+    shardable = str(exc.value).rsplit("(", 1)[1].rstrip(") under FSDP").split(", ")
+    assert {"blob", "lora", "map", "mc-dropout"} <= set(shardable)
+    assert not {"swag", "bayesian-lora", "abmll", "ensemble", "multiswag"} & set(shardable)
+
+
+def test_curve_every_on_several_processes_is_refused_before_the_folder() -> None:
+    from blob_lora.training.distributed import check_curve_launch
+
+    with pytest.raises(ConfigError, match="--curve-every runs on one process only"):
+        check_curve_launch(_accelerator(DistributedType.MULTI_CPU), 4)
+    check_curve_launch(_accelerator(DistributedType.MULTI_CPU), 0)
+    check_curve_launch(SimpleNamespace(num_processes=1), 4)

@@ -139,6 +139,10 @@ class Method(ABC):
     #: Whether it learns from a collection of tasks (``blob-lora meta-train``) rather than
     #: from one task: ``train`` refuses it and points there (ABMLL).
     meta_learned: ClassVar[bool] = False
+    #: Why it cannot train with its parameters sharded by FSDP2, or ``None`` where it can:
+    #: ``train`` refuses such a launch with this reason before the model loads or the run
+    #: folder is made, and the other methods' refusals list the ones that can.
+    fsdp_refusal: ClassVar[str | None] = None
 
     # --- the model --------------------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class BayesianLoraMethod(SampledLoraMethod):
     has_kl = True
     samples_by_default = BayesianLoraConfig.eval_samples
     options_attr = "bayesian_lora_configs"
+    fsdp_refusal = "its KL and Cholesky factorisations read whole parameters"
 
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":

@@ -26,7 +26,7 @@ from blob_lora.models.loading import to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig, setting_differences
-from blob_lora.training.distributed import fsdp_requested
+from blob_lora.training.distributed import fsdp_requested, process_state
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     RUN_CONFIG,
@@ -112,7 +112,11 @@ def refuse_under_fsdp(cfg: TrainConfig) -> None:
     and evaluation hold the whole base model in every process, which FSDP is there to avoid."""
     if not fsdp_requested():
         return
-    shardable = ", ".join(name for name, m in METHODS.items() if not isinstance(m, CompositeMethod))
+    shardable = ", ".join(
+        name
+        for name, m in METHODS.items()
+        if not isinstance(m, CompositeMethod) and not m.meta_learned and m.fsdp_refusal is None
+    )
     raise ConfigError(
         f"--method {cfg.method} is not supported under FSDP: it assembles and evaluates its "
         "adapters on the whole base model in every process, which FSDP is there to avoid. "
@@ -161,9 +165,7 @@ class Claim:
 def claim_run_dir(cfg: TrainConfig, *, overwrite: bool, resume: bool) -> tuple[PartialState, Claim]:
     """Create (or reuse, on ``resume``) ``cfg.out`` on the main process, a run it replaces
     (``overwrite``) set aside rather than deleted; the state and the :class:`Claim`."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out = Path(cfg.out)
     claim = Claim(out, existed=out.exists(), resumed=False)
     if state.is_main_process:
@@ -329,8 +331,6 @@ def evaluate_assembled(
 
 
 def write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         atomic_write_json(Path(cfg.out) / SUMMARY, summary)
     return summary

@@ -18,7 +18,7 @@ from blob_lora.training import checkpoint as ckpt
 from blob_lora.utils.errors import BlobLoraError, ConfigError
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
 T = TypeVar("T")
 
@@ -65,6 +65,19 @@ def fsdp_requested() -> bool:
 
     state = AcceleratorState._shared_state
     return bool(state) and state.get("distributed_type") == DistributedType.FSDP
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state for work done before (or without) an ``Accelerator``: which
+    process is the main one. ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU``, which
+    ``Accelerator`` honours: on the documented CPU launch (``ACCELERATE_USE_CPU=1 accelerate
+    launch --multi_gpu``) every process would take itself for the only one, and all of them
+    would claim the run folder. The state is shared: the first call decides, so this one reads
+    the flag as the Accelerator will."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -131,6 +144,24 @@ def check_fsdp_settings(accelerator: Accelerator, load_in_4bit: bool, load_in_8b
             "fp16 under plain data parallelism (accelerate launch --multi_gpu --mixed_precision "
             "fp16)"
         )
+
+
+def check_fsdp_method(accelerator: Accelerator, method: str, refusal: str | None) -> None:
+    """Under FSDP, refuse a method that cannot train sharded (``Method.fsdp_refusal``), before
+    the model loads and the run folder is made: a refusal at its first step left a folder that
+    blocked the retry it advised."""
+    if refusal is not None and uses_fsdp(accelerator):
+        raise ConfigError(
+            f"--method {method} is not supported under FSDP ({refusal}); train it with plain "
+            "data parallelism (accelerate launch --multi_gpu) or on one process"
+        )
+
+
+def check_curve_launch(accelerator: Accelerator, curve_every: int) -> None:
+    """``--curve-every`` scores on the main process only: refused on several processes before
+    the run folder is made (refused after it, the folder blocked the retry)."""
+    if curve_every and accelerator.num_processes > 1:
+        raise ConfigError("--curve-every runs on one process only; drop it under accelerate launch")
 
 
 def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from blob_lora.models.forward import check_cloze_support
 from blob_lora.tasks import Task, TaskInputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import (
+    check_curve_launch,
+    check_fsdp_method,
     check_fsdp_settings,
     check_launch,
     on_main,
@@ -139,6 +141,8 @@ def prepare_training(
     check_launch(accelerator)
     precision = warn_ineffective_precision(accelerator)
     check_fsdp_settings(accelerator, cfg.base.load_in_4bit, cfg.base.load_in_8bit)
+    check_fsdp_method(accelerator, method.name, method.fsdp_refusal)
+    check_curve_launch(accelerator, cfg.evaluation.curve_every)
     # Refuse a wrong --out before the slow loads; create the folder only after them.
     config = cfg.to_dict()
     on_main(accelerator, lambda: check_run_dir(out, config, overwrite=overwrite, resume=resume))

@@ -191,6 +191,7 @@ class SwagMethod(LoraMethod):
 
     name = "swag"
     samples_by_default = 15
+    fsdp_refusal = "the SWA mean of its iterates cannot be written back into FSDP's shards"
     mean_column = True  # N = 0: the SWA mean, SWAG-LoRA's own deterministic model
     # every call draws fresh, independent weight vectors
     iid_samples = True
