@@ -15,8 +15,10 @@ import torch
 
 from blob_lora.methods import METHODS as REGISTERED
 from blob_lora.methods.io import load_plain_adapter
+from blob_lora.methods.registry import method_of
 from blob_lora.tasks import MCCollator, MCDataset, get_task, option_token_ids
 from blob_lora.training.saved_run import load_run
+from blob_lora.utils.errors import ConfigError
 from tests.factories import (
     TINY_EVAL_SPLIT,
     TINY_TASK,
@@ -176,6 +178,32 @@ def test_laplace_state_round_trips(tmp_path, data_root, char_base, char_tok):
 
     with torch.no_grad():
         torch.testing.assert_close(mean_logits, answer_logits(plain, batch, option_ids))
+    # a loaded Laplace model is recognised as one (the API asked no method: it was taken for
+    # plain LoRA, with no samples and no epistemic part)
+    assert method_of(a.model).name == "laplace"
+    # the fit's scoring is recorded and another one refused: the head's curvature is of the
+    # rows the fit's scoring reads
+    assert info["fit_scoring"] == "letter" and a.model.laplace_fit_scoring == "letter"
+    a.model.laplace_fit_scoring = "cloze"
+    with pytest.raises(ConfigError, match="fitted under cloze scoring.*--scoring cloze"):
+        a.method.predict_samples(a.model, batch, option_ids, 2)
+    # inference mode forbids the linearisation's gradients: said, not a torch error
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        b.method.predict_samples(b.model, batch, option_ids, 2)
+
+
+@pytest.mark.skipif(not HAS_LAPLACE, reason="blob_lora.methods.laplace not installed")
+def test_laplace_refuses_a_target_it_cannot_fit_before_training(
+    tmp_path, data_root, char_base, char_tok
+):
+    """An embedding target (not an nn.Linear) was refused by the fit, after the whole MAP run
+    had trained; now before the run folder exists."""
+    cfg = tiny_run_config(
+        tmp_path / "laplace", data_root, "laplace", target_modules=["q_proj", "embed_tokens"]
+    )
+    with pytest.raises(ConfigError, match=r"lora_embedding_A.*drop those layers from --target"):
+        train_tiny(cfg, char_base, char_tok)
+    assert not (tmp_path / "laplace").exists()
 
 
 def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():

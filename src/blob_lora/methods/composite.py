@@ -76,11 +76,20 @@ class CompositeMethod(Method):
     method.
     """
 
+    #: whether :meth:`check_sub_model` checks anything (the pipeline then builds each
+    #: sub-run's model on the meta device before the run folder is claimed)
+    checks_sub_models: ClassVar[bool] = False
+
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         raise ConfigError(
             f"method {self.name!r} is trained as sub-runs plus an assembly step "
             "(blob_lora.pipeline.train), not by the training loop"
         )
+
+    def check_sub_model(self, model: nn.Module) -> None:
+        """Refuse (``ConfigError``) a sub-run's model, built on the meta device, that the
+        assembly could not use: found before the sub-runs train, not after (hours, for a
+        Laplace fit on a target its curvature cannot cover)."""
 
     @abstractmethod
     def sub_runs(self, cfg: RunSettings) -> list[SubRun]:

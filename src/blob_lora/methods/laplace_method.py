@@ -27,6 +27,7 @@ in ``blob-lora compare``).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import nullcontext
@@ -49,7 +50,7 @@ from blob_lora.models.loading import to_device
 from blob_lora.models.prefix_cache import PrefixFeatureCache
 from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset
 from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.errors import ConfigError, DamagedFileError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,6 +68,34 @@ def _posterior(model: nn.Module) -> LaplaceLoRA:
     if la is None:
         raise RuntimeError("not a Laplace-LoRA model (load it with LaplaceMethod.load)")
     return la
+
+
+def _check_scoring(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Refuse to predict under another scoring than the fit's. The head's curvature ``G`` was
+    fitted on the rows that scoring reads (the option letters' rows, or every option token's
+    row under cloze): under the other one the head's predictive variance lies almost all in
+    directions the fit never saw, where only the prior speaks (measured: 96 % of it, against
+    none under the fit's own scoring). A posterior saved before the fit's scoring was recorded
+    is not checked."""
+    fitted = getattr(unwrapped(model), "laplace_fit_scoring", None)
+    asked = "cloze" if is_cloze_batch(batch) else "letter"
+    if fitted is not None and fitted != asked:
+        raise ConfigError(
+            f"this Laplace posterior was fitted under {fitted} scoring and cannot predict under "
+            f"{asked} scoring (its head's curvature is of the rows {fitted} scoring reads): "
+            f"score it with --scoring {fitted}, or train a {asked}-scored run"
+        )
+
+
+def _refuse_inference_mode() -> None:
+    """The linearised predictive differentiates the logits, which ``torch.inference_mode()``
+    forbids even inside ``torch.enable_grad()`` (it failed with "inputs argument to grad()
+    cannot be empty")."""
+    if torch.is_inference_mode_enabled():
+        raise ConfigError(
+            "Laplace-LoRA's predictive differentiates the model's logits (its linearisation), "
+            "which torch.inference_mode() forbids: predict outside it (torch.no_grad() is fine)"
+        )
 
 
 def _make_lora_trainable(model: nn.Module) -> None:
@@ -120,6 +149,24 @@ class LaplaceMethod(PostHocMethod):
     info_file = INFO_FILE
     step_seconds = "fit_seconds"
 
+    checks_sub_models = True
+
+    def check_sub_model(self, model: nn.Module) -> None:
+        from blob_lora.methods.laplace.kfac import trainable_linears
+
+        try:
+            trainable_linears(model)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"--method laplace: {exc} (their curvature needs per-example gradients KFAC "
+                "does not take): drop those layers from --target-modules"
+            ) from exc
+
+    def owns(self, model: nn.Module) -> bool:
+        # a Laplace model is also a plain LoRA model: recognised by its posterior, or the
+        # Python API predicted it as LoRA (no samples, no epistemic part) without a word
+        return getattr(unwrapped(model), "laplace_posterior", None) is not None
+
     def assemble(self, assembly: Assembly) -> tuple[nn.Module | None, dict[str, Any]]:
         """Fit the KFAC posterior to the MAP adapter; store the adapter and the posterior."""
         (map_adapter,) = assembly.sub_adapters
@@ -132,6 +179,7 @@ class LaplaceMethod(PostHocMethod):
         save_file(la.state_dict(), str(assembly.adapter_dir / STATE_FILE))
         atomic_write_json(assembly.adapter_dir / INFO_FILE, fit_info)
         model.laplace_posterior = la
+        model.laplace_fit_scoring = fit_info["fit_scoring"]
         return model, fit_info
 
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
@@ -140,15 +188,16 @@ class LaplaceMethod(PostHocMethod):
         adapter_dir = Path(adapter_dir)
         path = adapter_dir / STATE_FILE
         if not path.is_file():
-            raise CheckpointError(f"{path} not found: not a Laplace-LoRA run")
+            raise DamagedFileError(f"{path} not found: the run's Laplace posterior is missing")
         model = load_plain_adapter(base, adapter_dir)
         _make_lora_trainable(model)
         la = LaplaceLoRA(model, logits_fn=None)  # the option ids are set per task
         try:
             la.load_state_dict(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
+            raise DamagedFileError(f"{path} is corrupt or unreadable: {exc}") from exc
         model.laplace_posterior = la
+        model.laplace_fit_scoring = _fit_scoring(adapter_dir / INFO_FILE)
         model.eval()
         return model
 
@@ -166,6 +215,8 @@ class LaplaceMethod(PostHocMethod):
     ) -> torch.Tensor:
         """(S, B, C) probabilities from the linearised predictive (S = 1 for the probit)."""
         la = _posterior(model)
+        _check_scoring(model, batch)
+        _refuse_inference_mode()
         la.logits_fn = _option_logits_fn(option_ids)
         if n_samples == 0:
             return la.predictive(batch, 0).detach().unsqueeze(0)
@@ -213,6 +264,8 @@ def fit_laplace(
         "n_params": la.n_params,
         "log_marginal_likelihood": la.log_marginal_likelihood(),
         "fit_split": split,
+        # the scoring whose rows the head's curvature is of: prediction refuses another one
+        "fit_scoring": cfg.data.scoring_spec.mode,
         # layers whose G was too wide to store (the head under cloze scoring): the share of
         # its trace the rank-limited sketch kept (methods/laplace/kfac.py)
         "g_sketch_trace_kept": la.g_sketch_kept,
@@ -228,6 +281,17 @@ def fit_laplace(
     warn_dropped_curvature(la)
     model.eval()
     return la, info
+
+
+def _fit_scoring(info_path: Path) -> str | None:
+    """The fit's scoring as ``laplace.json`` records it; ``None`` for a posterior saved before
+    it was recorded, or without the file (a posterior stored by hand)."""
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    scoring = info.get("fit_scoring") if isinstance(info, dict) else None
+    return scoring if scoring in ("letter", "cloze") else None
 
 
 def warn_dropped_curvature(la: LaplaceLoRA) -> list[str]:

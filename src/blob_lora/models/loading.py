@@ -269,6 +269,29 @@ def _from_pretrained(name_or_path: str, location: str, kwargs: dict[str, Any]) -
         return AutoModelForCausalLM.from_pretrained(location, **retry, **_weights_source(extra))
 
 
+def empty_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """A causal LM of ``config``'s architecture on the meta device: its modules and parameter
+    shapes without any memory or weights, to check what an adapter would be put on before a
+    long run starts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's ``PretrainedConfig`` alone (no weights), from where ``load_model_and_tokenizer``
+    would load it."""
+    from transformers import AutoConfig
+
+    location, extra = _location(name_or_path)
+    kwargs = {k: v for k, v in extra.items() if k == "gguf_file"}
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BlobLoraError(f"could not read the config of model {name_or_path!r}: {exc}") from exc
+
+
 def _weights_source(extra: dict[str, Any]) -> dict[str, Any]:
     """How ``from_pretrained`` reads a location's weights: the GGUF file ``extra`` names, else
     safetensors only (never pickled ``*.bin``)."""

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from blob_lora.methods import METHODS, get_method
-from blob_lora.methods.composite import SHARED_FROM, Assembly, CompositeMethod
+from blob_lora.methods.composite import SHARED_FROM, Assembly, CompositeMethod, SubRun
 from blob_lora.methods.ensemble import EnsembleConfig
-from blob_lora.models.loading import to_device
+from blob_lora.models.loading import empty_model, load_config, to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig, setting_differences
@@ -59,6 +59,7 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     sub_runs = method.sub_runs(cfg)
     # the sub-runs are not evaluated: the assembled model's evaluation splits are checked here
     check_evaluation_inputs(cfg, start.tokenizer or load_tokenizer_of(cfg))
+    check_sub_models(cfg, method, sub_runs, start)
     state, claim = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     progress = start.progress
     try:
@@ -105,6 +106,23 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
             summary.setdefault(key, values.pop())
     summary["evaluations"] = evaluate_assembled(model, method, tokenizer, cfg, progress=progress)
     return write_summary(cfg, summary)
+
+
+def check_sub_models(
+    cfg: TrainConfig, method: CompositeMethod, sub_runs: list[SubRun], start: RunStart
+) -> None:
+    """Build each sub-run's model on the meta device (no weights, no memory) and let the
+    method refuse it, before the run folder is claimed and any sub-run trains."""
+    if not method.checks_sub_models:
+        return
+    if start.base_model is not None:
+        config = start.base_model.config
+    else:
+        config = load_config(cfg.base.model, trust_remote_code=cfg.base.trust_remote_code)
+    for sub in sub_runs:
+        sub_cfg = sub_run_config(cfg, Path(cfg.out) / sub.folder, sub.overrides)
+        empty = empty_model(config, trust_remote_code=cfg.base.trust_remote_code)
+        method.check_sub_model(get_method(sub_cfg.method).build(empty, sub_cfg))
 
 
 def refuse_under_fsdp(cfg: TrainConfig) -> None:

@@ -20,7 +20,7 @@ from blob_lora.tasks import get_task, list_tasks
 from blob_lora.tasks.dataset import TaskInputs, task_inputs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.run_dir import ADAPTER_DIR, RUN_CONFIG, SUMMARY
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.errors import CheckpointError, ConfigError, DamagedFileError
 from blob_lora.utils.fingerprint import model_fingerprint
 from blob_lora.utils.json_file import read_json_object
 
@@ -133,6 +133,8 @@ def load_run(
     _warn_other_base(run_dir, base_model)
     try:
         peft_model = method.load(base_model, adapter)
+    except DamagedFileError:
+        raise  # the file itself: another base model would not load it either
     except CheckpointError as exc:
         if not from_config:
             raise

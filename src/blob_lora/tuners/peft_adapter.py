@@ -31,7 +31,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from blob_lora.tuners.tied_weights import mark_shared_base_weights, without_tied_warnings
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.errors import CheckpointError, ConfigError, DamagedFileError
 from blob_lora.utils.options_file import OptionsFile
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -318,11 +318,13 @@ def load_adapter_folder(
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"adapter folder {directory} does not exist")
+        raise DamagedFileError(f"adapter folder {directory} does not exist")
     try:
         lora_config = LoraConfig.from_pretrained(str(directory))
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG} is missing or corrupt: {exc}") from exc
+        raise DamagedFileError(
+            f"{directory / ADAPTER_CONFIG} is missing or corrupt: {exc}"
+        ) from exc
     options = options_class.load(directory)
     lora_config.inference_mode = not is_trainable
     state = read_adapter_weights(directory)
@@ -349,11 +351,11 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{directory} holds a pickled adapter_model.bin; blob-lora loads safetensors only"
             )
-        raise CheckpointError(f"{path} not found: not an adapter folder")
+        raise DamagedFileError(f"{path} not found: not an adapter folder")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {exc}") from exc
+        raise DamagedFileError(f"{path} is corrupt or unreadable: {exc}") from exc
 
 
 def check_adapter_fits(

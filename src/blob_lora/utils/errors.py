@@ -29,3 +29,8 @@ class ConfigError(BlobLoraError, ValueError):
 
 class CheckpointError(BlobLoraError):
     """A checkpoint or adapter folder is missing, corrupt or does not fit the model."""
+
+
+class DamagedFileError(CheckpointError):
+    """A file of a saved run is missing, unreadable or damaged in itself: no other base model
+    would load it, so the hint to name the model the run was trained on is not given."""

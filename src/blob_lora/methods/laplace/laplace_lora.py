@@ -50,7 +50,7 @@ from blob_lora.methods.laplace.kfac import (
     trainable_linears,
 )
 from blob_lora.methods.laplace.posterior import FIELDS, OPTIONAL_FIELDS, KronLayer
-from blob_lora.utils.errors import CheckpointError, ConfigError, DataError
+from blob_lora.utils.errors import CheckpointError, ConfigError, DamagedFileError, DataError
 
 LogitsFn = Callable[[nn.Module, dict], Tensor]
 DEFAULT_GRID = tuple(float(x) for x in torch.logspace(-6, 6, 121, dtype=torch.float64))
@@ -512,7 +512,15 @@ class LaplaceLoRA:
             self.log_likelihood = float(sd["meta.log_likelihood"])
             self.map_sq_norm = float(sd["meta.map_sq_norm"])
         except KeyError as exc:
-            raise CheckpointError(f"Laplace state is missing {exc}") from exc
+            raise DamagedFileError(f"Laplace state is missing {exc}") from exc
+        for name, value in (
+            ("prior_precision", self.prior_precision),
+            ("temperature", self.temperature),
+        ):
+            if not (math.isfinite(value) and value > 0):  # a negative one gave metrics
+                raise DamagedFileError(f"Laplace state's {name} must be > 0, got {value}")
+        if self.n_data < 1:
+            raise DamagedFileError(f"Laplace state's n_data must be >= 1, got {self.n_data}")
         grouped: dict[str, dict[str, Tensor]] = {}
         for key, t in sd.items():
             if key.startswith("layers."):
@@ -527,11 +535,11 @@ class LaplaceLoRA:
         layers = {}
         for name, fields in grouped.items():
             if not set(FIELDS) <= set(fields) <= set(FIELDS) | set(OPTIONAL_FIELDS):
-                raise CheckpointError(f"Laplace state for {name!r} is incomplete")
+                raise DamagedFileError(f"Laplace state for {name!r} is incomplete")
             try:
                 layer = KronLayer.from_tensors(fields)
-            except ValueError as exc:
-                raise CheckpointError(f"Laplace state for {name!r}: {exc}") from exc
+            except (ValueError, RuntimeError) as exc:
+                raise DamagedFileError(f"Laplace state for {name!r}: {exc}") from exc
             if (layer.in_dim, layer.out_dim) != layer_dims(self.modules[name]):
                 raise CheckpointError(f"Laplace state for {name!r} has other dimensions")
             layers[name] = layer

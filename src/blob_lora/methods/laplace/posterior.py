@@ -265,6 +265,10 @@ class KronLayer:
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> KronLayer:
+        """The layer stored by :meth:`to_tensors`; ``ValueError`` naming the first field that
+        does not fit the others: a damaged file raised an einsum or an eigh error deep in
+        the predictive, or (a support index out of range) an IndexError, instead."""
+        _check_stored(t)
         in_dim, out_dim = (int(x) for x in t["dims"].tolist())
         return cls(
             in_dim,
@@ -276,3 +280,32 @@ class KronLayer:
             t["G_support"].to(torch.long).clone(),
             t["G_resid"].clone() if "G_resid" in t else torch.zeros(0, dtype=torch.float64),
         )
+
+
+def _check_stored(t: dict[str, Tensor]) -> None:
+    """Shapes, index range and finiteness of a stored layer (see ``KronLayer.from_tensors``)."""
+    dims = t["dims"]
+    if dims.shape != (2,) or dims.is_floating_point() or bool((dims < 1).any()):
+        raise ValueError(f"dims must be two positive integers, got {dims.tolist()}")
+    in_dim, out_dim = (int(x) for x in dims.tolist())
+    k_a, k_g = t["A_vals"].numel(), t["G_vals"].numel()
+    support = t["G_support"]
+    expected = {
+        "A_vals": (k_a,),
+        "A_vecs": (in_dim, k_a),
+        "G_vals": (k_g,),
+        "G_support": (support.numel(),),
+        "G_vecs": (support.numel(), k_g),
+    }
+    if "G_resid" in t and t["G_resid"].numel():
+        expected["G_resid"] = (out_dim,)
+    for key, shape in expected.items():
+        if tuple(t[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(t[key].shape)}, expected {shape}")
+    if support.is_floating_point() or (
+        support.numel() and (int(support.min()) < 0 or int(support.max()) >= out_dim)
+    ):
+        raise ValueError(f"G_support must index the layer's {out_dim} outputs")
+    for key in ("A_vals", "A_vecs", "G_vals", "G_vecs", "G_resid"):
+        if key in t and not bool(torch.isfinite(t[key]).all()):
+            raise ValueError(f"{key} holds a NaN or an infinity")

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from blob_lora.utils.atomic import atomic_write_bytes
-from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.errors import CheckpointError, DamagedFileError
 
 POSTERIOR_FILE = "swag_posterior.safetensors"
 #: SWAG's covariance scale: ``Sigma = 1/2 (Sigma_diag + Sigma_low-rank)`` (Maddox et al., 2019)
@@ -192,9 +192,9 @@ class SwagPosterior:
             )
             rank, scale = int(meta["rank"]), float(meta["scale"])
         except FileNotFoundError as exc:
-            raise CheckpointError(f"{path} is missing: the run holds no SWAG posterior") from exc
+            raise DamagedFileError(f"{path} is missing: the run holds no SWAG posterior") from exc
         except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"SWAG posterior {path} is unreadable: {exc}") from exc
+            raise DamagedFileError(f"SWAG posterior {path} is unreadable: {exc}") from exc
         if len(layout.names) != len(layout.shapes):
             raise CheckpointError(f"SWAG posterior {path}: names and shapes differ in number")
         try:
