@@ -118,8 +118,11 @@ def test_a_composite_reports_the_same_numbers_after_its_sub_runs_were_finished(
     again = []
     for before in (1, 2):
         (Path(cfg.out) / "summary.json").unlink()  # as if stopped after the MAP sub-run
+        # and killed in the fit: its temporary folder is cleared by the resumed assembly
+        (Path(cfg.out) / ".adapter.killed.tmp").mkdir()
         torch.manual_seed(before)  # whatever the new process drew from
         again.append(train_tiny(cfg, char_base, char_tok, resume=True)["evaluations"][TINY_TASK])
     assert first["eval_seed"] == 1
     for metrics in again:
         assert (metrics["nll"], metrics["ece"]) == (first["nll"], first["ece"])
+    assert not list(Path(cfg.out).glob(".adapter.*.tmp"))

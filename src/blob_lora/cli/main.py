@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
 from collections.abc import Sequence
 
 from blob_lora.cli import commands
-from blob_lora.cli.registry import COMMANDS
+from blob_lora.cli.registry import COMMANDS, MULTI_PROCESS
 from blob_lora.utils.errors import BlobLoraError
 
 #: Warnings of the dependencies' own versions that a command's user can do nothing about: PEFT
@@ -44,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_several_processes(name: str) -> None:
+    """Only ``train`` divides its work between processes: every process of another command
+    started by ``accelerate launch`` would do all of it and write the same files at once."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and name not in MULTI_PROCESS:
+        raise BlobLoraError(
+            f"started as one of {world} processes (WORLD_SIZE={world}): only 'train' runs on "
+            f"several; run 'blob-lora {name}' as one process, without accelerate launch"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for message in DEPENDENCY_NOISE:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         try:
+            refuse_several_processes(args.command)
             result = args._run(args)
         except BlobLoraError as exc:
             print(f"blob-lora {args.command}: error: {exc}", file=sys.stderr)

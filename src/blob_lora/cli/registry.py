@@ -10,14 +10,19 @@ import argparse
 from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+#: the commands that run on several processes (``accelerate launch``); the others refuse it
+MULTI_PROCESS: set[str] = set()
 
 
-def command(name: str, help_text: str):
-    """Register a sub-command: ``configure(parser)`` adds options, ``run(args)`` executes."""
+def command(name: str, help_text: str, *, multi_process: bool = False):
+    """Register a sub-command: ``configure(parser)`` adds options, ``run(args)`` executes.
+    ``multi_process``: it may be started by ``accelerate launch`` on several processes."""
 
     def wrap(configure):
         def register(run):
             COMMANDS[name] = (help_text, configure, run)
+            if multi_process:
+                MULTI_PROCESS.add(name)
             return run
 
         return register

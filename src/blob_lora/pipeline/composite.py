@@ -83,6 +83,10 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     model: nn.Module | None = None
     record: dict[str, Any] = {}
     if state.is_main_process:
+        # an assembly killed half-way (a Laplace fit, a TFB search) left its temporary folder;
+        # only this run's main process writes here, so no other writer's folder is removed
+        for stale in out.glob(f".{ADAPTER_DIR}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_directory(out / ADAPTER_DIR) as tmp:
             assembly = Assembly(
                 cfg=cfg,

@@ -49,9 +49,11 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
 
 
-@command("train", "fine-tune a model on a task and evaluate it on the task's eval split")(
-    _configure_train
-)
+@command(
+    "train",
+    "fine-tune a model on a task and evaluate it on the task's eval split",
+    multi_process=True,
+)(_configure_train)
 def run_train(args: argparse.Namespace) -> int:
     from blob_lora.pipeline import train
 
