@@ -49,15 +49,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    ensure_src_on_path,
-    format_table,
-    machine_info,
-    natural_int,
-    positive_int,
-    summary,
-)
+import common  # noqa: E402
+from common import REPO, ensure_src_on_path, format_table, machine_info, summary  # noqa: E402
 
 ensure_src_on_path()
 
@@ -261,16 +254,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     p.add_argument("--task", default="arc_easy")
     p.add_argument("--scoring", choices=("letter", "cloze"), default="letter")
-    p.add_argument("--n-train", type=positive_int, default=80, help="training examples (train[:N])")
-    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
-        "--max-length", type=positive_int, default=None, help="token budget (default per setting)"
+        "--n-train", type=common.positive_int, default=80, help="training examples (train[:N])"
+    )
+    p.add_argument("--batch-size", type=common.positive_int, default=8)
+    p.add_argument(
+        "--max-length",
+        type=common.positive_int,
+        default=None,
+        help="token budget (default per setting)",
     )
     p.add_argument("--flipout", default="token", help="BLoB's training noise (default token)")
     p.add_argument("--optimizer", default="paper", help="paper (default) or single")
-    p.add_argument("--warmup", type=natural_int, default=None,
+    p.add_argument("--warmup", type=common.natural_int, default=None,
                    help="untimed steps per method (default: one epoch for demo, else per setting)")  # fmt: skip
-    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per method")
+    p.add_argument("--steps", type=common.positive_int, default=None, help="timed steps per method")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-root", default=None, help="offline datasets (else BLOB_LORA_DATA)")
     p.add_argument("--profile", action="store_true", help="profile one more step per method")
