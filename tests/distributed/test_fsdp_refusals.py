@@ -111,7 +111,7 @@ def test_the_composite_refusal_names_only_methods_that_shard(monkeypatch) -> Non
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError) as exc:
         refuse_under_fsdp(TrainConfig(method="ensemble"))
-    shardable = str(exc.value).rsplit("(", 1)[1].rstrip(") under FSDP").split(", ")
+    shardable = str(exc.value).rsplit("(", 1)[1].removesuffix(") under FSDP").split(", ")
     assert {"blob", "lora", "map", "mc-dropout"} <= set(shardable)
     assert not {"swag", "bayesian-lora", "abmll", "ensemble", "multiswag"} & set(shardable)
 
