@@ -222,6 +222,39 @@ def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():
     assert dead[1].abs().max() == 0 and dead[0].abs().min() > 0
 
 
+def test_tfb_search_stays_within_its_bounds():
+    """Where every σ passes, the search ends at MAX_SIGMA, not one ×4 step past it (16.4);
+    where every σ fails, MIN_SIGMA itself is tried (not 6e-8) and the answer is 0; a threshold
+    in between is bracketed and bisected to within the last geometric step."""
+    from blob_lora.methods.tfb import MAX_SIGMA, MIN_SIGMA, largest_sigma
+
+    tried: list[float] = []
+
+    def record(result):
+        def ok(sigma):
+            tried.append(sigma)
+            return result(sigma)
+
+        return ok
+
+    assert largest_sigma(record(lambda s: True)) == MAX_SIGMA and max(tried) == MAX_SIGMA
+    tried.clear()
+    assert largest_sigma(record(lambda s: False)) == 0.0 and min(tried) == MIN_SIGMA
+    tried.clear()
+    found = largest_sigma(record(lambda s: s <= 0.02))
+    assert found <= 0.02 and 0.02 / found < 4.0 ** (1 / 2**6) + 1e-12
+    assert MIN_SIGMA <= min(tried) and max(tried) <= MAX_SIGMA
+
+
+def test_tfb_ignores_an_init_std_of_another_std_param(tmp_path, data_root, char_base, char_tok):
+    """TFB sets the std itself (square parameterisation): an --init-std valid for softplus
+    was refused after the LoRA sub-run had trained, and --resume could not get past it."""
+    cfg = tiny_run_config(
+        tmp_path / "tfb", data_root, "tfb", max_steps=2, std_param="softplus", init_std=5.0
+    )
+    assert train_tiny(cfg, char_base, char_tok)["tfb"]["sigma"] >= 0
+
+
 def test_tfb_mean_model_is_the_trained_lora(tmp_path, data_root, char_base, char_tok):
     # no warmup: the paper schedule's first step is at lr 0 (the authors'), and 3 steps of a
     # decaying lr leave B too small for any sigma to cost 0.3 % anchor NLL
