@@ -34,6 +34,10 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
             '{"question": "Q?", "choices": ["yes", "no"], "answer": "no"}',
             "it is the text of option 1: write 1",
         ),
+        (  # a one-letter text past the options' letters: the text is the likelier meaning
+            '{"question": "Q?", "choices": ["x", "y", "z"], "answer": "y"}',
+            "the row has 3 options (A-C); it is the text of option 1: write 1",
+        ),
         (
             '{"question": "Q?", "choices": ["B", "A"], "answer": "A"}',
             "'A' is ambiguous: letter A is option 0, but option 1's text is 'A'",

@@ -13,7 +13,7 @@ import torch
 
 from blob_lora.cli.main import main
 from blob_lora.training.saved_run import load_run, read_run_config
-from blob_lora.utils.errors import CheckpointError
+from blob_lora.utils.errors import BlobLoraError, CheckpointError
 from tests.factories import tiny_run_config, train_tiny
 
 torch.set_num_threads(1)
@@ -109,3 +109,20 @@ def test_reloading_on_other_weights_of_the_same_shapes_warns(
     assert other.state_dict().keys() == char_base.state_dict().keys()
     with pytest.warns(UserWarning, match="not the ones .* was trained on"):
         load_run(out, base_model=other, tokenizer=char_tok)
+
+
+def test_train_refuses_a_meta_train_folder_even_with_overwrite(tmp_path) -> None:
+    """meta-train refuses a train run's folder; train refuses a meta-train run's. With
+    --overwrite, train wrote its run beside meta_config.json, tasks.json and the meta results,
+    and meta-evaluate then took the folder for a single-task run."""
+    from blob_lora.training.config import TrainConfig
+    from blob_lora.training.run_dir import META_RUN_CONFIG, check_run_dir
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / META_RUN_CONFIG).write_text("{}")
+    config = TrainConfig(out=str(meta)).to_dict()
+    for overwrite, resume in ((False, False), (True, False), (False, True)):
+        with pytest.raises(BlobLoraError, match="holds a meta-train run"):
+            check_run_dir(meta, config, overwrite=overwrite, resume=resume)
+    assert sorted(p.name for p in meta.iterdir()) == [META_RUN_CONFIG]

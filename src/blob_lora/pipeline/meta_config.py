@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from blob_lora.tasks.scoring import SCORING_MODES, Scoring
+from blob_lora.training.run_dir import META_RUN_CONFIG
 from blob_lora.tuners.lora import LoraSettings
 from blob_lora.utils.options_file import OptionsFile
 from blob_lora.utils.settings import check_choice, check_float, check_int, check_str
 
-META_CONFIG_NAME = "meta_config.json"
+META_CONFIG_NAME = META_RUN_CONFIG
 #: the methods the protocol meta-trains (the baselines run as ``meta-evaluate --baseline`` of
 #: such a run, on its own settings: ``meta_baselines.py``)
 META_METHODS = ("abmll",)

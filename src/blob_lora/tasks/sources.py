@@ -281,9 +281,11 @@ def _letter_label(answer: str, choices: list[str]) -> int:
     label = LETTERS.index(letter)
     n = len(choices)
     if label >= n and n >= MIN_OPTIONS:
+        # a one-letter option text (choices ["x", "y", "z"], answer "y") is the likelier reading
+        hint = f"; it is the text of option {texts[0]}: write {texts[0]}" if texts else ""
         raise RecordProblem(
             f"answer {answer!r} is option {label} (0-based), but the row has {n} options "
-            f"(A-{LETTERS[n - 1]})"
+            f"(A-{LETTERS[n - 1]}){hint}"
         )
     if texts and texts[0] != label:
         raise RecordProblem(

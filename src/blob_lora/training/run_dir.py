@@ -18,6 +18,8 @@ from blob_lora.utils.errors import BlobLoraError, ConfigError
 from blob_lora.utils.json_file import read_json_object
 
 RUN_CONFIG = "run_config.json"
+#: what ``blob-lora meta-train`` writes into its run folder (``pipeline.meta_config``)
+META_RUN_CONFIG = "meta_config.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
@@ -39,6 +41,11 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
     cfg_path = out / RUN_CONFIG
     if out.exists() and not out.is_dir():
         raise BlobLoraError(f"--out {out} exists and is not a folder")
+    if (out / META_RUN_CONFIG).is_file():  # as meta-train refuses a train run's folder
+        raise BlobLoraError(
+            f"{out} holds a meta-train run ({META_RUN_CONFIG}); --overwrite would leave its "
+            "files beside a train run: choose another --out (or delete the folder)"
+        )
     if cfg_path.is_file():
         if resume:
             previous = read_json_object(cfg_path, BlobLoraError)
