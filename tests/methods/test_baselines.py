@@ -243,7 +243,7 @@ def test_tfb_search_stays_within_its_bounds():
     tried.clear()
     found = largest_sigma(record(lambda s: s <= 0.02))
     assert found <= 0.02 and 0.02 / found < 4.0 ** (1 / 2**6) + 1e-12
-    assert MIN_SIGMA <= min(tried) and max(tried) <= MAX_SIGMA
+    assert min(tried) >= MIN_SIGMA and max(tried) <= MAX_SIGMA
 
 
 def test_tfb_ignores_an_init_std_of_another_std_param(tmp_path, data_root, char_base, char_tok):
