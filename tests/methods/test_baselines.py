@@ -71,6 +71,11 @@ def test_method_trains_and_evaluates(method, tmp_path, data_root, char_base, cha
         assert saved["std_of_A"] == std
     if method in ("mc-dropout", "ensemble", "blob", "laplace", "tfb", "bayesian-lora"):
         assert m["mean_epistemic_uncertainty"] > 0  # the samples disagree
+    # the method's default where the setting was left at 0: run_config.json keeps the 0
+    if method == "map":
+        assert saved["weight_decay"] == 1e-5 and cfg.loop.weight_decay == 0.0
+    if method == "mc-dropout":
+        assert saved["lora_dropout"] == 0.1 and cfg.lora.lora_dropout == 0.0
 
 
 def test_a_deterministic_method_asked_for_samples_runs_one_pass(

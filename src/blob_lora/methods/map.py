@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from blob_lora.methods.base import RunSettings
+from torch import nn
+
+from blob_lora.methods.base import RunSettings, StepSchedule
 from blob_lora.methods.lora import LoraMethod, decay_is_inert
 
 #: the paper's decay, used when ``--weight-decay`` is left at 0
@@ -18,6 +20,13 @@ class MapMethod(LoraMethod):
 
     def weight_decay(self, cfg: RunSettings) -> float:
         return cfg.loop.weight_decay if cfg.loop.weight_decay > 0 else DEFAULT_WEIGHT_DECAY
+
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        # run_config.json keeps the setting as given (0: the method's default), so the
+        # decay the optimiser used is said here
+        return {"weight_decay": self.weight_decay(cfg)}
 
     def training_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Where its decay rounds away (the paper's 1e-5 at lr up to ~3e-3,

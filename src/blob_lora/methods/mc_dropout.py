@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from blob_lora.methods.base import RunSettings
+from blob_lora.methods.base import RunSettings, StepSchedule
 from blob_lora.methods.lora import LoraMethod
 
 #: the paper's dropout, used when ``--lora-dropout`` is left at 0
@@ -37,6 +37,12 @@ class MCDropoutMethod(LoraMethod):
 
     def lora_dropout(self, cfg: RunSettings) -> float:
         return cfg.lora.lora_dropout if cfg.lora.lora_dropout > 0 else DEFAULT_DROPOUT
+
+    def training_summary(
+        self, model: nn.Module, cfg: RunSettings, schedule: StepSchedule
+    ) -> dict[str, object]:
+        # run_config.json keeps the setting as given (0: the method's default)
+        return {"lora_dropout": self.lora_dropout(cfg)}
 
     def stochastic_modules(self, model: nn.Module) -> list[str]:
         return lora_dropout_layers(model)
