@@ -209,6 +209,35 @@ def test_laplace_refuses_a_target_it_cannot_fit_before_training(
     with pytest.raises(ConfigError, match=r"lora_embedding_A.*drop those layers from --target"):
         train_tiny(cfg, char_base, char_tok)
     assert not (tmp_path / "laplace").exists()
+    # a target that matches nothing: PEFT's error said in one line, as a plain run says it
+    cfg = tiny_run_config(tmp_path / "laplace", data_root, "laplace", target_modules=["q_prj"])
+    with pytest.raises(ConfigError, match=r"cannot put a map adapter on .*--target-modules q_prj"):
+        train_tiny(cfg, char_base, char_tok)
+    assert not (tmp_path / "laplace").exists()
+
+
+@pytest.mark.skipif(not HAS_LAPLACE, reason="blob_lora.methods.laplace not installed")
+def test_the_pre_flight_builds_the_callers_own_model_class(char_base, char_tok) -> None:
+    """A base model of a class the Auto classes do not know (the Python API) was refused by
+    the pre-flight check; its empty copy is built from its own class."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from blob_lora.pipeline.composite import _meta_model
+    from blob_lora.training import TrainConfig
+    from blob_lora.training.trainer import RunStart
+
+    class OwnConfig(LlamaConfig):
+        model_type = "own-llama-for-a-test"
+
+    class OwnLM(LlamaForCausalLM):
+        config_class = OwnConfig
+
+    settings = {k: v for k, v in char_base.config.to_dict().items() if k != "model_type"}
+    base = OwnLM(OwnConfig(**settings))
+    empty = _meta_model(
+        TrainConfig(method="laplace"), RunStart(base_model=base, tokenizer=char_tok)
+    )
+    assert type(empty) is OwnLM and next(empty.parameters()).device.type == "meta"
 
 
 def test_tfb_rotation_keeps_the_product_and_gives_isotropic_noise():

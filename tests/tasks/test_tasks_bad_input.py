@@ -55,7 +55,7 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
             "field 'contxt' is not one this schema reads; did you mean 'context'?",
         ),
         ('{"Question": "Q?", "choices": ["a", "b"], "answer": 0}', "did you mean 'question'?"),
-        ('{"question": "Q?", "choises": ["a", "b"], "answer": 0}', "did you mean 'choices'?"),
+        ('{"question": "Q?", "choice": ["a", "b"], "answer": 0}', "did you mean 'choices'?"),
         ('{"question": "Q?", "choices": ["a", "b"], "answers": 0}', "did you mean 'answer'?"),
     ],
 )
@@ -77,6 +77,8 @@ def test_own_metadata_fields_are_kept_out_of_the_way(tmp_path):
         "qid": "q7",
         "question_id": "x",
         "context_id": 3,
+        "content": "a field of the user's own",
+        "answered": True,
         "contexts": ["ignored: context is present"],
         "context": "C.",
         "source": "mine",

@@ -120,7 +120,7 @@ def test_in_process_and_disk_cache(data_root, smollm2_tokenizer, tmp_path, monke
     assert [from_disk[i] for i in range(20)] == [first[i] for i in range(20)]
     assert from_disk.example_ids == first.example_ids
     assert from_disk.truncated == first.truncated and len(first.truncated) == 20
-    # a file of the format before per-example flags (a count) is rebuilt, not misread
+    # a file without the per-example flags (a count, as format 1 held) is rebuilt, not misread
     obj = json.loads(files[0].read_text())
     obj["n_truncated"] = first.n_truncated
     del obj["truncated"]

@@ -121,8 +121,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --out that holds no demo (its lora/, blob/ and cache/ are "
-        "replaced; other files are left)",
+        help="write into a non-empty --out that holds no demo (its lora/ and blob/ are replaced, "
+        "cache/ is reused, the demo's tables and plots are overwritten; other files are left)",
     )
     p.add_argument(
         "--data-root", default=None, help="dataset folder (default $BLOB_LORA_DATA, else the Hub)"

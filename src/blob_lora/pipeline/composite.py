@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from blob_lora.methods import METHODS, get_method
@@ -43,13 +45,16 @@ from blob_lora.training.setup import (
     training_data,
 )
 from blob_lora.training.trainer import RunStart
+from blob_lora.tuners.lora import refuse_adapter
 from blob_lora.utils.atomic import atomic_directory, atomic_write_json
-from blob_lora.utils.errors import CheckpointError, ConfigError
+from blob_lora.utils.errors import BlobLoraError, CheckpointError, ConfigError
 from blob_lora.utils.json_file import read_json_object
 
 if TYPE_CHECKING:
     from accelerate import PartialState
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) -> dict[str, Any]:
@@ -116,17 +121,38 @@ def check_sub_models(
     cfg: TrainConfig, method: CompositeMethod, sub_runs: list[SubRun], start: RunStart
 ) -> None:
     """Build each sub-run's model on the meta device (no weights, no memory) and let the
-    method refuse it, before the run folder is claimed and any sub-run trains."""
+    method refuse it, before the run folder is claimed and any sub-run trains.
+
+    A model whose empty copy cannot be built here (a Hub name without the network, a class
+    the Auto classes do not know) is not checked: the sub-run then loads it as before, and
+    the assembly refuses what it cannot use, only later."""
     if not method.checks_sub_models:
         return
-    if start.base_model is not None:
-        config = start.base_model.config
-    else:
-        config = load_config(cfg.base.model, trust_remote_code=cfg.base.trust_remote_code)
     for sub in sub_runs:
         sub_cfg = sub_run_config(cfg, Path(cfg.out) / sub.folder, sub.overrides)
-        empty = empty_model(config, trust_remote_code=cfg.base.trust_remote_code)
-        method.check_sub_model(get_method(sub_cfg.method).build(empty, sub_cfg))
+        empty = _meta_model(cfg, start)
+        if empty is None:
+            return
+        try:
+            model = get_method(sub_cfg.method).build(empty, sub_cfg)
+        except ValueError as exc:  # PEFT: no module matches --target-modules, ...
+            what = f"a {sub_cfg.method} adapter"
+            refuse_adapter(exc, what, cfg.base.model, cfg.lora.target_modules)
+        method.check_sub_model(model)
+
+
+def _meta_model(cfg: TrainConfig, start: RunStart) -> nn.Module | None:
+    """An empty copy of the base model on the meta device, or ``None`` where none can be
+    built without loading it (see :func:`check_sub_models`)."""
+    trust = cfg.base.trust_remote_code
+    try:
+        if start.base_model is not None:  # the caller's class, whatever the Auto classes know
+            with torch.device("meta"):
+                return type(start.base_model)(start.base_model.config)
+        return empty_model(load_config(cfg.base.model, trust_remote_code=trust), trust)
+    except (BlobLoraError, OSError, ValueError, TypeError) as exc:
+        logger.info("no pre-flight check of the sub-runs' adapters (%s)", exc)
+        return None
 
 
 def refuse_under_fsdp(cfg: TrainConfig) -> None:

@@ -36,7 +36,9 @@ from blob_lora.utils.errors import ConfigError, DataError, OverlongError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when prompts or tokenisation change, to invalidate old caches
+# bump when prompts, tokenisation or the stored fields change, to invalidate old caches
+# (2: per-example truncation flags instead of a count)
+CACHE_FORMAT = 2
 CLOZE_FORMAT = 1  # the same for cloze prompts and packing
 LRU_SIZE = 16
 _ENCODE_CHUNK = 512

@@ -229,9 +229,10 @@ def _misspelled(keys: frozenset[str]) -> tuple[tuple[str, str], ...]:
     absent = [f for f in GENERIC_FIELDS if f not in keys]
     found = []
     for key in sorted(keys - set(GENERIC_FIELDS)):
-        # 0.85: catches a dropped, doubled or swapped letter and a capital (contxt, answers,
-        # choises, Question) but not common metadata names (idx, qid, question_id: 0.8-0.84)
-        close = difflib.get_close_matches(key.lower(), absent, n=1, cutoff=0.85)
+        # 0.87: catches a dropped or doubled letter and a capital (contxt, answr, answers,
+        # choice, Question) but not names of a user's own (idx, qid, question_id, content,
+        # answered: 0.8-0.86); a required field's worse misspelling is still "missing"
+        close = difflib.get_close_matches(key.lower(), absent, n=1, cutoff=0.87)
         if close:
             found.append((key, close[0]))
     return tuple(found)

@@ -63,6 +63,9 @@ def test_a_damaged_state_is_refused_naming_the_field(damage, said) -> None:
     sd = dict(la.state_dict())
     restored = fit(g_dense_limit=40, g_rank=4)
     restored.load_state_dict(dict(sd))  # the intact state loads
+    kept = (restored.prior_precision, restored.temperature, dict(restored.layers))
     damage(sd)
     with pytest.raises(CheckpointError, match=said):
         restored.load_state_dict(sd)
+    # a refused state leaves the fit the object held
+    assert (restored.prior_precision, restored.temperature, dict(restored.layers)) == kept

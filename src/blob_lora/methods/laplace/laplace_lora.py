@@ -506,21 +506,18 @@ class LaplaceLoRA:
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         """Restore a fit made on a model with the same trainable layers."""
         try:
-            self.prior_precision = float(sd["meta.prior_precision"])
-            self.temperature = float(sd["meta.temperature"])
-            self.n_data = int(sd["meta.n_data"])
-            self.log_likelihood = float(sd["meta.log_likelihood"])
-            self.map_sq_norm = float(sd["meta.map_sq_norm"])
+            prior_precision = float(sd["meta.prior_precision"])
+            temperature = float(sd["meta.temperature"])
+            n_data = int(sd["meta.n_data"])
+            log_likelihood = float(sd["meta.log_likelihood"])
+            map_sq_norm = float(sd["meta.map_sq_norm"])
         except KeyError as exc:
             raise DamagedFileError(f"Laplace state is missing {exc}") from exc
-        for name, value in (
-            ("prior_precision", self.prior_precision),
-            ("temperature", self.temperature),
-        ):
+        for name, value in (("prior_precision", prior_precision), ("temperature", temperature)):
             if not (math.isfinite(value) and value > 0):  # a negative one gave metrics
                 raise DamagedFileError(f"Laplace state's {name} must be > 0, got {value}")
-        if self.n_data < 1:
-            raise DamagedFileError(f"Laplace state's n_data must be >= 1, got {self.n_data}")
+        if n_data < 1:
+            raise DamagedFileError(f"Laplace state's n_data must be >= 1, got {n_data}")
         grouped: dict[str, dict[str, Tensor]] = {}
         for key, t in sd.items():
             if key.startswith("layers."):
@@ -543,4 +540,7 @@ class LaplaceLoRA:
             if (layer.in_dim, layer.out_dim) != layer_dims(self.modules[name]):
                 raise CheckpointError(f"Laplace state for {name!r} has other dimensions")
             layers[name] = layer
+        # only a state that passed every check replaces the fit this object holds
+        self.prior_precision, self.temperature, self.n_data = prior_precision, temperature, n_data
+        self.log_likelihood, self.map_sq_norm = log_likelihood, map_sq_norm
         self.layers = layers
