@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 import warnings
@@ -48,10 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def refuse_several_processes(name: str) -> None:
     """Only ``train`` divides its work between processes: every process of another command
     started by ``accelerate launch`` would do all of it and write the same files at once."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
+    from blob_lora.training.distributed import launched_processes  # torch: only when run
+
+    world = launched_processes()
     if world > 1 and name not in MULTI_PROCESS:
         raise BlobLoraError(
             f"started as one of {world} processes (WORLD_SIZE={world}): only 'train' runs on "

@@ -21,7 +21,7 @@ from blob_lora.training.distributed import on_main
 from blob_lora.training.run_dir import SUMMARY
 from blob_lora.training.trainer import RunStart, run_training
 from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import BlobLoraError, ConfigError
+from blob_lora.utils.errors import BlobLoraError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -69,11 +69,10 @@ def held_out_curve(
     accelerator: Accelerator,
     out: Path,
 ) -> HeldOutCurve | None:
-    """The learning-curve scorer of ``--curve-every`` (one process only), or ``None``."""
+    """The learning-curve scorer of ``--curve-every``, or ``None``. One process only: the
+    trainer refuses more (``training.distributed.check_curve_launch``) before the folder."""
     if not cfg.evaluation.curve_every:
         return None
-    if accelerator.num_processes > 1:
-        raise ConfigError("--curve-every runs on one process only; drop it under accelerate launch")
     inputs = task_inputs(
         task,
         cfg.evaluation.curve_split,

@@ -80,15 +80,20 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when unset or unreadable)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse launches that would silently train wrong: N independent copies, FSDP asked for but
     not run, or sharding that the KL and the checkpoints do not handle (FSDP1, DeepSpeed)."""
     from accelerate.utils import DistributedType
 
-    try:
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        launched = 1
+    launched = launched_processes()
     if launched != accelerator.num_processes:
         raise BlobLoraError(
             f"started as one of {launched} processes (WORLD_SIZE={launched}) but Accelerate runs "
