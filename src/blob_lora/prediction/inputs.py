@@ -49,8 +49,9 @@ class _LabelOptional:
         self.labelled: list[bool] = []
 
     def __call__(self, rec: dict[str, Any], fallback_id: str) -> MCExample:
-        check_field_names(rec)  # before ``answer`` is filled in: ``answr`` is a near miss
         has = rec.get("answer") is not None
+        if not has:  # before ``answer`` is filled in (``answr`` is a near miss of it); a
+            check_field_names(rec)  # labelled record is checked by parse_generic as it is
         ex = parse_generic(rec if has else {**rec, "answer": 0}, fallback_id)
         self.labelled.append(has)
         return ex
