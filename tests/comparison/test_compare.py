@@ -261,6 +261,60 @@ def test_a_changed_eval_split_counts_as_missing(two_method_spec):
     assert [e.task for e in r.missing] == ["arc_easy", "mmlu:college_physics"]
 
 
+def test_how_a_run_is_scored_is_not_what_it_learned(tmp_path):
+    """Another evaluation split, N or weight noise re-scores the evaluations it changes (each
+    evaluation's own record says how it was scored); it never makes a run stale."""
+    spec = spec_from_dict(
+        {
+            "methods": ["lora", "blob", "blob-mean"],
+            "tasks": ["arc_easy"],
+            "train": {"max_steps": 5},
+            "eval_split_overrides": {"arc_easy": "validation[:4]"},
+        },
+        name="fab",
+        out=tmp_path / "out",
+    )
+    d = fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    fabricate(spec, "arc_easy", "blob", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)}, "evaluations_mean")
+    lora = fabricate(spec, "arc_easy", "lora", 1, {"arc_easy": (0.5, 0.2, 1.2, 0.6)})
+    summary = json.loads((lora / "summary.json").read_text())
+    summary["evaluations"]["arc_easy"]["eval_samples"] = 0  # LoRA's predictive: N = 0
+    (lora / "summary.json").write_text(json.dumps(summary))
+
+    def own_missing(method: str) -> list[str]:
+        r = next(r for r in plan(spec) if r.method == method and r.seed == 1)
+        assert config_differences(r) == []
+        return [e.column.name for e in r.missing if e.task == "arc_easy"]
+
+    assert own_missing("blob") == [] and own_missing("lora") == []
+    # N: the stored request was the default (None); asking 3 re-scores blob's sampled
+    # evaluation only (not its mean one, not LoRA's N = 0)
+    spec.train["eval_samples"] = 3
+    assert own_missing("blob") == ["blob"] and own_missing("lora") == []
+    summary = json.loads((d / "summary.json").read_text())
+    summary["evaluations"]["arc_easy"].update(eval_samples=3, requested_samples=3)
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert own_missing("blob") == []
+    # the request is compared, not the N used (an ensemble of 3 asked for 10 uses 3)
+    spec.train["eval_samples"] = 10
+    assert own_missing("blob") == ["blob"]
+    spec.train["eval_samples"] = 3
+    # weight noise, where the evaluation drew samples with one
+    summary["evaluations"]["arc_easy"]["eval_noise"] = "sequence"
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert own_missing("blob") == []
+    spec.train["eval_noise"] = "token"
+    assert own_missing("blob") == ["blob"] and own_missing("lora") == []
+    # the split
+    spec.train["eval_noise"] = "sequence"
+    spec.eval_split_overrides["arc_easy"] = "validation[:8]"
+    assert own_missing("blob") == ["blob", "blob-mean"] and own_missing("lora") == ["lora"]
+    # what a run learned still makes it stale
+    spec.train["lr"] = 0.5
+    r = next(r for r in plan(spec) if r.method == "blob")
+    assert config_differences(r) == [f"lr ({TrainConfig().loop.lr!r} -> 0.5)"]
+
+
 def test_data_changed_since_a_run_is_scored_again_or_refused(two_method_spec):
     """A finished run records the data it scored (metrics' ``data``) and trained on
     (summary's ``train_data``): changed evaluation data is scored again; changed training
@@ -479,6 +533,31 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     spec = load_spec(config, out=str(out))
     assert all(config_differences(r) == [] for r in plan(spec))
 
+    # Asking for another N re-scores the evaluations that drew samples (blob's, on both
+    # tasks), not LoRA's or blob-mean's, and retrains nothing; asked again, nothing moves
+    evaluated.clear()
+    exp["train"]["eval_samples"] = 3
+    config.write_text(yaml.safe_dump(exp))
+    assert main(args) == 0
+    assert sorted(evaluated) == ["arc_easy", "winogrande_s"]
+    blob_summary = json.loads((out / "runs/winogrande_s/blob/seed1/summary.json").read_text())
+    for task in ("winogrande_s", "arc_easy"):
+        scored = blob_summary["evaluations"][task]
+        assert scored["eval_samples"] == 3 and scored["requested_samples"] == 3
+        assert blob_summary["evaluations_mean"][task]["eval_samples"] == 0
+    assert main(args) == 0
+    assert sorted(evaluated) == ["arc_easy", "winogrande_s"]
+    # another evaluation split of the task re-scores its own-task evaluation of every column
+    evaluated.clear()
+    exp["eval_split_overrides"]["winogrande_s"] = "validation[:5]"
+    config.write_text(yaml.safe_dump(exp))
+    assert main(args) == 0
+    assert evaluated == ["winogrande_s"] * 3
+    saved = json.loads((out / "compare.json").read_text())
+    assert all(r["status"] == "done" for r in saved["runs"])
+    lora_summary = json.loads((out / "runs/winogrande_s/lora/seed1/summary.json").read_text())
+    assert lora_summary["evaluations"]["winogrande_s"]["split"] == "validation[:5]"
+
     # A finished run made with other settings is refused instead of mixed into the tables.
     lr = exp["train"].get("lr")
     exp["train"]["lr"] = 0.02
@@ -595,10 +674,13 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
     seen = []
 
     def fake_eval(*a, **k):
-        seen.append((k["n_samples"], k["eval_noise"]))
+        seen.append((k["n_samples"], k["eval_noise"], k["extra"]))
         return {"accuracy": 0.5, "split": "validation", "eval_samples": k["n_samples"]}
 
     monkeypatch.setattr(compare_mod, "evaluate_on_task", fake_eval)
     _evaluate_missing(run, progress=False)
-    # the sampled OOD evaluation (N: the run's) and the blob-mean ones (N = 0, noise moot)
-    assert (None, "token") in seen and {noise for _, noise in seen} == {"token"}
+    # the sampled OOD evaluation (N: the run's, its request recorded) and the blob-mean ones
+    # (N = 0, noise moot, nothing to record)
+    assert (None, "token", {"requested_samples": None}) in seen
+    assert {noise for _, noise, _ in seen} == {"token"}
+    assert {str(extra) for n, _, extra in seen if n == 0} == {"None"}

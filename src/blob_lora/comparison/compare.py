@@ -17,9 +17,11 @@ experiment needs (own task; OOD tasks for the OOD training task; the ``eval_samp
 evaluation for ``blob-mean``) on the expected split. Re-running skips finished runs,
 evaluates the missing evaluations of trained runs without retraining (written into
 ``RUN/eval/<task>/`` or ``RUN/eval_mean/<task>/`` and merged into ``summary.json``), resumes
-interrupted ones from their checkpoint and trains the rest. A finished run whose
-``run_config.json`` differs from what the file now asks for is refused (delete it or restore
-the setting), so tables never silently mix settings.
+interrupted ones from their checkpoint and trains the rest. An evaluation is missing too when
+it was scored otherwise than the file now asks (:data:`EVALUATION_SETTINGS`: another split,
+another N, another weight noise): changing how runs are scored re-scores them, it never
+retrains. A run whose ``run_config.json`` differs in what it learned from what the file now
+asks for is refused (delete it or restore the setting), so tables never silently mix settings.
 
 Several ``compare`` processes may work on one experiment at once (the same command started
 again: one per GPU, or one-thread processes on a small CPU). Each claims a run before it
@@ -38,6 +40,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,15 @@ PREDICTIONS = "predictions.jsonl"
 # trainer itself lets a resumed run change (caches, logging, the held-out curve), and where
 # the data is read from.
 IGNORED_DIFFERENCES = frozenset(TrainConfig.NOT_LEARNED)
+#: Settings that change how a trained run is scored, not what it learned: a run that differs
+#: only in these is scored again (each evaluation's own record says how it was scored:
+#: :func:`_scored_as_asked`), not refused as stale.
+EVALUATION_SETTINGS = frozenset(TrainConfig.EVALUATION_ONLY)
+#: what an evaluation compare makes records of the N it was asked for (``eval_samples``, the
+#: setting: ``None`` = the method's default). Why not the N it used (the metrics'
+#: ``eval_samples``): a method resolves the request (an ensemble of 3 asked for 10 uses 3;
+#: LoRA uses 0), so only the request can be compared with the file's.
+REQUESTED_SAMPLES = "requested_samples"
 # how often a process whose remaining runs wait for another process's run looks again
 CLAIM_POLL_SECONDS = 30.0
 
@@ -106,6 +118,11 @@ class PlannedRun:
     @property
     def label(self) -> str:
         return f"{self.task}/{self.method}/seed{self.seed}"
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        """The settings the experiment asks of this run, as the trainer reads them."""
+        return TrainConfig.from_dict(self.settings)
 
 
 def run_dir(spec: CompareSpec, task: str, method: str, seed: int) -> Path:
@@ -151,16 +168,17 @@ def _expected_split(ev: Evaluation, data_root: str | None) -> str:
     return str(get_task(ev.task, data_root=data_root).eval_split)
 
 
-def _has(summary: dict[str, Any], ev: Evaluation, data_root: str | None) -> bool:
-    """Whether ``summary`` holds ``ev``: its column and task, the expected split and sample
-    count, and (metrics that record it) the data as it is now: an evaluation of data that has
-    changed since is made again."""
+def _has(r: PlannedRun, summary: dict[str, Any], ev: Evaluation) -> bool:
+    """Whether ``summary`` holds ``ev``: its column and task, scored as the experiment now
+    asks (:func:`_scored_as_asked`: split, N, weight noise), and (metrics that record it) on
+    the data as it is now: an evaluation of data that has changed since is made again."""
+    data_root = r.settings.get("data_root")
     m = (summary.get(ev.column.key) or {}).get(ev.task)
     if not isinstance(m, dict) or "accuracy" not in m:
         return False
-    if ev.column.eval_samples is not None and m.get("eval_samples") != ev.column.eval_samples:
-        return False
     if str(m.get("split")) != _expected_split(ev, data_root):
+        return False
+    if not _scored_as_asked(r, m, ev):
         return False
     scored = m.get("data")
     if scored is None:  # from before the record
@@ -168,14 +186,38 @@ def _has(summary: dict[str, Any], ev: Evaluation, data_root: str | None) -> bool
     return scored == get_task(ev.task, data_root=data_root).source_fingerprint(str(m["split"]))
 
 
+def _scored_as_asked(r: PlannedRun, m: dict[str, Any], ev: Evaluation) -> bool:
+    """Whether the evaluation ``m`` drew the samples the experiment now asks for ``ev``.
+
+    A column with a fixed N (``blob-mean``: 0) needs that N. Otherwise an evaluation that drew
+    samples (``eval_samples`` > 0 in its metrics) needs the N requested now; its own request
+    is its :data:`REQUESTED_SAMPLES` record, or, for an evaluation made before the record or
+    at the end of training, the run's ``eval_samples`` setting in ``run_config.json``. An
+    evaluation of N = 0 (a method whose predictive is not random) stands for any request. The
+    weight noise (``eval_noise``, recorded where samples were drawn with one) must be the one
+    asked now."""
+    if ev.column.eval_samples is not None:
+        return bool(m.get("eval_samples") == ev.column.eval_samples)
+    if not m.get("eval_samples"):
+        return True
+    if REQUESTED_SAMPLES in m:
+        requested = m[REQUESTED_SAMPLES]
+    else:
+        stored = TrainConfig.stored_with_defaults(_read_json(r.dir / RUN_CONFIG) or {})
+        requested = stored.get("eval_samples")
+    if requested != r.config.evaluation.eval_samples:
+        return False
+    noise = m.get("eval_noise")
+    return noise is None or noise == r.config.blob.eval_noise
+
+
 def _set_status(r: PlannedRun) -> None:
     if r.stale:
         r.status = "stale"
         return
     summary = _read_json(r.dir / SUMMARY)
-    data_root = r.settings.get("data_root")
     if summary is not None:
-        r.missing = [ev for ev in r.evaluations if not _has(summary, ev, data_root)]
+        r.missing = [ev for ev in r.evaluations if not _has(r, summary, ev)]
         r.status = "evaluate" if r.missing else "done"
     else:
         r.missing = list(r.evaluations)
@@ -203,7 +245,7 @@ def config_differences(r: PlannedRun) -> list[str]:
     wanted = wanted_cfg.to_dict()
     changed = [
         f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"
-        for k in setting_differences(previous, wanted, IGNORED_DIFFERENCES)
+        for k in setting_differences(previous, wanted, IGNORED_DIFFERENCES | EVALUATION_SETTINGS)
     ]
     trained_on = (_read_json(r.dir / SUMMARY) or {}).get("train_data")
     if not changed and trained_on is not None and trained_on != training_data(wanted_cfg):
@@ -246,21 +288,19 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
     """Evaluate the run's missing evaluations and merge them into its summary.json."""
     summary = _read_json(r.dir / SUMMARY) or {}
     data_root = r.settings.get("data_root")
-    missing = [ev for ev in r.evaluations if not _has(summary, ev, data_root)]
+    missing = [ev for ev in r.evaluations if not _has(r, summary, ev)]
     if not missing:
         return
     loaded = load_run(r.dir)
     cfg = loaded.config
-    # how to run the pass (batch, caches) is the experiment file's as it is now: a setting
-    # that changes no number, so editing it (a smaller batch for a long OOD task) must work
+    # how to run the pass (batch, caches) and how to score it (N, weight noise) are the
+    # experiment file's as it is now: settings that change nothing the run learned, so
+    # editing them (a smaller batch for a long OOD task, another N) must re-score, not refuse
     now = TrainConfig.from_dict(r.settings)
     for ev in missing:
         task = get_task(ev.task, data_root=data_root or cfg.data.data_root)
-        n = (
-            ev.column.eval_samples
-            if ev.column.eval_samples is not None
-            else cfg.evaluation.eval_samples
-        )
+        fixed = ev.column.eval_samples is not None
+        n = ev.column.eval_samples if fixed else now.evaluation.eval_samples
         metrics = evaluate_on_task(
             loaded.model,
             loaded.method,
@@ -275,8 +315,9 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             progress=progress,
             prefix_cache=now.base.prefix_cache,
             scoring=cfg.data.scoring_spec,
-            eval_noise=cfg.blob.eval_noise,
+            eval_noise=now.blob.eval_noise,
             seed=EVAL_SEED,
+            extra=None if fixed else {REQUESTED_SAMPLES: n},
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)
@@ -432,7 +473,7 @@ def _metrics(r: PlannedRun, column: Column, task: str) -> dict[str, Any] | None:
     if summary is None:
         return None
     ev = next((e for e in r.evaluations if e.column == column and e.task == task), None)
-    if ev is None or not _has(summary, ev, r.settings.get("data_root")):
+    if ev is None or not _has(r, summary, ev):
         return None
     return summary[column.key][task]
 

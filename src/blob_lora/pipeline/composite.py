@@ -274,7 +274,7 @@ def sub_run_config(cfg: TrainConfig, sub_dir: Path, overrides: dict[str, Any]) -
 #: settings that do not change what a run learns (``TrainConfig.NOT_LEARNED``: where it is
 #: written, its caches, logging and learning curve, where the data is read from), and how it
 #: is evaluated (a sub-run never is)
-NOT_TRAINING = frozenset({*TrainConfig.NOT_LEARNED, "eval_split", "eval_samples", "eval_noise"})
+NOT_TRAINING = frozenset({*TrainConfig.NOT_LEARNED, *TrainConfig.EVALUATION_ONLY})
 
 
 def training_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

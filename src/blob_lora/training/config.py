@@ -250,6 +250,10 @@ class TrainConfig:
     # Settings that do not change what a run learns: the resumable ones, where the data is
     # read from, and the logging interval.
     NOT_LEARNED: ClassVar[tuple[str, ...]] = (*RESUMABLE_CHANGES, "data_root", "log_every")
+    # Settings of how a trained run is scored after training, not of what it learns: a
+    # composite's sub-run may differ in them, and ``compare`` re-scores a finished run that
+    # does instead of refusing it. (``evaluate`` and ``eval_tasks`` are resumable changes.)
+    EVALUATION_ONLY: ClassVar[tuple[str, ...]] = ("eval_split", "eval_samples", "eval_noise")
 
 
 def setting_differences(
