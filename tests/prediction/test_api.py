@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 from peft import get_peft_model
@@ -137,6 +138,23 @@ def test_cli_predict_reads_standard_input(run_dir, tmp_path, records, monkeypatc
         read_questions("-", stdin=bad)
     with pytest.raises(DataError, match="<stdin> holds no questions"):
         read_questions("-", stdin=io.BytesIO(b"\n"))
+
+
+def test_cli_predict_writes_rows_to_standard_output(run_dir, tmp_path, records, capsys):
+    """``--out -``: the very rows of a file on standard output, alone (its summary line goes
+    to standard error), and no file named ``-``; ``--overwrite`` with it is refused."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    argv = ["predict", "--run", str(run_dir), "--input", str(inp), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "file.jsonl")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--out", "-"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == (tmp_path / "file.jsonl").read_text()
+    assert "4 questions -> standard output" in printed.err
+    assert not Path("-").exists() and not (tmp_path / "-").exists()
+    assert main([*argv, "--out", "-", "--overwrite"]) == 2
+    assert "'--out -' writes to standard output" in capsys.readouterr().err
 
 
 def test_cli_predict_input_errors(run_dir, tmp_path, capsys):

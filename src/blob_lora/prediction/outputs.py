@@ -56,10 +56,15 @@ def check_output_path(
     return out
 
 
+def jsonl_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as JSON Lines: one object per line, each line ended by a newline."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_rows(out: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> Path:
     """One JSON object per line, written atomically; gzip-compressed when ``out`` ends in
     ``.gz`` (a name that says compressed must hold compressed bytes)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    data = jsonl_text(rows).encode("utf-8")
     if str(out).endswith(".gz"):
         data = gzip.compress(data, mtime=0)  # mtime 0: the same rows give the same bytes
     return atomic_write_bytes(out, data)

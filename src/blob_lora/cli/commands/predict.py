@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import warnings
 from pathlib import Path
+from typing import TextIO
 
 from blob_lora.cli.options import add_eval_noise_override, add_scoring_override, scoring_override
 from blob_lora.cli.registry import command
@@ -33,7 +36,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="JSONL file to write, one row per question (gzip-compressed if it ends in .gz)",
+        help="JSONL file to write, one row per question (gzip-compressed if it ends in .gz); "
+        "'-' writes the rows to standard output (and this command's own lines to standard "
+        "error)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
@@ -85,16 +90,31 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "answer your own questions (JSONL) with confidence and uncertainty")(_configure)
 def run_predict(args: argparse.Namespace) -> int:
+    from blob_lora.prediction.inputs import STDIN
+
+    if args.out != STDIN:
+        return _predict(args, sys.stdout)
+    # the rows go to standard output, alone: every line anything else prints (this command's
+    # summary, a library's notice while the model loads) goes to standard error
+    rows_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _predict(args, rows_out)
+
+
+def _predict(args: argparse.Namespace, rows_out: TextIO) -> int:
     from blob_lora.prediction import EarlyStop, Predictor, read_questions
     from blob_lora.prediction.inputs import STDIN
-    from blob_lora.prediction.outputs import check_output_path, write_rows
+    from blob_lora.prediction.outputs import check_output_path, jsonl_text, write_rows
 
     if args.eval_samples is not None and args.eval_samples < 0:
         raise BlobLoraError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     # before the (slow) model load and the pass over every question: fail fast
     questions = read_questions(args.input)
     source = None if args.input == STDIN else args.input
-    out = check_output_path(args.out, source, overwrite=args.overwrite)
+    to_stdout = args.out == STDIN
+    if to_stdout and args.overwrite:
+        raise BlobLoraError("--overwrite is for an --out file; '--out -' writes to standard output")
+    out = None if to_stdout else check_output_path(args.out, source, overwrite=args.overwrite)
     early = EarlyStop(args.early_tol, args.early_min, args.early_group)
     early.validate()
     if args.fold is not None and args.fold < 1:
@@ -122,11 +142,16 @@ def run_predict(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # a mode's fallback is said once, as the note below
         warnings.filterwarnings("ignore", message="predictive mode")
         rows = predictor.predict(questions)
-    write_rows(out, rows)
+    if out is None:
+        rows_out.write(jsonl_text(rows))
+        rows_out.flush()
+    else:
+        write_rows(out, rows)
     s = predictor.last_summary
     assert s is not None
     line = (
-        f"{s.n_examples} questions -> {out}  (mode {s.mode}, N={s.eval_samples}, "
+        f"{s.n_examples} questions -> {out or 'standard output'}  (mode {s.mode}, "
+        f"N={s.eval_samples}, "
         f"mean samples used {s.mean_samples_used:.2f}, {s.seconds:.1f} s)"
     )
     if s.accuracy is not None:
