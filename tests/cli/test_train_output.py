@@ -10,8 +10,8 @@ from blob_lora.cli.main import main
 from tests.factories import tiny_model_folder
 
 
-def _train(model, data_root, out, method: str) -> int:
-    argv = ["train", "--model", str(model), "--task", "winogrande_s", "--method", method]
+def _train(model, data_root, out, method: str, *extra: str) -> int:
+    argv = ["train", "--model", str(model), "--task", "winogrande_s", "--method", method, *extra]
     argv += ["--train-split", "train_s[:8]", "--eval-split", "validation[:2]", "--max-steps", "2"]
     argv += ["--batch-size", "4", "--lr", "0.001", "--target-modules", "q_proj,v_proj"]
     argv += ["--data-root", str(data_root), "--out", str(out), "--no-progress"]
@@ -19,15 +19,25 @@ def _train(model, data_root, out, method: str) -> int:
 
 
 def test_a_blob_run_prints_where_the_std_of_a_ended(tmp_path, data_root, capsys) -> None:
+    """... and a BLoB setting given to a method that does not read it is named on stderr (it
+    changes nothing), never for a method that reads it."""
     model = tiny_model_folder(tmp_path / "model")
-    assert _train(model, data_root, tmp_path / "blob", "blob") == 0
-    said = capsys.readouterr().out
+    prior = ("--prior-std", "0.2", "--kl-lr", "0.01")
+    assert _train(model, data_root, tmp_path / "blob", "blob", *prior) == 0
+    printed = capsys.readouterr()
+    assert "note:" not in printed.err
+    said = printed.out
     std = json.loads((tmp_path / "blob" / "summary.json").read_text())["std_of_A"]
     line = next(x for x in said.splitlines() if x.startswith("std of A:"))
     assert line.startswith(f"std of A: {std['q01']:.4g}-{std['q99']:.4g} over every element of ")
     assert f"of {len(std['layers'])} layers (q01-q99; prior 0.2;" in line
-    assert _train(model, data_root, tmp_path / "lora", "lora") == 0
-    assert "std of A" not in capsys.readouterr().out
+    assert _train(model, data_root, tmp_path / "lora", "lora", *prior) == 0
+    printed = capsys.readouterr()
+    assert "std of A" not in printed.out
+    assert (
+        "note: --method lora does not read --kl-lr, --prior-std: they change nothing in this "
+        "run" in printed.err
+    )
 
 
 def test_a_run_shows_no_warning_about_the_dependencies_versions(tmp_path, data_root) -> None:

@@ -143,6 +143,13 @@ class Method(ABC):
     #: ``train`` refuses such a launch with this reason before the model loads or the run
     #: folder is made, and the other methods' refusals list the ones that can.
     fsdp_refusal: ClassVar[str | None] = None
+    #: The method-specific groups of settings it reads (``TrainConfig``'s sections ``kl``,
+    #: ``blob``, ``bayes_lora``, ``swag``, ``ensemble``); every method reads the others (model,
+    #: data, loop, LoRA, evaluation). Why declared: ``blob-lora train`` says which of the
+    #: settings a user gave change nothing for the method (``--prior-std`` for ``lora``).
+    reads_sections: ClassVar[frozenset[str]] = frozenset()
+    #: settings of those sections it does not read all the same (TFB sets BLoB's std itself)
+    ignores_settings: ClassVar[frozenset[str]] = frozenset()
 
     # --- the model --------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ def bayesian_lora_config_from(cfg: RunSettings) -> BayesianLoraConfig:
 class BayesianLoraMethod(SampledLoraMethod):
     name = "bayesian-lora"
     has_kl = True
+    reads_sections = frozenset({"kl", "bayes_lora"})
+    # no std parameters in BLoB's sense: one AdamW on NLL + pi * KL (module doc)
+    ignores_settings = frozenset({"kl_lr", "std_lr"})
     samples_by_default = BayesianLoraConfig.eval_samples
     options_attr = "bayesian_lora_configs"
     fsdp_refusal = "its KL and Cholesky factorisations read whole parameters"

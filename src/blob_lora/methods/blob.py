@@ -43,6 +43,7 @@ def blob_config_from(cfg: RunSettings, **overrides: Any) -> BlobConfig:
 class BlobMethod(SampledLoraMethod):
     name = "blob"
     has_kl = True
+    reads_sections = frozenset({"kl", "blob"})
     samples_by_default = BlobConfig.eval_samples
     options_attr = "blob_configs"
 

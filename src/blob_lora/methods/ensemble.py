@@ -117,6 +117,7 @@ class EnsembleMethod(CompositeMethod):
     """K independently initialised LoRA adapters; predictive = mean of their probabilities."""
 
     name = "ensemble"
+    reads_sections = frozenset({"ensemble"})
     samples_by_default = 0  # 0 / unset: all members
     #: the method each member is trained with (``multiswag``: ``swag``)
     member_method: ClassVar[str] = MEMBER_METHOD

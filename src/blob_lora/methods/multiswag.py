@@ -39,6 +39,7 @@ class MultiSwagMethod(EnsembleMethod):
     """M SWAG-LoRA posteriors from independent runs; predictive = mean over all their samples."""
 
     name = "multiswag"
+    reads_sections = frozenset({"swag", "ensemble"})
     member_method = SwagMethod.name
     samples_by_default = SwagMethod.samples_by_default
     mean_column = True  # N = 0: the M SWA means averaged

@@ -119,6 +119,9 @@ class TfbMethod(PostHocMethod, BlobMethod):
 
     name = "tfb"
     has_kl = False
+    reads_sections = frozenset({"blob"})
+    # σ comes from the search, on every LoRA layer, as G² (``assemble``); no KL, so no prior
+    ignores_settings = frozenset({"prior_std", "init_std", "std_param", "bayesian_layers"})
     sub_method = "lora"  # one plain LoRA run into RUN/lora/
     info_file = INFO_FILE
     step_seconds = "search_seconds"

@@ -57,6 +57,8 @@ SECTIONS: dict[str, type] = {
     "ensemble": EnsembleConfig,
     "evaluation": EvalConfig,
 }
+#: the sections only some methods read (``Method.reads_sections`` names those a method does)
+METHOD_SECTIONS: frozenset[str] = frozenset({"kl", "blob", "bayes_lora", "swag", "ensemble"})
 #: the top-level settings and their defaults
 TOP_LEVEL: dict[str, str] = {"method": "blob", "recipe": "paper", "out": "runs/run"}
 
@@ -143,6 +145,23 @@ class TrainConfig:
                 f"use 'blob-lora meta-train --tasks COLLECTION --out RUN' (mmlu, paper, a list "
                 "of tasks or a folder of task folders), then 'blob-lora meta-evaluate --run RUN'"
             )
+
+    def unread(self, keys: Collection[str]) -> list[str]:
+        """Those of ``keys`` (flat settings) that this run's method does not read, sorted:
+        giving them changes nothing in the run (a section of :data:`METHOD_SECTIONS` that is
+        not among ``Method.reads_sections``, or one of ``Method.ignores_settings``)."""
+        method = get_method(self.method)
+        unread = []
+        for key in keys:
+            setting = SETTINGS.get(key)
+            if setting is None:
+                continue
+            other = setting.section in METHOD_SECTIONS
+            if key in method.ignores_settings or (
+                other and setting.section not in method.reads_sections
+            ):
+                unread.append(key)
+        return sorted(unread)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat settings, as ``run_config.json`` stores them (lists copied)."""

@@ -88,6 +88,15 @@ def launched_processes() -> int:
         return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 when unset or unreadable): for
+    a line printed before any ``Accelerator`` exists, once per launch."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse launches that would silently train wrong: N independent copies, FSDP asked for but
     not run, or sharding that the KL and the checkpoints do not handle (FSDP1, DeepSpeed)."""

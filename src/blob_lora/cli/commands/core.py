@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from blob_lora.cli.options import (
     add_eval_noise_override,
@@ -20,6 +22,9 @@ from blob_lora.cli.report_lines import std_of_a_line
 from blob_lora.evaluation.evaluate import EVAL_SEED
 from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.utils.errors import BlobLoraError, ConfigError
+
+if TYPE_CHECKING:
+    from blob_lora.training.config import TrainConfig
 
 OOD_TASKS = ["arc_challenge", "arc_easy", "mmlu:college_chemistry", "mmlu:college_physics"]
 
@@ -60,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     file_values = read_config_file(args.config) if args.config else {}
     cfg = merge_config(file_values, vars(args))
     reuse = _reusable_runs(cfg.method, args.reuse)
+    _note_unread_settings(cfg, file_values, args)
     summary = train(
         cfg,
         overwrite=args.overwrite,
@@ -75,6 +81,27 @@ def run_train(args: argparse.Namespace) -> int:
     if summary.get("std_of_A"):
         print(std_of_a_line(summary["std_of_A"]))
     return 0
+
+
+def _note_unread_settings(
+    cfg: TrainConfig, file_values: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """Say which of the settings the user gave (command line or ``--config``) the method does
+    not read (``TrainConfig.unread``): ``--prior-std`` with ``--method lora`` would otherwise
+    be accepted and silently change nothing. A note, not a refusal: one config file may serve
+    several methods. Printed once, by the main process of a multi-process launch."""
+    from blob_lora.training.config import SETTINGS
+    from blob_lora.training.distributed import launched_rank
+    from blob_lora.utils.settings import flag
+
+    given = set(file_values) | {k for k, v in vars(args).items() if k in SETTINGS and v is not None}
+    unread = cfg.unread(given)
+    if unread and launched_rank() == 0:
+        print(
+            f"note: --method {cfg.method} does not read {', '.join(map(flag, unread))}: "
+            "they change nothing in this run",
+            file=sys.stderr,
+        )
 
 
 def _reusable_runs(method_name: str, runs: list[str]) -> list[Path]:

@@ -190,6 +190,7 @@ class SwagMethod(LoraMethod):
     """SWAG-LoRA: a Gaussian fitted to the LoRA iterates of the end of training (module doc)."""
 
     name = "swag"
+    reads_sections = frozenset({"swag"})
     samples_by_default = 15
     fsdp_refusal = "the SWA mean of its iterates cannot be written back into FSDP's shards"
     mean_column = True  # N = 0: the SWA mean, SWAG-LoRA's own deterministic model
