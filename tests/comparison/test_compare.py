@@ -372,6 +372,15 @@ def test_data_changed_since_a_run_is_scored_again_or_refused(two_method_spec):
             {"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "blob", "lr": -1}}},
             "--lr",
         ),
+        # a setting given for one method that it does not read would change nothing
+        (
+            {"methods": ["lora"], "tasks": ["a"], "method_options": {"lora": {"prior_std": 1}}},
+            r"method_options.lora sets \['prior_std'\], which method 'lora' does not read",
+        ),
+        (
+            {"methods": ["v"], "tasks": ["a"], "variants": {"v": {"method": "swag", "kl_lr": 1}}},
+            r"variants.v sets \['kl_lr'\], which method 'swag' does not read",
+        ),
         # the wrong kind of value: a clear refusal, not a traceback
         ({"methods": ["lora"], "tasks": ["a"], "method_options": ["lora"]}, "must map names"),
         ({"methods": ["lora"], "tasks": ["a"], "task_options": ["a"]}, "must map names"),

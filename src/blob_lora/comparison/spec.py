@@ -27,7 +27,9 @@ reports its mean weights (``Method.mean_column``: BLoB's "BLoB-Mean"): not a tra
 ``out`` are set per run and may not appear in ``train``/``method_options``/``task_options`` or a
 variant's settings. Precedence of settings, lowest first: TrainConfig defaults, ``train``,
 ``method_options[method]`` (a variant's method included), the variant's own settings,
-``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``.
+``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``. A key of
+``method_options[m]`` or of a variant that its method does not read (``TrainConfig.unread``:
+``prior_std`` for ``lora``) is refused; ``train`` serves every method, so it may hold any.
 
 Order of runs: seed, then method (as listed), then task; methods named in ``run_first`` run
 for every seed before the others start (the comparison a table exists for is then complete
@@ -320,6 +322,18 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
             f"compare: method_options for {stray}, which no listed method trains "
             f"(methods that train: {sorted(train_methods)})"
         )
+    # settings given for one method that the method does not read would silently change
+    # nothing (method_options: {lora: {prior_std: 0.1}}): refused, unlike the shared ``train``
+    for where, method, options in [
+        *((f"method_options.{m}", m, o) for m, o in method_options.items()),
+        *((f"variants.{v}", b["method"], b) for v, b in variants.items()),
+    ]:
+        unread = TrainConfig(method=method).unread(list(options))
+        if unread:
+            raise ConfigError(
+                f"compare: {where} sets {unread}, which method {method!r} does not read "
+                "(they would change nothing)"
+            )
     task_options = {
         str(t): _train_keys(v, f"task_options.{t}")
         for t, v in (data.get("task_options") or {}).items()
