@@ -225,6 +225,13 @@ class PrefixFeatureCache:
         atomic_write_bytes(self.path, save(tensors, metadata=meta))
         self._dirty = False
 
+    def fill(self, model: nn.Module, batch: dict[str, Tensor], index: Tensor) -> None:
+        """Compute and keep the features of the rows of ``batch`` (dataset items ``index``)
+        not held yet, in this batch: an example's features carry the float rounding of the
+        padding of the batch that computed them, so a caller that must reproduce another
+        pass bit for bit computes them in that pass's batches."""
+        self._fill(model, batch, [int(i) for i in index.tolist()])
+
     @torch.no_grad()
     def _fill(self, model: nn.Module, batch: dict[str, Tensor], index: list[int]) -> None:
         missing = [row for row, ix in enumerate(index) if ix not in self.features]
