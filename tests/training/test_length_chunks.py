@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 from blob_lora.pipeline import train
 from tests.training.test_train_loop import tiny_cfg
 
-# deterministic LoRA, 4 Adam steps at lr 2e-2, one thread: only the summation order differs
-PARAM_ATOL = 1e-5
-#: LoRA on block 1 only: block 0 is a frozen prefix, served by the cache
+# deterministic LoRA, 4 Adam steps at lr 2e-2, one thread: only the summation order differs.
+# Measured 1.05e-5 on one machine's CPU (below 1e-5 on earlier ones): Adam divides by second
+# moments that are tiny at step 1, which magnifies rounding. A chunk weighted wrongly moves
+# the gradient's direction, and the adapter by the order of lr (1e-2), far above this.
+PARAM_ATOL = 5e-5
+#: LoRA on block 1 and the head: block 0 is a frozen prefix, served by the cache
 TOP_BLOCK = [r".*layers\.1\.self_attn\.(q_proj|v_proj)", "lm_head"]
 
 

@@ -294,6 +294,15 @@ def test_a_target_suffix_that_adapts_nothing_is_named_in_a_warning(
     assert "adapted: lm_head,q_proj (3 modules)" in said[0]  # 2 blocks' q_proj + the head
     assert warnings_of(["q_proj", "v_proj"], "b") == []
     assert warnings_of([r".*\.(q_proj|c_attn)"], "c") == []  # a regex is PEFT's to match
+    # an expression among other entries adapts what it matches (not taken for a suffix)
+    cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, out=str(tmp_path / "d"),
+                   target_modules=[r".*layers\.1\.self_attn\.(q_proj|v_proj)", "lm_head"])  # fmt: skip
+    model = prepare_training(cfg, get_method("lora"), RunStart(progress=False)).loop.unwrapped
+    assert sorted(model.base_model.targeted_module_names) == [
+        "lm_head", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    ]  # fmt: skip
+    said = warnings_of([r".*\.c_attn", "q_proj", r".*\.(v_proj)"], "e")
+    assert len(said) == 1 and said[0].startswith(r"--target-modules .*\.c_attn matched no module")
 
 
 def test_unmatched_target_suffixes_are_the_ones_no_adapted_name_ends_with() -> None:
@@ -303,6 +312,8 @@ def test_unmatched_target_suffixes_are_the_ones_no_adapted_name_ends_with() -> N
     settings = LoraSettings(target_modules=["q_proj", "v_proj", "lm_head", "proj"])
     assert settings.unmatched(adapted) == ["v_proj", "proj"]  # a suffix ends at a dot
     assert LoraSettings(target_modules=["self_attn.q_proj"]).unmatched(adapted) == []
+    mixed = LoraSettings(target_modules=[r".*\.1\.self_attn\.(q|k)_proj", "lm_head", r".*\.mlp"])
+    assert mixed.unmatched(adapted) == [r".*\.mlp"]  # an expression is matched whole
 
 
 def test_bucketed_batches_resume_only_at_their_per_process_batch_size(

@@ -172,7 +172,7 @@ class TrainingLoop:
             self.prefix = PrefixFeatureCache.for_dataset(
                 self.unwrapped, dataset, cfg.data.cache_dir
             )
-            if resuming:
+            if resuming and self.prefix is not None:
                 self._refill_prefix()
         self.started = time.perf_counter()
 

@@ -8,6 +8,7 @@ gets its ``LoraConfig`` from :meth:`LoraSettings.peft_config`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, NoReturn
 
@@ -36,11 +37,20 @@ def refuse_adapter(exc: ValueError, what: str, model: str, targets: list[str]) -
     ) from exc
 
 
+def _is_regex(target: str) -> bool:
+    return bool(REGEX_CHARS & set(target))
+
+
 def target_modules_arg(targets: list[str]) -> list[str] | str:
-    """PEFT's form: a list of name suffixes, or one regular expression (full match)."""
-    if len(targets) == 1 and REGEX_CHARS & set(targets[0]):
+    r"""PEFT's form: a list of name suffixes, or one regular expression (full match). A list
+    with an expression among other entries becomes one expression, each suffix ``s`` written
+    ``(.*\.)?s`` (PEFT's suffix rule): given the list, PEFT would take the expression for a
+    suffix, which matches nothing, and adapt the other entries alone."""
+    if not any(map(_is_regex, targets)):
+        return list(targets)
+    if len(targets) == 1:
         return targets[0]
-    return list(targets)
+    return "|".join(f"(?:{t})" if _is_regex(t) else rf"(?:.*\.)?{re.escape(t)}" for t in targets)
 
 
 @dataclass
@@ -67,18 +77,21 @@ class LoraSettings:
             raise refuse(self, "target_modules", "must name at least one module")
 
     def unmatched(self, adapted: list[str]) -> list[str]:
-        """The name suffixes of ``--target-modules`` that no module of ``adapted`` (the qualified
-        names PEFT adapted) ends with; none for a regular expression, which PEFT matches whole.
-        Why: PEFT adapts what any suffix matches and drops the rest without a word, so the
-        default ``q_proj,v_proj,lm_head`` on a model whose projections are named otherwise
-        (GPT-2's ``c_attn``) would adapt ``lm_head`` alone."""
-        if isinstance(target_modules_arg(self.target_modules), str):
+        """The entries of ``--target-modules`` that matched no module of ``adapted`` (the
+        qualified names PEFT adapted): a name suffix that none ends with, an expression that
+        none matches whole (where the expression is one of several entries; alone, PEFT
+        refuses it when it matches nothing). Why: PEFT adapts what any entry matches and drops
+        the rest without a word, so the default ``q_proj,v_proj,lm_head`` on a model whose
+        projections are named otherwise (GPT-2's ``c_attn``) would adapt ``lm_head`` alone."""
+
+        def hit(key: str, name: str) -> bool:
+            if _is_regex(key):
+                return re.fullmatch(key, name) is not None
+            return name == key or name.endswith("." + key)
+
+        if len(self.target_modules) == 1 and _is_regex(self.target_modules[0]):
             return []
-        return [
-            key
-            for key in self.target_modules
-            if not any(name == key or name.endswith("." + key) for name in adapted)
-        ]
+        return [key for key in self.target_modules if not any(hit(key, n) for n in adapted)]
 
     def peft_config(self, dropout: float | None = None) -> LoraConfig:
         """PEFT's ``LoraConfig`` of these settings; ``dropout`` replaces ``lora_dropout`` (a
