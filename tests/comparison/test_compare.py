@@ -298,7 +298,15 @@ def test_how_a_run_is_scored_is_not_what_it_learned(tmp_path):
     # the request is compared, not the N used (an ensemble of 3 asked for 10 uses 3)
     spec.train["eval_samples"] = 10
     assert own_missing("blob") == ["blob"]
+    # a deliberate N = 0 is a request like any other: asking 3 then re-scores it
+    summary["evaluations"]["arc_easy"].update(eval_samples=0, requested_samples=0)
+    (d / "summary.json").write_text(json.dumps(summary))
+    spec.train["eval_samples"] = 0
+    assert own_missing("blob") == []
     spec.train["eval_samples"] = 3
+    assert own_missing("blob") == ["blob"]
+    summary["evaluations"]["arc_easy"].update(eval_samples=3, requested_samples=3)
+    (d / "summary.json").write_text(json.dumps(summary))
     # weight noise, where the evaluation drew samples with one
     summary["evaluations"]["arc_easy"]["eval_noise"] = "sequence"
     (d / "summary.json").write_text(json.dumps(summary))
@@ -494,6 +502,7 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     blob_summary = json.loads((out / "runs/winogrande_s/blob/seed1/summary.json").read_text())
     assert blob_summary["evaluations_mean"]["winogrande_s"]["eval_samples"] == 0
     assert blob_summary["evaluations"]["winogrande_s"]["eval_samples"] == 2
+    assert blob_summary["evaluations"]["winogrande_s"]["requested_samples"] == 2
     md = (out / "results_id.md").read_text()
     assert "| blob-mean | " in md and "| –" not in md
     assert (out / "reliability_winogrande_s.png").is_file()
@@ -683,13 +692,10 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
     seen = []
 
     def fake_eval(*a, **k):
-        seen.append((k["n_samples"], k["eval_noise"], k["extra"]))
+        seen.append((k["n_samples"], k["eval_noise"]))
         return {"accuracy": 0.5, "split": "validation", "eval_samples": k["n_samples"]}
 
     monkeypatch.setattr(compare_mod, "evaluate_on_task", fake_eval)
     _evaluate_missing(run, progress=False)
-    # the sampled OOD evaluation (N: the run's, its request recorded) and the blob-mean ones
-    # (N = 0, noise moot, nothing to record)
-    assert (None, "token", {"requested_samples": None}) in seen
-    assert {noise for _, noise, _ in seen} == {"token"}
-    assert {str(extra) for n, _, extra in seen if n == 0} == {"None"}
+    # the sampled OOD evaluation (N: the run's) and the blob-mean ones (N = 0, noise moot)
+    assert (None, "token") in seen and {noise for _, noise in seen} == {"token"}

@@ -136,3 +136,59 @@ def test_a_worker_whose_command_is_gone_stops_at_once(tmp_path):
     not_parent = str(os.getpid())
     code = main(["compare", "--config", str(tmp_path / "missing.yaml"), "--worker-of", not_parent])
     assert code == 0
+
+
+def test_a_crashed_worker_is_reported_not_taken_for_failed_runs(tmp_path, monkeypatch):
+    """A worker whose runs failed exits with ``RUNS_FAILED_STATUS`` (its failures are in the
+    shared board, which the command lists); any other status, 1 included (Python's for an
+    uncaught exception: a CUDA out-of-memory error, say), is a crash the command reports."""
+    import argparse
+
+    from blob_lora.cli.commands import compare as command
+    from blob_lora.comparison import spec_from_dict
+    from blob_lora.comparison import workers as workers_mod
+
+    spec = spec_from_dict({"methods": ["lora"], "tasks": ["arc_easy"]}, "x", out=tmp_path / "o")
+
+    class Finished:  # the workers as they are once the command's own runs are done
+        def __init__(self, commands, threads, folder):
+            self.logs = [folder / f"worker{i + 1}.log" for i in range(len(commands))]
+            self.returncodes = [workers_mod.RUNS_FAILED_STATUS, 1]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def poll(self):
+            return self.returncodes
+
+    monkeypatch.setattr(workers_mod, "Workers", Finished)
+    monkeypatch.setattr("blob_lora.comparison.run_compare", lambda *a, **k: {"failed": []})
+    args = argparse.Namespace(config="x.yaml", out=None, data_root=None, workers=3,
+                              no_progress=True)  # fmt: skip
+    result = command._run_with_workers(args, spec, 1)
+    assert result["failed"] == [
+        f"a worker exited with status 1: see {spec.out}/workers/worker2.log"
+    ]
+
+
+def test_a_worker_whose_run_failed_exits_with_the_failed_runs_status(tmp_path, data_root):
+    from blob_lora.comparison.workers import RUNS_FAILED_STATUS
+    from tests.factories import tiny_compare_experiment, tiny_model_folder
+
+    exp = tiny_compare_experiment(tiny_model_folder(tmp_path / "model"), ["lora"])
+    exp["train"]["target_modules"] = ["no_such_module"]  # refused when the adapter is built
+    config = tmp_path / "bad.yaml"
+    config.write_text(__import__("yaml").safe_dump(exp))
+    cmd = [sys.executable, "-m", "blob_lora.cli.main", "compare", "--config", str(config)]
+    cmd += ["--out", str(tmp_path / "out"), "--no-progress", "--data-root", str(data_root)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.run(
+        [*cmd, "--worker-of", str(os.getpid())], env=env, capture_output=True, text=True
+    )
+    assert worker.returncode == RUNS_FAILED_STATUS, worker.stderr[-2000:]
+    assert "failed: winogrande_s/lora/seed1" in worker.stdout
+    alone = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert alone.returncode == 1, alone.stderr[-2000:]

@@ -92,6 +92,11 @@ def test_a_run_written_before_eval_noise_existed_reads_as_sequence(tmp_path) -> 
     (tmp_path / "old" / RUN_CONFIG).write_text(json.dumps(old))
     assert read_run_config(tmp_path / "old").blob.eval_noise == "sequence"
     assert check_run_dir(tmp_path / "old", cfg.to_dict(), overwrite=False, resume=True)
-    token = TrainConfig(out=str(tmp_path / "old"), eval_noise="token").to_dict()
-    with pytest.raises(Exception, match="eval_noise"):  # like --eval-samples: not resumable
-        check_run_dir(tmp_path / "old", token, overwrite=False, resume=True)
+    # how the run is scored after training may change on resume (compare resumes an
+    # interrupted run under an edited file); what it learns may not
+    for changed in ({"eval_noise": "token"}, {"eval_samples": 3}, {"eval_split": "x[:2]"}):
+        settings = TrainConfig(out=str(tmp_path / "old"), **changed).to_dict()
+        assert check_run_dir(tmp_path / "old", settings, overwrite=False, resume=True)
+    learned = TrainConfig(out=str(tmp_path / "old"), lr=0.5).to_dict()
+    with pytest.raises(Exception, match=r"settings differ from the interrupted run: lr"):
+        check_run_dir(tmp_path / "old", learned, overwrite=False, resume=True)

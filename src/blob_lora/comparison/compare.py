@@ -54,7 +54,7 @@ from blob_lora.comparison.tables import (
     table_json,
 )
 from blob_lora.comparison.workers import SharedFailures
-from blob_lora.evaluation.evaluate import EVAL_SEED, evaluate_on_task
+from blob_lora.evaluation.evaluate import EVAL_SEED, REQUESTED_SAMPLES, evaluate_on_task
 from blob_lora.methods import get_method
 from blob_lora.methods.composite import CompositeMethod
 from blob_lora.metrics import reliability_diagram_multi
@@ -80,11 +80,6 @@ IGNORED_DIFFERENCES = frozenset(TrainConfig.NOT_LEARNED)
 #: only in these is scored again (each evaluation's own record says how it was scored:
 #: :func:`_scored_as_asked`), not refused as stale.
 EVALUATION_SETTINGS = frozenset(TrainConfig.EVALUATION_ONLY)
-#: what an evaluation compare makes records of the N it was asked for (``eval_samples``, the
-#: setting: ``None`` = the method's default). Why not the N it used (the metrics'
-#: ``eval_samples``): a method resolves the request (an ensemble of 3 asked for 10 uses 3;
-#: LoRA uses 0), so only the request can be compared with the file's.
-REQUESTED_SAMPLES = "requested_samples"
 # how often a process whose remaining runs wait for another process's run looks again
 CLAIM_POLL_SECONDS = 30.0
 
@@ -198,15 +193,14 @@ def _scored_as_asked(r: PlannedRun, m: dict[str, Any], ev: Evaluation) -> bool:
     asked now."""
     if ev.column.eval_samples is not None:
         return bool(m.get("eval_samples") == ev.column.eval_samples)
-    if not m.get("eval_samples"):
-        return True
     if REQUESTED_SAMPLES in m:
         requested = m[REQUESTED_SAMPLES]
     else:
         stored = TrainConfig.stored_with_defaults(_read_json(r.dir / RUN_CONFIG) or {})
         requested = stored.get("eval_samples")
     if requested != r.config.evaluation.eval_samples:
-        return False
+        # another N changes nothing only for a method that never samples (LoRA: N = 0)
+        return not get_method(r.config.method).random_predictive
     noise = m.get("eval_noise")
     return noise is None or noise == r.config.blob.eval_noise
 
@@ -299,8 +293,11 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
     now = TrainConfig.from_dict(r.settings)
     for ev in missing:
         task = get_task(ev.task, data_root=data_root or cfg.data.data_root)
-        fixed = ev.column.eval_samples is not None
-        n = ev.column.eval_samples if fixed else now.evaluation.eval_samples
+        n = (
+            ev.column.eval_samples
+            if ev.column.eval_samples is not None
+            else now.evaluation.eval_samples
+        )
         metrics = evaluate_on_task(
             loaded.model,
             loaded.method,
@@ -317,7 +314,6 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
             scoring=cfg.data.scoring_spec,
             eval_noise=now.blob.eval_noise,
             seed=EVAL_SEED,
-            extra=None if fixed else {REQUESTED_SAMPLES: n},
         )
         summary.setdefault(ev.column.key, {})[ev.task] = metrics
         atomic_write_json(r.dir / SUMMARY, summary)

@@ -35,6 +35,10 @@ from blob_lora.utils.atomic import atomic_write_json
 
 #: the workers' logs, under the experiment folder
 WORKERS_DIR = "workers"
+#: a worker's exit status when runs of its own failed (recorded in :class:`SharedFailures`,
+#: so the command lists them). Not 1, which is also Python's status for an uncaught
+#: exception: a worker that crashed must not pass for one whose runs failed.
+RUNS_FAILED_STATUS = 3
 _PR_SET_PDEATHSIG = 1
 
 

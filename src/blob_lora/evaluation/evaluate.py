@@ -45,6 +45,10 @@ PREDICTIONS_FILE = "predictions.jsonl"
 RELIABILITY_FILE = "reliability.png"
 #: a stopped evaluation's progress (``prediction.resume``); removed once metrics.json is written
 PROGRESS_FILE = ".progress.pt"
+#: the metrics' record of the N asked for (``n_samples``; ``None``: the method's default), beside
+#: ``eval_samples``, the N used: ``compare`` re-scores an evaluation whose request differs from
+#: its file's, which the N used cannot tell (an ensemble of 3 asked for 10 uses 3)
+REQUESTED_SAMPLES = "requested_samples"
 #: the seed of the weight samples of an evaluation made after training (``blob-lora evaluate``,
 #: ``blob_lora.evaluate``, ``compare`` filling in a missing evaluation): ``predict``'s
 EVAL_SEED = PREDICT_SEED
@@ -178,6 +182,7 @@ def evaluate_on_task(
             "split": split if split not in ("eval", "train") else getattr(task, f"{split}_split"),
             "method": method.name,
             "eval_samples": n,
+            REQUESTED_SAMPLES: n_samples,
             "scoring": scoring.describe(),
             # the data scored (file digest or Hub name): compare re-scores a run when it changes
             "data": task.source_fingerprint(split),

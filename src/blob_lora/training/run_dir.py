@@ -50,7 +50,9 @@ def check_run_dir(out: Path, config: dict[str, Any], overwrite: bool, resume: bo
         if resume:
             previous = read_json_object(cfg_path, BlobLoraError)
             previous = TrainConfig.stored_with_defaults(previous)
-            allowed = (*TrainConfig.RESUMABLE_CHANGES, *BATCH_LAYOUT)
+            # how the run is scored after training may change too (``compare`` resumes an
+            # interrupted run under an experiment file whose evaluation settings were edited)
+            allowed = (*TrainConfig.RESUMABLE_CHANGES, *TrainConfig.EVALUATION_ONLY, *BATCH_LAYOUT)
             changed = setting_differences(previous, config, allowed)
             if changed:
                 raise ConfigError(

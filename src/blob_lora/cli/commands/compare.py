@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from blob_lora.comparison import load_spec, run_compare
     from blob_lora.comparison.workers import (
         FAILED_DIR,
+        RUNS_FAILED_STATUS,
         WORKERS_DIR,
         SharedFailures,
         die_with_parent,
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         )
     for line in result.get("failed", []):
         print(f"failed: {line}")
-    return 1 if result.get("failed") else 0
+    if not result.get("failed"):
+        return 0
+    return RUNS_FAILED_STATUS if args.worker_of is not None else 1
 
 
 def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int) -> dict[str, Any]:
@@ -117,6 +120,7 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
     from blob_lora.comparison import run_compare
     from blob_lora.comparison.workers import (
         FAILED_DIR,
+        RUNS_FAILED_STATUS,
         WORKERS_DIR,
         SharedFailures,
         Workers,
@@ -142,10 +146,10 @@ def _run_with_workers(args: argparse.Namespace, spec: CompareSpec, threads: int)
     # the tables and compare.json are written once more, from every finished run, with the
     # failures of every process marked (a fresh plan alone would list them as still to train)
     result = run_compare(spec, collect_only=True, echo=lambda _: None, failed=failures.all())
-    crashed = [  # status 1 is a worker's failed runs, listed above; anything else is not
+    crashed = [  # a worker's failed runs are listed above; any other status is a crash
         f"a worker exited with status {code}: see {log}"
         for log, code in zip(workers.logs, workers.returncodes, strict=True)
-        if code not in (0, 1)
+        if code not in (0, RUNS_FAILED_STATUS)
     ]
     if crashed:
         result["failed"] = [*result.get("failed", []), *crashed]
