@@ -479,7 +479,9 @@ def test_variants_train_their_method_under_their_settings_in_their_own_runs(tmp_
 # ------------------------------------------------------------------ end to end on a tiny model
 
 
-def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_root, monkeypatch):
+def test_compare_runs_then_skips_and_adds_ood_without_retraining(
+    tmp_path, data_root, monkeypatch, capsys
+):
     model_dir = tiny_model_folder(tmp_path / "model")
     exp = tiny_compare_experiment(
         model_dir,
@@ -583,7 +585,9 @@ def test_compare_runs_then_skips_and_adds_ood_without_retraining(tmp_path, data_
     assert main(args) == 2
     # collecting still works, and leaves those runs out instead of labelling their numbers
     # with settings they were not made with
+    capsys.readouterr()
     assert main([*args, "--collect-only"]) == 0
+    assert "  stale      winogrande_s/lora/seed1\n" in capsys.readouterr().out
     saved = json.loads((out / "compare.json").read_text())
     assert all(r["status"] == "stale" and "lr" in r["differences"][0] for r in saved["runs"])
     cells = [c for by_task in saved["id"]["table"]["accuracy"].values() for c in by_task.values()]

@@ -370,9 +370,9 @@ def run_compare(
     if dry_run or collect_only:
         for r in runs:
             extra = ""
-            if r.status != "done":
+            if r.status not in ("done", "stale"):
                 extra = " (" + ", ".join(f"{e.column.name}@{e.task}" for e in r.missing) + ")"
-            verb = r.status if not collect_only or r.status == "done" else "unfinished"
+            verb = r.status if not collect_only or r.status in ("done", "stale") else "unfinished"
             echo(f"  {verb:<10} {r.label}{extra}")
     if dry_run:
         return collect(spec, runs)
