@@ -71,7 +71,28 @@ def hub(monkeypatch):
             raise ValueError(f"Unknown split {split!r}") from None
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    # the stub is the Hub: reachable, whatever this machine's network
+    monkeypatch.setattr("blob_lora.tasks.sources.unreachable_for", lambda *a, **k: None)
     return calls
+
+
+def test_an_unreachable_hub_is_said_at_once_with_what_to_do(hub, monkeypatch):
+    """Offline, a paper task without a local folder fails before ``load_dataset`` (which
+    would retry for ~25 s), naming the reason and the option that reads local files."""
+    asked = []
+
+    def unreachable(repo_id, filename, repo_type="model"):
+        asked.append((repo_id, filename, repo_type))
+        return "huggingface.co:443: [Errno -2] Name or service not known"
+
+    monkeypatch.setattr("blob_lora.tasks.sources.unreachable_for", unreachable)
+    with pytest.raises(DataError) as info:
+        get_task("arc_challenge").load("eval")
+    message = str(info.value)
+    assert message.startswith("task 'arc_challenge': cannot load hf://datasets/allenai/ai2_arc")
+    assert "Hub is unreachable (huggingface.co:443: [Errno -2]" in message
+    assert "set BLOB_LORA_DATA or pass --data-root" in message
+    assert hub == [] and asked == [("allenai/ai2_arc", "README.md", "dataset")]
 
 
 def test_arc_from_hub(hub):

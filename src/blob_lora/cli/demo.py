@@ -138,16 +138,14 @@ def _check_data(task: str, data_root: str | None) -> None:
         )
     if root:
         return
-    try:
-        import socket
+    from blob_lora.utils.hub import hub_unreachable
 
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError as exc:
+    if hub_unreachable() is not None:
         raise BlobLoraError(
             "no local dataset folder and the Hugging Face Hub is unreachable: set BLOB_LORA_DATA "
             "(or --data-root) to a folder laid out as <dataset>/<split>.jsonl, e.g. the project's "
             "../shared/data, or connect to the network"
-        ) from exc
+        )
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -441,7 +441,7 @@ def _work(
             if shared_failures is not None and shared_failures.has(r.label):
                 r.status, r.error = "failed", shared_failures.error(r.label)
                 continue  # another process of this command tried it already
-            finished = sum(o.status == "done" for o in runs)
+            finished = sum(o.status in ("done", "failed") for o in runs)  # the ones behind
             echo(f"[{finished + 1}/{len(runs)}] {r.status} {r.label}")
             start = time.perf_counter()
             try:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from blob_lora.utils.atomic import atomic_directory
 from blob_lora.utils.errors import BlobLoraError, ConfigError
+from blob_lora.utils.hub import unreachable_for
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,14 @@ def _location(name_or_path: str) -> tuple[str, dict[str, Any]]:
         return str(path), {}
     if name_or_path.startswith((".", "/", "~")):
         raise BlobLoraError(f"--model {name_or_path}: no such folder")
+    unreachable = unreachable_for(name_or_path, "config.json")
+    if unreachable is not None:
+        raise BlobLoraError(
+            f"--model {name_or_path}: no such folder, no embedded model "
+            f"({', '.join(sorted(EMBEDDED_MODELS))}), and the Hugging Face Hub is unreachable "
+            f"({unreachable}) with no copy in the local Hugging Face cache: pass a local model "
+            "folder or an embedded model's name"
+        )
     return name_or_path, {}  # a Hub name
 
 

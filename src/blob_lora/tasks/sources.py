@@ -24,8 +24,14 @@ from typing import Any
 from blob_lora.tasks.examples import MAX_OPTIONS, MIN_OPTIONS, MCExample
 from blob_lora.tasks.splits import SplitSpec
 from blob_lora.utils.errors import DataError
+from blob_lora.utils.hub import unreachable_for
 
 LETTERS = tuple(chr(ord("A") + i) for i in range(MAX_OPTIONS))
+#: what to do where the Hub cannot serve a paper task's data
+LOCAL_DATA_HINT = (
+    "To read local files instead, set BLOB_LORA_DATA or pass --data-root (data_root= in "
+    "Python) to a folder laid out as <dataset>/<split>.jsonl (arc_easy/train.jsonl, ...)"
+)
 
 
 class RecordProblem(Exception):
@@ -484,6 +490,12 @@ class HubSource:
         config, split = self.split_map(spec.name)
         where = f"hf://datasets/{self.path}" + (f" ({config})" if config else "")
         where += f" split {split!r}"
+        unreachable = unreachable_for(self.path, "README.md", repo_type="dataset")
+        if unreachable is not None:
+            raise DataError(
+                f"cannot load {where}: the Hugging Face Hub is unreachable ({unreachable}) and "
+                f"the dataset is not in the local Hugging Face cache. {LOCAL_DATA_HINT}"
+            )
         try:
             if config is None:
                 ds = datasets.load_dataset(self.path, split=split)
@@ -491,8 +503,8 @@ class HubSource:
                 ds = datasets.load_dataset(self.path, config, split=split)
         except Exception as e:  # network, auth, unknown split: all are data problems here
             raise DataError(
-                f"could not load {where} from the Hugging Face Hub: {type(e).__name__}: {e}. "
-                "Set BLOB_LORA_DATA (or pass data_root) to read local files instead."
+                f"could not load {where} from the Hugging Face Hub: {type(e).__name__}: "
+                f"{str(e).rstrip('.')}. {LOCAL_DATA_HINT}"
             ) from e
         rows = ((i, rec) for i, rec in enumerate(ds, 1))
         return parse_rows(rows, self.parser, where, f"{self.id_prefix}{spec.name}-", "row")
