@@ -77,8 +77,9 @@ HELP: dict[str, str] = {
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (scaling alpha/r)",
     "lora_dropout": "LoRA dropout (mc-dropout defaults to 0.1)",
-    "target_modules": "modules that get LoRA: comma-separated name suffixes, or one regular "
-    "expression matched against full module names",
+    "target_modules": "modules that get LoRA: comma-separated name suffixes and/or regular "
+    "expressions matched against full module names (a comma inside brackets stays in its "
+    "expression)",
     "prior_std": "BLoB prior std sigma_p",
     "init_std": "BLoB epsilon: the initial std lies in [eps^2/2, eps^2]",
     "std_param": "BLoB std parameterisation: square or softplus",
@@ -160,7 +161,22 @@ def parse_bool(text: str) -> bool:
 
 
 def _comma_list(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
+    """The entries of a comma-separated option, split at the commas outside brackets, so that
+    a regular expression's own (``.{1,3}``, ``[a,b]``, ``(q|k)``) stays in its entry."""
+    parts, depth, start, escaped = [], 0, 0, False
+    for i, char in enumerate(text):
+        if escaped or char == "\\":  # an escaped bracket or comma is a literal one
+            escaped = not escaped
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

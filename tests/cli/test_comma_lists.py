@@ -1,0 +1,30 @@
+"""A comma-separated option (``--target-modules``, ``--bayesian-layers``) splits at the commas
+outside brackets, so a regular expression keeps its own commas."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from blob_lora.cli.options import add_train_options, merge_config
+
+
+@pytest.mark.parametrize(
+    ("text", "entries"),
+    [
+        ("q_proj,v_proj, lm_head", ["q_proj", "v_proj", "lm_head"]),
+        (r".*\.layers\.(2[2-9])\.self_attn\.(q_proj|v_proj),lm_head",
+         [r".*\.layers\.(2[2-9])\.self_attn\.(q_proj|v_proj)", "lm_head"]),
+        (r".*\.layers\.[0-9]{1,2}\.mlp\.up_proj", [r".*\.layers\.[0-9]{1,2}\.mlp\.up_proj"]),
+        (r".*[a,b]_proj,lm_head", [r".*[a,b]_proj", "lm_head"]),
+        (r"x\(,y", [r"x\(", "y"]),  # an escaped bracket opens nothing
+    ],
+)  # fmt: skip
+def test_commas_inside_an_expression_stay_in_it(text, entries) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_options(parser)
+    args = parser.parse_args(["--target-modules", text, "--bayesian-layers", text])
+    assert args.target_modules == entries and args.bayesian_layers == entries
+    # the same text from a config file
+    assert merge_config({"target_modules": text}, {}).lora.target_modules == entries
