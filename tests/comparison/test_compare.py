@@ -287,6 +287,8 @@ def test_how_a_run_is_scored_is_not_what_it_learned(tmp_path):
         return [e.column.name for e in r.missing if e.task == "arc_easy"]
 
     assert own_missing("blob") == [] and own_missing("lora") == []
+    spec.train["eval_samples"] = 10  # BLoB's default, asked for by name: the same request
+    assert own_missing("blob") == []
     # N: the stored request was the default (None); asking 3 re-scores blob's sampled
     # evaluation only (not its mean one, not LoRA's N = 0)
     spec.train["eval_samples"] = 3
@@ -296,6 +298,11 @@ def test_how_a_run_is_scored_is_not_what_it_learned(tmp_path):
     (d / "summary.json").write_text(json.dumps(summary))
     assert own_missing("blob") == []
     # the request is compared, not the N used (an ensemble of 3 asked for 10 uses 3)
+    spec.train["eval_samples"] = 10
+    assert own_missing("blob") == ["blob"]
+    # an unset N is the default a new run gets (BLoB's 10), not the N this run's adapter keeps
+    del spec.train["eval_samples"]
+    assert own_missing("blob") == ["blob"]
     spec.train["eval_samples"] = 10
     assert own_missing("blob") == ["blob"]
     # a deliberate N = 0 is a request like any other: asking 3 then re-scores it
@@ -701,5 +708,6 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare_mod, "evaluate_on_task", fake_eval)
     _evaluate_missing(run, progress=False)
-    # the sampled OOD evaluation (N: the run's) and the blob-mean ones (N = 0, noise moot)
-    assert (None, "token") in seen and {noise for _, noise in seen} == {"token"}
+    # the sampled OOD evaluation (N: asked for explicitly, the default a new run gets, not
+    # the one the adapter keeps) and the blob-mean ones (N = 0, noise moot)
+    assert (10, "token") in seen and {noise for _, noise in seen} == {"token"}

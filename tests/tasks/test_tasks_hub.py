@@ -95,6 +95,18 @@ def test_an_unreachable_hub_is_said_at_once_with_what_to_do(hub, monkeypatch):
     assert hub == [] and asked == [("allenai/ai2_arc", "README.md", "dataset")]
 
 
+def test_a_dataset_prepared_in_the_datasets_cache_still_loads_offline(hub, monkeypatch, tmp_path):
+    """``load_dataset`` falls back to its own prepared copy when the Hub is unreachable, even
+    where the Hub's file cache lacks the dataset: such a copy is not refused."""
+    monkeypatch.setattr(
+        "blob_lora.tasks.sources.unreachable_for", lambda *a, **k: "huggingface.co:443: down"
+    )
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    (tmp_path / "allenai___ai2_arc").mkdir()
+    assert len(get_task("arc_challenge").load("eval")) == 2
+    assert hub == [("allenai/ai2_arc", "ARC-Challenge", "validation")]
+
+
 def test_arc_from_hub(hub):
     task = get_task("arc_challenge")
     ex = task.load("eval")

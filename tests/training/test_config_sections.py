@@ -171,12 +171,13 @@ def test_the_settings_a_method_does_not_read_are_named() -> None:
     from blob_lora.training.config import METHOD_SECTIONS, SECTIONS, SETTINGS
 
     keys = ["lr", "lora_r", "eval_samples", "prior_std", "kl_lr", "eval_noise", "swag_rank"]
-    keys += ["bayesian_layers", "ensemble_size", "bayes_lora_prior_std"]
+    keys += ["bayesian_layers", "ensemble_size", "bayes_lora_prior_std", "flipout"]
     unread = {m: TrainConfig(method=m).unread(keys) for m in ("lora", "blob", "tfb")}
     assert unread["lora"] == sorted(keys[3:])
     assert unread["blob"] == ["bayes_lora_prior_std", "ensemble_size", "swag_rank"]
     # TFB predicts as BLoB (eval_noise) but sets the std itself, on every layer, with no KL
-    tfb = ["bayes_lora_prior_std", "bayesian_layers", "ensemble_size", "kl_lr", "prior_std"]
+    tfb = ["bayes_lora_prior_std", "bayesian_layers", "ensemble_size", "flipout", "kl_lr"]
+    tfb += ["prior_std"]
     assert unread["tfb"] == [*tfb, "swag_rank"]
     # Bayesian-LoRA has a KL (its schedule) but no std parameters for --kl-lr to step
     assert TrainConfig(method="bayesian-lora").unread(["kl_schedule", "kl_lr", "lr"]) == ["kl_lr"]

@@ -316,6 +316,19 @@ def test_unmatched_target_suffixes_are_the_ones_no_adapted_name_ends_with() -> N
     assert mixed.unmatched(adapted) == [r".*\.mlp"]  # an expression is matched whole
 
 
+def test_expressions_joined_with_other_entries_keep_their_flags_and_bad_ones_are_refused():
+    import re
+
+    from blob_lora.tuners.lora import LoraSettings, target_modules_arg
+    from blob_lora.utils.errors import ConfigError
+
+    joined = target_modules_arg(["(?i).*Q_PROJ", "lm_head"])  # a global flag, not first now
+    assert re.fullmatch(joined, "model.layers.0.self_attn.q_proj")
+    assert re.fullmatch(joined, "lm_head") and not re.fullmatch(joined, "LM_HEAD")
+    with pytest.raises(ConfigError, match=r"--target-modules has an invalid regular expression"):
+        LoraSettings(target_modules=["[q_proj", "lm_head"])
+
+
 def test_bucketed_batches_resume_only_at_their_per_process_batch_size(
     tmp_path, data_root, tiny_model_dir, monkeypatch
 ) -> None:

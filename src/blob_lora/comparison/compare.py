@@ -198,9 +198,12 @@ def _scored_as_asked(r: PlannedRun, m: dict[str, Any], ev: Evaluation) -> bool:
     else:
         stored = TrainConfig.stored_with_defaults(_read_json(r.dir / RUN_CONFIG) or {})
         requested = stored.get("eval_samples")
-    if requested != r.config.evaluation.eval_samples:
+    method = get_method(r.config.method)
+    if requested is None:  # the default then: the same for every run of the method
+        requested = method.samples_asked_by(r.config.replace(eval_samples=None))
+    if requested != method.samples_asked_by(r.config):
         # another N changes nothing only for a method that never samples (LoRA: N = 0)
-        return not get_method(r.config.method).random_predictive
+        return not method.random_predictive
     noise = m.get("eval_noise")
     return noise is None or noise == r.config.blob.eval_noise
 
@@ -296,7 +299,7 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
         n = (
             ev.column.eval_samples
             if ev.column.eval_samples is not None
-            else now.evaluation.eval_samples
+            else get_method(now.method).samples_asked_by(now)
         )
         metrics = evaluate_on_task(
             loaded.model,

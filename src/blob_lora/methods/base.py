@@ -243,6 +243,15 @@ class Method(ABC):
 
     # --- prediction -------------------------------------------------------------------------
 
+    def samples_asked_by(self, cfg: RunSettings) -> int | None:
+        """The N that the settings ``cfg`` ask for: ``--eval-samples``, or, where it is unset
+        and the method's adapter keeps an N of its own (BLoB's, Bayesian-LoRA's), that
+        default as a new run of these settings gets it; otherwise ``None`` (the method resolves
+        it from the model alone: an ensemble's members). Why: a trained adapter keeps the N of
+        the settings it was trained under, so a run evaluated again under settings that no
+        longer name an N must be asked for the default explicitly, or it would keep its own."""
+        return cfg.evaluation.eval_samples
+
     def eval_samples(self, model: nn.Module, requested: int | None) -> int:
         """N for prediction: ``requested``, or this method's (or this model's) default; 0 for
         a method whose forward is never random (:attr:`random_predictive`)."""

@@ -120,6 +120,9 @@ class BayesianLoraMethod(SampledLoraMethod):
     options_attr = "bayesian_lora_configs"
     fsdp_refusal = "its KL and Cholesky factorisations read whole parameters"
 
+    def samples_asked_by(self, cfg: RunSettings) -> int | None:
+        return bayesian_lora_config_from(cfg).eval_samples
+
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise ConfigError(_FSDP_REFUSAL)  # before the run folder is written

@@ -50,6 +50,9 @@ class BlobMethod(SampledLoraMethod):
     def build(self, base: nn.Module, cfg: RunSettings) -> PeftModel:
         return get_blob_model(base, self.lora_config(cfg), blob_config_from(cfg))
 
+    def samples_asked_by(self, cfg: RunSettings) -> int | None:
+        return blob_config_from(cfg).eval_samples
+
     def load(self, base: nn.Module, adapter_dir: Path) -> PeftModel:
         return load_blob_model(base, adapter_dir)
 

@@ -121,7 +121,10 @@ class TfbMethod(PostHocMethod, BlobMethod):
     has_kl = False
     reads_sections = frozenset({"blob"})
     # σ comes from the search, on every LoRA layer, as G² (``assemble``); no KL, so no prior
-    ignores_settings = frozenset({"prior_std", "init_std", "std_param", "bayesian_layers"})
+    # and it trains plain LoRA, so BLoB's training noise (flipout) never applies
+    ignores_settings = frozenset(
+        {"prior_std", "init_std", "std_param", "bayesian_layers", "flipout"}
+    )
     sub_method = "lora"  # one plain LoRA run into RUN/lora/
     info_file = INFO_FILE
     step_seconds = "search_seconds"

@@ -50,7 +50,22 @@ def target_modules_arg(targets: list[str]) -> list[str] | str:
         return list(targets)
     if len(targets) == 1:
         return targets[0]
-    return "|".join(f"(?:{t})" if _is_regex(t) else rf"(?:.*\.)?{re.escape(t)}" for t in targets)
+    return "|".join(
+        f"(?:{_scoped(t)})" if _is_regex(t) else rf"(?:.*\.)?{re.escape(t)}" for t in targets
+    )
+
+
+_GLOBAL_FLAGS = re.compile(r"^\(\?([aiLmsux]+)\)")
+
+
+def _scoped(expression: str) -> str:
+    """``expression`` with its leading global flags (``(?i)...``) made flags of its own group
+    (``(?i:...)``): Python allows global flags only at the start of a whole pattern, which an
+    entry joined after others no longer is."""
+    match = _GLOBAL_FLAGS.match(expression)
+    if match is None:
+        return expression
+    return f"(?{match.group(1)}:{expression[match.end() :]})"
 
 
 @dataclass
@@ -70,6 +85,13 @@ class LoraSettings:
     def validate(self) -> None:
         """Refuse a bad value, naming its option."""
         check_str_list(self, "target_modules")
+        for target in filter(_is_regex, self.target_modules):
+            try:
+                re.compile(target)
+            except re.error as exc:
+                raise refuse(
+                    self, "target_modules", f"has an invalid regular expression {target!r}: {exc}"
+                ) from exc
         check_int(self, "lora_r")
         check_float(self, "lora_alpha")
         check_fraction(self, "lora_dropout")
