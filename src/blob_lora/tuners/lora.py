@@ -19,6 +19,7 @@ from blob_lora.utils.settings import (
     check_float,
     check_fraction,
     check_int,
+    check_regexes,
     check_str_list,
     refuse,
 )
@@ -85,13 +86,7 @@ class LoraSettings:
     def validate(self) -> None:
         """Refuse a bad value, naming its option."""
         check_str_list(self, "target_modules")
-        for target in filter(_is_regex, self.target_modules):
-            try:
-                re.compile(target)
-            except re.error as exc:
-                raise refuse(
-                    self, "target_modules", f"has an invalid regular expression {target!r}: {exc}"
-                ) from exc
+        check_regexes(self, "target_modules", filter(_is_regex, self.target_modules))
         check_int(self, "lora_r")
         check_float(self, "lora_alpha")
         check_fraction(self, "lora_dropout")

@@ -11,7 +11,8 @@ problem apart so the owner can name it either way, and each check is written onc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from blob_lora.utils.errors import ConfigError
@@ -113,6 +114,18 @@ def check_str_list(section: Any, name: str, *, optional: bool = False) -> None:
             f"must be a list of non-empty strings (comma-separated on the command line), got {v!r}",
         )
     setattr(section, name, list(v))
+
+
+def check_regexes(section: Any, name: str, patterns: Iterable[str]) -> None:
+    """Each of ``patterns`` (entries of field ``name``) compiles as a regular expression: one
+    that does not is refused by name here, not met later as a traceback from ``re``."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise refuse(
+                section, name, f"has an invalid regular expression {pattern!r}: {exc}"
+            ) from exc
 
 
 def check_choice(section: Any, name: str, allowed: Sequence[Any]) -> None:

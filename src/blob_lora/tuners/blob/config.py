@@ -16,6 +16,7 @@ from blob_lora.utils.settings import (
     check_choice,
     check_float,
     check_int,
+    check_regexes,
     check_str,
     check_str_list,
     refuse,
@@ -96,13 +97,7 @@ class BlobConfig(
                 "init_std",
                 f"must be in (0, 1) with std_param='square', got {self.init_std!r}",
             )
-        for pattern in self.bayesian_layers or ():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise refuse(
-                    self, "bayesian_layers", f"has an invalid regular expression {pattern!r}: {exc}"
-                ) from exc
+        check_regexes(self, "bayesian_layers", self.bayesian_layers or ())
 
     def is_bayesian(self, module_name: str) -> bool:
         """Whether the LoRA layer called ``module_name`` gets a learned std."""
