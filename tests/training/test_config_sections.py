@@ -38,6 +38,19 @@ BAD = [
     ("eval_split", "", "--eval-split must be a non-empty string, got ''"),
     ("train_split", " ", "--train-split must be a non-empty string, got ' '"),
     ("prefix_cache", "no", "--prefix-cache must be true or false, got 'no'"),
+    # an expression that does not compile is refused by name, in either setting that takes one
+    (
+        "target_modules",
+        ["[q_proj", "lm_head"],
+        "--target-modules has an invalid regular expression '[q_proj': unterminated character "
+        "set at position 0",
+    ),
+    (
+        "bayesian_layers",
+        ["(lm_head"],
+        "--bayesian-layers has an invalid regular expression '(lm_head': missing ), "
+        "unterminated subpattern at position 0",
+    ),
 ]
 
 
