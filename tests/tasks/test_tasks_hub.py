@@ -98,10 +98,14 @@ def test_an_unreachable_hub_is_said_at_once_with_what_to_do(hub, monkeypatch):
 def test_a_dataset_prepared_in_the_datasets_cache_still_loads_offline(hub, monkeypatch, tmp_path):
     """``load_dataset`` falls back to its own prepared copy when the Hub is unreachable, even
     where the Hub's file cache lacks the dataset: such a copy is not refused."""
-    monkeypatch.setattr(
-        "blob_lora.tasks.sources.unreachable_for", lambda *a, **k: "huggingface.co:443: down"
-    )
+    from blob_lora.utils import hub as hub_mod
+
+    # the real check of the caches, with the Hub's host down
+    monkeypatch.setattr("blob_lora.tasks.sources.unreachable_for", hub_mod.unreachable_for)
+    monkeypatch.setattr(hub_mod, "hub_unreachable", lambda: "huggingface.co:443: down")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    with pytest.raises(DataError, match="not in the local Hugging Face caches"):
+        get_task("arc_challenge").load("eval")
     (tmp_path / "allenai___ai2_arc").mkdir()
     assert len(get_task("arc_challenge").load("eval")) == 2
     assert hub == [("allenai/ai2_arc", "ARC-Challenge", "validation")]

@@ -177,15 +177,15 @@ def test_an_old_run_config_with_empty_strings_and_a_truthy_prefix_cache_loads() 
 
 
 def test_the_settings_a_method_does_not_read_are_named() -> None:
-    """``TrainConfig.unread``: a method-specific setting is unread by the methods that do not
+    """``unread_settings``: a method-specific setting is unread by the methods that do not
     declare its section, and by those that declare it but set it themselves; the settings
     every method reads never are. The declarations name real sections and settings."""
     from blob_lora.methods.registry import METHODS
-    from blob_lora.training.config import METHOD_SECTIONS, SECTIONS, SETTINGS
+    from blob_lora.training.config import METHOD_SECTIONS, SECTIONS, SETTINGS, unread_settings
 
     keys = ["lr", "lora_r", "eval_samples", "prior_std", "kl_lr", "eval_noise", "swag_rank"]
     keys += ["bayesian_layers", "ensemble_size", "bayes_lora_prior_std", "flipout"]
-    unread = {m: TrainConfig(method=m).unread(keys) for m in ("lora", "blob", "tfb")}
+    unread = {m: unread_settings(m, keys) for m in ("lora", "blob", "tfb")}
     assert unread["lora"] == sorted(keys[3:])
     assert unread["blob"] == ["bayes_lora_prior_std", "ensemble_size", "swag_rank"]
     # TFB predicts as BLoB (eval_noise) but sets the std itself, on every layer, with no KL
@@ -193,8 +193,8 @@ def test_the_settings_a_method_does_not_read_are_named() -> None:
     tfb += ["prior_std"]
     assert unread["tfb"] == [*tfb, "swag_rank"]
     # Bayesian-LoRA has a KL (its schedule) but no std parameters for --kl-lr to step
-    assert TrainConfig(method="bayesian-lora").unread(["kl_schedule", "kl_lr", "lr"]) == ["kl_lr"]
-    assert TrainConfig(method="multiswag").unread(["swag_rank", "ensemble_size"]) == []
+    assert unread_settings("bayesian-lora", ["kl_schedule", "kl_lr", "lr"]) == ["kl_lr"]
+    assert unread_settings("multiswag", ["swag_rank", "ensemble_size"]) == []
     assert set(SECTIONS) >= METHOD_SECTIONS
     for method in METHODS.values():
         assert method.reads_sections <= METHOD_SECTIONS, method.name

@@ -119,6 +119,17 @@ class PlannedRun:
         """The settings the experiment asks of this run, as the trainer reads them."""
         return TrainConfig.from_dict(self.settings)
 
+    @cached_property
+    def asked_samples(self) -> int | None:
+        """The N these settings ask for (``Method.samples_asked_by``)."""
+        return get_method(self.config.method).samples_asked_by(self.config)
+
+    @cached_property
+    def default_samples(self) -> int | None:
+        """The N the method's runs are asked for where no ``eval_samples`` is set."""
+        unset = self.config.replace(eval_samples=None)
+        return get_method(self.config.method).samples_asked_by(unset)
+
 
 def run_dir(spec: CompareSpec, task: str, method: str, seed: int) -> Path:
     return spec.out / RUNS_DIR / safe_name(task) / method / f"seed{seed}"
@@ -192,18 +203,17 @@ def _scored_as_asked(r: PlannedRun, m: dict[str, Any], ev: Evaluation) -> bool:
     weight noise (``eval_noise``, recorded where samples were drawn with one) must be the one
     asked now."""
     if ev.column.eval_samples is not None:
-        return bool(m.get("eval_samples") == ev.column.eval_samples)
+        return m.get("eval_samples") == ev.column.eval_samples
     if REQUESTED_SAMPLES in m:
         requested = m[REQUESTED_SAMPLES]
     else:
         stored = TrainConfig.stored_with_defaults(_read_json(r.dir / RUN_CONFIG) or {})
         requested = stored.get("eval_samples")
-    method = get_method(r.config.method)
     if requested is None:  # the default then: the same for every run of the method
-        requested = method.samples_asked_by(r.config.replace(eval_samples=None))
-    if requested != method.samples_asked_by(r.config):
+        requested = r.default_samples
+    if requested != r.asked_samples:
         # another N changes nothing only for a method that never samples (LoRA: N = 0)
-        return not method.random_predictive
+        return not get_method(r.config.method).random_predictive
     noise = m.get("eval_noise")
     return noise is None or noise == r.config.blob.eval_noise
 
@@ -238,14 +248,13 @@ def config_differences(r: PlannedRun) -> list[str]:
     if previous is None:
         return []
     previous = TrainConfig.stored_with_defaults(previous)
-    wanted_cfg = TrainConfig.from_dict(r.settings)
-    wanted = wanted_cfg.to_dict()
+    wanted = r.config.to_dict()
     changed = [
         f"{k} ({previous.get(k)!r} -> {wanted.get(k)!r})"
         for k in setting_differences(previous, wanted, IGNORED_DIFFERENCES | EVALUATION_SETTINGS)
     ]
     trained_on = (_read_json(r.dir / SUMMARY) or {}).get("train_data")
-    if not changed and trained_on is not None and trained_on != training_data(wanted_cfg):
+    if not changed and trained_on is not None and trained_on != training_data(r.config):
         changed.append("the training data (changed since the run was trained)")
     return changed
 
@@ -257,7 +266,7 @@ def _train(r: PlannedRun, runs: list[PlannedRun], progress: bool) -> None:
     """Train (or resume) ``r``; a composite method may take any trained run of the
     experiment that trained exactly as one of its sub-runs would (an ensemble's member 0 under
     ``ensemble_share_seed``: the LoRA run of the same seed) instead of training it again."""
-    cfg = TrainConfig.from_dict(r.settings)
+    cfg = r.config
     trained = shareable_runs(r, runs)
     train(cfg, resume=(r.dir / RUN_CONFIG).is_file(), progress=progress, finished_runs=trained)
 
@@ -275,7 +284,7 @@ def shareable_runs(r: PlannedRun, runs: list[PlannedRun]) -> list[Path]:
         if not _is_composite(o) or not o.dir.is_dir():
             continue
         method = get_method(o.settings["method"])  # o.method may name a variant
-        for sub in method.sub_runs(TrainConfig.from_dict(o.settings)):
+        for sub in method.sub_runs(o.config):
             if (o.dir / sub.folder / SUMMARY).is_file():
                 finished.append(o.dir / sub.folder)
     return finished
@@ -293,14 +302,10 @@ def _evaluate_missing(r: PlannedRun, progress: bool) -> None:
     # how to run the pass (batch, caches) and how to score it (N, weight noise) are the
     # experiment file's as it is now: settings that change nothing the run learned, so
     # editing them (a smaller batch for a long OOD task, another N) must re-score, not refuse
-    now = TrainConfig.from_dict(r.settings)
+    now = r.config
     for ev in missing:
         task = get_task(ev.task, data_root=data_root or cfg.data.data_root)
-        n = (
-            ev.column.eval_samples
-            if ev.column.eval_samples is not None
-            else get_method(now.method).samples_asked_by(now)
-        )
+        n = ev.column.eval_samples if ev.column.eval_samples is not None else r.asked_samples
         metrics = evaluate_on_task(
             loaded.model,
             loaded.method,

@@ -28,7 +28,7 @@ reports its mean weights (``Method.mean_column``: BLoB's "BLoB-Mean"): not a tra
 variant's settings. Precedence of settings, lowest first: TrainConfig defaults, ``train``,
 ``method_options[method]`` (a variant's method included), the variant's own settings,
 ``task_options[task]``; ``--data-root`` on the command line overrides ``data_root``. A key of
-``method_options[m]`` or of a variant that its method does not read (``TrainConfig.unread``:
+``method_options[m]`` or of a variant that its method does not read (``unread_settings``:
 ``prior_std`` for ``lora``) is refused; ``train`` serves every method, so it may hold any.
 
 Order of runs: seed, then method (as listed), then task; methods named in ``run_first`` run
@@ -50,7 +50,7 @@ from typing import Any
 
 from blob_lora.methods import METHODS, get_method
 from blob_lora.tasks.dir_names import check_distinct_dirs
-from blob_lora.training.config import SETTINGS, TrainConfig
+from blob_lora.training.config import SETTINGS, TrainConfig, unread_settings
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.yaml_file import load_yaml
 
@@ -328,7 +328,7 @@ def spec_from_dict(data: dict[str, Any], name: str, out: str | Path | None = Non
         *((f"method_options.{m}", m, o) for m, o in method_options.items()),
         *((f"variants.{v}", b["method"], b) for v, b in variants.items()),
     ]:
-        unread = TrainConfig(method=method).unread(list(options))
+        unread = unread_settings(method, options)
         if unread:
             raise ConfigError(
                 f"compare: {where} sets {unread}, which method {method!r} does not read "

@@ -491,7 +491,7 @@ class HubSource:
         where = f"hf://datasets/{self.path}" + (f" ({config})" if config else "")
         where += f" split {split!r}"
         unreachable = unreachable_for(self.path, "README.md", repo_type="dataset")
-        if unreachable is not None and not _prepared_by_datasets(self.path):
+        if unreachable is not None:
             raise DataError(
                 f"cannot load {where}: the Hugging Face Hub is unreachable ({unreachable}) and "
                 f"the dataset is not in the local Hugging Face caches. {LOCAL_DATA_HINT}"
@@ -512,15 +512,6 @@ class HubSource:
     def fingerprint(self, spec: SplitSpec) -> str:
         config, split = self.split_map(spec.name)
         return f"hub:{self.path}:{config}:{split}"
-
-
-def _prepared_by_datasets(path: str) -> bool:
-    """Whether ``datasets`` holds a prepared copy of Hub dataset ``path`` in its own cache
-    (``HF_DATASETS_CACHE``: ``<namespace>___<name>/``), which ``load_dataset`` falls back to
-    when the Hub cannot be reached, even where the Hub's file cache no longer has the files."""
-    import datasets
-
-    return (Path(datasets.config.HF_DATASETS_CACHE) / path.replace("/", "___")).is_dir()
 
 
 def env_data_root() -> str | None:

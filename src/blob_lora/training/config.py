@@ -146,23 +146,6 @@ class TrainConfig:
                 "of tasks or a folder of task folders), then 'blob-lora meta-evaluate --run RUN'"
             )
 
-    def unread(self, keys: Collection[str]) -> list[str]:
-        """Those of ``keys`` (flat settings) that this run's method does not read, sorted:
-        giving them changes nothing in the run (a section of :data:`METHOD_SECTIONS` that is
-        not among ``Method.reads_sections``, or one of ``Method.ignores_settings``)."""
-        method = get_method(self.method)
-        unread = []
-        for key in keys:
-            setting = SETTINGS.get(key)
-            if setting is None:
-                continue
-            other = setting.section in METHOD_SECTIONS
-            if key in method.ignores_settings or (
-                other and setting.section not in method.reads_sections
-            ):
-                unread.append(key)
-        return sorted(unread)
-
     def to_dict(self) -> dict[str, Any]:
         """The flat settings, as ``run_config.json`` stores them (lists copied)."""
         return {key: copy.deepcopy(self.get(key)) for key in SETTINGS}
@@ -273,6 +256,21 @@ class TrainConfig:
     # composite's sub-run may differ in them, and ``compare`` re-scores a finished run that
     # does instead of refusing it. (``evaluate`` and ``eval_tasks`` are resumable changes.)
     EVALUATION_ONLY: ClassVar[tuple[str, ...]] = ("eval_split", "eval_samples", "eval_noise")
+
+
+def unread_settings(method_name: str, keys: Collection[str]) -> list[str]:
+    """Those of ``keys`` (flat settings) that method ``method_name`` does not read, sorted:
+    giving them changes nothing in its runs (a section of :data:`METHOD_SECTIONS` that is not
+    among ``Method.reads_sections``, or one of ``Method.ignores_settings``)."""
+    method = get_method(method_name)
+
+    def read(key: str) -> bool:
+        section = SETTINGS[key].section
+        return key not in method.ignores_settings and (
+            section not in METHOD_SECTIONS or section in method.reads_sections
+        )
+
+    return sorted(key for key in keys if key in SETTINGS and not read(key))
 
 
 def setting_differences(

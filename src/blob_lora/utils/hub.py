@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 #: how long the connection to the Hub's host may take before it counts as unreachable
@@ -47,8 +48,17 @@ def hub_unreachable() -> str | None:
 
 
 def _in_cache(repo_id: str, filename: str, repo_type: str) -> bool:
+    """Whether the libraries hold ``repo_id`` locally: ``filename`` in the Hub's file cache,
+    or, for a dataset, a copy ``datasets`` prepared in its own cache (``HF_DATASETS_CACHE``:
+    ``<namespace>___<name>/``), which ``load_dataset`` falls back to without the Hub, even
+    where the file cache no longer has the files."""
     from huggingface_hub import try_to_load_from_cache
 
+    if repo_type == "dataset":
+        import datasets
+
+        if (Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).is_dir():
+            return True
     try:
         found = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
     except Exception:  # noqa: BLE001 - a name the cache cannot hold is simply not in it

@@ -87,15 +87,15 @@ def _note_unread_settings(
     cfg: TrainConfig, file_values: dict[str, Any], args: argparse.Namespace
 ) -> None:
     """Say which of the settings the user gave (command line or ``--config``) the method does
-    not read (``TrainConfig.unread``): ``--prior-std`` with ``--method lora`` would otherwise
+    not read (``training.config.unread_settings``): ``--prior-std`` with ``--method lora`` would otherwise
     be accepted and silently change nothing. A note, not a refusal: one config file may serve
     several methods. Printed once, by the main process of a multi-process launch."""
-    from blob_lora.training.config import SETTINGS
+    from blob_lora.training.config import SETTINGS, unread_settings
     from blob_lora.training.distributed import launched_rank
     from blob_lora.utils.settings import flag
 
     given = set(file_values) | {k for k, v in vars(args).items() if k in SETTINGS and v is not None}
-    unread = cfg.unread(given)
+    unread = unread_settings(cfg.method, given)
     if unread and launched_rank() == 0:
         print(
             f"note: --method {cfg.method} does not read {', '.join(map(flag, unread))}: "
