@@ -329,6 +329,23 @@ def test_one_task_twice_is_refused_and_other_data_are_not_scored(meta_run, tmp_p
     assert meta_evaluate(rel, tmp_path / "e", baseline="zero-shot", progress=False)["tasks"]
 
 
+def test_a_relative_model_folder_read_from_elsewhere_names_the_folder_to_run_from(
+    meta_run, tmp_path, monkeypatch
+):
+    """A run meta-trained with ``--model model`` (a folder next to it) and evaluated from
+    another folder reads ``model`` as a Hub name there: the error says where to run from."""
+    root, _, tasks, _ = meta_run
+    monkeypatch.chdir(root)
+    run = tmp_path / "relmodel"
+    assert main([*train_args(tasks, "model", run), "--meta-steps", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # "model" as a Hub name fails at once
+    with pytest.raises(ConfigError, match="run meta-evaluate from the folder meta-train ran in"):
+        meta_evaluate(run, tmp_path / "e", baseline="zero-shot", progress=False)
+    monkeypatch.chdir(root)  # from its own folder it evaluates
+    assert meta_evaluate(run, tmp_path / "e", baseline="zero-shot", progress=False)["tasks"]
+
+
 def test_settings_the_run_cannot_honour_are_noted_before_step_one(meta_run, tmp_path, capsys):
     _, model, tasks, _ = meta_run
     argv = train_args(tasks, model, tmp_path / "r", "--meta-batch-tasks", "5")

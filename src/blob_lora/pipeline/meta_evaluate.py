@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from blob_lora.methods.abmll import AbmllMethod
 from blob_lora.metrics.calibration import classification_metrics
-from blob_lora.models.loading import load_model_and_tokenizer
+from blob_lora.models.loading import EMBEDDED_MODELS, load_model_and_tokenizer
 from blob_lora.pipeline.meta_baselines import (
     Adaptation,
     Contender,
@@ -61,7 +61,7 @@ from blob_lora.tuners.abmll import AbmllConfig, adapt, load_abmll_model, task_po
 from blob_lora.tuners.abmll.config import ABMLL_CONFIG_NAME
 from blob_lora.tuners.abmll.meta import Batch, Nll
 from blob_lora.utils.atomic import atomic_write_json
-from blob_lora.utils.errors import ConfigError, DataError
+from blob_lora.utils.errors import BlobLoraError, ConfigError, DataError
 from blob_lora.utils.fingerprint import model_fingerprint
 from blob_lora.utils.json_file import read_json_object
 
@@ -253,17 +253,28 @@ def open_run(
     check_run(folder)
     cfg = MetaConfig.load(folder)
     budget = AbmllConfig.load(folder / ADAPTER_DIR)
+    hint = (
+        f"relative paths in {folder / META_CONFIG_NAME} are read from the current folder: run "
+        "meta-evaluate from the folder meta-train ran in"
+    )
     try:
         split = load_split(cfg)
     except DataError as exc:
         if cfg.tasks.strip().lower() in ("mmlu", "paper") or Path(cfg.tasks).is_absolute():
             raise
-        raise DataError(
-            f"{exc} (relative paths in {folder / META_CONFIG_NAME} are read from the current "
-            "folder: run meta-evaluate from the folder meta-train ran in)"
-        ) from exc
+        raise DataError(f"{exc} ({hint})") from exc
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
+        try:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype)
+        except (BlobLoraError, OSError) as exc:
+            # a model folder named relative to another folder reads here as a missing folder
+            # or a Hub name; the run cannot tell which was meant, so the hint says both
+            if cfg.model in EMBEDDED_MODELS or Path(cfg.model).expanduser().is_absolute():
+                raise
+            raise ConfigError(
+                f"the run's --model {cfg.model} could not be loaded ({exc}); if it is a "
+                f"folder, {hint}"
+            ) from exc
     device = device_of_choice()
     inputs = TaskInputsFactory(
         tokenizer, cfg.max_length, cfg.batch_size, cfg.scoring_spec, device, prefix_cache
