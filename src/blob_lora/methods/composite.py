@@ -18,7 +18,6 @@ finished sub-runs (their ``summary.json`` exists) and resumes an interrupted one
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from abc import abstractmethod
@@ -100,12 +99,9 @@ class CompositeMethod(Method):
         """Write this method's adapter into ``assembly.adapter_dir``.
 
         Returns the predictive model when it was built in memory (``None``: every process
-        loads it from ``RUN/adapter/``) and a record of the assembly for the summary.
+        loads it from ``RUN/adapter/``) and a record of the assembly for the summary (a
+        JSON-able dict: the main process sends it to the others).
         """
-
-    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
-        """The record ``assemble`` returned, read back from ``adapter_dir`` (other processes)."""
-        return {}
 
     @abstractmethod
     def summarize(
@@ -133,9 +129,6 @@ class PostHocMethod(CompositeMethod):
 
     def sub_runs(self, cfg: RunSettings) -> list[SubRun]:
         return [SubRun(self.sub_method, {"method": self.sub_method})]
-
-    def assembly_record(self, adapter_dir: Path) -> dict[str, Any]:
-        return json.loads((adapter_dir / self.info_file).read_text(encoding="utf-8"))
 
     def summarize(
         self, cfg: RunSettings, sub_summaries: list[dict[str, Any]], record: dict[str, Any]

@@ -28,7 +28,7 @@ from blob_lora.models.loading import empty_model, load_config, to_device
 from blob_lora.pipeline.evaluate import evaluate_run_tasks
 from blob_lora.pipeline.plain import train_plain
 from blob_lora.training.config import TrainConfig, setting_differences
-from blob_lora.training.distributed import fsdp_requested, process_state
+from blob_lora.training.distributed import fsdp_requested, on_main, process_state
 from blob_lora.training.run_dir import (
     ADAPTER_DIR,
     RUN_CONFIG,
@@ -67,11 +67,13 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     check_sub_models(cfg, method, sub_runs, start)
     state, claim = claim_run_dir(cfg, overwrite=start.overwrite, resume=start.resume)
     progress = start.progress
+
+    def share() -> None:
+        for sub in sub_runs:
+            share_finished_run(cfg, out / sub.folder, sub.overrides, start.finished_runs)
+
     try:
-        if state.is_main_process:
-            for sub in sub_runs:
-                share_finished_run(cfg, out / sub.folder, sub.overrides, start.finished_runs)
-        state.wait_for_everyone()
+        on_main(state, share, patient=True)  # copying runs of a large model may take a while
         sub_summaries = [
             train_sub_run(cfg, out / sub.folder, start, **sub.overrides) for sub in sub_runs
         ]
@@ -85,9 +87,9 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     if state.is_main_process:
         claim.settle()
     base, tokenizer = load_base(cfg, start)
-    model: nn.Module | None = None
-    record: dict[str, Any] = {}
-    if state.is_main_process:
+    assembled: list[nn.Module | None] = [None]  # the main process's model, not sent
+
+    def assemble() -> dict[str, Any]:
         # an assembly killed half-way (a Laplace fit, a TFB search) left its temporary folder;
         # only this run's main process writes here, so no other writer's folder is removed
         for stale in out.glob(f".{ADAPTER_DIR}.*.tmp"):
@@ -102,12 +104,15 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
                 device=state.device,
                 progress=progress,
             )
-            model, record = method.assemble(assembly)
-    state.wait_for_everyone()
+            assembled[0], assembly_record = method.assemble(assembly)
+        return assembly_record
+
+    # a Laplace fit or a TFB search of a large model can outlast the process group's timeout;
+    # every process gets the main one's record (a JSON-able dict), so their summaries agree
+    record = on_main(state, assemble, patient=True)
+    model = assembled[0]
     if model is None:
         model = method.load(base, out / ADAPTER_DIR)
-    if not state.is_main_process:
-        record = method.assembly_record(out / ADAPTER_DIR)
     summary = method.summarize(cfg, sub_summaries, record)
     for key in ("train_data", "base_model"):  # what compare and load_run check a run against
         values = {sub.get(key) for sub in sub_summaries} - {None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -208,15 +209,40 @@ def shard_optimizer_state(
     return {**state_dict, "state": state}
 
 
-def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
+#: how long the other processes may wait for a step only the main process runs when that step
+#: can be long (``on_main(..., patient=True)``: a Laplace fit, a TFB search, copying runs)
+MAIN_STEP_TIMEOUT = timedelta(hours=24)
+
+
+def on_main(
+    accelerator: Accelerator | PartialState, fn: Callable[[], T], *, patient: bool = False
+) -> T:
     """Run ``fn`` on the main process and hand its result, or its error, to every process.
 
     Without this a failure on the main process (a refused --out, a full disk) would leave the
     other processes waiting at the next collective forever.
+
+    ``patient``: ``fn`` may run longer than the process group's timeout (torch's default: 10
+    minutes under NCCL, 30 under gloo), as a Laplace fit of a large model on the main process
+    does; waited for at the default group's barrier, the others' watchdog ended the launch
+    after the training was done. The result then travels in a gloo group of its own, made by
+    every process before ``fn`` starts, with :data:`MAIN_STEP_TIMEOUT`; no collective of the
+    default group is pending meanwhile, so its timeout keeps catching real hangs elsewhere.
     """
     if accelerator.num_processes == 1:
         return fn()
-    from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=MAIN_STEP_TIMEOUT) if patient else None
+    try:
+        return _run_on_main(accelerator, fn, group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
+def _run_on_main(accelerator: Accelerator | PartialState, fn: Callable[[], T], group: Any) -> T:
+    import torch.distributed as dist
 
     payload: list[Any] = [None]
     error: BaseException | None = None
@@ -229,7 +255,12 @@ def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
         except Exception as exc:
             error = exc
             payload = [("error", RuntimeError(f"the main process failed: {exc!r}"))]
-    broadcast_object_list(payload)
+    if group is None:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(payload)
+    else:
+        dist.broadcast_object_list(payload, src=0, group=group)
     kind, value = payload[0]
     if error is not None:
         raise error
