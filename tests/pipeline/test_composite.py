@@ -126,3 +126,24 @@ def test_a_composite_reports_the_same_numbers_after_its_sub_runs_were_finished(
     for metrics in again:
         assert (metrics["nll"], metrics["ece"]) == (first["nll"], first["ece"])
     assert not list(Path(cfg.out).glob(".adapter.*.tmp"))
+
+
+@pytest.mark.parametrize("method", ["laplace", "multiswag"])
+def test_evaluate_with_the_runs_seed_repeats_its_end_of_training_numbers(
+    method, tmp_path, data_root, char_base, char_tok
+) -> None:
+    """A composite's end-of-training evaluation is seeded by the run's seed, so evaluate
+    --seed <that seed> scores it again to the same numbers: the same batches (by length, on
+    one process, where training's evaluation had taken the split in order) meet the same
+    weight samples."""
+    import copy
+
+    from blob_lora.pipeline.evaluate_saved import evaluate_saved_run
+    from blob_lora.training.saved_run import load_run
+
+    cfg = tiny_run_config(tmp_path / method, data_root, method, eval_batch_size=2)
+    end = train_tiny(cfg, char_base, char_tok)["evaluations"][TINY_TASK]
+    loaded = load_run(cfg.out, base_model=copy.deepcopy(char_base), tokenizer=char_tok)
+    again = evaluate_saved_run(loaded, cfg.out, out=tmp_path / "again", seed=cfg.loop.seed)
+    assert again["eval_samples"] == end["eval_samples"] > 1
+    assert (again["nll"], again["ece"], again["brier"]) == (end["nll"], end["ece"], end["brier"])
