@@ -360,12 +360,17 @@ def test_layouts_a_global_batch_does_not_fix_are_warned_about(tmp_path, data_roo
     from blob_lora.training.setup import _warn_layout_dependence
 
     cfg = tiny_cfg(tmp_path, data_root, tiny_model_dir, batch_size=2)
-    with pytest.warns(UserWarning, match="10 training examples are not a multiple of 2 processes"):
-        _warn_layout_dependence(cfg, 10, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_layout_dependence(cfg, 12, 2)  # a multiple: the same steps as one process
-        _warn_layout_dependence(cfg, 11, 1)  # one process takes the short batch as it is
+        # a training set that is not a multiple of processes x batch trains as on one process
+        # (training.even_batches; tests/distributed/test_two_processes.py): nothing to warn
+        _warn_layout_dependence(cfg, 2)
+        _warn_layout_dependence(cfg.replace(bucket_by_length=True), 1)
+    bucketed = cfg.replace(bucket_by_length=True)
+    with pytest.warns(UserWarning, match="--bucket-by-length forms batches of --batch-size"):
+        _warn_layout_dependence(bucketed, 2)
+    with pytest.warns(UserWarning, match="--bucket-by-length forms batches of --batch-size"):
+        _warn_layout_dependence(bucketed.replace(grad_accum=2), 1)
 
 
 def test_a_mixed_precision_without_autocast_is_recorded_as_none() -> None:

@@ -62,6 +62,7 @@ from blob_lora.training.distributed import (
     on_main,
     reduce_window,
 )
+from blob_lora.training.even_batches import last_batch
 from blob_lora.training.optim import Updater
 from blob_lora.training.restore import restore_checkpoint
 from blob_lora.training.run_dir import CHECKPOINTS, TRAIN_LOG, truncate_log
@@ -174,6 +175,19 @@ class TrainingLoop:
             )
             if resuming and self.prefix is not None:
                 self._refill_prefix()
+        #: the epoch's last micro-batch when Accelerate added rows to it (``even_batches``);
+        #: ``--bucket-by-length`` batches are not cut in the round-robin order it assumes
+        self.last = (
+            None
+            if cfg.data.bucket_by_length
+            else last_batch(
+                len(dataset),
+                cfg.loop.batch_size,
+                accelerator.num_processes,
+                accelerator.process_index,
+                self.plan.micro_per_epoch,
+            )
+        )
         self.started = time.perf_counter()
 
     def _refill_prefix(self) -> None:
@@ -282,6 +296,15 @@ class TrainingLoop:
             with record_function("train.kl"):
                 kl_value = full_tensors(method.kl(self.unwrapped))
         n = len(batch["labels"])
+        # the NLL is a sum over the micro-batch's examples divided by its size, or, in an epoch's
+        # last micro-batch that Accelerate filled up, over the examples it holds divided by
+        # the round's examples per process (``training.even_batches``): the added rows count 0
+        divisor: float = n
+        examples = n
+        added = self.last if micro == self.plan.micro_per_epoch else None
+        if added is not None and n == added.rows:
+            batch["example"] = torch.arange(n, device=batch["labels"].device) < added.real
+            divisor, examples = added.divisor, added.real
         chunks = split_by_length(batch, cfg.loop.length_chunks)
         # read once after the chunks: one device sync per micro-batch, not one per chunk
         losses: list[torch.Tensor] = []
@@ -293,6 +316,7 @@ class TrainingLoop:
             # window's last micro-batch
             sync = nullcontext() if boundary and last else accelerator.no_sync(self.model)
             index = chunk.pop("index")
+            example = chunk.pop("example", None)
             with sync:
                 prefix = self.prefix
                 with (
@@ -302,7 +326,11 @@ class TrainingLoop:
                     logits = answer_logits(self.model, chunk, self.option_ids)
                 # the micro-batch's mean NLL, summed over its chunks (one chunk: bit for bit
                 # the mean of runs made before chunks existed); the KL once
-                nll = F.cross_entropy(logits, chunk["labels"], reduction="sum") / n
+                if example is None:
+                    nll = F.cross_entropy(logits, chunk["labels"], reduction="sum") / n
+                else:
+                    per_row = F.cross_entropy(logits, chunk["labels"], reduction="none")
+                    nll = (per_row * example).sum() / divisor
                 loss = nll if kl_value is None or j > 0 else nll + pi * kl_value
                 losses.append(loss.detach())
                 if last:
@@ -312,11 +340,12 @@ class TrainingLoop:
                 with record_function("train.backward"):
                     accelerator.backward(loss / self._window_size(micro))
             nll_total = nll_total + nll.detach()
-            correct = correct + (logits.argmax(-1) == chunk["labels"]).sum()
+            hits = logits.argmax(-1) == chunk["labels"]
+            correct = correct + (hits if example is None else hits & example).sum()
         self.window["nll"] += float(nll_total)
         self.window["correct"] += int(correct)
         self.window["micro"] += 1
-        self.window["n"] += n
+        self.window["n"] += examples
         if not boundary:
             return False
         self._optimizer_step(kl_value, pi, micro, signals)

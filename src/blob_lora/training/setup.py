@@ -200,7 +200,7 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
     # The loader gets its own generator: creating an iterator draws a seed from it, and drawing
     # from the global RNG instead would shift the weight-noise stream after a resume.
     loader_rng = torch.Generator().manual_seed(cfg.loop.seed)
-    _warn_layout_dependence(cfg, len(dataset), accelerator.num_processes)
+    _warn_layout_dependence(cfg, accelerator.num_processes)
     if cfg.data.bucket_by_length:
         batch_sampler = length_bucketed_sampler(
             dataset.lengths, cfg.loop.batch_size, seed=cfg.loop.seed
@@ -220,22 +220,12 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
     return accelerator.prepare_data_loader(loader)
 
 
-def _warn_layout_dependence(cfg: TrainConfig, n_train: int, world_size: int) -> None:
+def _warn_layout_dependence(cfg: TrainConfig, world_size: int) -> None:
     """Warn where a run's steps depend on how its global batch is laid out, which the README's
-    "N processes at batch b = 1 process at batch N·b" does not cover: Accelerate fills the
-    epoch's last global batch with examples repeated from the epoch's start when the training
-    set is not a multiple of processes x batch (one process takes the short batch as it is),
-    and ``--bucket-by-length`` forms its batches at the per-process batch size."""
-    per_step = cfg.loop.batch_size * world_size
-    if world_size > 1 and n_train % per_step:
-        warnings.warn(
-            f"{n_train} training examples are not a multiple of {world_size} processes x "
-            f"--batch-size {cfg.loop.batch_size}: each epoch's last batch is filled with "
-            f"{per_step - n_train % per_step} examples repeated from the epoch's start, so "
-            "that step differs from a one-process run at the same global batch",
-            UserWarning,
-            stacklevel=2,
-        )
+    "N processes at batch b = 1 process at batch N·b" does not cover: ``--bucket-by-length``
+    forms its batches at the per-process batch size. (The rows Accelerate adds to an epoch's
+    last batches when the training set is not a multiple of processes x batch count for
+    nothing in the loss: ``training.even_batches``.)"""
     if cfg.data.bucket_by_length and (world_size > 1 or cfg.loop.grad_accum > 1):
         warnings.warn(
             "--bucket-by-length forms batches of --batch-size per process: which examples "

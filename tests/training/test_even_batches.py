@@ -1,0 +1,46 @@
+"""``training.even_batches`` against Accelerate's own sharding: for every layout, the rows it
+calls examples are exactly those Accelerate's ``BatchSamplerShard`` gives out before the
+training set ends in the round-robin order, and the rest are its added repeats."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler, SequentialSampler
+
+from blob_lora.training.even_batches import last_batch
+
+
+def _shards(n: int, batch: int, world: int) -> list[list[list[int]]]:
+    """Each process's micro-batches of one epoch, as Accelerate hands them out."""
+    sampler = BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
+    return [
+        list(BatchSamplerShard(sampler, world, rank, split_batches=False, even_batches=True))
+        for rank in range(world)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world"),
+    [(n, b, w) for n, b, w in itertools.product((1, 5, 7, 10, 16, 23), (1, 2, 3, 4), (1, 2, 3))],
+)
+def test_the_examples_of_the_last_round_are_the_ones_before_the_sets_end(n, batch, world):
+    shards = _shards(n, batch, world)
+    micro = len(shards[0])
+    assert all(len(s) == micro for s in shards)  # even batches: every process as many
+    # the round-robin order: the first n positions are the epoch's examples, each once
+    order = [i for k in range(micro) for rank in range(world) for i in shards[rank][k]]
+    assert sorted(order[:n]) == list(range(n))
+    in_last_round = sum(1 for pos in range((micro - 1) * world * batch, len(order)) if pos < n)
+    for rank in range(world):
+        last = last_batch(n, batch, world, rank, micro)
+        rows = shards[rank][-1]
+        start = ((micro - 1) * world + rank) * batch  # its last batch's first position
+        real = sum(1 for pos in range(start, start + len(rows)) if pos < n)
+        if last is None:  # nothing added: the batch is all examples (or one process)
+            assert world == 1 or real == len(rows) == batch
+            continue
+        assert (last.rows, last.real) == (len(rows), real)
+        assert last.divisor == pytest.approx(in_last_round / world)
