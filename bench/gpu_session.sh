@@ -12,9 +12,10 @@
 # ~1 min). The machine's image must hold torch, transformers, peft, accelerate, torchmetrics,
 # matplotlib and psutil (the lent H200's does); the model is built from a config there.
 # Memory: the eval step keeps every method's 7B-shaped model alive at once (5 x 13.5 GB of bf16
-# weights, 67.5 GB before its passes and a 71.7 GB peak on the H200, eval_cost_gpu_pinned.json),
-# and trains the last method beside the other four: ask for the H200. On an H100 (80 GB) run
-# eval_cost.py yourself with fewer --methods per call (lora and one or two others); never tried.
+# weights: 67.5 GB = 62.9 GiB before its passes, a 71.7 GB = 66.8 GiB peak during them on the
+# H200, eval_cost_gpu_pinned.json), which alone fits an H100's ~79 GiB; but it trains the last
+# method beside the other four, a peak never measured: ask for the H200, or on an H100 run
+# eval_cost.py yourself with fewer --methods per call (lora and one or two others).
 set -u
 out=${1:?usage: bench/gpu_session.sh OUT [factors|train|eval|predictive ...]}
 shift

@@ -342,6 +342,11 @@ def test_a_relative_model_folder_read_from_elsewhere_names_the_folder_to_run_fro
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # "model" as a Hub name fails at once
     with pytest.raises(ConfigError, match="run meta-evaluate from the folder meta-train ran in"):
         meta_evaluate(run, tmp_path / "e", baseline="zero-shot", progress=False)
+    # a folder of that name here that does not load: its own error, no hint to move
+    (tmp_path / "model").mkdir()
+    with pytest.raises(Exception) as refused:
+        meta_evaluate(run, tmp_path / "e", baseline="zero-shot", progress=False)
+    assert "meta-train ran in" not in str(refused.value)
     monkeypatch.chdir(root)  # from its own folder it evaluates
     assert meta_evaluate(run, tmp_path / "e", baseline="zero-shot", progress=False)["tasks"]
 

@@ -277,8 +277,9 @@ def _score_split(
     ``fold``, the reference, is scored from the float32 per-sample probabilities (its metrics
     always were); the other modes report the loop's own predictive and samples used. Batches
     of similar length when ``by_length`` and one process, with or without an ``accelerator``
-    (sharding over processes is Accelerate's, in split order). With a ``progress_file`` (one process) the pass is
-    checkpointed there, keyed by the model's weights, ``key_settings`` and the pass's own.
+    (sharding over processes is Accelerate's, in split order). With a ``progress_file`` (one
+    process) the pass is checkpointed there, keyed by the model's weights, ``key_settings``
+    and the pass's own.
     """
     if accelerator is not None and accelerator.num_processes == 1:
         # one process: the split is this pass's to order, as in evaluate and predict, so a run's

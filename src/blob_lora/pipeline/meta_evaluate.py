@@ -269,8 +269,9 @@ def open_run(
         except (BlobLoraError, OSError) as exc:
             # a model folder named relative to another folder reads here as a missing folder
             # or a Hub name; the run cannot tell which was meant, so the hint says both
-            if cfg.model in EMBEDDED_MODELS or Path(cfg.model).expanduser().is_absolute():
-                raise
+            where = Path(cfg.model).expanduser()
+            if cfg.model in EMBEDDED_MODELS or where.is_absolute() or where.exists():
+                raise  # nothing another folder would change: the error as it is
             raise ConfigError(
                 f"the run's --model {cfg.model} could not be loaded ({exc}); if it is a "
                 f"folder, {hint}"

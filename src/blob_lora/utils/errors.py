@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 
 class BlobLoraError(Exception):
     """Base class for errors caused by user input or environment, shown to users as-is."""
@@ -21,6 +24,11 @@ class OverlongError(DataError):
         super().__init__(message)
         self.example_id = example_id
         self.needed = needed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable with its keyword-only fields: an error of the main process is sent to the
+        # others (``training.distributed.on_main``), where the default rebuild fails
+        return (partial(type(self), example_id=self.example_id, needed=self.needed), self.args)
 
 
 class ConfigError(BlobLoraError, ValueError):

@@ -29,8 +29,14 @@ class SettingError(ConfigError):
 
     def __init__(self, label: str, setting: str, problem: str) -> None:
         super().__init__(f"{label} {problem}")
+        self.label = label
         self.setting = setting
         self.problem = problem
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable (the default rebuild passes the message alone): an error of the main
+        # process is sent to the others (``training.distributed.on_main``)
+        return (type(self), (self.label, self.setting, self.problem))
 
 
 def label_of(section: Any, name: str) -> str:
