@@ -121,6 +121,8 @@ def runs(assets, tmp_path_factory) -> dict[str, Path]:
                 *uneven.get(world, []),
                 _uneven(assets, r[f"{name}_{world}"], n_train, batch, "--grad-accum", str(accum)),
             ]
+    r["bucketed11_2"] = tmp / "bucketed11_2"
+    uneven[2].append(_uneven(assets, r["bucketed11_2"], 11, 2, "--bucket-by-length"))
     with one_thread():
         assert main(_lora(assets, r["lora1"], 4)) == 0
         assert main(_blob(assets, r["blob1"], 4)) == 0
@@ -170,6 +172,15 @@ def test_an_uneven_training_set_trains_as_on_one_process(runs, name) -> None:
         assert math.isclose(a["nll"], b["nll"], rel_tol=1e-5), (a, b)
         assert a["acc"] == b["acc"]
     assert max_abs_diff(adapter(one), adapter(two)) <= PARAM_ATOL
+
+
+def test_length_buckets_on_two_processes_keep_every_batch_of_the_epoch(runs) -> None:
+    """11 examples in buckets of 2 per process: 6 batches, 3 steps an epoch. Where the short
+    batch was shuffled into a round's first place, Accelerate dropped that round, and the
+    epoch ended a step early."""
+    run = runs["bucketed11_2"]
+    assert _summary(run)["steps_per_epoch"] == 3
+    assert [r["epoch"] for r in train_log(run)] == [0, 0, 0, 1]
 
 
 def test_uneven_evaluation_counts_every_example_once(runs) -> None:

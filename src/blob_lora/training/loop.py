@@ -175,18 +175,15 @@ class TrainingLoop:
             )
             if resuming and self.prefix is not None:
                 self._refill_prefix()
-        #: the epoch's last micro-batch when Accelerate added rows to it (``even_batches``);
-        #: ``--bucket-by-length`` batches are not cut in the round-robin order it assumes
-        self.last = (
-            None
-            if cfg.data.bucket_by_length
-            else last_batch(
-                len(dataset),
-                cfg.loop.batch_size,
-                accelerator.num_processes,
-                accelerator.process_index,
-                self.plan.micro_per_epoch,
-            )
+        #: the epoch's last micro-batch when Accelerate added rows to it (``even_batches``;
+        #: ``--bucket-by-length`` puts its short batch last on several processes, so that its
+        #: batches are handed out in the same round-robin order)
+        self.last = last_batch(
+            len(dataset),
+            cfg.loop.batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            self.plan.micro_per_epoch,
         )
         self.started = time.perf_counter()
 

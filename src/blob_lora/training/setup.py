@@ -203,7 +203,10 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
     _warn_layout_dependence(cfg, accelerator.num_processes)
     if cfg.data.bucket_by_length:
         batch_sampler = length_bucketed_sampler(
-            dataset.lengths, cfg.loop.batch_size, seed=cfg.loop.seed
+            dataset.lengths,
+            cfg.loop.batch_size,
+            seed=cfg.loop.seed,
+            short_last=accelerator.num_processes > 1,  # Accelerate's sharding needs it there
         )
         loader = DataLoader(
             indexed, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
