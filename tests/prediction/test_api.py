@@ -239,3 +239,29 @@ def test_a_record_without_id_whose_position_is_taken_says_so(tokenizer):
     ]
     with pytest.raises(DataError, match="has no id, and the one it is given by position, '2'"):
         predict(blob_model(), tokenizer, recs)
+
+
+def test_a_model_with_lora_dropout_and_no_method_is_predicted_as_lora_with_a_warning(
+    tokenizer, records
+):
+    """An MC-dropout model carries nothing that a LoRA model trained with dropout does not:
+    without a method it is predicted as plain LoRA, and the user is told how to get samples."""
+    import warnings
+
+    from peft import LoraConfig
+
+    def peft_model(dropout: float):
+        cfg = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM"
+        )
+        return get_peft_model(tiny_llama(0), cfg).eval()
+
+    with pytest.warns(UserWarning, match="method='mc-dropout'"):
+        inferred = Predictor(peft_model(0.1), tokenizer, max_length=64)
+    assert inferred.method.name == "lora"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mc = Predictor(peft_model(0.1), tokenizer, method="mc-dropout", n_samples=3, max_length=64)
+        assert mc.predict(records)[0]["n_samples"] == 3
+        assert Predictor(peft_model(0.0), tokenizer, max_length=64).method.name == "lora"
+    assert not [w for w in caught if "mc-dropout" in str(w.message)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from blob_lora.methods import Method, get_method, method_of
+from blob_lora.methods.mc_dropout import lora_dropout_layers
+from blob_lora.methods.registry import FALLBACK
 from blob_lora.prediction.fast import MODES, EarlyStop
 from blob_lora.prediction.inputs import Questions, parse_questions, read_questions
 from blob_lora.prediction.loop import DatasetPredictive, predict_dataset
@@ -84,9 +87,19 @@ def check_mean_request(mode: str, n_samples: int | None, fold: int | None) -> No
 
 
 def _resolve_method(method: Method | str | None, model: nn.Module) -> Method:
-    if method is None:
-        return method_of(model)
-    return get_method(method) if isinstance(method, str) else method
+    if method is not None:
+        return get_method(method) if isinstance(method, str) else method
+    found = method_of(model)
+    if found.name == FALLBACK and lora_dropout_layers(model):
+        # an MC-dropout model carries nothing a LoRA model trained with dropout does not
+        warnings.warn(
+            "no method given and the model's LoRA layers have dropout: predicting as plain "
+            "LoRA (dropout off, one deterministic pass); for MC dropout's samples pass "
+            "method='mc-dropout', or open the run with Predictor.from_run",
+            UserWarning,
+            stacklevel=3,
+        )
+    return found
 
 
 class Predictor:
@@ -96,7 +109,9 @@ class Predictor:
         model: the fine-tuned model (a ``PeftModel``; BLoB, LoRA, MC-dropout, ...).
         tokenizer: its (fast) tokenizer.
         method: a ``Method`` or its name; ``None`` asks the registered methods which one the
-            model belongs to (``methods.method_of``: BLoB, an ensemble, else plain LoRA).
+            model belongs to (``methods.method_of``: BLoB, an ensemble, else plain LoRA, with
+            a warning where its LoRA layers have dropout: an MC-dropout model cannot be told
+            from LoRA trained with dropout, so pass ``"mc-dropout"`` for its samples).
         n_samples: weight samples N (``None``: the method's default, BLoB 10; 0: mean weights).
         mode: ``fold`` (default), ``prefix``, ``early``, ``prefix-early`` or ``mean`` (see
             ``blob_lora.prediction.fast``); a mode the method cannot run falls back, with a
