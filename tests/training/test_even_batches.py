@@ -82,3 +82,45 @@ def test_length_buckets_on_several_processes_give_every_example_once(n, batch, w
         for e in range(4)
     ]
     assert any(lost)
+
+
+def test_a_bucketed_epoch_is_new_each_epoch_and_resumes_on_another_process_count() -> None:
+    """Two defects of ``--bucket-by-length`` on several processes: Accelerate passed the epoch
+    only to a ``sampler`` below its ``BatchSamplerShard``, so every epoch repeated epoch 0's
+    batches (``set_loader_epoch`` reaches the bucketed sampler itself); and with the short
+    batch moved last on several processes only, one process had another order, so a resume on
+    another process count skipped other examples than it had trained on."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from blob_lora.tasks.dataset import length_bucketed_sampler
+    from blob_lora.training.setup import set_loader_epoch
+
+    n, batch = 11, 2
+    lengths = [(5 * i) % 7 for i in range(n)]
+
+    def loader(world: int, rank: int):
+        sampler = length_bucketed_sampler(lengths, batch, seed=1, pool_factor=2, short_last=True)
+        plain = DataLoader(list(range(n)), batch_sampler=sampler, collate_fn=list)
+        return prepare_data_loader(
+            plain, num_processes=world, process_index=rank, put_on_device=False
+        )
+
+    def epoch_rows(world: int, epoch: int) -> list[list[list[int]]]:
+        shards = []
+        for rank in range(world):
+            dl = loader(world, rank)
+            set_loader_epoch(dl, epoch)
+            shards.append([list(b) for b in dl])
+        return shards
+
+    two = [epoch_rows(2, e) for e in range(3)]
+    assert two[0] != two[1] != two[2]  # a new order every epoch
+    for e in range(3):
+        (one,) = epoch_rows(1, e)
+        # 1 process at batch 2 x accumulation 2 and 2 processes at batch 2: after k global
+        # steps both have met the same examples, so a resume either way skips those exactly
+        for k in range(1, len(two[e][0])):
+            met_one = {i for b in one[: 2 * k] for i in b}
+            met_two = {i for rank in range(2) for b in two[e][rank][:k] for i in b}
+            assert met_one == met_two

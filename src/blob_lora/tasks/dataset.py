@@ -626,7 +626,8 @@ class LengthBucketedBatchSampler(Sampler[list[int]]):
     over processes: it hands out a round of batches only if the round's last one is full, so
     a short batch shuffled into the middle lost its whole round (measured: 10 examples at
     batch 4 on 2 processes, 2 of 3 batches given out), and it completes the epoch's last
-    round only after the short batch.
+    round only after the short batch. Training uses it on any number of processes, so that
+    the order, and the examples a resume on another process count skips, do not depend on it.
     """
 
     def __init__(

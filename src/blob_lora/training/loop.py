@@ -66,7 +66,7 @@ from blob_lora.training.even_batches import last_batch
 from blob_lora.training.optim import Updater
 from blob_lora.training.restore import restore_checkpoint
 from blob_lora.training.run_dir import CHECKPOINTS, TRAIN_LOG, truncate_log
-from blob_lora.training.setup import StepPlan
+from blob_lora.training.setup import StepPlan, set_loader_epoch
 from blob_lora.training.signals import StopSignals, TrainingInterrupted
 from blob_lora.utils.dtensor import full_tensors
 from blob_lora.utils.errors import BlobLoraError
@@ -202,7 +202,7 @@ class TrainingLoop:
             return
         saved = ckpt.rng_state()  # a loader's iterator draws its base seed from torch's stream
         try:
-            self.loader.set_epoch(0)
+            set_loader_epoch(self.loader, 0)
             # the whole epoch is iterated (collation only past ``met``), so the prepared
             # loader's begin/end bookkeeping stays paired
             for micro, batch in enumerate(self.loader):
@@ -255,7 +255,7 @@ class TrainingLoop:
         logging and checkpoint); ``run`` takes them all under the signal handlers."""
         accelerator, total_steps = self.accelerator, self.plan.total_steps
         while self.step < total_steps:
-            self.loader.set_epoch(self.epoch)
+            set_loader_epoch(self.loader, self.epoch)
             micro_done = self.micro_done
             batches = (
                 accelerator.skip_first_batches(self.loader, micro_done)

@@ -20,7 +20,12 @@ from torch.utils.data import DataLoader
 from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer, load_tokenizer
 from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
-from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
+from blob_lora.tasks.dataset import (
+    IndexedCollator,
+    IndexedDataset,
+    LengthBucketedBatchSampler,
+    length_bucketed_sampler,
+)
 from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import uses_fsdp
@@ -206,7 +211,9 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
             dataset.lengths,
             cfg.loop.batch_size,
             seed=cfg.loop.seed,
-            short_last=accelerator.num_processes > 1,  # Accelerate's sharding needs it there
+            # on any number of processes: Accelerate's sharding needs it on several, and one
+            # order for every process count keeps a resume on another count exact
+            short_last=True,
         )
         loader = DataLoader(
             indexed, batch_sampler=batch_sampler, collate_fn=collator, generator=loader_rng
@@ -221,6 +228,17 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
             generator=loader_rng,
         )
     return accelerator.prepare_data_loader(loader)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the training loader and of its batch order. Why not
+    ``loader.set_epoch`` alone: on several processes Accelerate wraps a batch sampler in its
+    ``BatchSamplerShard`` and passes the epoch only to a ``sampler`` below it, which
+    ``--bucket-by-length``'s sampler is not, so every epoch repeated epoch 0's batches."""
+    loader.set_epoch(epoch)
+    inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
+    if isinstance(inner, LengthBucketedBatchSampler):
+        inner.set_epoch(epoch)
 
 
 def _warn_layout_dependence(cfg: TrainConfig, world_size: int) -> None:
