@@ -87,9 +87,10 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
     if state.is_main_process:
         claim.settle()
     base, tokenizer = load_base(cfg, start)
-    assembled: list[nn.Module | None] = [None]  # the main process's model, not sent
+    model: nn.Module | None = None  # built on the main process by the assembly, not sent
 
     def assemble() -> dict[str, Any]:
+        nonlocal model
         # an assembly killed half-way (a Laplace fit, a TFB search) left its temporary folder;
         # only this run's main process writes here, so no other writer's folder is removed
         for stale in out.glob(f".{ADAPTER_DIR}.*.tmp"):
@@ -104,13 +105,12 @@ def train_composite(cfg: TrainConfig, method: CompositeMethod, start: RunStart) 
                 device=state.device,
                 progress=progress,
             )
-            assembled[0], assembly_record = method.assemble(assembly)
+            model, assembly_record = method.assemble(assembly)
         return assembly_record
 
     # a Laplace fit or a TFB search of a large model can outlast the process group's timeout;
     # every process gets the main one's record (a JSON-able dict), so their summaries agree
     record = on_main(state, assemble, patient=True)
-    model = assembled[0]
     if model is None:
         model = method.load(base, out / ADAPTER_DIR)
     summary = method.summarize(cfg, sub_summaries, record)

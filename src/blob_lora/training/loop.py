@@ -176,8 +176,8 @@ class TrainingLoop:
             if resuming and self.prefix is not None:
                 self._refill_prefix()
         #: the epoch's last micro-batch when Accelerate added rows to it (``even_batches``;
-        #: ``--bucket-by-length`` puts its short batch last on several processes, so that its
-        #: batches are handed out in the same round-robin order)
+        #: ``--bucket-by-length`` puts its short batch last, so that its batches are handed
+        #: out in the same round-robin order)
         self.last = last_batch(
             len(dataset),
             cfg.loop.batch_size,

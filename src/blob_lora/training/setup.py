@@ -20,12 +20,7 @@ from torch.utils.data import DataLoader
 from blob_lora.methods.base import Method
 from blob_lora.models import load_model_and_tokenizer, load_tokenizer
 from blob_lora.tasks import Task, TaskInputs, get_task, task_inputs
-from blob_lora.tasks.dataset import (
-    IndexedCollator,
-    IndexedDataset,
-    LengthBucketedBatchSampler,
-    length_bucketed_sampler,
-)
+from blob_lora.tasks.dataset import IndexedCollator, IndexedDataset, length_bucketed_sampler
 from blob_lora.tasks.dir_names import check_distinct_dirs
 from blob_lora.training.config import TrainConfig
 from blob_lora.training.distributed import uses_fsdp
@@ -233,11 +228,12 @@ def training_loader(cfg: TrainConfig, inputs: TaskInputs, accelerator: Accelerat
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of the training loader and of its batch order. Why not
     ``loader.set_epoch`` alone: on several processes Accelerate wraps a batch sampler in its
-    ``BatchSamplerShard`` and passes the epoch only to a ``sampler`` below it, which
-    ``--bucket-by-length``'s sampler is not, so every epoch repeated epoch 0's batches."""
+    ``BatchSamplerShard`` and passes the epoch only to a ``sampler`` below it, not to a batch
+    sampler that orders its batches by epoch itself (``--bucket-by-length``'s), so every
+    epoch repeated epoch 0's batches."""
     loader.set_epoch(epoch)
     inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
-    if isinstance(inner, LengthBucketedBatchSampler):
+    if hasattr(inner, "set_epoch"):
         inner.set_epoch(epoch)
 
 
