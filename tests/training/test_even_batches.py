@@ -124,3 +124,31 @@ def test_a_bucketed_epoch_is_new_each_epoch_and_resumes_on_another_process_count
             met_one = {i for b in one[: 2 * k] for i in b}
             met_two = {i for rank in range(2) for b in two[e][rank][:k] for i in b}
             assert met_one == met_two
+
+
+def test_the_training_loader_puts_the_bucketed_short_batch_last_every_epoch(
+    tmp_path, data_root, tiny_model_dir
+) -> None:
+    """What the sampler-level tests above assume of the training loader itself: its bucketed
+    batches end with the short one in every epoch, also on one process (one order for every
+    process count), and each epoch's order is new."""
+    from accelerate import Accelerator
+
+    from blob_lora.tasks import get_task, task_inputs
+    from blob_lora.training.config import TrainConfig
+    from blob_lora.training.setup import load_tokenizer_of, set_loader_epoch, training_loader
+
+    cfg = TrainConfig(
+        model=str(tiny_model_dir), task="arc_easy", data_root=str(data_root),
+        train_split="train[:10]", batch_size=4, bucket_by_length=True, out=str(tmp_path / "r"),
+    )  # fmt: skip
+    task = get_task(cfg.data.task, data_root=cfg.data.data_root)
+    inputs = task_inputs(task, "train[:10]", load_tokenizer_of(cfg), 96)
+    loader = training_loader(cfg, inputs, Accelerator(cpu=True))
+    orders = []
+    for epoch in range(4):
+        set_loader_epoch(loader, epoch)
+        batches = [b["index"].tolist() for b in loader]
+        assert [len(b) for b in batches] == [4, 4, 2]
+        orders.append(batches)
+    assert len({str(o) for o in orders}) > 1
