@@ -60,7 +60,7 @@ layer applied to PEFT's ``lora_A`` and ``lora_B``. Where it and this implementat
   NLL where the pretrained model has it, to five digits, where plain LoRA went from 29.7 % to
   53.3 % (``paper/bayes_lora_pilot.yaml``, ``results/bayes_lora_pilot/``). With the
   authors' layout (v_proj plain) it reached 46.7 %, through v_proj: the trained Bayesian
-  layers' update ``scaling * B A`` was 500-1,200x smaller than v_proj's, and the predictive's
+  layers' update ``scaling * B A`` was 500-1,300x smaller than v_proj's, and the predictive's
   epistemic part (N = 4) ~1e-13 nats. On this model, at the authors' scales and clamps, the
   Bayesian layers do not move the output: LoRA on v_proj alone scores as it does (NLL 1.231
   against 1.230), and without the width division (``sqrt_width_scaling=False``) the Bayesian
