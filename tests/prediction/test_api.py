@@ -256,12 +256,26 @@ def test_a_model_with_lora_dropout_and_no_method_is_predicted_as_lora_with_a_war
         )
         return get_peft_model(tiny_llama(0), cfg).eval()
 
-    with pytest.warns(UserWarning, match="method='mc-dropout'"):
+    with pytest.warns(UserWarning, match="method='mc-dropout'") as told:
         inferred = Predictor(peft_model(0.1), tokenizer, max_length=64)
     assert inferred.method.name == "lora"
+    assert [w.filename for w in told if "mc-dropout" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match="method='mc-dropout'") as told:
+        rows = predict(peft_model(0.1), tokenizer, records, max_length=64)  # one frame deeper
+    assert len(rows) == len(records)
+    assert [w.filename for w in told if "mc-dropout" in str(w.message)] == [__file__]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mc = Predictor(peft_model(0.1), tokenizer, method="mc-dropout", n_samples=3, max_length=64)
         assert mc.predict(records)[0]["n_samples"] == 3
         assert Predictor(peft_model(0.0), tokenizer, max_length=64).method.name == "lora"
     assert not [w for w in caught if "mc-dropout" in str(w.message)]
+
+
+def test_a_mode_that_falls_back_warns_at_the_callers_line(tokenizer, records):
+    """``Predictor(mode=...)`` reaches ``resolve_mode`` several frames down: the warning
+    names the caller's file, where a fixed stacklevel named one of ours."""
+    with pytest.warns(UserWarning, match="runs as 'mean'") as told:
+        rows = predict(blob_model(), tokenizer, records, n_samples=0, mode="prefix", max_length=64)
+    assert rows and all(r["n_samples"] == 0 for r in rows)
+    assert [w.filename for w in told if "runs as" in str(w.message)] == [__file__]

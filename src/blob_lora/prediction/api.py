@@ -42,6 +42,7 @@ from blob_lora.tasks.dataset import encode_split, length_sorted_batches
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
+from blob_lora.utils.caller import outside_stacklevel
 from blob_lora.utils.errors import ConfigError
 from blob_lora.utils.rng import forked_rng
 
@@ -97,7 +98,7 @@ def _resolve_method(method: Method | str | None, model: nn.Module) -> Method:
             "LoRA (dropout off, one deterministic pass); for MC dropout's samples pass "
             "method='mc-dropout', or open the run with Predictor.from_run",
             UserWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
     return found
 

@@ -39,6 +39,7 @@ from blob_lora.models.prefix import (
     injected_prefix,
     select_and_repeat,
 )
+from blob_lora.utils.caller import outside_stacklevel
 from blob_lora.utils.errors import ConfigError
 
 MODES = ("fold", "prefix", "early", "prefix-early", "mean")
@@ -270,7 +271,9 @@ def resolve_mode(method: Method, model: nn.Module, mode: str, n_samples: int) ->
         return ResolvedMode("mean", 0)  # N = 0 is the mean weights: fold asks nothing else
     if n_samples == 0:  # prefix or early reuse / stop over samples there are none of
         note = "N = 0: one pass with the mean weights"
-        warnings.warn(f"predictive mode {mode!r} runs as 'mean': {note}", stacklevel=2)
+        warnings.warn(
+            f"predictive mode {mode!r} runs as 'mean': {note}", stacklevel=outside_stacklevel()
+        )
         return ResolvedMode("mean", 0, note=note)
     wants_prefix = mode in ("prefix", "prefix-early")
     wants_early = mode in ("early", "prefix-early")
@@ -294,7 +297,9 @@ def resolve_mode(method: Method, model: nn.Module, mode: str, n_samples: int) ->
     )
     note = "; ".join(notes)
     if note:
-        warnings.warn(f"predictive mode {mode!r} runs as {name!r}: {note}", stacklevel=2)
+        warnings.warn(
+            f"predictive mode {mode!r} runs as {name!r}: {note}", stacklevel=outside_stacklevel()
+        )
     return ResolvedMode(name, n_samples, plan, note)
 
 
