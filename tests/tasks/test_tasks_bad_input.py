@@ -22,10 +22,11 @@ def _byo(tmp_path, bad_line: str, line_no: int = 3):
 @pytest.mark.parametrize(
     "bad, problem",
     [
-        ('{"question": "Q?", "choices": ["a", "b"], "answer": 1', "invalid JSON"),
+        # the brace missing at the end of the line: its column, not column 1 of the newline
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 1', "delimiter at column 54)"),
         ('["not", "an", "object"]', "expected a JSON object, got list"),
         ('{"choices": ["a", "b"], "answer": 0}', "missing field 'question'"),
-        ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}', "label 2 is out of range"),
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 2}', "answer 2 is out of range"),
         (
             '{"question": "Q?", "choices": ["a", "b"], "answer": "C"}',
             "'C' is option 2 (0-based), but the row has 2 options (A-B)",
@@ -182,3 +183,35 @@ def test_byo_without_eval_split(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=r"no evaluation split; looked for .*validation\.jsonl"):
         get_task(str(tmp_path))
+
+
+def test_an_unlabelled_test_file_beside_validation_is_not_in_the_way(tmp_path):
+    """train / validation / an unlabelled test.jsonl is a common layout: the task loads (the
+    test file's option count still counts), and scoring the test split is refused with its
+    file and line. Where test.jsonl is the evaluation split, its answers stay required."""
+    unlabelled = {"question": "Q?", "choices": ["a", "b", "c", "d", "e"]}
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps(unlabelled) + "\n")
+    task = get_task(str(tmp_path))
+    assert task.eval_split == "validation" and task.n_options == 5
+    assert [ex.label for ex in task.load("eval")] == [1]
+    with pytest.raises(DataError, match=r"test\.jsonl, line 1: missing field 'answer'"):
+        task.load("test")
+    with pytest.raises(DataError, match=r"test\.jsonl, line 1: .*'choices' must be list"):
+        (tmp_path / "test.jsonl").write_text('{"question": "Q?", "choices": "a b"}\n')
+        get_task(str(tmp_path))  # the rest of the record is still checked
+    (tmp_path / "validation.jsonl").unlink()
+    (tmp_path / "test.jsonl").write_text(json.dumps(unlabelled) + "\n")
+    with pytest.raises(DataError, match=r"test\.jsonl, line 1: missing field 'answer'"):
+        get_task(str(tmp_path))
+
+
+def test_an_extra_split_with_more_options_says_how_to_score_it(tmp_path):
+    """The option count (and so the answer letters) comes from train/validation/test; a split
+    of another name with more options is refused, saying what to do instead."""
+    (tmp_path / "validation.jsonl").write_text(json.dumps(GOOD) + "\n")
+    wide = {"question": "Q?", "choices": list("abcde"), "answer": 4}
+    (tmp_path / "extra.jsonl").write_text(json.dumps(wide) + "\n")
+    with pytest.raises(DataError, match="5 options, more than the task's 3 .*folder of its own"):
+        get_task(str(tmp_path)).load("extra")

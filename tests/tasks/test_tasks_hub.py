@@ -152,7 +152,7 @@ def test_mmlu_from_hub(hub):
 
 def test_hub_bad_row_names_dataset_and_row(hub):
     with pytest.raises(
-        DataError, match=r"cais/mmlu \(college_physics\) split 'dev', row 1: label 5"
+        DataError, match=r"cais/mmlu \(college_physics\) split 'dev', row 1: answer 5"
     ):
         get_task("mmlu:college_physics").load("train")
 

@@ -20,9 +20,8 @@ from blob_lora.tasks.examples import examples_digest
 from blob_lora.tasks.prompts import STYLE_MC
 from blob_lora.tasks.sources import (
     LETTERS,
-    check_field_names,
+    LabelOptional,
     decode_jsonl,
-    parse_generic,
     parse_rows,
     read_jsonl_examples,
 )
@@ -40,21 +39,6 @@ class Questions:
     task: Task
     examples: list[MCExample]
     labels: list[int | None]
-
-
-class _LabelOptional:
-    """``parse_generic`` with ``answer`` optional; remembers which records had one."""
-
-    def __init__(self) -> None:
-        self.labelled: list[bool] = []
-
-    def __call__(self, rec: dict[str, Any], fallback_id: str) -> MCExample:
-        has = rec.get("answer") is not None
-        if not has:  # before ``answer`` is filled in (``answr`` is a near miss of it); a
-            check_field_names(rec)  # labelled record is checked by parse_generic as it is
-        ex = parse_generic(rec if has else {**rec, "answer": 0}, fallback_id)
-        self.labelled.append(has)
-        return ex
 
 
 class InMemorySource:
@@ -96,7 +80,7 @@ def parse_questions(
         return Questions(questions_task(items), items, [ex.label for ex in items])
     if any(isinstance(q, MCExample) for q in items):
         raise DataError(f"{where}: mix of MCExample objects and records; pass one kind")
-    parser = _LabelOptional()
+    parser = LabelOptional()
     examples = parse_rows(enumerate(items, 1), parser, where, "", "record")
     labels = [ex.label if has else None for ex, has in zip(examples, parser.labelled, strict=True)]
     return Questions(questions_task(examples), examples, labels)
@@ -110,13 +94,15 @@ def read_questions(path: str | os.PathLike[str], stdin: BinaryIO | None = None) 
     """Questions from a JSONL file (``.jsonl`` or ``.jsonl.gz``), or from standard input when
     ``path`` is ``"-"`` (``stdin``: the stream to read instead of ``sys.stdin``); records
     without ``id`` are named by line number, and every error names the file and line."""
-    parser = _LabelOptional()
+    parser = LabelOptional()
     if str(path) == STDIN:
         where, name = "<stdin>", "stdin"
         stream = stdin if stdin is not None else sys.stdin.buffer
         examples = parse_rows(decode_jsonl(stream, where), parser, where, "line-", "line")
     else:
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"input {path} is a folder; give a JSONL file (.jsonl or .jsonl.gz)")
         if not path.is_file():
             raise DataError(f"input file {path} not found")
         where, name = str(path), path.stem

@@ -6,11 +6,17 @@ evaluation, ``compare`` and the CLI name their folders the same way; all of them
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from blob_lora.utils.errors import ConfigError
+
+#: the longest file name most file systems take (bytes); a longer folder name is shortened
+NAME_MAX = 255
+#: the length (bytes) a longer name is shortened to: its end and a digest of the whole name
+SHORT_NAME = 128
 
 
 def task_dir_name(name: str) -> str:
@@ -19,13 +25,22 @@ def task_dir_name(name: str) -> str:
     that starts with a dot is written plainly first (``./mine`` -> ``mine``; ``.`` -> the
     folder's own name), so that no task lands in the evaluation folder itself or in a hidden
     one. Two tasks may still share a name (``x/y`` and ``x_y``): :func:`check_distinct_dirs`
-    refuses such a list."""
+    refuses such a list. A name longer than a file name may be (:data:`NAME_MAX` bytes: a deep
+    task folder's whole path) keeps its last :data:`SHORT_NAME` bytes or so, after 12 hex
+    digits of its digest; shorter names, which earlier runs wrote, stay as they were."""
     if name.startswith("."):
         plain = os.path.normpath(name)
         if plain.split(os.sep)[-1] in (".", ".."):
             plain = Path(name).resolve().name or "task"
         name = plain.lstrip("./") or "task"
-    return name.replace(":", "__").replace("/", "_")
+    folder = name.replace(":", "__").replace("/", "_")
+    if len(folder.encode()) <= NAME_MAX:
+        return folder
+    digest = hashlib.sha256(folder.encode()).hexdigest()[:12]
+    tail = folder
+    while len(tail.encode()) > SHORT_NAME - len(digest) - 1:
+        tail = tail[1:]  # by characters, so a multi-byte one is never cut in half
+    return f"{digest}-{tail.lstrip('_')}"
 
 
 def check_distinct_dirs(names: Sequence[str], what: str) -> None:

@@ -19,6 +19,7 @@ from blob_lora.tasks.sources import (
     BOOLQ_CHOICES,
     LETTERS,
     HubSource,
+    LabelOptional,
     LocalSource,
     MMLULocalParser,
     env_data_root,
@@ -120,9 +121,20 @@ class Task:
             raise DataError(f"task {self.name!r}: {e}") from None
         for ex in examples:
             if ex.n_options > self.n_options:
+                own = (  # a split of one's own folder beside train/validation/test
+                    isinstance(self.source, LocalSource)
+                    and self.source.parser is parse_generic
+                    and spec.name not in BYO_SPLITS
+                )
                 raise DataError(
                     f"task {self.name!r}, split {spec.name!r}, example {ex.id!r}: "
                     f"{ex.n_options} options, more than the task's {self.n_options}"
+                    + (
+                        " (the most in its train, validation and test files, which fixes the "
+                        "answer letters); score this split as a task folder of its own"
+                        if own
+                        else ""
+                    )
                 )
         return apply_split_slice(examples, spec)
 
@@ -258,14 +270,18 @@ def _byo_task(folder: Path, name: str) -> Task:
     """A folder with ``train.jsonl`` (optional) and ``validation.jsonl`` or ``test.jsonl``.
 
     Every present file of those three is read now, both to validate it early and to learn
-    ``n_options`` (the largest option count), which fixes the answer letters.
+    ``n_options`` (the largest option count), which fixes the answer letters. A ``test.jsonl``
+    beside a ``validation.jsonl`` may lack answers (a held-out set, scored only when asked
+    for, and then refused with its file and line): it counts towards ``n_options`` only.
     """
     src = LocalSource(folder, parse_generic)
     present = {}
     for split in BYO_SPLITS:
         path = next((p for p in split_candidates(folder, split) if p.is_file()), None)
         if path is not None:
-            present[split] = read_jsonl_examples(path, parse_generic, f"{split}-")
+            unscored = split == "test" and "validation" in present
+            parser = LabelOptional() if unscored else parse_generic
+            present[split] = read_jsonl_examples(path, parser, f"{split}-")
     eval_split = "validation" if "validation" in present else "test" if "test" in present else None
     if eval_split is None:
         looked = ", ".join(

@@ -89,7 +89,7 @@ def make_example(
     if n > MAX_OPTIONS:
         raise RecordProblem(f"has {n} options; at most {MAX_OPTIONS} (A-Z) are supported")
     if not 0 <= label < n:
-        raise RecordProblem(f"label {label} is out of range for {n} options (0..{n - 1})")
+        raise RecordProblem(f"answer {label} is out of range for {n} options (0..{n - 1})")
     return MCExample(rid, question, tuple(choices), label, context)
 
 
@@ -318,6 +318,23 @@ def _file_version(path: Path) -> tuple[str, int, int, int]:
 JSON_WHITESPACE = " \t\r\n"  # RFC 8259; str.strip() would also drop \x1c-\x1f, \x85, ...
 
 
+class LabelOptional:
+    """``parse_generic`` with ``answer`` optional; remembers which records had one: for
+    questions to predict, and for a task folder's ``test.jsonl`` beside its
+    ``validation.jsonl`` (often unlabelled, and not scored unless asked for)."""
+
+    def __init__(self) -> None:
+        self.labelled: list[bool] = []
+
+    def __call__(self, rec: dict[str, Any], fallback_id: str) -> MCExample:
+        has = rec.get("answer") is not None
+        if not has:  # before ``answer`` is filled in (``answr`` is a near miss of it); a
+            check_field_names(rec)  # labelled record is checked by parse_generic as it is
+        ex = parse_generic(rec if has else {**rec, "answer": 0}, fallback_id)
+        self.labelled.append(has)
+        return ex
+
+
 def decode_jsonl(lines: Iterable[bytes], where: str) -> list[tuple[int, Any]]:
     """(line number, decoded JSON value) for every non-blank line of ``lines`` (a file opened
     in binary, standard input's buffer); errors name ``where`` and the line."""
@@ -331,7 +348,9 @@ def decode_jsonl(lines: Iterable[bytes], where: str) -> list[tuple[int, Any]]:
         if not line.strip(JSON_WHITESPACE):
             continue  # blank; a line of other "spaces" (\x1c, \x85) is bad JSON
         try:
-            rows.append((lineno, json.loads(line)))
+            # without its line ending, so an error at the end of the line names its column,
+            # not column 1 of the "line" after the newline
+            rows.append((lineno, json.loads(line.rstrip("\r\n"))))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{where}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
