@@ -79,3 +79,28 @@ def test_evaluate_is_reproducible_takes_max_length_and_works_from_elsewhere(
     assert "more than max_length=8" in capsys.readouterr().err
     assert main([*argv, "--max-length", "0"]) != 0
     assert "--max-length must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_prompts_were_cut(tmp_path, capsys) -> None:
+    """Cut prompts were recorded only in metrics.json: the command now says how many."""
+    model = tiny_model_folder(tmp_path / "model")
+    task = tmp_path / "mine"
+    task.mkdir()
+    rows = [
+        {"question": f"Which word comes next, {i}?", "choices": ["red", "blue"], "answer": i % 2}
+        for i in range(4)
+    ]
+    rows[0]["context"] = "A long passage about colours. " * 12  # 360 characters: tokens here
+    for split in ("train", "validation"):
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", str(model), "--task", str(task), "--method", "lora"]
+    argv += ["--max-steps", "1", "--batch-size", "2", "--target-modules", "q_proj,v_proj"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"]
+    (m,) = metrics.values()
+    assert m["n_truncated"] == 1  # the run's --max-length (256) cuts the passage
+    assert f"note: 1 of 4 prompts of {next(iter(metrics))} were longer than --max-length" in said
+    argv = ["evaluate", "--run", str(tmp_path / "run"), "--no-progress", "--max-length", "1024"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert "were longer than --max-length" not in capsys.readouterr().out

@@ -279,3 +279,11 @@ def test_a_mode_that_falls_back_warns_at_the_callers_line(tokenizer, records):
         rows = predict(blob_model(), tokenizer, records, n_samples=0, mode="prefix", max_length=64)
     assert rows and all(r["n_samples"] == 0 for r in rows)
     assert [w.filename for w in told if "runs as" in str(w.message)] == [__file__]
+
+
+def test_an_input_that_is_a_folder_is_named_as_one(tmp_path):
+    """``--input <folder>`` said "not found" of a path that exists."""
+    with pytest.raises(DataError, match="is a folder; give a JSONL file"):
+        read_questions(tmp_path)
+    with pytest.raises(DataError, match="input file .* not found"):
+        read_questions(tmp_path / "absent.jsonl")

@@ -78,6 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
         _print_reused(Path(cfg.out))
     for task, m in summary["evaluations"].items():
         print(_metrics_line(task, m))
+        _print_truncation_note(task, m)
     if summary.get("std_of_A"):
         print(std_of_a_line(summary["std_of_A"]))
     return 0
@@ -151,6 +152,17 @@ def _metrics_line(task: str, m: dict) -> str:
         f"{task}: acc {m['accuracy']:.3f}  ece {m['ece']:.3f}  nll {m['nll']:.3f}  "
         f"brier {m['brier']:.3f}  (n={int(m['n_examples'])}, samples={m['eval_samples']})"
     )
+
+
+def _print_truncation_note(task: str, m: dict) -> None:
+    """Say where prompts were cut: only ``metrics.json`` recorded it, and the scores of a cut
+    prompt are not those of the whole question."""
+    if m.get("n_truncated"):
+        print(
+            f"note: {m['n_truncated']} of {int(m['n_examples'])} prompts of {task} were longer "
+            "than --max-length; their passage or question was cut (never the options): pass a "
+            "larger --max-length to score them whole"
+        )
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
@@ -269,6 +281,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(_metrics_line(name, results[name]) + f"  -> {out_dir(name)}")
+        _print_truncation_note(name, results[name])
     if args.out and len(tasks) > 1:
         from blob_lora.utils.atomic import atomic_write_json
 
