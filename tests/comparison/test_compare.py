@@ -711,3 +711,26 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
     # the sampled OOD evaluation (N: asked for explicitly, the default a new run gets, not
     # the one the adapter keeps) and the blob-mean ones (N = 0, noise moot)
     assert (10, "token") in seen and {noise for _, noise in seen} == {"token"}
+
+
+def test_a_task_folder_deep_enough_to_overflow_a_file_name_compares(tmp_path):
+    """A task folder's whole path names its results, claims and plots: past 255 bytes a
+    file name fails (the claim's lock before any training, the plot after all of it)."""
+    deep = tmp_path.joinpath(*[f"a-long-descriptive-folder-name-part-{i}" for i in range(8)])
+    deep.mkdir(parents=True)
+    assert len(str(deep).encode()) > 255
+    rows = [
+        {"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(8)
+    ]
+    for split, part in (("train", rows), ("validation", rows[:4])):
+        (deep / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    model = tiny_model_folder(tmp_path / "model")
+    exp = tiny_compare_experiment(model, ["lora"], tasks=[str(deep)], eval_split_overrides={})
+    exp["train"].pop("train_split")
+    config = tmp_path / "deep.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    assert main(["compare", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    assert "| lora |" in (out / "results_id.md").read_text()
+    (plot,) = out.glob("reliability_*.png")
+    assert len(plot.name.encode()) < 200 and plot.name.endswith("part-7.png")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from blob_lora.tasks.dir_names import fit_name
+
 CLAIMS_DIR = ".claims"
 
 
@@ -29,7 +31,9 @@ class RunClaims:
     def _lock(self, label: str) -> FileLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         # thread_local=False: a claim is the process's, whichever thread releases it
-        return FileLock(self.dir / f"{label.replace('/', '__')}.lock", thread_local=False)
+        # the label holds the task's name, a folder's whole path for one's own data
+        name = fit_name(label.replace("/", "__"))
+        return FileLock(self.dir / f"{name}.lock", thread_local=False)
 
     def take(self, label: str) -> FileLock | None:
         """Claim run ``label`` now, or ``None`` when another holder has it. Release the

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from blob_lora.utils.errors import ConfigError
 
-#: the longest file name most file systems take (bytes); a longer folder name is shortened
-NAME_MAX = 255
+#: the longest name (bytes) kept as it is: file systems take 255, and the files named after a
+#: task (``reliability_ood_<name>.png``, a claim's ``<name>__<method>__seed<k>.lock``, the
+#: temporary ``.<file>.XXXXXXXX.tmp`` of an atomic write) add up to ~50 more
+NAME_LIMIT = 200
 #: the length (bytes) a longer name is shortened to: its end and a digest of the whole name
 SHORT_NAME = 128
 
@@ -25,19 +27,25 @@ def task_dir_name(name: str) -> str:
     that starts with a dot is written plainly first (``./mine`` -> ``mine``; ``.`` -> the
     folder's own name), so that no task lands in the evaluation folder itself or in a hidden
     one. Two tasks may still share a name (``x/y`` and ``x_y``): :func:`check_distinct_dirs`
-    refuses such a list. A name longer than a file name may be (:data:`NAME_MAX` bytes: a deep
-    task folder's whole path) keeps its last :data:`SHORT_NAME` bytes or so, after 12 hex
-    digits of its digest; shorter names, which earlier runs wrote, stay as they were."""
+    refuses such a list. A name too long for the files named after it (over
+    :data:`NAME_LIMIT` bytes: a deep task folder's whole path) is shortened by
+    :func:`fit_name`; shorter names, which earlier runs wrote, stay as they were."""
     if name.startswith("."):
         plain = os.path.normpath(name)
         if plain.split(os.sep)[-1] in (".", ".."):
             plain = Path(name).resolve().name or "task"
         name = plain.lstrip("./") or "task"
-    folder = name.replace(":", "__").replace("/", "_")
-    if len(folder.encode()) <= NAME_MAX:
-        return folder
-    digest = hashlib.sha256(folder.encode()).hexdigest()[:12]
-    tail = folder
+    return fit_name(name.replace(":", "__").replace("/", "_"))
+
+
+def fit_name(name: str) -> str:
+    """``name`` as it is up to :data:`NAME_LIMIT` bytes; a longer one as 12 hex digits of its
+    digest and its end, :data:`SHORT_NAME` bytes at most (the end is the most specific part
+    of a path; the digest keeps two names apart that differ only before it)."""
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    tail = name
     while len(tail.encode()) > SHORT_NAME - len(digest) - 1:
         tail = tail[1:]  # by characters, so a multi-byte one is never cut in half
     return f"{digest}-{tail.lstrip('_')}"

@@ -9,6 +9,7 @@ not a decorator's; the package supports 3.10.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,5 +33,8 @@ def outside_stacklevel() -> int:
 def _inside(filename: str) -> bool:
     if filename.startswith("<"):  # "<string>", "<stdin>", frozen modules
         return False
-    path = str(Path(filename).resolve())
+    try:
+        path = str(Path(filename).resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an unreadable path
+        path = os.path.abspath(filename)
     return path.startswith(_PACKAGE + "/")
