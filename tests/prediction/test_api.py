@@ -287,3 +287,19 @@ def test_an_input_that_is_a_folder_is_named_as_one(tmp_path):
         read_questions(tmp_path)
     with pytest.raises(DataError, match="input file .* not found"):
         read_questions(tmp_path / "absent.jsonl")
+
+
+def test_samples_asked_of_a_deterministic_method_are_noted(tokenizer, records):
+    """``--eval-samples 4`` on a LoRA run ran one pass without a word (``--mode prefix`` on it
+    said so); now the summary's note says it, and nothing is said where N was not asked."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = get_peft_model(tiny_llama(0), cfg).eval()
+    asked = Predictor(lora, tokenizer, "lora", n_samples=4, max_length=64)
+    rows = asked.predict(records)
+    assert asked.n_samples == 0 and all(r["n_samples"] == 0 for r in rows)
+    assert "N = 4 asked, one deterministic pass run: method 'lora'" in asked.last_summary.note
+    plain = Predictor(lora, tokenizer, "lora", max_length=64)
+    plain.predict(records)
+    assert "asked" not in plain.last_summary.note

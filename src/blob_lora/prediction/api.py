@@ -171,6 +171,11 @@ class Predictor:
             self.setting_notes.append(
                 f"N = {n_samples} asked, {self.n_samples} run: the method has no more samples"
             )
+        elif n_samples and self.n_samples == 0 and mode != "mean":
+            self.setting_notes.append(
+                f"N = {n_samples} asked, one deterministic pass run: method "
+                f"{self.method.name!r} draws no samples"
+            )
         elif (n_samples == 0 or mode == "mean") and self.n_samples > 0:
             self.setting_notes.append(
                 f"N = 0 asked, but the method has no mean weights: its {self.n_samples} "
@@ -200,7 +205,9 @@ class Predictor:
         check_mean_request(kwargs.get("mode", "fold"), kwargs.get("n_samples"), kwargs.get("fold"))
         loaded = load_run(Path(run_dir), model=model)
         cfg = loaded.config
-        if kwargs.get("mode") != "mean":  # mean: N = 0, whatever the run's N
+        # mean: N = 0, whatever the run's N; a deterministic method's run may store an N
+        # (a compare spec's, for every method) that the user did not ask of it here
+        if kwargs.get("mode") != "mean" and loaded.method.random_predictive:
             kwargs.setdefault("n_samples", cfg.evaluation.eval_samples)
         kwargs.setdefault("batch_size", cfg.evaluation.eval_batch_size)
         kwargs.setdefault("max_length", cfg.data.max_length)
