@@ -238,6 +238,27 @@ def test_letter_encoding_is_unchanged_by_the_cloze_path(tok) -> None:
     assert tok.decode(enc.input_ids[0]).endswith("C) grass\nAnswer:")
 
 
+def test_an_option_repeated_in_a_question_is_named_under_cloze_only(tok) -> None:
+    """Two options of one text get one score under cloze, so the answer cannot win over its
+    twin; letter scoring tells them apart by their letters and says nothing."""
+    import warnings
+
+    twins = MCExample("twins", "Which colour?", ("red", "blue", "red"), 2)
+    letters = ("A", "B", "C", "D")
+    task = SimpleNamespace(
+        name="mc", style="mc", prompt_segments=lambda ex: prompt_segments(ex, "mc", letters)
+    )
+    with pytest.warns(
+        UserWarning, match=r"'mc': 1 question\(s\) repeat an option's text \(twins\)"
+    ):
+        enc = encode_split(task, [*EXAMPLES, twins], tok, 600, Scoring.of("cloze"))
+    assert len(enc.cloze) == 3  # scored as usual
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_split(task, [*EXAMPLES, twins], tok, 600)  # letter: no warning
+        encode_split(task, EXAMPLES, tok, 600, Scoring.of("cloze"))  # no twins: none
+
+
 # ---------------------------------------------------------------------------------------------
 # one weight sample (or dropout mask) per question, shared by all of its options
 

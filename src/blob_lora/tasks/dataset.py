@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
 from blob_lora.tasks.scoring import LETTER, Scoring, scoring_option_ids
 from blob_lora.utils.atomic import atomic_write_text
+from blob_lora.utils.caller import outside_stacklevel
 from blob_lora.utils.errors import ConfigError, DataError, OverlongError
 
 log = logging.getLogger(__name__)
@@ -374,6 +376,7 @@ def encode_split(
     """Tokenise ``examples`` for ``scoring`` (one item per example in either mode)."""
     cloze = None
     if scoring.is_cloze:
+        _warn_repeated_options(task, examples)
         items, truncated = encode_cloze_examples(
             task, examples, tokenizer, max_length, scoring.length_norm
         )
@@ -389,6 +392,21 @@ def encode_split(
         truncated,
         cloze,
     )
+
+
+def _warn_repeated_options(task, examples: Sequence[MCExample]) -> None:
+    """Under cloze scoring two options of the same text get the same score, so the answer
+    can never be told from its twin (at most half the probability): say which questions,
+    once per split encoded. Letter scoring tells them apart by their letters."""
+    repeated = [ex.id for ex in examples if len(set(ex.choices)) < len(ex.choices)]
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        warnings.warn(
+            f"task {task.name!r}: {len(repeated)} question(s) repeat an option's text ({shown});"
+            " cloze scoring gives both copies the same score",
+            UserWarning,
+            stacklevel=outside_stacklevel(),
+        )
 
 
 def fitting_examples(
