@@ -28,3 +28,23 @@ def test_commas_inside_an_expression_stay_in_it(text, entries) -> None:
     assert args.target_modules == entries and args.bayesian_layers == entries
     # the same text from a config file
     assert merge_config({"target_modules": text}, {}).lora.target_modules == entries
+
+
+def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path) -> None:
+    """Such a folder trained, but ``--eval-tasks`` and ``evaluate --task`` split its name."""
+    from blob_lora.cli.commands.core import _task_list
+
+    folder = tmp_path / "mine,v2"
+    folder.mkdir()
+    parser = argparse.ArgumentParser()
+    add_train_options(parser)
+    assert parser.parse_args(["--eval-tasks", str(folder)]).eval_tasks == [str(folder)]
+    assert _task_list(str(folder)) == [str(folder)]
+    assert merge_config({"eval_tasks": str(folder)}, {}).evaluation.eval_tasks == [str(folder)]
+    # a list of tasks, or a folder that is not there, still splits at its commas
+    assert _task_list(f"arc_easy,{tmp_path / 'absent,x'}") == [
+        "arc_easy",
+        f"{tmp_path}/absent",
+        "x",
+    ]
+    assert parser.parse_args(["--eval-tasks", "arc_easy,ood"]).eval_tasks == ["arc_easy", "ood"]

@@ -162,7 +162,11 @@ def parse_bool(text: str) -> bool:
 
 def _comma_list(text: str) -> list[str]:
     """The entries of a comma-separated option, split at the commas outside brackets, so that
-    a regular expression's own (``.{1,3}``, ``[a,b]``, ``(q|k)``) stays in its entry."""
+    a regular expression's own (``.{1,3}``, ``[a,b]``, ``(q|k)``) stays in its entry; a text
+    that names an existing folder as a whole (``--eval-tasks`` of a task folder whose name
+    holds a comma) is one entry."""
+    if "," in text and Path(text.strip()).is_dir():
+        return [text.strip()]
     parts, depth, start, escaped = [], 0, 0, False
     for i, char in enumerate(text):
         if escaped or char == "\\":  # an escaped bracket or comma is a literal one

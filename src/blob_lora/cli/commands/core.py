@@ -290,6 +290,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _task_list(text: str) -> list[str]:
+    """The tasks of ``--task``: comma-separated names, ``ood`` for the OOD protocol's; a text
+    that names an existing folder as a whole (its name holds a comma) is one task."""
+    if "," in text and Path(text.strip()).is_dir():
+        return [text.strip()]
     names: list[str] = []
     for part in text.split(","):
         part = part.strip()
