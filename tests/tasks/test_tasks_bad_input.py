@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from blob_lora.tasks import get_task
+from blob_lora.tasks import Scoring, get_task
 from blob_lora.utils.errors import DataError
 
 GOOD = {"question": "Q?", "choices": ["a", "b", "c"], "answer": 1}
@@ -215,3 +215,21 @@ def test_an_extra_split_with_more_options_says_how_to_score_it(tmp_path):
     (tmp_path / "extra.jsonl").write_text(json.dumps(wide) + "\n")
     with pytest.raises(DataError, match="5 options, more than the task's 3 .*folder of its own"):
         get_task(str(tmp_path)).load("extra")
+
+
+def test_a_prompt_too_long_to_fit_names_its_file(tmp_path):
+    """Options longer than --max-length are found when the split is tokenised, after it was
+    read: the error named the task and the example, not the file they came from."""
+    from blob_lora.tasks.dataset import MCDataset
+    from blob_lora.utils.errors import OverlongError
+    from tests.factories import tiny_tokenizer
+
+    long_row = {"id": "longopt", "question": "Q?", "choices": ["a" * 300, "b"], "answer": 0}
+    (tmp_path / "validation.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(long_row))
+    task = get_task(str(tmp_path))
+    for scoring in ("letter", "cloze"):
+        with pytest.raises(OverlongError) as err:
+            MCDataset(task, "eval", tiny_tokenizer(), 64, scoring=Scoring.of(scoring))
+        assert "example 'longopt'" in str(err.value)
+        assert str(err.value).endswith(f"({tmp_path / 'validation.jsonl'})")
+        assert err.value.example_id == "longopt"  # still the error a caller may leave out

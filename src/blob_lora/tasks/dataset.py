@@ -508,7 +508,13 @@ class MCDataset(EncodedDataset):
             enc = _read_disk(_disk_path(cache_dir, digest), parts)
             self.cache_hit = "disk" if enc is not None else None
         if enc is None:
-            enc = encode_split(task, task.load(split), tokenizer, max_length, scoring)
+            examples = task.load(split)
+            try:
+                enc = encode_split(task, examples, tokenizer, max_length, scoring)
+            except DataError as e:  # names the example; the file it came from, too
+                where = task.where(split) if hasattr(task, "where") else ""
+                e.args = (f"{e.args[0]}{where}", *e.args[1:])
+                raise
             if cache_dir is not None:
                 _write_disk(_disk_path(cache_dir, digest), parts, enc)
         _LRU[digest] = enc

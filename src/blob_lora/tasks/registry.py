@@ -142,11 +142,18 @@ class Task:
         """The error for ``split`` holding no examples, naming the file of a local split:
         raised where a split is to be trained on or scored (``tasks.task_inputs``)."""
         spec = self.resolve_split(split)
-        where = ""
-        if isinstance(self.source, LocalSource):
-            with contextlib.suppress(DataError):  # a missing file is reported elsewhere
-                where = f" ({self.source.find(spec.name)})"
-        return DataError(f"task {self.name!r}: split {str(spec)!r} holds no examples{where}")
+        return DataError(
+            f"task {self.name!r}: split {str(spec)!r} holds no examples{self.where(split)}"
+        )
+
+    def where(self, split: str) -> str:
+        """`` (<file>)`` for a split read from a local file, else ``""``: for errors about its
+        examples that are found after they were read (a prompt too long to fit)."""
+        if not isinstance(self.source, LocalSource):
+            return ""
+        with contextlib.suppress(DataError):  # a missing file is reported elsewhere
+            return f" ({self.source.find(self.resolve_split(split).name)})"
+        return ""
 
     def source_fingerprint(self, split: str) -> str:
         """Identifies the data behind ``split`` (file name and content digest / Hub id) for caches."""
