@@ -30,8 +30,9 @@ def test_commas_inside_an_expression_stay_in_it(text, entries) -> None:
     assert merge_config({"target_modules": text}, {}).lora.target_modules == entries
 
 
-def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path) -> None:
-    """Such a folder trained, but ``--eval-tasks`` and ``evaluate --task`` split its name."""
+def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path, monkeypatch) -> None:
+    """Such a folder trained, but ``--eval-tasks`` and ``evaluate --task`` split its name;
+    ``~`` is expanded as tasks expand it, and other lists (modules) split as before."""
     from blob_lora.cli.commands.core import _task_list
 
     folder = tmp_path / "mine,v2"
@@ -41,6 +42,9 @@ def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path) -> None:
     assert parser.parse_args(["--eval-tasks", str(folder)]).eval_tasks == [str(folder)]
     assert _task_list(str(folder)) == [str(folder)]
     assert merge_config({"eval_tasks": str(folder)}, {}).evaluation.eval_tasks == [str(folder)]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _task_list("~/mine,v2") == ["~/mine,v2"]
+    assert parser.parse_args(["--eval-tasks", "~/mine,v2"]).eval_tasks == ["~/mine,v2"]
     # a list of tasks, or a folder that is not there, still splits at its commas
     assert _task_list(f"arc_easy,{tmp_path / 'absent,x'}") == [
         "arc_easy",
@@ -48,3 +52,9 @@ def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path) -> None:
         "x",
     ]
     assert parser.parse_args(["--eval-tasks", "arc_easy,ood"]).eval_tasks == ["arc_easy", "ood"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q_proj,v_proj").mkdir()  # a folder is no reason to keep modules together
+    assert parser.parse_args(["--target-modules", "q_proj,v_proj"]).target_modules == [
+        "q_proj",
+        "v_proj",
+    ]

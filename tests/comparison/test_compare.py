@@ -713,12 +713,20 @@ def test_missing_evaluations_use_the_runs_eval_noise(tmp_path, monkeypatch):
     assert (10, "token") in seen and {noise for _, noise in seen} == {"token"}
 
 
-def test_a_task_folder_deep_enough_to_overflow_a_file_name_compares(tmp_path):
+@pytest.mark.parametrize("depth", ["over 255 bytes", "230 bytes"])
+def test_a_task_folder_deep_enough_to_overflow_a_file_name_compares(tmp_path, depth):
     """A task folder's whole path names its results, claims and plots: past 255 bytes a
-    file name fails (the claim's lock before any training, the plot after all of it)."""
-    deep = tmp_path.joinpath(*[f"a-long-descriptive-folder-name-part-{i}" for i in range(8)])
+    file name fails (the claim's lock before any training, the plot after all of it). A
+    folder name earlier runs could write (230 bytes) stays as it was, so they are found."""
+    from blob_lora.tasks.dir_names import task_dir_name
+
+    if depth == "230 bytes":
+        deep = tmp_path / ("x" * (230 - len(str(tmp_path)) - 1))
+        assert len(str(deep).encode()) == 230
+    else:
+        deep = tmp_path.joinpath(*[f"a-long-descriptive-folder-name-part-{i}" for i in range(8)])
+        assert len(str(deep).encode()) > 255
     deep.mkdir(parents=True)
-    assert len(str(deep).encode()) > 255
     rows = [
         {"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(8)
     ]
@@ -733,4 +741,8 @@ def test_a_task_folder_deep_enough_to_overflow_a_file_name_compares(tmp_path):
     assert main(["compare", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     assert "| lora |" in (out / "results_id.md").read_text()
     (plot,) = out.glob("reliability_*.png")
-    assert len(plot.name.encode()) < 200 and plot.name.endswith("part-7.png")
+    assert len(plot.name.encode()) <= 200 and plot.name.endswith(f"{deep.name[-40:]}.png")
+    (run_folder,) = (out / "runs").iterdir()
+    assert run_folder.name == task_dir_name(str(deep))
+    if depth == "230 bytes":  # unchanged: the sanitised path itself
+        assert run_folder.name == str(deep).replace("/", "_")

@@ -238,25 +238,33 @@ def test_letter_encoding_is_unchanged_by_the_cloze_path(tok) -> None:
     assert tok.decode(enc.input_ids[0]).endswith("C) grass\nAnswer:")
 
 
-def test_an_option_repeated_in_a_question_is_named_under_cloze_only(tok) -> None:
+def test_an_option_repeated_in_a_question_is_named_under_cloze_only(tok, tmp_path) -> None:
     """Two options of one text get one score under cloze, so the answer cannot win over its
-    twin; letter scoring tells them apart by their letters and says nothing."""
+    twin: a warning when the split is read, not again from the cache; letter scoring tells
+    them apart by their letters and says nothing."""
+    import json
     import warnings
 
-    twins = MCExample("twins", "Which colour?", ("red", "blue", "red"), 2)
-    letters = ("A", "B", "C", "D")
-    task = SimpleNamespace(
-        name="mc", style="mc", prompt_segments=lambda ex: prompt_segments(ex, "mc", letters)
-    )
-    with pytest.warns(
-        UserWarning, match=r"'mc': 1 question\(s\) repeat an option's text \(twins\)"
-    ):
-        enc = encode_split(task, [*EXAMPLES, twins], tok, 600, Scoring.of("cloze"))
-    assert len(enc.cloze) == 3  # scored as usual
+    from blob_lora.tasks import get_task
+    from blob_lora.tasks.dataset import MCDataset
+
+    rows = [
+        {"id": "plain", "question": "Which?", "choices": ["red", "blue"], "answer": 0},
+        {
+            "id": "twins",
+            "question": "Which colour?",
+            "choices": ["red", "blue", "red"],
+            "answer": 2,
+        },
+    ]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"1 question\(s\) repeat an option's text \(twins\)"):
+        MCDataset(task, "eval", tok, 600, scoring=Scoring.of("cloze"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        encode_split(task, [*EXAMPLES, twins], tok, 600)  # letter: no warning
-        encode_split(task, EXAMPLES, tok, 600, Scoring.of("cloze"))  # no twins: none
+        MCDataset(task, "eval", tok, 600, scoring=Scoring.of("cloze"))  # cached: said once
+        MCDataset(task, "eval", tok, 600)  # letter: nothing to say
 
 
 # ---------------------------------------------------------------------------------------------

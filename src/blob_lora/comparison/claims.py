@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from blob_lora.tasks.dir_names import fit_name
+from blob_lora.tasks.dir_names import FILE_LIMIT, fit_name
 
 CLAIMS_DIR = ".claims"
 
@@ -32,7 +32,7 @@ class RunClaims:
         self.dir.mkdir(parents=True, exist_ok=True)
         # thread_local=False: a claim is the process's, whichever thread releases it
         # the label holds the task's name, a folder's whole path for one's own data
-        name = fit_name(label.replace("/", "__"))
+        name = fit_name(label.replace("/", "__"), FILE_LIMIT)
         return FileLock(self.dir / f"{name}.lock", thread_local=False)
 
     def take(self, label: str) -> FileLock | None:

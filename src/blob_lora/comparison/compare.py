@@ -60,7 +60,7 @@ from blob_lora.methods.composite import CompositeMethod
 from blob_lora.metrics import reliability_diagram_multi
 from blob_lora.pipeline import train
 from blob_lora.tasks import get_task
-from blob_lora.tasks.dir_names import task_dir_name
+from blob_lora.tasks.dir_names import FILE_LIMIT, fit_name, task_dir_name
 from blob_lora.training.config import TrainConfig, setting_differences
 from blob_lora.training.run_dir import RUN_CONFIG
 from blob_lora.training.saved_run import load_run
@@ -633,11 +633,18 @@ def _pooled_predictions(
     return (probs, labels) if labels else None
 
 
+def _plot_name(prefix: str, task: str) -> str:
+    """``<prefix><task's folder name>.png``; the name is cut (:func:`fit_name`) where the plot,
+    written atomically under a longer temporary name, would not fit a file name."""
+    room = FILE_LIMIT - len(prefix) - len(".png")
+    return f"{prefix}{fit_name(safe_name(task), room)}.png"
+
+
 def _reliability_plots(spec: CompareSpec, runs: list[PlannedRun]) -> list[str]:
-    jobs = [(t, t, f"reliability_{safe_name(t)}.png", "ID") for t in spec.tasks]
+    jobs = [(t, t, _plot_name("reliability_", t), "ID") for t in spec.tasks]
     if spec.ood:
         jobs += [
-            (spec.ood.train_task, t, f"reliability_ood_{safe_name(t)}.png", "OOD")
+            (spec.ood.train_task, t, _plot_name("reliability_ood_", t), "OOD")
             for t in spec.ood.eval_tasks
             if t != spec.ood.train_task
         ]

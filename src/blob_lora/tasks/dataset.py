@@ -376,7 +376,6 @@ def encode_split(
     """Tokenise ``examples`` for ``scoring`` (one item per example in either mode)."""
     cloze = None
     if scoring.is_cloze:
-        _warn_repeated_options(task, examples)
         items, truncated = encode_cloze_examples(
             task, examples, tokenizer, max_length, scoring.length_norm
         )
@@ -394,16 +393,16 @@ def encode_split(
     )
 
 
-def _warn_repeated_options(task, examples: Sequence[MCExample]) -> None:
+def _warn_repeated_options(task, split: str, examples: Sequence[MCExample]) -> None:
     """Under cloze scoring two options of the same text get the same score, so the answer
-    can never be told from its twin (at most half the probability): say which questions,
-    once per split encoded. Letter scoring tells them apart by their letters."""
+    can never be told from its twin (at most half the probability): say which questions.
+    Letter scoring tells them apart by their letters."""
     repeated = [ex.id for ex in examples if len(set(ex.choices)) < len(ex.choices)]
     if repeated:
         shown = ", ".join(repeated[:5]) + (", ..." if len(repeated) > 5 else "")
         warnings.warn(
-            f"task {task.name!r}: {len(repeated)} question(s) repeat an option's text ({shown});"
-            " cloze scoring gives both copies the same score",
+            f"task {task.name!r}, split {split!r}: {len(repeated)} question(s) repeat an "
+            f"option's text ({shown}); cloze scoring gives both copies the same score",
             UserWarning,
             stacklevel=outside_stacklevel(),
         )
@@ -509,6 +508,8 @@ class MCDataset(EncodedDataset):
             self.cache_hit = "disk" if enc is not None else None
         if enc is None:
             examples = task.load(split)
+            if scoring.is_cloze:  # once per split read, not per batch or episode encoded
+                _warn_repeated_options(task, split, examples)
             try:
                 enc = encode_split(task, examples, tokenizer, max_length, scoring)
             except DataError as e:  # names the example; the file it came from, too

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from blob_lora.utils.errors import ConfigError
 
-#: the longest name (bytes) kept as it is: file systems take 255, and the files named after a
-#: task (``reliability_ood_<name>.png``, a claim's ``<name>__<method>__seed<k>.lock``, the
-#: temporary ``.<file>.XXXXXXXX.tmp`` of an atomic write) add up to ~50 more
-NAME_LIMIT = 200
+#: the longest folder name (bytes) kept as it is: what file systems take, and so what earlier
+#: runs could write
+NAME_LIMIT = 255
+#: the longest name (bytes) of a file named after a task and written atomically (a claim's
+#: lock, a reliability plot): its temporary ``.<name>.XXXXXXXX.tmp`` must fit the 255
+FILE_LIMIT = 200
 #: the length (bytes) a longer name is shortened to: its end and a digest of the whole name
 SHORT_NAME = 128
 
@@ -27,9 +29,9 @@ def task_dir_name(name: str) -> str:
     that starts with a dot is written plainly first (``./mine`` -> ``mine``; ``.`` -> the
     folder's own name), so that no task lands in the evaluation folder itself or in a hidden
     one. Two tasks may still share a name (``x/y`` and ``x_y``): :func:`check_distinct_dirs`
-    refuses such a list. A name too long for the files named after it (over
-    :data:`NAME_LIMIT` bytes: a deep task folder's whole path) is shortened by
-    :func:`fit_name`; shorter names, which earlier runs wrote, stay as they were."""
+    refuses such a list. A name too long for a folder (over :data:`NAME_LIMIT` bytes: a deep
+    task folder's whole path) is shortened by :func:`fit_name`; shorter names, which earlier
+    runs wrote, stay as they were."""
     if name.startswith("."):
         plain = os.path.normpath(name)
         if plain.split(os.sep)[-1] in (".", ".."):
@@ -38,11 +40,11 @@ def task_dir_name(name: str) -> str:
     return fit_name(name.replace(":", "__").replace("/", "_"))
 
 
-def fit_name(name: str) -> str:
-    """``name`` as it is up to :data:`NAME_LIMIT` bytes; a longer one as 12 hex digits of its
-    digest and its end, :data:`SHORT_NAME` bytes at most (the end is the most specific part
-    of a path; the digest keeps two names apart that differ only before it)."""
-    if len(name.encode()) <= NAME_LIMIT:
+def fit_name(name: str, limit: int = NAME_LIMIT) -> str:
+    """``name`` as it is up to ``limit`` bytes; a longer one as 12 hex digits of its digest
+    and its end, :data:`SHORT_NAME` bytes at most (the end is the most specific part of a
+    path; the digest keeps two names apart that differ only before it)."""
+    if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]
     tail = name

@@ -13,6 +13,7 @@ from blob_lora.cli.options import (
     add_eval_noise_override,
     add_scoring_override,
     add_train_options,
+    is_one_folder,
     merge_config,
     read_config_file,
     scoring_override,
@@ -292,7 +293,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _task_list(text: str) -> list[str]:
     """The tasks of ``--task``: comma-separated names, ``ood`` for the OOD protocol's; a text
     that names an existing folder as a whole (its name holds a comma) is one task."""
-    if "," in text and Path(text.strip()).is_dir():
+    if is_one_folder(text):
         return [text.strip()]
     names: list[str] = []
     for part in text.split(","):
