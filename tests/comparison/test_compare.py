@@ -746,3 +746,5 @@ def test_a_task_folder_deep_enough_to_overflow_a_file_name_compares(tmp_path, de
     assert run_folder.name == task_dir_name(str(deep))
     if depth == "230 bytes":  # unchanged: the sanitised path itself
         assert run_folder.name == str(deep).replace("/", "_")
+    else:  # its end after a digest, short enough for a file name
+        assert len(run_folder.name.encode()) <= 128 and run_folder.name.endswith("part-7")
