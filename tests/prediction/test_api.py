@@ -102,6 +102,21 @@ def test_read_questions_from_jsonl(tmp_path, records):
         read_questions(bad)
 
 
+def test_a_question_too_long_to_fit_names_its_file_and_line(tmp_path, tokenizer, records):
+    """Found when the questions are tokenised, after the file was read: the error named only
+    the question's id, which a user with ids of their own has to search the file for."""
+    path = tmp_path / "q.jsonl"
+    long = {"id": "big", "question": "Q?", "choices": ["word " * 80, "b"]}
+    path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(long) + "\n")
+    with pytest.raises(DataError, match=r"example 'big'") as err:
+        Predictor(blob_model(), tokenizer, max_length=64).predict_file(path, tmp_path / "o.jsonl")
+    assert str(err.value).endswith(f"({path}, line 3)")  # the blank line 2 counts
+    assert not (tmp_path / "o.jsonl").exists()
+    # records handed over in memory have no file: the error names the id alone, as before
+    with pytest.raises(DataError, match=r"example 'big': .*max_length=64$"):
+        predict(blob_model(), tokenizer, [long], max_length=64)
+
+
 def test_cli_predict_writes_rows_atomically(run_dir, tmp_path, records, capsys):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in records) + "\n")

@@ -213,8 +213,11 @@ def test_an_extra_split_with_more_options_says_how_to_score_it(tmp_path):
     (tmp_path / "validation.jsonl").write_text(json.dumps(GOOD) + "\n")
     wide = {"question": "Q?", "choices": list("abcde"), "answer": 4}
     (tmp_path / "extra.jsonl").write_text(json.dumps(wide) + "\n")
-    with pytest.raises(DataError, match="5 options, more than the task's 3 .*folder of its own"):
+    with pytest.raises(
+        DataError, match="5 options, more than the task's 3 .*folder of its own"
+    ) as err:
         get_task(str(tmp_path)).load("extra")
+    assert str(err.value).endswith(f"({tmp_path / 'extra.jsonl'}, line 1)")
 
 
 def test_a_prompt_too_long_to_fit_names_its_file(tmp_path):
@@ -225,11 +228,34 @@ def test_a_prompt_too_long_to_fit_names_its_file(tmp_path):
     from tests.factories import tiny_tokenizer
 
     long_row = {"id": "longopt", "question": "Q?", "choices": ["a" * 300, "b"], "answer": 0}
-    (tmp_path / "validation.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(long_row))
+    (tmp_path / "validation.jsonl").write_text(
+        json.dumps(GOOD) + "\n\n" + json.dumps(long_row)  # the blank line 2 counts
+    )
     task = get_task(str(tmp_path))
     for scoring in ("letter", "cloze"):
         with pytest.raises(OverlongError) as err:
             MCDataset(task, "eval", tiny_tokenizer(), 64, scoring=Scoring.of(scoring))
         assert "example 'longopt'" in str(err.value)
-        assert str(err.value).endswith(f"({tmp_path / 'validation.jsonl'})")
+        assert str(err.value).endswith(f"({tmp_path / 'validation.jsonl'}, line 3)")
         assert err.value.example_id == "longopt"  # still the error a caller may leave out
+        assert err.value.line == 3
+
+
+def test_a_question_that_cannot_be_scored_names_its_file_and_line(tmp_path):
+    """The other errors found when a split is tokenised carry the line as well: a local
+    WinoGrande sentence without its blank, which partial scoring needs (letter scoring does
+    not, so reading the file cannot refuse it)."""
+    from blob_lora.tasks.dataset import MCDataset
+    from blob_lora.utils.errors import ExampleError
+    from tests.factories import tiny_tokenizer
+
+    row = {"sentence": "A _ fell.", "option1": "cup", "option2": "pot", "answer": "1"}
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    no_blank = {**row, "qID": "w2", "sentence": "No blank."}
+    (folder / "validation.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(no_blank))
+    task = get_task("winogrande_s", data_root=tmp_path)
+    MCDataset(task, "eval", tiny_tokenizer(), 256)  # letter scoring reads it
+    with pytest.raises(ExampleError, match="'w2': a WinoGrande sentence needs exactly") as err:
+        MCDataset(task, "eval", tiny_tokenizer(), 256, scoring=Scoring.of("cloze"))
+    assert str(err.value).endswith(f"({folder / 'validation.jsonl'}, line 2)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -68,3 +69,17 @@ def test_byo_test_split_and_no_train(tmp_path):
     task = get_task(tmp_path)
     assert (task.train_split, task.eval_split, task.n_options) == (None, "test", 2)
     assert len(task.load("eval")) == 1
+
+
+def test_examples_keep_their_line_in_the_file_and_compare_without_it(tmp_path):
+    """``MCExample.line`` is the question's line in its file (blank lines count, as an editor
+    counts them), for errors found after reading; it is where a question was, not what it is."""
+    (tmp_path / "validation.jsonl").write_text(
+        '{"question": "A?", "choices": ["x", "y"], "answer": 0}\n\n'
+        '{"id": "b", "question": "B?", "choices": ["x", "y"], "answer": 1}\n'
+    )
+    examples = get_task(str(tmp_path)).load("eval")
+    assert [(ex.id, ex.line) for ex in examples] == [("validation-1", 1), ("b", 3)]
+    moved = dataclasses.replace(examples[1], line=40)
+    assert moved == examples[1] and hash(moved) == hash(examples[1])
+    assert "line" not in repr(moved)

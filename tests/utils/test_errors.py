@@ -12,6 +12,7 @@ from blob_lora.utils.errors import (
     ConfigError,
     DamagedFileError,
     DataError,
+    ExampleError,
     OverlongError,
 )
 from blob_lora.utils.settings import SettingError
@@ -32,7 +33,12 @@ def test_every_error_is_rebuilt_with_its_type_message_and_fields() -> None:
         assert type(again) is type(exc) and str(again) == str(exc)
     overlong = _round_trip(OverlongError("q7 needs 300 tokens", example_id="q7", needed=300))
     assert type(overlong) is OverlongError and str(overlong) == "q7 needs 300 tokens"
-    assert (overlong.example_id, overlong.needed) == ("q7", 300)
+    assert (overlong.example_id, overlong.needed, overlong.line) == ("q7", 300, None)
+    placed = _round_trip(OverlongError("q8", example_id="q8", needed=9, line=4))
+    assert (placed.example_id, placed.needed, placed.line) == ("q8", 9, 4)
+    example = _round_trip(ExampleError("no text to score", example_id="q9", line=12))
+    assert type(example) is ExampleError and str(example) == "no text to score"
+    assert (example.example_id, example.line) == ("q9", 12)
     setting = _round_trip(SettingError("--lora-r", "lora_r", "must be >= 1, got 0"))
     assert type(setting) is SettingError and str(setting) == "--lora-r must be >= 1, got 0"
     assert (setting.setting, setting.problem) == ("lora_r", "must be >= 1, got 0")

@@ -38,7 +38,7 @@ from blob_lora.prediction.inputs import Questions, parse_questions, read_questio
 from blob_lora.prediction.loop import DatasetPredictive, predict_dataset
 from blob_lora.prediction.outputs import check_output_path, write_rows
 from blob_lora.tasks import EncodedDataset, MCCollator, MCExample, Scoring, scoring_option_ids
-from blob_lora.tasks.dataset import encode_split, length_sorted_batches
+from blob_lora.tasks.dataset import encode_split, length_sorted_batches, naming_the_file
 from blob_lora.tasks.scoring import LETTER
 from blob_lora.training.saved_run import load_run
 from blob_lora.tuners.blob.config import EVAL_NOISE_MODES
@@ -257,7 +257,8 @@ class Predictor:
     def _score_questions(self, q: Questions) -> list[dict]:
         start = time.perf_counter()
         task, examples = q.task, q.examples
-        enc = encode_split(task, examples, self.tokenizer, self.max_length, self.scoring)
+        with naming_the_file(task, task.eval_split):
+            enc = encode_split(task, examples, self.tokenizer, self.max_length, self.scoring)
         pad = self.tokenizer.pad_token_id
         collator = MCCollator(
             pad if pad is not None else self.tokenizer.eos_token_id, task.n_options

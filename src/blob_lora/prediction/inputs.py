@@ -42,10 +42,12 @@ class Questions:
 
 
 class InMemorySource:
-    """A task source whose only split (``input``) is a list of examples held in memory."""
+    """A task source whose only split (``input``) is a list of examples held in memory;
+    ``where`` names the file (or ``<stdin>``) they were read from, if any."""
 
-    def __init__(self, examples: list[MCExample]) -> None:
+    def __init__(self, examples: list[MCExample], where: str | None = None) -> None:
         self.examples = list(examples)
+        self.where = where
         self._digest = examples_digest(self.examples, with_labels=False)
 
     def read(self, spec: SplitSpec) -> list[MCExample]:
@@ -56,13 +58,21 @@ class InMemorySource:
     def fingerprint(self, spec: SplitSpec) -> str:
         return f"memory:{self._digest}"
 
+    def location(self, split: str) -> str | None:
+        """The file the questions came from, for errors found when they are tokenised."""
+        return self.where
 
-def questions_task(examples: list[MCExample], name: str = "predict") -> Task:
-    """A multiple-choice ``Task`` over ``examples`` (letters A.. for the largest option count)."""
+
+def questions_task(
+    examples: list[MCExample], name: str = "predict", where: str | None = None
+) -> Task:
+    """A multiple-choice ``Task`` over ``examples`` (letters A.. for the largest option count);
+    ``where``: the file they were read from, named by errors found later."""
     if not examples:
         raise DataError("no questions to predict")
     n = max(ex.n_options for ex in examples)
-    return Task(name, n, LETTERS[:n], None, INPUT_SPLIT, STYLE_MC, InMemorySource(examples))
+    source = InMemorySource(examples, where)
+    return Task(name, n, LETTERS[:n], None, INPUT_SPLIT, STYLE_MC, source)
 
 
 def parse_questions(
@@ -110,4 +120,4 @@ def read_questions(path: str | os.PathLike[str], stdin: BinaryIO | None = None) 
     if not examples:
         raise DataError(f"{where} holds no questions")
     labels = [ex.label if has else None for ex, has in zip(examples, parser.labelled, strict=True)]
-    return Questions(questions_task(examples, name=name), examples, labels)
+    return Questions(questions_task(examples, name=name, where=where), examples, labels)

@@ -43,7 +43,7 @@ from blob_lora.tasks.prompts import (
     STYLES,
     Segment,
 )
-from blob_lora.utils.errors import DataError
+from blob_lora.utils.errors import ExampleError
 
 BOOLQ_WORDS = {"True": "yes", "False": "no"}  # the answer words a reader would write
 
@@ -93,16 +93,20 @@ def cloze_prompt(ex: MCExample, style: str) -> ClozePrompt:
     if style == STYLE_WINOGRANDE:
         sentence = ex.question
         if sentence.count("_") != 1:
-            raise DataError(
+            raise ExampleError(
                 f"example {ex.id!r}: a WinoGrande sentence needs exactly one blank '_' for "
-                f"partial scoring, found {sentence.count('_')}"
+                f"partial scoring, found {sentence.count('_')}",
+                example_id=ex.id,
+                line=ex.line,
             )
         before, after = sentence.split("_")
         after = _body(after)
         if not after:
-            raise DataError(
+            raise ExampleError(
                 f"example {ex.id!r}: nothing follows the blank, so partial scoring has no "
-                "words to score"
+                "words to score",
+                example_id=ex.id,
+                line=ex.line,
             )
         return ClozePrompt(
             [], [ClozeOption(before.lstrip() + c.strip(), after) for c in ex.choices]

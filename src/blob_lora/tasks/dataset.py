@@ -34,7 +34,7 @@ from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
 from blob_lora.tasks.scoring import LETTER, Scoring, scoring_option_ids
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.caller import outside_stacklevel
-from blob_lora.utils.errors import ConfigError, DataError, OverlongError
+from blob_lora.utils.errors import ConfigError, DataError, ExampleError, OverlongError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def encode_examples(
                         f"'Answer:' cue are never cut), more than max_length={max_length}",
                         example_id=ex.id,
                         needed=need,
+                        line=ex.line,
                     )
             truncated.append(excess > 0)
             out.append(prefix + ids)
@@ -220,8 +221,10 @@ def encode_cloze_examples(
         ]
         for k, (_, scored) in enumerate(options):
             if not any(scored):
-                raise DataError(
-                    f"task {task.name!r}, example {ex.id!r}: option {k} has no text to score"
+                raise ExampleError(
+                    f"task {task.name!r}, example {ex.id!r}: option {k} has no text to score",
+                    example_id=ex.id,
+                    line=ex.line,
                 )
         excess = len(prefix) + len(shared_ids) + sum(len(ids) for ids, _ in options) - max_length
         if excess > 0:
@@ -234,6 +237,7 @@ def encode_cloze_examples(
                     f"(the options are never cut), more than max_length={max_length}",
                     example_id=ex.id,
                     needed=max_length + left,
+                    line=ex.line,
                 )
         truncated.append(excess > 0)
         head = prefix + shared_ids
@@ -247,9 +251,11 @@ def encode_cloze_examples(
         for k, (ids, scored) in enumerate(options):
             for j, (tok, is_scored) in enumerate(zip(ids, scored, strict=True)):
                 if is_scored and j == 0 and not head:
-                    raise DataError(
+                    raise ExampleError(
                         f"task {task.name!r}, example {ex.id!r}: option {k} starts with a "
-                        "scored token but nothing precedes it to predict it"
+                        "scored token but nothing precedes it to predict it",
+                        example_id=ex.id,
+                        line=ex.line,
                     )
                 item["input_ids"].append(tok)
                 item["branch"].append(k + 1)
@@ -408,6 +414,24 @@ def _warn_repeated_options(task, split: str, examples: Sequence[MCExample]) -> N
         )
 
 
+@contextlib.contextmanager
+def naming_the_file(task, split: str) -> Iterator[None]:
+    """Add the file (and line) of ``split`` to a ``DataError`` raised inside.
+
+    Why: a question that cannot be prompted is found when its split is tokenised, where only
+    the task and the question's id are known; the task knows the file it read
+    (``Task.where``), and an ``ExampleError`` carries the question's line in it. A task object
+    without ``where`` (a meta-learning pool's, a test double's) adds nothing.
+    """
+    try:
+        yield
+    except DataError as e:
+        where = getattr(task, "where", None)
+        if where is not None:
+            e.args = (f"{e.args[0]}{where(split, getattr(e, 'line', None))}", *e.args[1:])
+        raise
+
+
 def fitting_examples(
     task, examples: Sequence[MCExample], tokenizer, max_length: int, scoring: Scoring = LETTER
 ) -> tuple[list[MCExample], dict[str, int]]:
@@ -510,12 +534,8 @@ class MCDataset(EncodedDataset):
             examples = task.load(split)
             if scoring.is_cloze:  # once per split read, not per batch or episode encoded
                 _warn_repeated_options(task, split, examples)
-            try:
+            with naming_the_file(task, split):
                 enc = encode_split(task, examples, tokenizer, max_length, scoring)
-            except DataError as e:  # names the example; the file it came from, too
-                where = task.where(split) if hasattr(task, "where") else ""
-                e.args = (f"{e.args[0]}{where}", *e.args[1:])
-                raise
             if cache_dir is not None:
                 _write_disk(_disk_path(cache_dir, digest), parts, enc)
         _LRU[digest] = enc

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIN_OPTIONS = 2
 MAX_OPTIONS = 26  # one letter A-Z per option
@@ -23,6 +23,9 @@ class MCExample:
     ``choices`` are the option texts in source order; ``label`` is the 0-based index of the
     correct one. ``context`` is an optional passage shown before the question (BoolQ's
     passage, or a user's ``context`` field); it is the first thing truncation shortens.
+    ``line`` is the question's line in the JSONL file it was read from (``None`` otherwise):
+    a prompt too long to fit is found when the split is tokenised, and its error names the
+    line. It is where the question was, not what it is: equality and hashing ignore it.
     """
 
     id: str
@@ -30,6 +33,7 @@ class MCExample:
     choices: tuple[str, ...]
     label: int
     context: str | None = None
+    line: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_options(self) -> int:

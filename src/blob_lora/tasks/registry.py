@@ -135,6 +135,7 @@ class Task:
                         if own
                         else ""
                     )
+                    + self.where(split, ex.line)
                 )
         return apply_split_slice(examples, spec)
 
@@ -146,13 +147,14 @@ class Task:
             f"task {self.name!r}: split {str(spec)!r} holds no examples{self.where(split)}"
         )
 
-    def where(self, split: str) -> str:
-        """`` (<file>)`` for a split read from a local file, else ``""``: for errors about its
-        examples that are found after they were read (a prompt too long to fit)."""
-        if not isinstance(self.source, LocalSource):
-            return ""
+    def where(self, split: str, line: int | None = None) -> str:
+        """`` (<file>)``, or `` (<file>, line <line>)``, for a split read from a file, else
+        ``""``: for errors about its examples that are found after they were read (a prompt too
+        long to fit), when only the example's id and ``MCExample.line`` are at hand."""
         with contextlib.suppress(DataError):  # a missing file is reported elsewhere
-            return f" ({self.source.find(self.resolve_split(split).name)})"
+            place = self.source.location(self.resolve_split(split).name)
+            if place is not None:
+                return f" ({place})" if line is None else f" ({place}, line {line})"
         return ""
 
     def source_fingerprint(self, split: str) -> str:

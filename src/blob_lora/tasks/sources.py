@@ -18,6 +18,7 @@ import os
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +382,9 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, Any]]:
 
 def parse_rows(rows: Any, parser: Parser, where: str, id_prefix: str, unit: str) -> list[MCExample]:
     """Run ``parser`` over ``(number, record)`` pairs; errors name ``where`` and the number.
-    Ids must be unique: they name the rows of ``predictions.jsonl`` and of error messages."""
+    Ids must be unique: they name the rows of ``predictions.jsonl`` and of error messages.
+    With ``unit="line"`` each example keeps its number as ``MCExample.line``, for the errors
+    found after reading (``utils.errors.ExampleError``)."""
     out: list[MCExample] = []
     seen: dict[str, int] = {}
     for number, rec in rows:
@@ -401,7 +404,7 @@ def parse_rows(rows: Any, parser: Parser, where: str, id_prefix: str, unit: str)
             raise DataError(f"{where}, {unit} {number}: {e}") from None
         if ex is not None:
             seen[ex.id] = number
-            out.append(ex)
+            out.append(replace(ex, line=number) if unit == "line" else ex)
     return out
 
 
@@ -457,6 +460,10 @@ class LocalSource:
     def fingerprint(self, spec: SplitSpec) -> str:
         path = self.find(spec.name)
         return f"file:{path.name}:{file_digest(path)}"
+
+    def location(self, split: str) -> str | None:
+        """The file of ``split``, for errors about its questions found after it was read."""
+        return str(self.find(split))
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
@@ -531,6 +538,11 @@ class HubSource:
     def fingerprint(self, spec: SplitSpec) -> str:
         config, split = self.split_map(spec.name)
         return f"hub:{self.path}:{config}:{split}"
+
+    def location(self, split: str) -> str | None:
+        """``None``: a Hub split's errors name its rows by id (the read errors name the
+        dataset, config and split themselves)."""
+        return None
 
 
 def env_data_root() -> str | None:

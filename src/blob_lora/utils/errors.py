@@ -14,21 +14,40 @@ class DataError(BlobLoraError, ValueError):
     """A dataset file or record is missing or malformed."""
 
 
-class OverlongError(DataError):
+class ExampleError(DataError):
+    """A question that was read but cannot be prompted or scored, found once its split is
+    tokenised: long after the file was read, so the error carries the question's ``line`` in
+    its file (``None`` for questions not read from a file) for the caller that knows the file
+    to name both (``tasks.dataset.naming_the_file``)."""
+
+    def __init__(self, message: str, *, example_id: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.example_id = example_id
+        self.line = line
+
+    def _fields(self) -> dict[str, Any]:
+        return {"example_id": self.example_id, "line": self.line}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable with its keyword-only fields: an error of the main process is sent to the
+        # others (``training.distributed.on_main``), where the default rebuild fails
+        return (partial(type(self), **self._fields()), self.args)
+
+
+class OverlongError(ExampleError):
     """A question that cannot fit the prompt budget even with its passage and question cut:
     what is left (options, cues) needs ``needed`` tokens. A ``DataError`` like any other bad
     record; its own type so that a caller that may leave such questions out (a task collection,
     ``--overlong drop``) can tell it from a malformed one."""
 
-    def __init__(self, message: str, *, example_id: str, needed: int) -> None:
-        super().__init__(message)
-        self.example_id = example_id
+    def __init__(
+        self, message: str, *, example_id: str, needed: int, line: int | None = None
+    ) -> None:
+        super().__init__(message, example_id=example_id, line=line)
         self.needed = needed
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # picklable with its keyword-only fields: an error of the main process is sent to the
-        # others (``training.distributed.on_main``), where the default rebuild fails
-        return (partial(type(self), example_id=self.example_id, needed=self.needed), self.args)
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "needed": self.needed}
 
 
 class ConfigError(BlobLoraError, ValueError):
