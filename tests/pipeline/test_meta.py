@@ -241,6 +241,8 @@ def test_a_question_that_cannot_fit_stops_the_run_first_or_is_left_out(tmp_path,
     assert main(train_args(tasks, model, out)) == 2
     err = capsys.readouterr().err
     assert "3 question(s) of 3 task(s) cannot fit --max-length 96" in err
+    # the example question is named with its file and line (the fifth row)
+    assert re.search(r"task(\d) \(\S*task\1/validation\.jsonl, line 5\) needs \d+ tokens", err)
     assert "--overlong drop leaves them out" in err
     fits = int(re.search(r"--max-length (\d+) fits them all", err).group(1))
     assert not out.exists()
@@ -361,3 +363,26 @@ def test_settings_the_run_cannot_honour_are_noted_before_step_one(meta_run, tmp_
     assert "--meta-batch-tasks 5 but only 2 meta-train task(s)" in err
     assert "--query-size 9 but" in err
     assert re.search(r"task\d 7", err)
+
+
+def test_a_question_its_scoring_cannot_read_names_its_file_and_line(tmp_path):
+    """The check before meta-training meets every question; one that cloze scoring cannot
+    read (a WinoGrande sentence without its blank) stops it naming the file and line, which a
+    pool now keeps the split of."""
+    from blob_lora.pipeline.meta_config import MetaConfig
+    from blob_lora.pipeline.meta_data import MetaSplit, TaskInputsFactory, fit_split
+    from blob_lora.tasks import Scoring
+    from blob_lora.tasks.collection import load_pool
+    from tests.factories import tiny_tokenizer
+
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    row = {"sentence": "A _ fell.", "option1": "cup", "option2": "pot", "answer": "1"}
+    rows = [row] * 3 + [{**row, "qID": "w4", "sentence": "No blank."}]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pools = [load_pool(n, data_root=tmp_path) for n in ("winogrande_s", "winogrande_m")]
+    assert pools[0].split == "eval"
+    inputs = TaskInputsFactory(tiny_tokenizer(), 256, 2, Scoring.of("cloze"), torch.device("cpu"))
+    with pytest.raises(DataError, match="'w4': a WinoGrande sentence needs exactly") as err:
+        fit_split(MetaSplit(pools[:1], pools[1:]), inputs, MetaConfig())
+    assert str(err.value).endswith(f"({folder / 'validation.jsonl'}, line 4)")

@@ -26,7 +26,13 @@ from blob_lora.methods.abmll import answer_nll
 from blob_lora.models.prefix_cache import BatchPrefixCache
 from blob_lora.pipeline.meta_config import MetaConfig
 from blob_lora.tasks.collection import TaskPool, collection_names, load_pool, split_tasks
-from blob_lora.tasks.dataset import EncodedDataset, MCCollator, encode_split, fitting_examples
+from blob_lora.tasks.dataset import (
+    EncodedDataset,
+    MCCollator,
+    encode_split,
+    fitting_examples,
+    naming_the_file,
+)
 from blob_lora.tasks.examples import MCExample
 from blob_lora.tasks.scoring import Scoring, scoring_option_ids
 from blob_lora.tuners.abmll import AbmllConfig
@@ -102,10 +108,12 @@ def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> M
     same run re-creates the same pools, so ``meta-evaluate`` draws the same support sets."""
     kept_by: dict[str, list[MCExample]] = {}
     left_out: dict[str, dict[str, int]] = {}
-    for pool in [*split.train, *split.test]:
-        kept, out = fitting_examples(
-            pool.task, pool.examples, inputs.tokenizer, inputs.max_length, inputs.scoring
-        )
+    pools = {pool.name: pool for pool in [*split.train, *split.test]}
+    for pool in pools.values():
+        with naming_the_file(pool.task, pool.split):  # a question scoring cannot read
+            kept, out = fitting_examples(
+                pool.task, pool.examples, inputs.tokenizer, inputs.max_length, inputs.scoring
+            )
         if out:
             kept_by[pool.name], left_out[pool.name] = kept, out
     if not left_out:
@@ -116,17 +124,19 @@ def fit_split(split: MetaSplit, inputs: TaskInputsFactory, cfg: MetaConfig) -> M
         name, ids = next(iter(left_out.items()))
         first, needed = next(iter(ids.items()))
         most = max(t for v in left_out.values() for t in v.values())
+        pool = pools[name]
+        where = pool.task.where(pool.split, next(e.line for e in pool.examples if e.id == first))
         raise DataError(
             f"{n} question(s) of {len(left_out)} task(s) cannot fit --max-length "
             f"{inputs.max_length} even with their passage and question cut ({counts}; e.g. "
-            f"{first!r} of {name} needs {needed} tokens): --max-length {most} fits them all, "
-            "or --overlong drop leaves them out (listed in tasks.json)"
+            f"{first!r} of {name}{where} needs {needed} tokens): --max-length {most} fits them "
+            "all, or --overlong drop leaves them out (listed in tasks.json)"
         )
 
     def fitted(pool: TaskPool) -> TaskPool:
         if pool.name not in kept_by:
             return pool
-        smaller = TaskPool(pool.name, pool.task, kept_by[pool.name])
+        smaller = TaskPool(pool.name, pool.task, kept_by[pool.name], pool.split)
         smaller.check_size(cfg.k_shot)  # what is left must still hold a support set
         return smaller
 

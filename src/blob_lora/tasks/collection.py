@@ -109,11 +109,13 @@ def split_tasks(names: list[str], n_test: int, seed: int) -> tuple[list[str], li
 @dataclass(frozen=True)
 class TaskPool:
     """One task of a collection with the questions the protocol draws from: its ``split``
-    (default: the task's evaluation split, the one every kind of task has)."""
+    (default: the task's evaluation split, the one every kind of task has), kept so that an
+    error about one of its questions found later can name the question's file."""
 
     name: str
     task: Task
     examples: list[MCExample]
+    split: str = "eval"
 
     def digest(self) -> str:
         """A digest of the questions (ids, texts, options, answers): a saved run compares it
@@ -146,7 +148,7 @@ def load_pool(
 ) -> TaskPool:
     """The task ``name`` (a registered name or a folder) and its questions of ``split``."""
     task = get_task(name, data_root)
-    return TaskPool(name, task, task.load(split))
+    return TaskPool(name, task, task.load(split), split)
 
 
 def task_seed(seed: int, name: str) -> int:
