@@ -12,6 +12,12 @@ are added.
         --reference paper/paper_reference.yaml
     .venv/bin/python paper/summary.py results/regime_tables/compare.json \
         --methods lora blob blob-mean --versus blob lora
+    .venv/bin/python paper/summary.py results/regime_tables/compare.json --metric ece
+
+``--metric`` turns the table round for many methods: one row per method, one column per task,
+one number per cell (the mean over the seeds finished), the best full cell of each column in
+bold. Nine methods' "ACC / ECE / NLL" triples side by side are too wide to read; one metric
+at a time shows where each method wins.
 """
 
 from __future__ import annotations
@@ -148,6 +154,50 @@ def render_summary(
     return "\n".join(lines) + "\n"
 
 
+def render_metric(
+    compare: Mapping[str, Any], metric: str, methods: Sequence[str] | None = None
+) -> str:
+    """Markdown table of one metric: rows = methods, columns = tasks (in-distribution, then
+    ``OOD <task>``), cells = the mean over the seeds finished, printed as the compact table
+    prints it. The best of each column among the cells with every seed in is in bold (a mean
+    over fewer seeds is not ranked against the others: it carries ``(n/N)``)."""
+    decimals = dict(CELL_METRICS)
+    if metric not in decimals:
+        raise ValueError(f"metric must be one of {sorted(decimals)}, got {metric!r}")
+    higher = next(m.higher_is_better for m in METRICS if m.key == metric)
+    methods = list(methods or compare["spec"]["methods"])
+    n_seeds = len(compare["spec"]["seeds"])
+    columns = [
+        (key if key == task else f"OOD {task}", task, table)
+        for key, _, task, table in summary_rows(compare)
+    ]
+    cells: dict[str, list[str]] = {m: [] for m in methods}
+    for _, task, table in columns:
+        by_method = {m: table.get(metric, {}).get(task, {}).get(m) or {} for m in methods}
+        shown = {
+            m: round(float(e["mean"]), decimals[metric])
+            for m, e in by_method.items()
+            if e.get("mean") is not None
+        }
+        full = [v for m, v in shown.items() if by_method[m]["n"] >= n_seeds]
+        best = (max(full) if higher else min(full)) if full else None
+        for m in methods:
+            if m not in shown:
+                cells[m].append(MISSING)
+                continue
+            text = f"{shown[m]:.{decimals[metric]}f}"
+            n = by_method[m]["n"]
+            if n < n_seeds:
+                text += f" ({n}/{n_seeds})"
+            elif shown[m] == best:
+                text = f"**{text}**"
+            cells[m].append(text)
+    header = ["method", *(label for label, _, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [f"| {m} | " + " | ".join(cells[m]) + " |" for m in methods]
+    return "\n".join(lines) + "\n"
+
+
 def read_reference(path: Path) -> dict[str, dict[str, str]]:
     """Reference columns from YAML ``{column title: {row key: cell text}}``."""
     import yaml
@@ -177,10 +227,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="add a column: the candidate's ACC difference, ECE ratio and NLL difference "
         "against the baseline (repeatable)",
     )
+    p.add_argument(
+        "--metric",
+        choices=[key for key, _ in CELL_METRICS],
+        help="one metric instead: a row per method, a column per task, best in bold",
+    )
     args = p.parse_args(argv)
     compare = json.loads(args.compare.read_text(encoding="utf-8"))
     if args.seeds:
         compare = restrict_seeds(compare, args.seeds)
+    if args.metric:
+        if args.reference or args.versus:
+            p.error("--metric takes no --reference or --versus columns")
+        print(render_metric(compare, args.metric, args.methods), end="")
+        return
     reference = read_reference(args.reference) if args.reference else None
     versus = [tuple(pair) for pair in args.versus]
     print(render_summary(compare, args.methods, reference, versus), end="")

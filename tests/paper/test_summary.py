@@ -131,3 +131,40 @@ def test_command_takes_versus_pairs(tmp_path, capsys) -> None:
     assert capsys.readouterr().out.splitlines()[-1] == (
         "| arc (OOD from obqa) | 60.0 / 6.0 / 0.850 | +0.0 / 0.60 / -0.150 |"
     )
+
+
+def test_one_metric_per_table_rows_are_methods_and_full_cells_are_ranked() -> None:
+    """``--metric``: a row per method, a column per task (OOD columns apart), the mean of the
+    finished seeds; only cells with every seed in are ranked (bold), lower ECE is better and
+    higher accuracy, ties both bold."""
+    from summary import render_metric
+
+    ece = render_metric(_compare(), "ece").splitlines()
+    assert ece[0] == "| method | obqa | arc | OOD arc |"
+    # blob's obqa has 1 of 2 seeds: shown with its count and not ranked against lora's 25.0
+    assert ece[2] == "| lora | **25.0** | **41.0** | 10.0 |"
+    assert ece[3] == "| blob | 10.0 (1/2) | – | **6.0** |"
+    acc = render_metric(_compare(), "accuracy", methods=["blob", "lora"]).splitlines()
+    assert acc[2] == "| blob | 29.0 (1/2) | – | **60.0** |"
+    assert acc[3] == "| lora | **29.0** | **26.0** | **60.0** |"
+    nll = render_metric(_compare(), "nll").splitlines()
+    assert nll[3] == "| blob | 1.200 (1/2) | – | **0.850** |"
+
+
+def test_command_prints_one_metric_and_refuses_extra_columns(tmp_path, capsys) -> None:
+    import json
+
+    import pytest
+
+    from summary import main
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(_compare()))
+    main([str(path), "--metric", "ece", "--methods", "blob"])
+    assert capsys.readouterr().out.splitlines() == [
+        "| method | obqa | arc | OOD arc |",
+        "|---|---|---|---|",
+        "| blob | 10.0 (1/2) | – | **6.0** |",
+    ]
+    with pytest.raises(SystemExit):
+        main([str(path), "--metric", "ece", "--versus", "blob", "lora"])
