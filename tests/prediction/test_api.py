@@ -112,6 +112,11 @@ def test_a_question_too_long_to_fit_names_its_file_and_line(tmp_path, tokenizer,
         Predictor(blob_model(), tokenizer, max_length=64).predict_file(path, tmp_path / "o.jsonl")
     assert str(err.value).endswith(f"({path}, line 3)")  # the blank line 2 counts
     assert not (tmp_path / "o.jsonl").exists()
+    # piped in: the same, named <stdin>
+    piped = read_questions("-", stdin=io.BytesIO(path.read_bytes()))
+    with pytest.raises(DataError, match=r"example 'big'") as err:
+        Predictor(blob_model(), tokenizer, max_length=64).predict(piped)
+    assert str(err.value).endswith("(<stdin>, line 3)")
     # records handed over in memory have no file: the error names the id alone, as before
     with pytest.raises(DataError, match=r"example 'big': .*max_length=64$"):
         predict(blob_model(), tokenizer, [long], max_length=64)

@@ -239,6 +239,14 @@ def test_a_prompt_too_long_to_fit_names_its_file(tmp_path):
         assert str(err.value).endswith(f"({tmp_path / 'validation.jsonl'}, line 3)")
         assert err.value.example_id == "longopt"  # still the error a caller may leave out
         assert err.value.line == 3
+    # gzipped, with Windows line endings: the same line of the same (named) file
+    text = (tmp_path / "validation.jsonl").read_text().replace("\n", "\r\n")
+    (tmp_path / "validation.jsonl").unlink()
+    with gzip.open(tmp_path / "validation.jsonl.gz", "wt", newline="") as f:
+        f.write(text)
+    with pytest.raises(OverlongError) as err:
+        MCDataset(get_task(str(tmp_path)), "eval", tiny_tokenizer(), 64)
+    assert str(err.value).endswith(f"({tmp_path / 'validation.jsonl.gz'}, line 3)")
 
 
 def test_a_question_that_cannot_be_scored_names_its_file_and_line(tmp_path):

@@ -34,7 +34,7 @@ from blob_lora.tasks.prompts import TRUNCATION_ORDER, Segment
 from blob_lora.tasks.scoring import LETTER, Scoring, scoring_option_ids
 from blob_lora.utils.atomic import atomic_write_text
 from blob_lora.utils.caller import outside_stacklevel
-from blob_lora.utils.errors import ConfigError, DataError, ExampleError, OverlongError
+from blob_lora.utils.errors import ConfigError, ExampleError, OverlongError
 
 log = logging.getLogger(__name__)
 
@@ -416,19 +416,20 @@ def _warn_repeated_options(task, split: str, examples: Sequence[MCExample]) -> N
 
 @contextlib.contextmanager
 def naming_the_file(task, split: str) -> Iterator[None]:
-    """Add the file (and line) of ``split`` to a ``DataError`` raised inside.
+    """Add the file and line of ``split`` to an ``ExampleError`` raised inside.
 
     Why: a question that cannot be prompted is found when its split is tokenised, where only
     the task and the question's id are known; the task knows the file it read
-    (``Task.where``), and an ``ExampleError`` carries the question's line in it. A task object
-    without ``where`` (a meta-learning pool's, a test double's) adds nothing.
+    (``Task.where``), and the error carries the question's line in it. Only errors about one
+    question are named so: another ``DataError`` names its own file, once. A task object
+    without ``where`` (a test double's) adds nothing.
     """
     try:
         yield
-    except DataError as e:
+    except ExampleError as e:
         where = getattr(task, "where", None)
         if where is not None:
-            e.args = (f"{e.args[0]}{where(split, getattr(e, 'line', None))}", *e.args[1:])
+            e.args = (f"{e.args[0]}{where(split, e.line)}", *e.args[1:])
         raise
 
 
