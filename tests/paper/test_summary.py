@@ -168,3 +168,44 @@ def test_command_prints_one_metric_and_refuses_extra_columns(tmp_path, capsys) -
     ]
     with pytest.raises(SystemExit):
         main([str(path), "--metric", "ece", "--versus", "blob", "lora"])
+
+
+def _quoted(doc: str, table: str) -> bool:
+    """Whether ``table``'s lines stand, one after another, in ``doc`` (indentation aside)."""
+    want = [line.strip() for line in table.strip().splitlines()]
+    have = [line.strip() for line in doc.splitlines()]
+    return any(have[i : i + len(want)] == want for i in range(len(have) - len(want) + 1))
+
+
+def test_the_readmes_quote_the_tables_their_commands_make_now() -> None:
+    """The READMEs say their tables are made by ``paper/summary.py`` from the published
+    ``compare.json``: a publish of new runs without regenerating them leaves numbers that no
+    longer match the files beside them, which this catches."""
+    import json
+    from pathlib import Path
+
+    from summary import read_reference, render_metric
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    results_readme = (repo / "results" / "README.md").read_text(encoding="utf-8")
+    reference = read_reference(repo / "paper" / "paper_reference.yaml")
+
+    def compare(name: str) -> dict:
+        return json.loads((repo / "results" / name / "compare.json").read_text(encoding="utf-8"))
+
+    paper, regime = compare("paper_tables"), compare("regime_tables")
+    assert _quoted(readme, render_summary(paper, ["lora", "blob"], reference))
+    assert _quoted(
+        results_readme, render_summary(paper, ["lora", "map", "blob", "blob-mean"], reference)
+    )
+    assert _quoted(
+        readme,
+        render_summary(regime, ["lora", "blob", "blob-mean"], reference, [("blob", "lora")]),
+    )
+    methods = [
+        "lora", "blob", "blob-mean", "mc-dropout", "ensemble", "laplace", "swag",
+        "swag-mean", "bayesian-lora",
+    ]  # fmt: skip
+    for metric in ("ece", "nll", "accuracy"):
+        assert _quoted(readme, render_metric(regime, metric, methods)), metric
