@@ -33,7 +33,7 @@ def test_commas_inside_an_expression_stay_in_it(text, entries) -> None:
 def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path, monkeypatch) -> None:
     """Such a folder trained, but ``--eval-tasks`` and ``evaluate --task`` split its name;
     ``~`` is expanded as tasks expand it, and other lists (modules) split as before."""
-    from blob_lora.cli.commands.core import _task_list
+    from blob_lora.cli.commands.core import OOD_TASKS, _task_list
 
     folder = tmp_path / "mine,v2"
     folder.mkdir()
@@ -52,6 +52,11 @@ def test_a_task_folder_whose_name_holds_a_comma_is_one_task(tmp_path, monkeypatc
         "x",
     ]
     assert parser.parse_args(["--eval-tasks", "arc_easy,ood"]).eval_tasks == ["arc_easy", "ood"]
+    # both options split a list alike: not at a comma inside brackets (str.split did, here)
+    listed = f"arc_easy, ood,{tmp_path / 'runs[1,2]'}"
+    assert _task_list(listed)[0] == "arc_easy" and _task_list(listed)[-1].endswith("runs[1,2]")
+    assert parser.parse_args(["--eval-tasks", listed]).eval_tasks[-1].endswith("runs[1,2]")
+    assert len(_task_list(listed)) == 2 + len(OOD_TASKS)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "q_proj,v_proj").mkdir()  # a folder is no reason to keep modules together
     assert parser.parse_args(["--target-modules", "q_proj,v_proj"]).target_modules == [

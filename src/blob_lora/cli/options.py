@@ -169,10 +169,10 @@ def is_one_folder(text: str) -> bool:
 def _task_names(text: str) -> list[str]:
     """``--eval-tasks``: the entries of a comma-separated list, or one task folder whose name
     holds a comma."""
-    return [text.strip()] if is_one_folder(text) else _comma_list(text)
+    return [text.strip()] if is_one_folder(text) else comma_list(text)
 
 
-def _comma_list(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
     """The entries of a comma-separated option, split at the commas outside brackets, so that
     a regular expression's own (``.{1,3}``, ``[a,b]``, ``(q|k)``) stays in its entry."""
     parts, depth, start, escaped = [], 0, 0, False
@@ -219,7 +219,7 @@ def add_setting_option(
             help=help_text,
         )
     elif is_list:
-        split = _task_names if key == "eval_tasks" else _comma_list
+        split = _task_names if key == "eval_tasks" else comma_list
         parser.add_argument(flag, dest=key, type=split, default=None, help=help_text)
     else:
         parser.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
@@ -265,7 +265,7 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Tra
     merged.update({k: v for k, v in cli_values.items() if k in known and v is not None})
     for key in ("target_modules", "eval_tasks", "bayesian_layers"):
         if isinstance(merged.get(key), str):
-            merged[key] = (_task_names if key == "eval_tasks" else _comma_list)(merged[key])
+            merged[key] = (_task_names if key == "eval_tasks" else comma_list)(merged[key])
     try:
         return TrainConfig(**merged)
     except TypeError as exc:

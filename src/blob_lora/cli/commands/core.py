@@ -13,6 +13,7 @@ from blob_lora.cli.options import (
     add_eval_noise_override,
     add_scoring_override,
     add_train_options,
+    comma_list,
     is_one_folder,
     merge_config,
     read_config_file,
@@ -292,16 +293,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _task_list(text: str) -> list[str]:
     """The tasks of ``--task``: comma-separated names, ``ood`` for the OOD protocol's; a text
-    that names an existing folder as a whole (its name holds a comma) is one task."""
+    that names an existing folder as a whole (its name holds a comma) is one task. Split as
+    ``--eval-tasks`` is (``options.comma_list``: not at a comma inside brackets)."""
     if is_one_folder(text):
         return [text.strip()]
     names: list[str] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "ood":
-            names.extend(OOD_TASKS)
-        elif part:
-            names.append(part)
+    for part in comma_list(text):
+        names.extend(OOD_TASKS if part == "ood" else [part])
     return names
 
 
