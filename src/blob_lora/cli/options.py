@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -166,10 +167,16 @@ def is_one_folder(text: str) -> bool:
     return "," in text and Path(text.strip()).expanduser().is_dir()
 
 
-def _task_names(text: str) -> list[str]:
-    """``--eval-tasks``: the entries of a comma-separated list, or one task folder whose name
-    holds a comma."""
+def task_names(text: str) -> list[str]:
+    """A list of tasks (``--eval-tasks``, ``evaluate --task``): the entries of a
+    comma-separated list, or one task folder whose name holds a comma."""
     return [text.strip()] if is_one_folder(text) else comma_list(text)
+
+
+def list_parser(key: str) -> Callable[[str], list[str]]:
+    """How the list setting ``key`` splits its text: tasks may be one folder with a comma in
+    its name, other lists (modules, layer expressions) never are."""
+    return task_names if key == "eval_tasks" else comma_list
 
 
 def comma_list(text: str) -> list[str]:
@@ -219,8 +226,7 @@ def add_setting_option(
             help=help_text,
         )
     elif is_list:
-        split = _task_names if key == "eval_tasks" else comma_list
-        parser.add_argument(flag, dest=key, type=split, default=None, help=help_text)
+        parser.add_argument(flag, dest=key, type=list_parser(key), default=None, help=help_text)
     else:
         parser.add_argument(flag, dest=key, type=typ, default=None, help=help_text)
 
@@ -265,7 +271,7 @@ def merge_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> Tra
     merged.update({k: v for k, v in cli_values.items() if k in known and v is not None})
     for key in ("target_modules", "eval_tasks", "bayesian_layers"):
         if isinstance(merged.get(key), str):
-            merged[key] = (_task_names if key == "eval_tasks" else comma_list)(merged[key])
+            merged[key] = list_parser(key)(merged[key])
     try:
         return TrainConfig(**merged)
     except TypeError as exc:

@@ -13,11 +13,10 @@ from blob_lora.cli.options import (
     add_eval_noise_override,
     add_scoring_override,
     add_train_options,
-    comma_list,
-    is_one_folder,
     merge_config,
     read_config_file,
     scoring_override,
+    task_names,
 )
 from blob_lora.cli.registry import command
 from blob_lora.cli.report_lines import std_of_a_line
@@ -292,13 +291,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _task_list(text: str) -> list[str]:
-    """The tasks of ``--task``: comma-separated names, ``ood`` for the OOD protocol's; a text
-    that names an existing folder as a whole (its name holds a comma) is one task. Split as
-    ``--eval-tasks`` is (``options.comma_list``: not at a comma inside brackets)."""
-    if is_one_folder(text):
-        return [text.strip()]
+    """The tasks of ``--task``, split as ``--eval-tasks`` (``options.task_names``), with
+    ``ood`` standing for the OOD protocol's."""
     names: list[str] = []
-    for part in comma_list(text):
+    for part in task_names(text):
         names.extend(OOD_TASKS if part == "ood" else [part])
     return names
 
